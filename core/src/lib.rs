@@ -1,0 +1,22 @@
+//! HyperBox's shared vocabulary: content ids and digests, the pinned chunker parameters, the
+//! layer index (a layer's file tree whose regular files are lists of chunk refs) with its binary
+//! format, the Merkle diff between two trees, and the [`ChunkSource`] trait every reader uses.
+//!
+//! This crate does no I/O: no files, no network, no clocks. It is what the store, the mounts,
+//! the proxy and the peers agree on, so none of them needs to depend on another's internals.
+
+pub mod chunker;
+pub mod diff;
+pub mod digest;
+pub mod index;
+pub mod path;
+pub mod source;
+pub mod tree;
+
+pub use chunker::{ChunkAlgorithm, ChunkerParams};
+pub use diff::{diff, Change, DiffReport, PathChange};
+pub use digest::{ChunkId, Digest, DigestError, DigestHasher};
+pub use index::{ChunkRef, Entry, IndexError, Kind, LayerIndex, Meta};
+pub use path::PathError;
+pub use source::{ChunkSource, SourceError};
+pub use tree::{merge_layers, BuildError, NewEntry, TreeBuilder};

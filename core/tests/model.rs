@@ -1,0 +1,177 @@
+//! The layer index model: codec, builder rules, overlay merge, Merkle diff.
+
+use hb_core::index::{IndexError, FORMAT_VERSION};
+use hb_core::*;
+
+fn meta(mode: u32, mtime: i64) -> Meta {
+    Meta { mode, uid: 1000, gid: 100, mtime, mtime_nsec: 0, xattrs: vec![] }
+}
+
+fn chunk(tag: &str, len: u32) -> ChunkRef {
+    ChunkRef { id: ChunkId::of(tag.as_bytes()), len }
+}
+
+fn file(tags: &[(&str, u32)]) -> NewEntry {
+    NewEntry::File { chunks: tags.iter().map(|(t, l)| chunk(t, *l)).collect() }
+}
+
+/// A layer with every entry type, implied parents, xattrs, unicode and a hard link.
+fn sample() -> LayerIndex {
+    let mut b = TreeBuilder::new(ChunkerParams::default());
+    b.add(b"./", meta(0o755, 1), NewEntry::Dir).unwrap();
+    b.add(b"etc/", meta(0o755, 2), NewEntry::Dir).unwrap();
+    let mut m = meta(0o644, 3);
+    m.xattrs = vec![(b"security.capability".to_vec(), vec![1, 2, 3]), (b"user.x".to_vec(), b"y".to_vec())];
+    m.mtime_nsec = 123_456_789;
+    b.add(b"etc/passwd", m, file(&[("a", 10), ("b", 20)])).unwrap();
+    b.add(b"usr/bin/tool", meta(0o4755, 4), file(&[("c", 30), ("a", 10)])).unwrap();
+    b.add(b"usr/bin/tool-link", meta(0o777, 5), NewEntry::Hardlink { target: b"usr/bin/tool".to_vec() }).unwrap();
+    b.add(b"usr/bin/sh", meta(0o777, 6), NewEntry::Symlink { target: b"/bin/busybox".to_vec() }).unwrap();
+    b.add(b"dev/null", meta(0o666, 7), NewEntry::CharDev { major: 1, minor: 3 }).unwrap();
+    b.add(b"dev/sda", meta(0o660, 7), NewEntry::BlockDev { major: 8, minor: 0 }).unwrap();
+    b.add(b"run/fifo", meta(0o600, 8), NewEntry::Fifo).unwrap();
+    b.add("ünï/😀.txt".as_bytes(), meta(0o600, -5), file(&[])).unwrap();
+    b.add(b"gone/.wh.old", meta(0o600, 9), file(&[])).unwrap();
+    b.add(b"opaque/.wh..wh..opq", meta(0o600, 9), file(&[])).unwrap();
+    b.add(b"usr/", meta(0o700, 10), NewEntry::Dir).unwrap(); // listed after its children
+    b.finish(Digest::of(b"layer"))
+}
+
+#[test]
+fn encode_decode_round_trip_keeps_everything() {
+    let idx = sample();
+    let bytes = idx.encode();
+    let back = LayerIndex::decode(&bytes).unwrap();
+    assert_eq!(back, idx);
+    assert!(back.verify_merkle());
+    assert_eq!(back.chunks.len(), 3, "chunk table is de-duplicated");
+    let tool = back.lookup(b"usr/bin/tool").unwrap();
+    let link = back.lookup(b"usr/bin/tool-link").unwrap();
+    assert_eq!(back.entries[link as usize].kind, Kind::Hardlink { target: tool });
+    assert_eq!(back.entries[back.lookup(b"usr").unwrap() as usize].meta.mode, 0o700);
+    assert!(back.entries[back.lookup(b"usr").unwrap() as usize].explicit);
+    assert!(!back.entries[back.lookup(b"dev").unwrap() as usize].explicit, "implied dir");
+    assert_eq!(back.entries[back.lookup(b"gone/.wh.old").unwrap() as usize].kind, Kind::Whiteout);
+    assert_eq!(back.entries[back.lookup(b"opaque/.wh..wh..opq").unwrap() as usize].kind, Kind::Opaque);
+    let uni = back.lookup("ünï/😀.txt".as_bytes()).unwrap();
+    assert_eq!(back.entries[uni as usize].meta.mtime, -5);
+    assert_eq!(back.content_bytes(), 70);
+}
+
+#[test]
+fn decode_rejects_corruption_truncation_and_unknown_versions() {
+    let bytes = sample().encode();
+    for pos in [10, bytes.len() / 2, bytes.len() - 40] {
+        let mut bad = bytes.clone();
+        bad[pos] ^= 0x40;
+        assert_eq!(LayerIndex::decode(&bad).unwrap_err(), IndexError::Checksum, "flip at {pos}");
+    }
+    for len in [0, 3, 20, bytes.len() - 1] {
+        assert!(LayerIndex::decode(&bytes[..len]).is_err(), "truncated to {len}");
+    }
+    let mut v2 = bytes.clone();
+    v2[4..6].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+    assert_eq!(LayerIndex::decode(&v2).unwrap_err(), IndexError::UnsupportedVersion(FORMAT_VERSION + 1));
+    assert_eq!(LayerIndex::decode(b"NOPE........").unwrap_err(), IndexError::BadMagic);
+}
+
+#[test]
+fn builder_refuses_bad_entries_naming_them() {
+    let mut b = TreeBuilder::new(ChunkerParams::default());
+    b.add(b"a", meta(0o644, 0), file(&[("x", 1)])).unwrap();
+    b.add(b"d/", meta(0o755, 0), NewEntry::Dir).unwrap();
+    let cases: Vec<(&[u8], NewEntry, &str)> = vec![
+        (b"../etc/passwd", file(&[]), "'..'"),
+        (b"/etc/passwd", file(&[]), "absolute"),
+        (b"a", file(&[]), "duplicate"),
+        (b"d", NewEntry::Dir, "duplicate"),
+        (b"a/b", file(&[]), "not a directory"),
+        (b"h1", NewEntry::Hardlink { target: b"../../etc/shadow".to_vec() }, "hard link target"),
+        (b"h2", NewEntry::Hardlink { target: b"missing".to_vec() }, "hard link target"),
+        (b"h3", NewEntry::Hardlink { target: b"d".to_vec() }, "hard link target"),
+        (b"x/.wh.gone", file(&[("z", 3)]), "whiteout must be"),
+        (b".wh..wh.plnk", file(&[]), "AUFS"),
+        (b"./", file(&[]), "root"),
+    ];
+    for (path, entry, want) in cases {
+        let err = b.add(path, meta(0o644, 0), entry).unwrap_err().to_string();
+        assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(path));
+        assert!(err.contains(&*String::from_utf8_lossy(path).trim_end_matches('/').to_string()) || err.contains("entry"), "{err}");
+    }
+}
+
+fn layer(entries: &[(&str, NewEntry)]) -> LayerIndex {
+    let mut b = TreeBuilder::new(ChunkerParams::default());
+    for (p, e) in entries {
+        b.add(p.as_bytes(), meta(if *e == NewEntry::Dir { 0o755 } else { 0o644 }, 1), e.clone()).unwrap();
+    }
+    b.finish(Digest::of(format!("{entries:?}").as_bytes()))
+}
+
+#[test]
+fn merge_applies_whiteouts_opaque_dirs_and_replacements() {
+    let lower = layer(&[
+        ("etc/keep", file(&[("k", 1)])),
+        ("etc/drop", file(&[("d", 1)])),
+        ("var/cache/a", file(&[("a", 1)])),
+        ("var/cache/b", file(&[("b", 1)])),
+        ("opt/dir/x", file(&[("x", 1)])),
+        ("data/orig", file(&[("o", 4)])),
+        ("data/link", NewEntry::Hardlink { target: b"data/orig".to_vec() }),
+        ("data/link2", NewEntry::Hardlink { target: b"data/orig".to_vec() }),
+    ]);
+    let upper = layer(&[
+        ("etc/.wh.drop", file(&[])),
+        ("var/cache/.wh..wh..opq", file(&[])),
+        ("var/cache/new", file(&[("n", 1)])),
+        ("opt/dir", file(&[("f", 2)])),
+        ("data/.wh.orig", file(&[])),
+    ]);
+    let m = merge_layers(ChunkerParams::default(), [&lower, &upper]);
+    let has = |p: &str| m.lookup(p.as_bytes()).is_some();
+    assert!(has("etc/keep") && !has("etc/drop"));
+    assert!(has("var/cache/new") && !has("var/cache/a") && !has("var/cache/b"));
+    assert!(matches!(m.entries[m.lookup(b"opt/dir").unwrap() as usize].kind, Kind::File { size: 2, .. }));
+    assert!(!has("opt/dir/x"));
+    // The whited-out target's content survives in its remaining hard links, still linked.
+    assert!(!has("data/orig"));
+    let l1 = m.lookup(b"data/link").unwrap();
+    let l2 = m.lookup(b"data/link2").unwrap();
+    assert!(matches!(m.entries[l1 as usize].kind, Kind::File { size: 4, .. }));
+    assert_eq!(m.entries[l2 as usize].kind, Kind::Hardlink { target: l1 });
+    assert!(m.entries.iter().all(|e| !matches!(e.kind, Kind::Whiteout | Kind::Opaque)));
+    assert!(LayerIndex::decode(&m.encode()).unwrap().verify_merkle());
+}
+
+#[test]
+fn diff_reports_changed_paths_and_only_missing_chunks() {
+    let a = layer(&[
+        ("usr/lib/big", file(&[("c1", 100), ("c2", 100), ("c3", 100)])),
+        ("usr/share/doc/x", file(&[("d", 5)])),
+        ("etc/old", file(&[("o", 7)])),
+    ]);
+    let b = layer(&[
+        ("usr/lib/big", file(&[("c1", 100), ("c2x", 100), ("c3", 100)])),
+        ("usr/share/doc/x", file(&[("d", 5)])),
+        ("etc/new/conf", file(&[("n", 9), ("c1", 100)])),
+    ]);
+    let d = diff(&a, &b);
+    let got: Vec<(char, String)> =
+        d.changes.iter().map(|c| (c.change.letter(), String::from_utf8_lossy(&c.path).into_owned())).collect();
+    assert_eq!(
+        got,
+        vec![
+            ('A', "etc/new".into()),
+            ('A', "etc/new/conf".into()),
+            ('D', "etc/old".into()),
+            ('C', "usr/lib/big".into()),
+        ]
+    );
+    let ids: Vec<ChunkId> = d.needed_chunks.iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![ChunkId::of(b"n"), ChunkId::of(b"c2x")], "c1 is already in a");
+    assert_eq!(d.needed_bytes, 109);
+    // usr/share is identical and is never entered: root, etc, usr, usr/lib.
+    assert_eq!(d.dirs_visited, 4);
+    let same = diff(&a, &a);
+    assert!(same.changes.is_empty() && same.needed_bytes == 0 && same.dirs_visited == 0);
+}
