@@ -1,1 +1,429 @@
-//! placeholder
+//! HyperBox's content-addressed chunk store.
+//!
+//! Every regular file of every layer is cut into FastCDC chunks; each chunk is stored once
+//! (zstd-compressed unless that does not pay) in append-only pack files, found by its BLAKE3 id
+//! through RocksDB, with a Bloom filter in front, and verified on every read. Layers are kept as
+//! layer indexes (`hb_core::LayerIndex`).
+//!
+//! Invariants:
+//! - An ingest becomes visible in one synced RocksDB write batch, after the pack bytes it needs
+//!   are fsynced; a crash before that leaves only pack bytes past the committed length, which the
+//!   next [`Store::open`] cuts off.
+//! - A chunk's refcount is the number of stored layer indexes that reference it.
+//! - One process owns a store at a time (an exclusive `flock` on `ROOT/LOCK`).
+//!
+//! What it must not do: network I/O, async runtimes, printing. Progress goes through
+//! [`Progress`]; logs through `tracing`.
+
+mod bloom;
+mod error;
+mod export;
+mod ingest;
+mod maint;
+pub mod meta;
+pub mod pack;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use hb_core::{ChunkId, ChunkSource, ChunkerParams, Digest, LayerIndex, SourceError};
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
+
+pub use bloom::{ChunkFilter, FP_RATE};
+pub use error::{Result, StoreError};
+pub use export::ExportReport;
+pub use ingest::ImportReport;
+pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
+pub use meta::{BlobCompression, BlobRecord, ChunkRecord};
+
+use meta::*;
+use pack::{PackWriter, Location};
+
+/// Limits that protect the store from hostile layers.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest uncompressed layer accepted.
+    pub max_layer_bytes: u64,
+    /// Largest uncompressed/compressed ratio accepted once more than [`Limits::ratio_grace`]
+    /// bytes were decompressed.
+    pub max_ratio: u64,
+    pub ratio_grace: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_layer_bytes: 64 << 30, max_ratio: 1000, ratio_grace: 64 << 20 }
+    }
+}
+
+/// How a store is opened.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Chunker for a new store; an existing store keeps the one it was created with.
+    pub chunker: ChunkerParams,
+    pub zstd_level: i32,
+    pub limits: Limits,
+    /// A new pack is started once the active one is larger than this.
+    pub pack_target_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            chunker: ChunkerParams::default(),
+            zstd_level: 3,
+            limits: Limits::default(),
+            pack_target_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Receives progress of long operations (bytes or items, as each operation documents).
+pub trait Progress: Sync {
+    fn set_total(&self, _total: u64) {}
+    fn advance(&self, _n: u64) {}
+}
+
+/// Progress that goes nowhere.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+struct Writer {
+    active: Option<PackWriter>,
+    next_pack: u32,
+}
+
+/// An open store. Thread-safe; writes are serialised internally.
+pub struct Store {
+    root: PathBuf,
+    packs_dir: PathBuf,
+    db: DB,
+    config: StoreConfigRecord,
+    opts: StoreOptions,
+    bloom: RwLock<ChunkFilter>,
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+    writer: Mutex<Writer>,
+    _lock: File,
+}
+
+/// A summary of one stored layer.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerInfo {
+    pub diff_id: Digest,
+    pub blobs: Vec<Digest>,
+    pub pinned: bool,
+    pub entries: usize,
+    pub content_bytes: u64,
+    pub chunks: usize,
+}
+
+impl Store {
+    /// Opens the store at `root`, creating it when missing, and recovers from an interrupted
+    /// write: uncommitted pack bytes are cut off and orphaned pack files removed.
+    pub fn open(root: &Path, opts: StoreOptions) -> Result<Store> {
+        let packs_dir = root.join("packs");
+        std::fs::create_dir_all(&packs_dir)
+            .map_err(StoreError::io(format!("creating store {}", root.display())))?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("LOCK"))
+            .map_err(StoreError::io(format!("opening {}/LOCK", root.display())))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| StoreError::Locked(root.to_path_buf()))?;
+
+        let mut dbo = Options::default();
+        dbo.create_if_missing(true);
+        dbo.create_missing_column_families(true);
+        dbo.set_compression_type(rocksdb::DBCompressionType::None);
+        dbo.set_keep_log_file_num(2);
+        dbo.set_max_log_file_size(1 << 20);
+        let cfs = COLUMN_FAMILIES.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&dbo, root.join("meta"), cfs)?;
+
+        let config = match db.get(KEY_CONFIG)? {
+            Some(raw) => serde_json::from_slice::<StoreConfigRecord>(&raw)
+                .map_err(|e| StoreError::CorruptMeta(format!("store config: {e}")))?,
+            None => {
+                let seed = blake3::hash(
+                    format!("{:?}{}{}", std::time::SystemTime::now(), std::process::id(), root.display()).as_bytes(),
+                );
+                let c = StoreConfigRecord {
+                    format: STORE_FORMAT,
+                    chunker_algorithm: "fastcdc-2020".into(),
+                    chunk_min: opts.chunker.min_size,
+                    chunk_avg: opts.chunker.avg_size,
+                    chunk_max: opts.chunker.max_size,
+                    bloom_seed: seed.to_hex().to_string(),
+                };
+                let mut wo = rocksdb::WriteOptions::default();
+                wo.set_sync(true);
+                db.put_opt(KEY_CONFIG, serde_json::to_vec(&c).expect("serialisable"), &wo)?;
+                c
+            }
+        };
+        let incompatible = |why: String| StoreError::Incompatible {
+            root: root.to_path_buf(),
+            stored: format!("{}/{}/{}/{}", config.chunker_algorithm, config.chunk_min, config.chunk_avg, config.chunk_max),
+            why,
+        };
+        if config.format != STORE_FORMAT {
+            return Err(incompatible(format!("store format {} (this build knows {STORE_FORMAT})", config.format)));
+        }
+        if config.chunker_algorithm != "fastcdc-2020" {
+            return Err(incompatible("unknown algorithm".into()));
+        }
+        config.chunker().validate().map_err(incompatible)?;
+
+        let mut store = Store {
+            root: root.to_path_buf(),
+            packs_dir,
+            db,
+            config,
+            opts,
+            bloom: RwLock::new(ChunkFilter::with_capacity(0, &[0; 32])),
+            readers: RwLock::new(HashMap::new()),
+            writer: Mutex::new(Writer { active: None, next_pack: 1 }),
+            _lock: lock,
+        };
+        let next = store.recover_packs()?;
+        store.writer.get_mut().expect("not shared yet").next_pack = next;
+        let seq = store.db.latest_sequence_number();
+        let bloom = match ChunkFilter::load(&store.bloom_path(), seq) {
+            Some(f) if !f.overfull() => f,
+            _ => store.rebuild_bloom()?,
+        };
+        *store.bloom.get_mut().expect("not shared yet") = bloom;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The chunker this store cuts with (fixed when the store was created).
+    pub fn chunker(&self) -> ChunkerParams {
+        self.config.chunker()
+    }
+
+    fn bloom_path(&self) -> PathBuf {
+        self.root.join("bloom.bin")
+    }
+
+    fn bloom_seed(&self) -> [u8; 32] {
+        let mut seed = [0u8; 32];
+        if hex::decode_to_slice(&self.config.bloom_seed, &mut seed).is_err() {
+            seed = *blake3::hash(self.config.bloom_seed.as_bytes()).as_bytes();
+        }
+        seed
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    /// Cuts registered packs back to their committed length and deletes unregistered pack files
+    /// (left by an ingest or compaction that died before its commit). Returns the next pack id.
+    fn recover_packs(&self) -> Result<u32> {
+        let packs = self.pack_records()?;
+        let mut max_id = packs.keys().copied().max().unwrap_or(0);
+        let dir = std::fs::read_dir(&self.packs_dir)
+            .map_err(StoreError::io(format!("listing {}", self.packs_dir.display())))?;
+        for ent in dir {
+            let ent = ent.map_err(StoreError::io(format!("listing {}", self.packs_dir.display())))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let Some(id) = pack::parse_pack_name(&name) else { continue };
+            max_id = max_id.max(id);
+            let path = ent.path();
+            match packs.get(&id) {
+                None => {
+                    tracing::warn!(pack = %path.display(), "removing pack file left by an interrupted write");
+                    std::fs::remove_file(&path).map_err(StoreError::io(format!("removing {}", path.display())))?;
+                }
+                Some(rec) => {
+                    let len = ent.metadata().map_err(StoreError::io(format!("stat {}", path.display())))?.len();
+                    if len > rec.committed_len {
+                        tracing::warn!(pack = %path.display(), bytes = len - rec.committed_len, "cutting uncommitted bytes left by an interrupted write");
+                        File::options()
+                            .write(true)
+                            .open(&path)
+                            .and_then(|f| f.set_len(rec.committed_len).and_then(|_| f.sync_all()))
+                            .map_err(StoreError::io(format!("truncating {}", path.display())))?;
+                    }
+                }
+            }
+        }
+        Ok(max_id + 1)
+    }
+
+    pub(crate) fn pack_records(&self) -> Result<HashMap<u32, PackRecord>> {
+        let mut out = HashMap::new();
+        for item in self.db.prefix_iterator(b"pack/") {
+            let (k, v) = item?;
+            let Some(id) = parse_pack_key(&k) else { break };
+            out.insert(id, PackRecord::decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Builds a fresh Bloom filter from every chunk key.
+    fn rebuild_bloom(&self) -> Result<ChunkFilter> {
+        let count = self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start).count() as u64;
+        let mut f = ChunkFilter::with_capacity(count, &self.bloom_seed());
+        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
+            let (k, _) = item?;
+            f.insert(&ChunkId(k.as_ref().try_into().map_err(|_| StoreError::CorruptMeta("chunk key is not 32 bytes".into()))?));
+        }
+        tracing::debug!(chunks = count, "rebuilt the chunk Bloom filter");
+        Ok(f)
+    }
+
+    /// The filter's size in bytes and capacity in chunks.
+    pub fn bloom_stats(&self) -> (u64, u64) {
+        let f = self.bloom.read().expect("bloom lock");
+        (f.bitmap_bytes(), f.capacity())
+    }
+
+    /// Where a chunk is and its refcount, if stored.
+    pub fn chunk_record(&self, id: &ChunkId) -> Result<Option<ChunkRecord>> {
+        if !self.bloom.read().expect("bloom lock").maybe_contains(id) {
+            return Ok(None);
+        }
+        match self.db.get_pinned_cf(self.cf(CF_CHUNKS), id.as_bytes())? {
+            Some(v) => Ok(Some(ChunkRecord::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.chunk_record(id)?.is_some())
+    }
+
+    fn pack_file(&self, pack: u32) -> Result<Arc<File>> {
+        if let Some(f) = self.readers.read().expect("readers lock").get(&pack) {
+            return Ok(f.clone());
+        }
+        let path = pack::pack_path(&self.packs_dir, pack);
+        let f = Arc::new(File::open(&path).map_err(StoreError::io(format!("opening pack {}", path.display())))?);
+        self.readers.write().expect("readers lock").insert(pack, f.clone());
+        Ok(f)
+    }
+
+    pub(crate) fn read_at(&self, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
+        pack::read_chunk(&*self.pack_file(loc.pack)?, id, loc)
+    }
+
+    /// Reads a chunk, verified against its id.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let rec = self.chunk_record(id)?.ok_or(StoreError::MissingChunk(*id))?;
+        self.read_at(id, &rec.loc)
+    }
+
+    /// The index of a stored layer.
+    pub fn layer(&self, diff_id: &Digest) -> Result<Option<LayerIndex>> {
+        match self.db.get_pinned_cf(self.cf(CF_LAYERS), diff_id.as_bytes())? {
+            Some(raw) => LayerIndex::decode(&raw)
+                .map(Some)
+                .map_err(|source| StoreError::Index { diff_id: *diff_id, source }),
+            None => Ok(None),
+        }
+    }
+
+    /// Finds a layer by blob digest or diff_id, full (`sha256:...`) or an unambiguous hex prefix.
+    pub fn resolve_layer(&self, query: &str) -> Result<Digest> {
+        let hex = query.strip_prefix("sha256:").unwrap_or(query).to_ascii_lowercase();
+        if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) || hex.len() > 64 {
+            return Err(StoreError::UnknownLayer(query.to_string()));
+        }
+        let mut found: Vec<Digest> = Vec::new();
+        for cf in [CF_LAYERS, CF_BLOBS] {
+            for item in self.db.iterator_cf(self.cf(cf), IteratorMode::Start) {
+                let (k, v) = item?;
+                if hex::encode(&k).starts_with(&hex) {
+                    let d = if cf == CF_LAYERS { digest_from_key(&k)? } else { BlobRecord::decode(&v)?.diff_id };
+                    if !found.contains(&d) {
+                        found.push(d);
+                    }
+                }
+            }
+        }
+        match found.len() {
+            0 => Err(StoreError::UnknownLayer(query.to_string())),
+            1 => Ok(found[0]),
+            _ => Err(StoreError::AmbiguousLayer {
+                query: query.to_string(),
+                candidates: found.iter().map(|d| d.short()).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+
+    /// Every stored layer with its blobs and sizes.
+    pub fn list_layers(&self) -> Result<Vec<LayerInfo>> {
+        let mut blobs: HashMap<Digest, Vec<Digest>> = HashMap::new();
+        for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
+            let (k, v) = item?;
+            blobs.entry(BlobRecord::decode(&v)?.diff_id).or_default().push(digest_from_key(&k)?);
+        }
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let diff_id = digest_from_key(&k)?;
+            let idx = LayerIndex::decode(&v).map_err(|source| StoreError::Index { diff_id, source })?;
+            out.push(LayerInfo {
+                diff_id,
+                blobs: blobs.remove(&diff_id).unwrap_or_default(),
+                pinned: self.db.get_pinned_cf(self.cf(CF_REFS), layer_ref(&diff_id))?.is_some(),
+                entries: idx.entries.len(),
+                content_bytes: idx.content_bytes(),
+                chunks: idx.chunks.len(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Unpins a layer imported with [`Store::import_layer`]; `gc` then frees what only it used.
+    /// Returns false when it was not pinned.
+    pub fn unpin_layer(&self, diff_id: &Digest) -> Result<bool> {
+        let _w = self.writer.lock().expect("writer lock");
+        let key = layer_ref(diff_id);
+        if self.db.get_pinned_cf(self.cf(CF_REFS), &key)?.is_none() {
+            return Ok(false);
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.delete_cf_opt(self.cf(CF_REFS), key, &wo)?;
+        Ok(true)
+    }
+
+    fn sync_write(&self, batch: rocksdb::WriteBatch) -> Result<()> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let seq = self.db.latest_sequence_number();
+        if let Err(e) = self.bloom.read().expect("bloom lock").save(&self.bloom_path(), seq) {
+            tracing::warn!(error = %e, "could not save the Bloom filter; it will be rebuilt");
+        }
+    }
+}
+
+impl ChunkSource for Store {
+    fn fetch(&self, id: &ChunkId) -> std::result::Result<Option<Vec<u8>>, SourceError> {
+        match self.read_chunk(id) {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::MissingChunk(_)) => Ok(None),
+            Err(StoreError::CorruptChunk { id, reason }) => {
+                Err(SourceError::Corrupt { id, source_name: "local store".into(), reason })
+            }
+            Err(e) => Err(SourceError::Unavailable { source_name: "local store".into(), reason: e.to_string() }),
+        }
+    }
+}

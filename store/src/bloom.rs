@@ -1,0 +1,102 @@
+//! The Bloom filter that answers "do we have this chunk?" before RocksDB is asked.
+//!
+//! Persisted as `bloom.bin` (docs/formats/store.md): `HBBF` | u32 version | u64 RocksDB sequence
+//! number it matches | u64 capacity | u64 items | filter bytes. It is valid only when its sequence
+//! number equals the database's; otherwise (a crash, an older file) it is rebuilt from the chunks.
+
+use std::path::Path;
+
+use bloomfilter::Bloom;
+use hb_core::ChunkId;
+
+/// Target false-positive rate.
+pub const FP_RATE: f64 = 0.01;
+/// Smallest capacity a filter is made with.
+pub const MIN_CAPACITY: u64 = 1 << 20;
+const MAGIC: &[u8; 4] = b"HBBF";
+const VERSION: u32 = 1;
+
+pub struct ChunkFilter {
+    bloom: Bloom<[u8; 32]>,
+    capacity: u64,
+    items: u64,
+}
+
+impl ChunkFilter {
+    /// An empty filter sized for `expected` chunks (at least [`MIN_CAPACITY`], with headroom).
+    pub fn with_capacity(expected: u64, seed: &[u8; 32]) -> Self {
+        let capacity = (expected.saturating_mul(2)).max(MIN_CAPACITY);
+        let bloom = Bloom::new_for_fp_rate_with_seed(capacity as usize, FP_RATE, seed)
+            .expect("capacity and rate are in range");
+        ChunkFilter { bloom, capacity, items: 0 }
+    }
+
+    pub fn insert(&mut self, id: &ChunkId) {
+        self.bloom.set(id.as_bytes());
+        self.items += 1;
+    }
+
+    /// False means certainly absent; true means ask the database.
+    pub fn maybe_contains(&self, id: &ChunkId) -> bool {
+        self.bloom.check(id.as_bytes())
+    }
+
+    /// True when more items were added than the filter was sized for (its error rate grows).
+    pub fn overfull(&self) -> bool {
+        self.items > self.capacity
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Size of the bit array in bytes.
+    pub fn bitmap_bytes(&self) -> u64 {
+        self.bloom.len() / 8
+    }
+
+    pub fn save(&self, path: &Path, seq: u64) -> std::io::Result<()> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&self.capacity.to_le_bytes());
+        out.extend_from_slice(&self.items.to_le_bytes());
+        out.extend_from_slice(&self.bloom.to_bytes());
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &out)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Loads the filter saved at `path` if it matches database sequence number `seq`.
+    pub fn load(path: &Path, seq: u64) -> Option<Self> {
+        let b = std::fs::read(path).ok()?;
+        if b.len() < 32 || &b[..4] != MAGIC || b[4..8] != VERSION.to_le_bytes() {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if u64_at(8) != seq {
+            return None;
+        }
+        let bloom = Bloom::from_bytes(b[32..].to_vec()).ok()?;
+        Some(ChunkFilter { bloom, capacity: u64_at(16), items: u64_at(24) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_false_negatives_and_persistence_checks_sequence() {
+        let mut f = ChunkFilter::with_capacity(1000, &[7; 32]);
+        let ids: Vec<ChunkId> = (0..1000u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        ids.iter().for_each(|id| f.insert(id));
+        assert!(ids.iter().all(|id| f.maybe_contains(id)));
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bloom.bin");
+        f.save(&p, 42).unwrap();
+        let g = ChunkFilter::load(&p, 42).expect("same sequence loads");
+        assert!(ids.iter().all(|id| g.maybe_contains(id)));
+        assert!(ChunkFilter::load(&p, 43).is_none(), "stale filter is refused");
+    }
+}

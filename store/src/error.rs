@@ -1,0 +1,70 @@
+use std::io;
+use std::path::PathBuf;
+
+use hb_core::{BuildError, ChunkId, Digest, IndexError};
+
+/// Everything the store can fail with. Messages name the store path, layer, entry or chunk.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("metadata database: {0}")]
+    Db(#[from] rocksdb::Error),
+    #[error("store {0} is in use by another hb process")]
+    Locked(PathBuf),
+    #[error("store {root} was created with chunker {stored}, which this build cannot use: {why}")]
+    Incompatible { root: PathBuf, stored: String, why: String },
+    #[error("bad layer: {0}")]
+    Entry(#[from] BuildError),
+    #[error("bad layer: entry {path:?}: {reason}")]
+    BadEntry { path: String, reason: String },
+    #[error("bad layer: {0}")]
+    BadStream(String),
+    #[error("bad layer: uncompressed size exceeds the limit of {limit} bytes (decompression bomb?); raise [store] max_layer_bytes if the layer is genuine")]
+    TooLarge { limit: u64 },
+    #[error("bad layer: expands more than {limit}:1 ({uncompressed} bytes from {compressed}) (decompression bomb?); raise [store] max_ratio if the layer is genuine")]
+    RatioExceeded { limit: u64, uncompressed: u64, compressed: u64 },
+    #[error("chunk {id} is corrupt: {reason}")]
+    CorruptChunk { id: ChunkId, reason: String },
+    #[error("chunk {0} is not in the store")]
+    MissingChunk(ChunkId),
+    #[error("no layer matches {0:?}")]
+    UnknownLayer(String),
+    #[error("{query:?} matches more than one layer: {candidates}")]
+    AmbiguousLayer { query: String, candidates: String },
+    #[error("layer {diff_id}: {source}")]
+    Index {
+        diff_id: Digest,
+        #[source]
+        source: IndexError,
+    },
+    #[error("store metadata is corrupt: {0}")]
+    CorruptMeta(String),
+    #[error("export target {0} exists and is not an empty directory")]
+    TargetNotEmpty(PathBuf),
+}
+
+impl StoreError {
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+        let context = context.into();
+        move |source| StoreError::Io { context, source }
+    }
+
+    /// True when the error is about the input (a bad layer), not about the store.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Entry(_)
+                | StoreError::BadEntry { .. }
+                | StoreError::BadStream(_)
+                | StoreError::TooLarge { .. }
+                | StoreError::RatioExceeded { .. }
+        )
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

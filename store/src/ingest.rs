@@ -1,0 +1,480 @@
+//! Layer ingest: a tar, tar+gzip or tar+zstd stream becomes chunks in packs plus a layer index,
+//! committed atomically at the end. Nothing is held whole in memory but the index being built.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read};
+use std::rc::Rc;
+
+use fastcdc::v2020::StreamCDC;
+use hb_core::{ChunkId, ChunkRef, Digest, DigestHasher, Meta, NewEntry, TreeBuilder};
+use rocksdb::WriteBatch;
+
+use crate::error::{Result, StoreError};
+use crate::meta::*;
+use crate::pack::{encode_chunk, Location, PackWriter};
+use crate::{Limits, Progress, Store};
+
+/// What an import did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImportReport {
+    /// SHA-256 of the bytes as given (the OCI layer blob digest).
+    pub digest: Digest,
+    /// SHA-256 of the uncompressed tar (the OCI diff_id).
+    pub diff_id: Digest,
+    pub compression: BlobCompression,
+    pub compressed_bytes: u64,
+    pub uncompressed_bytes: u64,
+    pub entries: usize,
+    /// Regular-file content in the layer.
+    pub content_bytes: u64,
+    /// Chunk references of all files, and distinct chunks among them.
+    pub chunk_refs: u64,
+    pub unique_chunks: usize,
+    /// Chunks (and their uncompressed bytes) the store did not have.
+    pub new_chunks: usize,
+    pub new_bytes: u64,
+    /// Content bytes that were already stored (in the store or earlier in this layer).
+    pub deduplicated_bytes: u64,
+    /// Bytes appended to pack files (compressed chunks with headers).
+    pub stored_bytes: u64,
+    /// True when this layer (same diff_id) was already in the store.
+    pub already_present: bool,
+}
+
+/// A fault seen below the tar reader, kept so the error the user sees names the real cause
+/// rather than the tar reader's rewording of it.
+type Fault = Rc<RefCell<Option<StoreError>>>;
+
+/// Counts and hashes the bytes read through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: DigestHasher,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+enum Decoder<R: BufRead> {
+    Plain(R),
+    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, R>),
+}
+
+impl<R: BufRead> Decoder<R> {
+    fn label(&self) -> &'static str {
+        match self {
+            Decoder::Plain(_) => "tar",
+            Decoder::Gzip(_) => "gzip",
+            Decoder::Zstd(_) => "zstd",
+        }
+    }
+}
+
+/// Decompresses, enforces the bomb limits, and records the precise fault.
+struct Decoded<R: BufRead> {
+    dec: Decoder<R>,
+    limits: Limits,
+    compressed: Rc<Cell<u64>>,
+    total: u64,
+    fault: Fault,
+}
+
+impl<R: BufRead> Read for Decoded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = match &mut self.dec {
+            Decoder::Plain(r) => r.read(buf),
+            Decoder::Gzip(r) => r.read(buf),
+            Decoder::Zstd(r) => r.read(buf),
+        };
+        let n = match r {
+            Ok(n) => n,
+            Err(e) => {
+                let label = self.dec.label();
+                let msg = if label == "tar" {
+                    format!("reading the layer failed: {e}")
+                } else {
+                    format!("{label} stream is corrupt or truncated: {e}")
+                };
+                *self.fault.borrow_mut() = Some(StoreError::BadStream(msg.clone()));
+                return Err(io::Error::new(e.kind(), msg));
+            }
+        };
+        self.total += n as u64;
+        let err = if self.total > self.limits.max_layer_bytes {
+            Some(StoreError::TooLarge { limit: self.limits.max_layer_bytes })
+        } else if self.total > self.limits.ratio_grace
+            && self.total > self.compressed.get().max(1).saturating_mul(self.limits.max_ratio)
+        {
+            Some(StoreError::RatioExceeded {
+                limit: self.limits.max_ratio,
+                uncompressed: self.total,
+                compressed: self.compressed.get(),
+            })
+        } else {
+            None
+        };
+        if let Some(e) = err {
+            let msg = e.to_string();
+            *self.fault.borrow_mut() = Some(e);
+            return Err(io::Error::other(msg));
+        }
+        Ok(n)
+    }
+}
+
+/// An ingest that has read its whole input and waits for its commit.
+struct Staged {
+    report: ImportReport,
+    seen: HashMap<ChunkId, Seen>,
+    encoded: Vec<u8>,
+}
+
+enum Seen {
+    /// Written by this ingest.
+    New(Location),
+    /// Already in the store.
+    Stored(ChunkRecord),
+}
+
+impl Store {
+    /// Imports one layer blob (tar, tar+gzip or tar+zstd, detected by magic bytes) from `input`,
+    /// reporting compressed bytes read to `progress`. Bad input leaves the store unchanged and
+    /// names the offending entry.
+    pub fn import_layer(&self, input: impl Read, progress: &dyn Progress) -> Result<ImportReport> {
+        let mut w = self.writer.lock().expect("writer lock");
+        let (mut pack, committed) = self.take_active_pack(&mut w)?;
+        let result = self.ingest(input, progress, &mut pack);
+        let out = match result {
+            Ok(staged) => self.commit(staged, &mut pack, committed),
+            Err(e) => Err(e),
+        };
+        if out.is_err() {
+            // Drop what this ingest appended; the pack stays usable.
+            pack.rollback(committed)?;
+        }
+        w.active = Some(pack);
+        out
+    }
+
+    /// The pack new chunks go to, with its committed length: the current active pack, the last
+    /// pack on disk while it is below the target size, or a new one.
+    fn take_active_pack(&self, w: &mut crate::Writer) -> Result<(PackWriter, u64)> {
+        let packs = self.pack_records()?;
+        if let Some(p) = w.active.take() {
+            if p.len() < self.opts.pack_target_bytes {
+                let committed = packs.get(&p.id).map(|r| r.committed_len).unwrap_or(crate::pack::PACK_HEADER_LEN);
+                return Ok((p, committed));
+            }
+        }
+        if let Some((&id, rec)) = packs.iter().max_by_key(|(id, _)| **id) {
+            if rec.committed_len < self.opts.pack_target_bytes && w.next_pack == id + 1 {
+                return Ok((PackWriter::open(&self.packs_dir, id, Some(rec.committed_len))?, rec.committed_len));
+            }
+        }
+        let id = w.next_pack;
+        w.next_pack += 1;
+        Ok((PackWriter::open(&self.packs_dir, id, None)?, crate::pack::PACK_HEADER_LEN))
+    }
+
+    fn ingest(
+        &self,
+        input: impl Read,
+        progress: &dyn Progress,
+        pack: &mut PackWriter,
+    ) -> Result<Staged> {
+        let compressed = Rc::new(Cell::new(0u64));
+        let fault: Fault = Rc::new(RefCell::new(None));
+        // Progress follows the compressed bytes consumed, reported between entries.
+        let last = Cell::new(0u64);
+        let report_progress = |c: &Rc<Cell<u64>>| {
+            let now = c.get();
+            progress.advance(now - last.get());
+            last.set(now);
+        };
+        let raw = Hashing { inner: input, hasher: DigestHasher::new(), count: compressed.clone() };
+        let mut buffered = BufReader::with_capacity(256 << 10, raw);
+        let magic = buffered
+            .fill_buf()
+            .map_err(|e| StoreError::BadStream(format!("reading the layer failed: {e}")))?
+            .to_vec();
+        if magic.is_empty() {
+            return Err(StoreError::BadStream("the layer is empty (0 bytes): not a tar stream".into()));
+        }
+        let (compression, dec) = if magic.starts_with(&[0x1f, 0x8b]) {
+            (BlobCompression::Gzip, Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(buffered)))
+        } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            let d = zstd::stream::read::Decoder::with_buffer(buffered)
+                .map_err(|e| StoreError::BadStream(format!("zstd stream is corrupt: {e}")))?;
+            (BlobCompression::Zstd, Decoder::Zstd(d))
+        } else {
+            (BlobCompression::None, Decoder::Plain(buffered))
+        };
+        let decoded = Decoded {
+            dec,
+            limits: self.opts.limits.clone(),
+            compressed: compressed.clone(),
+            total: 0,
+            fault: fault.clone(),
+        };
+        let uncompressed = Rc::new(Cell::new(0u64));
+        let tar_stream = Hashing { inner: decoded, hasher: DigestHasher::new(), count: uncompressed.clone() };
+        let mut archive = tar::Archive::new(tar_stream);
+
+        let stream_err = |fault: &Fault, e: io::Error, entry: Option<&[u8]>| -> StoreError {
+            let at = entry.map(|p| format!(" (at entry {:?})", String::from_utf8_lossy(p))).unwrap_or_default();
+            match fault.borrow_mut().take() {
+                Some(StoreError::BadStream(m)) => StoreError::BadStream(format!("{m}{at}")),
+                Some(other) => other,
+                None if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    StoreError::BadStream(format!("the tar stream is truncated{at}"))
+                }
+                None => StoreError::BadStream(format!("not a valid tar stream: {e}{at}")),
+            }
+        };
+
+        let chunker = self.chunker();
+        let mut builder = TreeBuilder::new(chunker);
+        let mut seen: HashMap<ChunkId, Seen> = HashMap::new();
+        let mut report = ImportReport {
+            digest: Digest([0; 32]),
+            diff_id: Digest([0; 32]),
+            compression,
+            compressed_bytes: 0,
+            uncompressed_bytes: 0,
+            entries: 0,
+            content_bytes: 0,
+            chunk_refs: 0,
+            unique_chunks: 0,
+            new_chunks: 0,
+            new_bytes: 0,
+            deduplicated_bytes: 0,
+            stored_bytes: 0,
+            already_present: false,
+        };
+        let entries = archive.entries().map_err(|e| stream_err(&fault, e, None))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| stream_err(&fault, e, None))?;
+            report_progress(&compressed);
+            let path = entry.path_bytes().into_owned();
+            let bad = |reason: String| StoreError::BadEntry { path: String::from_utf8_lossy(&path).into_owned(), reason };
+            let etype = entry.header().entry_type();
+            if matches!(etype, tar::EntryType::XGlobalHeader) {
+                continue;
+            }
+            let meta = entry_meta(&mut entry).map_err(&bad)?;
+            let new = match etype {
+                tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                    let mut chunks = Vec::new();
+                    let cdc = StreamCDC::new(&mut entry, chunker.min_size, chunker.avg_size, chunker.max_size);
+                    for c in cdc {
+                        let c = c.map_err(|e| match e {
+                            fastcdc::v2020::Error::IoError(e) => stream_err(&fault, e, Some(&path)),
+                            other => bad(format!("chunking failed: {other:?}")),
+                        })?;
+                        chunks.push(self.add_chunk(&c.data, &mut seen, &mut report, pack)?);
+                        report_progress(&compressed);
+                    }
+                    NewEntry::File { chunks }
+                }
+                tar::EntryType::Directory => NewEntry::Dir,
+                tar::EntryType::Symlink => NewEntry::Symlink {
+                    target: entry.link_name_bytes().ok_or_else(|| bad("symlink without a target".into()))?.into_owned(),
+                },
+                tar::EntryType::Link => NewEntry::Hardlink {
+                    target: entry.link_name_bytes().ok_or_else(|| bad("hard link without a target".into()))?.into_owned(),
+                },
+                tar::EntryType::Char | tar::EntryType::Block => {
+                    let h = entry.header();
+                    let major = h.device_major().ok().flatten().ok_or_else(|| bad("bad device major number".into()))?;
+                    let minor = h.device_minor().ok().flatten().ok_or_else(|| bad("bad device minor number".into()))?;
+                    if etype == tar::EntryType::Char {
+                        NewEntry::CharDev { major, minor }
+                    } else {
+                        NewEntry::BlockDev { major, minor }
+                    }
+                }
+                tar::EntryType::Fifo => NewEntry::Fifo,
+                other => return Err(bad(format!("unsupported tar entry type {other:?}"))),
+            };
+            builder.add(&path, meta, new)?;
+            report.entries += 1;
+        }
+        // The tar reader stops at the end-of-archive marker: read the rest so the digests cover
+        // the whole blob and the decompressor checks its trailer.
+        let mut tar_stream = archive.into_inner();
+        io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| stream_err(&fault, e, None))?;
+        report_progress(&compressed);
+        let Hashing { inner: decoded, hasher: diff_hasher, .. } = tar_stream;
+        let raw = match decoded.dec {
+            Decoder::Plain(r) => r.into_inner(),
+            Decoder::Gzip(r) => r.into_inner().into_inner(),
+            Decoder::Zstd(r) => r.finish().into_inner(),
+        };
+        report.digest = raw.hasher.finish();
+        report.diff_id = diff_hasher.finish();
+        report.compressed_bytes = compressed.get();
+        report.uncompressed_bytes = uncompressed.get();
+        let index = builder.finish(report.diff_id);
+        report.content_bytes = index.content_bytes();
+        report.unique_chunks = index.chunks.len();
+        report.deduplicated_bytes = report.content_bytes - report.new_bytes;
+        report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes())?.is_some();
+        Ok(Staged { report, seen, encoded: index.encode() })
+    }
+
+    /// Stores one chunk unless the store or this ingest already has it.
+    fn add_chunk(
+        &self,
+        data: &[u8],
+        seen: &mut HashMap<ChunkId, Seen>,
+        report: &mut ImportReport,
+        pack: &mut PackWriter,
+    ) -> Result<ChunkRef> {
+        let id = ChunkId::of(data);
+        let len = data.len() as u32;
+        report.chunk_refs += 1;
+        if !seen.contains_key(&id) {
+            let s = match self.chunk_record(&id)? {
+                Some(rec) => Seen::Stored(rec),
+                None => {
+                    let (compression, stored) = encode_chunk(data, self.opts.zstd_level);
+                    let loc = pack.append(&id, len, compression, &stored)?;
+                    report.new_chunks += 1;
+                    report.new_bytes += len as u64;
+                    report.stored_bytes += loc.record_len();
+                    Seen::New(loc)
+                }
+            };
+            seen.insert(id, s);
+        }
+        Ok(ChunkRef { id, len })
+    }
+
+    /// Makes the ingest visible: fsync the pack, then one synced batch with the layer, its
+    /// chunks' records and refcounts, the blob record, the pin and the pack's bookkeeping.
+    fn commit(&self, staged: Staged, pack: &mut PackWriter, committed: u64) -> Result<ImportReport> {
+        let Staged { mut report, seen, encoded } = staged;
+        let mut batch = WriteBatch::default();
+        let mut new_ids = Vec::new();
+        let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
+        if report.already_present {
+            // Same content again (perhaps compressed differently): nothing new to keep.
+            pack.rollback(committed)?;
+            report.new_chunks = 0;
+            report.new_bytes = 0;
+            report.stored_bytes = 0;
+            report.deduplicated_bytes = report.content_bytes;
+        } else {
+            batch.put_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes(), &encoded);
+            for (id, s) in &seen {
+                let rec = match s {
+                    Seen::New(loc) => {
+                        new_ids.push(*id);
+                        pack_rec.live_bytes += loc.record_len();
+                        pack_rec.live_chunks += 1;
+                        ChunkRecord { loc: *loc, refcount: 1 }
+                    }
+                    Seen::Stored(rec) => ChunkRecord { refcount: rec.refcount + 1, ..*rec },
+                };
+                batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode());
+            }
+        }
+        batch.put_cf(
+            self.cf(CF_BLOBS),
+            report.digest.as_bytes(),
+            BlobRecord { diff_id: report.diff_id, compression: report.compression, size: report.compressed_bytes }.encode(),
+        );
+        batch.put_cf(self.cf(CF_REFS), layer_ref(&report.diff_id), report.diff_id.as_bytes());
+        if !new_ids.is_empty() {
+            pack.sync()?;
+            pack_rec.committed_len = pack.len();
+            batch.put(pack_key(pack.id), pack_rec.encode());
+        }
+        self.sync_write(batch)?;
+        let mut bloom = self.bloom.write().expect("bloom lock");
+        new_ids.iter().for_each(|id| bloom.insert(id));
+        tracing::info!(diff_id = %report.diff_id, new_chunks = report.new_chunks, "layer committed");
+        Ok(report)
+    }
+}
+
+/// Reads an entry's ownership, mode, times and xattrs, PAX records taking precedence.
+fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
+    let h = entry.header();
+    let field = |name: &str, e: io::Error| format!("invalid {name} field: {e}");
+    let mut meta = Meta {
+        mode: h.mode().map_err(|e| field("mode", e))? & 0o7777,
+        uid: u32::try_from(h.uid().map_err(|e| field("uid", e))?).map_err(|_| "uid does not fit 32 bits".to_string())?,
+        gid: u32::try_from(h.gid().map_err(|e| field("gid", e))?).map_err(|_| "gid does not fit 32 bits".to_string())?,
+        mtime: i64::try_from(h.mtime().map_err(|e| field("mtime", e))?).map_err(|_| "mtime out of range".to_string())?,
+        mtime_nsec: 0,
+        xattrs: Vec::new(),
+    };
+    if let Some(exts) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? {
+        for ext in exts {
+            let ext = ext.map_err(|e| format!("bad PAX header: {e}"))?;
+            let key = ext.key_bytes();
+            let value = ext.value_bytes();
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                meta.xattrs.push((name.to_vec(), value.to_vec()));
+            } else if key == b"mtime" {
+                (meta.mtime, meta.mtime_nsec) = parse_pax_time(value).ok_or("bad PAX mtime")?;
+            } else if key == b"uid" || key == b"gid" {
+                let v: u32 = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok()).ok_or("bad PAX uid/gid")?;
+                if key == b"uid" {
+                    meta.uid = v;
+                } else {
+                    meta.gid = v;
+                }
+            }
+        }
+    }
+    meta.xattrs.sort();
+    if meta.xattrs.windows(2).any(|w| w[0].0 == w[1].0) {
+        return Err("the same xattr is set twice".into());
+    }
+    Ok(meta)
+}
+
+/// Parses a PAX time (`1700000000.5`, `-3.25`) into seconds and nanoseconds.
+fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let mut secs: i64 = secs.parse().ok()?;
+    if frac.is_empty() {
+        return Some((secs, 0));
+    }
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let mut nsec: u32 = digits.parse().ok()?;
+    if s.starts_with('-') && nsec > 0 {
+        // -3.25 is 3.25 s before the epoch: -4 s + 0.75 s.
+        secs -= 1;
+        nsec = 1_000_000_000 - nsec;
+    }
+    Some((secs, nsec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pax_time;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(parse_pax_time(b"1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(parse_pax_time(b"1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(parse_pax_time(b"1.123456789123"), Some((1, 123_456_789)));
+        assert_eq!(parse_pax_time(b"-3.25"), Some((-4, 750_000_000)));
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
+}
