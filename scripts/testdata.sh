@@ -30,6 +30,12 @@ if [ "$(cat stamp 2>/dev/null)" != "$VERSION" ]; then
   rm -rf minbase minbase.tar.gz busybox busybox.tar ./*.tmp
   echo "$VERSION" > stamp
 fi
+# The busybox rootfs is cheap: rebuild it whenever its recipe changes.
+BUSYBOX_RECIPE=2
+if [ "$(cat busybox.stamp 2>/dev/null)" != "$BUSYBOX_RECIPE" ]; then
+  rm -rf busybox busybox.tar
+  echo "$BUSYBOX_RECIPE" > busybox.stamp
+fi
 
 if [ ! -f minbase/.hb-complete ]; then
   rm -rf minbase
@@ -62,8 +68,9 @@ if [ ! -f busybox.tar ]; then
   echo 'root:x:0:0:root:/root:/bin/sh' > busybox/etc/passwd
   echo 'root:x:0:' > busybox/etc/group
   chmod 1777 busybox/tmp
-  tar --numeric-owner --owner=0 --group=0 --sort=name --mtime='2024-01-01 00:00:00Z' \
-    -C busybox -cf busybox.tar.tmp .
+  # Fixed times on the tree itself, so the tree and its tar agree and the digest is stable.
+  find busybox -exec touch -h -d '2024-01-01 00:00:00Z' {} +
+  tar --numeric-owner --owner=0 --group=0 --sort=name -C busybox -cf busybox.tar.tmp .
   mv busybox.tar.tmp busybox.tar
 fi
 log "ready in $DATA"

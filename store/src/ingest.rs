@@ -228,17 +228,19 @@ impl Store {
         let tar_stream = Hashing { inner: decoded, hasher: DigestHasher::new(), count: uncompressed.clone() };
         let mut archive = tar::Archive::new(tar_stream);
 
-        let stream_err = |fault: &Fault, e: io::Error, entry: Option<&[u8]>| -> StoreError {
-            let at = entry.map(|p| format!(" (at entry {:?})", String::from_utf8_lossy(p))).unwrap_or_default();
+        // `at` says where in the stream the error struck: in an entry, or after one.
+        let stream_err = |fault: &Fault, e: io::Error, at: &str| -> StoreError {
             match fault.borrow_mut().take() {
                 Some(StoreError::BadStream(m)) => StoreError::BadStream(format!("{m}{at}")),
                 Some(other) => other,
-                None if e.kind() == io::ErrorKind::UnexpectedEof => {
+                None if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") => {
                     StoreError::BadStream(format!("the tar stream is truncated{at}"))
                 }
                 None => StoreError::BadStream(format!("not a valid tar stream: {e}{at}")),
             }
         };
+        let in_entry = |p: &[u8]| format!(" (in entry {:?})", String::from_utf8_lossy(p));
+        let mut after = String::new();
 
         let chunker = self.chunker();
         let mut builder = TreeBuilder::new(chunker);
@@ -259,9 +261,9 @@ impl Store {
             stored_bytes: 0,
             already_present: false,
         };
-        let entries = archive.entries().map_err(|e| stream_err(&fault, e, None))?;
+        let entries = archive.entries().map_err(|e| stream_err(&fault, e, ""))?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| stream_err(&fault, e, None))?;
+            let mut entry = entry.map_err(|e| stream_err(&fault, e, &after))?;
             report_progress(&compressed);
             let path = entry.path_bytes().into_owned();
             let bad = |reason: String| StoreError::BadEntry { path: String::from_utf8_lossy(&path).into_owned(), reason };
@@ -276,7 +278,7 @@ impl Store {
                     let cdc = StreamCDC::new(&mut entry, chunker.min_size, chunker.avg_size, chunker.max_size);
                     for c in cdc {
                         let c = c.map_err(|e| match e {
-                            fastcdc::v2020::Error::IoError(e) => stream_err(&fault, e, Some(&path)),
+                            fastcdc::v2020::Error::IoError(e) => stream_err(&fault, e, &in_entry(&path)),
                             other => bad(format!("chunking failed: {other:?}")),
                         })?;
                         chunks.push(self.add_chunk(&c.data, &mut seen, &mut report, pack)?);
@@ -306,11 +308,12 @@ impl Store {
             };
             builder.add(&path, meta, new)?;
             report.entries += 1;
+            after = format!(" (after entry {:?})", String::from_utf8_lossy(&path));
         }
         // The tar reader stops at the end-of-archive marker: read the rest so the digests cover
         // the whole blob and the decompressor checks its trailer.
         let mut tar_stream = archive.into_inner();
-        io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| stream_err(&fault, e, None))?;
+        io::copy(&mut tar_stream, &mut io::sink()).map_err(|e| stream_err(&fault, e, &after))?;
         report_progress(&compressed);
         let Hashing { inner: decoded, hasher: diff_hasher, .. } = tar_stream;
         let raw = match decoded.dec {

@@ -1,0 +1,100 @@
+//! Where settings come from: flags, then `HB_*` environment variables, then the config file
+//! (`/etc/hb/hb.toml` unless `--config`/`HB_CONFIG` says otherwise), then defaults. This is the
+//! only module that reads the environment or config files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// Environment variables hb reads (all of them).
+pub mod env {
+    pub const ROOT: &str = "HB_ROOT";
+    pub const CONFIG: &str = "HB_CONFIG";
+    pub const LOG: &str = "HB_LOG";
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/hb/hb.toml";
+pub const CONFIG_VERSION: u32 = 1;
+
+/// The config file. Unknown keys are an error, so a typo does not pass silently.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub version: Option<u32>,
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub root: Option<PathBuf>,
+    pub zstd_level: Option<i32>,
+    pub max_layer_bytes: Option<u64>,
+    pub max_ratio: Option<u64>,
+}
+
+/// Loads the config file: an explicitly named one must exist; the default one may be absent.
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
+    let (path, required) = match explicit {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(FileConfig::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading config file {}", path.display())),
+    };
+    let cfg: FileConfig = toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+    match cfg.version {
+        Some(CONFIG_VERSION) => Ok(cfg),
+        Some(v) => bail!("config file {}: version {v} is not supported (this hb reads version {CONFIG_VERSION})", path.display()),
+        None => bail!("config file {}: missing `version = {CONFIG_VERSION}`", path.display()),
+    }
+}
+
+/// The store root: `--root`/`HB_ROOT` (clap merges those), the config file, then the default:
+/// `/var/lib/hb` as root, `$XDG_DATA_HOME/hb` or `~/.local/share/hb` otherwise.
+pub fn store_root(flag: Option<&Path>, file: &FileConfig) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag.or(file.store.root.as_deref()) {
+        return Ok(p.to_path_buf());
+    }
+    if is_root() {
+        return Ok(PathBuf::from("/var/lib/hb"));
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("hb"));
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Ok(PathBuf::from(h).join(".local/share/hb")),
+        None => bail!("cannot choose a store location: HOME is not set; pass --root DIR or set {}", env::ROOT),
+    }
+}
+
+fn is_root() -> bool {
+    // The only privilege question hb asks; the store library does the real syscalls.
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_rules() {
+        let ok: FileConfig = toml::from_str("version = 1\n[store]\nroot = \"/x\"\n").unwrap();
+        assert_eq!(store_root(None, &ok).unwrap(), PathBuf::from("/x"));
+        assert_eq!(store_root(Some(Path::new("/flag")), &ok).unwrap(), PathBuf::from("/flag"));
+        assert!(toml::from_str::<FileConfig>("version = 1\n[store]\nrooot = \"/x\"\n").is_err(), "typos are errors");
+        let dir = std::env::temp_dir().join(format!("hb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("hb.toml");
+        std::fs::write(&p, "[store]\n").unwrap();
+        assert!(load(Some(&p)).unwrap_err().to_string().contains("missing `version"));
+        std::fs::write(&p, "version = 9\n").unwrap();
+        assert!(load(Some(&p)).unwrap_err().to_string().contains("version 9"));
+        assert!(load(Some(&dir.join("absent.toml"))).is_err(), "a named config must exist");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

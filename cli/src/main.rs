@@ -1,0 +1,361 @@
+//! `hb`: HyperBox's command-line interface. Parses arguments, reads configuration, wires the
+//! libraries together and prints: data (and `--json`) on stdout, progress and messages on stderr.
+//!
+//! Exit codes: 0 success, 1 the operation failed (or `fsck` found problems), 2 usage error.
+
+mod config;
+mod output;
+
+use std::fs::File;
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use hb_core::{ChunkerParams, Digest};
+use hb_store::{Limits, Store, StoreOptions};
+use indicatif::HumanBytes;
+
+use output::{Bar, Out};
+
+#[derive(Parser)]
+#[command(name = "hb", version, about = "HyperBox: content-addressed image storage with chunk-level dedup")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Store directory [default: /var/lib/hb as root, else ~/.local/share/hb]
+    #[arg(long, global = true, env = config::env::ROOT, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Config file [default: /etc/hb/hb.toml when present]
+    #[arg(long, global = true, env = config::env::CONFIG, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars or summaries on stderr
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// More log output on stderr (-v info, -vv debug); HB_LOG takes tracing filter syntax
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Import, export, list and remove layers
+    #[command(subcommand)]
+    Layer(LayerCmd),
+    /// Show what changed from layer A to layer B and what B needs beyond A
+    Diff {
+        /// Layer A (blob digest or diff_id, or an unambiguous prefix)
+        a: String,
+        /// Layer B
+        b: String,
+    },
+    /// Logical vs stored bytes and the dedup ratio
+    Du,
+    /// Free layers nothing pins and chunks no layer uses; compact pack files
+    Gc,
+    /// Verify every chunk, index and reference; exit 0 only when the store is clean
+    Fsck,
+}
+
+#[derive(Subcommand)]
+enum LayerCmd {
+    /// Import layer blobs (tar, tar+gzip, tar+zstd; `-` reads stdin)
+    Import {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Export one layer as a tar (-o), or layers merged bottom-first into a rootfs (--dir)
+    Export {
+        #[arg(required = true, value_name = "DIGEST")]
+        layers: Vec<String>,
+        /// Write the layer as an uncompressed tar to FILE (`-` for stdout)
+        #[arg(short, long, value_name = "FILE", conflicts_with = "dir", required_unless_present = "dir")]
+        output: Option<PathBuf>,
+        /// Materialise the merged rootfs into DIR (missing or empty)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// List stored layers
+    Ls,
+    /// Unpin layers; `hb gc` then frees what only they used
+    Rm {
+        #[arg(required = true, value_name = "DIGEST")]
+        layers: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    output::init_logging(cli.global.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hb: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn open_store(g: &Global) -> anyhow::Result<Store> {
+    let file = config::load(g.config.as_deref())?;
+    let root = config::store_root(g.root.as_deref(), &file)?;
+    let defaults = Limits::default();
+    let opts = StoreOptions {
+        chunker: ChunkerParams::default(),
+        zstd_level: file.store.zstd_level.unwrap_or(3),
+        limits: Limits {
+            max_layer_bytes: file.store.max_layer_bytes.unwrap_or(defaults.max_layer_bytes),
+            max_ratio: file.store.max_ratio.unwrap_or(defaults.max_ratio),
+            ..defaults
+        },
+        ..StoreOptions::default()
+    };
+    Store::open(&root, opts).with_context(|| format!("opening store {}", root.display()))
+}
+
+fn remove_partial_tree(dir: &Path, keep_dir: bool) {
+    if !keep_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    } else if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
+fn resolve(store: &Store, q: &str) -> anyhow::Result<Digest> {
+    Ok(store.resolve_layer(q)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = &cli.global;
+    let out = Out::new(g.json, g.quiet);
+    let store = open_store(g)?;
+    match cli.cmd {
+        Cmd::Layer(LayerCmd::Import { files }) => {
+            let mut reports = Vec::new();
+            for f in &files {
+                let (input, len): (Box<dyn io::Read>, Option<u64>) = if f == Path::new("-") {
+                    (Box::new(io::stdin().lock()), None)
+                } else {
+                    let file = File::open(f).with_context(|| format!("opening {}", f.display()))?;
+                    let len = file.metadata().ok().map(|m| m.len());
+                    (Box::new(file), len)
+                };
+                let bar = Bar::bytes(&out, &format!("importing {}", f.display()), len);
+                let r = store.import_layer(input, &bar).with_context(|| format!("importing {}", f.display()))?;
+                bar.finish();
+                if !out.json {
+                    println!("{}", r.digest);
+                    out.note(format!(
+                        "{}: {} ({}), diff_id {}\n  {} entries, {} content in {} chunks ({} distinct)\n  new: {} in {} chunks, {} on disk; deduplicated: {}{}",
+                        f.display(),
+                        r.digest.short(),
+                        r.compression.label(),
+                        r.diff_id.short(),
+                        r.entries,
+                        HumanBytes(r.content_bytes),
+                        r.chunk_refs,
+                        r.unique_chunks,
+                        HumanBytes(r.new_bytes),
+                        r.new_chunks,
+                        HumanBytes(r.stored_bytes),
+                        HumanBytes(r.deduplicated_bytes),
+                        if r.already_present { " (layer already stored)" } else { "" },
+                    ));
+                }
+                reports.push(r);
+            }
+            out.json_value(&reports)?;
+        }
+        Cmd::Layer(LayerCmd::Export { layers, output, dir }) => {
+            let digests = layers.iter().map(|l| resolve(&store, l)).collect::<anyhow::Result<Vec<_>>>()?;
+            if let Some(dir) = dir {
+                let bar = Bar::bytes(&out, "exporting rootfs", None);
+                let existed = dir.exists();
+                let r = store.export_rootfs(&digests, &dir, &bar);
+                bar.finish();
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Leave no half-written tree behind (the target was missing or empty).
+                        if !matches!(e, hb_store::StoreError::TargetNotEmpty(_)) {
+                            remove_partial_tree(&dir, existed);
+                        }
+                        return Err(e.into());
+                    }
+                };
+                out.note(format!("{}: {} entries, {}", dir.display(), r.entries, HumanBytes(r.bytes)));
+                out.json_value(&r)?;
+            } else {
+                let output = output.expect("clap requires -o or --dir");
+                if digests.len() != 1 {
+                    bail!("a tar export takes exactly one layer (use --dir to merge several)");
+                }
+                if output == Path::new("-") {
+                    if io::stdout().is_terminal() {
+                        bail!("refusing to write a tar to a terminal; redirect stdout or use -o FILE");
+                    }
+                    store.export_layer_tar(&digests[0], BufWriter::new(io::stdout().lock()), &Bar::hidden())?;
+                } else {
+                    // Written beside the target and renamed at the end: a failed export leaves nothing.
+                    let tmp = output.with_extension("hb-partial");
+                    let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                    let bar = Bar::bytes(&out, "exporting layer", None);
+                    let written = (|| -> anyhow::Result<()> {
+                        let mut w = BufWriter::new(f);
+                        store.export_layer_tar(&digests[0], &mut w, &bar)?;
+                        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                        std::fs::rename(&tmp, &output).with_context(|| format!("renaming to {}", output.display()))?;
+                        Ok(())
+                    })();
+                    bar.finish();
+                    if written.is_err() {
+                        let _ = std::fs::remove_file(&tmp);
+                    }
+                    written?;
+                    out.note(format!("wrote {}", output.display()));
+                }
+            }
+        }
+        Cmd::Layer(LayerCmd::Ls) => {
+            let layers = store.list_layers()?;
+            if out.json {
+                out.json_value(&layers)?;
+            } else {
+                let mut w = io::stdout().lock();
+                writeln!(w, "{:<19} {:<19} {:>8} {:>10} {:>8} PINNED", "DIFF_ID", "BLOB", "ENTRIES", "SIZE", "CHUNKS")?;
+                for l in layers {
+                    let blob = l.blobs.first().map(|b| b.short()).unwrap_or_else(|| "-".into());
+                    writeln!(
+                        w,
+                        "{:<19} {:<19} {:>8} {:>10} {:>8} {}",
+                        l.diff_id.short(),
+                        blob,
+                        l.entries,
+                        HumanBytes(l.content_bytes).to_string(),
+                        l.chunks,
+                        if l.pinned { "yes" } else { "no" }
+                    )?;
+                }
+            }
+        }
+        Cmd::Layer(LayerCmd::Rm { layers }) => {
+            for l in &layers {
+                let d = resolve(&store, l)?;
+                if store.unpin_layer(&d)? {
+                    out.note(format!("unpinned {d}; run `hb gc` to free its space"));
+                } else {
+                    out.note(format!("{d} was not pinned"));
+                }
+            }
+        }
+        Cmd::Diff { a, b } => {
+            let (da, db) = (resolve(&store, &a)?, resolve(&store, &b)?);
+            let ia = store.layer(&da)?.context("layer vanished")?;
+            let ib = store.layer(&db)?.context("layer vanished")?;
+            let d = hb_core::diff(&ia, &ib);
+            if out.json {
+                let changes: Vec<_> = d
+                    .changes
+                    .iter()
+                    .map(|c| serde_json::json!({"change": c.change, "path": format!("/{}", String::from_utf8_lossy(&c.path))}))
+                    .collect();
+                out.json_value(&serde_json::json!({
+                    "a": da, "b": db, "changes": changes,
+                    "needed_chunks": d.needed_chunks.len(), "needed_bytes": d.needed_bytes,
+                }))?;
+            } else {
+                let mut w = io::stdout().lock();
+                for c in &d.changes {
+                    writeln!(w, "{} /{}", c.change.letter(), String::from_utf8_lossy(&c.path))?;
+                }
+                out.note(format!(
+                    "{} changed paths; {} needs {} chunks ({}) that {} lacks",
+                    d.changes.len(),
+                    db.short(),
+                    d.needed_chunks.len(),
+                    HumanBytes(d.needed_bytes),
+                    da.short()
+                ));
+            }
+        }
+        Cmd::Du => {
+            let u = store.usage()?;
+            if out.json {
+                out.json_value(&u)?;
+            } else {
+                let mut w = io::stdout().lock();
+                writeln!(w, "store:        {}", store.root().display())?;
+                writeln!(w, "layers:       {} ({} blobs, {} as they came in)", u.layers, u.blobs, HumanBytes(u.blob_bytes))?;
+                writeln!(w, "logical:      {}", HumanBytes(u.logical_bytes))?;
+                writeln!(w, "unique:       {} in {} chunks (dedup {:.2}x)", HumanBytes(u.unique_bytes), u.chunks, u.dedup_ratio)?;
+                writeln!(
+                    w,
+                    "stored:       {} packs ({} live) + {} metadata",
+                    HumanBytes(u.pack_bytes),
+                    HumanBytes(u.live_pack_bytes),
+                    HumanBytes(u.metadata_bytes)
+                )?;
+                writeln!(w, "saving:       {:.2}x logical/stored", u.total_ratio)?;
+            }
+        }
+        Cmd::Gc => {
+            let bar = Bar::bytes(&out, "compacting", None);
+            let r = store.gc(&bar)?;
+            bar.finish();
+            out.note(format!(
+                "removed {} layers and {} chunks; compacted {} and deleted {} packs; freed {}",
+                r.layers_removed,
+                r.chunks_removed,
+                r.packs_compacted,
+                r.packs_deleted,
+                HumanBytes(r.bytes_freed)
+            ));
+            out.json_value(&r)?;
+        }
+        Cmd::Fsck => {
+            let bar = Bar::bytes(&out, "verifying", None);
+            let r = store.fsck(&bar)?;
+            bar.finish();
+            if out.json {
+                out.json_value(&r)?;
+            } else {
+                for i in &r.issues {
+                    println!("{}: {}: {}", i.kind, i.subject, i.detail);
+                }
+                out.note(format!(
+                    "checked {} packs, {} chunks ({} verified), {} layers, {} blobs, {} refs: {}",
+                    r.packs,
+                    r.chunks,
+                    HumanBytes(r.verified_bytes),
+                    r.layers,
+                    r.blobs,
+                    r.refs,
+                    if r.is_clean() { "clean".to_string() } else { format!("{} problems", r.issues.len()) }
+                ));
+            }
+            if !r.is_clean() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,83 @@
+//! What people see: progress bars and notes on stderr, JSON or tables on stdout.
+
+use std::io::{self, IsTerminal};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Output settings shared by every command.
+pub struct Out {
+    pub json: bool,
+    pub quiet: bool,
+}
+
+impl Out {
+    pub fn new(json: bool, quiet: bool) -> Self {
+        Out { json, quiet }
+    }
+
+    /// A message for people (stderr), unless quiet or printing JSON.
+    pub fn note(&self, msg: impl AsRef<str>) {
+        if !self.quiet && !self.json {
+            eprintln!("{}", msg.as_ref());
+        }
+    }
+
+    /// Prints `v` as JSON on stdout when `--json` is set.
+    pub fn json_value<T: serde::Serialize>(&self, v: &T) -> anyhow::Result<()> {
+        if self.json {
+            serde_json::to_writer_pretty(io::stdout().lock(), v)?;
+            println!();
+        }
+        Ok(())
+    }
+}
+
+/// A progress bar on stderr, drawn only on a terminal and when not quiet or JSON.
+pub struct Bar(ProgressBar);
+
+impl Bar {
+    pub fn hidden() -> Self {
+        Bar(ProgressBar::hidden())
+    }
+
+    pub fn bytes(out: &Out, msg: &str, total: Option<u64>) -> Self {
+        if out.quiet || out.json || !io::stderr().is_terminal() {
+            return Self::hidden();
+        }
+        let pb = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template("{msg} {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .expect("valid template"),
+        );
+        pb.set_message(msg.to_string());
+        Bar(pb)
+    }
+
+    pub fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+impl hb_store::Progress for Bar {
+    fn set_total(&self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+}
+
+/// Logs go to stderr: warnings by default, `-v` info, `-vv` debug, or `HB_LOG` as a filter.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = std::env::var(crate::config::env::LOG).unwrap_or_else(|_| default.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default.into()))
+        .with_writer(io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,63 @@
+//! The crate dependency edges in ARCHITECTURE.md are the real ones, and the pure core stays pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// Edges documented between `<!-- deps:begin -->` and `<!-- deps:end -->` as `crate -> a, b`.
+fn documented() -> BTreeMap<String, BTreeSet<String>> {
+    let text = std::fs::read_to_string(workspace().join("ARCHITECTURE.md")).unwrap();
+    let block = text.split("<!-- deps:begin -->").nth(1).unwrap().split("<!-- deps:end -->").next().unwrap();
+    block
+        .lines()
+        .map(|l| l.trim().trim_start_matches('-').replace('`', ""))
+        .filter_map(|l| l.split_once("->").map(|(k, v)| (k.trim().to_string(), v.to_string())))
+        .map(|(k, v)| {
+            let deps = v.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect();
+            (k, deps)
+        })
+        .collect()
+}
+
+fn metadata() -> serde_json::Value {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline", "--manifest-path"])
+        .arg(workspace().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn crate_edges_match_architecture_md() {
+    let meta = metadata();
+    let members: BTreeSet<String> = meta["packages"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+    let mut actual: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for p in meta["packages"].as_array().unwrap() {
+        let deps = p["dependencies"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).filter(|d| members.contains(d)).collect();
+        actual.insert(p["name"].as_str().unwrap().to_string(), deps);
+    }
+    assert_eq!(actual, documented(), "ARCHITECTURE.md's dependency block is out of date");
+}
+
+#[test]
+fn the_core_does_no_io() {
+    let meta = metadata();
+    let core = meta["packages"].as_array().unwrap().iter().find(|p| p["name"] == "hb-core").unwrap();
+    let allowed = ["blake3", "hex", "serde", "sha2", "thiserror"];
+    for d in core["dependencies"].as_array().unwrap() {
+        let name = d["name"].as_str().unwrap();
+        assert!(allowed.contains(&name), "hb-core must stay pure; it depends on {name}");
+    }
+    for entry in std::fs::read_dir(workspace().join("core/src")).unwrap() {
+        let src = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for banned in ["std::fs", "std::net", "std::process", "std::env", "SystemTime"] {
+            assert!(!src.contains(banned), "hb-core uses {banned}");
+        }
+    }
+}

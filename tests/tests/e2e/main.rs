@@ -1,0 +1,9 @@
+//! End-to-end tests: the real `hb` binary on real and crafted layers.
+
+mod architecture;
+mod bad_input;
+mod crafted;
+mod crash;
+mod dedup_gc;
+mod integrity;
+mod roundtrip;
