@@ -49,7 +49,10 @@ pub fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
     let cfg: FileConfig = toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
     match cfg.version {
         Some(CONFIG_VERSION) => Ok(cfg),
-        Some(v) => bail!("config file {}: version {v} is not supported (this hb reads version {CONFIG_VERSION})", path.display()),
+        Some(v) => bail!(
+            "config file {}: version {v} is not supported (this hb reads version {CONFIG_VERSION})",
+            path.display()
+        ),
         None => bail!("config file {}: missing `version = {CONFIG_VERSION}`", path.display()),
     }
 }

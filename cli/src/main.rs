@@ -135,7 +135,11 @@ fn remove_partial_tree(dir: &Path, keep_dir: bool) {
     } else if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let p = e.path();
-            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            let _ = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
         }
     }
 }
@@ -304,9 +308,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 let mut w = io::stdout().lock();
                 writeln!(w, "store:        {}", store.root().display())?;
-                writeln!(w, "layers:       {} ({} blobs, {} as they came in)", u.layers, u.blobs, HumanBytes(u.blob_bytes))?;
+                writeln!(
+                    w,
+                    "layers:       {} ({} blobs, {} as they came in)",
+                    u.layers,
+                    u.blobs,
+                    HumanBytes(u.blob_bytes)
+                )?;
                 writeln!(w, "logical:      {}", HumanBytes(u.logical_bytes))?;
-                writeln!(w, "unique:       {} in {} chunks (dedup {:.2}x)", HumanBytes(u.unique_bytes), u.chunks, u.dedup_ratio)?;
+                writeln!(
+                    w,
+                    "unique:       {} in {} chunks (dedup {:.2}x)",
+                    HumanBytes(u.unique_bytes),
+                    u.chunks,
+                    u.dedup_ratio
+                )?;
                 writeln!(
                     w,
                     "stored:       {} packs ({} live) + {} metadata",

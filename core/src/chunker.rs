@@ -42,10 +42,7 @@ impl ChunkerParams {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "chunker sizes {}/{}/{} are out of range",
-                self.min_size, self.avg_size, self.max_size
-            ))
+            Err(format!("chunker sizes {}/{}/{} are out of range", self.min_size, self.avg_size, self.max_size))
         }
     }
 

@@ -142,10 +142,7 @@ mod tests {
     #[test]
     fn digest_round_trips_and_rejects_bad_forms() {
         let d = Digest::of(b"hello");
-        assert_eq!(
-            d.to_string(),
-            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
+        assert_eq!(d.to_string(), "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         assert_eq!(d.to_string().parse::<Digest>().unwrap(), d);
         for (bad, want) in [
             ("2cf24d", DigestError::MissingAlgorithm("2cf24d".into())),

@@ -45,14 +45,29 @@ impl Meta {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// A directory; `hash` is its Merkle hash (metadata plus children's names and hashes).
-    Dir { hash: [u8; 32] },
+    Dir {
+        hash: [u8; 32],
+    },
     /// A regular file: its size and the indexes of its chunks in [`LayerIndex::chunks`].
-    File { size: u64, chunks: Vec<u32> },
-    Symlink { target: Vec<u8> },
+    File {
+        size: u64,
+        chunks: Vec<u32>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// A hard link to an earlier [`Kind::File`] entry of the same index.
-    Hardlink { target: u32 },
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    Hardlink {
+        target: u32,
+    },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     /// An OCI whiteout (`.wh.NAME`), kept under its tar name; hides NAME in lower layers.
     Whiteout,
@@ -157,14 +172,7 @@ impl LayerIndex {
         chunks: Vec<ChunkRef>,
         entries: Vec<Entry>,
     ) -> Self {
-        let mut idx = LayerIndex {
-            chunker,
-            diff_id,
-            chunks,
-            entries,
-            child_start: Vec::new(),
-            child_list: Vec::new(),
-        };
+        let mut idx = LayerIndex { chunker, diff_id, chunks, entries, child_start: Vec::new(), child_list: Vec::new() };
         idx.build_adjacency();
         idx.compute_merkle();
         idx
@@ -224,9 +232,7 @@ impl LayerIndex {
         let mut cur = 0u32;
         for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
             let kids = self.children(cur);
-            let pos = kids
-                .binary_search_by(|&k| self.entries[k as usize].name.as_slice().cmp(comp))
-                .ok()?;
+            let pos = kids.binary_search_by(|&k| self.entries[k as usize].name.as_slice().cmp(comp)).ok()?;
             cur = kids[pos];
         }
         Some(cur)
@@ -318,8 +324,7 @@ impl LayerIndex {
         for i in (0..self.entries.len()).rev() {
             let i32_ = i as u32;
             hashes[i] = if matches!(self.entries[i].kind, Kind::Dir { .. }) {
-                let kids: Vec<[u8; 32]> =
-                    self.children(i32_).iter().map(|&c| hashes[c as usize]).collect();
+                let kids: Vec<[u8; 32]> = self.children(i32_).iter().map(|&c| hashes[c as usize]).collect();
                 self.hash_entry(i32_, &kids)
             } else {
                 self.hash_entry(i32_, &[])
@@ -432,14 +437,9 @@ impl LayerIndex {
             return Err(IndexError::Checksum);
         }
         let mut r = Reader { buf: body, pos: 8 };
-        let algorithm = ChunkerParams::algorithm_from_u8(r.u8()?)
-            .ok_or_else(|| malformed("unknown chunking algorithm"))?;
-        let chunker = ChunkerParams {
-            algorithm,
-            min_size: r.u32()?,
-            avg_size: r.u32()?,
-            max_size: r.u32()?,
-        };
+        let algorithm =
+            ChunkerParams::algorithm_from_u8(r.u8()?).ok_or_else(|| malformed("unknown chunking algorithm"))?;
+        let chunker = ChunkerParams { algorithm, min_size: r.u32()?, avg_size: r.u32()?, max_size: r.u32()? };
         chunker.validate().map_err(IndexError::Malformed)?;
         let diff_id = Digest(r.array32()?);
         let root_hash = r.array32()?;
@@ -558,14 +558,7 @@ impl LayerIndex {
         if r.pos != body.len() {
             return Err(malformed("trailing bytes"));
         }
-        let mut idx = LayerIndex {
-            chunker,
-            diff_id,
-            chunks,
-            entries,
-            child_start: Vec::new(),
-            child_list: Vec::new(),
-        };
+        let mut idx = LayerIndex { chunker, diff_id, chunks, entries, child_start: Vec::new(), child_list: Vec::new() };
         idx.build_adjacency();
         if idx.root_hash() != root_hash {
             return Err(malformed("root hash in header differs from the root entry"));

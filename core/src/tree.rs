@@ -35,12 +35,24 @@ pub enum BuildError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NewEntry {
     Dir,
-    File { chunks: Vec<ChunkRef> },
-    Symlink { target: Vec<u8> },
+    File {
+        chunks: Vec<ChunkRef>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// A hard link, naming its target by path as tar does.
-    Hardlink { target: Vec<u8> },
-    CharDev { major: u32, minor: u32 },
-    BlockDev { major: u32, minor: u32 },
+    Hardlink {
+        target: Vec<u8>,
+    },
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    BlockDev {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -48,7 +60,10 @@ pub enum NewEntry {
 enum NodeKind {
     Dir,
     /// `group` ties hard-linked names together: every member shares content and metadata.
-    File { chunks: Vec<ChunkRef>, group: Option<u64> },
+    File {
+        chunks: Vec<ChunkRef>,
+        group: Option<u64>,
+    },
     Symlink(Vec<u8>),
     CharDev(u32, u32),
     BlockDev(u32, u32),
@@ -143,8 +158,7 @@ impl TreeBuilder {
     /// recognised by name. Refuses escaping paths, duplicates, entries below non-directories and
     /// hard links to anything but an earlier regular file of this layer.
     pub fn add(&mut self, path: &[u8], meta: Meta, entry: NewEntry) -> Result<(), BuildError> {
-        let comps = split_layer_path(path)
-            .map_err(|source| BuildError::BadPath { path: lossy(path), source })?;
+        let comps = split_layer_path(path).map_err(|source| BuildError::BadPath { path: lossy(path), source })?;
         let Some((last, parents)) = comps.split_last() else {
             // The layer root itself ("./").
             if entry != NewEntry::Dir {
@@ -169,15 +183,10 @@ impl TreeBuilder {
                 }
             }
         } else if last.starts_with(b".wh..wh.") {
-            return Err(BuildError::BadWhiteout {
-                path: lossy(path),
-                why: "unsupported AUFS metadata entry",
-            });
+            return Err(BuildError::BadWhiteout { path: lossy(path), why: "unsupported AUFS metadata entry" });
         } else if let Some(hidden) = last.strip_prefix(WHITEOUT_PREFIX) {
             match &entry {
-                NewEntry::File { chunks } if chunks.is_empty() && valid_name(hidden) => {
-                    NodeKind::Whiteout
-                }
+                NewEntry::File { chunks } if chunks.is_empty() && valid_name(hidden) => NodeKind::Whiteout,
                 _ => {
                     return Err(BuildError::BadWhiteout {
                         path: lossy(path),
@@ -203,13 +212,7 @@ impl TreeBuilder {
                     let g = *group.get_or_insert(t as u64);
                     let chunks = chunks.clone();
                     let meta = self.nodes[t].meta.clone();
-                    return self.insert_leaf(
-                        parent,
-                        last,
-                        path,
-                        meta,
-                        NodeKind::File { chunks, group: Some(g) },
-                    );
+                    return self.insert_leaf(parent, last, path, meta, NodeKind::File { chunks, group: Some(g) });
                 }
             }
         };
@@ -237,13 +240,7 @@ impl TreeBuilder {
         if self.nodes[parent].children.contains_key(name) {
             return Err(BuildError::Duplicate { path: lossy(path) });
         }
-        let id = self.push(Node {
-            name: name.to_vec(),
-            explicit: true,
-            meta,
-            kind,
-            children: BTreeMap::new(),
-        });
+        let id = self.push(Node { name: name.to_vec(), explicit: true, meta, kind, children: BTreeMap::new() });
         self.nodes[parent].children.insert(name.to_vec(), id);
         Ok(())
     }
@@ -307,10 +304,9 @@ impl TreeBuilder {
                         chunks: layer.file_chunks(k).copied().collect(),
                         group: if targets.contains(&k) { group(k) } else { None },
                     },
-                    Kind::Hardlink { target } => NodeKind::File {
-                        chunks: layer.file_chunks(k).copied().collect(),
-                        group: group(*target),
-                    },
+                    Kind::Hardlink { target } => {
+                        NodeKind::File { chunks: layer.file_chunks(k).copied().collect(), group: group(*target) }
+                    }
                     Kind::Symlink { target } => NodeKind::Symlink(target.clone()),
                     Kind::CharDev { major, minor } => NodeKind::CharDev(*major, *minor),
                     Kind::BlockDev { major, minor } => NodeKind::BlockDev(*major, *minor),
@@ -349,27 +345,25 @@ impl TreeBuilder {
             let me = entries.len() as u32;
             let kind = match &node.kind {
                 NodeKind::Dir => Kind::Dir { hash: [0; 32] },
-                NodeKind::File { chunks: list, group } => {
-                    match group.and_then(|g| first_of_group.get(&g).copied()) {
-                        Some(target) => Kind::Hardlink { target },
-                        None => {
-                            if let Some(g) = group {
-                                first_of_group.insert(*g, me);
-                            }
-                            let idx = list
-                                .iter()
-                                .map(|c| {
-                                    *chunk_pos.entry(c.id).or_insert_with(|| {
-                                        chunks.push(*c);
-                                        (chunks.len() - 1) as u32
-                                    })
-                                })
-                                .collect();
-                            let size = list.iter().map(|c| c.len as u64).sum();
-                            Kind::File { size, chunks: idx }
+                NodeKind::File { chunks: list, group } => match group.and_then(|g| first_of_group.get(&g).copied()) {
+                    Some(target) => Kind::Hardlink { target },
+                    None => {
+                        if let Some(g) = group {
+                            first_of_group.insert(*g, me);
                         }
+                        let idx = list
+                            .iter()
+                            .map(|c| {
+                                *chunk_pos.entry(c.id).or_insert_with(|| {
+                                    chunks.push(*c);
+                                    (chunks.len() - 1) as u32
+                                })
+                            })
+                            .collect();
+                        let size = list.iter().map(|c| c.len as u64).sum();
+                        Kind::File { size, chunks: idx }
                     }
-                }
+                },
                 NodeKind::Symlink(t) => Kind::Symlink { target: t.clone() },
                 NodeKind::CharDev(major, minor) => Kind::CharDev { major: *major, minor: *minor },
                 NodeKind::BlockDev(major, minor) => Kind::BlockDev { major: *major, minor: *minor },
@@ -393,10 +387,7 @@ impl TreeBuilder {
 }
 
 /// Merges layers bottom to top into one rootfs view (no whiteouts or markers left).
-pub fn merge_layers<'a>(
-    chunker: ChunkerParams,
-    layers: impl IntoIterator<Item = &'a LayerIndex>,
-) -> LayerIndex {
+pub fn merge_layers<'a>(chunker: ChunkerParams, layers: impl IntoIterator<Item = &'a LayerIndex>) -> LayerIndex {
     let mut b = TreeBuilder::new(chunker);
     for (n, layer) in layers.into_iter().enumerate() {
         b.apply_layer(layer, n as u32);

@@ -96,7 +96,10 @@ fn builder_refuses_bad_entries_naming_them() {
     for (path, entry, want) in cases {
         let err = b.add(path, meta(0o644, 0), entry).unwrap_err().to_string();
         assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(path));
-        assert!(err.contains(&*String::from_utf8_lossy(path).trim_end_matches('/').to_string()) || err.contains("entry"), "{err}");
+        assert!(
+            err.contains(&*String::from_utf8_lossy(path).trim_end_matches('/').to_string()) || err.contains("entry"),
+            "{err}"
+        );
     }
 }
 

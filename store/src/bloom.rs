@@ -26,8 +26,8 @@ impl ChunkFilter {
     /// An empty filter sized for `expected` chunks (at least [`MIN_CAPACITY`], with headroom).
     pub fn with_capacity(expected: u64, seed: &[u8; 32]) -> Self {
         let capacity = (expected.saturating_mul(2)).max(MIN_CAPACITY);
-        let bloom = Bloom::new_for_fp_rate_with_seed(capacity as usize, FP_RATE, seed)
-            .expect("capacity and rate are in range");
+        let bloom =
+            Bloom::new_for_fp_rate_with_seed(capacity as usize, FP_RATE, seed).expect("capacity and rate are in range");
         ChunkFilter { bloom, capacity, items: 0 }
     }
 

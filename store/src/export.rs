@@ -67,7 +67,14 @@ impl Store {
     }
 
     fn reader<'a>(&'a self, idx: &LayerIndex, i: u32, progress: &'a dyn Progress) -> ChunkReader<'a> {
-        ChunkReader { store: self, chunks: idx.file_chunks(i).copied().collect(), next: 0, buf: Vec::new(), pos: 0, progress }
+        ChunkReader {
+            store: self,
+            chunks: idx.file_chunks(i).copied().collect(),
+            next: 0,
+            buf: Vec::new(),
+            pos: 0,
+            progress,
+        }
     }
 
     /// Writes the layer as an uncompressed tar: every entry the layer listed, whiteouts and
@@ -131,9 +138,15 @@ impl Store {
                     tar.append_link(&mut h, os(&path), os(&idx.path(*target)))
                 }
                 Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => {
-                    let t = if matches!(e.kind, Kind::CharDev { .. }) { tar::EntryType::Char } else { tar::EntryType::Block };
+                    let t = if matches!(e.kind, Kind::CharDev { .. }) {
+                        tar::EntryType::Char
+                    } else {
+                        tar::EntryType::Block
+                    };
                     h.set_entry_type(t);
-                    h.set_device_major(*major).and_then(|_| h.set_device_minor(*minor)).map_err(|e| unwrap_io(e, ctx))?;
+                    h.set_device_major(*major)
+                        .and_then(|_| h.set_device_minor(*minor))
+                        .map_err(|e| unwrap_io(e, ctx))?;
                     tar.append_data(&mut h, os(&path), io::empty())
                 }
                 Kind::Fifo => {
@@ -187,7 +200,8 @@ impl Store {
                     }
                     rustix::fs::fchmod(&f, Mode::from_raw_mode(e.meta.mode)).map_err(errno(&p, "chmod"))?;
                     for (k, v) in &e.meta.xattrs {
-                        rustix::fs::fsetxattr(&f, os(k), v, XattrFlags::empty()).map_err(errno(&p, "setting xattrs on"))?;
+                        rustix::fs::fsetxattr(&f, os(k), v, XattrFlags::empty())
+                            .map_err(errno(&p, "setting xattrs on"))?;
                     }
                     rustix::fs::futimens(&f, &times(&e.meta)).map_err(errno(&p, "setting times on"))?;
                     continue;
@@ -200,7 +214,11 @@ impl Store {
                     std::os::unix::fs::symlink(os(target), &p).map_err(io_err(&p, "creating symlink"))?;
                 }
                 Kind::CharDev { major, minor } | Kind::BlockDev { major, minor } => {
-                    let t = if matches!(e.kind, Kind::CharDev { .. }) { FileType::CharacterDevice } else { FileType::BlockDevice };
+                    let t = if matches!(e.kind, Kind::CharDev { .. }) {
+                        FileType::CharacterDevice
+                    } else {
+                        FileType::BlockDevice
+                    };
                     rustix::fs::mknodat(CWD, &p, t, Mode::from_raw_mode(0o600), rustix::fs::makedev(*major, *minor))
                         .map_err(errno(&p, "creating device"))?;
                 }

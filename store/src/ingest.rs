@@ -184,12 +184,7 @@ impl Store {
         Ok((PackWriter::open(&self.packs_dir, id, None)?, crate::pack::PACK_HEADER_LEN))
     }
 
-    fn ingest(
-        &self,
-        input: impl Read,
-        progress: &dyn Progress,
-        pack: &mut PackWriter,
-    ) -> Result<Staged> {
+    fn ingest(&self, input: impl Read, progress: &dyn Progress, pack: &mut PackWriter) -> Result<Staged> {
         let compressed = Rc::new(Cell::new(0u64));
         let fault: Fault = Rc::new(RefCell::new(None));
         // Progress follows the compressed bytes consumed, reported between entries.
@@ -201,10 +196,8 @@ impl Store {
         };
         let raw = Hashing { inner: input, hasher: DigestHasher::new(), count: compressed.clone() };
         let mut buffered = BufReader::with_capacity(256 << 10, raw);
-        let magic = buffered
-            .fill_buf()
-            .map_err(|e| StoreError::BadStream(format!("reading the layer failed: {e}")))?
-            .to_vec();
+        let magic =
+            buffered.fill_buf().map_err(|e| StoreError::BadStream(format!("reading the layer failed: {e}")))?.to_vec();
         if magic.is_empty() {
             return Err(StoreError::BadStream("the layer is empty (0 bytes): not a tar stream".into()));
         }
@@ -266,7 +259,8 @@ impl Store {
             let mut entry = entry.map_err(|e| stream_err(&fault, e, &after))?;
             report_progress(&compressed);
             let path = entry.path_bytes().into_owned();
-            let bad = |reason: String| StoreError::BadEntry { path: String::from_utf8_lossy(&path).into_owned(), reason };
+            let bad =
+                |reason: String| StoreError::BadEntry { path: String::from_utf8_lossy(&path).into_owned(), reason };
             let etype = entry.header().entry_type();
             if matches!(etype, tar::EntryType::XGlobalHeader) {
                 continue;
@@ -291,7 +285,10 @@ impl Store {
                     target: entry.link_name_bytes().ok_or_else(|| bad("symlink without a target".into()))?.into_owned(),
                 },
                 tar::EntryType::Link => NewEntry::Hardlink {
-                    target: entry.link_name_bytes().ok_or_else(|| bad("hard link without a target".into()))?.into_owned(),
+                    target: entry
+                        .link_name_bytes()
+                        .ok_or_else(|| bad("hard link without a target".into()))?
+                        .into_owned(),
                 },
                 tar::EntryType::Char | tar::EntryType::Block => {
                     let h = entry.header();
@@ -344,7 +341,7 @@ impl Store {
         let id = ChunkId::of(data);
         let len = data.len() as u32;
         report.chunk_refs += 1;
-        if !seen.contains_key(&id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(id) {
             let s = match self.chunk_record(&id)? {
                 Some(rec) => Seen::Stored(rec),
                 None => {
@@ -356,7 +353,7 @@ impl Store {
                     Seen::New(loc)
                 }
             };
-            seen.insert(id, s);
+            slot.insert(s);
         }
         Ok(ChunkRef { id, len })
     }
@@ -393,7 +390,8 @@ impl Store {
         batch.put_cf(
             self.cf(CF_BLOBS),
             report.digest.as_bytes(),
-            BlobRecord { diff_id: report.diff_id, compression: report.compression, size: report.compressed_bytes }.encode(),
+            BlobRecord { diff_id: report.diff_id, compression: report.compression, size: report.compressed_bytes }
+                .encode(),
         );
         batch.put_cf(self.cf(CF_REFS), layer_ref(&report.diff_id), report.diff_id.as_bytes());
         if !new_ids.is_empty() {
@@ -415,9 +413,12 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
     let field = |name: &str, e: io::Error| format!("invalid {name} field: {e}");
     let mut meta = Meta {
         mode: h.mode().map_err(|e| field("mode", e))? & 0o7777,
-        uid: u32::try_from(h.uid().map_err(|e| field("uid", e))?).map_err(|_| "uid does not fit 32 bits".to_string())?,
-        gid: u32::try_from(h.gid().map_err(|e| field("gid", e))?).map_err(|_| "gid does not fit 32 bits".to_string())?,
-        mtime: i64::try_from(h.mtime().map_err(|e| field("mtime", e))?).map_err(|_| "mtime out of range".to_string())?,
+        uid: u32::try_from(h.uid().map_err(|e| field("uid", e))?)
+            .map_err(|_| "uid does not fit 32 bits".to_string())?,
+        gid: u32::try_from(h.gid().map_err(|e| field("gid", e))?)
+            .map_err(|_| "gid does not fit 32 bits".to_string())?,
+        mtime: i64::try_from(h.mtime().map_err(|e| field("mtime", e))?)
+            .map_err(|_| "mtime out of range".to_string())?,
         mtime_nsec: 0,
         xattrs: Vec::new(),
     };

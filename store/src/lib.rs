@@ -39,7 +39,7 @@ pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord};
 
 use meta::*;
-use pack::{PackWriter, Location};
+use pack::{Location, PackWriter};
 
 /// Limits that protect the store from hostile layers.
 #[derive(Clone, Debug)]
@@ -124,8 +124,7 @@ impl Store {
     /// write: uncommitted pack bytes are cut off and orphaned pack files removed.
     pub fn open(root: &Path, opts: StoreOptions) -> Result<Store> {
         let packs_dir = root.join("packs");
-        std::fs::create_dir_all(&packs_dir)
-            .map_err(StoreError::io(format!("creating store {}", root.display())))?;
+        std::fs::create_dir_all(&packs_dir).map_err(StoreError::io(format!("creating store {}", root.display())))?;
         let lock = File::options()
             .create(true)
             .truncate(false)
@@ -167,7 +166,10 @@ impl Store {
         };
         let incompatible = |why: String| StoreError::Incompatible {
             root: root.to_path_buf(),
-            stored: format!("{}/{}/{}/{}", config.chunker_algorithm, config.chunk_min, config.chunk_avg, config.chunk_max),
+            stored: format!(
+                "{}/{}/{}/{}",
+                config.chunker_algorithm, config.chunk_min, config.chunk_avg, config.chunk_max
+            ),
             why,
         };
         if config.format != STORE_FORMAT {
@@ -275,7 +277,9 @@ impl Store {
         let mut f = ChunkFilter::with_capacity(count, &self.bloom_seed());
         for item in self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start) {
             let (k, _) = item?;
-            f.insert(&ChunkId(k.as_ref().try_into().map_err(|_| StoreError::CorruptMeta("chunk key is not 32 bytes".into()))?));
+            f.insert(&ChunkId(
+                k.as_ref().try_into().map_err(|_| StoreError::CorruptMeta("chunk key is not 32 bytes".into()))?,
+            ));
         }
         tracing::debug!(chunks = count, "rebuilt the chunk Bloom filter");
         Ok(f)
@@ -302,7 +306,7 @@ impl Store {
         Ok(self.chunk_record(id)?.is_some())
     }
 
-    fn pack_file(&self, pack: u32) -> Result<Arc<File>> {
+    pub(crate) fn pack_file(&self, pack: u32) -> Result<Arc<File>> {
         if let Some(f) = self.readers.read().expect("readers lock").get(&pack) {
             return Ok(f.clone());
         }
@@ -325,9 +329,9 @@ impl Store {
     /// The index of a stored layer.
     pub fn layer(&self, diff_id: &Digest) -> Result<Option<LayerIndex>> {
         match self.db.get_pinned_cf(self.cf(CF_LAYERS), diff_id.as_bytes())? {
-            Some(raw) => LayerIndex::decode(&raw)
-                .map(Some)
-                .map_err(|source| StoreError::Index { diff_id: *diff_id, source }),
+            Some(raw) => {
+                LayerIndex::decode(&raw).map(Some).map_err(|source| StoreError::Index { diff_id: *diff_id, source })
+            }
             None => Ok(None),
         }
     }

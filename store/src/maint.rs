@@ -101,7 +101,9 @@ impl Store {
     fn chunk_records(&self) -> impl Iterator<Item = Result<(ChunkId, ChunkRecord)>> + '_ {
         self.db.iterator_cf(self.cf(CF_CHUNKS), IteratorMode::Start).map(|item| {
             let (k, v) = item?;
-            let id = ChunkId(k.as_ref().try_into().map_err(|_| StoreError::CorruptMeta("chunk key is not 32 bytes".into()))?);
+            let id = ChunkId(
+                k.as_ref().try_into().map_err(|_| StoreError::CorruptMeta("chunk key is not 32 bytes".into()))?,
+            );
             Ok((id, ChunkRecord::decode(&v)?))
         })
     }
@@ -160,7 +162,10 @@ impl Store {
                 r.issue(
                     "pack-accounting",
                     pack::pack_path(&self.packs_dir, id).display(),
-                    format!("records say {} bytes in {} chunks, the pack record {} in {}", bytes, n, rec.live_bytes, rec.live_chunks),
+                    format!(
+                        "records say {} bytes in {} chunks, the pack record {} in {}",
+                        bytes, n, rec.live_bytes, rec.live_chunks
+                    ),
                 );
             }
         }
@@ -300,12 +305,15 @@ impl Store {
                 let mut rec = PackRecord::default();
                 for (cid, old) in &moving {
                     // Verified on the way: a corrupt chunk stops the compaction, losing nothing.
-                    let raw = self.read_at(cid, &old.loc)?;
-                    let (compression, stored) = pack::encode_chunk(&raw, self.opts.zstd_level);
-                    let loc = out.append(cid, old.loc.raw_len, compression, &stored)?;
+                    let (_, stored) = pack::read_record(&*self.pack_file(old.loc.pack)?, cid, &old.loc)?;
+                    let loc = out.append(cid, old.loc.raw_len, old.loc.compression, &stored)?;
                     rec.live_bytes += loc.record_len();
                     rec.live_chunks += 1;
-                    batch.put_cf(self.cf(CF_CHUNKS), cid.as_bytes(), ChunkRecord { loc, refcount: old.refcount }.encode());
+                    batch.put_cf(
+                        self.cf(CF_CHUNKS),
+                        cid.as_bytes(),
+                        ChunkRecord { loc, refcount: old.refcount }.encode(),
+                    );
                     progress.advance(old.loc.record_len());
                 }
                 out.sync()?;
@@ -328,7 +336,8 @@ impl Store {
                     report.packs_compacted += 1;
                 }
             }
-            report.bytes_freed = report.bytes_freed.saturating_sub(moving.iter().map(|(_, r)| r.loc.record_len()).sum());
+            report.bytes_freed =
+                report.bytes_freed.saturating_sub(moving.iter().map(|(_, r)| r.loc.record_len()).sum());
         }
         // 3. A fresh filter: removed chunks would otherwise stay as false positives.
         let fresh: ChunkFilter = self.rebuild_bloom()?;

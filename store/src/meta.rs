@@ -194,7 +194,13 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let c = ChunkRecord {
-            loc: Location { pack: 7, offset: 1 << 40, raw_len: 65536, stored_len: 1234, compression: Compression::Zstd },
+            loc: Location {
+                pack: 7,
+                offset: 1 << 40,
+                raw_len: 65536,
+                stored_len: 1234,
+                compression: Compression::Zstd,
+            },
             refcount: 3,
         };
         assert_eq!(ChunkRecord::decode(&c.encode()).unwrap(), c);

@@ -74,6 +74,12 @@ pub fn encode_chunk(data: &[u8], level: i32) -> (Compression, Vec<u8>) {
 /// Reads and verifies one chunk record: the header must name `id` with the recorded lengths and
 /// the decoded bytes must hash to `id`.
 pub fn read_chunk(file: &File, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
+    read_record(file, id, loc).map(|(raw, _)| raw)
+}
+
+/// Like [`read_chunk`], also returning the record's stored (possibly compressed) bytes, verified
+/// through the decoded ones, so they can be copied verbatim.
+pub fn read_record(file: &File, id: &ChunkId, loc: &Location) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = vec![0u8; loc.record_len() as usize];
     file.read_exact_at(&mut buf, loc.offset).map_err(|e| StoreError::CorruptChunk {
         id: *id,
@@ -91,13 +97,15 @@ pub fn read_chunk(file: &File, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> 
     }
     let bytes = match loc.compression {
         Compression::Raw => data.to_vec(),
-        Compression::Zstd => zstd::bulk::decompress(data, raw_len as usize)
-            .map_err(|e| corrupt(format!("zstd: {e}")))?,
+        Compression::Zstd => {
+            zstd::bulk::decompress(data, raw_len as usize).map_err(|e| corrupt(format!("zstd: {e}")))?
+        }
     };
     if bytes.len() != raw_len as usize || ChunkId::of(&bytes) != *id {
         return Err(corrupt("content does not hash to its id".into()));
     }
-    Ok(bytes)
+    buf.drain(..RECORD_HEADER_LEN);
+    Ok((bytes, buf))
 }
 
 /// Appends records to one pack file. Nothing is durable until [`PackWriter::sync`].

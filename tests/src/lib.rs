@@ -111,7 +111,13 @@ impl Hb {
     /// Runs hb, asserts it failed with exit code `code`, returns stderr.
     pub fn fails(&self, args: &[&str], code: i32) -> String {
         let o = self.run(args);
-        assert_eq!(o.status.code(), Some(code), "hb {args:?}: stdout {}\nstderr {}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "hb {args:?}: stdout {}\nstderr {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8(o.stderr).expect("utf-8 stderr")
     }
 
@@ -362,7 +368,12 @@ pub fn assert_same_tree(what: &str, want: &BTreeMap<Vec<u8>, Fp>, got: &BTreeMap
     for p in got.keys().filter(|p| !want.contains_key(*p)) {
         diffs.push(format!("unexpected {:?}", String::from_utf8_lossy(p)));
     }
-    assert!(diffs.is_empty(), "{what}: {} differences:\n{}", diffs.len(), diffs.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences:\n{}",
+        diffs.len(),
+        diffs.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+    );
     assert!(!want.is_empty(), "{what}: nothing compared");
 }
 

@@ -36,10 +36,17 @@ fn metadata() -> serde_json::Value {
 #[test]
 fn crate_edges_match_architecture_md() {
     let meta = metadata();
-    let members: BTreeSet<String> = meta["packages"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+    let members: BTreeSet<String> =
+        meta["packages"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
     let mut actual: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for p in meta["packages"].as_array().unwrap() {
-        let deps = p["dependencies"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).filter(|d| members.contains(d)).collect();
+        let deps = p["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .filter(|d| members.contains(d))
+            .collect();
         actual.insert(p["name"].as_str().unwrap().to_string(), deps);
     }
     assert_eq!(actual, documented(), "ARCHITECTURE.md's dependency block is out of date");

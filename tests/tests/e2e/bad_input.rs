@@ -21,7 +21,10 @@ fn raw_entry(out: &mut Vec<u8>, name: &[u8], t: tar::EntryType, link: &[u8], dat
     out.resize(out.len().div_ceil(512) * 512, 0);
 }
 
-fn tar_of(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+/// (name, type, link target, data) of one raw entry.
+type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+fn tar_of(entries: &[RawEntry]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, t, link, data) in entries {
         raw_entry(&mut out, name, *t, link, data);
@@ -85,20 +88,51 @@ fn malicious_and_broken_layers_are_refused_by_name() {
         ("dotdot.tar", tar_of(&[(b"../evil", Regular, b"", b"x")]), vec!["../evil", "'..'"]),
         ("nested-dotdot.tar", tar_of(&[(b"a/../../evil", Regular, b"", b"x")]), vec!["a/../../evil", "'..'"]),
         ("absolute.tar", tar_of(&[(b"/etc/passwd", Regular, b"", b"x")]), vec!["/etc/passwd", "absolute"]),
-        ("hardlink-out.tar", tar_of(&[(b"h", Link, b"../../etc/shadow", b"")]), vec!["\"h\"", "hard link target", "../../etc/shadow"]),
+        (
+            "hardlink-out.tar",
+            tar_of(&[(b"h", Link, b"../../etc/shadow", b"")]),
+            vec!["\"h\"", "hard link target", "../../etc/shadow"],
+        ),
         ("hardlink-missing.tar", tar_of(&[(b"h", Link, b"nowhere", b"")]), vec!["hard link target", "nowhere"]),
         (
             "through-symlink.tar",
             tar_of(&[(b"etc", Symlink, b"/etc", b""), (b"etc/passwd", Regular, b"", b"pwned")]),
             vec!["etc/passwd", "symlink, not a directory"],
         ),
-        ("duplicate.tar", tar_of(&[(b"a", Regular, b"", b"1"), (b"./a", Regular, b"", b"2")]), vec!["./a", "duplicate"]),
+        (
+            "duplicate.tar",
+            tar_of(&[(b"a", Regular, b"", b"1"), (b"./a", Regular, b"", b"2")]),
+            vec!["./a", "duplicate"],
+        ),
         ("aufs.tar", tar_of(&[(b".wh..wh.plnk", Regular, b"", b"")]), vec![".wh..wh.plnk", "AUFS"]),
         ("long-name.tar", long_pax, vec!["longer than 255"]),
         ("truncated.tar", valid[..valid.len() / 2].to_vec(), vec!["truncated", "after entry \"dir/file\""]),
-        ("truncated.tar.gz", { let g = gzip(&valid); g[..g.len() * 2 / 3].to_vec() }, vec!["gzip stream is corrupt or truncated"]),
-        ("corrupt.tar.gz", { let mut g = gzip(&valid); let m = g.len() / 2; g[m..m + 8].fill(0x55); g }, vec!["gzip stream is corrupt or truncated"]),
-        ("truncated.tar.zst", { let z = zstd::encode_all(&valid[..], 3).unwrap(); z[..z.len() * 2 / 3].to_vec() }, vec!["zstd stream is corrupt or truncated"]),
+        (
+            "truncated.tar.gz",
+            {
+                let g = gzip(&valid);
+                g[..g.len() * 2 / 3].to_vec()
+            },
+            vec!["gzip stream is corrupt or truncated"],
+        ),
+        (
+            "corrupt.tar.gz",
+            {
+                let mut g = gzip(&valid);
+                let m = g.len() / 2;
+                g[m..m + 8].fill(0x55);
+                g
+            },
+            vec!["gzip stream is corrupt or truncated"],
+        ),
+        (
+            "truncated.tar.zst",
+            {
+                let z = zstd::encode_all(&valid[..], 3).unwrap();
+                z[..z.len() * 2 / 3].to_vec()
+            },
+            vec!["zstd stream is corrupt or truncated"],
+        ),
         ("garbage.bin", pseudo_random(3, 10_000), vec!["not a valid tar stream"]),
         ("empty.tar", Vec::new(), vec!["empty (0 bytes)"]),
     ];

@@ -126,7 +126,11 @@ fn every_entry_type_round_trips_in_every_compression() {
 fn sha256_hex(data: &[u8]) -> String {
     // The layer's own digest function is what is under test; compute the expectation with an
     // independent tool.
-    let mut c = std::process::Command::new("sha256sum").stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut c = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     c.stdin.take().unwrap().write_all(data).unwrap();
     let out = c.wait_with_output().unwrap();
     String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use hb_tests::*;
 
 /// A plain tar with one large pseudo-random file, so an import spends its time writing chunks.
-fn big_layer(dir: &Path, seed: u64) -> PathBuf {
+fn big_layer(dir: &Path, seed: u64, mib: usize) -> PathBuf {
     let mut b = tar::Builder::new(Vec::new());
-    let data = pseudo_random(seed, 40 << 20);
+    let data = pseudo_random(seed, mib << 20);
     let mut h = file_header(data.len() as u64, 0o644);
     b.append_data(&mut h, format!("data-{seed}"), &data[..]).unwrap();
     let small = format!("small file of layer {seed}");
@@ -19,6 +19,25 @@ fn big_layer(dir: &Path, seed: u64) -> PathBuf {
     let p = dir.join(format!("layer-{seed}.tar"));
     std::fs::write(&p, b.into_inner().unwrap()).unwrap();
     p
+}
+
+/// Kill delays that adapt: shorter after a run that finished, longer after one that was killed,
+/// so kills keep landing inside the operation however fast this machine runs it right now.
+struct Delays {
+    rng: Rng,
+    max_us: u64,
+}
+
+impl Delays {
+    fn new(seed: u64, full: Duration) -> Self {
+        Delays { rng: Rng(seed), max_us: (full.as_micros() as u64).max(1000) }
+    }
+    fn next(&mut self) -> Duration {
+        Duration::from_micros(self.rng.next() % self.max_us)
+    }
+    fn record(&mut self, finished: bool) {
+        self.max_us = if finished { self.max_us * 7 / 10 } else { self.max_us * 11 / 10 }.max(1000);
+    }
 }
 
 struct Rng(u64);
@@ -48,23 +67,26 @@ fn run_and_kill(hb: &Hb, args: &[&str], delay: Duration) -> bool {
 }
 
 #[test]
-fn kill_9_during_ingest_and_gc_leaves_a_consistent_store() {
+fn kill_9_during_ingest_leaves_a_consistent_store() {
     let hb = Hb::new();
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     println!("crash test seed {seed}");
-    let mut rng = Rng(seed);
-    let layers: Vec<PathBuf> = (0..5).map(|i| big_layer(hb.dir.path(), i)).collect();
+    let layers: Vec<PathBuf> = (0..5).map(|i| big_layer(hb.dir.path(), i, 40)).collect();
     // One committed layer before the storm, and the time a whole import takes.
     let t = Instant::now();
     let first = hb.import(&layers[0]);
     let full = t.elapsed();
     let mut committed = vec![(first["diff_id"].as_str().unwrap().to_string(), 0usize)];
     let (mut killed, mut finished) = (0, 0);
+    let mut delays = Delays::new(seed, full);
+    // Rounds alternate between layers, so kills land both while new chunks are written and while
+    // an already-stored layer's refcounts are committed again.
     for round in 0..24 {
         let which = 1 + round % (layers.len() - 1);
-        let delay = Duration::from_micros(rng.next() % (full.as_micros() as u64 * 5 / 4).max(1));
         let path = layers[which].to_str().unwrap();
-        if run_and_kill(&hb, &["layer", "import", path], delay) {
+        let done = run_and_kill(&hb, &["layer", "import", path], delays.next());
+        delays.record(done);
+        if done {
             finished += 1;
         } else {
             killed += 1;
@@ -82,31 +104,72 @@ fn kill_9_during_ingest_and_gc_leaves_a_consistent_store() {
     println!("ingest: {killed} killed, {finished} finished");
     assert!(killed > 0, "no kill landed during an import (seed {seed})");
 
-    // Kills during gc (layer removal and pack compaction).
-    for (d, _) in committed.iter().skip(1).take(2) {
-        hb.ok(&["layer", "rm", d]);
-    }
-    let mut gc_killed = 0;
-    for _ in 0..6 {
-        let delay = Duration::from_micros(rng.next() % 300_000);
-        if !run_and_kill(&hb, &["gc"], delay) {
-            gc_killed += 1;
-        }
-        hb.fsck_clean();
-    }
-    println!("gc: {gc_killed} killed");
-    hb.ok(&["gc"]);
-    hb.fsck_clean();
-
     // Every layer still pinned exports exactly what went in.
-    let pinned: Vec<String> = hb.json(&["layer", "ls"]).as_array().unwrap().iter()
-        .filter(|l| l["pinned"] == true).map(|l| l["diff_id"].as_str().unwrap().to_string()).collect();
+    let pinned: Vec<String> = hb
+        .json(&["layer", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["pinned"] == true)
+        .map(|l| l["diff_id"].as_str().unwrap().to_string())
+        .collect();
     assert!(!pinned.is_empty());
     for d in pinned {
         let which = committed.iter().find(|(c, _)| *c == d).unwrap().1;
         let out = hb.path("check.tar");
         hb.ok(&["layer", "export", &d, "-o", out.to_str().unwrap()]);
         let want = fingerprint_tar(&std::fs::read(&layers[which]).unwrap());
-        assert_same_tree(&format!("layer {which} after crashes"), &want, &fingerprint_tar(&std::fs::read(&out).unwrap()), false);
+        assert_same_tree(
+            &format!("layer {which} after crashes"),
+            &want,
+            &fingerprint_tar(&std::fs::read(&out).unwrap()),
+            false,
+        );
     }
+}
+
+#[test]
+fn kill_9_during_gc_and_compaction_leaves_a_consistent_store() {
+    let hb = Hb::new();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("gc crash test seed {seed}");
+    let keep = big_layer(hb.dir.path(), 50, 12);
+    let garbage = big_layer(hb.dir.path(), 51, 40);
+    let keep_id = hb.import(&keep)["diff_id"].as_str().unwrap().to_string();
+    // Each round: add a layer, unpin it, and gc: its chunks go and the pack it shares with the
+    // kept layer falls below half live, so gc also rewrites the kept layer's chunks.
+    let round = |hb: &Hb| {
+        let d = hb.import(&garbage)["diff_id"].as_str().unwrap().to_string();
+        hb.ok(&["layer", "rm", &d]);
+    };
+    round(&hb);
+    let t = Instant::now();
+    let r = hb.json(&["gc"]);
+    let full = t.elapsed();
+    assert_eq!(r["packs_compacted"], 1, "the scenario must compact: {r:#}");
+    let (mut killed, mut finished) = (0, 0);
+    let mut delays = Delays::new(seed, full);
+    for _ in 0..10 {
+        round(&hb);
+        let done = run_and_kill(&hb, &["gc"], delays.next());
+        delays.record(done);
+        if done {
+            finished += 1;
+        } else {
+            killed += 1;
+        }
+        hb.fsck_clean();
+    }
+    println!("gc: {killed} killed, {finished} finished");
+    assert!(killed > 0, "no kill landed during a gc (seed {seed})");
+    hb.ok(&["gc"]);
+    hb.fsck_clean();
+    let out = hb.path("keep.tar");
+    hb.ok(&["layer", "export", &keep_id, "-o", out.to_str().unwrap()]);
+    assert_same_tree(
+        "kept layer after gc crashes",
+        &fingerprint_tar(&std::fs::read(&keep).unwrap()),
+        &fingerprint_tar(&std::fs::read(&out).unwrap()),
+        false,
+    );
 }

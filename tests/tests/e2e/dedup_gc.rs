@@ -65,12 +65,20 @@ fn gc_frees_only_what_removed_layers_used_and_compacts_packs() {
     assert!(r["chunks_removed"].as_u64().unwrap() >= 20, "{r:#}");
     assert!(r["bytes_freed"].as_u64().unwrap() >= 5 << 20, "{r:#}");
     let after = hb.json(&["du"]);
-    assert!(after["pack_bytes"].as_u64().unwrap() < before["pack_bytes"].as_u64().unwrap() / 2 + (1 << 20), "{before:#} {after:#}");
+    assert!(
+        after["pack_bytes"].as_u64().unwrap() < before["pack_bytes"].as_u64().unwrap() / 2 + (1 << 20),
+        "{before:#} {after:#}"
+    );
     assert_eq!(after["layers"], 1);
     hb.fsck_clean();
     let out = hb.path("b.out.tar");
     hb.ok(&["layer", "export", &db, "-o", out.to_str().unwrap()]);
-    assert_same_tree("b after gc", &fingerprint_tar(&std::fs::read(&b).unwrap()), &fingerprint_tar(&std::fs::read(&out).unwrap()), false);
+    assert_same_tree(
+        "b after gc",
+        &fingerprint_tar(&std::fs::read(&b).unwrap()),
+        &fingerprint_tar(&std::fs::read(&out).unwrap()),
+        false,
+    );
     let err = hb.fails(&["layer", "export", &da, "-o", hb.path("a.out").to_str().unwrap()], 1);
     assert!(err.contains("no layer matches"), "{err}");
 }

@@ -38,7 +38,11 @@ fn a_flipped_byte_in_a_pack_is_found_by_fsck_and_never_exported() {
     let err = hb.fails(&["layer", "export", &d, "-o", out.to_str().unwrap()], 1);
     assert!(err.contains("is corrupt"), "{err}");
     assert!(!out.exists(), "no output from a failed export");
-    assert!(std::fs::read_dir(hb.dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+    assert!(std::fs::read_dir(hb.dir.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("partial")));
     let dir = hb.path("rootfs");
     let err = hb.fails(&["layer", "export", &d, "--dir", dir.to_str().unwrap()], 1);
     assert!(err.contains("is corrupt"), "{err}");
@@ -49,7 +53,13 @@ fn a_second_process_is_told_the_store_is_busy() {
     let hb = Hb::new();
     hb.ok(&["du"]);
     // An import reading from a pipe we keep open holds the store.
-    let mut holder = hb.command(&["layer", "import", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut holder = hb
+        .command(&["layer", "import", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut stdin = holder.stdin.take().unwrap();
     stdin.write_all(&[0u8; 512]).unwrap();
     stdin.flush().unwrap();
@@ -57,7 +67,8 @@ fn a_second_process_is_told_the_store_is_busy() {
     let lock = hb.root.join("LOCK");
     let mut held = false;
     for _ in 0..500 {
-        let free = std::process::Command::new("flock").args(["-n", "-s"]).arg(&lock).arg("true").status().unwrap().success();
+        let free =
+            std::process::Command::new("flock").args(["-n", "-s"]).arg(&lock).arg("true").status().unwrap().success();
         if !free {
             held = true;
             break;

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what hb's build and tests need on Debian/Ubuntu. Idempotent: does nothing when all is
+# there. Run as root (or with sudo available).
+set -euo pipefail
+
+PACKAGES=(
+  build-essential pkg-config   # C toolchain for -sys crates
+  librocksdb-dev libclang-dev  # RocksDB linked from Debian (see ARCHITECTURE.md), bindgen
+  zstd pigz                    # test material and benchmark baselines
+  busybox-static debootstrap   # offline test images
+  attr                         # setfattr: xattrs in test material
+  util-linux                   # flock, used by tests
+  ca-certificates
+)
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  # Keep package scripts from starting services on the host while we install.
+  cleanup() { sudo_ rm -f /usr/sbin/policy-rc.d; }
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | sudo_ tee /usr/sbin/policy-rc.d >/dev/null
+    sudo_ chmod +x /usr/sbin/policy-rc.d
+    trap cleanup EXIT
+  fi
+  sudo_ apt-get update -q >/dev/null
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  for c in "$HOME/.cargo/bin/cargo"; do [ -x "$c" ] && export PATH="$(dirname "$c"):$PATH"; done
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  log "no Rust toolchain found: install one with rustup (https://rustup.rs), then run this again"
+  exit 1
+fi
+log "ready ($(cargo --version))"
