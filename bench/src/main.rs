@@ -1,1 +1,263 @@
-fn main() {}
+//! `hb-bench`: HyperBox's benchmarks. Each one runs hb and its baseline side by side in one run,
+//! interleaved and repeated, and reports the medians and their ratio (this machine is noisy:
+//! compare within a run, never across runs). Results go to stdout as Markdown for
+//! docs/benchmarks.md; progress to stderr.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hb_core::ChunkerParams;
+use hb_store::{NoProgress, Store, StoreOptions};
+
+#[derive(Parser)]
+#[command(about = "HyperBox benchmarks: hb against its baselines, reported as ratios")]
+struct Cli {
+    /// Runs of each side (interleaved); medians are reported
+    #[arg(long, default_value_t = 3, global = true)]
+    runs: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// FastCDC + BLAKE3 per chunk vs BLAKE3 alone vs SHA-256 alone, in memory, one core
+    Chunking {
+        /// Uncompress this layer into memory as the data (default: the Debian minbase layer)
+        #[arg(long)]
+        layer: Option<PathBuf>,
+    },
+    /// Whole-layer `hb` ingest vs `tar -xzf` of the same gzip'ed layer, both onto tmpfs
+    Ingest {
+        #[arg(long)]
+        layer: Option<PathBuf>,
+    },
+    /// Ten versions of an image series stored in hb vs the sum of their gzip'ed layers
+    Dedup {
+        /// Folder with v1.tar.gz .. v10.tar.gz (bench/series.sh builds it)
+        #[arg(long)]
+        series: Option<PathBuf>,
+    },
+    /// Bloom filter size per million chunks at 1 % false positives, measured FP rate, lookups/s
+    Bloom {
+        #[arg(long, default_value_t = 1_000_000)]
+        items: usize,
+    },
+    /// Every benchmark above
+    All,
+}
+
+fn testdata(name: &str) -> PathBuf {
+    std::env::var_os("HB_TESTDATA").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/hb-testdata".into()).join(name)
+}
+
+fn scratch() -> anyhow::Result<tempfile::TempDir> {
+    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    Ok(tempfile::Builder::new().prefix("hb-bench-").tempdir_in(base)?)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
+}
+
+fn time<T>(f: impl FnOnce() -> T) -> (Duration, T) {
+    let t = Instant::now();
+    let r = f();
+    (t.elapsed(), r)
+}
+
+fn gunzip(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let out =
+        Command::new("gzip").arg("-dc").arg(path).output().with_context(|| format!("gzip -dc {}", path.display()))?;
+    if !out.status.success() {
+        bail!("gzip -dc {} failed", path.display());
+    }
+    Ok(out.stdout)
+}
+
+fn chunking(runs: usize, layer: &Path) -> anyhow::Result<()> {
+    let data = gunzip(layer)?;
+    let p = ChunkerParams::default();
+    eprintln!("chunking: {} MiB of {}", data.len() >> 20, layer.display());
+    let cdc_hash = || {
+        let mut n = 0usize;
+        for c in fastcdc::v2020::FastCDC::new(&data, p.min_size, p.avg_size, p.max_size) {
+            let id = blake3::hash(&data[c.offset..c.offset + c.length]);
+            n += id.as_bytes()[0] as usize;
+        }
+        n
+    };
+    let cdc_only = || fastcdc::v2020::FastCDC::new(&data, p.min_size, p.avg_size, p.max_size).count();
+    let blake = || blake3::hash(&data).as_bytes()[0];
+    let sha = || {
+        use sha2::Digest;
+        sha2::Sha256::digest(&data)[0]
+    };
+    let (mut a, mut b, mut c, mut d) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        a.push(time(cdc_hash).0);
+        b.push(time(cdc_only).0);
+        c.push(time(blake).0);
+        d.push(time(sha).0);
+    }
+    let len = data.len() as u64;
+    let (a, b, c, d) = (median(a), median(b), median(c), median(d));
+    println!("| work (one thread, {} MiB in memory) | MiB/s | vs BLAKE3 alone |", len >> 20);
+    println!("|---|---|---|");
+    for (name, t) in [
+        ("FastCDC 2020 + BLAKE3 per chunk (hb)", a),
+        ("FastCDC 2020 alone", b),
+        ("BLAKE3 alone", c),
+        ("SHA-256 alone", d),
+    ] {
+        println!("| {name} | {:.0} | {:.2}x |", mib_s(len, t), c.as_secs_f64() / t.as_secs_f64());
+    }
+    Ok(())
+}
+
+fn ingest(runs: usize, layer: &Path) -> anyhow::Result<()> {
+    let size = std::fs::metadata(layer)?.len();
+    eprintln!("ingest: {} ({} MiB gzip), {runs} runs each, interleaved", layer.display(), size >> 20);
+    let (mut hb, mut tar) = (vec![], vec![]);
+    let mut content = 0;
+    for _ in 0..runs {
+        let dir = scratch()?;
+        let (t, r) = time(|| -> anyhow::Result<_> {
+            let store = Store::open(&dir.path().join("store"), StoreOptions::default())?;
+            let f = std::fs::File::open(layer)?;
+            Ok(store.import_layer(std::io::BufReader::new(f), &NoProgress)?)
+        });
+        content = r?.content_bytes;
+        hb.push(t);
+        let out = dir.path().join("tar");
+        std::fs::create_dir(&out)?;
+        let (t, st) = time(|| Command::new("tar").arg("-xzf").arg(layer).arg("-C").arg(&out).status());
+        if !st?.success() {
+            bail!("tar -xzf failed");
+        }
+        tar.push(t);
+    }
+    let (h, t) = (median(hb), median(tar));
+    println!(
+        "| {} ({} MiB gzip, {} MiB of files), onto tmpfs | median of {runs} | uncompressed MiB/s |",
+        layer.file_name().unwrap().to_string_lossy(),
+        size >> 20,
+        content >> 20
+    );
+    println!("|---|---|---|");
+    println!("| `tar -xzf` (baseline) | {:.2} s | {:.0} |", t.as_secs_f64(), mib_s(content, t));
+    println!(
+        "| hb ingest: gunzip, chunk, hash, dedup, zstd, pack, commit | {:.2} s | {:.0} |",
+        h.as_secs_f64(),
+        mib_s(content, h)
+    );
+    println!("| **ratio hb / tar** | **{:.2}x** the time | |", h.as_secs_f64() / t.as_secs_f64());
+    Ok(())
+}
+
+fn dedup(series: &Path) -> anyhow::Result<()> {
+    let dir = scratch()?;
+    let store = Store::open(&dir.path().join("store"), StoreOptions::default())?;
+    let mut gz_total = 0u64;
+    println!("| version | gzip'ed layer | new chunk bytes stored (uncompressed) | on disk after import |");
+    println!("|---|---|---|---|");
+    for i in 1..=10 {
+        let p = series.join(format!("v{i}.tar.gz"));
+        let size = std::fs::metadata(&p).with_context(|| format!("{} (run bench/series.sh)", p.display()))?.len();
+        gz_total += size;
+        let r = store.import_layer(std::io::BufReader::new(std::fs::File::open(&p)?), &NoProgress)?;
+        let u = store.usage()?;
+        println!(
+            "| v{i} | {:.1} MB | {:.1} MB | {:.1} MB |",
+            size as f64 / 1e6,
+            r.new_bytes as f64 / 1e6,
+            (u.pack_bytes + u.metadata_bytes) as f64 / 1e6
+        );
+        eprintln!("dedup: v{i} imported");
+    }
+    drop(store);
+    let store = Store::open(&dir.path().join("store"), StoreOptions::default())?;
+    let u = store.usage()?;
+    let stored = u.pack_bytes + u.metadata_bytes;
+    println!();
+    println!("| ten versions | bytes |");
+    println!("|---|---|");
+    println!(
+        "| sum of the gzip'ed layers (baseline: what a registry or containerd keeps) | {:.1} MB |",
+        gz_total as f64 / 1e6
+    );
+    println!("| logical (every version's files) | {:.1} MB |", u.logical_bytes as f64 / 1e6);
+    println!("| distinct chunks, uncompressed | {:.1} MB |", u.unique_bytes as f64 / 1e6);
+    println!(
+        "| hb store on disk: packs + RocksDB + Bloom | {:.1} MB ({:.1} + {:.1}) |",
+        stored as f64 / 1e6,
+        u.pack_bytes as f64 / 1e6,
+        u.metadata_bytes as f64 / 1e6
+    );
+    println!("| **ratio gzip'ed layers / hb store** | **{:.2}x smaller** |", gz_total as f64 / stored as f64);
+    Ok(())
+}
+
+fn bloom(runs: usize, items: usize) -> anyhow::Result<()> {
+    use hb_core::ChunkId;
+    let ids: Vec<ChunkId> = (0..items as u64).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+    let absent: Vec<ChunkId> = (items as u64..2 * items as u64).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+    // Sized exactly for `items` at 1 %: what the store's filter costs per million chunks at capacity.
+    let mut f = hb_store::ChunkFilter::exact(items as u64, blake3::hash(b"hb-bench").as_bytes());
+    ids.iter().for_each(|id| f.insert(id));
+    let bytes = f.bitmap_bytes();
+    let fps = absent.iter().filter(|id| f.maybe_contains(id)).count();
+    let (mut hit, mut miss) = (vec![], vec![]);
+    for _ in 0..runs {
+        hit.push(time(|| ids.iter().filter(|id| f.maybe_contains(id)).count()).0);
+        miss.push(time(|| absent.iter().filter(|id| f.maybe_contains(id)).count()).0);
+    }
+    let per_s = |d: Duration| items as f64 / d.as_secs_f64() / 1e6;
+    let (hit, miss) = (median(hit), median(miss));
+    println!("| Bloom filter, {} chunks at 1 % target | value |", items);
+    println!("|---|---|");
+    println!("| size | {:.3} MB ({:.2} bits per chunk) |", bytes as f64 / 1e6, (bytes * 8) as f64 / items as f64);
+    println!("| size per million chunks | {:.3} MB |", bytes as f64 / 1e6 * 1e6 / items as f64);
+    println!("| measured false positives ({} absent ids) | {:.2} % |", items, fps as f64 * 100.0 / items as f64);
+    println!("| lookups, present ids | {:.1} M/s |", per_s(hit));
+    println!("| lookups, absent ids | {:.1} M/s |", per_s(miss));
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runs = cli.runs.max(1);
+    let layer = |l: Option<PathBuf>| l.unwrap_or_else(|| testdata("minbase.tar.gz"));
+    let series = |s: Option<PathBuf>| {
+        s.unwrap_or_else(|| {
+            std::env::var_os("HB_BENCH_DATA")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/var/tmp/hb-bench".into())
+                .join("series")
+        })
+    };
+    match cli.cmd {
+        Cmd::Chunking { layer: l } => chunking(runs, &layer(l))?,
+        Cmd::Ingest { layer: l } => ingest(runs, &layer(l))?,
+        Cmd::Dedup { series: s } => dedup(&series(s))?,
+        Cmd::Bloom { items } => bloom(runs, items)?,
+        Cmd::All => {
+            chunking(runs, &layer(None))?;
+            println!();
+            ingest(runs, &layer(None))?;
+            println!();
+            dedup(&series(None))?;
+            println!();
+            bloom(runs, 1_000_000)?;
+        }
+    }
+    Ok(())
+}

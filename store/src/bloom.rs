@@ -23,11 +23,22 @@ pub struct ChunkFilter {
 }
 
 impl ChunkFilter {
-    /// An empty filter sized for `expected` chunks (at least [`MIN_CAPACITY`], with headroom).
+    /// An empty filter sized for `expected` chunks (at least [`MIN_CAPACITY`], with headroom
+    /// for growth before the next rebuild).
     pub fn with_capacity(expected: u64, seed: &[u8; 32]) -> Self {
-        let capacity = (expected.saturating_mul(2)).max(MIN_CAPACITY);
-        let bloom =
-            Bloom::new_for_fp_rate_with_seed(capacity as usize, FP_RATE, seed).expect("capacity and rate are in range");
+        Self::exact(expected.saturating_mul(2).max(MIN_CAPACITY), seed)
+    }
+
+    /// An empty filter that reaches [`FP_RATE`] at exactly `capacity` chunks.
+    pub fn exact(capacity: u64, seed: &[u8; 32]) -> Self {
+        // The crate derives its k hashes from two SipHash keys, the seed's halves: equal halves
+        // would make every hash a multiple of one and the false-positive rate several times worse.
+        let mut seed = *seed;
+        if seed[..16] == seed[16..] {
+            seed = *blake3::hash(&seed).as_bytes();
+        }
+        let bloom = Bloom::new_for_fp_rate_with_seed(capacity.max(1) as usize, FP_RATE, &seed)
+            .expect("capacity and rate are in range");
         ChunkFilter { bloom, capacity, items: 0 }
     }
 
@@ -85,6 +96,18 @@ impl ChunkFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn false_positive_rate_is_what_it_is_sized_for() {
+        for seed in [[7u8; 32], *blake3::hash(b"seed").as_bytes()] {
+            let mut f = ChunkFilter::exact(100_000, &seed);
+            (0..100_000u32).for_each(|i| f.insert(&ChunkId::of(&i.to_le_bytes())));
+            let fp = (100_000..200_000u32).filter(|i| f.maybe_contains(&ChunkId::of(&i.to_le_bytes()))).count();
+            // 1 % expected; 1.5 % leaves room for chance (the spread is about 0.03 %).
+            assert!(fp < 1_500, "{fp} false positives in 100000 with seed {:?}", &seed[..4]);
+            assert!(f.bitmap_bytes() <= 120_000, "{} bytes for 100000 chunks", f.bitmap_bytes());
+        }
+    }
 
     #[test]
     fn no_false_negatives_and_persistence_checks_sequence() {

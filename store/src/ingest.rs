@@ -5,6 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read};
 use std::rc::Rc;
+use std::sync::mpsc::SyncSender;
 
 use fastcdc::v2020::StreamCDC;
 use hb_core::{ChunkId, ChunkRef, Digest, DigestHasher, Meta, NewEntry, TreeBuilder};
@@ -14,6 +15,9 @@ use crate::error::{Result, StoreError};
 use crate::meta::*;
 use crate::pack::{encode_chunk, Location, PackWriter};
 use crate::{Limits, Progress, Store};
+
+/// Chunks that may wait between the parser and the pack writer (each at most 256 KiB).
+const IN_FLIGHT: usize = 64;
 
 /// What an import did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -64,7 +68,7 @@ impl<R: Read> Read for Hashing<R> {
 
 enum Decoder<R: BufRead> {
     Plain(R),
-    Gzip(flate2::bufread::MultiGzDecoder<R>),
+    Gzip(Box<flate2::bufread::MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, R>),
 }
 
@@ -134,12 +138,14 @@ impl<R: BufRead> Read for Decoded<R> {
 struct Staged {
     report: ImportReport,
     seen: HashMap<ChunkId, Seen>,
+    /// Where the pack writer put each new chunk.
+    locations: HashMap<ChunkId, Location>,
     encoded: Vec<u8>,
 }
 
 enum Seen {
     /// Written by this ingest.
-    New(Location),
+    New,
     /// Already in the store.
     Stored(ChunkRecord),
 }
@@ -184,7 +190,45 @@ impl Store {
         Ok((PackWriter::open(&self.packs_dir, id, None)?, crate::pack::PACK_HEADER_LEN))
     }
 
+    /// Runs the parse on this thread and zstd + pack appends on a second one, so decompression
+    /// and chunking overlap with compression. At most [`IN_FLIGHT`] chunks wait between them.
     fn ingest(&self, input: impl Read, progress: &dyn Progress, pack: &mut PackWriter) -> Result<Staged> {
+        let level = self.opts.zstd_level;
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(IN_FLIGHT);
+            let writer = scope.spawn(move || -> Result<(HashMap<ChunkId, Location>, u64)> {
+                let mut locations = HashMap::new();
+                let mut stored = 0;
+                for (id, data) in rx {
+                    let (compression, bytes) = encode_chunk(&data, level);
+                    let loc = pack.append(&id, data.len() as u32, compression, &bytes)?;
+                    stored += loc.record_len();
+                    locations.insert(id, loc);
+                }
+                Ok((locations, stored))
+            });
+            let parsed = self.parse(input, progress, &tx);
+            drop(tx);
+            let written = writer.join().expect("pack writer thread panicked");
+            match (parsed, written) {
+                (Ok(mut staged), Ok((locations, stored))) => {
+                    staged.report.stored_bytes = stored;
+                    staged.locations = locations;
+                    Ok(staged)
+                }
+                // A writer failure (disk full, I/O error) is the cause of the parse stopping.
+                (_, Err(e)) => Err(e),
+                (Err(e), Ok(_)) => Err(e),
+            }
+        })
+    }
+
+    fn parse(
+        &self,
+        input: impl Read,
+        progress: &dyn Progress,
+        writer: &SyncSender<(ChunkId, Vec<u8>)>,
+    ) -> Result<Staged> {
         let compressed = Rc::new(Cell::new(0u64));
         let fault: Fault = Rc::new(RefCell::new(None));
         // Progress follows the compressed bytes consumed, reported between entries.
@@ -202,7 +246,7 @@ impl Store {
             return Err(StoreError::BadStream("the layer is empty (0 bytes): not a tar stream".into()));
         }
         let (compression, dec) = if magic.starts_with(&[0x1f, 0x8b]) {
-            (BlobCompression::Gzip, Decoder::Gzip(flate2::bufread::MultiGzDecoder::new(buffered)))
+            (BlobCompression::Gzip, Decoder::Gzip(Box::new(flate2::bufread::MultiGzDecoder::new(buffered))))
         } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
             let d = zstd::stream::read::Decoder::with_buffer(buffered)
                 .map_err(|e| StoreError::BadStream(format!("zstd stream is corrupt: {e}")))?;
@@ -275,7 +319,7 @@ impl Store {
                             fastcdc::v2020::Error::IoError(e) => stream_err(&fault, e, &in_entry(&path)),
                             other => bad(format!("chunking failed: {other:?}")),
                         })?;
-                        chunks.push(self.add_chunk(&c.data, &mut seen, &mut report, pack)?);
+                        chunks.push(self.add_chunk(c.data, &mut seen, &mut report, writer)?);
                         report_progress(&compressed);
                     }
                     NewEntry::File { chunks }
@@ -327,30 +371,31 @@ impl Store {
         report.unique_chunks = index.chunks.len();
         report.deduplicated_bytes = report.content_bytes - report.new_bytes;
         report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes())?.is_some();
-        Ok(Staged { report, seen, encoded: index.encode() })
+        Ok(Staged { report, seen, locations: HashMap::new(), encoded: index.encode() })
     }
 
     /// Stores one chunk unless the store or this ingest already has it.
     fn add_chunk(
         &self,
-        data: &[u8],
+        data: Vec<u8>,
         seen: &mut HashMap<ChunkId, Seen>,
         report: &mut ImportReport,
-        pack: &mut PackWriter,
+        writer: &SyncSender<(ChunkId, Vec<u8>)>,
     ) -> Result<ChunkRef> {
-        let id = ChunkId::of(data);
+        let id = ChunkId::of(&data);
         let len = data.len() as u32;
         report.chunk_refs += 1;
         if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(id) {
             let s = match self.chunk_record(&id)? {
                 Some(rec) => Seen::Stored(rec),
                 None => {
-                    let (compression, stored) = encode_chunk(data, self.opts.zstd_level);
-                    let loc = pack.append(&id, len, compression, &stored)?;
                     report.new_chunks += 1;
                     report.new_bytes += len as u64;
-                    report.stored_bytes += loc.record_len();
-                    Seen::New(loc)
+                    writer.send((id, data)).map_err(|_| StoreError::Io {
+                        context: "writing chunks".into(),
+                        source: io::Error::other("the pack writer stopped"),
+                    })?;
+                    Seen::New
                 }
             };
             slot.insert(s);
@@ -361,7 +406,7 @@ impl Store {
     /// Makes the ingest visible: fsync the pack, then one synced batch with the layer, its
     /// chunks' records and refcounts, the blob record, the pin and the pack's bookkeeping.
     fn commit(&self, staged: Staged, pack: &mut PackWriter, committed: u64) -> Result<ImportReport> {
-        let Staged { mut report, seen, encoded } = staged;
+        let Staged { mut report, seen, locations, encoded } = staged;
         let mut batch = WriteBatch::default();
         let mut new_ids = Vec::new();
         let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
@@ -376,7 +421,11 @@ impl Store {
             batch.put_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes(), &encoded);
             for (id, s) in &seen {
                 let rec = match s {
-                    Seen::New(loc) => {
+                    Seen::New => {
+                        let loc = locations.get(id).ok_or_else(|| StoreError::Io {
+                            context: format!("committing chunk {id}"),
+                            source: io::Error::other("the pack writer lost a chunk"),
+                        })?;
                         new_ids.push(*id);
                         pack_rec.live_bytes += loc.record_len();
                         pack_rec.live_chunks += 1;
