@@ -38,7 +38,9 @@ impl ChunkerParams {
             && (256..=4_194_304).contains(&self.avg_size)
             && (1024..=16_777_216).contains(&self.max_size)
             && self.min_size <= self.avg_size
-            && self.avg_size <= self.max_size;
+            && self.avg_size <= self.max_size
+            // FastCDC 2020 rolls two bytes at a time: odd sizes shift boundaries (fastcdc 5).
+            && [self.min_size, self.avg_size, self.max_size].iter().all(|s| s % 2 == 0);
         if ok {
             Ok(())
         } else {
@@ -51,5 +53,19 @@ impl ChunkerParams {
             1 => Some(ChunkAlgorithm::FastCdc2020),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(ChunkerParams::default().validate().is_ok());
+        let odd = ChunkerParams { max_size: 65535, ..ChunkerParams::default() };
+        assert!(odd.validate().unwrap_err().contains("odd"));
+        let inverted = ChunkerParams { min_size: 1 << 20, ..ChunkerParams::default() };
+        assert!(inverted.validate().is_err());
     }
 }

@@ -313,7 +313,12 @@ impl Store {
             let new = match etype {
                 tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                     let mut chunks = Vec::new();
-                    let cdc = StreamCDC::new(&mut entry, chunker.min_size, chunker.avg_size, chunker.max_size);
+                    let cdc = StreamCDC::new(
+                        &mut entry,
+                        chunker.min_size as usize,
+                        chunker.avg_size as usize,
+                        chunker.max_size as usize,
+                    );
                     for c in cdc {
                         let c = c.map_err(|e| match e {
                             fastcdc::v2020::Error::IoError(e) => stream_err(&fault, e, &in_entry(&path)),
@@ -521,6 +526,38 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
 #[cfg(test)]
 mod tests {
     use super::parse_pax_time;
+
+    /// Cut points are part of the store format: the same bytes must always give the same chunks,
+    /// whatever fastcdc version is linked. Pinned on 8 MiB of deterministic data.
+    #[test]
+    fn cut_points_are_pinned() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let data: Vec<u8> = (0..8 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Skewed bytes, so the data has structure like real files.
+                (x % 251) as u8 & if x & 0x300 == 0 { 0 } else { 0xff }
+            })
+            .collect();
+        let p = hb_core::ChunkerParams::default();
+        let cuts =
+            fastcdc::v2020::StreamCDC::new(&data[..], p.min_size as usize, p.avg_size as usize, p.max_size as usize);
+        let mut h = blake3::Hasher::new();
+        let mut n = 0;
+        for c in cuts {
+            let c = c.unwrap();
+            h.update(&c.offset.to_le_bytes());
+            h.update(&(c.length as u64).to_le_bytes());
+            n += 1;
+        }
+        assert_eq!(
+            (n, h.finalize().to_hex().to_string()),
+            (110, "7a6bd54d0b8b2e13b483848be6deeb8e99f5d615aaf7d1ae521217d8868091ec".to_string()),
+            "cut points changed"
+        );
+    }
 
     #[test]
     fn pax_times() {
