@@ -44,7 +44,7 @@ impl ChunkerParams {
         if ok {
             Ok(())
         } else {
-            Err(format!("chunker sizes {}/{}/{} are out of range", self.min_size, self.avg_size, self.max_size))
+            Err(format!("chunker sizes {}/{}/{} are out of range or odd", self.min_size, self.avg_size, self.max_size))
         }
     }
 
@@ -63,7 +63,7 @@ mod tests {
     #[test]
     fn validation() {
         assert!(ChunkerParams::default().validate().is_ok());
-        let odd = ChunkerParams { max_size: 65535, ..ChunkerParams::default() };
+        let odd = ChunkerParams { max_size: 262_143, ..ChunkerParams::default() };
         assert!(odd.validate().unwrap_err().contains("odd"));
         let inverted = ChunkerParams { min_size: 1 << 20, ..ChunkerParams::default() };
         assert!(inverted.validate().is_err());

@@ -23,20 +23,28 @@ fn big_layer(dir: &Path, seed: u64, mib: usize) -> PathBuf {
 
 /// Kill delays that adapt: shorter after a run that finished, longer after one that was killed,
 /// so kills keep landing inside the operation however fast this machine runs it right now.
-struct Delays {
+struct Killer {
     rng: Rng,
     max_us: u64,
+    killed: usize,
+    finished: usize,
 }
 
-impl Delays {
+impl Killer {
     fn new(seed: u64, full: Duration) -> Self {
-        Delays { rng: Rng(seed), max_us: (full.as_micros() as u64).max(1000) }
+        Killer { rng: Rng(seed), max_us: (full.as_micros() as u64).max(1000), killed: 0, finished: 0 }
     }
-    fn next(&mut self) -> Duration {
-        Duration::from_micros(self.rng.next() % self.max_us)
-    }
-    fn record(&mut self, finished: bool) {
-        self.max_us = if finished { self.max_us * 7 / 10 } else { self.max_us * 11 / 10 }.max(1000);
+
+    /// Runs hb with `args`, SIGKILLs it after a random delay unless it finished, and adapts.
+    fn attempt(&mut self, hb: &Hb, args: &[&str]) {
+        let done = run_and_kill(hb, args, Duration::from_micros(self.rng.next() % self.max_us));
+        if done {
+            self.finished += 1;
+            self.max_us = (self.max_us * 7 / 10).max(1000);
+        } else {
+            self.killed += 1;
+            self.max_us = self.max_us * 11 / 10;
+        }
     }
 }
 
@@ -77,20 +85,12 @@ fn kill_9_during_ingest_leaves_a_consistent_store() {
     let first = hb.import(&layers[0]);
     let full = t.elapsed();
     let mut committed = vec![(first["diff_id"].as_str().unwrap().to_string(), 0usize)];
-    let (mut killed, mut finished) = (0, 0);
-    let mut delays = Delays::new(seed, full);
+    let mut killer = Killer::new(seed, full);
     // Rounds alternate between layers, so kills land both while new chunks are written and while
     // an already-stored layer's refcounts are committed again.
     for round in 0..24 {
         let which = 1 + round % (layers.len() - 1);
-        let path = layers[which].to_str().unwrap();
-        let done = run_and_kill(&hb, &["layer", "import", path], delays.next());
-        delays.record(done);
-        if done {
-            finished += 1;
-        } else {
-            killed += 1;
-        }
+        killer.attempt(&hb, &["layer", "import", layers[which].to_str().unwrap()]);
         hb.fsck_clean();
         // Whether or not the kill landed first, the layer is either fully there or absent.
         let listed = hb.json(&["layer", "ls"]);
@@ -101,8 +101,8 @@ fn kill_9_during_ingest_leaves_a_consistent_store() {
             }
         }
     }
-    println!("ingest: {killed} killed, {finished} finished");
-    assert!(killed > 0, "no kill landed during an import (seed {seed})");
+    println!("ingest: {} killed, {} finished", killer.killed, killer.finished);
+    assert!(killer.killed > 0, "no kill landed during an import (seed {seed})");
 
     // Every layer still pinned exports exactly what went in.
     let pinned: Vec<String> = hb
@@ -147,21 +147,14 @@ fn kill_9_during_gc_and_compaction_leaves_a_consistent_store() {
     let r = hb.json(&["gc"]);
     let full = t.elapsed();
     assert_eq!(r["packs_compacted"], 1, "the scenario must compact: {r:#}");
-    let (mut killed, mut finished) = (0, 0);
-    let mut delays = Delays::new(seed, full);
+    let mut killer = Killer::new(seed, full);
     for _ in 0..10 {
         round(&hb);
-        let done = run_and_kill(&hb, &["gc"], delays.next());
-        delays.record(done);
-        if done {
-            finished += 1;
-        } else {
-            killed += 1;
-        }
+        killer.attempt(&hb, &["gc"]);
         hb.fsck_clean();
     }
-    println!("gc: {killed} killed, {finished} finished");
-    assert!(killed > 0, "no kill landed during a gc (seed {seed})");
+    println!("gc: {} killed, {} finished", killer.killed, killer.finished);
+    assert!(killer.killed > 0, "no kill landed during a gc (seed {seed})");
     hb.ok(&["gc"]);
     hb.fsck_clean();
     let out = hb.path("keep.tar");
