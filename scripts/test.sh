@@ -9,4 +9,10 @@ scripts/setup.sh
 scripts/testdata.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --workspace --all-targets
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+# One closing line with the totals of every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit $status
