@@ -28,6 +28,8 @@ pub enum StoreError {
     TooLarge { limit: u64 },
     #[error("bad layer: expands more than {limit}:1 ({uncompressed} bytes from {compressed}) (decompression bomb?); raise [store] max_ratio if the layer is genuine")]
     RatioExceeded { limit: u64, uncompressed: u64, compressed: u64 },
+    #[error("blob digest mismatch: expected {expected}, got {actual}; nothing was stored")]
+    DigestMismatch { expected: Digest, actual: Digest },
     #[error("chunk {id} is corrupt: {reason}")]
     CorruptChunk { id: ChunkId, reason: String },
     #[error("chunk {0} is not in the store")]
@@ -63,6 +65,7 @@ impl StoreError {
                 | StoreError::BadStream(_)
                 | StoreError::TooLarge { .. }
                 | StoreError::RatioExceeded { .. }
+                | StoreError::DigestMismatch { .. }
         )
     }
 }

@@ -19,6 +19,16 @@ use crate::{Limits, Progress, Store};
 /// Chunks that may wait between the parser and the pack writer (each at most 256 KiB).
 const IN_FLIGHT: usize = 64;
 
+/// How [`Store::import_blob`] treats a blob.
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// The digest the blob must have (from a manifest); a mismatch stores nothing.
+    pub expect_digest: Option<Digest>,
+    /// Pin the layer with a `layer/<diff_id>` ref (`hb layer import`); pulled layers are kept
+    /// by their image instead.
+    pub pin: bool,
+}
+
 /// What an import did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ImportReport {
@@ -147,7 +157,7 @@ enum Seen {
     /// Written by this ingest.
     New,
     /// Already in the store.
-    Stored(ChunkRecord),
+    Stored,
 }
 
 impl Store {
@@ -155,39 +165,60 @@ impl Store {
     /// reporting compressed bytes read to `progress`. Bad input leaves the store unchanged and
     /// names the offending entry.
     pub fn import_layer(&self, input: impl Read, progress: &dyn Progress) -> Result<ImportReport> {
-        let mut w = self.writer.lock().expect("writer lock");
-        let (mut pack, committed) = self.take_active_pack(&mut w)?;
-        let result = self.ingest(input, progress, &mut pack);
-        let out = match result {
-            Ok(staged) => self.commit(staged, &mut pack, committed),
-            Err(e) => Err(e),
-        };
+        self.import_blob(input, &ImportOptions { expect_digest: None, pin: true }, progress)
+    }
+
+    /// Imports one layer blob with options: the digest it must have (checked before anything
+    /// becomes visible) and whether to pin it by a `layer/` ref. Several imports may run at once
+    /// (each appends to its own pack; commits are serialised).
+    pub fn import_blob(&self, input: impl Read, opts: &ImportOptions, progress: &dyn Progress) -> Result<ImportReport> {
+        let _gate = self.gate.read().expect("gate lock");
+        let (mut pack, committed) = self.take_pack()?;
+        let out = self.ingest(input, progress, &mut pack).and_then(|staged| {
+            if let Some(want) = opts.expect_digest {
+                if staged.report.digest != want {
+                    return Err(StoreError::DigestMismatch { expected: want, actual: staged.report.digest });
+                }
+            }
+            self.commit(staged, &mut pack, committed, opts.pin)
+        });
         if out.is_err() {
             // Drop what this ingest appended; the pack stays usable.
             pack.rollback(committed)?;
         }
-        w.active = Some(pack);
+        self.return_pack(pack);
         out
     }
 
-    /// The pack new chunks go to, with its committed length: the current active pack, the last
-    /// pack on disk while it is below the target size, or a new one.
-    fn take_active_pack(&self, w: &mut crate::Writer) -> Result<(PackWriter, u64)> {
+    /// A pack for one ingest, with its committed length: an idle open pack below the target
+    /// size, the newest pack on disk if nobody uses it and it is below the target, or a new one.
+    fn take_pack(&self) -> Result<(PackWriter, u64)> {
+        let mut w = self.writer.lock().expect("writer lock");
         let packs = self.pack_records()?;
-        if let Some(p) = w.active.take() {
-            if p.len() < self.opts.pack_target_bytes {
-                let committed = packs.get(&p.id).map(|r| r.committed_len).unwrap_or(crate::pack::PACK_HEADER_LEN);
-                return Ok((p, committed));
-            }
+        let committed_of = |id: u32| packs.get(&id).map(|r| r.committed_len).unwrap_or(crate::pack::PACK_HEADER_LEN);
+        if let Some(p) = w.idle.pop() {
+            let c = committed_of(p.id);
+            w.in_use.insert(p.id);
+            return Ok((p, c));
         }
         if let Some((&id, rec)) = packs.iter().max_by_key(|(id, _)| **id) {
-            if rec.committed_len < self.opts.pack_target_bytes && w.next_pack == id + 1 {
+            if rec.committed_len < self.opts.pack_target_bytes && !w.in_use.contains(&id) && w.next_pack == id + 1 {
+                w.in_use.insert(id);
                 return Ok((PackWriter::open(&self.packs_dir, id, Some(rec.committed_len))?, rec.committed_len));
             }
         }
         let id = w.next_pack;
         w.next_pack += 1;
+        w.in_use.insert(id);
         Ok((PackWriter::open(&self.packs_dir, id, None)?, crate::pack::PACK_HEADER_LEN))
+    }
+
+    fn return_pack(&self, pack: PackWriter) {
+        let mut w = self.writer.lock().expect("writer lock");
+        w.in_use.remove(&pack.id);
+        if pack.len() < self.opts.pack_target_bytes {
+            w.idle.push(pack);
+        }
     }
 
     /// Runs the parse on this thread and zstd + pack appends on a second one, so decompression
@@ -375,7 +406,6 @@ impl Store {
         report.content_bytes = index.content_bytes();
         report.unique_chunks = index.chunks.len();
         report.deduplicated_bytes = report.content_bytes - report.new_bytes;
-        report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes())?.is_some();
         Ok(Staged { report, seen, locations: HashMap::new(), encoded: index.encode() })
     }
 
@@ -392,7 +422,7 @@ impl Store {
         report.chunk_refs += 1;
         if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(id) {
             let s = match self.chunk_record(&id)? {
-                Some(rec) => Seen::Stored(rec),
+                Some(_) => Seen::Stored,
                 None => {
                     report.new_chunks += 1;
                     report.new_bytes += len as u64;
@@ -410,11 +440,15 @@ impl Store {
 
     /// Makes the ingest visible: fsync the pack, then one synced batch with the layer, its
     /// chunks' records and refcounts, the blob record, the pin and the pack's bookkeeping.
-    fn commit(&self, staged: Staged, pack: &mut PackWriter, committed: u64) -> Result<ImportReport> {
+    fn commit(&self, staged: Staged, pack: &mut PackWriter, committed: u64, pin: bool) -> Result<ImportReport> {
         let Staged { mut report, seen, locations, encoded } = staged;
+        // Commits are serialised; records are re-read under the lock because another ingest may
+        // have committed some of the same chunks (or this very layer) since they were looked up.
+        let _w = self.writer.lock().expect("writer lock");
         let mut batch = WriteBatch::default();
         let mut new_ids = Vec::new();
         let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
+        report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes())?.is_some();
         if report.already_present {
             // Same content again (perhaps compressed differently): nothing new to keep.
             pack.rollback(committed)?;
@@ -425,8 +459,15 @@ impl Store {
         } else {
             batch.put_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes(), &encoded);
             for (id, s) in &seen {
-                let rec = match s {
-                    Seen::New => {
+                let current = match s {
+                    Seen::Stored => Some(self.chunk_record(id)?.ok_or(StoreError::MissingChunk(*id))?),
+                    Seen::New => self.chunk_record(id)?,
+                };
+                let rec = match (s, current) {
+                    // Stored meanwhile by another ingest: share that copy; ours stays dead weight
+                    // in the pack until gc compacts it.
+                    (_, Some(rec)) => ChunkRecord { refcount: rec.refcount + 1, ..rec },
+                    (Seen::New, None) => {
                         let loc = locations.get(id).ok_or_else(|| StoreError::Io {
                             context: format!("committing chunk {id}"),
                             source: io::Error::other("the pack writer lost a chunk"),
@@ -436,7 +477,7 @@ impl Store {
                         pack_rec.live_chunks += 1;
                         ChunkRecord { loc: *loc, refcount: 1 }
                     }
-                    Seen::Stored(rec) => ChunkRecord { refcount: rec.refcount + 1, ..*rec },
+                    (Seen::Stored, None) => unreachable!("checked above"),
                 };
                 batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode());
             }
@@ -447,8 +488,10 @@ impl Store {
             BlobRecord { diff_id: report.diff_id, compression: report.compression, size: report.compressed_bytes }
                 .encode(),
         );
-        batch.put_cf(self.cf(CF_REFS), layer_ref(&report.diff_id), report.diff_id.as_bytes());
-        if !new_ids.is_empty() {
+        if pin {
+            batch.put_cf(self.cf(CF_REFS), layer_ref(&report.diff_id), report.diff_id.as_bytes());
+        }
+        if !report.already_present && pack.len() > committed {
             pack.sync()?;
             pack_rec.committed_len = pack.len();
             batch.put(pack_key(pack.id), pack_rec.encode());

@@ -18,6 +18,7 @@
 mod bloom;
 mod error;
 mod export;
+mod images;
 mod ingest;
 mod maint;
 pub mod meta;
@@ -34,9 +35,10 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 pub use bloom::{ChunkFilter, FP_RATE};
 pub use error::{Result, StoreError};
 pub use export::ExportReport;
-pub use ingest::ImportReport;
+pub use images::NamedImage;
+pub use ingest::{ImportOptions, ImportReport};
 pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
-pub use meta::{BlobCompression, BlobRecord, ChunkRecord};
+pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};
 
 use meta::*;
 use pack::{Location, PackWriter};
@@ -90,8 +92,12 @@ pub trait Progress: Sync {
 pub struct NoProgress;
 impl Progress for NoProgress {}
 
+/// Pack bookkeeping shared by ingests; its mutex also serialises commits.
 struct Writer {
-    active: Option<PackWriter>,
+    /// Open packs no ingest is using.
+    idle: Vec<PackWriter>,
+    /// Packs an ingest is appending to.
+    in_use: std::collections::HashSet<u32>,
     next_pack: u32,
 }
 
@@ -105,6 +111,8 @@ pub struct Store {
     bloom: RwLock<ChunkFilter>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
     writer: Mutex<Writer>,
+    /// Ingests hold it shared; gc and fsck exclusively, so they never see half an ingest.
+    gate: RwLock<()>,
     _lock: File,
 }
 
@@ -188,7 +196,8 @@ impl Store {
             opts,
             bloom: RwLock::new(ChunkFilter::with_capacity(0, &[0; 32])),
             readers: RwLock::new(HashMap::new()),
-            writer: Mutex::new(Writer { active: None, next_pack: 1 }),
+            writer: Mutex::new(Writer { idle: Vec::new(), in_use: Default::default(), next_pack: 1 }),
+            gate: RwLock::new(()),
             _lock: lock,
         };
         let next = store.recover_packs()?;

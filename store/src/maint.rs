@@ -28,6 +28,7 @@ pub struct FsckReport {
     pub layers: usize,
     pub blobs: usize,
     pub refs: usize,
+    pub images: usize,
     /// Uncompressed bytes read back and verified against their ids.
     pub verified_bytes: u64,
     pub issues: Vec<FsckIssue>,
@@ -44,6 +45,7 @@ impl FsckReport {
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct GcReport {
+    pub images_removed: usize,
     pub layers_removed: usize,
     pub chunks_removed: usize,
     pub packs_compacted: usize,
@@ -112,6 +114,7 @@ impl Store {
     /// structure, Merkle hashes, chunk references), refcounts, pack bookkeeping, blob and ref
     /// targets and the Bloom filter. `progress` counts pack bytes verified.
     pub fn fsck(&self, progress: &dyn Progress) -> Result<FsckReport> {
+        let _gate = self.gate.write().expect("gate lock");
         let _w = self.writer.lock().expect("writer lock");
         let mut r = FsckReport::default();
         let packs = self.pack_records()?;
@@ -214,13 +217,34 @@ impl Store {
                 r.issue("dangling-blob", digest_from_key(&k)?, format!("points to missing layer {}", rec.diff_id));
             }
         }
+        let mut images: HashSet<Digest> = HashSet::new();
+        for item in self.db.iterator_cf(self.cf(CF_IMAGES), IteratorMode::Start) {
+            let (k, v) = item?;
+            r.images += 1;
+            let digest = digest_from_key(&k)?;
+            images.insert(digest);
+            match ImageRecord::decode(&v) {
+                Err(e) => r.issue("corrupt-image", digest, e),
+                Ok(rec) => {
+                    for l in rec.layers.iter().filter(|l| !layers.contains(&l.diff_id)) {
+                        r.issue(
+                            "missing-layer",
+                            digest,
+                            format!("image needs layer {} (blob {})", l.diff_id, l.digest),
+                        );
+                    }
+                }
+            }
+        }
         for item in self.db.iterator_cf(self.cf(CF_REFS), IteratorMode::Start) {
             let (k, v) = item?;
             r.refs += 1;
             let name = String::from_utf8_lossy(&k).into_owned();
+            let (targets, what) =
+                if name.starts_with(IMAGE_REF_PREFIX) { (&images, "image") } else { (&layers, "layer") };
             match digest_from_key(&v) {
-                Ok(d) if layers.contains(&d) => {}
-                _ => r.issue("dangling-ref", name, "points to a missing layer"),
+                Ok(d) if targets.contains(&d) => {}
+                _ => r.issue("dangling-ref", name, format!("points to a missing {what}")),
             }
         }
         Ok(r)
@@ -230,17 +254,32 @@ impl Store {
     /// bytes fell below half of their size. Each step commits atomically; a crash between steps
     /// leaves a consistent store (an unregistered new pack is removed at the next open).
     pub fn gc(&self, progress: &dyn Progress) -> Result<GcReport> {
+        let _gate = self.gate.write().expect("gate lock");
         let mut w = self.writer.lock().expect("writer lock");
         let mut report = GcReport::default();
-        // 1. Unreferenced layers and the chunks only they used.
+        // 1. Unnamed images, unreferenced layers and the chunks only they used.
+        let mut batch = WriteBatch::default();
+        let mut named_images: HashSet<Digest> = HashSet::new();
         let mut roots: HashSet<Digest> = HashSet::new();
         for item in self.db.iterator_cf(self.cf(CF_REFS), IteratorMode::Start) {
-            let (_, v) = item?;
+            let (k, v) = item?;
             if let Ok(d) = digest_from_key(&v) {
-                roots.insert(d);
+                if k.starts_with(IMAGE_REF_PREFIX.as_bytes()) {
+                    named_images.insert(d);
+                } else {
+                    roots.insert(d);
+                }
             }
         }
-        let mut batch = WriteBatch::default();
+        for item in self.db.iterator_cf(self.cf(CF_IMAGES), IteratorMode::Start) {
+            let (k, v) = item?;
+            if named_images.contains(&digest_from_key(&k)?) {
+                roots.extend(ImageRecord::decode(&v)?.layers.iter().map(|l| l.diff_id));
+            } else {
+                batch.delete_cf(self.cf(CF_IMAGES), k);
+                report.images_removed += 1;
+            }
+        }
         let mut decrements: HashMap<ChunkId, u32> = HashMap::new();
         let mut dropped: HashSet<Digest> = HashSet::new();
         for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {
@@ -288,7 +327,7 @@ impl Store {
         self.sync_write(batch)?;
 
         // 2. Compact packs that are mostly garbage into one new pack.
-        w.active = None;
+        w.idle.clear();
         let victims: HashSet<u32> =
             packs.iter().filter(|(_, p)| p.live_bytes * 2 < p.committed_len).map(|(id, _)| *id).collect();
         if !victims.is_empty() {

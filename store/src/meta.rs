@@ -5,7 +5,9 @@
 //! - `chunks`: chunk id (32 bytes) -> [`ChunkRecord`]
 //! - `layers`: diff_id (32 bytes) -> encoded layer index
 //! - `blobs`: blob digest (32 bytes) -> [`BlobRecord`]
-//! - `refs`: UTF-8 name -> target digest (32 bytes); names `layer/<digest>` pin imported layers
+//! - `images`: manifest digest (32 bytes) -> [`ImageRecord`] (JSON)
+//! - `refs`: UTF-8 name -> target digest (32 bytes); `layer/<digest>` pins an imported layer (the
+//!   target is its diff_id), `image/<name>` names an image (the target is its manifest digest)
 
 use hb_core::{ChunkerParams, Digest};
 
@@ -16,7 +18,8 @@ pub const CF_CHUNKS: &str = "chunks";
 pub const CF_LAYERS: &str = "layers";
 pub const CF_BLOBS: &str = "blobs";
 pub const CF_REFS: &str = "refs";
-pub const COLUMN_FAMILIES: [&str; 4] = [CF_CHUNKS, CF_LAYERS, CF_BLOBS, CF_REFS];
+pub const CF_IMAGES: &str = "images";
+pub const COLUMN_FAMILIES: [&str; 5] = [CF_CHUNKS, CF_LAYERS, CF_BLOBS, CF_REFS, CF_IMAGES];
 pub const KEY_CONFIG: &[u8] = b"config";
 
 /// Version of the store layout; bumped when records change incompatibly.
@@ -182,9 +185,46 @@ pub fn digest_from_key(k: &[u8]) -> Result<Digest> {
     Ok(Digest(k.try_into().map_err(|_| corrupt("digest key is not 32 bytes"))?))
 }
 
+/// Prefix of refs that name images.
+pub const IMAGE_REF_PREFIX: &str = "image/";
+/// Prefix of refs that pin layers.
+pub const LAYER_REF_PREFIX: &str = "layer/";
+
+/// One layer of an image: the blob as the registry serves it and the layer it decompresses to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageLayer {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// A stored image: its manifest and config exactly as pulled, and its layers bottom first.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImageRecord {
+    pub manifest_media_type: String,
+    /// The manifest's bytes (its SHA-256 is the record's key).
+    pub manifest: String,
+    pub config_digest: Digest,
+    /// The config's bytes.
+    pub config: String,
+    pub layers: Vec<ImageLayer>,
+    /// `os/arch[/variant]` the image was selected for.
+    pub platform: String,
+}
+
+impl ImageRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("serialisable")
+    }
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        serde_json::from_slice(b).map_err(|e| corrupt(&format!("image record: {e}")))
+    }
+}
+
 /// The ref that pins an imported layer.
 pub fn layer_ref(diff_id: &Digest) -> String {
-    format!("layer/{diff_id}")
+    format!("{LAYER_REF_PREFIX}{diff_id}")
 }
 
 #[cfg(test)]

@@ -1,0 +1,134 @@
+//! The store through its library API: concurrent imports and digest checks.
+
+use hb_core::Digest;
+use hb_store::{ImportOptions, NoProgress, Store, StoreError, StoreOptions};
+
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A plain tar holding `files`.
+fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in files {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        let octal = |buf: &mut [u8], v: u64| {
+            let s = format!("{:0w$o}\0", v, w = buf.len() - 1);
+            buf.copy_from_slice(s.as_bytes());
+        };
+        octal(&mut h[100..108], 0o644);
+        octal(&mut h[108..116], 0);
+        octal(&mut h[116..124], 0);
+        octal(&mut h[124..136], data.len() as u64);
+        octal(&mut h[136..148], 1_700_000_000);
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.extend_from_slice(&[0; 1024]);
+    out
+}
+
+#[test]
+fn concurrent_imports_of_overlapping_layers_count_every_chunk_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let shared = pseudo_random(1, 6 << 20);
+    let layers: Vec<Vec<u8>> =
+        (0..6u64).map(|i| layer(&[("shared", &shared), ("own", &pseudo_random(100 + i, 2 << 20))])).collect();
+    std::thread::scope(|s| {
+        for l in &layers {
+            let store = &store;
+            s.spawn(move || store.import_layer(&l[..], &NoProgress).unwrap());
+        }
+    });
+    let r = store.fsck(&NoProgress).unwrap();
+    assert!(r.is_clean(), "{:#?}", r.issues);
+    assert_eq!(r.layers, 6);
+    let u = store.usage().unwrap();
+    // Each distinct chunk is referenced once however many ingests wrote it.
+    assert!(u.unique_bytes < (6 + 6 * 2 + 1) << 20, "{u:?}");
+    // Reopen: the same answers from disk.
+    drop(store);
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert!(store.fsck(&NoProgress).unwrap().is_clean());
+}
+
+#[test]
+fn a_blob_with_the_wrong_digest_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let l = layer(&[("f", &pseudo_random(5, 1 << 20))]);
+    let wrong = Digest::of(b"something else");
+    let err =
+        store.import_blob(&l[..], &ImportOptions { expect_digest: Some(wrong), pin: true }, &NoProgress).unwrap_err();
+    assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&wrong.to_string()), "{err}");
+    assert_eq!(store.usage().unwrap().chunks, 0);
+    assert!(store.list_layers().unwrap().is_empty());
+    let right = Digest::of(&l);
+    let r = store.import_blob(&l[..], &ImportOptions { expect_digest: Some(right), pin: false }, &NoProgress).unwrap();
+    assert_eq!(r.digest, right);
+    assert!(!store.list_layers().unwrap()[0].pinned);
+    assert!(store.fsck(&NoProgress).unwrap().is_clean());
+}
+
+#[test]
+fn named_images_keep_their_layers_until_unnamed() {
+    use hb_store::{ImageLayer, ImageRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let unpinned = ImportOptions { expect_digest: None, pin: false };
+    let base = layer(&[("base", &pseudo_random(7, 1 << 20))]);
+    let app = layer(&[("app", &pseudo_random(8, 1 << 20))]);
+    let rb = store.import_blob(&base[..], &unpinned, &NoProgress).unwrap();
+    let ra = store.import_blob(&app[..], &unpinned, &NoProgress).unwrap();
+    let entry = |r: &hb_store::ImportReport| ImageLayer {
+        digest: r.digest,
+        diff_id: r.diff_id,
+        size: r.compressed_bytes,
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+    };
+    let rec = ImageRecord {
+        manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        manifest: "{}".into(),
+        config_digest: Digest::of(b"{}"),
+        config: "{}".into(),
+        layers: vec![entry(&rb), entry(&ra)],
+        platform: "linux/amd64".into(),
+    };
+    let digest = Digest::of(b"manifest");
+    store.put_image("example.com/app:1", &digest, &rec).unwrap();
+    assert_eq!(store.image_by_name("example.com/app:1").unwrap(), Some(digest));
+    assert_eq!(store.image(&digest).unwrap().unwrap(), rec);
+    let gc = store.gc(&NoProgress).unwrap();
+    assert_eq!((gc.images_removed, gc.layers_removed), (0, 0), "{gc:?}");
+    assert!(store.fsck(&NoProgress).unwrap().is_clean());
+
+    // A record naming a layer the store lacks is refused.
+    let mut broken = rec.clone();
+    broken.layers[0].diff_id = Digest::of(b"missing");
+    assert!(store.put_image("example.com/broken:1", &Digest::of(b"m2"), &broken).is_err());
+
+    assert!(store.remove_image_name("example.com/app:1").unwrap());
+    assert!(!store.remove_image_name("example.com/app:1").unwrap());
+    let gc = store.gc(&NoProgress).unwrap();
+    assert_eq!((gc.images_removed, gc.layers_removed), (1, 2), "{gc:?}");
+    assert_eq!(store.usage().unwrap().chunks, 0);
+    assert!(store.fsck(&NoProgress).unwrap().is_clean());
+}
