@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The main job, at this stage of HyperBox: store two versions of a real Debian rootfs as
-# content-defined chunks, show what dedup and the Merkle diff buy, rebuild the rootfs from the
-# store and run a command in it. (Lazy pulls from a registry and `hb run` build on this store.)
+# The main job, at this stage of HyperBox: a local registry with a 3-layer Debian image (python3,
+# gcc, perl), pulled into the chunk store, a command run from its rootfs, then v2 of the image
+# pulled: only its new chunks are stored. (Lazy mounts and `hb run` come next on the same store.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
+[ "$(id -u)" = 0 ] || { echo "scripts/demo.sh: run as root (it starts a registry and runs a chroot)" >&2; exit 1; }
 scripts/setup.sh
-scripts/testdata.sh
+scripts/images.sh
 cargo build --quiet -p hb-cli
 HB="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug/hb"
-DATA=${HB_TESTDATA:-/var/tmp/hb-testdata}
+REG=127.0.0.1:${HB_REGISTRY_PORT:-15000}
 WORK=${HB_DEMO_DIR:-/dev/shm/hb-demo}
 [ -d /dev/shm ] || WORK=/var/tmp/hb-demo
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -18,32 +19,21 @@ export HB_ROOT="$WORK/store"
 step() { printf '\n== %s\n' "$*" >&2; }
 timed() { local t0; t0=$(date +%s%N); "$@"; local ms=$(( ($(date +%s%N) - t0) / 1000000 )); printf '   (%d.%03d s)\n' $((ms / 1000)) $((ms % 1000)) >&2; }
 
-step "v2 of the rootfs: one more config file and a small edit (made outside the store)"
-cp -a "$DATA/minbase" "$WORK/v2" && rm -f "$WORK/v2/.hb-complete"
-echo "HyperBox demo" >> "$WORK/v2/etc/motd"
-printf '[hb]\nversion = 2\n' > "$WORK/v2/etc/hb-demo.conf"
-tar --xattrs --xattrs-include='*' --numeric-owner --sort=name -C "$WORK/v2" -cf - . | gzip -6 > "$WORK/v2.tar.gz"
-ls -l "$DATA/minbase.tar.gz" "$WORK/v2.tar.gz" | awk '{printf "   %s  %s bytes\n", $9, $5}' >&2
-
-step "hb layer import: Debian bookworm minbase, v1"
-V1=$(timed "$HB" layer import "$DATA/minbase.tar.gz")
-step "hb layer import: v2 (only the changed chunks are new)"
-V2=$(timed "$HB" layer import "$WORK/v2.tar.gz")
-
-step "hb diff v1 v2: changed paths, and the bytes v2 needs beyond v1"
-"$HB" diff "$V1" "$V2"
-
-step "hb du: logical vs stored"
+step "hb pull $REG/debian-app:v1"
+timed "$HB" pull "$REG/debian-app:v1" >/dev/null
+step "hb export, then run the image's command from its rootfs"
+timed "$HB" export "$REG/debian-app:v1" "$WORK/rootfs"
+timed chroot "$WORK/rootfs" /usr/bin/python3 /app/main.py
+step "hb pull $REG/debian-app:v2 (one more package, small edits)"
+timed "$HB" pull "$REG/debian-app:v2" >/dev/null
+step "hb pull $REG/debian-app:v1-zstd (the same layers recompressed: nothing to download)"
+timed "$HB" pull "$REG/debian-app:v1-zstd" >/dev/null
+step "hb images"
+"$HB" images
+step "hb diff v1 v2 (first lines)"
+"$HB" diff "$REG/debian-app:v1" "$REG/debian-app:v2" | grep -E '^[AD] ' | head -n 5 || true
+step "hb du"
 "$HB" du
-
-step "hb layer export --dir: rebuild v2's rootfs from chunks (every read verified)"
-timed "$HB" layer export "$V2" --dir "$WORK/rootfs"
-
-if [ "$(id -u)" = 0 ]; then
-  step "run a command in the rebuilt rootfs"
-  chroot "$WORK/rootfs" /bin/sh -c 'echo "Debian $(cat /etc/debian_version), $(tail -n1 /etc/motd)"; grep version /etc/hb-demo.conf'
-fi
-
 step "hb fsck"
 timed "$HB" fsck
 printf '\nDemo store left in %s (HB_ROOT=%s); remove it with: rm -rf %s\n' "$WORK" "$HB_ROOT" "$WORK" >&2

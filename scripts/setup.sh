@@ -9,7 +9,8 @@ PACKAGES=(
   zstd pigz                    # test material and benchmark baselines
   busybox-static debootstrap   # offline test images
   attr                         # setfattr: xattrs in test material
-  util-linux                   # flock, used by tests
+  util-linux curl              # tests and scripts
+  docker-registry skopeo umoci apache2-utils  # real registries, a real client, an independent extractor
   ca-certificates
 )
 

@@ -12,6 +12,8 @@ pub mod env {
     pub const ROOT: &str = "HB_ROOT";
     pub const CONFIG: &str = "HB_CONFIG";
     pub const LOG: &str = "HB_LOG";
+    /// Docker's own: where config.json (registry credentials) lives.
+    pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/hb/hb.toml";
@@ -73,6 +75,70 @@ pub fn store_root(flag: Option<&Path>, file: &FileConfig) -> anyhow::Result<Path
         Some(h) => Ok(PathBuf::from(h).join(".local/share/hb")),
         None => bail!("cannot choose a store location: HOME is not set; pass --root DIR or set {}", env::ROOT),
     }
+}
+
+/// Credentials for `registry` from docker's config.json (`$DOCKER_CONFIG/config.json` or
+/// `~/.docker/config.json`): a credential helper (`credHelpers`, then `credsStore`) or `auths`.
+pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, String)>> {
+    let dir = match std::env::var_os(env::DOCKER_CONFIG) {
+        Some(d) => PathBuf::from(d),
+        None => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".docker"),
+            None => return Ok(None),
+        },
+    };
+    let path = dir.join("config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    // Docker Hub is stored under its historical key.
+    let keys: Vec<String> = if registry == "docker.io" {
+        vec!["https://index.docker.io/v1/".into(), "docker.io".into(), "index.docker.io".into()]
+    } else {
+        vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")]
+    };
+    let helper = keys
+        .iter()
+        .find_map(|k| cfg["credHelpers"][k].as_str())
+        .or_else(|| cfg["credsStore"].as_str())
+        .map(str::to_string);
+    if let Some(helper) = helper {
+        let bin = format!("docker-credential-{helper}");
+        let mut child = std::process::Command::new(&bin)
+            .arg("get")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("running credential helper {bin} (named in {})", path.display()))?;
+        use std::io::Write;
+        child.stdin.take().expect("piped").write_all(keys[0].as_bytes())?;
+        let out = child.wait_with_output()?;
+        if out.status.success() {
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).with_context(|| format!("{bin} answered"))?;
+            if let (Some(u), Some(p)) = (v["Username"].as_str(), v["Secret"].as_str()) {
+                return Ok(Some((u.to_string(), p.to_string())));
+            }
+        }
+    }
+    for k in &keys {
+        if let Some(auth) = cfg["auths"][k]["auth"].as_str() {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth)
+                .with_context(|| format!("{}: auths.{k}.auth is not base64", path.display()))?;
+            let raw = String::from_utf8(raw).with_context(|| format!("{}: auths.{k}.auth", path.display()))?;
+            let (u, p) = raw
+                .split_once(':')
+                .with_context(|| format!("{}: auths.{k}.auth is not user:password", path.display()))?;
+            return Ok(Some((u.to_string(), p.to_string())));
+        }
+    }
+    Ok(None)
 }
 
 fn is_root() -> bool {

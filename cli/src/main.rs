@@ -5,6 +5,7 @@
 
 mod config;
 mod output;
+mod pull;
 
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -49,14 +50,42 @@ struct Global {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Pull an image from a registry into the store (layers deduplicated by chunk)
+    Pull {
+        /// Image reference, as docker takes it (busybox, ghcr.io/org/app:v1, host:5000/app@sha256:...)
+        reference: String,
+        /// Platform to select from a multi-platform image [default: this machine's]
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// Use plain HTTP for this registry (loopback registries use it without asking)
+        #[arg(long)]
+        plain_http: bool,
+        /// Registry credentials [default: from docker's config.json]
+        #[arg(long, value_name = "USER:PASSWORD")]
+        creds: Option<String>,
+        /// Show which layers a pull would download given what is stored; download nothing
+        #[arg(long)]
+        plan: bool,
+    },
+    /// List images: name, digest, size, bytes only this image uses vs bytes shared with others
+    Images,
+    /// Print an image's manifest and config
+    Inspect { image: String },
+    /// Remove image names; `hb gc` then frees what no other image uses
+    Rmi {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Materialise an image's rootfs (layers merged, whiteouts applied) into DIR
+    Export { image: String, dir: PathBuf },
     /// Import, export, list and remove layers
     #[command(subcommand)]
     Layer(LayerCmd),
-    /// Show what changed from layer A to layer B and what B needs beyond A
+    /// Show what changed from A to B and what B needs beyond A (images or layers)
     Diff {
-        /// Layer A (blob digest or diff_id, or an unambiguous prefix)
+        /// An image name, or a layer (blob digest or diff_id, or an unambiguous prefix)
         a: String,
-        /// Layer B
+        /// The same for B
         b: String,
     },
     /// Logical vs stored bytes and the dedup ratio
@@ -148,11 +177,163 @@ fn resolve(store: &Store, q: &str) -> anyhow::Result<Digest> {
     Ok(store.resolve_layer(q)?)
 }
 
+/// An image in the store by name (normalised as docker does) or manifest digest (prefix).
+fn find_image(store: &Store, q: &str) -> anyhow::Result<Option<(String, Digest)>> {
+    if let Ok(r) = hb_registry::ImageRef::parse(q) {
+        let name = pull::image_name(&r);
+        if let Some(d) = store.image_by_name(&name)? {
+            return Ok(Some((name, d)));
+        }
+    }
+    let hex = q.strip_prefix("sha256:").unwrap_or(q);
+    if hex.len() >= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let found: Vec<_> = store.image_names()?.into_iter().filter(|n| n.digest.hex().starts_with(hex)).collect();
+        if let Some(n) = found.first() {
+            return Ok(Some((n.name.clone(), n.digest)));
+        }
+    }
+    Ok(None)
+}
+
+fn require_image(store: &Store, q: &str) -> anyhow::Result<(String, Digest, hb_store::ImageRecord)> {
+    let Some((name, d)) = find_image(store, q)? else {
+        bail!("no image {q:?} in the store (see `hb images`; `hb pull {q}` fetches it)");
+    };
+    let rec = store.image(&d)?.with_context(|| format!("image {d} named {name} is missing"))?;
+    Ok((name, d, rec))
+}
+
+/// The tree `q` names: an image's merged rootfs, or one layer.
+fn tree_of(store: &Store, q: &str) -> anyhow::Result<(String, hb_core::LayerIndex)> {
+    if let Some((name, _, rec)) = find_image(store, q)?.map(|_| require_image(store, q)).transpose()? {
+        let layers = rec
+            .layers
+            .iter()
+            .map(|l| store.layer(&l.diff_id)?.with_context(|| format!("layer {} is missing", l.diff_id)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return Ok((name, hb_core::merge_layers(store.chunker(), layers.iter())));
+    }
+    let d = resolve(store, q)?;
+    Ok((d.to_string(), store.layer(&d)?.context("layer vanished")?))
+}
+
+/// `sha256:<12 hex>` labels shortened as docker shows ids; image names as they are.
+fn short_label(label: &str) -> &str {
+    label.strip_prefix("sha256:").map(|h| &h[..12]).unwrap_or(label)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = &cli.global;
     let out = Out::new(g.json, g.quiet);
-    let store = open_store(g)?;
+    let store = std::sync::Arc::new(open_store(g)?);
     match cli.cmd {
+        Cmd::Pull { reference, platform, plain_http, creds, plan } => {
+            let r = hb_registry::ImageRef::parse(&reference)?;
+            let credentials = match creds {
+                Some(c) => {
+                    let (u, p) = c.split_once(':').context("--creds takes USER:PASSWORD")?;
+                    Some((u.to_string(), p.to_string()))
+                }
+                None => config::docker_credentials(r.registry())?,
+            };
+            let platform = match platform {
+                Some(p) => p.parse().map_err(anyhow::Error::msg)?,
+                None => hb_registry::Platform::default(),
+            };
+            let opts = hb_registry::RegistryOptions { plain_http, credentials, platform, attempts: 5 };
+            let rt = runtime()?;
+            let (registry, resolved) = pull::resolve(&rt, &r, opts)?;
+            if plan {
+                let p = pull::plan(&store, &resolved)?;
+                if out.json {
+                    out.json_value(&p)?;
+                } else {
+                    let mut w = io::stdout().lock();
+                    for l in &p.fetch {
+                        writeln!(w, "fetch   {} {}", l.digest, HumanBytes(l.size))?;
+                    }
+                    for l in &p.present {
+                        writeln!(w, "present {} {}", l.digest, HumanBytes(l.size))?;
+                    }
+                    out.note(format!(
+                        "{}: would download {} in {} layers; {} already stored",
+                        p.name,
+                        HumanBytes(p.fetch_bytes),
+                        p.fetch.len(),
+                        HumanBytes(p.present_bytes)
+                    ));
+                }
+            } else {
+                let report = pull::pull(&rt, store.clone(), registry, resolved, &out)?;
+                if out.json {
+                    out.json_value(&report)?;
+                } else {
+                    println!("{}", report.digest);
+                    pull::print_report(&out, &report);
+                }
+            }
+        }
+        Cmd::Images => {
+            let sizes = store.image_sizes()?;
+            if out.json {
+                out.json_value(&sizes)?;
+            } else {
+                let mut w = io::stdout().lock();
+                writeln!(w, "{:<50} {:<14} {:>10} {:>10} {:>10}", "IMAGE", "DIGEST", "SIZE", "UNIQUE", "SHARED")?;
+                for s in sizes {
+                    writeln!(
+                        w,
+                        "{:<50} {:<14} {:>10} {:>10} {:>10}",
+                        s.name,
+                        s.digest.short(),
+                        HumanBytes(s.content_bytes).to_string(),
+                        HumanBytes(s.unique_bytes).to_string(),
+                        HumanBytes(s.shared_bytes).to_string()
+                    )?;
+                }
+            }
+        }
+        Cmd::Inspect { image } => {
+            let (name, digest, rec) = require_image(&store, &image)?;
+            let manifest: serde_json::Value = serde_json::from_str(&rec.manifest)?;
+            let config: serde_json::Value = serde_json::from_str(&rec.config)?;
+            let v = serde_json::json!({
+                "name": name, "digest": digest, "platform": rec.platform,
+                "manifestMediaType": rec.manifest_media_type, "manifest": manifest, "config": config,
+            });
+            serde_json::to_writer_pretty(io::stdout().lock(), &v)?;
+            println!();
+        }
+        Cmd::Rmi { images } => {
+            for q in &images {
+                let (name, digest, _) = require_image(&store, q)?;
+                store.remove_image_name(&name)?;
+                out.note(format!("untagged {name} ({}); run `hb gc` to free its space", digest.short()));
+            }
+        }
+        Cmd::Export { image, dir } => {
+            let (name, _, rec) = require_image(&store, &image)?;
+            let layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
+            let bar = Bar::bytes(&out, "exporting rootfs", None);
+            let existed = dir.exists();
+            let r = store.export_rootfs(&layers, &dir, &bar);
+            bar.finish();
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    if !matches!(e, hb_store::StoreError::TargetNotEmpty(_)) {
+                        remove_partial_tree(&dir, existed);
+                    }
+                    return Err(e.into());
+                }
+            };
+            out.note(format!("{name}: {} entries, {} into {}", r.entries, HumanBytes(r.bytes), dir.display()));
+            out.json_value(&r)?;
+        }
         Cmd::Layer(LayerCmd::Import { files }) => {
             let mut reports = Vec::new();
             for f in &files {
@@ -272,9 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Diff { a, b } => {
-            let (da, db) = (resolve(&store, &a)?, resolve(&store, &b)?);
-            let ia = store.layer(&da)?.context("layer vanished")?;
-            let ib = store.layer(&db)?.context("layer vanished")?;
+            let ((da, ia), (db, ib)) = (tree_of(&store, &a)?, tree_of(&store, &b)?);
             let d = hb_core::diff(&ia, &ib);
             if out.json {
                 let changes: Vec<_> = d
@@ -294,10 +473,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out.note(format!(
                     "{} changed paths; {} needs {} chunks ({}) that {} lacks",
                     d.changes.len(),
-                    db.short(),
+                    short_label(&db),
                     d.needed_chunks.len(),
                     HumanBytes(d.needed_bytes),
-                    da.short()
+                    short_label(&da)
                 ));
             }
         }

@@ -81,3 +81,67 @@ impl Store {
         Ok(out)
     }
 }
+
+/// Sizes of one named image, by chunks: what removing it would free vs what others also use.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImageSize {
+    pub name: String,
+    pub digest: Digest,
+    /// Sum of the layer blobs as the registry serves them.
+    pub blob_bytes: u64,
+    /// Uncompressed bytes of the image's distinct chunks.
+    pub content_bytes: u64,
+    /// Of those, bytes no other named image uses.
+    pub unique_bytes: u64,
+    pub shared_bytes: u64,
+}
+
+impl Store {
+    /// True when the layer with uncompressed digest `diff_id` is stored (whatever blob it came
+    /// from: the same content gzip'ed or zstd'ed needs no second download).
+    pub fn has_layer(&self, diff_id: &Digest) -> Result<bool> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_LAYERS), diff_id.as_bytes())?.is_some())
+    }
+
+    /// Unique and shared sizes of every named image.
+    pub fn image_sizes(&self) -> Result<Vec<ImageSize>> {
+        use std::collections::{HashMap, HashSet};
+        let names = self.image_names()?;
+        let mut chunk_sets: Vec<HashMap<hb_core::ChunkId, u32>> = Vec::new();
+        let mut users: HashMap<hb_core::ChunkId, HashSet<Digest>> = HashMap::new();
+        let mut out = Vec::new();
+        for n in &names {
+            let rec = self
+                .image(&n.digest)?
+                .ok_or_else(|| StoreError::CorruptMeta(format!("image {} is missing", n.digest)))?;
+            let mut chunks = HashMap::new();
+            for l in &rec.layers {
+                let idx = self.layer(&l.diff_id)?.ok_or_else(|| StoreError::UnknownLayer(l.diff_id.to_string()))?;
+                for c in &idx.chunks {
+                    chunks.insert(c.id, c.len);
+                    users.entry(c.id).or_default().insert(n.digest);
+                }
+            }
+            out.push(ImageSize {
+                name: n.name.clone(),
+                digest: n.digest,
+                blob_bytes: rec.layers.iter().map(|l| l.size).sum(),
+                content_bytes: 0,
+                unique_bytes: 0,
+                shared_bytes: 0,
+            });
+            chunk_sets.push(chunks);
+        }
+        for (size, chunks) in out.iter_mut().zip(&chunk_sets) {
+            for (id, len) in chunks {
+                size.content_bytes += *len as u64;
+                if users[id].len() == 1 {
+                    size.unique_bytes += *len as u64;
+                } else {
+                    size.shared_bytes += *len as u64;
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -35,7 +35,7 @@ use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 pub use bloom::{ChunkFilter, FP_RATE};
 pub use error::{Result, StoreError};
 pub use export::ExportReport;
-pub use images::NamedImage;
+pub use images::{ImageSize, NamedImage};
 pub use ingest::{ImportOptions, ImportReport};
 pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};

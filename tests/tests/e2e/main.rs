@@ -6,4 +6,5 @@ mod crafted;
 mod crash;
 mod dedup_gc;
 mod integrity;
+mod pull;
 mod roundtrip;

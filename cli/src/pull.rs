@@ -1,0 +1,236 @@
+//! `hb pull`: registry -> verified blob streams -> concurrent ingests -> image record.
+//! The only place that wires the registry client to the store.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use futures_util::{stream, StreamExt, TryStreamExt};
+use hb_core::Digest;
+use hb_registry::{ImageRef, LayerDesc, Registry, RegistryOptions, ResolvedImage};
+use hb_store::{ImageLayer, ImageRecord, ImportOptions, Store};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::mpsc;
+
+use crate::output::Out;
+
+/// Layers downloaded at once.
+pub const CONCURRENT_LAYERS: usize = 3;
+
+/// What a pull did, for people and for `--json`.
+#[derive(Debug, serde::Serialize)]
+pub struct PullReport {
+    pub name: String,
+    pub digest: Digest,
+    pub platform: String,
+    pub layers: usize,
+    /// Layers whose content (diff_id) the store already had, from any blob.
+    pub layers_present: usize,
+    pub bytes_present: u64,
+    pub bytes_downloaded: u64,
+    /// Uncompressed bytes of chunks the store did not have.
+    pub new_chunk_bytes: u64,
+    pub deduplicated_bytes: u64,
+}
+
+/// What a pull would fetch, without fetching.
+#[derive(Debug, serde::Serialize)]
+pub struct PullPlan {
+    pub name: String,
+    pub digest: Digest,
+    pub fetch: Vec<PlannedLayer>,
+    pub present: Vec<PlannedLayer>,
+    pub fetch_bytes: u64,
+    pub present_bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct PlannedLayer {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A blocking reader over the chunks a download task sends.
+struct ChannelReader {
+    rx: mpsc::Receiver<Result<Vec<u8>, String>>,
+    buf: Vec<u8>,
+    pos: usize,
+    bar: ProgressBar,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => {
+                    self.bar.inc(b.len() as u64);
+                    self.buf = b;
+                    self.pos = 0;
+                }
+                Some(Err(msg)) => return Err(io::Error::other(msg)),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn layer_bar(multi: &MultiProgress, out: &Out, layer: &LayerDesc) -> ProgressBar {
+    if out.quiet || out.json {
+        return ProgressBar::hidden();
+    }
+    let pb = multi.add(ProgressBar::new(layer.size));
+    pb.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec}").expect("template"),
+    );
+    pb.set_message(layer.digest.short());
+    pb
+}
+
+/// The store's name for an image: the canonical reference.
+pub fn image_name(r: &ImageRef) -> String {
+    r.canonical()
+}
+
+/// Resolves `r` and compares with the store: which layer blobs a pull would download.
+pub fn plan(store: &Store, resolved: &ResolvedImage) -> anyhow::Result<PullPlan> {
+    let mut p = PullPlan {
+        name: image_name(&resolved.reference),
+        digest: resolved.manifest_digest,
+        fetch: vec![],
+        present: vec![],
+        fetch_bytes: 0,
+        present_bytes: 0,
+    };
+    for l in &resolved.layers {
+        let entry = PlannedLayer { digest: l.digest, size: l.size };
+        if store.has_layer(&l.diff_id)? {
+            p.present_bytes += l.size;
+            p.present.push(entry);
+        } else {
+            p.fetch_bytes += l.size;
+            p.fetch.push(entry);
+        }
+    }
+    Ok(p)
+}
+
+pub fn resolve(
+    rt: &tokio::runtime::Runtime,
+    r: &ImageRef,
+    opts: RegistryOptions,
+) -> anyhow::Result<(Registry, ResolvedImage)> {
+    let registry = Registry::new(r, opts);
+    let resolved = rt.block_on(registry.resolve(r))?;
+    Ok((registry, resolved))
+}
+
+/// Downloads what the store lacks, layers concurrently, each streamed into its own ingest, then
+/// records the image under its canonical name.
+pub fn pull(
+    rt: &tokio::runtime::Runtime,
+    store: Arc<Store>,
+    registry: Registry,
+    resolved: ResolvedImage,
+    out: &Out,
+) -> anyhow::Result<PullReport> {
+    let name = image_name(&resolved.reference);
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let mut report = PullReport {
+        name: name.clone(),
+        digest: resolved.manifest_digest,
+        platform: resolved.platform.clone(),
+        layers: resolved.layers.len(),
+        layers_present: 0,
+        bytes_present: 0,
+        bytes_downloaded: 0,
+        new_chunk_bytes: 0,
+        deduplicated_bytes: 0,
+    };
+    let mut missing = Vec::new();
+    for l in &resolved.layers {
+        if store.has_layer(&l.diff_id)? {
+            report.layers_present += 1;
+            report.bytes_present += l.size;
+        } else if !missing.iter().any(|m: &LayerDesc| m.digest == l.digest) {
+            missing.push(l.clone());
+        }
+    }
+    let registry = Arc::new(registry);
+    let reference = resolved.reference.clone();
+    let results: Vec<(u64, hb_store::ImportReport)> = rt.block_on(async {
+        stream::iter(missing.iter().cloned())
+            .map(|layer| {
+                let store = store.clone();
+                let registry = registry.clone();
+                let reference = reference.clone();
+                let bar = layer_bar(&multi, out, &layer);
+                async move {
+                    let (tx, rx) = mpsc::channel(16);
+                    let reader = ChannelReader { rx, buf: Vec::new(), pos: 0, bar: bar.clone() };
+                    let expect = layer.digest;
+                    let ingest = tokio::task::spawn_blocking(move || {
+                        let opts = ImportOptions { expect_digest: Some(expect), pin: false };
+                        store.import_blob(reader, &opts, &hb_store::NoProgress)
+                    });
+                    let fetched = registry.fetch_blob(&reference, &layer, tx).await;
+                    let imported = ingest.await.context("ingest task panicked")?;
+                    bar.finish_and_clear();
+                    let bytes = fetched.with_context(|| format!("downloading layer {}", layer.digest))?;
+                    let r = imported.with_context(|| format!("storing layer {}", layer.digest))?;
+                    if r.diff_id != layer.diff_id {
+                        bail!(
+                            "layer {} decompresses to {}, but the image config says {}",
+                            layer.digest,
+                            r.diff_id,
+                            layer.diff_id
+                        );
+                    }
+                    anyhow::Ok((bytes, r))
+                }
+            })
+            .buffer_unordered(CONCURRENT_LAYERS)
+            .try_collect()
+            .await
+    })?;
+    for (bytes, r) in &results {
+        report.bytes_downloaded += bytes;
+        report.new_chunk_bytes += r.new_bytes;
+        report.deduplicated_bytes += r.deduplicated_bytes;
+    }
+    let record = ImageRecord {
+        manifest_media_type: resolved.manifest_media_type.clone(),
+        manifest: String::from_utf8(resolved.manifest.clone()).context("manifest is not UTF-8")?,
+        config_digest: resolved.config_digest,
+        config: String::from_utf8(resolved.config.clone()).context("config is not UTF-8")?,
+        layers: resolved
+            .layers
+            .iter()
+            .map(|l| ImageLayer {
+                digest: l.digest,
+                diff_id: l.diff_id,
+                size: l.size,
+                media_type: l.media_type.clone(),
+            })
+            .collect(),
+        platform: resolved.platform.clone(),
+    };
+    store.put_image(&name, &resolved.manifest_digest, &record)?;
+    Ok(report)
+}
+
+pub fn print_report(out: &Out, r: &PullReport) {
+    out.note(format!(
+        "{}: {} layers ({} already present, {}), downloaded {}; stored {} of new chunks, {} deduplicated",
+        r.name,
+        r.layers,
+        r.layers_present,
+        HumanBytes(r.bytes_present),
+        HumanBytes(r.bytes_downloaded),
+        HumanBytes(r.new_chunk_bytes),
+        HumanBytes(r.deduplicated_bytes),
+    ));
+}

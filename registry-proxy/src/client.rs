@@ -1,0 +1,358 @@
+//! Talking to one registry: resolving a reference to a manifest for a platform, and fetching
+//! blobs as streams that resume after a dropped connection.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hb_core::{Digest, DigestHasher};
+use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, RegistryOperation};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::error::RegistryError;
+use crate::platform::Platform;
+use crate::reference::ImageRef;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+const LAYER_TYPES: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+];
+
+/// How to reach and authenticate to a registry.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// Talk plain HTTP even though the registry is not on loopback.
+    pub plain_http: bool,
+    pub credentials: Option<(String, String)>,
+    pub platform: Platform,
+    /// Tries per blob request (the first included) before giving up.
+    pub attempts: u32,
+}
+
+/// One layer as the manifest describes it, with the diff_id its config promises.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerDesc {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+    pub diff_id: Digest,
+}
+
+/// A reference resolved to one platform's image, manifest and config verified by digest.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    pub reference: ImageRef,
+    pub manifest_digest: Digest,
+    pub manifest_media_type: String,
+    pub manifest: Vec<u8>,
+    pub config_digest: Digest,
+    pub config: Vec<u8>,
+    pub layers: Vec<LayerDesc>,
+    pub platform: String,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<PlatformJson>,
+}
+
+#[derive(Deserialize)]
+struct PlatformJson {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ManifestJson {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Option<Vec<Descriptor>>,
+}
+
+#[derive(Deserialize)]
+struct ConfigJson {
+    rootfs: RootFs,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+
+/// A client for the registry of one reference.
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+    opts: RegistryOptions,
+    registry: String,
+}
+
+impl Registry {
+    /// A client for `r`'s registry: HTTPS, or plain HTTP for loopback registries (as docker
+    /// allows) and when `opts.plain_http` says so.
+    pub fn new(r: &ImageRef, opts: RegistryOptions) -> Self {
+        install_crypto_provider();
+        let protocol = if opts.plain_http || r.is_loopback() {
+            ClientProtocol::HttpsExcept(vec![r.registry().to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            connect_timeout: Some(Duration::from_secs(15)),
+            read_timeout: Some(Duration::from_secs(60)),
+            ..ClientConfig::default()
+        };
+        let auth = match &opts.credentials {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        Registry { client: Client::new(config), auth, opts, registry: r.registry().to_string() }
+    }
+
+    fn err(&self, r: &ImageRef) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
+        let reference = r.canonical();
+        move |e| RegistryError::from_oci(&self.registry, &reference, e)
+    }
+
+    async fn manifest(&self, r: &ImageRef) -> Result<(Vec<u8>, Digest), RegistryError> {
+        let (bytes, _) =
+            self.client.pull_manifest_raw(&r.inner, &self.auth, MANIFEST_TYPES).await.map_err(self.err(r))?;
+        let actual = Digest::of(&bytes);
+        if let Some(want) = r.digest() {
+            if want != actual.to_string() {
+                return Err(RegistryError::DigestMismatch { what: "manifest", expected: want.to_string(), actual });
+            }
+        }
+        Ok((bytes.to_vec(), actual))
+    }
+
+    /// Resolves `r` to the image for the configured platform: follows an index or manifest
+    /// list, checks every digest, and pairs each layer with its diff_id from the config.
+    pub async fn resolve(&self, r: &ImageRef) -> Result<ResolvedImage, RegistryError> {
+        self.client.auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r))?;
+        let malformed =
+            |what: &'static str, reason: String| RegistryError::Malformed { reference: r.canonical(), what, reason };
+        let (mut bytes, mut digest) = self.manifest(r).await?;
+        let mut m: ManifestJson = serde_json::from_slice(&bytes).map_err(|e| malformed("manifest", e.to_string()))?;
+        let mut platform = self.opts.platform.to_string();
+        if let Some(list) = &m.manifests {
+            let wanted = &self.opts.platform;
+            let chosen = list.iter().find(|d| {
+                d.platform.as_ref().is_some_and(|p| wanted.matches(&p.os, &p.architecture, p.variant.as_deref()))
+            });
+            let Some(chosen) = chosen else {
+                let available: Vec<String> = list
+                    .iter()
+                    .filter_map(|d| d.platform.as_ref())
+                    .map(|p| {
+                        Platform { os: p.os.clone(), arch: p.architecture.clone(), variant: p.variant.clone() }
+                            .to_string()
+                    })
+                    .collect();
+                return Err(RegistryError::NoPlatform {
+                    reference: r.canonical(),
+                    wanted: wanted.to_string(),
+                    available: available.join(", "),
+                });
+            };
+            if let Some(p) = &chosen.platform {
+                platform =
+                    Platform { os: p.os.clone(), arch: p.architecture.clone(), variant: p.variant.clone() }.to_string();
+            }
+            let child = r.with_digest(&chosen.digest);
+            (bytes, digest) = self.manifest(&child).await?;
+            m = serde_json::from_slice(&bytes).map_err(|e| malformed("manifest", e.to_string()))?;
+            if m.manifests.is_some() {
+                return Err(malformed("index", "an index inside an index".into()));
+            }
+        }
+        let media_type = if m.media_type.is_empty() { OCI_MANIFEST.to_string() } else { m.media_type.clone() };
+        if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
+            return Err(RegistryError::Unsupported { reference: r.canonical(), what: "manifest", media_type });
+        }
+        let config_desc = m.config.ok_or_else(|| malformed("manifest", "no config".into()))?;
+        let config_digest: Digest =
+            config_desc.digest.parse().map_err(|e: hb_core::DigestError| malformed("manifest", e.to_string()))?;
+        let mut config = Vec::new();
+        let desc = oci_client::manifest::OciDescriptor {
+            media_type: config_desc.media_type.clone(),
+            digest: config_desc.digest.clone(),
+            size: config_desc.size as i64,
+            ..Default::default()
+        };
+        self.client.pull_blob(&r.inner, &desc, &mut config).await.map_err(self.err(r))?;
+        let actual = Digest::of(&config);
+        if actual != config_digest {
+            return Err(RegistryError::DigestMismatch { what: "config", expected: config_digest.to_string(), actual });
+        }
+        let cfg: ConfigJson = serde_json::from_slice(&config).map_err(|e| malformed("config", e.to_string()))?;
+        let layers_json = m.layers.unwrap_or_default();
+        if cfg.rootfs.diff_ids.len() != layers_json.len() {
+            return Err(malformed(
+                "image",
+                format!("{} layers but {} diff_ids in the config", layers_json.len(), cfg.rootfs.diff_ids.len()),
+            ));
+        }
+        let mut layers = Vec::new();
+        for (l, diff_id) in layers_json.iter().zip(&cfg.rootfs.diff_ids) {
+            if !LAYER_TYPES.contains(&l.media_type.as_str()) {
+                return Err(RegistryError::Unsupported {
+                    reference: r.canonical(),
+                    what: "layer",
+                    media_type: l.media_type.clone(),
+                });
+            }
+            layers.push(LayerDesc {
+                digest: l.digest.parse().map_err(|e: hb_core::DigestError| malformed("manifest", e.to_string()))?,
+                size: l.size,
+                media_type: l.media_type.clone(),
+                diff_id: diff_id.parse().map_err(|e: hb_core::DigestError| malformed("config", e.to_string()))?,
+            });
+        }
+        Ok(ResolvedImage {
+            reference: r.clone(),
+            manifest_digest: digest,
+            manifest_media_type: media_type,
+            manifest: bytes,
+            config_digest,
+            config,
+            layers,
+            platform,
+        })
+    }
+
+    /// Streams a blob into `out`, resuming with a Range request after a dropped connection and
+    /// retrying server errors with backoff. Verifies size and SHA-256 of the whole; returns the
+    /// byte count. The receiver sees bytes as they arrive and must not trust them until this
+    /// returns `Ok` (the store checks the digest itself before it commits).
+    pub async fn fetch_blob(
+        &self,
+        r: &ImageRef,
+        layer: &LayerDesc,
+        out: mpsc::Sender<Result<Vec<u8>, String>>,
+    ) -> Result<u64, RegistryError> {
+        let desc = oci_client::manifest::OciDescriptor {
+            media_type: layer.media_type.clone(),
+            digest: layer.digest.to_string(),
+            size: layer.size as i64,
+            ..Default::default()
+        };
+        let attempts = self.opts.attempts.max(1);
+        let mut hasher = DigestHasher::new();
+        let mut offset = 0u64;
+        let mut failures = 0u32;
+        loop {
+            let resp = if offset == 0 {
+                self.client.pull_blob_stream(&r.inner, &desc).await.map(BlobResponse::Full)
+            } else {
+                self.client.pull_blob_stream_partial(&r.inner, &desc, offset, None).await
+            };
+            let step: Result<bool, RegistryError> = async {
+                let (mut stream, mut skip) = match resp.map_err(self.err(r))? {
+                    BlobResponse::Full(s) => (s.stream, offset),
+                    BlobResponse::Partial(s) => (s.stream, 0),
+                };
+                while let Some(item) = stream.next().await {
+                    let bytes = match item {
+                        Ok(b) => b,
+                        // Every byte arrived: the client's own digest check failed. Ours decides
+                        // below, and a wrong blob is not worth downloading again.
+                        Err(_) if offset == layer.size => break,
+                        Err(e) => {
+                            return Err(RegistryError::Transport {
+                                registry: self.registry.clone(),
+                                reason: format!("blob {}: {e}", layer.digest),
+                            })
+                        }
+                    };
+                    let mut b = &bytes[..];
+                    // A server that ignored the Range header resent the start.
+                    let drop = skip.min(b.len() as u64) as usize;
+                    b = &b[drop..];
+                    skip -= drop as u64;
+                    if b.is_empty() {
+                        continue;
+                    }
+                    hasher.update(b);
+                    offset += b.len() as u64;
+                    if offset > layer.size {
+                        return Err(RegistryError::DigestMismatch {
+                            what: "blob (longer than its manifest size)",
+                            expected: layer.digest.to_string(),
+                            actual: hasher.clone().finish(),
+                        });
+                    }
+                    if out.send(Ok(b.to_vec())).await.is_err() {
+                        return Err(RegistryError::Transport {
+                            registry: self.registry.clone(),
+                            reason: "the receiver stopped".into(),
+                        });
+                    }
+                }
+                Ok(offset == layer.size)
+            }
+            .await;
+            match step {
+                Ok(true) => break,
+                Ok(false) | Err(RegistryError::Transport { .. }) if failures + 1 < attempts => {
+                    failures += 1;
+                    let wait = Duration::from_millis(200 * (1 << failures.min(5)));
+                    tracing::warn!(blob = %layer.digest, offset, attempt = failures + 1, "blob download interrupted; resuming");
+                    tokio::time::sleep(wait).await;
+                }
+                Ok(false) => {
+                    let e = RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        reason: format!(
+                            "blob {}: connection closed after {offset} of {} bytes",
+                            layer.digest, layer.size
+                        ),
+                    };
+                    let _ = out.send(Err(e.to_string())).await;
+                    return Err(e);
+                }
+                Err(e) => {
+                    let _ = out.send(Err(e.to_string())).await;
+                    return Err(e);
+                }
+            }
+        }
+        let actual = hasher.finish();
+        if actual != layer.digest {
+            let e = RegistryError::DigestMismatch { what: "blob", expected: layer.digest.to_string(), actual };
+            let _ = out.send(Err(e.to_string())).await;
+            return Err(e);
+        }
+        Ok(offset)
+    }
+}
+
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

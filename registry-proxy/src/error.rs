@@ -1,0 +1,62 @@
+use hb_core::Digest;
+
+/// What can go wrong talking to a registry. Messages name the reference, registry or blob.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    BadReference { reference: String, reason: String },
+    #[error(
+        "{registry}: not authorized: {reason} (pass --creds USER:PASSWORD, or add credentials to docker's config.json)"
+    )]
+    Unauthorized { registry: String, reason: String },
+    #[error("{reference}: not found in the registry")]
+    NotFound { reference: String },
+    #[error("{what} {expected}: the registry sent bytes with digest {actual}")]
+    DigestMismatch { what: &'static str, expected: String, actual: Digest },
+    #[error("{reference}: no image for platform {wanted} (available: {available})")]
+    NoPlatform { reference: String, wanted: String, available: String },
+    #[error("{reference}: unsupported {what} media type {media_type:?}")]
+    Unsupported { reference: String, what: &'static str, media_type: String },
+    #[error("{reference}: malformed {what}: {reason}")]
+    Malformed { reference: String, what: &'static str, reason: String },
+    #[error("{registry}: {reason}")]
+    Transport { registry: String, reason: String },
+}
+
+impl RegistryError {
+    /// Translates the OCI client's error once, at this boundary.
+    pub(crate) fn from_oci(registry: &str, reference: &str, e: oci_client::errors::OciDistributionError) -> Self {
+        use oci_client::errors::OciDistributionError as E;
+        match e {
+            E::AuthenticationFailure(reason) | E::RegistryTokenDecodeError(reason) => {
+                RegistryError::Unauthorized { registry: registry.to_string(), reason }
+            }
+            E::UnauthorizedError { url } => RegistryError::Unauthorized {
+                registry: registry.to_string(),
+                reason: format!("the registry refused {url}"),
+            },
+            E::ImageManifestNotFoundError(_) => RegistryError::NotFound { reference: reference.to_string() },
+            E::ServerError { code: 404, .. } => RegistryError::NotFound { reference: reference.to_string() },
+            E::ServerError { code, message, .. } if code == 401 || code == 403 => RegistryError::Unauthorized {
+                registry: registry.to_string(),
+                reason: format!("HTTP {code}: {message}"),
+            },
+            E::RegistryError { envelope, .. } => {
+                let text = envelope.to_string();
+                if text.contains("UNAUTHORIZED") || text.contains("DENIED") {
+                    RegistryError::Unauthorized { registry: registry.to_string(), reason: text }
+                } else if text.contains("UNKNOWN") || text.contains("NOT_FOUND") {
+                    RegistryError::NotFound { reference: reference.to_string() }
+                } else {
+                    RegistryError::Transport { registry: registry.to_string(), reason: text }
+                }
+            }
+            other => RegistryError::Transport { registry: registry.to_string(), reason: other.to_string() },
+        }
+    }
+
+    /// Worth another try: the network or the server failed, not the request.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, RegistryError::Transport { .. })
+    }
+}

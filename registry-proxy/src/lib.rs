@@ -1,0 +1,21 @@
+//! HyperBox's OCI distribution client: image references parsed as docker does, manifests and
+//! indexes (OCI and Docker) resolved to one platform, anonymous/basic/Bearer auth (through
+//! `oci-client`), and blob downloads that resume with Range requests and retry with backoff.
+//! Every manifest, config and blob is checked against its digest here; layer blobs are checked
+//! again by the store before anything is committed.
+//!
+//! What it must not do: touch the store (the binary wires downloads into it), read config files
+//! or the environment, or own a runtime (callers bring tokio). The pull-through mirror server will
+//! live in this folder too, beside the client.
+
+mod client;
+mod error;
+mod platform;
+mod reference;
+
+pub use client::{
+    LayerDesc, Registry, RegistryOptions, ResolvedImage, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+};
+pub use error::RegistryError;
+pub use platform::Platform;
+pub use reference::ImageRef;

@@ -1,0 +1,266 @@
+//! `hb pull` against real registries (scripts/registry.sh, scripts/images.sh): fidelity against
+//! an independent extractor, dedup across versions, auth, wrong bytes, dropped connections.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hb_tests::*;
+
+fn open_registry() -> String {
+    let port: u16 = std::env::var("HB_REGISTRY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(15000);
+    let addr = format!("127.0.0.1:{port}");
+    assert!(TcpStream::connect(&addr).is_ok(), "no registry on {addr}: run scripts/images.sh (scripts/test.sh does)");
+    addr
+}
+
+fn basic_registry() -> String {
+    let port: u16 = std::env::var("HB_REGISTRY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(15000) + 1;
+    format!("127.0.0.1:{port}")
+}
+
+fn run(cmd: &mut std::process::Command) {
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The rootfs an independent tool makes of `image`: skopeo to an OCI layout, umoci to unpack.
+fn umoci_rootfs(image: &str, dir: &Path) -> PathBuf {
+    let layout = dir.join("layout");
+    run(std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{image}"))
+        .arg(format!("oci:{}:t", layout.display())));
+    let bundle = dir.join("bundle");
+    run(std::process::Command::new("umoci")
+        .args(["raw", "unpack", "--image"])
+        .arg(format!("{}:t", layout.display()))
+        .arg(&bundle));
+    bundle
+}
+
+#[test]
+fn pulled_images_export_exactly_what_umoci_unpacks() {
+    let reg = open_registry();
+    let hb = Hb::new();
+    // umoci 0.4 cannot read zstd layers: a zstd image is compared with umoci's unpack of its gzip
+    // twin (the same diff_ids, so the same content).
+    for (name, twin) in [
+        ("busybox:latest", "busybox:latest"),
+        ("busybox:zstd", "busybox:latest"),
+        ("debian-app:v1", "debian-app:v1"),
+        ("debian-app:v2-zstd", "debian-app:v2"),
+    ] {
+        let image = format!("{reg}/{name}");
+        let r = hb.json(&["pull", &image]);
+        assert_eq!(r["name"], image, "{r:#}");
+        let ours = hb.path(&format!("hb-{name}"));
+        hb.ok(&["export", &image, ours.to_str().unwrap()]);
+        let scratch = hb.path(&format!("umoci-{name}"));
+        std::fs::create_dir(&scratch).unwrap();
+        let theirs = umoci_rootfs(&format!("{reg}/{twin}"), &scratch);
+        assert_same_tree(
+            &format!("{name}: hb export vs umoci unpack"),
+            &fingerprint_dir(&theirs, &[]),
+            &fingerprint_dir(&ours, &[]),
+            true,
+        );
+    }
+    let v1 = fingerprint_dir(&hb.path("hb-debian-app:v1"), &[]);
+    assert!(v1.contains_key(b"usr/bin/python3".as_slice()) && v1.contains_key(b"usr/bin/gcc".as_slice()));
+    hb.fsck_clean();
+}
+
+#[test]
+fn v2_after_v1_downloads_only_changed_layers_and_stores_only_new_chunks() {
+    let reg = open_registry();
+    let hb = Hb::new();
+    let v1 = hb.json(&["pull", &format!("{reg}/debian-app:v1")]);
+    assert_eq!(v1["layers_present"], 0);
+    let plan = hb.json(&["pull", "--plan", &format!("{reg}/debian-app:v2")]);
+    assert_eq!(plan["present"].as_array().unwrap().len(), 1, "the base layer is shared: {plan:#}");
+    let v2 = hb.json(&["pull", &format!("{reg}/debian-app:v2")]);
+    assert_eq!(v2["layers_present"], 1, "{v2:#}");
+    assert_eq!(v2["bytes_downloaded"], plan["fetch_bytes"], "the plan said what the pull fetched");
+    // The changed package layer is ~90 MB on the wire, but only its new chunks are stored.
+    assert!(v2["bytes_downloaded"].as_u64().unwrap() > 50 << 20, "{v2:#}");
+    assert!(v2["new_chunk_bytes"].as_u64().unwrap() < 2 << 20, "{v2:#}");
+    // The same content as tar+zstd is not downloaded again at all.
+    let z = hb.json(&["pull", &format!("{reg}/debian-app:v1-zstd")]);
+    assert_eq!((z["layers_present"].as_u64(), z["bytes_downloaded"].as_u64()), (Some(3), Some(0)), "{z:#}");
+    let images = hb.json(&["images"]);
+    assert_eq!(images.as_array().unwrap().len(), 3);
+    // Removing an image frees only what no other image uses.
+    hb.ok(&["rmi", &format!("{reg}/debian-app:v2")]);
+    let gc = hb.json(&["gc"]);
+    assert_eq!(gc["images_removed"], 1, "{gc:#}");
+    hb.fsck_clean();
+}
+
+#[test]
+fn private_images_need_credentials_from_the_flag_or_docker_config() {
+    open_registry();
+    let image = format!("{}/private/busybox:latest", basic_registry());
+    let hb = Hb::new();
+    let err = hb.fails(&["pull", &image], 1);
+    assert!(err.contains("not authorized") && err.contains("--creds"), "{err}");
+    let err = hb.fails(&["pull", "--creds", "hb:wrong", &image], 1);
+    assert!(err.contains("not authorized"), "{err}");
+    hb.ok(&["pull", "--creds", "hb:hb-secret", &image]);
+    // docker's config.json, as `docker login` writes it.
+    let docker = hb.path("docker");
+    std::fs::create_dir(&docker).unwrap();
+    let auth = {
+        use std::process::{Command, Stdio};
+        let mut c = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        c.stdin.take().unwrap().write_all(b"hb:hb-secret").unwrap();
+        String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
+    };
+    std::fs::write(
+        docker.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, basic_registry()),
+    )
+    .unwrap();
+    let hb2 = Hb::new();
+    let o = hb2.command(&["pull", &image]).env("DOCKER_CONFIG", &docker).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    hb2.fsck_clean();
+}
+
+/// Pushes a one-layer image with unique content; returns (reference, layer digest hex, layer size).
+fn push_unique_image(hb: &Hb, reg: &str, tag: &str) -> (String, String, u64) {
+    use sha2::Digest as _;
+    let hex = |b: &[u8]| format!("{:x}", sha2::Sha256::digest(b));
+    let layout = hb.path(&format!("layout-{tag}"));
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    let put = |b: &[u8]| {
+        let h = hex(b);
+        std::fs::write(layout.join("blobs/sha256").join(&h), b).unwrap();
+        h
+    };
+    let mut tar = tar::Builder::new(Vec::new());
+    let data = pseudo_random(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        600_000,
+    );
+    let mut h = file_header(data.len() as u64, 0o644);
+    tar.append_data(&mut h, "unique.bin", &data[..]).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let layer = put(&gz);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{}"]}}}}"#,
+        hex(&tar)
+    );
+    let c = put(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer}","size":{}}}]}}"#,
+        config.len(),
+        gz.len()
+    );
+    let m = put(manifest.as_bytes());
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{m}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"t"}}}}]}}"#, manifest.len()),
+    )
+    .unwrap();
+    let image = format!("{reg}/unique:{tag}");
+    run(std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:t", layout.display()))
+        .arg(format!("docker://{image}")));
+    (image, layer, gz.len() as u64)
+}
+
+#[test]
+fn wrong_bytes_from_the_registry_are_refused_and_nothing_is_stored() {
+    let reg = open_registry();
+    let hb = Hb::new();
+    hb.ok(&["pull", &format!("{reg}/busybox:latest")]);
+    let before = hb.state();
+    let tag = format!("corrupt-{}", std::process::id());
+    let (image, layer, _) = push_unique_image(&hb, &reg, &tag);
+    // Flip a byte of the blob in the registry's own storage: it serves what is on disk.
+    let dir = std::env::var("HB_REGISTRY_DIR").unwrap_or_else(|_| "/var/tmp/hb-registry".into());
+    let blob = Path::new(&dir).join(format!("open/data/docker/registry/v2/blobs/sha256/{}/{layer}/data", &layer[..2]));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blob, &bytes).unwrap();
+    let err = hb.fails(&["pull", &image], 1);
+    assert!(err.contains(&layer[..12]) && err.contains("digest"), "{err}");
+    assert_eq!(hb.state(), before, "a refused pull changed the store");
+    assert!(hb.json(&["images"]).as_array().unwrap().iter().all(|i| !i["name"].as_str().unwrap().contains("unique")));
+    hb.fsck_clean();
+}
+
+/// A TCP proxy to `upstream` that cuts the first connection once it has relayed `cut_after`
+/// bytes towards the client. Returns its address, the count of connections it accepted and the
+/// bytes it relayed towards clients.
+fn faulty_proxy(upstream: String, cut_after: usize) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let relayed = Arc::new(AtomicUsize::new(0));
+    let counter = conns.clone();
+    let total = relayed.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().take(64) {
+            let Ok(mut client) = client else { continue };
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let upstream = upstream.clone();
+            let total = total.clone();
+            std::thread::spawn(move || {
+                let Ok(mut server) = TcpStream::connect(&upstream) else { return };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                });
+                let mut buf = [0u8; 16384];
+                let mut sent = 0;
+                while let Ok(k) = server.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    if n == 0 && sent + k > cut_after {
+                        let _ = client.write_all(&buf[..cut_after - sent]);
+                        total.fetch_add(cut_after - sent, Ordering::SeqCst);
+                        break; // drop the connection mid-response
+                    }
+                    if client.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    total.fetch_add(k, Ordering::SeqCst);
+                    sent += k;
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addr, conns, relayed)
+}
+
+#[test]
+fn a_connection_cut_mid_blob_is_resumed_and_verified() {
+    let reg = open_registry();
+    let hb = Hb::new();
+    let (image, _, size) = push_unique_image(&hb, &reg, &format!("cut-{}", std::process::id()));
+    let (proxy, conns, relayed) = faulty_proxy(reg.clone(), 300_000);
+    let through = image.replacen(&reg, &proxy, 1);
+    let r = hb.json(&["pull", &through]);
+    assert!(conns.load(Ordering::SeqCst) >= 2, "the cut connection was followed by a new one");
+    assert_eq!(r["bytes_downloaded"].as_u64().unwrap(), size, "{r:#}");
+    // Resumed with a Range request, not restarted: the first 300 kB did not cross twice.
+    let crossed = relayed.load(Ordering::SeqCst) as u64;
+    assert!(crossed < size + 150_000, "{crossed} bytes relayed for a {size}-byte blob");
+    let out = hb.path("rootfs");
+    hb.ok(&["export", &through, out.to_str().unwrap()]);
+    let got = fingerprint_dir(&out, &[]);
+    assert_eq!(got[b"unique.bin".as_slice()].size, 600_000);
+    hb.fsck_clean();
+}
