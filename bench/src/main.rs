@@ -51,6 +51,16 @@ enum Cmd {
         #[arg(long)]
         layer: Option<PathBuf>,
     },
+    /// `hb pull` vs `ctr images pull` (containerd, overlayfs: download and unpack) vs `skopeo copy`
+    /// to an OCI layout, from the same local registry, each into a fresh store; then v2 after v1
+    Pull {
+        /// Image to pull (scripts/images.sh pushes it)
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
+        image: String,
+        /// The next version, pulled after `image` for the dedup figures
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v2")]
+        next: String,
+    },
     /// Every benchmark above
     All,
 }
@@ -276,6 +286,115 @@ fn index(runs: usize, layer: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// The `hb` binary built beside this one (`cargo build --release -p hb-cli -p hb-bench`).
+fn hb_binary() -> anyhow::Result<PathBuf> {
+    let p = std::env::current_exe()?.with_file_name("hb");
+    if !p.exists() {
+        bail!("{} is missing: build it with `cargo build --release -p hb-cli -p hb-bench`", p.display());
+    }
+    Ok(p)
+}
+
+fn timed_command(cmd: &mut Command) -> anyhow::Result<(Duration, std::process::Output)> {
+    let t = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let d = t.elapsed();
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((d, out))
+}
+
+fn pull(runs: usize, image: &str, next: &str) -> anyhow::Result<()> {
+    let hb = hb_binary()?;
+    let containerd = repo_root().join("scripts/containerd.sh");
+    let sock =
+        std::env::var("HB_CONTAINERD_DIR").unwrap_or_else(|_| "/dev/shm/hb-containerd".into()) + "/containerd.sock";
+    let (mut t_hb, mut t_ctr, mut t_skopeo) = (vec![], vec![], vec![]);
+    for run in 0..runs {
+        eprintln!("pull: run {}/{runs}", run + 1);
+        timed_command(Command::new(&containerd).arg("reset"))?;
+        t_ctr.push(
+            timed_command(Command::new("ctr").args([
+                "-a",
+                &sock,
+                "-n",
+                "bench",
+                "images",
+                "pull",
+                "--plain-http",
+                image,
+            ]))?
+            .0,
+        );
+        let dir = scratch()?;
+        let layout = format!("oci:{}:t", dir.path().join("layout").display());
+        t_skopeo.push(
+            timed_command(Command::new("skopeo").args([
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                &format!("docker://{image}"),
+                &layout,
+            ]))?
+            .0,
+        );
+        t_hb.push(
+            timed_command(Command::new(&hb).arg("--root").arg(dir.path().join("store")).args(["-q", "pull", image]))?.0,
+        );
+    }
+    timed_command(Command::new(&containerd).arg("stop"))?;
+    let (h, c, k) = (median(t_hb), median(t_ctr), median(t_skopeo));
+    println!("| pull {image}, loopback registry, cold, median of {runs} | time | vs hb |");
+    println!("|---|---|---|");
+    println!("| hb pull (download, verify, chunk, dedup, store) | {:.2} s | 1.00x |", h.as_secs_f64());
+    println!(
+        "| `ctr images pull` (containerd 1.6, overlayfs: download + unpack) | {:.2} s | **{:.2}x** |",
+        c.as_secs_f64(),
+        c.as_secs_f64() / h.as_secs_f64()
+    );
+    println!(
+        "| `skopeo copy` to an OCI layout (download only) | {:.2} s | **{:.2}x** |",
+        k.as_secs_f64(),
+        k.as_secs_f64() / h.as_secs_f64()
+    );
+
+    // v2 after v1: what crosses the wire and what is stored.
+    let dir = scratch()?;
+    let root = dir.path().join("store");
+    let json = |r: &str| -> anyhow::Result<serde_json::Value> {
+        let (_, out) = timed_command(Command::new(&hb).arg("--root").arg(&root).args(["--json", "pull", r]))?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    json(image)?;
+    let v2 = json(next)?;
+    let (_, insp) = timed_command(Command::new(&hb).arg("--root").arg(&root).args(["inspect", next]))?;
+    let insp: serde_json::Value = serde_json::from_slice(&insp.stdout)?;
+    let v2_size: u64 =
+        insp["manifest"]["layers"].as_array().map(|l| l.iter().filter_map(|x| x["size"].as_u64()).sum()).unwrap_or(0);
+    println!();
+    println!("| {next} pulled after {image} | bytes | of v2's compressed size |");
+    println!("|---|---|---|");
+    println!("| v2's layers (compressed) | {:.1} MB | 100 % |", v2_size as f64 / 1e6);
+    let dl = v2["bytes_downloaded"].as_u64().unwrap_or(0);
+    let new = v2["new_chunk_bytes"].as_u64().unwrap_or(0);
+    println!(
+        "| downloaded by hb (layers whose diff_id it lacks) | {:.1} MB | {:.1} % |",
+        dl as f64 / 1e6,
+        dl as f64 * 100.0 / v2_size as f64
+    );
+    println!(
+        "| new chunk bytes hb stored (uncompressed) | {:.2} MB | {:.2} % |",
+        new as f64 / 1e6,
+        new as f64 * 100.0 / v2_size as f64
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runs = cli.runs.max(1);
@@ -294,6 +413,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Dedup { series: s } => dedup(&series(s))?,
         Cmd::Bloom { items } => bloom(runs, items)?,
         Cmd::Index { layer: l } => index(runs, &layer(l))?,
+        Cmd::Pull { image, next } => pull(runs, &image, &next)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();

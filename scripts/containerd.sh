@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# A private containerd for baselines and tests: its own root, state, socket and config, CRI off.
+#   scripts/containerd.sh start|stop|reset      (reset: stop, wipe its root, start)
+# Env: HB_CONTAINERD_DIR (default /dev/shm/hb-containerd: tmpfs, so wiping is instant),
+#      HB_NETNS (run it inside that network namespace).
+# Socket: $HB_CONTAINERD_DIR/containerd.sock
+set -euo pipefail
+DIR=${HB_CONTAINERD_DIR:-/dev/shm/hb-containerd}
+SOCK="$DIR/containerd.sock"
+log() { printf 'containerd: %s\n' "$*" >&2; }
+
+start() {
+  if [ -S "$SOCK" ] && ctr -a "$SOCK" version >/dev/null 2>&1; then return; fi
+  mkdir -p "$DIR/root" "$DIR/state"
+  cat > "$DIR/config.toml" <<CFG
+version = 2
+root = "$DIR/root"
+state = "$DIR/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$SOCK"
+[ttrpc]
+  address = "$SOCK.ttrpc"
+CFG
+  local prefix=()
+  [ -n "${HB_NETNS:-}" ] && prefix=(ip netns exec "$HB_NETNS")
+  nohup "${prefix[@]}" containerd --config "$DIR/config.toml" >> "$DIR/containerd.log" 2>&1 &
+  echo $! > "$DIR/pid"
+  for _ in $(seq 1 100); do
+    ctr -a "$SOCK" version >/dev/null 2>&1 && { log "up on $SOCK"; return; }
+    sleep 0.1
+  done
+  tail -n 20 "$DIR/containerd.log" >&2; log "did not start"; exit 1
+}
+
+stop() {
+  if [ -f "$DIR/pid" ]; then
+    kill "$(cat "$DIR/pid")" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$(cat "$DIR/pid")" 2>/dev/null || break; sleep 0.1; done
+    rm -f "$DIR/pid"
+  fi
+  # Snapshot mounts left behind would keep the root busy.
+  { grep -o " $DIR/[^ ]*" /proc/mounts || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
+
+case "${1:-start}" in
+  start) start ;;
+  stop) stop ;;
+  reset) stop; rm -rf "$DIR/root" "$DIR/state"; start ;;
+  *) echo "usage: $0 start|stop|reset" >&2; exit 2 ;;
+esac
