@@ -9,12 +9,14 @@
 #   127.0.0.1:15000/debian-app:v2          one more package and small edits
 #   127.0.0.1:15000/debian-app:v1-zstd, :v2-zstd   the same images with tar+zstd layers
 #   127.0.0.1:15001/private/busybox:latest on the basic-auth registry (hb / hb-secret)
+#   127.0.0.1:15002/private/busybox:latest on the token-auth registry (hb / hb-secret)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${HB_IMAGES:-/var/tmp/hb-images}
 DATA=${HB_TESTDATA:-/var/tmp/hb-testdata}
 OPEN=127.0.0.1:${HB_REGISTRY_PORT:-15000}
 BASIC=127.0.0.1:$(( ${HB_REGISTRY_PORT:-15000} + 1 ))
+TOKEN=127.0.0.1:$(( ${HB_REGISTRY_PORT:-15000} + 2 ))
 RECIPE=2
 log() { printf 'images: %s\n' "$*" >&2; }
 scripts/testdata.sh
@@ -120,6 +122,7 @@ fi
 push "$OUT/busybox-gzip" latest "$OPEN/busybox:latest"
 push "$OUT/busybox-zstd" zstd "$OPEN/busybox:zstd"
 push "$OUT/busybox-gzip" latest "$BASIC/private/busybox:latest" --dest-creds hb:hb-secret
+push "$OUT/busybox-gzip" latest "$TOKEN/private/busybox:latest" --dest-creds hb:hb-secret
 push "$OUT/debian-v1-gzip" v1 "$OPEN/debian-app:v1"
 push "$OUT/debian-v2-gzip" v2 "$OPEN/debian-app:v2"
 push "$OUT/debian-v1-zstd" v1 "$OPEN/debian-app:v1-zstd"

@@ -28,9 +28,14 @@ impl RegistryError {
     pub(crate) fn from_oci(registry: &str, reference: &str, e: oci_client::errors::OciDistributionError) -> Self {
         use oci_client::errors::OciDistributionError as E;
         match e {
-            E::AuthenticationFailure(reason) | E::RegistryTokenDecodeError(reason) => {
-                RegistryError::Unauthorized { registry: registry.to_string(), reason }
-            }
+            E::AuthenticationFailure(reason) | E::RegistryTokenDecodeError(reason) => RegistryError::Unauthorized {
+                registry: registry.to_string(),
+                reason: if reason.trim().is_empty() {
+                    "the token service refused these credentials".into()
+                } else {
+                    reason
+                },
+            },
             E::UnauthorizedError { url } => RegistryError::Unauthorized {
                 registry: registry.to_string(),
                 reason: format!("the registry refused {url}"),

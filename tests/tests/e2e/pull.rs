@@ -16,11 +16,6 @@ fn open_registry() -> String {
     addr
 }
 
-fn basic_registry() -> String {
-    let port: u16 = std::env::var("HB_REGISTRY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(15000) + 1;
-    format!("127.0.0.1:{port}")
-}
-
 fn run(cmd: &mut std::process::Command) {
     let o = cmd.output().unwrap();
     assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -99,34 +94,40 @@ fn v2_after_v1_downloads_only_changed_layers_and_stores_only_new_chunks() {
     hb.fsck_clean();
 }
 
+fn registry_at(offset: u16) -> String {
+    let port: u16 = std::env::var("HB_REGISTRY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(15000) + offset;
+    format!("127.0.0.1:{port}")
+}
+
+/// Basic auth (htpasswd) and Bearer token auth (token issuer): refused without or with wrong
+/// credentials, pulled with them from the flag or from docker's config.json.
 #[test]
 fn private_images_need_credentials_from_the_flag_or_docker_config() {
     open_registry();
-    let image = format!("{}/private/busybox:latest", basic_registry());
-    let hb = Hb::new();
-    let err = hb.fails(&["pull", &image], 1);
-    assert!(err.contains("not authorized") && err.contains("--creds"), "{err}");
-    let err = hb.fails(&["pull", "--creds", "hb:wrong", &image], 1);
-    assert!(err.contains("not authorized"), "{err}");
-    hb.ok(&["pull", "--creds", "hb:hb-secret", &image]);
-    // docker's config.json, as `docker login` writes it.
-    let docker = hb.path("docker");
-    std::fs::create_dir(&docker).unwrap();
-    let auth = {
-        use std::process::{Command, Stdio};
-        let mut c = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        c.stdin.take().unwrap().write_all(b"hb:hb-secret").unwrap();
-        String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
-    };
-    std::fs::write(
-        docker.join("config.json"),
-        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, basic_registry()),
-    )
-    .unwrap();
-    let hb2 = Hb::new();
-    let o = hb2.command(&["pull", &image]).env("DOCKER_CONFIG", &docker).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    hb2.fsck_clean();
+    for (kind, registry) in [("basic", registry_at(1)), ("token", registry_at(2))] {
+        let image = format!("{registry}/private/busybox:latest");
+        let hb = Hb::new();
+        let err = hb.fails(&["pull", &image], 1);
+        assert!(err.contains("not authorized") && err.contains("--creds"), "{kind}: {err}");
+        let err = hb.fails(&["pull", "--creds", "hb:wrong", &image], 1);
+        assert!(err.contains("not authorized"), "{kind}: {err}");
+        hb.ok(&["pull", "--creds", "hb:hb-secret", &image]);
+        // docker's config.json, as `docker login` writes it.
+        let docker = hb.path("docker");
+        std::fs::create_dir(&docker).unwrap();
+        let auth = {
+            use std::process::{Command, Stdio};
+            let mut c = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+            c.stdin.take().unwrap().write_all(b"hb:hb-secret").unwrap();
+            String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
+        };
+        std::fs::write(docker.join("config.json"), format!(r#"{{"auths":{{"{registry}":{{"auth":"{auth}"}}}}}}"#))
+            .unwrap();
+        let hb2 = Hb::new();
+        let o = hb2.command(&["pull", &image]).env("DOCKER_CONFIG", &docker).output().unwrap();
+        assert!(o.status.success(), "{kind}: {}", String::from_utf8_lossy(&o.stderr));
+        hb2.fsck_clean();
+    }
 }
 
 /// Pushes a one-layer image with unique content; returns (reference, layer digest hex, layer size).
