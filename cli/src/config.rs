@@ -77,29 +77,103 @@ pub fn store_root(flag: Option<&Path>, file: &FileConfig) -> anyhow::Result<Path
     }
 }
 
+fn docker_config_path() -> anyhow::Result<PathBuf> {
+    match std::env::var_os(env::DOCKER_CONFIG) {
+        Some(d) => Ok(PathBuf::from(d).join("config.json")),
+        None => match std::env::var_os("HOME") {
+            Some(h) => Ok(PathBuf::from(h).join(".docker/config.json")),
+            None => bail!("cannot find docker's config.json: neither DOCKER_CONFIG nor HOME is set"),
+        },
+    }
+}
+
+/// The key docker uses for `registry` in config.json.
+fn docker_key(registry: &str) -> String {
+    if registry == "docker.io" {
+        "https://index.docker.io/v1/".into()
+    } else {
+        registry.to_string()
+    }
+}
+
+/// Saves credentials as `docker login` does (`auths.<registry>.auth` = base64 of user:password),
+/// keeping everything else in the file; the file is private to its owner. Returns its path.
+pub fn docker_login(registry: &str, user: &str, password: &str) -> anyhow::Result<PathBuf> {
+    use base64::Engine;
+    let path = docker_config_path()?;
+    let mut cfg = read_json_object(&path)?;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let auths = cfg.entry("auths").or_insert_with(|| serde_json::json!({}));
+    let auths = auths.as_object_mut().with_context(|| format!("{}: `auths` is not an object", path.display()))?;
+    auths.insert(docker_key(registry), serde_json::json!({ "auth": auth }));
+    write_json_object(&path, &cfg)?;
+    Ok(path)
+}
+
+/// Removes saved credentials; false when there were none.
+pub fn docker_logout(registry: &str) -> anyhow::Result<bool> {
+    let path = docker_config_path()?;
+    if !path.exists() {
+        return Ok(false);
+    }
+    let mut cfg = read_json_object(&path)?;
+    let removed =
+        cfg.get_mut("auths").and_then(|a| a.as_object_mut()).and_then(|a| a.remove(&docker_key(registry))).is_some();
+    if removed {
+        write_json_object(&path, &cfg)?;
+    }
+    Ok(removed)
+}
+
+fn read_json_object(path: &Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if t.trim().is_empty() => Ok(Default::default()),
+        Ok(t) => match serde_json::from_str(&t).with_context(|| format!("parsing {}", path.display()))? {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => bail!("{} is not a JSON object", path.display()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes via a private temporary file and a rename, so a crash never leaves half a file.
+fn write_json_object(path: &Path, v: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().context("config path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = path.with_extension("json.hb-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(serde_json::to_string_pretty(v)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Credentials for `registry` from docker's config.json (`$DOCKER_CONFIG/config.json` or
 /// `~/.docker/config.json`): a credential helper (`credHelpers`, then `credsStore`) or `auths`.
 pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, String)>> {
-    let dir = match std::env::var_os(env::DOCKER_CONFIG) {
-        Some(d) => PathBuf::from(d),
-        None => match std::env::var_os("HOME") {
-            Some(h) => PathBuf::from(h).join(".docker"),
-            None => return Ok(None),
-        },
+    let path = match docker_config_path() {
+        Ok(p) => p,
+        Err(_) => return Ok(None),
     };
-    let path = dir.join("config.json");
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    // Docker Hub is stored under its historical key.
-    let keys: Vec<String> = if registry == "docker.io" {
-        vec!["https://index.docker.io/v1/".into(), "docker.io".into(), "index.docker.io".into()]
-    } else {
-        vec![registry.to_string(), format!("https://{registry}"), format!("http://{registry}")]
-    };
+    // Docker Hub is stored under its historical key; others sometimes with a scheme.
+    let mut keys = vec![docker_key(registry), format!("https://{registry}"), format!("http://{registry}")];
+    if registry == "docker.io" {
+        keys.extend(["docker.io".to_string(), "index.docker.io".to_string()]);
+    }
     let helper = keys
         .iter()
         .find_map(|k| cfg["credHelpers"][k].as_str())

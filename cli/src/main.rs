@@ -67,6 +67,20 @@ enum Cmd {
         #[arg(long)]
         plan: bool,
     },
+    /// Check credentials with a registry and save them in docker's config.json
+    Login {
+        /// Registry host[:port] (docker.io when omitted)
+        registry: Option<String>,
+        #[arg(short, long)]
+        username: String,
+        /// Read the password from stdin (otherwise HB_PASSWORD, or a prompt-less error)
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// Remove saved credentials for a registry
+    Logout { registry: Option<String> },
     /// List images: name, digest, size, bytes only this image uses vs bytes shared with others
     Images,
     /// Print an image's manifest and config
@@ -229,8 +243,47 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = &cli.global;
     let out = Out::new(g.json, g.quiet);
+    // Commands that do not touch the store come first: they must work while another process
+    // holds it.
+    let cmd = match cli.cmd {
+        Cmd::Login { registry, username, password_stdin, plain_http } => {
+            let registry = registry.unwrap_or_else(|| "docker.io".into());
+            let password = if password_stdin {
+                let mut p = String::new();
+                io::stdin().read_line(&mut p)?;
+                p.trim_end_matches(['\r', '\n']).to_string()
+            } else {
+                std::env::var("HB_PASSWORD")
+                    .map_err(|_| anyhow::anyhow!("give the password with --password-stdin (or HB_PASSWORD)"))?
+            };
+            // Any repository will do: the registry answers for the credentials, not the name.
+            let probe = hb_registry::ImageRef::parse(&format!("{registry}/hb-login-check/probe:latest"))?;
+            let opts = hb_registry::RegistryOptions {
+                plain_http,
+                credentials: Some((username.clone(), password.clone())),
+                platform: hb_registry::Platform::default(),
+                attempts: 1,
+            };
+            let reg = hb_registry::Registry::new(&probe, opts);
+            runtime()?.block_on(reg.check_credentials(&probe))?;
+            let path = config::docker_login(probe.registry(), &username, &password)?;
+            out.note(format!("Login succeeded; credentials saved in {}", path.display()));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Logout { registry } => {
+            let registry = registry.unwrap_or_else(|| "docker.io".into());
+            if config::docker_logout(&registry)? {
+                out.note(format!("Removed login credentials for {registry}"));
+            } else {
+                out.note(format!("Not logged in to {registry}"));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => other,
+    };
     let store = std::sync::Arc::new(open_store(g)?);
-    match cli.cmd {
+    match cmd {
+        Cmd::Login { .. } | Cmd::Logout { .. } => unreachable!("handled before the store is opened"),
         Cmd::Pull { reference, platform, plain_http, creds, plan } => {
             let r = hb_registry::ImageRef::parse(&reference)?;
             let credentials = match creds {

@@ -244,6 +244,17 @@ impl Registry {
         })
     }
 
+    /// Checks that the configured credentials are accepted by the registry of `r` (as `docker
+    /// login` does): the token service issues a token, and a request with it (or with basic
+    /// credentials) is not refused. A missing repository counts as accepted.
+    pub async fn check_credentials(&self, r: &ImageRef) -> Result<(), RegistryError> {
+        self.client.auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r))?;
+        match self.client.fetch_manifest_digest(&r.inner, &self.auth).await.map_err(self.err(r)) {
+            Ok(_) | Err(RegistryError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Streams a blob into `out`, resuming with a Range request after a dropped connection and
     /// retrying server errors with backoff. Verifies size and SHA-256 of the whole; returns the
     /// byte count. The receiver sees bytes as they arrive and must not trust them until this

@@ -46,17 +46,19 @@ impl RegistryError {
                 registry: registry.to_string(),
                 reason: format!("HTTP {code}: {message}"),
             },
-            E::RegistryError { envelope, .. } => {
-                let text = envelope.to_string();
-                if text.contains("UNAUTHORIZED") || text.contains("DENIED") {
+            // Registries' OCI error codes (NAME_UNKNOWN, MANIFEST_UNKNOWN, UNAUTHORIZED, DENIED)
+            // arrive inside several variants, spelled in either case.
+            other => {
+                let text = other.to_string();
+                let lower = text.to_lowercase();
+                if lower.contains("unauthorized") || lower.contains("denied") {
                     RegistryError::Unauthorized { registry: registry.to_string(), reason: text }
-                } else if text.contains("UNKNOWN") || text.contains("NOT_FOUND") {
+                } else if lower.contains("unknown") || lower.contains("not found") {
                     RegistryError::NotFound { reference: reference.to_string() }
                 } else {
                     RegistryError::Transport { registry: registry.to_string(), reason: text }
                 }
             }
-            other => RegistryError::Transport { registry: registry.to_string(), reason: other.to_string() },
         }
     }
 

@@ -265,3 +265,39 @@ fn a_connection_cut_mid_blob_is_resumed_and_verified() {
     assert_eq!(got[b"unique.bin".as_slice()].size, 600_000);
     hb.fsck_clean();
 }
+
+/// `hb login` checks credentials before saving them in docker's config.json; `hb logout`
+/// removes them; pulls use what is saved.
+#[test]
+fn login_checks_saves_and_logout_removes_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    open_registry();
+    let registry = registry_at(2);
+    let image = format!("{registry}/private/busybox:latest");
+    let hb = Hb::new();
+    let docker = hb.path("docker");
+    let login = |password: &str| {
+        let mut c = hb.command(&["login", &registry, "-u", "hb", "--password-stdin"]);
+        let mut child = c
+            .env("DOCKER_CONFIG", &docker)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(format!("{password}\n").as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let bad = login("wrong");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not authorized"));
+    assert!(!docker.join("config.json").exists(), "refused credentials are not saved");
+    assert!(login("hb-secret").status.success());
+    let cfg = docker.join("config.json");
+    assert_eq!(std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777, 0o600);
+    let pull = |hb: &Hb| hb.command(&["pull", &image]).env("DOCKER_CONFIG", &docker).output().unwrap();
+    assert!(pull(&hb).status.success());
+    let o = hb.command(&["logout", &registry]).env("DOCKER_CONFIG", &docker).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Removed login credentials"));
+    let after = pull(&Hb::new());
+    assert_eq!(after.status.code(), Some(1), "no credentials left after logout");
+}
