@@ -151,7 +151,23 @@ impl Registry {
 
     /// Resolves `r` to the image for the configured platform: follows an index or manifest
     /// list, checks every digest, and pairs each layer with its diff_id from the config.
+    /// Transient failures (connection errors, 5xx, 429) are retried with exponential backoff.
     pub async fn resolve(&self, r: &ImageRef) -> Result<ResolvedImage, RegistryError> {
+        let attempts = self.opts.attempts.max(1);
+        let mut tried = 0;
+        loop {
+            tried += 1;
+            match self.resolve_once(r).await {
+                Err(e) if e.is_transient() && tried < attempts => {
+                    tracing::warn!(reference = %r, attempt = tried + 1, error = %e, "retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * (1 << tried.min(5)))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn resolve_once(&self, r: &ImageRef) -> Result<ResolvedImage, RegistryError> {
         self.client.auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r))?;
         let malformed =
             |what: &'static str, reason: String| RegistryError::Malformed { reference: r.canonical(), what, reason };

@@ -301,3 +301,44 @@ fn login_checks_saves_and_logout_removes_credentials() {
     let after = pull(&Hb::new());
     assert_eq!(after.status.code(), Some(1), "no credentials left after logout");
 }
+
+/// A proxy whose first `failures` connections get `503 Service Unavailable`; later ones relay.
+fn flaky_proxy(upstream: String, failures: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (n, client) in listener.incoming().take(256).enumerate() {
+            let Ok(mut client) = client else { continue };
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                if n < failures {
+                    let mut buf = [0u8; 4096];
+                    let _ = client.read(&mut buf);
+                    let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}"#;
+                    let _ = write!(client, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    return;
+                }
+                let Ok(mut server) = TcpStream::connect(&upstream) else { return };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                });
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn server_errors_are_retried_with_backoff_then_reported() {
+    let reg = open_registry();
+    let hb = Hb::new();
+    let through = flaky_proxy(reg.clone(), 2);
+    hb.ok(&["pull", &format!("{through}/busybox:latest")]);
+    hb.fsck_clean();
+    let down = flaky_proxy(reg, usize::MAX);
+    let err = hb.fails(&["pull", &format!("{down}/busybox:zstd")], 1);
+    assert!(err.contains("503") || err.to_lowercase().contains("unavailable"), "{err}");
+}
