@@ -10,6 +10,7 @@
 #   127.0.0.1:15000/debian-app:v1-zstd, :v2-zstd   the same images with tar+zstd layers
 #   127.0.0.1:15001/private/busybox:latest on the basic-auth registry (hb / hb-secret)
 #   127.0.0.1:15002/private/busybox:latest on the token-auth registry (hb / hb-secret)
+#   127.0.0.1:15004/busybox:latest         on the TLS registry (private CA)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${HB_IMAGES:-/var/tmp/hb-images}
@@ -17,6 +18,7 @@ DATA=${HB_TESTDATA:-/var/tmp/hb-testdata}
 OPEN=127.0.0.1:${HB_REGISTRY_PORT:-15000}
 BASIC=127.0.0.1:$(( ${HB_REGISTRY_PORT:-15000} + 1 ))
 TOKEN=127.0.0.1:$(( ${HB_REGISTRY_PORT:-15000} + 2 ))
+TLS=127.0.0.1:$(( ${HB_REGISTRY_PORT:-15000} + 4 ))
 RECIPE=2
 log() { printf 'images: %s\n' "$*" >&2; }
 scripts/testdata.sh
@@ -123,6 +125,7 @@ push "$OUT/busybox-gzip" latest "$OPEN/busybox:latest"
 push "$OUT/busybox-zstd" zstd "$OPEN/busybox:zstd"
 push "$OUT/busybox-gzip" latest "$BASIC/private/busybox:latest" --dest-creds hb:hb-secret
 push "$OUT/busybox-gzip" latest "$TOKEN/private/busybox:latest" --dest-creds hb:hb-secret
+push "$OUT/busybox-gzip" latest "$TLS/busybox:latest"
 push "$OUT/debian-v1-gzip" v1 "$OPEN/debian-app:v1"
 push "$OUT/debian-v2-gzip" v2 "$OPEN/debian-app:v2"
 push "$OUT/debian-v1-zstd" v1 "$OPEN/debian-app:v1-zstd"

@@ -7,6 +7,7 @@
 #   basic  127.0.0.1:15001   htpasswd basic auth, user hb / password hb-secret
 #   token  127.0.0.1:15002   Bearer token auth; tokens from scripts/token-issuer.py on
 #                            127.0.0.1:15003 (user hb / password hb-secret gets pull and push)
+#   tls    127.0.0.1:15004   HTTPS with a certificate from a private test CA ($DIR/tls/ca.pem)
 # State lives in $HB_REGISTRY_DIR (default /var/tmp/hb-registry): data, configs, logs (JSON lines,
 # one "response completed" per request with http.response.written, to count bytes served).
 set -euo pipefail
@@ -17,11 +18,25 @@ USER_PASS=hb-secret
 mkdir -p "$DIR"
 log() { printf 'registry: %s\n' "$*" >&2; }
 
-port_of() { case "$1" in open) echo "$BASE" ;; basic) echo $((BASE + 1)) ;; token) echo $((BASE + 2)) ;; esac; }
+port_of() { case "$1" in open) echo "$BASE" ;; basic) echo $((BASE + 1)) ;; token) echo $((BASE + 2)) ;; tls) echo $((BASE + 4)) ;; esac; }
 ISSUER_PORT=$((BASE + 3))
-INSTANCES="open basic token"
+INSTANCES="open basic token tls"
 
-answers() { curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/v2/" 2>/dev/null | grep -qE '^(200|401)$'; }
+answers() {
+  local scheme=http; [ "$1" = "$((BASE + 4))" ] && scheme=https
+  curl -sk -o /dev/null -w '%{http_code}' "$scheme://127.0.0.1:$1/v2/" 2>/dev/null | grep -qE '^(200|401)$'
+}
+
+# A private CA and a server certificate for 127.0.0.1 signed by it.
+make_tls() {
+  local d="$DIR/tls"; mkdir -p "$d"
+  [ -s "$d/server.pem" ] && return
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=hb-test-ca -keyout "$d/ca.key" -out "$d/ca.pem" >/dev/null 2>&1
+  openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout "$d/server.key" -out "$d/server.csr" >/dev/null 2>&1
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' > "$d/ext.cnf"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$d/ext.cnf" -out "$d/server.pem" >/dev/null 2>&1
+}
 
 write_config() {
   local name=$1 port=$2 cfg="$DIR/$1/config.yml"
@@ -30,7 +45,11 @@ write_config() {
     echo "version: 0.1"
     echo "log: {level: info, formatter: json, fields: {instance: $name}}"
     echo "storage: {filesystem: {rootdirectory: $DIR/$name/data}, delete: {enabled: true}}"
-    echo "http: {addr: 127.0.0.1:$port, secret: hb-test-secret-$name}"
+    if [ "$name" = tls ]; then
+      echo "http: {addr: 127.0.0.1:$port, secret: hb-test-secret-$name, tls: {certificate: $DIR/tls/server.pem, key: $DIR/tls/server.key}}"
+    else
+      echo "http: {addr: 127.0.0.1:$port, secret: hb-test-secret-$name}"
+    fi
     if [ "$name" = basic ]; then
       echo "auth: {htpasswd: {realm: hb-test, path: $DIR/basic/htpasswd}}"
     fi
@@ -61,6 +80,7 @@ start_issuer() {
 start_one() {
   local name=$1 port; port=$(port_of "$1")
   [ "$name" = token ] && start_issuer
+  [ "$name" = tls ] && make_tls
   if answers "$port"; then return; fi
   write_config "$name" "$port"
   nohup docker-registry serve "$DIR/$name/config.yml" >> "$DIR/$name/registry.log" 2>&1 &

@@ -14,6 +14,67 @@ pub mod env {
     pub const LOG: &str = "HB_LOG";
     /// Docker's own: where config.json (registry credentials) lives.
     pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
+    /// Where per-registry `hosts.toml` folders live (containerd's certs.d layout).
+    pub const HOSTS_DIR: &str = "HB_HOSTS_DIR";
+}
+
+/// Folders searched for `<registry>/hosts.toml` when `--hosts-dir` is not given.
+pub const DEFAULT_HOSTS_DIRS: [&str; 2] = ["/etc/hb/certs.d", "/etc/containerd/certs.d"];
+
+/// What a containerd-style `hosts.toml` says about one registry.
+#[derive(Debug, Default)]
+pub struct HostSettings {
+    /// From the scheme of `server` (or of the registry's own `[host]` entry).
+    pub plain_http: Option<bool>,
+    /// PEM bytes of every `ca` file named.
+    pub ca_pem: Vec<Vec<u8>>,
+    pub skip_verify: bool,
+    /// The file read, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// Reads `<dir>/<registry>/hosts.toml` from `dir` (or the default folders). Mirrors (`[host]`
+/// entries for other hosts) are reported and not used yet.
+pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostSettings> {
+    let dirs: Vec<PathBuf> = match dir {
+        Some(d) => vec![d.to_path_buf()],
+        None => DEFAULT_HOSTS_DIRS.iter().map(PathBuf::from).collect(),
+    };
+    let Some(path) = dirs.iter().map(|d| d.join(registry).join("hosts.toml")).find(|p| p.exists()) else {
+        return Ok(HostSettings::default());
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let base = path.parent().expect("file in a folder");
+    let authority = |url: &str| url.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string());
+    let scheme_of = |url: &str| url.split_once("://").map(|(s, _)| s == "http");
+    let mut out = HostSettings { source: Some(path.clone()), ..Default::default() };
+    if let Some(server) = doc.get("server").and_then(|v| v.as_str()) {
+        out.plain_http = scheme_of(server);
+    }
+    if let Some(hosts) = doc.get("host").and_then(|v| v.as_table()) {
+        for (url, entry) in hosts {
+            if authority(url).as_deref() != Some(registry) {
+                tracing::warn!(file = %path.display(), mirror = %url, "registry mirrors in hosts.toml are not used yet");
+                continue;
+            }
+            out.plain_http = out.plain_http.or(scheme_of(url));
+            out.skip_verify = entry.get("skip_verify").and_then(|v| v.as_bool()).unwrap_or(false);
+            let cas: Vec<&str> = match entry.get("ca") {
+                Some(toml::Value::String(s)) => vec![s.as_str()],
+                Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
+                _ => vec![],
+            };
+            for ca in cas {
+                let p = base.join(ca);
+                out.ca_pem.push(
+                    std::fs::read(&p)
+                        .with_context(|| format!("reading CA {} named in {}", p.display(), path.display()))?,
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/hb/hb.toml";

@@ -37,6 +37,10 @@ struct Global {
     /// Config file [default: /etc/hb/hb.toml when present]
     #[arg(long, global = true, env = config::env::CONFIG, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Folder of per-registry `<host>/hosts.toml` files, containerd's format (scheme, ca, skip_verify)
+    /// [default: /etc/hb/certs.d, then /etc/containerd/certs.d]
+    #[arg(long, global = true, env = config::env::HOSTS_DIR, value_name = "DIR")]
+    hosts_dir: Option<PathBuf>,
     /// Print machine-readable JSON on stdout
     #[arg(long, global = true)]
     json: bool,
@@ -236,6 +240,34 @@ fn short_label(label: &str) -> &str {
     label.strip_prefix("sha256:").map(|h| &h[..12]).unwrap_or(label)
 }
 
+/// Registry options from flags, `hosts.toml` and defaults: `--plain-http` wins, then the file's
+/// scheme, else HTTPS (loopback: HTTPS, then plain HTTP).
+fn registry_options(
+    g: &Global,
+    r: &hb_registry::ImageRef,
+    plain_http: bool,
+    credentials: Option<(String, String)>,
+    platform: hb_registry::Platform,
+) -> anyhow::Result<hb_registry::RegistryOptions> {
+    let host = config::host_settings(g.hosts_dir.as_deref(), r.registry())?;
+    if let Some(src) = &host.source {
+        tracing::info!(file = %src.display(), registry = r.registry(), "using hosts.toml");
+    }
+    let scheme = match (plain_http, host.plain_http) {
+        (true, _) | (false, Some(true)) => hb_registry::Scheme::Http,
+        (false, Some(false)) => hb_registry::Scheme::Https,
+        (false, None) => hb_registry::Scheme::Auto,
+    };
+    Ok(hb_registry::RegistryOptions {
+        scheme,
+        ca_pem: host.ca_pem,
+        skip_verify: host.skip_verify,
+        credentials,
+        platform,
+        attempts: 5,
+    })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
@@ -258,12 +290,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             // Any repository will do: the registry answers for the credentials, not the name.
             let probe = hb_registry::ImageRef::parse(&format!("{registry}/hb-login-check/probe:latest"))?;
-            let opts = hb_registry::RegistryOptions {
+            let mut opts = registry_options(
+                g,
+                &probe,
                 plain_http,
-                credentials: Some((username.clone(), password.clone())),
-                platform: hb_registry::Platform::default(),
-                attempts: 1,
-            };
+                Some((username.clone(), password.clone())),
+                hb_registry::Platform::default(),
+            )?;
+            opts.attempts = 1;
             let reg = hb_registry::Registry::new(&probe, opts);
             runtime()?.block_on(reg.check_credentials(&probe))?;
             let path = config::docker_login(probe.registry(), &username, &password)?;
@@ -297,7 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(p) => p.parse().map_err(anyhow::Error::msg)?,
                 None => hb_registry::Platform::default(),
             };
-            let opts = hb_registry::RegistryOptions { plain_http, credentials, platform, attempts: 5 };
+            let opts = registry_options(g, &r, plain_http, credentials, platform)?;
             let rt = runtime()?;
             let (registry, resolved) = pull::resolve(&rt, &r, opts)?;
             if plan {

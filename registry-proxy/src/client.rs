@@ -27,11 +27,24 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 ];
 
+/// Which protocol to speak.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Scheme {
+    /// HTTPS; for loopback registries HTTPS first, then plain HTTP (as docker treats them).
+    #[default]
+    Auto,
+    Https,
+    Http,
+}
+
 /// How to reach and authenticate to a registry.
 #[derive(Clone, Debug, Default)]
 pub struct RegistryOptions {
-    /// Talk plain HTTP even though the registry is not on loopback.
-    pub plain_http: bool,
+    pub scheme: Scheme,
+    /// Extra root certificates (PEM) to trust for this registry, beside the system's.
+    pub ca_pem: Vec<Vec<u8>>,
+    /// Accept any certificate (hosts.toml `skip_verify`).
+    pub skip_verify: bool,
     pub credentials: Option<(String, String)>,
     pub platform: Platform,
     /// Tries per blob request (the first included) before giving up.
@@ -103,33 +116,72 @@ struct RootFs {
 
 /// A client for the registry of one reference.
 pub struct Registry {
-    client: Client,
+    /// Clients in order of preference (HTTPS, then HTTP for loopback); `chosen` is the one in use.
+    clients: Vec<Client>,
+    chosen: std::sync::atomic::AtomicUsize,
     auth: RegistryAuth,
     opts: RegistryOptions,
     registry: String,
 }
 
 impl Registry {
-    /// A client for `r`'s registry: HTTPS, or plain HTTP for loopback registries (as docker
-    /// allows) and when `opts.plain_http` says so.
+    /// A client for `r`'s registry, speaking what `opts.scheme` says: HTTPS (with the system's
+    /// roots plus `opts.ca_pem`), plain HTTP, or for loopback registries HTTPS falling back to HTTP.
     pub fn new(r: &ImageRef, opts: RegistryOptions) -> Self {
         install_crypto_provider();
-        let protocol = if opts.plain_http || r.is_loopback() {
-            ClientProtocol::HttpsExcept(vec![r.registry().to_string()])
-        } else {
-            ClientProtocol::Https
+        let make = |protocol: ClientProtocol| {
+            Client::new(ClientConfig {
+                protocol,
+                accept_invalid_certificates: opts.skip_verify,
+                extra_root_certificates: opts
+                    .ca_pem
+                    .iter()
+                    .map(|pem| oci_client::client::Certificate {
+                        encoding: oci_client::client::CertificateEncoding::Pem,
+                        data: pem.clone(),
+                    })
+                    .collect(),
+                connect_timeout: Some(Duration::from_secs(15)),
+                read_timeout: Some(Duration::from_secs(60)),
+                ..ClientConfig::default()
+            })
         };
-        let config = ClientConfig {
-            protocol,
-            connect_timeout: Some(Duration::from_secs(15)),
-            read_timeout: Some(Duration::from_secs(60)),
-            ..ClientConfig::default()
+        let http = || make(ClientProtocol::HttpsExcept(vec![r.registry().to_string()]));
+        let clients = match opts.scheme {
+            Scheme::Http => vec![http()],
+            Scheme::Https => vec![make(ClientProtocol::Https)],
+            Scheme::Auto if r.is_loopback() => vec![make(ClientProtocol::Https), http()],
+            Scheme::Auto => vec![make(ClientProtocol::Https)],
         };
         let auth = match &opts.credentials {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
         };
-        Registry { client: Client::new(config), auth, opts, registry: r.registry().to_string() }
+        Registry { clients, chosen: Default::default(), auth, opts, registry: r.registry().to_string() }
+    }
+
+    fn client(&self) -> &Client {
+        &self.clients[self.chosen.load(std::sync::atomic::Ordering::Relaxed)]
+    }
+
+    /// Finds a protocol the registry answers (HTTPS first). Keeps the first error when none does:
+    /// a certificate problem says more than "HTTP response to an HTTPS client".
+    async fn connect(&self, r: &ImageRef) -> Result<(), RegistryError> {
+        let mut first = None;
+        for (i, c) in self.clients.iter().enumerate() {
+            match c.auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r)) {
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(registry = %self.registry, error = %e, "protocol failed; trying the next");
+                    first.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+                Ok(_) => {
+                    self.chosen.store(i, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+        }
+        Err(first.expect("at least one client"))
     }
 
     fn err(&self, r: &ImageRef) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
@@ -139,7 +191,7 @@ impl Registry {
 
     async fn manifest(&self, r: &ImageRef) -> Result<(Vec<u8>, Digest), RegistryError> {
         let (bytes, _) =
-            self.client.pull_manifest_raw(&r.inner, &self.auth, MANIFEST_TYPES).await.map_err(self.err(r))?;
+            self.client().pull_manifest_raw(&r.inner, &self.auth, MANIFEST_TYPES).await.map_err(self.err(r))?;
         let actual = Digest::of(&bytes);
         if let Some(want) = r.digest() {
             if want != actual.to_string() {
@@ -168,7 +220,7 @@ impl Registry {
     }
 
     async fn resolve_once(&self, r: &ImageRef) -> Result<ResolvedImage, RegistryError> {
-        self.client.auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r))?;
+        self.connect(r).await?;
         let malformed =
             |what: &'static str, reason: String| RegistryError::Malformed { reference: r.canonical(), what, reason };
         let (mut bytes, mut digest) = self.manifest(r).await?;
@@ -219,7 +271,7 @@ impl Registry {
             size: config_desc.size as i64,
             ..Default::default()
         };
-        self.client.pull_blob(&r.inner, &desc, &mut config).await.map_err(self.err(r))?;
+        self.client().pull_blob(&r.inner, &desc, &mut config).await.map_err(self.err(r))?;
         let actual = Digest::of(&config);
         if actual != config_digest {
             return Err(RegistryError::DigestMismatch { what: "config", expected: config_digest.to_string(), actual });
@@ -264,8 +316,8 @@ impl Registry {
     /// login` does): the token service issues a token, and a request with it (or with basic
     /// credentials) is not refused. A missing repository counts as accepted.
     pub async fn check_credentials(&self, r: &ImageRef) -> Result<(), RegistryError> {
-        self.client.auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r))?;
-        match self.client.fetch_manifest_digest(&r.inner, &self.auth).await.map_err(self.err(r)) {
+        self.connect(r).await?;
+        match self.client().fetch_manifest_digest(&r.inner, &self.auth).await.map_err(self.err(r)) {
             Ok(_) | Err(RegistryError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -293,9 +345,9 @@ impl Registry {
         let mut failures = 0u32;
         loop {
             let resp = if offset == 0 {
-                self.client.pull_blob_stream(&r.inner, &desc).await.map(BlobResponse::Full)
+                self.client().pull_blob_stream(&r.inner, &desc).await.map(BlobResponse::Full)
             } else {
-                self.client.pull_blob_stream_partial(&r.inner, &desc, offset, None).await
+                self.client().pull_blob_stream_partial(&r.inner, &desc, offset, None).await
             };
             let step: Result<bool, RegistryError> = async {
                 let (mut stream, mut skip) = match resp.map_err(self.err(r))? {

@@ -21,6 +21,26 @@ pub enum RegistryError {
     Malformed { reference: String, what: &'static str, reason: String },
     #[error("{registry}: {reason}")]
     Transport { registry: String, reason: String },
+    /// The registry answered, and the answer was no (a 4xx other than 401/403/404/408/429).
+    #[error("{registry}: {reason}")]
+    Rejected { registry: String, reason: String },
+    #[error("{registry}: TLS certificate not trusted: {reason} (trust its CA with `ca = \"...\"` in <hosts-dir>/{registry}/hosts.toml, see --hosts-dir)")]
+    Certificate { registry: String, reason: String },
+}
+
+/// An error with every cause it wraps, `a: b: c` (reqwest hides the interesting part deep down).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cur = c.source();
+    }
+    text
 }
 
 impl RegistryError {
@@ -42,6 +62,14 @@ impl RegistryError {
             },
             E::ImageManifestNotFoundError(_) => RegistryError::NotFound { reference: reference.to_string() },
             E::ServerError { code: 404, .. } => RegistryError::NotFound { reference: reference.to_string() },
+            E::ServerError { code, message, url }
+                if (400..500).contains(&code) && code != 408 && code != 429 && code != 401 && code != 403 =>
+            {
+                RegistryError::Rejected {
+                    registry: registry.to_string(),
+                    reason: format!("HTTP {code} for {url}: {}", message.trim()),
+                }
+            }
             E::ServerError { code, message, .. } if code == 401 || code == 403 => RegistryError::Unauthorized {
                 registry: registry.to_string(),
                 reason: format!("HTTP {code}: {message}"),
@@ -49,10 +77,12 @@ impl RegistryError {
             // Registries' OCI error codes (NAME_UNKNOWN, MANIFEST_UNKNOWN, UNAUTHORIZED, DENIED)
             // arrive inside several variants, spelled in either case.
             other => {
-                let text = other.to_string();
+                let text = chain(&other);
                 let lower = text.to_lowercase();
                 if lower.contains("unauthorized") || lower.contains("denied") {
                     RegistryError::Unauthorized { registry: registry.to_string(), reason: text }
+                } else if lower.contains("certificate") {
+                    RegistryError::Certificate { registry: registry.to_string(), reason: text }
                 } else if lower.contains("unknown") || lower.contains("not found") {
                     RegistryError::NotFound { reference: reference.to_string() }
                 } else {

@@ -14,7 +14,7 @@ mod platform;
 mod reference;
 
 pub use client::{
-    LayerDesc, Registry, RegistryOptions, ResolvedImage, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+    LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 pub use error::RegistryError;
 pub use platform::Platform;

@@ -342,3 +342,36 @@ fn server_errors_are_retried_with_backoff_then_reported() {
     let err = hb.fails(&["pull", &format!("{down}/busybox:zstd")], 1);
     assert!(err.contains("503") || err.to_lowercase().contains("unavailable"), "{err}");
 }
+
+/// A registry with a certificate from a private CA: refused with a clear error until its CA is
+/// trusted through containerd's hosts.toml (`ca`, relative to the file, or `skip_verify`).
+#[test]
+fn tls_registries_need_their_ca_from_hosts_toml() {
+    open_registry();
+    let registry = registry_at(4);
+    let image = format!("{registry}/busybox:latest");
+    let dir = std::env::var("HB_REGISTRY_DIR").unwrap_or_else(|_| "/var/tmp/hb-registry".into());
+    let hb = Hb::new();
+    let hosts = hb.path("certs.d");
+    let host_dir = hosts.join(&registry);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let pull = |hb: &Hb| hb.command(&["--hosts-dir", hosts.to_str().unwrap(), "pull", &image]).output().unwrap();
+    let o = pull(&hb);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("TLS certificate not trusted") && err.contains("hosts.toml"), "{err}");
+    std::fs::copy(Path::new(&dir).join("tls/ca.pem"), host_dir.join("ca.pem")).unwrap();
+    std::fs::write(
+        host_dir.join("hosts.toml"),
+        format!("server = \"https://{registry}\"\n[host.\"https://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"ca.pem\"\n"),
+    )
+    .unwrap();
+    let o = pull(&hb);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(host_dir.join("hosts.toml"), format!("[host.\"https://{registry}\"]\n  skip_verify = true\n"))
+        .unwrap();
+    let hb2 = Hb::new();
+    let o = pull(&hb2);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    hb2.fsck_clean();
+}
