@@ -60,6 +60,10 @@ enum Cmd {
         /// The next version, pulled after `image` for the dedup figures
         #[arg(long, default_value = "127.0.0.1:15000/debian-app:v2")]
         next: String,
+        /// Run every client (and containerd) in this network namespace, e.g. `hbnet` from
+        /// scripts/netns.sh, pulling from 10.231.0.1:15010 over its shaped link
+        #[arg(long)]
+        netns: Option<String>,
     },
     /// Every benchmark above
     All,
@@ -309,47 +313,53 @@ fn timed_command(cmd: &mut Command) -> anyhow::Result<(Duration, std::process::O
     Ok((d, out))
 }
 
-fn pull(runs: usize, image: &str, next: &str) -> anyhow::Result<()> {
+fn pull(runs: usize, image: &str, next: &str, netns: Option<&str>) -> anyhow::Result<()> {
     let hb = hb_binary()?;
     let containerd = repo_root().join("scripts/containerd.sh");
     let sock =
         std::env::var("HB_CONTAINERD_DIR").unwrap_or_else(|_| "/dev/shm/hb-containerd".into()) + "/containerd.sock";
+    // Every client runs inside the namespace when one is given (containerd too, for unpacking).
+    let cmd = |program: &Path| -> Command {
+        match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    };
+    let (image, next, link) = match netns {
+        Some(_) => (
+            image.replace("127.0.0.1:15000", "10.231.0.1:15010"),
+            next.replace("127.0.0.1:15000", "10.231.0.1:15010"),
+            "100 Mbit/s veth link (scripts/netns.sh)",
+        ),
+        None => (image.to_string(), next.to_string(), "loopback registry"),
+    };
+    let (image, next) = (image.as_str(), next.as_str());
     let (mut t_hb, mut t_ctr, mut t_skopeo) = (vec![], vec![], vec![]);
     for run in 0..runs {
         eprintln!("pull: run {}/{runs}", run + 1);
-        timed_command(Command::new(&containerd).arg("reset"))?;
-        t_ctr.push(
-            timed_command(Command::new("ctr").args([
-                "-a",
-                &sock,
-                "-n",
-                "bench",
-                "images",
-                "pull",
-                "--plain-http",
-                image,
-            ]))?
-            .0,
-        );
+        let mut reset = Command::new(&containerd);
+        reset.arg("reset");
+        if let Some(ns) = netns {
+            reset.env("HB_NETNS", ns);
+        }
+        timed_command(&mut reset)?;
+        let ctr = ["-a", &sock, "-n", "bench", "images", "pull", "--plain-http", image];
+        // ctr fetches in the client (containerd's content service only stores), so it runs there too.
+        t_ctr.push(timed_command(cmd(Path::new("ctr")).args(ctr))?.0);
         let dir = scratch()?;
         let layout = format!("oci:{}:t", dir.path().join("layout").display());
-        t_skopeo.push(
-            timed_command(Command::new("skopeo").args([
-                "copy",
-                "--quiet",
-                "--src-tls-verify=false",
-                &format!("docker://{image}"),
-                &layout,
-            ]))?
-            .0,
-        );
-        t_hb.push(
-            timed_command(Command::new(&hb).arg("--root").arg(dir.path().join("store")).args(["-q", "pull", image]))?.0,
-        );
+        let skopeo = ["copy", "--quiet", "--src-tls-verify=false", &format!("docker://{image}"), &layout];
+        t_skopeo.push(timed_command(cmd(Path::new("skopeo")).args(skopeo))?.0);
+        let store = dir.path().join("store");
+        t_hb.push(timed_command(cmd(&hb).arg("--root").arg(&store).args(["-q", "pull", "--plain-http", image]))?.0);
     }
     timed_command(Command::new(&containerd).arg("stop"))?;
     let (h, c, k) = (median(t_hb), median(t_ctr), median(t_skopeo));
-    println!("| pull {image}, loopback registry, cold, median of {runs} | time | vs hb |");
+    println!("| pull {image}, {link}, cold, median of {runs} | time | vs hb |");
     println!("|---|---|---|");
     println!("| hb pull (download, verify, chunk, dedup, store) | {:.2} s | 1.00x |", h.as_secs_f64());
     println!(
@@ -367,7 +377,7 @@ fn pull(runs: usize, image: &str, next: &str) -> anyhow::Result<()> {
     let dir = scratch()?;
     let root = dir.path().join("store");
     let json = |r: &str| -> anyhow::Result<serde_json::Value> {
-        let (_, out) = timed_command(Command::new(&hb).arg("--root").arg(&root).args(["--json", "pull", r]))?;
+        let (_, out) = timed_command(cmd(&hb).arg("--root").arg(&root).args(["--json", "pull", "--plain-http", r]))?;
         Ok(serde_json::from_slice(&out.stdout)?)
     };
     json(image)?;
@@ -413,7 +423,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Dedup { series: s } => dedup(&series(s))?,
         Cmd::Bloom { items } => bloom(runs, items)?,
         Cmd::Index { layer: l } => index(runs, &layer(l))?,
-        Cmd::Pull { image, next } => pull(runs, &image, &next)?,
+        Cmd::Pull { image, next, netns } => pull(runs, &image, &next, netns.as_deref())?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();
