@@ -3,6 +3,7 @@
 # /var/tmp/hb-images) and pushes them with skopeo to the local registries (scripts/registry.sh):
 #   127.0.0.1:15000/busybox:latest         busybox-static + applets, one layer, reproducible
 #   127.0.0.1:15000/busybox:zstd           the same, tar+zstd
+#   127.0.0.1:15000/multi:latest           an OCI index: linux/amd64 (busybox), linux/arm64/v8
 #   127.0.0.1:15000/debian-app:v1          debootstrap minbase / python3+gcc+perl installed with
 #                                          apt in an overlayfs chroot (real whiteouts and opaque
 #                                          dirs) / a small app layer
@@ -65,6 +66,23 @@ if [ ! -f "$OUT/busybox.done" ]; then
   touch "$OUT/busybox.done"
 fi
 
+# --- multi: an OCI index with linux/amd64 (busybox) and linux/arm64/v8 (a one-file layer) ---
+if [ ! -f "$OUT/multi.done" ]; then
+  M="$OUT/multi"; rm -rf "$M" && cp -a "$OUT/busybox-gzip" "$M"
+  amd=$(sed -n 's/.*"digest":"\(sha256:[0-9a-f]*\)".*/\1/p' "$M/index.json")
+  amd_size=$(stat -c %s "$M/blobs/sha256/${amd#sha256:}")
+  put() { local h; h=$(printf '%s' "$1" | sha256sum | cut -d' ' -f1); printf '%s' "$1" > "$M/blobs/sha256/$h"; echo "$h $(printf '%s' "$1" | wc -c)"; }
+  tmp=$(mktemp -d); echo arm64 > "$tmp/arch"
+  tar --numeric-owner --owner=0 --group=0 --mtime='2024-01-01 00:00:00Z' -C "$tmp" -cf "$tmp/l.tar" arch
+  ldiff=$(sha256sum "$tmp/l.tar" | cut -d' ' -f1); pigz -n -c "$tmp/l.tar" > "$tmp/l.tgz"
+  lhex=$(sha256sum "$tmp/l.tgz" | cut -d' ' -f1); lsize=$(stat -c %s "$tmp/l.tgz"); mv "$tmp/l.tgz" "$M/blobs/sha256/$lhex"; rm -rf "$tmp"
+  read -r c csize < <(put "{\"architecture\":\"arm64\",\"variant\":\"v8\",\"os\":\"linux\",\"config\":{\"Cmd\":[\"cat\",\"/arch\"]},\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$ldiff\"]}}")
+  read -r arm arm_size < <(put "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:$c\",\"size\":$csize},\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$lhex\",\"size\":$lsize}]}")
+  read -r idx idx_size < <(put "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.index.v1+json\",\"manifests\":[{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"$amd\",\"size\":$amd_size,\"platform\":{\"architecture\":\"amd64\",\"os\":\"linux\"}},{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"sha256:$arm\",\"size\":$arm_size,\"platform\":{\"architecture\":\"arm64\",\"os\":\"linux\",\"variant\":\"v8\"}}]}")
+  echo "{\"schemaVersion\":2,\"manifests\":[{\"mediaType\":\"application/vnd.oci.image.index.v1+json\",\"digest\":\"sha256:$idx\",\"size\":$idx_size,\"annotations\":{\"org.opencontainers.image.ref.name\":\"multi\"}}]}" > "$M/index.json"
+  touch "$OUT/multi.done"
+fi
+
 # --- debian-app ----------------------------------------------------------------------------
 # Converts an overlayfs upper dir into an OCI layer tar: 0/0 char devices become .wh.NAME,
 # trusted.overlay.opaque=y dirs get .wh..wh..opq, overlay's own xattrs are dropped.
@@ -123,6 +141,7 @@ fi
 
 push "$OUT/busybox-gzip" latest "$OPEN/busybox:latest"
 push "$OUT/busybox-zstd" zstd "$OPEN/busybox:zstd"
+push "$OUT/multi" multi "$OPEN/multi:latest" --all
 push "$OUT/busybox-gzip" latest "$BASIC/private/busybox:latest" --dest-creds hb:hb-secret
 push "$OUT/busybox-gzip" latest "$TOKEN/private/busybox:latest" --dest-creds hb:hb-secret
 push "$OUT/busybox-gzip" latest "$TLS/busybox:latest"

@@ -29,10 +29,16 @@ impl Default for Platform {
 }
 
 impl Platform {
-    /// True when an index entry for `os/arch/variant` serves this platform. An entry without a
-    /// variant serves any variant (arm64 images rarely say v8).
+    /// True when an index entry for `os/arch/variant` serves this platform. A variant missing on
+    /// either side matches any (`linux/arm64` asks for what indexes list as `linux/arm64/v8`, and
+    /// many arm64 entries name no variant at all), as containerd matches.
     pub fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
-        os == self.os && arch == self.arch && (variant.is_none() || variant == self.variant.as_deref())
+        os == self.os
+            && arch == self.arch
+            && match (variant, self.variant.as_deref()) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
     }
 }
 
@@ -71,6 +77,9 @@ mod tests {
         let p: Platform = "linux/arm/v7".parse().unwrap();
         assert_eq!(p.to_string(), "linux/arm/v7");
         assert!(p.matches("linux", "arm", Some("v7")) && !p.matches("linux", "arm", Some("v6")));
+        // Regression: `--platform linux/arm64` must select an index entry `linux/arm64/v8`.
+        let arm64: Platform = "linux/arm64".parse().unwrap();
+        assert!(arm64.matches("linux", "arm64", Some("v8")) && arm64.matches("linux", "arm64", None));
         let amd: Platform = "linux/amd64".parse().unwrap();
         assert!(amd.matches("linux", "amd64", None) && !amd.matches("windows", "amd64", None));
         assert!("linux".parse::<Platform>().unwrap_err().contains("os/arch"));

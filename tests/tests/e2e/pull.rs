@@ -375,3 +375,48 @@ fn tls_registries_need_their_ca_from_hosts_toml() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     hb2.fsck_clean();
 }
+
+/// An OCI index: this machine's platform by default, `--platform` to choose, a clear error
+/// listing what exists; references by digest; credentials from a docker credential helper.
+#[test]
+fn platforms_digests_and_credential_helpers() {
+    use std::os::unix::fs::PermissionsExt;
+    let reg = open_registry();
+    let hb = Hb::new();
+    let image = format!("{reg}/multi:latest");
+    let amd = hb.json(&["pull", &image]);
+    assert_eq!(amd["platform"], "linux/amd64", "{amd:#}");
+    let arm = hb.json(&["pull", "--platform", "linux/arm64", &image]);
+    assert_eq!(arm["platform"], "linux/arm64/v8", "{arm:#}");
+    assert_ne!(amd["digest"], arm["digest"]);
+    let out = hb.path("arm");
+    hb.ok(&["export", &image, out.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(out.join("arch")).unwrap(), "arm64\n");
+    let err = hb.fails(&["pull", "--platform", "linux/s390x", &image], 1);
+    assert!(err.contains("no image for platform linux/s390x") && err.contains("linux/amd64, linux/arm64/v8"), "{err}");
+    let err = hb.fails(&["pull", "--platform", "linux", &image], 1);
+    assert!(err.contains("os/arch"), "{err}");
+
+    // By digest: the manifest is checked against it.
+    let by = format!("{reg}/busybox@{}", amd["digest"].as_str().unwrap());
+    let r = hb.json(&["pull", &by]);
+    assert_eq!(r["name"], by);
+    let err = hb.fails(&["pull", &format!("{reg}/busybox@sha256:{}", "0".repeat(64))], 1);
+    assert!(err.contains("not found"), "{err}");
+
+    // A credential helper named by credsStore, found on PATH.
+    let bin = hb.path("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let helper = bin.join("docker-credential-hbtest");
+    std::fs::write(&helper, "#!/bin/sh\ncat >/dev/null\necho '{\"Username\":\"hb\",\"Secret\":\"hb-secret\"}'\n")
+        .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let docker = hb.path("docker");
+    std::fs::create_dir(&docker).unwrap();
+    std::fs::write(docker.join("config.json"), r#"{"credsStore":"hbtest"}"#).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let private = format!("{}/private/busybox:latest", registry_at(2));
+    let o = hb.command(&["pull", &private]).env("DOCKER_CONFIG", &docker).env("PATH", path).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    hb.fsck_clean();
+}
