@@ -207,9 +207,16 @@ impl Registry {
     pub async fn resolve(&self, r: &ImageRef) -> Result<ResolvedImage, RegistryError> {
         let attempts = self.opts.attempts.max(1);
         let mut tried = 0;
+        let mut reauthorized = false;
         loop {
             tried += 1;
             match self.resolve_once(r).await {
+                // An expired token: each attempt starts with a fresh authorization, so one more
+                // attempt is a renewal (wrong credentials fail again the same way).
+                Err(RegistryError::Unauthorized { .. }) if !reauthorized && self.opts.credentials.is_some() => {
+                    reauthorized = true;
+                    tracing::info!(reference = %r, "authorization refused; renewing it once");
+                }
                 Err(e) if e.is_transient() && tried < attempts => {
                     tracing::warn!(reference = %r, attempt = tried + 1, error = %e, "retrying");
                     tokio::time::sleep(Duration::from_millis(200 * (1 << tried.min(5)))).await;
@@ -343,6 +350,7 @@ impl Registry {
         let mut hasher = DigestHasher::new();
         let mut offset = 0u64;
         let mut failures = 0u32;
+        let mut reauthorized = false;
         loop {
             let resp = if offset == 0 {
                 self.client().pull_blob_stream(&r.inner, &desc).await.map(BlobResponse::Full)
@@ -396,6 +404,12 @@ impl Registry {
             .await;
             match step {
                 Ok(true) => break,
+                // A token that expired during a long pull: get a new one and resume, once.
+                Err(RegistryError::Unauthorized { .. }) if !reauthorized => {
+                    reauthorized = true;
+                    tracing::info!(blob = %layer.digest, offset, "authorization expired; fetching a new token");
+                    self.client().auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r))?;
+                }
                 Ok(false) | Err(RegistryError::Transport { .. }) if failures + 1 < attempts => {
                     failures += 1;
                     let wait = Duration::from_millis(200 * (1 << failures.min(5)));

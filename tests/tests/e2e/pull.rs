@@ -420,3 +420,63 @@ fn platforms_digests_and_credential_helpers() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     hb.fsck_clean();
 }
+
+/// A proxy that answers the `nth` blob request (1: the config, 2: the layer) with `401
+/// invalid_token`, what an expired token gets, and relays everything else. Returns its address
+/// and how many blob requests it saw.
+fn expiring_token_proxy(upstream: String, nth: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let flag = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().take(256) {
+            let Ok(mut client) = client else { continue };
+            let (upstream, flag) = (upstream.clone(), flag.clone());
+            std::thread::spawn(move || {
+                let Ok(mut server) = TcpStream::connect(&upstream) else { return };
+                let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                });
+                let mut buf = [0u8; 16384];
+                while let Ok(k) = client.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    let req = &buf[..k];
+                    let blob = req.starts_with(b"GET ") && req.windows(14).any(|w| w == b"/blobs/sha256:");
+                    if blob && flag.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+                        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"token expired"}]}"#;
+                        let _ = write!(
+                            client,
+                            "HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Bearer error=\"invalid_token\"\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                        break;
+                    }
+                    if server.write_all(req).is_err() {
+                        break;
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn an_expired_token_mid_pull_is_renewed() {
+    open_registry();
+    for (nth, what) in [(1, "config"), (2, "layer")] {
+        let (proxy, seen) = expiring_token_proxy(registry_at(2), nth);
+        let hb = Hb::new();
+        let image = format!("{proxy}/private/busybox:latest");
+        let r = hb.json(&["pull", "--creds", "hb:hb-secret", &image]);
+        assert!(seen.load(Ordering::SeqCst) > nth, "{what}: the refused blob request was not retried");
+        assert!(r["bytes_downloaded"].as_u64().unwrap() > 0, "{what}: {r:#}");
+        hb.fsck_clean();
+    }
+}
