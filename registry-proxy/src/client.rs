@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hb_core::{Digest, DigestHasher};
-use oci_client::client::{BlobResponse, ClientConfig, ClientProtocol};
+use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 use serde::Deserialize;
@@ -19,6 +19,8 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Configs larger than this are refused (a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 const LAYER_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar",
@@ -118,7 +120,12 @@ struct RootFs {
 pub struct Registry {
     /// Clients in order of preference (HTTPS, then HTTP for loopback); `chosen` is the one in use.
     clients: Vec<Client>,
+    /// The URL scheme of each client.
+    schemes: Vec<&'static str>,
     chosen: std::sync::atomic::AtomicUsize,
+    /// Our own HTTP client for blob downloads, and the Authorization header for it.
+    blobs: crate::blob::BlobHttp,
+    authorization: std::sync::Mutex<Option<String>>,
     auth: RegistryAuth,
     opts: RegistryOptions,
     registry: String,
@@ -147,17 +154,30 @@ impl Registry {
             })
         };
         let http = || make(ClientProtocol::HttpsExcept(vec![r.registry().to_string()]));
-        let clients = match opts.scheme {
-            Scheme::Http => vec![http()],
-            Scheme::Https => vec![make(ClientProtocol::Https)],
-            Scheme::Auto if r.is_loopback() => vec![make(ClientProtocol::Https), http()],
-            Scheme::Auto => vec![make(ClientProtocol::Https)],
+        let (clients, schemes) = match opts.scheme {
+            Scheme::Http => (vec![http()], vec!["http"]),
+            Scheme::Https => (vec![make(ClientProtocol::Https)], vec!["https"]),
+            Scheme::Auto if r.is_loopback() => (vec![make(ClientProtocol::Https), http()], vec!["https", "http"]),
+            Scheme::Auto => (vec![make(ClientProtocol::Https)], vec!["https"]),
         };
         let auth = match &opts.credentials {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
         };
-        Registry { clients, chosen: Default::default(), auth, opts, registry: r.registry().to_string() }
+        let blobs = crate::blob::BlobHttp::new(&opts).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "blob client with the configured CAs failed; using the system roots only");
+            crate::blob::BlobHttp::new(&RegistryOptions::default()).expect("default HTTP client")
+        });
+        Registry {
+            clients,
+            schemes,
+            chosen: Default::default(),
+            blobs,
+            authorization: Default::default(),
+            auth,
+            opts,
+            registry: r.registry().to_string(),
+        }
     }
 
     fn client(&self) -> &Client {
@@ -175,8 +195,20 @@ impl Registry {
                     first.get_or_insert(e);
                 }
                 Err(e) => return Err(e),
-                Ok(_) => {
+                Ok(token) => {
                     self.chosen.store(i, std::sync::atomic::Ordering::Relaxed);
+                    let header = match (token, &self.auth) {
+                        (Some(t), _) => Some(format!("Bearer {t}")),
+                        (None, RegistryAuth::Basic(u, p)) => {
+                            use base64::Engine;
+                            Some(format!(
+                                "Basic {}",
+                                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                            ))
+                        }
+                        (None, _) => None,
+                    };
+                    *self.authorization.lock().expect("authorization lock") = header;
                     return Ok(());
                 }
             }
@@ -271,18 +303,34 @@ impl Registry {
         let config_desc = m.config.ok_or_else(|| malformed("manifest", "no config".into()))?;
         let config_digest: Digest =
             config_desc.digest.parse().map_err(|e: hb_core::DigestError| malformed("manifest", e.to_string()))?;
-        let mut config = Vec::new();
-        let desc = oci_client::manifest::OciDescriptor {
-            media_type: config_desc.media_type.clone(),
-            digest: config_desc.digest.clone(),
-            size: config_desc.size as i64,
-            ..Default::default()
-        };
-        self.client().pull_blob(&r.inner, &desc, &mut config).await.map_err(self.err(r))?;
-        let actual = Digest::of(&config);
-        if actual != config_digest {
-            return Err(RegistryError::DigestMismatch { what: "config", expected: config_digest.to_string(), actual });
+        if config_desc.size > MAX_CONFIG_BYTES {
+            return Err(malformed(
+                "manifest",
+                format!("config of {} bytes (limit {MAX_CONFIG_BYTES})", config_desc.size),
+            ));
         }
+        // The config is a blob like any other: the same verified, resumable download.
+        let desc = LayerDesc {
+            digest: config_digest,
+            size: config_desc.size,
+            media_type: config_desc.media_type.clone(),
+            diff_id: config_digest,
+        };
+        let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(16);
+        let collect = async {
+            let mut v = Vec::new();
+            while let Some(Ok(b)) = rx.recv().await {
+                v.extend_from_slice(&b);
+            }
+            v
+        };
+        let (fetched, config) = tokio::join!(self.fetch_blob(r, &desc, tx), collect);
+        fetched.map_err(|e| match e {
+            RegistryError::DigestMismatch { expected, actual, .. } => {
+                RegistryError::DigestMismatch { what: "config", expected, actual }
+            }
+            other => other,
+        })?;
         let cfg: ConfigJson = serde_json::from_slice(&config).map_err(|e| malformed("config", e.to_string()))?;
         let layers_json = m.layers.unwrap_or_default();
         if cfg.rootfs.diff_ids.len() != layers_json.len() {
@@ -340,41 +388,27 @@ impl Registry {
         layer: &LayerDesc,
         out: mpsc::Sender<Result<Vec<u8>, String>>,
     ) -> Result<u64, RegistryError> {
-        let desc = oci_client::manifest::OciDescriptor {
-            media_type: layer.media_type.clone(),
-            digest: layer.digest.to_string(),
-            size: layer.size as i64,
-            ..Default::default()
-        };
+        let scheme = self.schemes[self.chosen.load(std::sync::atomic::Ordering::Relaxed)];
+        let url = format!("{scheme}://{}/v2/{}/blobs/{}", r.inner.resolve_registry(), r.repository(), layer.digest);
         let attempts = self.opts.attempts.max(1);
         let mut hasher = DigestHasher::new();
         let mut offset = 0u64;
         let mut failures = 0u32;
         let mut reauthorized = false;
         loop {
-            let resp = if offset == 0 {
-                self.client().pull_blob_stream(&r.inner, &desc).await.map(BlobResponse::Full)
-            } else {
-                self.client().pull_blob_stream_partial(&r.inner, &desc, offset, None).await
-            };
+            let authorization = self.authorization.lock().expect("authorization lock").clone();
+            let resp = self.blobs.get(&self.registry, &url, authorization.as_deref(), offset).await;
             let step: Result<bool, RegistryError> = async {
-                let (mut stream, mut skip) = match resp.map_err(self.err(r))? {
-                    BlobResponse::Full(s) => (s.stream, offset),
-                    BlobResponse::Partial(s) => (s.stream, 0),
+                let (resp, mut skip) = match resp? {
+                    crate::blob::BlobBody::Full(resp) => (resp, offset),
+                    crate::blob::BlobBody::Partial(resp) => (resp, 0),
                 };
+                let mut stream = resp.bytes_stream();
                 while let Some(item) = stream.next().await {
-                    let bytes = match item {
-                        Ok(b) => b,
-                        // Every byte arrived: the client's own digest check failed. Ours decides
-                        // below, and a wrong blob is not worth downloading again.
-                        Err(_) if offset == layer.size => break,
-                        Err(e) => {
-                            return Err(RegistryError::Transport {
-                                registry: self.registry.clone(),
-                                reason: format!("blob {}: {e}", layer.digest),
-                            })
-                        }
-                    };
+                    let bytes = item.map_err(|e| RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        reason: format!("blob {}: {}", layer.digest, crate::error::chain(&e)),
+                    })?;
                     let mut b = &bytes[..];
                     // A server that ignored the Range header resent the start.
                     let drop = skip.min(b.len() as u64) as usize;
@@ -408,12 +442,25 @@ impl Registry {
                 Err(RegistryError::Unauthorized { .. }) if !reauthorized => {
                     reauthorized = true;
                     tracing::info!(blob = %layer.digest, offset, "authorization expired; fetching a new token");
-                    self.client().auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r))?;
+                    self.connect(r).await?;
                 }
-                Ok(false) | Err(RegistryError::Transport { .. }) if failures + 1 < attempts => {
+                Err(RegistryError::Busy { retry_after: Some(wait), .. }) if wait > crate::blob::MAX_RETRY_AFTER => {
+                    let e =
+                        RegistryError::Busy { registry: self.registry.clone(), status: 429, retry_after: Some(wait) };
+                    let _ = out.send(Err(e.to_string())).await;
+                    return Err(e);
+                }
+                Ok(false) | Err(RegistryError::Transport { .. }) | Err(RegistryError::Busy { .. })
+                    if failures + 1 < attempts =>
+                {
                     failures += 1;
-                    let wait = Duration::from_millis(200 * (1 << failures.min(5)));
-                    tracing::warn!(blob = %layer.digest, offset, attempt = failures + 1, "blob download interrupted; resuming");
+                    let backoff = Duration::from_millis(200 * (1 << failures.min(5)));
+                    // The registry's own Retry-After, when it gave one, is the least we wait.
+                    let wait = match &step {
+                        Err(RegistryError::Busy { retry_after: Some(after), .. }) => backoff.max(*after),
+                        _ => backoff,
+                    };
+                    tracing::warn!(blob = %layer.digest, offset, attempt = failures + 1, wait_ms = wait.as_millis() as u64, "blob download interrupted; resuming");
                     tokio::time::sleep(wait).await;
                 }
                 Ok(false) => {

@@ -21,6 +21,9 @@ pub enum RegistryError {
     Malformed { reference: String, what: &'static str, reason: String },
     #[error("{registry}: {reason}")]
     Transport { registry: String, reason: String },
+    /// Overloaded or failing (408, 429, 5xx); `retry_after` is what it asked for.
+    #[error("{registry}: busy (HTTP {status}){}", retry_after.map(|d| format!(", asked to retry after {} s", d.as_secs())).unwrap_or_default())]
+    Busy { registry: String, status: u16, retry_after: Option<std::time::Duration> },
     /// The registry answered, and the answer was no (a 4xx other than 401/403/404/408/429).
     #[error("{registry}: {reason}")]
     Rejected { registry: String, reason: String },
@@ -29,7 +32,7 @@ pub enum RegistryError {
 }
 
 /// An error with every cause it wraps, `a: b: c` (reqwest hides the interesting part deep down).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -94,6 +97,6 @@ impl RegistryError {
 
     /// Worth another try: the network or the server failed, not the request.
     pub fn is_transient(&self) -> bool {
-        matches!(self, RegistryError::Transport { .. })
+        matches!(self, RegistryError::Transport { .. } | RegistryError::Busy { .. })
     }
 }

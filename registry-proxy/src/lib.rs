@@ -8,6 +8,7 @@
 //! or the environment, or own a runtime (callers bring tokio). The pull-through mirror server will
 //! live in this folder too, beside the client.
 
+mod blob;
 mod client;
 mod error;
 mod platform;

@@ -421,18 +421,21 @@ fn platforms_digests_and_credential_helpers() {
     hb.fsck_clean();
 }
 
-/// A proxy that answers the `nth` blob request (1: the config, 2: the layer) with `401
-/// invalid_token`, what an expired token gets, and relays everything else. Returns its address
-/// and how many blob requests it saw.
-fn expiring_token_proxy(upstream: String, nth: usize) -> (String, Arc<AtomicUsize>) {
+type Times = Arc<std::sync::Mutex<Vec<std::time::Instant>>>;
+
+/// A proxy that answers the `nth` blob request (1: the config, 2: the layer) with `response`
+/// (status line, headers and body) and relays everything else. Returns its address, how many
+/// blob requests it saw, and when it saw each.
+fn refusing_proxy(upstream: String, nth: usize, response: String) -> (String, Arc<AtomicUsize>, Times) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let seen = Arc::new(AtomicUsize::new(0));
-    let flag = seen.clone();
+    let times: Times = Default::default();
+    let (flag, stamps) = (seen.clone(), times.clone());
     std::thread::spawn(move || {
         for client in listener.incoming().take(256) {
             let Ok(mut client) = client else { continue };
-            let (upstream, flag) = (upstream.clone(), flag.clone());
+            let (upstream, flag, stamps, response) = (upstream.clone(), flag.clone(), stamps.clone(), response.clone());
             std::thread::spawn(move || {
                 let Ok(mut server) = TcpStream::connect(&upstream) else { return };
                 let (mut from_server, mut to_client) = (server.try_clone().unwrap(), client.try_clone().unwrap());
@@ -446,13 +449,11 @@ fn expiring_token_proxy(upstream: String, nth: usize) -> (String, Arc<AtomicUsiz
                     }
                     let req = &buf[..k];
                     let blob = req.starts_with(b"GET ") && req.windows(14).any(|w| w == b"/blobs/sha256:");
+                    if blob {
+                        stamps.lock().unwrap().push(std::time::Instant::now());
+                    }
                     if blob && flag.fetch_add(1, Ordering::SeqCst) + 1 == nth {
-                        let body = r#"{"errors":[{"code":"UNAUTHORIZED","message":"token expired"}]}"#;
-                        let _ = write!(
-                            client,
-                            "HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Bearer error=\"invalid_token\"\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        );
+                        let _ = client.write_all(response.as_bytes());
                         break;
                     }
                     if server.write_all(req).is_err() {
@@ -464,14 +465,26 @@ fn expiring_token_proxy(upstream: String, nth: usize) -> (String, Arc<AtomicUsiz
             });
         }
     });
-    (addr, seen)
+    (addr, seen, times)
+}
+
+fn http_response(status: &str, extra_headers: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 #[test]
 fn an_expired_token_mid_pull_is_renewed() {
     open_registry();
+    let expired = http_response(
+        "401 Unauthorized",
+        "Www-Authenticate: Bearer error=\"invalid_token\"\r\n",
+        r#"{"errors":[{"code":"UNAUTHORIZED","message":"token expired"}]}"#,
+    );
     for (nth, what) in [(1, "config"), (2, "layer")] {
-        let (proxy, seen) = expiring_token_proxy(registry_at(2), nth);
+        let (proxy, seen, _) = refusing_proxy(registry_at(2), nth, expired.clone());
         let hb = Hb::new();
         let image = format!("{proxy}/private/busybox:latest");
         let r = hb.json(&["pull", "--creds", "hb:hb-secret", &image]);
@@ -479,4 +492,24 @@ fn an_expired_token_mid_pull_is_renewed() {
         assert!(r["bytes_downloaded"].as_u64().unwrap() > 0, "{what}: {r:#}");
         hb.fsck_clean();
     }
+}
+
+/// A registry that answers a layer download with 429 and `Retry-After: 2` is asked again no
+/// sooner than that (our own backoff alone would retry after 0.4 s).
+#[test]
+fn retry_after_is_honoured_for_blob_downloads() {
+    let reg = open_registry();
+    let busy = http_response(
+        "429 Too Many Requests",
+        "Retry-After: 2\r\n",
+        r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}"#,
+    );
+    let (proxy, _, times) = refusing_proxy(reg, 2, busy);
+    let hb = Hb::new();
+    hb.ok(&["pull", &format!("{proxy}/busybox:latest")]);
+    let t = times.lock().unwrap().clone();
+    assert!(t.len() >= 3, "config, refused layer, retried layer: {} requests", t.len());
+    let waited = t[2] - t[1];
+    assert!(waited >= std::time::Duration::from_millis(1950), "retried after {waited:?}, asked for 2 s");
+    hb.fsck_clean();
 }
