@@ -4,6 +4,7 @@
 #   127.0.0.1:15000/busybox:latest         busybox-static + applets, one layer, reproducible
 #   127.0.0.1:15000/busybox:zstd           the same, tar+zstd
 #   127.0.0.1:15000/multi:latest           an OCI index: linux/amd64 (busybox), linux/arm64/v8
+#   127.0.0.1:15000/busybox:v2s2, multi:v2s2  the same as Docker schema2 manifest / manifest list
 #   127.0.0.1:15000/debian-app:v1          debootstrap minbase / python3+gcc+perl installed with
 #                                          apt in an overlayfs chroot (real whiteouts and opaque
 #                                          dirs) / a small app layer
@@ -142,6 +143,8 @@ fi
 push "$OUT/busybox-gzip" latest "$OPEN/busybox:latest"
 push "$OUT/busybox-zstd" zstd "$OPEN/busybox:zstd"
 push "$OUT/multi" multi "$OPEN/multi:latest" --all
+push "$OUT/busybox-gzip" latest "$OPEN/busybox:v2s2" --format v2s2
+push "$OUT/multi" multi "$OPEN/multi:v2s2" --all --format v2s2
 push "$OUT/busybox-gzip" latest "$BASIC/private/busybox:latest" --dest-creds hb:hb-secret
 push "$OUT/busybox-gzip" latest "$TOKEN/private/busybox:latest" --dest-creds hb:hb-secret
 push "$OUT/busybox-gzip" latest "$TLS/busybox:latest"

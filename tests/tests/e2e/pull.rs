@@ -513,3 +513,28 @@ fn retry_after_is_honoured_for_blob_downloads() {
     assert!(waited >= std::time::Duration::from_millis(1950), "retried after {waited:?}, asked for 2 s");
     hb.fsck_clean();
 }
+
+/// Docker's formats: a schema2 manifest and a manifest list give the same trees as their OCI twins.
+#[test]
+fn docker_schema2_manifests_and_lists() {
+    let reg = open_registry();
+    let hb = Hb::new();
+    for (docker, oci, platform) in
+        [("busybox:v2s2", "busybox:latest", "linux/amd64"), ("multi:v2s2", "multi:latest", "linux/arm64")]
+    {
+        let mut trees = Vec::new();
+        for name in [docker, oci] {
+            let image = format!("{reg}/{name}");
+            let r = hb.json(&["pull", "--platform", platform, &image]);
+            assert!(r["platform"].as_str().unwrap().starts_with(platform), "{r:#}");
+            let out = hb.path(&format!("x-{name}"));
+            hb.ok(&["export", &image, out.to_str().unwrap()]);
+            trees.push(fingerprint_dir(&out, &[]));
+        }
+        assert_same_tree(&format!("{docker} vs {oci}"), &trees[1], &trees[0], true);
+    }
+    let inspect: serde_json::Value =
+        serde_json::from_str(&hb.ok(&["inspect", &format!("{reg}/busybox:v2s2")])).unwrap();
+    assert_eq!(inspect["manifestMediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    hb.fsck_clean();
+}
