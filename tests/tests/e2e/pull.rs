@@ -529,7 +529,11 @@ fn docker_schema2_manifests_and_lists() {
             assert!(r["platform"].as_str().unwrap().starts_with(platform), "{r:#}");
             let out = hb.path(&format!("x-{name}"));
             hb.ok(&["export", &image, out.to_str().unwrap()]);
-            trees.push(fingerprint_dir(&out, &[]));
+            let mut tree = fingerprint_dir(&out, &[]);
+            // The arm64 layer lists no `./`: its root has no recorded metadata and takes the
+            // export's own time (as containerd and umoci do), so two exports differ there.
+            tree.remove(b"".as_slice());
+            trees.push(tree);
         }
         assert_same_tree(&format!("{docker} vs {oci}"), &trees[1], &trees[0], true);
     }
