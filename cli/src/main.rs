@@ -176,6 +176,21 @@ fn open_store(g: &Global) -> anyhow::Result<Store> {
     Store::open(&root, opts).with_context(|| format!("opening store {}", root.display()))
 }
 
+/// Exports `layers` merged into `dir` with a progress bar; on failure leaves no half-written tree
+/// behind (the target was missing or empty).
+fn export_rootfs(store: &Store, layers: &[Digest], dir: &Path, out: &Out) -> anyhow::Result<hb_store::ExportReport> {
+    let bar = Bar::bytes(out, "exporting rootfs", None);
+    let existed = dir.exists();
+    let r = store.export_rootfs(layers, dir, &bar);
+    bar.finish();
+    r.map_err(|e| {
+        if !matches!(e, hb_store::StoreError::TargetNotEmpty(_)) {
+            remove_partial_tree(dir, existed);
+        }
+        e.into()
+    })
+}
+
 fn remove_partial_tree(dir: &Path, keep_dir: bool) {
     if !keep_dir {
         let _ = std::fs::remove_dir_all(dir);
@@ -405,19 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Export { image, dir } => {
             let (name, _, rec) = require_image(&store, &image)?;
             let layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
-            let bar = Bar::bytes(&out, "exporting rootfs", None);
-            let existed = dir.exists();
-            let r = store.export_rootfs(&layers, &dir, &bar);
-            bar.finish();
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    if !matches!(e, hb_store::StoreError::TargetNotEmpty(_)) {
-                        remove_partial_tree(&dir, existed);
-                    }
-                    return Err(e.into());
-                }
-            };
+            let r = export_rootfs(&store, &layers, &dir, &out)?;
             out.note(format!("{name}: {} entries, {} into {}", r.entries, HumanBytes(r.bytes), dir.display()));
             out.json_value(&r)?;
         }
@@ -460,20 +463,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Layer(LayerCmd::Export { layers, output, dir }) => {
             let digests = layers.iter().map(|l| resolve(&store, l)).collect::<anyhow::Result<Vec<_>>>()?;
             if let Some(dir) = dir {
-                let bar = Bar::bytes(&out, "exporting rootfs", None);
-                let existed = dir.exists();
-                let r = store.export_rootfs(&digests, &dir, &bar);
-                bar.finish();
-                let r = match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Leave no half-written tree behind (the target was missing or empty).
-                        if !matches!(e, hb_store::StoreError::TargetNotEmpty(_)) {
-                            remove_partial_tree(&dir, existed);
-                        }
-                        return Err(e.into());
-                    }
-                };
+                let r = export_rootfs(&store, &digests, &dir, &out)?;
                 out.note(format!("{}: {} entries, {}", dir.display(), r.entries, HumanBytes(r.bytes)));
                 out.json_value(&r)?;
             } else {
