@@ -9,7 +9,7 @@ PACKAGES=(
   zstd pigz                    # test material and benchmark baselines
   busybox-static debootstrap   # offline test images
   attr                         # setfattr: xattrs in test material
-  util-linux curl              # tests and scripts
+  util-linux curl openssl python3  # tests and scripts (the token issuer, test CAs)
   docker-registry skopeo umoci apache2-utils  # real registries, a real client, an independent extractor
   ca-certificates
 )
