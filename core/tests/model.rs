@@ -178,3 +178,47 @@ fn diff_reports_changed_paths_and_only_missing_chunks() {
     let same = diff(&a, &a);
     assert!(same.changes.is_empty() && same.needed_bytes == 0 && same.dirs_visited == 0);
 }
+
+/// Hostile indexes (they will come from registries): structurally corrupted encodings with a
+/// valid checksum never make the decoder panic, and whatever it accepts is internally consistent.
+#[test]
+fn decode_survives_corrupted_structure_behind_a_valid_checksum() {
+    let good = sample().encode();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut rnd = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    for round in 0..5000 {
+        let mut body = good[..good.len() - 32].to_vec();
+        match round % 3 {
+            0 => {
+                for _ in 0..1 + rnd(4) {
+                    let i = 8 + rnd(body.len() - 8);
+                    body[i] ^= 1 << rnd(8);
+                }
+            }
+            1 => body.truncate(8 + rnd(body.len() - 8)),
+            _ => {
+                let i = 8 + rnd(body.len() - 8);
+                body.insert(i, rnd(256) as u8);
+            }
+        }
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        match LayerIndex::decode(&body) {
+            Ok(idx) => {
+                accepted += 1;
+                // Accepted means usable: every path resolves back to its entry.
+                for i in 0..idx.entries.len() as u32 {
+                    assert_eq!(idx.lookup(&idx.path(i)), Some(i), "round {round}");
+                }
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(refused > 4000, "{refused} refused, {accepted} accepted");
+}
