@@ -166,3 +166,43 @@ fn kill_9_during_gc_and_compaction_leaves_a_consistent_store() {
         false,
     );
 }
+
+/// kill -9 during `hb pull` (several layers downloading into concurrent ingests at once): the
+/// store always passes fsck, and a final pull completes what the killed ones left.
+#[test]
+fn kill_9_during_pull_leaves_a_consistent_store() {
+    let port: u16 = std::env::var("HB_REGISTRY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(15000);
+    let reg = format!("127.0.0.1:{port}");
+    assert!(std::net::TcpStream::connect(&reg).is_ok(), "no registry on {reg}: run scripts/images.sh");
+    let image = format!("{reg}/debian-app:v1");
+    let hb = Hb::new();
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("pull crash test seed {seed}");
+    // Calibrate on a throwaway store, then kill pulls into the real one.
+    let probe = Hb::new();
+    let t = Instant::now();
+    probe.ok(&["pull", &image]);
+    let mut killer = Killer::new(seed, t.elapsed());
+    for _ in 0..8 {
+        killer.attempt(&hb, &["pull", &image]);
+        hb.fsck_clean();
+        // Only a finished pull names the image; a killed one leaves at most unnamed layers.
+        let images = hb.json(&["images"]);
+        assert!(images.as_array().unwrap().len() <= 1, "{images:#}");
+        // Start the next round empty, so it downloads everything again.
+        if !images.as_array().unwrap().is_empty() {
+            hb.ok(&["rmi", &image]);
+        }
+        hb.ok(&["gc"]);
+        assert_eq!(hb.json(&["du"])["chunks"], 0, "gc left chunks of unnamed layers");
+        hb.fsck_clean();
+    }
+    println!("pull: {} killed, {} finished", killer.killed, killer.finished);
+    assert!(killer.killed > 0, "no kill landed during a pull (seed {seed})");
+    hb.ok(&["pull", &image]);
+    let (a, b) = (hb.path("a"), probe.path("b"));
+    hb.ok(&["export", &image, a.to_str().unwrap()]);
+    probe.ok(&["export", &image, b.to_str().unwrap()]);
+    assert_same_tree("pull after kills vs a clean pull", &fingerprint_dir(&b, &[]), &fingerprint_dir(&a, &[]), true);
+    hb.fsck_clean();
+}
