@@ -86,13 +86,27 @@ impl Hb {
         self.dir.path().join(name)
     }
 
+    /// `hb` on this store, isolated from the machine's own settings: no /etc/hb/hb.toml (a
+    /// minimal config unless the test gave one), no docker credentials, no hosts.toml folders.
+    /// A test that wants them sets `DOCKER_CONFIG`, `--hosts-dir` or a config itself.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(hb_bin());
         c.arg("--root").arg(&self.root);
-        if let Some(cfg) = &self.config {
-            c.arg("--config").arg(cfg);
-        }
-        c.args(args).env_remove("HB_ROOT").env_remove("HB_CONFIG");
+        let cfg = self.config.clone().unwrap_or_else(|| {
+            let p = self.dir.path().join("hb-default.toml");
+            if !p.exists() {
+                std::fs::write(&p, "version = 1\n").unwrap();
+            }
+            p
+        });
+        c.arg("--config").arg(cfg);
+        let empty = self.dir.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        c.args(args)
+            .env_remove("HB_ROOT")
+            .env_remove("HB_CONFIG")
+            .env("DOCKER_CONFIG", &empty)
+            .env("HB_HOSTS_DIR", &empty);
         c
     }
 
