@@ -67,10 +67,12 @@ pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostS
             };
             for ca in cas {
                 let p = base.join(ca);
-                out.ca_pem.push(
-                    std::fs::read(&p)
-                        .with_context(|| format!("reading CA {} named in {}", p.display(), path.display()))?,
-                );
+                let pem = std::fs::read(&p)
+                    .with_context(|| format!("reading CA {} named in {}", p.display(), path.display()))?;
+                if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                    bail!("CA {} named in {} holds no PEM certificate", p.display(), path.display());
+                }
+                out.ca_pem.push(pem);
             }
         }
     }

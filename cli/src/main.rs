@@ -238,7 +238,8 @@ fn require_image(store: &Store, q: &str) -> anyhow::Result<(String, Digest, hb_s
 
 /// The tree `q` names: an image's merged rootfs, or one layer.
 fn tree_of(store: &Store, q: &str) -> anyhow::Result<(String, hb_core::LayerIndex)> {
-    if let Some((name, _, rec)) = find_image(store, q)?.map(|_| require_image(store, q)).transpose()? {
+    if let Some((name, digest)) = find_image(store, q)? {
+        let rec = store.image(&digest)?.with_context(|| format!("image {digest} named {name} is missing"))?;
         let layers = rec
             .layers
             .iter()
@@ -313,7 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 hb_registry::Platform::default(),
             )?;
             opts.attempts = 1;
-            let reg = hb_registry::Registry::new(&probe, opts);
+            let reg = hb_registry::Registry::new(&probe, opts)?;
             runtime()?.block_on(reg.check_credentials(&probe))?;
             let path = config::docker_login(probe.registry(), &username, &password)?;
             out.note(format!("Login succeeded; credentials saved in {}", path.display()));

@@ -110,7 +110,8 @@ pub fn plan(store: &Store, resolved: &ResolvedImage) -> anyhow::Result<PullPlan>
         if store.has_layer(&l.diff_id)? {
             p.present_bytes += l.size;
             p.present.push(entry);
-        } else {
+        } else if !p.fetch.iter().any(|f| f.digest == l.digest) {
+            // A blob an image lists twice is downloaded once.
             p.fetch_bytes += l.size;
             p.fetch.push(entry);
         }
@@ -123,7 +124,7 @@ pub fn resolve(
     r: &ImageRef,
     opts: RegistryOptions,
 ) -> anyhow::Result<(Registry, ResolvedImage)> {
-    let registry = Registry::new(r, opts);
+    let registry = Registry::new(r, opts)?;
     let resolved = rt.block_on(registry.resolve(r))?;
     Ok((registry, resolved))
 }
@@ -139,26 +140,20 @@ pub fn pull(
 ) -> anyhow::Result<PullReport> {
     let name = image_name(&resolved.reference);
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let planned = plan(&store, &resolved)?;
     let mut report = PullReport {
         name: name.clone(),
         digest: resolved.manifest_digest,
         platform: resolved.platform.clone(),
         layers: resolved.layers.len(),
-        layers_present: 0,
-        bytes_present: 0,
+        layers_present: planned.present.len(),
+        bytes_present: planned.present_bytes,
         bytes_downloaded: 0,
         new_chunk_bytes: 0,
         deduplicated_bytes: 0,
     };
-    let mut missing = Vec::new();
-    for l in &resolved.layers {
-        if store.has_layer(&l.diff_id)? {
-            report.layers_present += 1;
-            report.bytes_present += l.size;
-        } else if !missing.iter().any(|m: &LayerDesc| m.digest == l.digest) {
-            missing.push(l.clone());
-        }
-    }
+    let missing: Vec<LayerDesc> =
+        planned.fetch.iter().filter_map(|f| resolved.layers.iter().find(|l| l.digest == f.digest).cloned()).collect();
     let registry = Arc::new(registry);
     let reference = resolved.reference.clone();
     let results: Vec<(u64, hb_store::ImportReport)> = rt.block_on(async {

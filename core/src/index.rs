@@ -8,7 +8,7 @@
 
 use std::collections::HashSet;
 
-use crate::chunker::{ChunkAlgorithm, ChunkerParams};
+use crate::chunker::ChunkerParams;
 use crate::digest::{ChunkId, Digest};
 use crate::path::valid_name;
 
@@ -260,11 +260,6 @@ impl LayerIndex {
                 _ => 0,
             })
             .sum()
-    }
-
-    /// Sum of the lengths of the distinct chunks.
-    pub fn unique_chunk_bytes(&self) -> u64 {
-        self.chunks.iter().map(|c| c.len as u64).sum()
     }
 
     /// The hash of entry `i`: its metadata and content, not its name (names belong to the parent),
@@ -569,11 +564,6 @@ impl LayerIndex {
     /// Every distinct chunk id the index references.
     pub fn chunk_set(&self) -> HashSet<ChunkId> {
         self.chunks.iter().map(|c| c.id).collect()
-    }
-
-    /// True when the index was cut with `params`.
-    pub fn cut_with(&self, params: &ChunkerParams) -> bool {
-        self.chunker == *params && params.algorithm == ChunkAlgorithm::FastCdc2020
     }
 }
 

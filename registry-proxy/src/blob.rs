@@ -22,7 +22,7 @@ pub(crate) enum BlobBody {
 }
 
 impl BlobHttp {
-    pub fn new(opts: &RegistryOptions) -> Result<Self, RegistryError> {
+    pub fn new(registry: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
         let mut b = reqwest::Client::builder()
             .danger_accept_invalid_certs(opts.skip_verify)
             .connect_timeout(Duration::from_secs(15))
@@ -31,15 +31,17 @@ impl BlobHttp {
         let mut certs = Vec::new();
         for pem in &opts.ca_pem {
             certs.push(reqwest::Certificate::from_pem(pem).map_err(|e| RegistryError::Certificate {
-                registry: "(config)".into(),
+                registry: registry.to_string(),
                 reason: format!("a configured CA is not valid PEM: {e}"),
             })?);
         }
         if !certs.is_empty() {
             b = b.tls_certs_merge(certs);
         }
-        let http =
-            b.build().map_err(|e| RegistryError::Transport { registry: "(client)".into(), reason: e.to_string() })?;
+        let http = b.build().map_err(|e| RegistryError::Transport {
+            registry: registry.to_string(),
+            reason: crate::error::chain(&e),
+        })?;
         Ok(BlobHttp { http })
     }
 

@@ -134,7 +134,8 @@ pub struct Registry {
 impl Registry {
     /// A client for `r`'s registry, speaking what `opts.scheme` says: HTTPS (with the system's
     /// roots plus `opts.ca_pem`), plain HTTP, or for loopback registries HTTPS falling back to HTTP.
-    pub fn new(r: &ImageRef, opts: RegistryOptions) -> Self {
+    /// Fails only when a configured CA is not valid PEM.
+    pub fn new(r: &ImageRef, opts: RegistryOptions) -> Result<Self, RegistryError> {
         install_crypto_provider();
         let make = |protocol: ClientProtocol| {
             Client::new(ClientConfig {
@@ -164,11 +165,8 @@ impl Registry {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
         };
-        let blobs = crate::blob::BlobHttp::new(&opts).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "blob client with the configured CAs failed; using the system roots only");
-            crate::blob::BlobHttp::new(&RegistryOptions::default()).expect("default HTTP client")
-        });
-        Registry {
+        let blobs = crate::blob::BlobHttp::new(r.registry(), &opts)?;
+        Ok(Registry {
             clients,
             schemes,
             chosen: Default::default(),
@@ -177,7 +175,7 @@ impl Registry {
             auth,
             opts,
             registry: r.registry().to_string(),
-        }
+        })
     }
 
     fn client(&self) -> &Client {

@@ -32,10 +32,6 @@ impl ImageRef {
         self.inner.repository()
     }
 
-    pub fn tag(&self) -> Option<&str> {
-        self.inner.tag()
-    }
-
     pub fn digest(&self) -> Option<&str> {
         self.inner.digest()
     }

@@ -55,19 +55,6 @@ impl StoreError {
         let context = context.into();
         move |source| StoreError::Io { context, source }
     }
-
-    /// True when the error is about the input (a bad layer), not about the store.
-    pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Entry(_)
-                | StoreError::BadEntry { .. }
-                | StoreError::BadStream(_)
-                | StoreError::TooLarge { .. }
-                | StoreError::RatioExceeded { .. }
-                | StoreError::DigestMismatch { .. }
-        )
-    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

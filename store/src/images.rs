@@ -2,7 +2,7 @@
 //! Names are whatever the caller canonicalised (the registry client normalises references).
 
 use hb_core::Digest;
-use rocksdb::{IteratorMode, WriteBatch};
+use rocksdb::WriteBatch;
 
 use crate::error::{Result, StoreError};
 use crate::meta::*;
@@ -69,16 +69,6 @@ impl Store {
         batch.delete_cf(self.cf(CF_REFS), key);
         self.sync_write(batch)?;
         Ok(true)
-    }
-
-    /// Every stored image record with its digest.
-    pub fn images(&self) -> Result<Vec<(Digest, ImageRecord)>> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_IMAGES), IteratorMode::Start) {
-            let (k, v) = item?;
-            out.push((digest_from_key(&k)?, ImageRecord::decode(&v)?));
-        }
-        Ok(out)
     }
 }
 

@@ -294,12 +294,6 @@ impl Store {
         Ok(f)
     }
 
-    /// The filter's size in bytes and capacity in chunks.
-    pub fn bloom_stats(&self) -> (u64, u64) {
-        let f = self.bloom.read().expect("bloom lock");
-        (f.bitmap_bytes(), f.capacity())
-    }
-
     /// Where a chunk is and its refcount, if stored.
     pub fn chunk_record(&self, id: &ChunkId) -> Result<Option<ChunkRecord>> {
         if !self.bloom.read().expect("bloom lock").maybe_contains(id) {
@@ -309,10 +303,6 @@ impl Store {
             Some(v) => Ok(Some(ChunkRecord::decode(&v)?)),
             None => Ok(None),
         }
-    }
-
-    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
-        Ok(self.chunk_record(id)?.is_some())
     }
 
     pub(crate) fn pack_file(&self, pack: u32) -> Result<Arc<File>> {

@@ -74,12 +74,19 @@ pub fn encode_chunk(data: &[u8], level: i32) -> (Compression, Vec<u8>) {
 /// Reads and verifies one chunk record: the header must name `id` with the recorded lengths and
 /// the decoded bytes must hash to `id`.
 pub fn read_chunk(file: &File, id: &ChunkId, loc: &Location) -> Result<Vec<u8>> {
-    read_record(file, id, loc).map(|(raw, _)| raw)
+    read_verified(file, id, loc).map(|(_, raw)| raw)
 }
 
 /// Like [`read_chunk`], also returning the record's stored (possibly compressed) bytes, verified
 /// through the decoded ones, so they can be copied verbatim.
 pub fn read_record(file: &File, id: &ChunkId, loc: &Location) -> Result<(Vec<u8>, Vec<u8>)> {
+    let (mut record, raw) = read_verified(file, id, loc)?;
+    record.drain(..RECORD_HEADER_LEN);
+    Ok((raw, record))
+}
+
+/// The whole record as read, and its verified uncompressed content.
+fn read_verified(file: &File, id: &ChunkId, loc: &Location) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = vec![0u8; loc.record_len() as usize];
     file.read_exact_at(&mut buf, loc.offset).map_err(|e| StoreError::CorruptChunk {
         id: *id,
@@ -104,8 +111,7 @@ pub fn read_record(file: &File, id: &ChunkId, loc: &Location) -> Result<(Vec<u8>
     if bytes.len() != raw_len as usize || ChunkId::of(&bytes) != *id {
         return Err(corrupt("content does not hash to its id".into()));
     }
-    buf.drain(..RECORD_HEADER_LEN);
-    Ok((bytes, buf))
+    Ok((buf, bytes))
 }
 
 /// Appends records to one pack file. Nothing is durable until [`PackWriter::sync`].

@@ -132,3 +132,26 @@ fn named_images_keep_their_layers_until_unnamed() {
     assert_eq!(store.usage().unwrap().chunks, 0);
     assert!(store.fsck(&NoProgress).unwrap().is_clean());
 }
+
+/// The store as a chunk source (what mounts and peers will read through): verified bytes for a
+/// stored chunk, a clean miss for an absent one, `Corrupt` (never bytes) for a damaged one.
+#[test]
+fn the_store_as_a_chunk_source_translates_every_outcome() {
+    use hb_core::{ChunkId, ChunkSource, SourceError};
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let data = pseudo_random(9, 10_000);
+    store.import_layer(&layer(&[("f", &data)])[..], &NoProgress).unwrap();
+    let id = ChunkId::of(&data); // 10 kB is below the 16 KiB minimum cut: one chunk
+    assert!(store.fetch(&id).unwrap().as_deref() == Some(&data[..]), "stored chunk not returned intact");
+    assert!(store.fetch(&ChunkId::of(b"absent")).unwrap().is_none());
+    let pack = std::fs::read_dir(dir.path().join("packs")).unwrap().next().unwrap().unwrap().path();
+    let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.write_all_at(&[0x5a; 16], len - 100).unwrap(); // inside the chunk's data
+    match store.fetch(&id) {
+        Err(SourceError::Corrupt { id: got, .. }) => assert_eq!(got, id),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}

@@ -360,6 +360,12 @@ fn tls_registries_need_their_ca_from_hosts_toml() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("TLS certificate not trusted") && err.contains("hosts.toml"), "{err}");
+    // A `ca` file with no certificate in it is named, not silently ignored.
+    std::fs::write(host_dir.join("ca.pem"), "not a certificate\n").unwrap();
+    std::fs::write(host_dir.join("hosts.toml"), format!("[host.\"https://{registry}\"]\n  ca = \"ca.pem\"\n")).unwrap();
+    let o = pull(&hb);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("holds no PEM certificate"), "{err}");
     std::fs::copy(Path::new(&dir).join("tls/ca.pem"), host_dir.join("ca.pem")).unwrap();
     std::fs::write(
         host_dir.join("hosts.toml"),
