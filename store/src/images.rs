@@ -87,10 +87,12 @@ pub struct ImageSize {
 }
 
 impl Store {
-    /// True when the layer with uncompressed digest `diff_id` is stored (whatever blob it came
-    /// from: the same content gzip'ed or zstd'ed needs no second download).
+    /// True when the layer with uncompressed digest `diff_id` is stored complete (whatever blob
+    /// it came from: the same content gzip'ed or zstd'ed needs no second download). A lazy layer
+    /// still waiting for chunks is not complete.
     pub fn has_layer(&self, diff_id: &Digest) -> Result<bool> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_LAYERS), diff_id.as_bytes())?.is_some())
+        Ok(self.db.get_pinned_cf(self.cf(CF_LAYERS), diff_id.as_bytes())?.is_some()
+            && self.db.get_pinned(lazy_key(diff_id))?.is_none())
     }
 
     /// Unique and shared sizes of every named image.

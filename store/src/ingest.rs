@@ -192,7 +192,7 @@ impl Store {
 
     /// A pack for one ingest, with its committed length: an idle open pack below the target
     /// size, the newest pack on disk if nobody uses it and it is below the target, or a new one.
-    fn take_pack(&self) -> Result<(PackWriter, u64)> {
+    pub(crate) fn take_pack(&self) -> Result<(PackWriter, u64)> {
         let mut w = self.writer.lock().expect("writer lock");
         let packs = self.pack_records()?;
         let committed_of = |id: u32| packs.get(&id).map(|r| r.committed_len).unwrap_or(crate::pack::PACK_HEADER_LEN);
@@ -213,7 +213,7 @@ impl Store {
         Ok((PackWriter::open(&self.packs_dir, id, None)?, crate::pack::PACK_HEADER_LEN))
     }
 
-    fn return_pack(&self, pack: PackWriter) {
+    pub(crate) fn return_pack(&self, pack: PackWriter) {
         let mut w = self.writer.lock().expect("writer lock");
         w.in_use.remove(&pack.id);
         if pack.len() < self.opts.pack_target_bytes {
@@ -422,8 +422,8 @@ impl Store {
         report.chunk_refs += 1;
         if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(id) {
             let s = match self.chunk_record(&id)? {
-                Some(_) => Seen::Stored,
-                None => {
+                Some(rec) if !rec.loc.is_absent() => Seen::Stored,
+                _ => {
                     report.new_chunks += 1;
                     report.new_bytes += len as u64;
                     writer.send((id, data)).map_err(|_| StoreError::Io {
@@ -449,7 +449,27 @@ impl Store {
         let mut new_ids = Vec::new();
         let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
         report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes())?.is_some();
-        if report.already_present {
+        let completes_lazy = report.already_present && self.db.get_pinned(lazy_key(&report.diff_id))?.is_some();
+        if completes_lazy {
+            // The layer was pulled lazily: keep its index and refcounts, fill in every chunk that
+            // is still absent, and it becomes an ordinary complete layer.
+            let mut filled = 0;
+            for (id, s) in &seen {
+                let Seen::New = s else { continue };
+                let Some(rec) = self.chunk_record(id)?.filter(|r| r.loc.is_absent()) else { continue };
+                let loc = locations.get(id).ok_or_else(|| StoreError::Io {
+                    context: format!("committing chunk {id}"),
+                    source: io::Error::other("the pack writer lost a chunk"),
+                })?;
+                pack_rec.live_bytes += loc.record_len();
+                pack_rec.live_chunks += 1;
+                filled += 1;
+                batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), ChunkRecord { loc: *loc, ..rec }.encode());
+            }
+            batch.delete(lazy_key(&report.diff_id));
+            report.new_chunks = filled;
+            report.deduplicated_bytes = report.content_bytes;
+        } else if report.already_present {
             // Same content again (perhaps compressed differently): nothing new to keep.
             pack.rollback(committed)?;
             report.new_chunks = 0;
@@ -466,7 +486,18 @@ impl Store {
                 let rec = match (s, current) {
                     // Stored meanwhile by another ingest: share that copy; ours stays dead weight
                     // in the pack until gc compacts it.
-                    (_, Some(rec)) => ChunkRecord { refcount: rec.refcount + 1, ..rec },
+                    (_, Some(rec)) if !rec.loc.is_absent() => ChunkRecord { refcount: rec.refcount + 1, ..rec },
+                    // Known to a lazy layer but not fetched: ours becomes the copy.
+                    (Seen::New, Some(rec)) => {
+                        let loc = locations.get(id).ok_or_else(|| StoreError::Io {
+                            context: format!("committing chunk {id}"),
+                            source: io::Error::other("the pack writer lost a chunk"),
+                        })?;
+                        pack_rec.live_bytes += loc.record_len();
+                        pack_rec.live_chunks += 1;
+                        ChunkRecord { loc: *loc, refcount: rec.refcount + 1 }
+                    }
+                    (Seen::Stored, Some(_)) => return Err(StoreError::MissingChunk(*id)),
                     (Seen::New, None) => {
                         let loc = locations.get(id).ok_or_else(|| StoreError::Io {
                             context: format!("committing chunk {id}"),
@@ -491,7 +522,7 @@ impl Store {
         if pin {
             batch.put_cf(self.cf(CF_REFS), layer_ref(&report.diff_id), report.diff_id.as_bytes());
         }
-        if !report.already_present && pack.len() > committed {
+        if (!report.already_present || completes_lazy) && pack.len() > committed {
             pack.sync()?;
             pack_rec.committed_len = pack.len();
             batch.put(pack_key(pack.id), pack_rec.encode());

@@ -20,6 +20,7 @@ mod error;
 mod export;
 mod images;
 mod ingest;
+mod lazy;
 mod maint;
 pub mod meta;
 pub mod pack;
@@ -37,6 +38,7 @@ pub use error::{Result, StoreError};
 pub use export::ExportReport;
 pub use images::{ImageSize, NamedImage};
 pub use ingest::{ImportOptions, ImportReport};
+pub use lazy::{FillReport, LazyImport};
 pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};
 
@@ -321,8 +323,10 @@ impl Store {
 
     /// Reads a chunk, verified against its id.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let rec = self.chunk_record(id)?.ok_or(StoreError::MissingChunk(*id))?;
-        self.read_at(id, &rec.loc)
+        match self.chunk_record(id)? {
+            Some(rec) if !rec.loc.is_absent() => self.read_at(id, &rec.loc),
+            _ => Err(StoreError::MissingChunk(*id)),
+        }
     }
 
     /// The index of a stored layer.

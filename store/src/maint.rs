@@ -29,6 +29,9 @@ pub struct FsckReport {
     pub blobs: usize,
     pub refs: usize,
     pub images: usize,
+    /// Chunks known to lazy layers but not fetched yet.
+    pub absent_chunks: usize,
+    pub lazy_layers: usize,
     /// Uncompressed bytes read back and verified against their ids.
     pub verified_bytes: u64,
     pub issues: Vec<FsckIssue>,
@@ -64,8 +67,11 @@ pub struct Usage {
     pub logical_bytes: u64,
     /// Sum of the sizes of every layer blob as it came in (compressed).
     pub blob_bytes: u64,
-    /// Uncompressed bytes of the distinct chunks.
+    /// Uncompressed bytes of the distinct chunks held locally.
     pub unique_bytes: u64,
+    /// Chunks lazy layers use that are not fetched yet, and their uncompressed bytes.
+    pub absent_chunks: usize,
+    pub absent_bytes: u64,
     /// Bytes in pack files (committed), and how much of it is still referenced.
     pub pack_bytes: u64,
     pub live_pack_bytes: u64,
@@ -134,12 +140,21 @@ impl Store {
         }
         let mut live: HashMap<u32, (u64, u64)> = HashMap::new();
         let mut stored_refs: HashMap<ChunkId, (u32, u32)> = HashMap::new();
+        let mut absent: HashSet<ChunkId> = HashSet::new();
         {
             let bloom = self.bloom.read().expect("bloom lock");
             for item in self.chunk_records() {
                 let (id, rec) = item?;
                 r.chunks += 1;
                 stored_refs.insert(id, (rec.refcount, rec.loc.raw_len));
+                if rec.loc.is_absent() {
+                    r.absent_chunks += 1;
+                    absent.insert(id);
+                    if !bloom.maybe_contains(&id) {
+                        r.issue("bloom", id, "the Bloom filter says this known chunk is absent");
+                    }
+                    continue;
+                }
                 let l = live.entry(rec.loc.pack).or_default();
                 l.0 += rec.loc.record_len();
                 l.1 += 1;
@@ -202,6 +217,26 @@ impl Store {
                     Some(_) => {}
                 }
             }
+        }
+        // Every chunk that is not local must be wanted by a lazy layer that knows where it is.
+        for diff_id in self.lazy_layers()? {
+            r.lazy_layers += 1;
+            if !layers.contains(&diff_id) {
+                r.issue("dangling-lazy", diff_id, "lazy source of a missing layer");
+                continue;
+            }
+            match self.lazy_source(&diff_id) {
+                Err(e) => r.issue("corrupt-lazy", diff_id, e),
+                Ok(Some(src)) => {
+                    for e in &src.table.entries {
+                        absent.remove(&e.id);
+                    }
+                }
+                Ok(None) => {}
+            }
+        }
+        for id in &absent {
+            r.issue("missing-chunk", id, "not fetched, and no lazy layer says where to fetch it");
         }
         for (id, (stored, _)) in &stored_refs {
             let want = expected.get(id).copied().unwrap_or(0);
@@ -293,6 +328,7 @@ impl Store {
                 *decrements.entry(c.id).or_default() += 1;
             }
             batch.delete_cf(self.cf(CF_LAYERS), k);
+            batch.delete(lazy_key(&diff_id));
             dropped.insert(diff_id);
             report.layers_removed += 1;
         }
@@ -402,7 +438,12 @@ impl Store {
         for item in self.chunk_records() {
             let (_, rec) = item?;
             u.chunks += 1;
-            u.unique_bytes += rec.loc.raw_len as u64;
+            if rec.loc.is_absent() {
+                u.absent_chunks += 1;
+                u.absent_bytes += rec.loc.raw_len as u64;
+            } else {
+                u.unique_bytes += rec.loc.raw_len as u64;
+            }
         }
         for p in self.pack_records()?.values() {
             u.pack_bytes += p.committed_len;

@@ -1,7 +1,8 @@
 //! Records kept in the metadata database (RocksDB) and their byte encodings.
 //!
 //! Column families (documented in docs/formats/store.md):
-//! - `default`: `config` (JSON store config), `pack/<u32 BE>` -> [`PackRecord`]
+//! - `default`: `config` (JSON store config), `pack/<u32 BE>` -> [`PackRecord`], `lazy/<diff_id>`
+//!   -> encoded [`hb_core::LazySource`] of a layer whose chunks are fetched on demand
 //! - `chunks`: chunk id (32 bytes) -> [`ChunkRecord`]
 //! - `layers`: diff_id (32 bytes) -> encoded layer index
 //! - `blobs`: blob digest (32 bytes) -> [`BlobRecord`]
@@ -251,4 +252,11 @@ mod tests {
         assert_eq!(parse_pack_key(&pack_key(513)), Some(513));
         assert!(ChunkRecord::decode(&[0; 3]).is_err());
     }
+}
+
+/// Key of a lazy layer's source record in the default column family.
+pub fn lazy_key(diff_id: &Digest) -> Vec<u8> {
+    let mut k = b"lazy/".to_vec();
+    k.extend_from_slice(diff_id.as_bytes());
+    k
 }

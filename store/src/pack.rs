@@ -57,6 +57,18 @@ pub struct Location {
 }
 
 impl Location {
+    /// Pack id of chunks a lazy layer uses that are not fetched yet (real packs start at 1).
+    pub const ABSENT_PACK: u32 = 0;
+
+    /// The location of a chunk known by id and length only (see [`Location::ABSENT_PACK`]).
+    pub fn absent(raw_len: u32) -> Location {
+        Location { pack: Self::ABSENT_PACK, offset: 0, raw_len, stored_len: 0, compression: Compression::Raw }
+    }
+
+    pub fn is_absent(&self) -> bool {
+        self.pack == Self::ABSENT_PACK
+    }
+
     /// Bytes the record takes in its pack.
     pub fn record_len(&self) -> u64 {
         RECORD_HEADER_LEN as u64 + self.stored_len as u64

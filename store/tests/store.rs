@@ -155,3 +155,81 @@ fn the_store_as_a_chunk_source_translates_every_outcome() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+/// A lazy layer: index first, chunks filled later (verified), completed by a full import.
+#[test]
+fn lazy_layers_fill_on_demand_and_complete() {
+    use hb_core::{ChunkId, ChunkTable, LazySource};
+    use hb_store::BlobCompression;
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Store::open(src_dir.path(), StoreOptions::default()).unwrap();
+    let shared = pseudo_random(7, 1 << 20);
+    let tar = layer(&[("a", &pseudo_random(8, 3 << 20)), ("b", &shared)]);
+    let r = src.import_layer(&tar[..], &NoProgress).unwrap();
+    let index = src.layer(&r.diff_id).unwrap().unwrap();
+    let mut table = ChunkTable::default();
+    for c in &index.chunks {
+        table.push(c.id, c.len, c.len, false);
+    }
+    let source = LazySource { repository: "127.0.0.1:1/x".into(), data: Digest::of(b"data"), table };
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    // A layer sharing `b` is already complete: those chunks count as local.
+    store.import_layer(&layer(&[("other", &shared)])[..], &NoProgress).unwrap();
+    let li =
+        store.import_lazy_layer(&index, &r.digest, BlobCompression::None, tar.len() as u64, &source, true).unwrap();
+    assert!(li.local_chunks > 0 && li.remote_chunks > 0, "{li:?}");
+    assert!(!store.has_layer(&r.diff_id).unwrap(), "a lazy layer is not complete");
+    let fsck = store.fsck(&NoProgress).unwrap();
+    assert!(fsck.is_clean(), "{:?}", fsck.issues);
+    assert_eq!(fsck.absent_chunks, li.remote_chunks);
+    let missing = store.missing_chunks(&r.diff_id).unwrap();
+    assert_eq!(missing.len(), li.remote_chunks);
+    assert!(matches!(store.read_chunk(&missing[0].id), Err(StoreError::MissingChunk(_))));
+
+    // Wrong bytes are refused and change nothing.
+    let wrong = vec![(missing[0].id, vec![0u8; missing[0].len as usize])];
+    assert!(matches!(store.fill_chunks(&wrong), Err(StoreError::CorruptChunk { .. })));
+    // Fill one chunk: it reads back; fsck stays clean.
+    let one = vec![(missing[0].id, src.read_chunk(&missing[0].id).unwrap())];
+    assert_eq!(store.fill_chunks(&one).unwrap().filled, 1);
+    assert_eq!(store.fill_chunks(&one).unwrap().skipped, 1, "a second fill of the same chunk is a no-op");
+    assert_eq!(ChunkId::of(&store.read_chunk(&missing[0].id).unwrap()), missing[0].id);
+    assert!(!store.complete_lazy_layer(&r.diff_id).unwrap());
+    let fsck = store.fsck(&NoProgress).unwrap();
+    assert!(fsck.is_clean(), "{:?}", fsck.issues);
+
+    // The full blob fills the rest and the layer becomes complete, refcounts unchanged.
+    let full = store.import_layer(&tar[..], &NoProgress).unwrap();
+    assert_eq!(full.new_chunks, li.remote_chunks - 1);
+    assert!(store.has_layer(&r.diff_id).unwrap());
+    assert!(store.missing_chunks(&r.diff_id).unwrap().is_empty());
+    let fsck = store.fsck(&NoProgress).unwrap();
+    assert!(fsck.is_clean(), "{:?}", fsck.issues);
+    assert_eq!((fsck.absent_chunks, fsck.lazy_layers), (0, 0));
+}
+
+/// Unpinning a lazy layer lets gc drop its source record and its never-fetched chunks.
+#[test]
+fn gc_drops_unused_lazy_layers() {
+    use hb_core::{ChunkTable, LazySource};
+    use hb_store::BlobCompression;
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Store::open(src_dir.path(), StoreOptions::default()).unwrap();
+    let tar = layer(&[("a", &pseudo_random(9, 1 << 20))]);
+    let r = src.import_layer(&tar[..], &NoProgress).unwrap();
+    let index = src.layer(&r.diff_id).unwrap().unwrap();
+    let mut table = ChunkTable::default();
+    index.chunks.iter().for_each(|c| table.push(c.id, c.len, c.len, false));
+    let source = LazySource { repository: "h/x".into(), data: Digest::of(b"d"), table };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    store.import_lazy_layer(&index, &r.digest, BlobCompression::None, 1, &source, true).unwrap();
+    assert!(store.unpin_layer(&r.diff_id).unwrap());
+    let gc = store.gc(&NoProgress).unwrap();
+    assert_eq!((gc.layers_removed, gc.chunks_removed), (1, index.chunks.len()));
+    assert!(store.lazy_layers().unwrap().is_empty());
+    let fsck = store.fsck(&NoProgress).unwrap();
+    assert!(fsck.is_clean() && fsck.chunks == 0, "{fsck:?}");
+}

@@ -1,0 +1,238 @@
+//! Layers whose chunks arrive later: a lazy layer's index is stored with records for its chunks
+//! that say "known, not fetched" ([`Location::absent`]), plus where to fetch them
+//! ([`LazySource`]). Fetched chunks are verified and filled in; refcounts never change on a fill.
+
+use std::collections::HashMap;
+use std::io;
+
+use hb_core::{ChunkId, ChunkRef, Digest, LayerIndex, LazySource};
+use rocksdb::WriteBatch;
+
+use crate::error::{Result, StoreError};
+use crate::meta::*;
+use crate::pack::{encode_chunk, Location};
+use crate::Store;
+
+/// What [`Store::import_lazy_layer`] did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LazyImport {
+    pub diff_id: Digest,
+    /// The layer was stored already (complete or lazy): nothing changed.
+    pub already_present: bool,
+    /// Chunks of the layer that are already local (shared with other layers).
+    pub local_chunks: usize,
+    pub remote_chunks: usize,
+    pub remote_bytes: u64,
+}
+
+/// What [`Store::fill_chunks`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FillReport {
+    pub filled: usize,
+    /// Chunks that were local already (another reader filled them first) or no layer uses.
+    pub skipped: usize,
+    pub stored_bytes: u64,
+}
+
+impl Store {
+    /// Stores a layer index whose chunks stay remote until [`Store::fill_chunks`]. `blob` is the
+    /// original layer blob's digest, recorded like an ordinary import's.
+    pub fn import_lazy_layer(
+        &self,
+        index: &LayerIndex,
+        blob: &Digest,
+        blob_compression: BlobCompression,
+        blob_size: u64,
+        source: &LazySource,
+        pin: bool,
+    ) -> Result<LazyImport> {
+        let _gate = self.gate.read().expect("gate lock");
+        if !index.verify_merkle() {
+            return Err(StoreError::Index {
+                diff_id: index.diff_id,
+                source: hb_core::IndexError::Malformed("Merkle hashes do not match the tree".into()),
+            });
+        }
+        let table: HashMap<ChunkId, u32> = source.table.entries.iter().map(|e| (e.id, e.raw_len)).collect();
+        for c in &index.chunks {
+            match table.get(&c.id) {
+                Some(&len) if len == c.len => {}
+                Some(&len) => {
+                    return Err(StoreError::CorruptMeta(format!(
+                        "lazy layer {}: chunk {} is {} bytes in the index, {len} in the chunk table",
+                        index.diff_id, c.id, c.len
+                    )))
+                }
+                None => {
+                    return Err(StoreError::CorruptMeta(format!(
+                        "lazy layer {}: chunk {} is not in the chunk table",
+                        index.diff_id, c.id
+                    )))
+                }
+            }
+        }
+        let _w = self.writer.lock().expect("writer lock");
+        let mut report = LazyImport {
+            diff_id: index.diff_id,
+            already_present: false,
+            local_chunks: 0,
+            remote_chunks: 0,
+            remote_bytes: 0,
+        };
+        let mut batch = WriteBatch::default();
+        let mut new_ids = Vec::new();
+        report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), index.diff_id.as_bytes())?.is_some();
+        if !report.already_present {
+            batch.put_cf(self.cf(CF_LAYERS), index.diff_id.as_bytes(), index.encode());
+            for c in &index.chunks {
+                let rec = match self.chunk_record(&c.id)? {
+                    Some(rec) => {
+                        if rec.loc.is_absent() {
+                            report.remote_chunks += 1;
+                            report.remote_bytes += c.len as u64;
+                        } else {
+                            report.local_chunks += 1;
+                        }
+                        ChunkRecord { refcount: rec.refcount + 1, ..rec }
+                    }
+                    None => {
+                        new_ids.push(c.id);
+                        report.remote_chunks += 1;
+                        report.remote_bytes += c.len as u64;
+                        ChunkRecord { loc: Location::absent(c.len), refcount: 1 }
+                    }
+                };
+                batch.put_cf(self.cf(CF_CHUNKS), c.id.as_bytes(), rec.encode());
+            }
+            if report.remote_chunks > 0 {
+                batch.put(lazy_key(&index.diff_id), source.encode());
+            }
+        }
+        batch.put_cf(
+            self.cf(CF_BLOBS),
+            blob.as_bytes(),
+            BlobRecord { diff_id: index.diff_id, compression: blob_compression, size: blob_size }.encode(),
+        );
+        if pin {
+            batch.put_cf(self.cf(CF_REFS), layer_ref(&index.diff_id), index.diff_id.as_bytes());
+        }
+        self.sync_write(batch)?;
+        let mut bloom = self.bloom.write().expect("bloom lock");
+        new_ids.iter().for_each(|id| bloom.insert(id));
+        Ok(report)
+    }
+
+    /// Where a lazy layer's missing chunks are, or None for a complete layer.
+    pub fn lazy_source(&self, diff_id: &Digest) -> Result<Option<LazySource>> {
+        match self.db.get_pinned(lazy_key(diff_id))? {
+            None => Ok(None),
+            Some(raw) => LazySource::decode(&raw)
+                .map(Some)
+                .map_err(|e| StoreError::CorruptMeta(format!("lazy source of layer {diff_id}: {e}"))),
+        }
+    }
+
+    /// True when the chunk's bytes are in the store (not merely known to a lazy layer).
+    pub fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.chunk_record(id)?.is_some_and(|r| !r.loc.is_absent()))
+    }
+
+    /// The chunks of a layer that are not local yet.
+    pub fn missing_chunks(&self, diff_id: &Digest) -> Result<Vec<ChunkRef>> {
+        let idx = self.layer(diff_id)?.ok_or_else(|| StoreError::UnknownLayer(diff_id.to_string()))?;
+        let mut out = Vec::new();
+        for c in &idx.chunks {
+            if !self.has_chunk(&c.id)? {
+                out.push(*c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores fetched chunks that some lazy layer is waiting for. Each is verified against its
+    /// id; one that does not match is refused (nothing of the batch is stored). The pack is
+    /// fsynced before the one synced metadata write, as for an ingest.
+    pub fn fill_chunks(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<FillReport> {
+        for (id, data) in chunks {
+            if ChunkId::of(data) != *id {
+                return Err(StoreError::CorruptChunk { id: *id, reason: "fetched bytes do not hash to the id".into() });
+            }
+        }
+        let _gate = self.gate.read().expect("gate lock");
+        let mut report = FillReport::default();
+        let mut wanted = Vec::new();
+        for (id, data) in chunks {
+            match self.chunk_record(id)? {
+                Some(rec) if rec.loc.is_absent() && rec.loc.raw_len as usize == data.len() => wanted.push((id, data)),
+                _ => report.skipped += 1,
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(report);
+        }
+        let (mut pack, committed) = self.take_pack()?;
+        let out = (|| {
+            let mut locs = Vec::with_capacity(wanted.len());
+            for (id, data) in &wanted {
+                let (compression, bytes) = encode_chunk(data, self.opts.zstd_level);
+                locs.push((**id, pack.append(id, data.len() as u32, compression, &bytes)?));
+            }
+            pack.sync()?;
+            let _w = self.writer.lock().expect("writer lock");
+            let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
+            let mut batch = WriteBatch::default();
+            for (id, loc) in &locs {
+                // Re-read under the lock: a concurrent fill or ingest may have stored it.
+                match self.chunk_record(id)? {
+                    Some(rec) if rec.loc.is_absent() => {
+                        batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), ChunkRecord { loc: *loc, ..rec }.encode());
+                        pack_rec.live_bytes += loc.record_len();
+                        pack_rec.live_chunks += 1;
+                        report.filled += 1;
+                        report.stored_bytes += loc.record_len();
+                    }
+                    _ => report.skipped += 1,
+                }
+            }
+            pack_rec.committed_len = pack.len();
+            batch.put(pack_key(pack.id), pack_rec.encode());
+            self.sync_write(batch)?;
+            Ok::<_, StoreError>(())
+        })();
+        if out.is_err() {
+            pack.rollback(committed)?;
+        }
+        self.return_pack(pack);
+        out.map(|_| report)
+    }
+
+    /// Turns a lazy layer whose chunks are all local into a complete one. Returns true if it is
+    /// complete now.
+    pub fn complete_lazy_layer(&self, diff_id: &Digest) -> Result<bool> {
+        if self.lazy_source(diff_id)?.is_none() {
+            return Ok(true);
+        }
+        if !self.missing_chunks(diff_id)?.is_empty() {
+            return Ok(false);
+        }
+        let _w = self.writer.lock().expect("writer lock");
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.delete_opt(lazy_key(diff_id), &wo).map_err(StoreError::from)?;
+        Ok(true)
+    }
+
+    /// Every lazy layer (diff_id) still waiting for chunks.
+    pub fn lazy_layers(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for item in self.db.prefix_iterator(b"lazy/") {
+            let (k, _) = item?;
+            let Some(rest) = k.strip_prefix(b"lazy/") else { break };
+            out.push(digest_from_key(rest).map_err(|_| StoreError::Io {
+                context: "listing lazy layers".into(),
+                source: io::Error::other("bad key"),
+            })?);
+        }
+        Ok(out)
+    }
+}
