@@ -4,6 +4,8 @@
 //! Exit codes: 0 success, 1 the operation failed (or `fsck` found problems), 2 usage error.
 
 mod config;
+mod convert;
+mod mount;
 mod output;
 mod pull;
 
@@ -70,6 +72,56 @@ enum Cmd {
         /// Show which layers a pull would download given what is stored; download nothing
         #[arg(long)]
         plan: bool,
+        /// Fetch only the image's indexes (from its accelerated form, see `hb convert`); file data
+        /// comes on first read through `hb mount`. Without an accelerated form, pull it whole.
+        #[arg(long, conflicts_with = "plan")]
+        lazy: bool,
+    },
+    /// Mount an image's rootfs read-only at DIR; lazily pulled data is fetched on first read
+    Mount {
+        image: String,
+        dir: PathBuf,
+        /// Background fetching after mount: the recorded start-up order, everything, or nothing
+        #[arg(long, default_value = "startup", value_name = "none|startup|all")]
+        prefetch: hb_fuse::Prefetch,
+        /// Cap on background fetching, e.g. 10M (bytes per second; K, M, G suffixes)
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
+        /// Never serve local files by FUSE passthrough
+        #[arg(long)]
+        no_passthrough: bool,
+        /// FUSE worker threads
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// Return once mounted, serving from a background process (`hb umount` ends it)
+        #[arg(short = 'd', long)]
+        background: bool,
+    },
+    /// Unmount what `hb mount` mounted at DIR (also detaches a stale mount of a dead process)
+    Umount { dir: PathBuf },
+    /// Write an accelerated (lazy-pullable) form of SRC to DST in any OCI registry, bound to the
+    /// original in an OCI index so other clients still pull the original
+    Convert {
+        src: String,
+        dst: String,
+        #[arg(long)]
+        plain_http: bool,
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+    },
+    /// Record which chunks an image reads at start-up (running its entrypoint or CMD from a lazy
+    /// mount) and store that order in its accelerated form
+    Optimize {
+        /// An accelerated image in a registry (as `hb convert` wrote it)
+        reference: String,
+        /// Command to run instead of the image's entrypoint + cmd
+        #[arg(last = true)]
+        command: Vec<String>,
+        /// How long to let the command run
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long)]
+        plain_http: bool,
     },
     /// Check credentials with a registry and save them in docker's config.json
     Login {
@@ -284,6 +336,22 @@ fn registry_options(
     })
 }
 
+/// `10M` -> 10 * 2^20 (K, M, G binary suffixes; plain numbers are bytes).
+fn parse_rate(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num.parse().with_context(|| format!("bad rate {s:?} (e.g. 500K, 10M)"))?;
+    if !(n > 0.0) {
+        bail!("bad rate {s:?}: must be positive");
+    }
+    Ok((n * mult as f64) as u64)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
@@ -329,12 +397,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Umount { dir } => {
+            let file = config::load(g.config.as_deref())?;
+            let root = config::store_root(g.root.as_deref(), &file)?;
+            mount::umount(&root, &dir, &out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Mount { background: true, dir, .. } => {
+            let file = config::load(g.config.as_deref())?;
+            let root = config::store_root(g.root.as_deref(), &file)?;
+            mount::background(&root, &dir, &out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         other => other,
     };
     let store = std::sync::Arc::new(open_store(g)?);
     match cmd {
-        Cmd::Login { .. } | Cmd::Logout { .. } => unreachable!("handled before the store is opened"),
-        Cmd::Pull { reference, platform, plain_http, creds, plan } => {
+        Cmd::Login { .. } | Cmd::Logout { .. } | Cmd::Umount { .. } => {
+            unreachable!("handled before the store is opened")
+        }
+        Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _ } => {
+            let args = mount::MountArgs {
+                image,
+                dir,
+                prefetch,
+                bandwidth: bandwidth.as_deref().map(parse_rate).transpose()?,
+                passthrough: !no_passthrough,
+                threads,
+            };
+            let rt = runtime()?;
+            let m = mount::mount_image(g, &rt, store.clone(), &args)?;
+            mount::serve(&rt, &store, m, &out)?;
+        }
+        Cmd::Convert { src, dst, plain_http, platform } => {
+            let platform = match platform {
+                Some(p) => p.parse().map_err(anyhow::Error::msg)?,
+                None => hb_registry::Platform::default(),
+            };
+            let rt = runtime()?;
+            let report = convert::convert(g, &rt, store.clone(), &src, &dst, plain_http, platform, &out)?;
+            if out.json {
+                out.json_value(&report)?;
+            } else {
+                println!("{}", report.index_digest);
+            }
+        }
+        Cmd::Optimize { reference, command, seconds, plain_http } => {
+            let rt = runtime()?;
+            let report = convert::optimize(g, &rt, store.clone(), &reference, &command, seconds, plain_http, &out)?;
+            out.json_value(&report)?;
+        }
+        Cmd::Pull { reference, platform, plain_http, creds, plan, lazy } => {
             let r = hb_registry::ImageRef::parse(&reference)?;
             let credentials = match creds {
                 Some(c) => {
@@ -370,7 +483,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         HumanBytes(p.present_bytes)
                     ));
                 }
+            } else if lazy && resolved.accelerated.is_some() {
+                let report = pull::pull_lazy(&rt, store.clone(), registry, resolved, &out)?;
+                if out.json {
+                    out.json_value(&report)?;
+                } else {
+                    println!("{}", report.digest);
+                    pull::print_lazy_report(&out, &report);
+                }
             } else {
+                if lazy {
+                    out.note(format!(
+                        "{reference} has no accelerated form (`hb convert` makes one); pulling it whole"
+                    ));
+                }
                 let report = pull::pull(&rt, store.clone(), registry, resolved, &out)?;
                 if out.json {
                     out.json_value(&report)?;

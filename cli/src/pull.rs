@@ -196,7 +196,13 @@ pub fn pull(
         report.new_chunk_bytes += r.new_bytes;
         report.deduplicated_bytes += r.deduplicated_bytes;
     }
-    let record = ImageRecord {
+    store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
+    Ok(report)
+}
+
+/// The store's record of a resolved image.
+pub fn image_record(resolved: &ResolvedImage) -> anyhow::Result<ImageRecord> {
+    Ok(ImageRecord {
         manifest_media_type: resolved.manifest_media_type.clone(),
         manifest: String::from_utf8(resolved.manifest.clone()).context("manifest is not UTF-8")?,
         config_digest: resolved.config_digest,
@@ -212,9 +218,7 @@ pub fn pull(
             })
             .collect(),
         platform: resolved.platform.clone(),
-    };
-    store.put_image(&name, &resolved.manifest_digest, &record)?;
-    Ok(report)
+    })
 }
 
 pub fn print_report(out: &Out, r: &PullReport) {
@@ -227,5 +231,133 @@ pub fn print_report(out: &Out, r: &PullReport) {
         HumanBytes(r.bytes_downloaded),
         HumanBytes(r.new_chunk_bytes),
         HumanBytes(r.deduplicated_bytes),
+    ));
+}
+
+/// What a lazy pull did.
+#[derive(Debug, serde::Serialize)]
+pub struct LazyPullReport {
+    pub name: String,
+    pub digest: Digest,
+    pub platform: String,
+    pub layers: usize,
+    /// Layers already complete in the store.
+    pub layers_local: usize,
+    pub layers_lazy: usize,
+    /// Bytes of indexes, tables and start-up order downloaded.
+    pub bytes_downloaded: u64,
+    /// Uncompressed bytes the lazy layers will fetch on first read (less what other layers share).
+    pub remote_bytes: u64,
+    pub startup_chunks: usize,
+}
+
+fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
+    if media_type.contains("gzip") {
+        hb_store::BlobCompression::Gzip
+    } else if media_type.contains("zstd") {
+        hb_store::BlobCompression::Zstd
+    } else {
+        hb_store::BlobCompression::None
+    }
+}
+
+/// Pulls an image's indexes from its accelerated form: every layer becomes a lazy layer (unless
+/// already stored) whose chunks `hb mount` reads by range on first use.
+pub fn pull_lazy(
+    rt: &tokio::runtime::Runtime,
+    store: Arc<Store>,
+    registry: Registry,
+    resolved: ResolvedImage,
+    out: &Out,
+) -> anyhow::Result<LazyPullReport> {
+    let accel = resolved.accelerated.context("the image has no accelerated form")?;
+    let r = &resolved.reference;
+    let name = image_name(r);
+    let cfg = rt.block_on(registry.fetch_accel_config(r, &accel, &resolved.manifest_digest))?;
+    if cfg.layers.len() != resolved.layers.len()
+        || cfg.layers.iter().zip(&resolved.layers).any(|(a, l)| a.blob != l.digest || a.diff_id != l.diff_id)
+    {
+        bail!("{name}: the accelerated form's layers do not match the image's");
+    }
+    let repository = format!("{}/{}", r.registry(), r.repository());
+    let mut report = LazyPullReport {
+        name: name.clone(),
+        digest: resolved.manifest_digest,
+        platform: resolved.platform.clone(),
+        layers: cfg.layers.len(),
+        layers_local: 0,
+        layers_lazy: 0,
+        bytes_downloaded: 0,
+        remote_bytes: 0,
+        startup_chunks: 0,
+    };
+    let registry = Arc::new(registry);
+    let todo: Vec<(hb_core::AccelLayer, LayerDesc)> = cfg
+        .layers
+        .iter()
+        .cloned()
+        .zip(resolved.layers.iter().cloned())
+        .filter(|(a, _)| !store.has_layer(&a.diff_id).unwrap_or(false))
+        .collect();
+    report.layers_local = cfg.layers.len() - todo.len();
+    let results: Vec<(u64, hb_store::LazyImport)> = rt.block_on(async {
+        stream::iter(todo)
+            .map(|(a, l)| {
+                let (store, registry, r, repository) = (store.clone(), registry.clone(), r.clone(), repository.clone());
+                async move {
+                    let index_raw = registry.fetch_bytes(&r, &a.index, a.index_size).await?;
+                    let table_raw = registry.fetch_bytes(&r, &a.table, a.table_size).await?;
+                    let index = hb_core::LayerIndex::decode(&index_raw)
+                        .with_context(|| format!("index of layer {}", a.diff_id))?;
+                    if index.diff_id != a.diff_id {
+                        bail!("the index of layer {} names layer {}", a.diff_id, index.diff_id);
+                    }
+                    let table = hb_core::ChunkTable::decode(&table_raw)
+                        .with_context(|| format!("chunk table of layer {}", a.diff_id))?;
+                    if table.data_size() != a.data_size {
+                        bail!("the chunk table of layer {} does not describe its data blob", a.diff_id);
+                    }
+                    let source = hb_core::LazySource { repository, data: a.data, table };
+                    let imported = tokio::task::spawn_blocking(move || {
+                        store.import_lazy_layer(&index, &l.digest, blob_compression(&l.media_type), l.size, &source, false)
+                    })
+                    .await
+                    .context("lazy import task panicked")??;
+                    anyhow::Ok((index_raw.len() as u64 + table_raw.len() as u64, imported))
+                }
+            })
+            .buffer_unordered(4)
+            .try_collect()
+            .await
+    })?;
+    for (bytes, li) in &results {
+        report.bytes_downloaded += bytes;
+        report.remote_bytes += li.remote_bytes;
+        if li.remote_chunks > 0 {
+            report.layers_lazy += 1;
+        }
+    }
+    if let Some((d, size)) = cfg.startup {
+        let raw = rt.block_on(registry.fetch_bytes(r, &d, size))?;
+        let order = hb_core::StartupOrder::decode(&raw).context("the start-up order")?;
+        report.startup_chunks = order.chunks.len();
+        report.bytes_downloaded += raw.len() as u64;
+        store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
+    }
+    store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
+    let _ = out;
+    Ok(report)
+}
+
+pub fn print_lazy_report(out: &Out, r: &LazyPullReport) {
+    out.note(format!(
+        "{}: {} layers ({} already local, {} lazy), downloaded {} of indexes; {} of file data will come on first read{}",
+        r.name,
+        r.layers,
+        r.layers_local,
+        r.layers_lazy,
+        HumanBytes(r.bytes_downloaded),
+        HumanBytes(r.remote_bytes),
+        if r.startup_chunks > 0 { format!("; start-up order of {} chunks", r.startup_chunks) } else { String::new() }
     ));
 }

@@ -19,4 +19,17 @@ pub enum SourceError {
 /// (ask the next source); an error says why the source failed.
 pub trait ChunkSource: Send + Sync {
     fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, SourceError>;
+
+    /// Fetches several chunks at once, as the source sees fit (a remote source coalesces
+    /// neighbours into one request). Returns the chunks it has, each verified; may return chunks
+    /// it was not asked for when they came for free. The default asks one by one.
+    fn fetch_many(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, SourceError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(b) = self.fetch(id)? {
+                out.push((*id, b));
+            }
+        }
+        Ok(out)
+    }
 }

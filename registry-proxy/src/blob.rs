@@ -52,13 +52,16 @@ impl BlobHttp {
         url: &str,
         auth: Option<&str>,
         offset: u64,
+        end: Option<u64>,
     ) -> Result<BlobBody, RegistryError> {
         let mut req = self.http.get(url);
         if let Some(a) = auth {
             req = req.header(reqwest::header::AUTHORIZATION, a);
         }
-        if offset > 0 {
-            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        match end {
+            Some(last) => req = req.header(reqwest::header::RANGE, format!("bytes={offset}-{last}")),
+            None if offset > 0 => req = req.header(reqwest::header::RANGE, format!("bytes={offset}-")),
+            None => {}
         }
         let resp = req.send().await.map_err(|e| RegistryError::Transport {
             registry: registry.to_string(),

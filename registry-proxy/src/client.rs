@@ -73,6 +73,8 @@ pub struct ResolvedImage {
     pub config: Vec<u8>,
     pub layers: Vec<LayerDesc>,
     pub platform: String,
+    /// The hb accelerated manifest (digest, size) bound to this image in its index, if any.
+    pub accelerated: Option<(Digest, u64)>,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +86,8 @@ struct Descriptor {
     size: u64,
     #[serde(default)]
     platform: Option<PlatformJson>,
+    #[serde(default)]
+    annotations: std::collections::HashMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -119,16 +123,16 @@ struct RootFs {
 /// A client for the registry of one reference.
 pub struct Registry {
     /// Clients in order of preference (HTTPS, then HTTP for loopback); `chosen` is the one in use.
-    clients: Vec<Client>,
+    pub(crate) clients: Vec<Client>,
     /// The URL scheme of each client.
-    schemes: Vec<&'static str>,
-    chosen: std::sync::atomic::AtomicUsize,
+    pub(crate) schemes: Vec<&'static str>,
+    pub(crate) chosen: std::sync::atomic::AtomicUsize,
     /// Our own HTTP client for blob downloads, and the Authorization header for it.
-    blobs: crate::blob::BlobHttp,
-    authorization: std::sync::Mutex<Option<String>>,
-    auth: RegistryAuth,
-    opts: RegistryOptions,
-    registry: String,
+    pub(crate) blobs: crate::blob::BlobHttp,
+    pub(crate) authorization: std::sync::Mutex<Option<String>>,
+    pub(crate) auth: RegistryAuth,
+    pub(crate) opts: RegistryOptions,
+    pub(crate) registry: String,
 }
 
 impl Registry {
@@ -178,16 +182,21 @@ impl Registry {
         })
     }
 
-    fn client(&self) -> &Client {
+    pub(crate) fn client(&self) -> &Client {
         &self.clients[self.chosen.load(std::sync::atomic::Ordering::Relaxed)]
     }
 
     /// Finds a protocol the registry answers (HTTPS first). Keeps the first error when none does:
     /// a certificate problem says more than "HTTP response to an HTTPS client".
-    async fn connect(&self, r: &ImageRef) -> Result<(), RegistryError> {
+    pub(crate) async fn connect(&self, r: &ImageRef) -> Result<(), RegistryError> {
+        self.connect_op(r, RegistryOperation::Pull).await
+    }
+
+    /// [`Registry::connect`] for an operation (pull, or push for `hb convert`).
+    pub(crate) async fn connect_op(&self, r: &ImageRef, op: RegistryOperation) -> Result<(), RegistryError> {
         let mut first = None;
         for (i, c) in self.clients.iter().enumerate() {
-            match c.auth(&r.inner, &self.auth, RegistryOperation::Pull).await.map_err(self.err(r)) {
+            match c.auth(&r.inner, &self.auth, op.clone()).await.map_err(self.err(r)) {
                 Err(e) if e.is_transient() => {
                     tracing::debug!(registry = %self.registry, error = %e, "protocol failed; trying the next");
                     first.get_or_insert(e);
@@ -214,12 +223,12 @@ impl Registry {
         Err(first.expect("at least one client"))
     }
 
-    fn err(&self, r: &ImageRef) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
+    pub(crate) fn err(&self, r: &ImageRef) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
         let reference = r.canonical();
         move |e| RegistryError::from_oci(&self.registry, &reference, e)
     }
 
-    async fn manifest(&self, r: &ImageRef) -> Result<(Vec<u8>, Digest), RegistryError> {
+    pub(crate) async fn manifest(&self, r: &ImageRef) -> Result<(Vec<u8>, Digest), RegistryError> {
         let (bytes, _) =
             self.client().pull_manifest_raw(&r.inner, &self.auth, MANIFEST_TYPES).await.map_err(self.err(r))?;
         let actual = Digest::of(&bytes);
@@ -263,11 +272,19 @@ impl Registry {
         let (mut bytes, mut digest) = self.manifest(r).await?;
         let mut m: ManifestJson = serde_json::from_slice(&bytes).map_err(|e| malformed("manifest", e.to_string()))?;
         let mut platform = self.opts.platform.to_string();
+        let mut accelerated = None;
         if let Some(list) = &m.manifests {
             let wanted = &self.opts.platform;
-            let chosen = list.iter().find(|d| {
+            let for_platform = |d: &&Descriptor| {
                 d.platform.as_ref().is_some_and(|p| wanted.matches(&p.os, &p.architecture, p.variant.as_deref()))
-            });
+            };
+            // hb's accelerated manifests sit beside the originals; a pull takes the original.
+            let chosen = list.iter().filter(for_platform).find(|d| !d.annotations.contains_key(hb_core::lazy::ANNOTATION));
+            accelerated = list
+                .iter()
+                .filter(for_platform)
+                .find(|d| d.annotations.get(hb_core::lazy::ANNOTATION).is_some_and(|v| v == "v1"))
+                .and_then(|d| Some((d.digest.parse().ok()?, d.size)));
             let Some(chosen) = chosen else {
                 let available: Vec<String> = list
                     .iter()
@@ -362,6 +379,7 @@ impl Registry {
             config,
             layers,
             platform,
+            accelerated,
         })
     }
 
@@ -395,7 +413,7 @@ impl Registry {
         let mut reauthorized = false;
         loop {
             let authorization = self.authorization.lock().expect("authorization lock").clone();
-            let resp = self.blobs.get(&self.registry, &url, authorization.as_deref(), offset).await;
+            let resp = self.blobs.get(&self.registry, &url, authorization.as_deref(), offset, None).await;
             let step: Result<bool, RegistryError> = async {
                 let (resp, mut skip) = match resp? {
                     crate::blob::BlobBody::Full(resp) => (resp, offset),

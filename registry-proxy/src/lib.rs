@@ -8,15 +8,19 @@
 //! or the environment, or own a runtime (callers bring tokio). The pull-through mirror server will
 //! live in this folder too, beside the client.
 
+mod accel;
 mod blob;
 mod client;
 mod error;
 mod platform;
 mod reference;
+mod remote;
 
 pub use client::{
     LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
+pub use accel::{ACCEL_MANIFEST_TYPE, MAX_META_BLOB};
 pub use error::RegistryError;
 pub use platform::Platform;
 pub use reference::ImageRef;
+pub use remote::RangeSource;

@@ -236,3 +236,40 @@ impl Store {
         Ok(out)
     }
 }
+
+/// A chunk as the store keeps it: compressed (zstd) or raw, verified through its decoding.
+#[derive(Clone, Debug)]
+pub struct StoredChunk {
+    pub raw_len: u32,
+    pub zstd: bool,
+    pub bytes: Vec<u8>,
+}
+
+impl Store {
+    /// Reads a chunk's stored bytes (for copying them verbatim into a registry data blob).
+    pub fn read_chunk_stored(&self, id: &ChunkId) -> Result<StoredChunk> {
+        match self.chunk_record(id)? {
+            Some(rec) if !rec.loc.is_absent() => {
+                let (_, bytes) = crate::pack::read_record(&*self.pack_file(rec.loc.pack)?, id, &rec.loc)?;
+                Ok(StoredChunk {
+                    raw_len: rec.loc.raw_len,
+                    zstd: rec.loc.compression == crate::pack::Compression::Zstd,
+                    bytes,
+                })
+            }
+            _ => Err(StoreError::MissingChunk(*id)),
+        }
+    }
+
+    /// Saves a small auxiliary record (e.g. an image's start-up order) under `key`.
+    pub fn put_aux(&self, key: &str, value: &[u8]) -> Result<()> {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_opt(format!("aux/{key}"), value, &wo)?;
+        Ok(())
+    }
+
+    pub fn aux(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(format!("aux/{key}"))?)
+    }
+}

@@ -38,7 +38,7 @@ pub use error::{Result, StoreError};
 pub use export::ExportReport;
 pub use images::{ImageSize, NamedImage};
 pub use ingest::{ImportOptions, ImportReport};
-pub use lazy::{FillReport, LazyImport};
+pub use lazy::{FillReport, LazyImport, StoredChunk};
 pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};
 

@@ -1,0 +1,344 @@
+//! `hb convert` and `hb optimize`: write an image's accelerated form (layer indexes, chunk
+//! tables, range-addressable chunk data, start-up order) to a registry, bound to the original
+//! image in an OCI index. Format: docs/formats/lazy-image.md.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hb_core::lazy::{
+    AccelConfig, AccelLayer, ANNOTATION, ARTIFACT_TYPE, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DATA, MEDIA_TYPE_INDEX,
+    MEDIA_TYPE_STARTUP, MEDIA_TYPE_TABLE,
+};
+use hb_core::{ChunkTable, Digest, StartupOrder};
+use hb_registry::{ImageRef, Registry, ResolvedImage, OCI_INDEX, OCI_MANIFEST};
+use hb_store::Store;
+use indicatif::HumanBytes;
+use serde_json::json;
+
+use crate::output::Out;
+use crate::Global;
+
+#[derive(Debug, serde::Serialize)]
+pub struct ConvertReport {
+    pub src: String,
+    pub dst: String,
+    pub index_digest: Digest,
+    pub accelerated_digest: Digest,
+    pub layers: usize,
+    /// Bytes of the original image's layers, and of hb's data and index blobs.
+    pub original_bytes: u64,
+    pub data_bytes: u64,
+    pub index_bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct OptimizeReport {
+    pub reference: String,
+    pub startup_chunks: usize,
+    pub startup_bytes: u64,
+    pub index_digest: Digest,
+}
+
+fn registry_for(
+    g: &Global,
+    r: &ImageRef,
+    plain_http: bool,
+    platform: hb_registry::Platform,
+) -> anyhow::Result<Registry> {
+    let creds = crate::config::docker_credentials(r.registry())?;
+    Ok(Registry::new(r, crate::registry_options(g, r, plain_http, creds, platform)?)?)
+}
+
+fn platform_json(p: &str) -> serde_json::Value {
+    let mut parts = p.split('/');
+    let mut v = json!({"os": parts.next().unwrap_or("linux"), "architecture": parts.next().unwrap_or("amd64")});
+    if let Some(var) = parts.next() {
+        v["variant"] = json!(var);
+    }
+    v
+}
+
+fn desc(media_type: &str, bytes: &[u8]) -> serde_json::Value {
+    json!({"mediaType": media_type, "digest": Digest::of(bytes).to_string(), "size": bytes.len()})
+}
+
+/// Pushes the accelerated manifest for `cfg` and the index binding it to the original image
+/// under `dst`'s tag. Returns (index digest, accelerated manifest digest).
+fn push_binding(
+    rt: &tokio::runtime::Runtime,
+    reg: &Registry,
+    dst: &ImageRef,
+    resolved: &ResolvedImage,
+    cfg: &AccelConfig,
+    blobs: &[(String, Digest, u64)],
+) -> anyhow::Result<(Digest, Digest)> {
+    let cfg_bytes = serde_json::to_vec(cfg)?;
+    rt.block_on(reg.push_blob(dst, cfg_bytes.clone()))?;
+    let layers: Vec<serde_json::Value> = blobs
+        .iter()
+        .map(|(mt, d, size)| json!({"mediaType": mt, "digest": d.to_string(), "size": size}))
+        .collect();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": desc(MEDIA_TYPE_CONFIG, &cfg_bytes),
+        "layers": layers,
+        "annotations": {"io.hyperbox.source.manifest": resolved.manifest_digest.to_string()},
+    }))?;
+    let accel_digest = Digest::of(&manifest);
+    rt.block_on(reg.push_manifest(&dst.with_digest(&accel_digest.to_string()), OCI_MANIFEST, manifest.clone()))?;
+    let platform = platform_json(&resolved.platform);
+    let index = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": resolved.manifest_media_type, "digest": resolved.manifest_digest.to_string(),
+             "size": resolved.manifest.len(), "platform": platform},
+            {"mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE, "digest": accel_digest.to_string(),
+             "size": manifest.len(), "platform": platform, "annotations": {ANNOTATION: "v1"}},
+        ],
+    }))?;
+    rt.block_on(reg.push_manifest(dst, OCI_INDEX, index.clone()))?;
+    Ok((Digest::of(&index), accel_digest))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn convert(
+    g: &Global,
+    rt: &tokio::runtime::Runtime,
+    store: Arc<Store>,
+    src: &str,
+    dst: &str,
+    plain_http: bool,
+    platform: hb_registry::Platform,
+    out: &Out,
+) -> anyhow::Result<ConvertReport> {
+    let sref = ImageRef::parse(src)?;
+    let dref = ImageRef::parse(dst)?;
+    if dref.digest().is_some() {
+        bail!("the destination {dst} must be a tag, not a digest");
+    }
+    let (sreg, resolved) = crate::pull::resolve(rt, &sref, {
+        let creds = crate::config::docker_credentials(sref.registry())?;
+        crate::registry_options(g, &sref, plain_http, creds, platform.clone())?
+    })?;
+    if resolved.layers.iter().any(|l| !store.has_layer(&l.diff_id).unwrap_or(false)) {
+        out.note(format!("pulling {src} to convert it"));
+        crate::pull::pull(rt, store.clone(), sreg, resolved.clone(), out)?;
+    }
+    let sreg = registry_for(g, &sref, plain_http, platform.clone())?;
+    let dreg = registry_for(g, &dref, plain_http, platform)?;
+    rt.block_on(async {
+        sreg.ensure_connected(&sref).await?;
+        dreg.connect_push(&dref).await
+    })?;
+
+    // 1. The original image, so that every client still pulls it from DST.
+    let mut originals: Vec<(Digest, u64)> = vec![(resolved.config_digest, resolved.config.len() as u64)];
+    originals.extend(resolved.layers.iter().map(|l| (l.digest, l.size)));
+    let same_registry = sref.registry() == dref.registry();
+    for (d, size) in &originals {
+        let mounted = same_registry && rt.block_on(dreg.mount_blob(&dref, &sref, d))?;
+        if !mounted {
+            let bytes = rt.block_on(sreg.fetch_bytes(&sref, d, *size)).with_context(|| format!("copying blob {d}"))?;
+            rt.block_on(dreg.push_blob(&dref, bytes))?;
+        }
+    }
+    rt.block_on(dreg.push_manifest(
+        &dref.with_digest(&resolved.manifest_digest.to_string()),
+        &resolved.manifest_media_type,
+        resolved.manifest.clone(),
+    ))?;
+
+    // 2. Per layer: index, chunk table, chunk data (stored bytes copied verbatim from the store).
+    let mut report = ConvertReport {
+        src: sref.canonical(),
+        dst: dref.canonical(),
+        index_digest: Digest([0; 32]),
+        accelerated_digest: Digest([0; 32]),
+        layers: resolved.layers.len(),
+        original_bytes: resolved.layers.iter().map(|l| l.size).sum(),
+        data_bytes: 0,
+        index_bytes: 0,
+    };
+    let mut layers = Vec::new();
+    let mut blobs: Vec<(String, Digest, u64)> = Vec::new();
+    for l in &resolved.layers {
+        let index = store.layer(&l.diff_id)?.with_context(|| format!("layer {} is not stored", l.diff_id))?;
+        let mut table = ChunkTable::default();
+        let mut data = Vec::new();
+        for c in &index.chunks {
+            let s = store.read_chunk_stored(&c.id)?;
+            table.push(c.id, s.bytes.len() as u32, s.raw_len, s.zstd);
+            data.extend_from_slice(&s.bytes);
+        }
+        let (index_raw, table_raw) = (index.encode(), table.encode());
+        let a = AccelLayer {
+            diff_id: l.diff_id,
+            blob: l.digest,
+            index: Digest::of(&index_raw),
+            index_size: index_raw.len() as u64,
+            table: Digest::of(&table_raw),
+            table_size: table_raw.len() as u64,
+            data: Digest::of(&data),
+            data_size: data.len() as u64,
+        };
+        report.data_bytes += a.data_size;
+        report.index_bytes += a.index_size + a.table_size;
+        blobs.push((MEDIA_TYPE_INDEX.into(), a.index, a.index_size));
+        blobs.push((MEDIA_TYPE_TABLE.into(), a.table, a.table_size));
+        blobs.push((MEDIA_TYPE_DATA.into(), a.data, a.data_size));
+        rt.block_on(async {
+            dreg.push_blob(&dref, index_raw).await?;
+            dreg.push_blob(&dref, table_raw).await?;
+            dreg.push_blob(&dref, data).await
+        })?;
+        layers.push(a);
+    }
+    let cfg = AccelConfig {
+        version: 1,
+        manifest: resolved.manifest_digest,
+        config: resolved.config_digest,
+        layers,
+        startup: None,
+    };
+    let (index_digest, accel) = push_binding(rt, &dreg, &dref, &resolved, &cfg, &blobs)?;
+    report.index_digest = index_digest;
+    report.accelerated_digest = accel;
+    out.note(format!(
+        "{} -> {}: {} layers; {} of chunk data, {} of indexes (original layers {})",
+        report.src,
+        report.dst,
+        report.layers,
+        HumanBytes(report.data_bytes),
+        HumanBytes(report.index_bytes),
+        HumanBytes(report.original_bytes)
+    ));
+    Ok(report)
+}
+
+/// The command an image starts with, its environment and working directory, from its config.
+fn image_command(config: &[u8]) -> anyhow::Result<(Vec<String>, Vec<String>, Option<String>)> {
+    let v: serde_json::Value = serde_json::from_slice(config)?;
+    let c = &v["config"];
+    let strings = |x: &serde_json::Value| -> Vec<String> {
+        x.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
+    };
+    let mut cmd = strings(&c["Entrypoint"]);
+    cmd.extend(strings(&c["Cmd"]));
+    let wd = c["WorkingDir"].as_str().filter(|s| !s.is_empty()).map(String::from);
+    Ok((cmd, strings(&c["Env"]), wd))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn optimize(
+    g: &Global,
+    rt: &tokio::runtime::Runtime,
+    store: Arc<Store>,
+    reference: &str,
+    command: &[String],
+    seconds: u64,
+    plain_http: bool,
+    out: &Out,
+) -> anyhow::Result<OptimizeReport> {
+    let r = ImageRef::parse(reference)?;
+    let reg = registry_for(g, &r, plain_http, hb_registry::Platform::default())?;
+    let resolved = rt.block_on(reg.resolve(&r))?;
+    let Some(accel) = resolved.accelerated else {
+        bail!("{reference} has no accelerated form; run `hb convert` first");
+    };
+    let mut cfg = rt.block_on(reg.fetch_accel_config(&r, &accel, &resolved.manifest_digest))?;
+    crate::pull::pull_lazy(rt, store.clone(), registry_for(g, &r, plain_http, Default::default())?, resolved.clone(), out)?;
+    let (image_cmd, env, wd) = image_command(&resolved.config)?;
+    let cmd = if command.is_empty() { image_cmd } else { command.to_vec() };
+    if cmd.is_empty() {
+        bail!("{reference} has no entrypoint or cmd; give a command after --");
+    }
+    let dir = tempfile::Builder::new().prefix("hb-optimize-").tempdir()?;
+    let args = crate::mount::MountArgs {
+        image: reference.to_string(),
+        dir: dir.path().to_path_buf(),
+        prefetch: hb_fuse::Prefetch::None,
+        bandwidth: None,
+        passthrough: false,
+        threads: 8,
+    };
+    let m = crate::mount::mount_image(g, rt, store.clone(), &args)?;
+    m.mounted.fetcher().start_recording();
+    out.note(format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
+    let mut run = std::process::Command::new("chroot");
+    run.arg(dir.path());
+    if let Some(wd) = &wd {
+        run.args(["/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", wd]);
+    }
+    let mut child = run
+        .args(&cmd)
+        .env_clear()
+        .envs(env.iter().filter_map(|e| e.split_once('=')))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("running the command in the mount")?;
+    let started = Instant::now();
+    while child.try_wait()?.is_none() && started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let order = m.mounted.fetcher().take_recording();
+    hb_fuse::unmount(dir.path())?;
+    m.mounted.wait()?;
+
+    let startup = StartupOrder { chunks: order };
+    let raw = startup.encode();
+    let startup_bytes: u64 = {
+        let sizes: std::collections::HashMap<_, _> = cfg
+            .layers
+            .iter()
+            .filter_map(|l| store.layer(&l.diff_id).ok().flatten())
+            .flat_map(|i| i.chunks.into_iter().map(|c| (c.id, c.len)))
+            .collect();
+        startup.chunks.iter().filter_map(|c| sizes.get(c)).map(|l| *l as u64).sum()
+    };
+    reg_push_startup(rt, g, &r, plain_http, &resolved, &mut cfg, raw.clone())?;
+    store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
+    let index_digest = {
+        let reg = registry_for(g, &r, plain_http, Default::default())?;
+        rt.block_on(reg.connect_push(&r))?;
+        let mut blobs = Vec::new();
+        for l in &cfg.layers {
+            blobs.push((MEDIA_TYPE_INDEX.to_string(), l.index, l.index_size));
+            blobs.push((MEDIA_TYPE_TABLE.to_string(), l.table, l.table_size));
+            blobs.push((MEDIA_TYPE_DATA.to_string(), l.data, l.data_size));
+        }
+        if let Some((d, s)) = cfg.startup {
+            blobs.push((MEDIA_TYPE_STARTUP.to_string(), d, s));
+        }
+        push_binding(rt, &reg, &r, &resolved, &cfg, &blobs)?.0
+    };
+    out.note(format!(
+        "{reference}: start-up order of {} chunks ({}) stored in the accelerated image",
+        startup.chunks.len(),
+        HumanBytes(startup_bytes)
+    ));
+    Ok(OptimizeReport { reference: r.canonical(), startup_chunks: startup.chunks.len(), startup_bytes, index_digest })
+}
+
+fn reg_push_startup(
+    rt: &tokio::runtime::Runtime,
+    g: &Global,
+    r: &ImageRef,
+    plain_http: bool,
+    _resolved: &ResolvedImage,
+    cfg: &mut AccelConfig,
+    raw: Vec<u8>,
+) -> anyhow::Result<()> {
+    let reg = registry_for(g, r, plain_http, Default::default())?;
+    rt.block_on(reg.connect_push(r))?;
+    cfg.startup = Some((Digest::of(&raw), raw.len() as u64));
+    rt.block_on(reg.push_blob(r, raw))?;
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! `hb mount` / `hb umount`: an image's rootfs as a lazy FUSE mount, served by this process
+//! (in the foreground, or in a background child with `--background`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hb_core::{ChunkId, ChunkSource, Digest, StartupOrder};
+use hb_fuse::{FsOptions, MountOptions, Prefetch};
+use hb_store::Store;
+use indicatif::HumanBytes;
+
+use crate::output::Out;
+use crate::Global;
+
+/// How `hb mount` was asked to mount.
+pub struct MountArgs {
+    pub image: String,
+    pub dir: PathBuf,
+    pub prefetch: Prefetch,
+    pub bandwidth: Option<u64>,
+    pub passthrough: bool,
+    pub threads: usize,
+}
+
+/// Key of an image's recorded start-up order in the store's auxiliary records.
+pub fn startup_key(manifest: &Digest) -> String {
+    format!("startup/{manifest}")
+}
+
+/// Where the process serving `dir` records its pid (and, in the background, its log).
+pub fn run_file(root: &Path, dir: &Path, ext: &str) -> PathBuf {
+    let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let h = blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex();
+    root.join("run").join(format!("mount-{}.{ext}", &h[..16]))
+}
+
+/// A chunk source over the lazy layers among `layers`, or None when all are local.
+pub fn remote_source(
+    g: &Global,
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    layers: &[Digest],
+) -> anyhow::Result<Option<Arc<hb_registry::RangeSource>>> {
+    let mut sources = Vec::new();
+    for l in layers {
+        if let Some(s) = store.lazy_source(l)? {
+            sources.push(s);
+        }
+    }
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    let src = hb_registry::RangeSource::new(rt.handle().clone(), &sources, |r| {
+        let creds = crate::config::docker_credentials(r.registry()).unwrap_or(None);
+        let opts = crate::registry_options(g, r, false, creds, hb_registry::Platform::default())
+            .map_err(|e| hb_registry::RegistryError::BadReference { reference: r.canonical(), reason: e.to_string() })?;
+        hb_registry::Registry::new(r, opts)
+    })?;
+    Ok(Some(Arc::new(src)))
+}
+
+/// A mounted image and what it reads from.
+pub struct Mount {
+    pub name: String,
+    pub mounted: hb_fuse::Mounted,
+    pub remote: Option<Arc<hb_registry::RangeSource>>,
+    pub layers: Vec<Digest>,
+}
+
+/// Mounts image `args.image` from the store at `args.dir`.
+pub fn mount_image(
+    g: &Global,
+    rt: &tokio::runtime::Runtime,
+    store: Arc<Store>,
+    args: &MountArgs,
+) -> anyhow::Result<Mount> {
+    let (name, digest, rec) = crate::require_image(&store, &args.image)?;
+    let layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
+    let indexes = layers
+        .iter()
+        .map(|d| store.layer(d)?.with_context(|| format!("layer {d} is missing")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let merged = hb_core::merge_layers(store.chunker(), indexes.iter());
+    let remote = remote_source(g, rt, &store, &layers)?;
+    let startup = match store.aux(&startup_key(&digest))? {
+        Some(raw) => StartupOrder::decode(&raw).context("the stored start-up order is corrupt")?.chunks,
+        None => Vec::new(),
+    };
+    let all: Vec<ChunkId> = remote.as_ref().map(|r| r.all_chunks()).unwrap_or_default();
+    let fetcher = hb_fuse::Fetcher::new(
+        store.clone(),
+        remote.clone().map(|r| r as Arc<dyn ChunkSource>),
+        Duration::from_secs(120),
+    );
+    let opts = MountOptions {
+        fs: FsOptions {
+            passthrough: args.passthrough,
+            passthrough_min: 1 << 20,
+            files_dir: store.root().join("files"),
+            image: name.clone(),
+        },
+        threads: args.threads,
+        prefetch: args.prefetch,
+        startup,
+        all,
+        bandwidth: args.bandwidth,
+    };
+    let mounted = hb_fuse::mount(merged, fetcher, &args.dir, opts)?;
+    Ok(Mount { name, mounted, remote, layers })
+}
+
+/// Serves a mount until it is unmounted (`hb umount`, SIGINT or SIGTERM), then stores what was
+/// fetched and reports.
+pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
+    let dir = m.mounted.mountpoint().to_path_buf();
+    let pid_file = run_file(store.root(), &dir, "pid");
+    if let Some(parent) = pid_file.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&pid_file, std::process::id().to_string())?;
+    let signal_dir = dir.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!(dir = %signal_dir.display(), "signal received; unmounting");
+        if let Err(e) = hb_fuse::unmount(&signal_dir) {
+            tracing::error!(error = %e, "unmount on signal failed");
+        }
+    });
+    out.note(format!(
+        "mounted {} at {} ({} lazy layers; passthrough {})",
+        m.name,
+        dir.display(),
+        m.remote.as_ref().map_or(0, |_| m.layers.iter().filter(|l| store.lazy_source(l).ok().flatten().is_some()).count()),
+        if m.mounted.passthrough() { "on" } else { "off: reads go through FUSE" }
+    ));
+    let stats = m.mounted.fetcher().stats.clone();
+    let result = m.mounted.wait();
+    let _ = std::fs::remove_file(&pid_file);
+    let mut complete = 0;
+    for l in &m.layers {
+        if store.lazy_source(l)?.is_some() && store.complete_lazy_layer(l)? {
+            complete += 1;
+        }
+    }
+    let s = stats.snapshot();
+    out.note(format!(
+        "unmounted {}: {} chunks local, {} fetched ({} in {} requests), {} errors{}",
+        dir.display(),
+        s.local_chunks,
+        s.remote_chunks,
+        HumanBytes(s.remote_bytes),
+        s.remote_requests,
+        s.errors,
+        if complete > 0 { format!("; {complete} layers now complete") } else { String::new() }
+    ));
+    result?;
+    Ok(())
+}
+
+/// Starts `hb mount` again without `--background` as a detached child and returns once the
+/// mount is up (or the child failed, with its log).
+pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let args: Vec<_> = std::env::args_os().skip(1).filter(|a| a != "-d" && a != "--background").collect();
+    let log = run_file(root, dir, "log");
+    std::fs::create_dir_all(log.parent().expect("has a parent"))?;
+    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .context("starting the mount process")?;
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("the mount process exited ({status}):\n{}", text.trim_end());
+        }
+        if hb_fuse::is_mountpoint(dir) {
+            out.note(format!("mounted at {} (pid {}, log {})", dir.display(), child.id(), log.display()));
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            bail!("the mount process did not mount {} within 300 s (log {})", dir.display(), log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts `dir` and waits for the process that served it to store what it fetched and exit.
+pub fn umount(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
+    let pid_file = run_file(root, dir, "pid");
+    let stale = hb_fuse::clean_stale(dir)?;
+    if stale {
+        out.note(format!("detached a stale mount at {} (its process had died)", dir.display()));
+    } else if hb_fuse::is_mountpoint(dir) {
+        hb_fuse::unmount(dir)?;
+    } else {
+        bail!("{} is not mounted", dir.display());
+    }
+    if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        let started = Instant::now();
+        while proc_dir.exists() && started.elapsed() < Duration::from_secs(120) {
+            // A zombie (our own child in tests) has exited already.
+            if std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| s.contains(") Z ")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(&pid_file);
+    }
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! Where a mount's chunk bytes come from: a small cache of decoded chunks, the local store, then
+//! a remote source. Remote chunks are verified before use, handed to the reader at once and
+//! written to the store in the background (batched: one fsync per batch), so a second read is
+//! local. Concurrent reads of one chunk fetch it once.
+
+use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hb_core::{ChunkId, ChunkSource, SourceError};
+use hb_store::{Store, StoreError};
+
+/// Why a chunk could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("chunk {0} is not in the local store and there is no remote source for it")]
+    NotFound(ChunkId),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("local store: {0}")]
+    Store(#[from] StoreError),
+    #[error("timed out after {secs} s waiting for chunk {id}")]
+    Timeout { id: ChunkId, secs: u64 },
+    #[error("fetching chunk {id} failed in another reader: {reason}")]
+    Shared { id: ChunkId, reason: String },
+}
+
+/// Counters of one mount (all monotonic).
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    pub cache_hits: AtomicU64,
+    pub local_chunks: AtomicU64,
+    pub remote_chunks: AtomicU64,
+    /// Uncompressed bytes of chunks fetched remotely.
+    pub remote_bytes: AtomicU64,
+    pub remote_requests: AtomicU64,
+    pub prefetched_chunks: AtomicU64,
+    pub errors: AtomicU64,
+    pub fill_errors: AtomicU64,
+}
+
+/// A snapshot of [`FetchStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub cache_hits: u64,
+    pub local_chunks: u64,
+    pub remote_chunks: u64,
+    pub remote_bytes: u64,
+    pub remote_requests: u64,
+    pub prefetched_chunks: u64,
+    pub errors: u64,
+}
+
+impl FetchStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            cache_hits: g(&self.cache_hits),
+            local_chunks: g(&self.local_chunks),
+            remote_chunks: g(&self.remote_chunks),
+            remote_bytes: g(&self.remote_bytes),
+            remote_requests: g(&self.remote_requests),
+            prefetched_chunks: g(&self.prefetched_chunks),
+            errors: g(&self.errors),
+        }
+    }
+}
+
+/// A remote fetch other readers wait for.
+#[derive(Default)]
+struct Pending {
+    done: Mutex<Option<Result<(), String>>>,
+    cv: Condvar,
+}
+
+type Chunk = Arc<Vec<u8>>;
+
+/// Decoded chunks kept in memory, and the ones not yet written to the store.
+struct Memory {
+    cache: lru::LruCache<ChunkId, Chunk>,
+    unfilled: HashMap<ChunkId, Chunk>,
+}
+
+/// The first-read order of chunks, for `hb optimize`.
+#[derive(Default)]
+struct Recorder {
+    order: Vec<ChunkId>,
+    seen: HashSet<ChunkId>,
+}
+
+pub struct Fetcher {
+    store: Arc<Store>,
+    remote: Option<Arc<dyn ChunkSource>>,
+    inflight: Mutex<HashMap<ChunkId, Arc<Pending>>>,
+    memory: Mutex<Memory>,
+    fill_tx: Mutex<Option<Sender<Vec<(ChunkId, Chunk)>>>>,
+    filler: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// On-demand reads in progress; background work yields while it is non-zero.
+    foreground: AtomicUsize,
+    recorder: Mutex<Option<Recorder>>,
+    timeout: Duration,
+    pub stats: Arc<FetchStats>,
+}
+
+/// Chunks decoded in memory (about 64 MiB at the default chunk size).
+const CACHE_CHUNKS: usize = 1024;
+/// Largest batch the background filler writes with one fsync.
+const FILL_BATCH_BYTES: usize = 16 << 20;
+
+impl Fetcher {
+    /// A fetcher reading `store`, then `remote` (if any). `timeout` bounds every wait for a chunk.
+    pub fn new(store: Arc<Store>, remote: Option<Arc<dyn ChunkSource>>, timeout: Duration) -> Arc<Fetcher> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(FetchStats::default());
+        let f = Arc::new(Fetcher {
+            store,
+            remote,
+            inflight: Mutex::new(HashMap::new()),
+            memory: Mutex::new(Memory {
+                cache: lru::LruCache::new(NonZeroUsize::new(CACHE_CHUNKS).expect("non-zero")),
+                unfilled: HashMap::new(),
+            }),
+            fill_tx: Mutex::new(Some(tx)),
+            filler: Mutex::new(None),
+            foreground: AtomicUsize::new(0),
+            recorder: Mutex::new(None),
+            timeout,
+            stats,
+        });
+        let weak = Arc::downgrade(&f);
+        let handle = std::thread::Builder::new()
+            .name("hb-fill".into())
+            .spawn(move || fill_loop(weak, rx))
+            .expect("spawning the fill thread");
+        *f.filler.lock().expect("filler lock") = Some(handle);
+        f
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub fn has_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// Starts recording the order in which chunks are first read.
+    pub fn start_recording(&self) {
+        *self.recorder.lock().expect("recorder lock") = Some(Recorder::default());
+    }
+
+    /// Stops recording; returns the order recorded.
+    pub fn take_recording(&self) -> Vec<ChunkId> {
+        self.recorder.lock().expect("recorder lock").take().map(|r| r.order).unwrap_or_default()
+    }
+
+    /// True while on-demand reads are in progress.
+    pub fn busy(&self) -> bool {
+        self.foreground.load(Ordering::Relaxed) > 0
+    }
+
+    /// Reads one chunk for a reader, with `ahead` as chunks worth fetching in the same request if
+    /// it has to go remote (read-ahead). The bytes are verified.
+    pub fn read(&self, id: &ChunkId, ahead: &[ChunkId]) -> Result<Chunk, FetchError> {
+        if let Some(r) = self.recorder.lock().expect("recorder lock").as_mut() {
+            if r.seen.insert(*id) {
+                r.order.push(*id);
+            }
+        }
+        self.foreground.fetch_add(1, Ordering::Relaxed);
+        let out = self.get(id, ahead);
+        self.foreground.fetch_sub(1, Ordering::Relaxed);
+        if out.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    fn from_memory(&self, id: &ChunkId) -> Option<Chunk> {
+        let mut m = self.memory.lock().expect("memory lock");
+        if let Some(c) = m.cache.get(id) {
+            return Some(c.clone());
+        }
+        m.unfilled.get(id).cloned()
+    }
+
+    fn get(&self, id: &ChunkId, ahead: &[ChunkId]) -> Result<Chunk, FetchError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some(c) = self.from_memory(id) {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(c);
+            }
+            match self.store.read_chunk(id) {
+                Ok(b) => {
+                    self.stats.local_chunks.fetch_add(1, Ordering::Relaxed);
+                    let c = Arc::new(b);
+                    self.memory.lock().expect("memory lock").cache.put(*id, c.clone());
+                    return Ok(c);
+                }
+                Err(StoreError::MissingChunk(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if self.remote.is_none() {
+                return Err(FetchError::NotFound(*id));
+            }
+            // Claim the chunk (and read-ahead that nobody fetches), or wait for whoever has it.
+            let claim = {
+                let mut inflight = self.inflight.lock().expect("inflight lock");
+                match inflight.get(id) {
+                    Some(p) => Err(p.clone()),
+                    None => {
+                        let mut mine = vec![*id];
+                        inflight.insert(*id, Arc::new(Pending::default()));
+                        for a in ahead {
+                            if a != id && !inflight.contains_key(a) && !self.store.has_chunk(a).unwrap_or(true) {
+                                inflight.insert(*a, Arc::new(Pending::default()));
+                                mine.push(*a);
+                            }
+                        }
+                        Ok(mine)
+                    }
+                }
+            };
+            match claim {
+                Err(pending) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let guard = pending.done.lock().expect("pending lock");
+                    let (guard, res) = pending.cv.wait_timeout_while(guard, left, |d| d.is_none()).expect("pending lock");
+                    if res.timed_out() {
+                        return Err(FetchError::Timeout { id: *id, secs: self.timeout.as_secs() });
+                    }
+                    if let Some(Err(reason)) = guard.as_ref() {
+                        if self.from_memory(id).is_none() {
+                            return Err(FetchError::Shared { id: *id, reason: reason.clone() });
+                        }
+                    }
+                    // Fetched by the other reader: loop to take it from memory.
+                }
+                Ok(mine) => {
+                    let got = self.fetch_remote(&mine, true);
+                    let out = match &got {
+                        Ok(map) => map.get(id).cloned().ok_or(FetchError::NotFound(*id)),
+                        Err(e) => Err(FetchError::Source(clone_source_error(e))),
+                    };
+                    self.release(&mine, got.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    /// Fetches `ids` remotely; keeps what came (verified) in memory and queues it for the store.
+    fn fetch_remote(&self, ids: &[ChunkId], cache: bool) -> Result<HashMap<ChunkId, Chunk>, SourceError> {
+        let remote = self.remote.as_ref().expect("checked by the caller");
+        self.stats.remote_requests.fetch_add(1, Ordering::Relaxed);
+        let got = remote.fetch_many(ids)?;
+        let mut map = HashMap::with_capacity(got.len());
+        let mut batch = Vec::with_capacity(got.len());
+        for (cid, bytes) in got {
+            // The source promised verified bytes; check anyway: never serve what does not hash.
+            if ChunkId::of(&bytes) != cid {
+                return Err(SourceError::Corrupt {
+                    id: cid,
+                    source_name: "remote".into(),
+                    reason: "bytes do not hash to the chunk id".into(),
+                });
+            }
+            self.stats.remote_chunks.fetch_add(1, Ordering::Relaxed);
+            self.stats.remote_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let c = Arc::new(bytes);
+            batch.push((cid, c.clone()));
+            map.insert(cid, c);
+        }
+        {
+            let mut m = self.memory.lock().expect("memory lock");
+            for (cid, c) in &batch {
+                m.unfilled.insert(*cid, c.clone());
+                if cache {
+                    m.cache.put(*cid, c.clone());
+                }
+            }
+        }
+        if let Some(tx) = self.fill_tx.lock().expect("fill lock").as_ref() {
+            let _ = tx.send(batch);
+        }
+        Ok(map)
+    }
+
+    fn release(&self, ids: &[ChunkId], result: Result<(), String>) {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        for id in ids {
+            if let Some(p) = inflight.remove(id) {
+                *p.done.lock().expect("pending lock") = Some(result.clone());
+                p.cv.notify_all();
+            }
+        }
+    }
+
+    /// Background fetch of `ids` that are neither local nor being fetched; returns how many
+    /// chunks and bytes arrived. Does not fill the read cache.
+    pub fn prefetch(&self, ids: &[ChunkId]) -> Result<(usize, u64), FetchError> {
+        if self.remote.is_none() {
+            return Ok((0, 0));
+        }
+        let mine: Vec<ChunkId> = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            let mut mine = Vec::new();
+            for id in ids {
+                if !inflight.contains_key(id) && !self.store.has_chunk(id)? && self.from_memory_unfilled(id).is_none() {
+                    inflight.insert(*id, Arc::new(Pending::default()));
+                    mine.push(*id);
+                }
+            }
+            mine
+        };
+        if mine.is_empty() {
+            return Ok((0, 0));
+        }
+        let got = self.fetch_remote(&mine, false);
+        self.release(&mine, got.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        let got = got?;
+        self.stats.prefetched_chunks.fetch_add(got.len() as u64, Ordering::Relaxed);
+        Ok((got.len(), got.values().map(|c| c.len() as u64).sum()))
+    }
+
+    fn from_memory_unfilled(&self, id: &ChunkId) -> Option<Chunk> {
+        self.memory.lock().expect("memory lock").unfilled.get(id).cloned()
+    }
+
+    /// Writes every fetched chunk to the store and stops the background writer.
+    pub fn shutdown(&self) {
+        drop(self.fill_tx.lock().expect("fill lock").take());
+        if let Some(h) = self.filler.lock().expect("filler lock").take() {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Writes fetched chunks to the store in batches (one fsync each).
+fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<Vec<(ChunkId, Chunk)>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = first;
+        let mut bytes: usize = batch.iter().map(|(_, c)| c.len()).sum();
+        while bytes < FILL_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(more) => {
+                    bytes += more.iter().map(|(_, c)| c.len()).sum::<usize>();
+                    batch.extend(more);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(f) = fetcher.upgrade() else { return };
+        let owned: Vec<(ChunkId, Vec<u8>)> = batch.iter().map(|(id, c)| (*id, c.as_ref().clone())).collect();
+        match f.store.fill_chunks(&owned) {
+            Ok(r) => tracing::debug!(filled = r.filled, skipped = r.skipped, "stored fetched chunks"),
+            Err(e) => {
+                f.stats.fill_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, chunks = batch.len(), "could not store fetched chunks; they will be fetched again");
+            }
+        }
+        let mut m = f.memory.lock().expect("memory lock");
+        for (id, _) in &batch {
+            m.unfilled.remove(id);
+        }
+    }
+}
+
+fn clone_source_error(e: &SourceError) -> SourceError {
+    match e {
+        SourceError::Unavailable { source_name, reason } => {
+            SourceError::Unavailable { source_name: source_name.clone(), reason: reason.clone() }
+        }
+        SourceError::Corrupt { id, source_name, reason } => {
+            SourceError::Corrupt { id: *id, source_name: source_name.clone(), reason: reason.clone() }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Lazy, read-only FUSE mounts of images.
+//!
+//! An image's merged tree (its layer indexes, whiteouts and opaque directories applied) is served
+//! from memory: lookup, getattr, readdir, readlink and the xattr calls never touch the network.
+//! File data comes chunk by chunk through a [`Fetcher`]: memory, the local store, then a remote
+//! [`hb_core::ChunkSource`], every remote chunk verified and kept in the store. Fully-local big
+//! files are served by FUSE passthrough from a materialised backing file where the kernel allows.
+//!
+//! What it must not do: know about registries or HTTP (remote sources come in as trait objects),
+//! print, or exit the process.
+
+mod fetch;
+mod fs;
+mod materialize;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hb_core::{ChunkId, LayerIndex};
+
+pub use fetch::{FetchError, FetchStats, Fetcher, StatsSnapshot};
+pub use fs::FsOptions;
+
+/// What to fetch in the background after mounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    None,
+    /// The image's recorded start-up order.
+    #[default]
+    Startup,
+    /// The start-up order, then every other chunk.
+    All,
+}
+
+impl std::str::FromStr for Prefetch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Prefetch::None),
+            "startup" => Ok(Prefetch::Startup),
+            "all" => Ok(Prefetch::All),
+            _ => Err(format!("unknown prefetch mode {s:?} (none, startup or all)")),
+        }
+    }
+}
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub fs: FsOptions,
+    /// FUSE worker threads (reads that wait for the network do not block other requests).
+    pub threads: usize,
+    pub prefetch: Prefetch,
+    /// The recorded start-up order (may be empty).
+    pub startup: Vec<ChunkId>,
+    /// Every chunk the image needs, in the order worth fetching them (for [`Prefetch::All`]).
+    pub all: Vec<ChunkId>,
+    /// Cap on background fetching, bytes per second.
+    pub bandwidth: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount point {0} is not a directory")]
+    NotADirectory(PathBuf),
+}
+
+fn io_err(context: String) -> impl FnOnce(std::io::Error) -> MountError {
+    move |source| MountError::Io { context, source }
+}
+
+/// A live mount. Dropping it without [`Mounted::wait`] unmounts.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+    fetcher: Arc<Fetcher>,
+    passthrough: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    prefetcher: Option<JoinHandle<()>>,
+}
+
+/// Mounts `index` (a merged image tree) at `dir`, reading chunks through `fetcher`. A stale
+/// mount left at `dir` by a dead process is detached first.
+pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOptions) -> Result<Mounted, MountError> {
+    if clean_stale(dir)? {
+        tracing::warn!(dir = %dir.display(), "detached a stale hb mount left by a dead process");
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(MountError::NotADirectory(dir.to_path_buf())),
+        Err(e) => return Err(MountError::Io { context: format!("mount point {}", dir.display()), source: e }),
+    }
+    let passthrough = Arc::new(AtomicBool::new(false));
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(format!("hb:{}", opts.fs.image)),
+        fuser::MountOption::Subtype("hb".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Suid,
+        fuser::MountOption::Dev,
+    ];
+    config.acl = fuser::SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let fs = fs::ImageFs::new(index, fetcher.clone(), opts.fs.clone(), passthrough.clone());
+    let session = fuser::Session::new(fs, dir, &config)
+        .and_then(fuser::Session::spawn)
+        .map_err(io_err(format!("mounting FUSE at {}", dir.display())))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let prefetcher = if opts.prefetch != Prefetch::None && fetcher.has_remote() {
+        let (f, stop, o) = (fetcher.clone(), stop.clone(), opts.clone());
+        Some(
+            std::thread::Builder::new()
+                .name("hb-prefetch".into())
+                .spawn(move || prefetch(&f, &o, &stop))
+                .map_err(io_err("starting the prefetch thread".into()))?,
+        )
+    } else {
+        None
+    };
+    Ok(Mounted { session: Some(session), mountpoint: dir.to_path_buf(), fetcher, passthrough, stop, prefetcher })
+}
+
+/// Background fetch: start-up order first, then (with [`Prefetch::All`]) the rest, yielding to
+/// on-demand reads and keeping under the bandwidth cap.
+fn prefetch(f: &Fetcher, o: &MountOptions, stop: &AtomicBool) {
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    let lists: Vec<&[ChunkId]> = match o.prefetch {
+        Prefetch::None => vec![],
+        Prefetch::Startup => vec![&o.startup],
+        Prefetch::All => vec![&o.startup, &o.all],
+    };
+    let mut chunks = 0usize;
+    for list in lists {
+        // Batches of up to 64 chunks; the source coalesces neighbours into ranges.
+        for batch in list.chunks(64) {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut waited = 0;
+            while f.busy() && waited < 200 {
+                std::thread::sleep(Duration::from_millis(2));
+                waited += 1;
+            }
+            if let Some(cap) = o.bandwidth.filter(|c| *c > 0) {
+                let due = Duration::from_secs_f64(bytes as f64 / cap as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            match f.prefetch(batch) {
+                Ok((n, b)) => {
+                    chunks += n;
+                    bytes += b;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "prefetch stopped");
+                    return;
+                }
+            }
+        }
+    }
+    tracing::info!(chunks, bytes, secs = started.elapsed().as_secs_f64(), "prefetch finished");
+}
+
+impl Mounted {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// True when the kernel accepted FUSE passthrough for this mount.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    /// True once the background prefetch has finished (or there was none).
+    pub fn prefetch_done(&self) -> bool {
+        self.prefetcher.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Blocks until the filesystem is unmounted (by [`unmount`], `umount` or the kernel), then
+    /// stops background work and writes every fetched chunk to the store.
+    pub fn wait(mut self) -> Result<(), MountError> {
+        let session = self.session.take().expect("present until wait");
+        let out = session.join().map_err(io_err(format!("serving {}", self.mountpoint.display())));
+        self.finish();
+        out
+    }
+
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.prefetcher.take() {
+            let _ = h.join();
+        }
+        self.fetcher.shutdown();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.umount_and_join() {
+                tracing::warn!(dir = %self.mountpoint.display(), error = %e, "unmount failed");
+            }
+            self.finish();
+        }
+    }
+}
+
+/// Unmounts an hb mount at `dir`. A busy mount is detached (it goes away when its last user
+/// does); a stale one (its process died) likewise.
+pub fn unmount(dir: &Path) -> Result<(), MountError> {
+    use rustix::mount::{unmount as umount2, UnmountFlags};
+    match umount2(dir, UnmountFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::BUSY) | Err(rustix::io::Errno::NOTCONN) => {
+            umount2(dir, UnmountFlags::DETACH).map_err(|e| io_err(format!("detaching {}", dir.display()))(e.into()))
+        }
+        Err(e) => Err(io_err(format!("unmounting {}", dir.display()))(e.into())),
+    }
+}
+
+/// Detaches a FUSE mount at `dir` whose server is gone (every access fails with ENOTCONN).
+/// Returns true if there was one.
+pub fn clean_stale(dir: &Path) -> Result<bool, MountError> {
+    match std::fs::metadata(dir) {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {
+            rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH)
+                .map_err(|e| io_err(format!("detaching stale mount {}", dir.display()))(e.into()))?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// True when `dir` is the root of a mount (per /proc/self/mountinfo).
+pub fn is_mountpoint(dir: &Path) -> bool {
+    let Ok(canon) = std::fs::canonicalize(dir) else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| unescape_mountinfo(p) == canon.as_os_str().to_string_lossy()))
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}

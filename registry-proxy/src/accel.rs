@@ -1,0 +1,206 @@
+//! What lazy pulls and `hb convert` need beyond a pull: byte ranges of blobs, small verified
+//! blobs, the accelerated form bound to an image, and pushes.
+
+use std::time::Duration;
+
+use hb_core::lazy::{AccelConfig, MEDIA_TYPE_CONFIG};
+use hb_core::Digest;
+use oci_client::RegistryOperation;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::client::{LayerDesc, Registry, OCI_MANIFEST};
+use crate::error::RegistryError;
+use crate::reference::ImageRef;
+
+/// Largest index, table or config blob accepted.
+pub const MAX_META_BLOB: u64 = 512 << 20;
+
+#[derive(Deserialize)]
+struct AccelManifest {
+    config: AccelDesc,
+}
+
+#[derive(Deserialize)]
+struct AccelDesc {
+    #[serde(rename = "mediaType")]
+    media_type: String,
+    digest: String,
+    size: u64,
+}
+
+impl Registry {
+    fn blob_url(&self, r: &ImageRef, digest: &Digest) -> String {
+        let scheme = self.schemes[self.chosen.load(std::sync::atomic::Ordering::Relaxed)];
+        format!("{scheme}://{}/v2/{}/blobs/{digest}", r.inner.resolve_registry(), r.repository())
+    }
+
+    /// Makes sure a scheme and an authorization were chosen (a lazy mount starts without a pull).
+    pub async fn ensure_connected(&self, r: &ImageRef) -> Result<(), RegistryError> {
+        if self.authorization.lock().expect("authorization lock").is_some() {
+            return Ok(());
+        }
+        self.connect(r).await
+    }
+
+    /// Reads `len` bytes at `start` of blob `digest` with one Range request; retries transient
+    /// failures with backoff and renews the authorization once. The caller verifies the bytes
+    /// (chunk hashes): a range cannot be checked against the blob's digest.
+    pub async fn fetch_range(&self, r: &ImageRef, digest: &Digest, start: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+        use futures_util::StreamExt;
+        let attempts = self.opts.attempts.max(1);
+        let mut failures = 0;
+        let mut reauthorized = false;
+        loop {
+            let url = self.blob_url(r, digest);
+            let authorization = self.authorization.lock().expect("authorization lock").clone();
+            let step: Result<Vec<u8>, RegistryError> = async {
+                let resp = self.blobs.get(&self.registry, &url, authorization.as_deref(), start, Some(start + len - 1)).await?;
+                let (resp, skip) = match resp {
+                    crate::blob::BlobBody::Partial(resp) => (resp, 0u64),
+                    crate::blob::BlobBody::Full(resp) => {
+                        tracing::warn!(blob = %digest, "registry ignored the Range header; reading the blob from its start");
+                        (resp, start)
+                    }
+                };
+                let mut out = Vec::with_capacity(len as usize);
+                let mut skip = skip;
+                let mut stream = resp.bytes_stream();
+                while let Some(item) = stream.next().await {
+                    let bytes = item.map_err(|e| RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        reason: format!("blob {digest}: {}", crate::error::chain(&e)),
+                    })?;
+                    let mut b = &bytes[..];
+                    let drop = skip.min(b.len() as u64) as usize;
+                    b = &b[drop..];
+                    skip -= drop as u64;
+                    let want = (len as usize - out.len()).min(b.len());
+                    out.extend_from_slice(&b[..want]);
+                    if out.len() as u64 == len {
+                        break;
+                    }
+                }
+                if (out.len() as u64) < len {
+                    return Err(RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        reason: format!("blob {digest}: range {start}+{len} ended after {} bytes", out.len()),
+                    });
+                }
+                Ok(out)
+            }
+            .await;
+            match step {
+                Ok(b) => return Ok(b),
+                Err(RegistryError::Unauthorized { .. }) if !reauthorized => {
+                    reauthorized = true;
+                    tracing::info!(blob = %digest, "authorization refused; fetching a new token");
+                    self.connect(r).await?;
+                }
+                Err(e) if e.is_transient() && failures + 1 < attempts => {
+                    failures += 1;
+                    let backoff = Duration::from_millis(200 * (1 << failures.min(5)));
+                    let wait = match &e {
+                        RegistryError::Busy { retry_after: Some(a), .. } if *a <= crate::blob::MAX_RETRY_AFTER => backoff.max(*a),
+                        _ => backoff,
+                    };
+                    tracing::warn!(blob = %digest, start, len, attempt = failures + 1, error = %e, "range read failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Downloads a whole small blob into memory, verified by digest and size.
+    pub async fn fetch_bytes(&self, r: &ImageRef, digest: &Digest, size: u64) -> Result<Vec<u8>, RegistryError> {
+        if size > MAX_META_BLOB {
+            return Err(RegistryError::Malformed {
+                reference: r.canonical(),
+                what: "blob",
+                reason: format!("{digest} is {size} bytes (limit {MAX_META_BLOB})"),
+            });
+        }
+        self.ensure_connected(r).await?;
+        let desc = LayerDesc { digest: *digest, size, media_type: String::new(), diff_id: *digest };
+        let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(16);
+        let collect = async {
+            let mut v = Vec::with_capacity(size as usize);
+            while let Some(Ok(b)) = rx.recv().await {
+                v.extend_from_slice(&b);
+            }
+            v
+        };
+        let (fetched, bytes) = tokio::join!(self.fetch_blob(r, &desc, tx), collect);
+        fetched?;
+        Ok(bytes)
+    }
+
+    /// The accelerated form's config, checked to belong to the image `manifest`.
+    pub async fn fetch_accel_config(
+        &self,
+        r: &ImageRef,
+        accel: &(Digest, u64),
+        manifest: &Digest,
+    ) -> Result<AccelConfig, RegistryError> {
+        let malformed = |reason: String| RegistryError::Malformed { reference: r.canonical(), what: "accelerated image", reason };
+        let (bytes, _) = self.manifest(&r.with_digest(&accel.0.to_string())).await?;
+        let m: AccelManifest = serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
+        if m.config.media_type != MEDIA_TYPE_CONFIG {
+            return Err(malformed(format!("config media type {}", m.config.media_type)));
+        }
+        let digest: Digest = m.config.digest.parse().map_err(|e: hb_core::DigestError| malformed(e.to_string()))?;
+        let raw = self.fetch_bytes(r, &digest, m.config.size).await?;
+        let cfg: AccelConfig = serde_json::from_slice(&raw).map_err(|e| malformed(format!("config: {e}")))?;
+        if cfg.version != 1 {
+            return Err(malformed(format!("format version {} (this build reads 1)", cfg.version)));
+        }
+        if cfg.manifest != *manifest {
+            return Err(malformed(format!("it was made for image {}, not {manifest}", cfg.manifest)));
+        }
+        Ok(cfg)
+    }
+
+    /// Authorizes pushes to `r`'s repository.
+    pub async fn connect_push(&self, r: &ImageRef) -> Result<(), RegistryError> {
+        self.connect_op(r, RegistryOperation::Push).await
+    }
+
+    pub async fn blob_exists(&self, r: &ImageRef, digest: &Digest) -> Result<bool, RegistryError> {
+        self.client().blob_exists(&r.inner, &digest.to_string()).await.map_err(self.err(r))
+    }
+
+    /// Uploads a blob unless the repository has it. Returns true if it was uploaded.
+    pub async fn push_blob(&self, r: &ImageRef, data: Vec<u8>) -> Result<bool, RegistryError> {
+        let digest = Digest::of(&data);
+        if self.blob_exists(r, &digest).await? {
+            return Ok(false);
+        }
+        self.client().push_blob(&r.inner, data, &digest.to_string()).await.map_err(self.err(r))?;
+        Ok(true)
+    }
+
+    /// Makes blob `digest` of repository `from` (same registry) available in `r`'s repository
+    /// by a cross-repository mount. Returns false when the registry would not mount it.
+    pub async fn mount_blob(&self, r: &ImageRef, from: &ImageRef, digest: &Digest) -> Result<bool, RegistryError> {
+        if self.blob_exists(r, digest).await? {
+            return Ok(true);
+        }
+        let _ = self.client().mount_blob(&r.inner, &from.inner, &digest.to_string()).await;
+        self.blob_exists(r, digest).await
+    }
+
+    /// Uploads a manifest (or index) under `r`'s tag or digest.
+    pub async fn push_manifest(&self, r: &ImageRef, media_type: &str, body: Vec<u8>) -> Result<(), RegistryError> {
+        let ct = reqwest::header::HeaderValue::from_str(media_type).map_err(|_| RegistryError::Malformed {
+            reference: r.canonical(),
+            what: "manifest",
+            reason: format!("bad media type {media_type:?}"),
+        })?;
+        self.client().push_manifest_raw(&r.inner, body, ct).await.map_err(self.err(r))?;
+        Ok(())
+    }
+}
+
+/// Media type of the accelerated manifest.
+pub const ACCEL_MANIFEST_TYPE: &str = OCI_MANIFEST;

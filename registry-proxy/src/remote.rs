@@ -1,0 +1,154 @@
+//! Chunks of lazy layers read straight from registry blobs by HTTP Range: the chunk source a
+//! lazy mount uses. Adjacent chunks are coalesced into one request; every chunk is decoded and
+//! verified against its BLAKE3 id before it is returned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::{stream, StreamExt};
+use hb_core::{ChunkId, ChunkSource, Digest, LazySource, SourceError, TableEntry};
+
+use crate::client::Registry;
+use crate::reference::ImageRef;
+
+/// Largest single Range request.
+const MAX_RUN_BYTES: u64 = 8 << 20;
+/// Range requests in flight at once for one batch.
+const CONCURRENT_RANGES: usize = 4;
+
+/// One data blob in one repository.
+struct Blob {
+    repo: usize,
+    digest: Digest,
+}
+
+/// Range reads over the data blobs of lazy layers.
+pub struct RangeSource {
+    rt: tokio::runtime::Handle,
+    repos: Vec<(Arc<Registry>, ImageRef)>,
+    blobs: Vec<Blob>,
+    chunks: HashMap<ChunkId, (usize, TableEntry)>,
+    /// HTTP requests made and compressed bytes received.
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl RangeSource {
+    /// A source over `layers`, with a registry client for each repository they name
+    /// (`registry_for` builds one). Blocking calls run on `rt`.
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        layers: &[LazySource],
+        mut registry_for: impl FnMut(&ImageRef) -> Result<Registry, crate::RegistryError>,
+    ) -> Result<Self, crate::RegistryError> {
+        let mut repos: Vec<(Arc<Registry>, ImageRef)> = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        let mut blobs = Vec::new();
+        let mut chunks = HashMap::new();
+        for l in layers {
+            let repo = match by_name.get(&l.repository) {
+                Some(&i) => i,
+                None => {
+                    let r = ImageRef::parse(&l.repository)?;
+                    repos.push((Arc::new(registry_for(&r)?), r));
+                    by_name.insert(l.repository.clone(), repos.len() - 1);
+                    repos.len() - 1
+                }
+            };
+            blobs.push(Blob { repo, digest: l.data });
+            for e in &l.table.entries {
+                chunks.entry(e.id).or_insert((blobs.len() - 1, *e));
+            }
+        }
+        Ok(RangeSource { rt, repos, blobs, chunks, requests: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+    }
+
+    /// Every chunk this source can serve, blob by blob in blob order (for a full prefetch).
+    pub fn all_chunks(&self) -> Vec<ChunkId> {
+        let mut v: Vec<(usize, u64, ChunkId)> = self.chunks.iter().map(|(id, (b, e))| (*b, e.offset, *id)).collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, _, id)| id).collect()
+    }
+
+    fn name(&self, blob: usize) -> String {
+        let b = &self.blobs[blob];
+        format!("{}@{}", self.repos[b.repo].1.canonical(), b.digest.short())
+    }
+
+    async fn fetch_run(&self, blob: usize, run: Vec<TableEntry>) -> Result<Vec<(ChunkId, Vec<u8>)>, SourceError> {
+        let b = &self.blobs[blob];
+        let (registry, r) = &self.repos[b.repo];
+        let start = run[0].offset;
+        let end = run.last().map(|e| e.offset + e.stored_len as u64).expect("non-empty run");
+        let unavailable = |reason: String| SourceError::Unavailable { source_name: self.name(blob), reason };
+        registry.ensure_connected(r).await.map_err(|e| unavailable(e.to_string()))?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let data = registry.fetch_range(r, &b.digest, start, end - start).await.map_err(|e| unavailable(e.to_string()))?;
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(run.len());
+        for e in run {
+            let at = (e.offset - start) as usize;
+            let stored = &data[at..at + e.stored_len as usize];
+            let raw = if e.zstd {
+                zstd_decode(stored, e.raw_len as usize).map_err(|reason| SourceError::Corrupt {
+                    id: e.id,
+                    source_name: self.name(blob),
+                    reason,
+                })?
+            } else {
+                stored.to_vec()
+            };
+            if raw.len() != e.raw_len as usize || ChunkId::of(&raw) != e.id {
+                return Err(SourceError::Corrupt {
+                    id: e.id,
+                    source_name: self.name(blob),
+                    reason: "bytes do not hash to the chunk id".into(),
+                });
+            }
+            out.push((e.id, raw));
+        }
+        Ok(out)
+    }
+}
+
+/// Decodes one zstd frame of at most `raw_len` bytes (more is an error, not an allocation).
+fn zstd_decode(data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+    zstd::bulk::decompress(data, raw_len).map_err(|e| format!("zstd: {e}"))
+}
+
+impl ChunkSource for RangeSource {
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, SourceError> {
+        Ok(self.fetch_many(std::slice::from_ref(id))?.into_iter().find(|(c, _)| c == id).map(|(_, b)| b))
+    }
+
+    fn fetch_many(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, SourceError> {
+        // Group by blob, sort by offset, cut into runs of adjacent chunks.
+        let mut wanted: Vec<(usize, TableEntry)> = ids.iter().filter_map(|id| self.chunks.get(id).copied()).collect();
+        wanted.sort_unstable_by_key(|(b, e)| (*b, e.offset));
+        wanted.dedup_by_key(|(b, e)| (*b, e.offset));
+        let mut runs: Vec<(usize, Vec<TableEntry>)> = Vec::new();
+        for (b, e) in wanted {
+            match runs.last_mut() {
+                Some((rb, run))
+                    if *rb == b && {
+                        let last = run.last().expect("non-empty");
+                        last.offset + last.stored_len as u64 == e.offset
+                            && e.offset + e.stored_len as u64 - run[0].offset <= MAX_RUN_BYTES
+                    } =>
+                {
+                    run.push(e)
+                }
+                _ => runs.push((b, vec![e])),
+            }
+        }
+        let results: Vec<Result<Vec<(ChunkId, Vec<u8>)>, SourceError>> = self.rt.block_on(
+            stream::iter(runs).map(|(b, run)| self.fetch_run(b, run)).buffer_unordered(CONCURRENT_RANGES).collect(),
+        );
+        let mut out = Vec::new();
+        for r in results {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+}
