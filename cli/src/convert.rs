@@ -75,10 +75,8 @@ fn push_binding(
 ) -> anyhow::Result<(Digest, Digest)> {
     let cfg_bytes = serde_json::to_vec(cfg)?;
     rt.block_on(reg.push_blob(dst, cfg_bytes.clone()))?;
-    let layers: Vec<serde_json::Value> = blobs
-        .iter()
-        .map(|(mt, d, size)| json!({"mediaType": mt, "digest": d.to_string(), "size": size}))
-        .collect();
+    let layers: Vec<serde_json::Value> =
+        blobs.iter().map(|(mt, d, size)| json!({"mediaType": mt, "digest": d.to_string(), "size": size})).collect();
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -250,7 +248,13 @@ pub fn optimize(
         bail!("{reference} has no accelerated form; run `hb convert` first");
     };
     let mut cfg = rt.block_on(reg.fetch_accel_config(&r, &accel, &resolved.manifest_digest))?;
-    crate::pull::pull_lazy(rt, store.clone(), registry_for(g, &r, plain_http, Default::default())?, resolved.clone(), out)?;
+    crate::pull::pull_lazy(
+        rt,
+        store.clone(),
+        registry_for(g, &r, plain_http, Default::default())?,
+        resolved.clone(),
+        out,
+    )?;
     let (image_cmd, env, wd) = image_command(&resolved.config)?;
     let cmd = if command.is_empty() { image_cmd } else { command.to_vec() };
     if cmd.is_empty() {

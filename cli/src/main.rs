@@ -346,7 +346,7 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
         _ => (t, 1),
     };
     let n: f64 = num.parse().with_context(|| format!("bad rate {s:?} (e.g. 500K, 10M)"))?;
-    if !(n > 0.0) {
+    if n.is_nan() || n <= 0.0 {
         bail!("bad rate {s:?}: must be positive");
     }
     Ok((n * mult as f64) as u64)
@@ -493,9 +493,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             } else {
                 if lazy {
-                    out.note(format!(
-                        "{reference} has no accelerated form (`hb convert` makes one); pulling it whole"
-                    ));
+                    out.note(format!("{reference} has no accelerated form (`hb convert` makes one); pulling it whole"));
                 }
                 let report = pull::pull(&rt, store.clone(), registry, resolved, &out)?;
                 if out.json {

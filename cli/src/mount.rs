@@ -54,8 +54,9 @@ pub fn remote_source(
     }
     let src = hb_registry::RangeSource::new(rt.handle().clone(), &sources, |r| {
         let creds = crate::config::docker_credentials(r.registry()).unwrap_or(None);
-        let opts = crate::registry_options(g, r, false, creds, hb_registry::Platform::default())
-            .map_err(|e| hb_registry::RegistryError::BadReference { reference: r.canonical(), reason: e.to_string() })?;
+        let opts = crate::registry_options(g, r, false, creds, hb_registry::Platform::default()).map_err(|e| {
+            hb_registry::RegistryError::BadReference { reference: r.canonical(), reason: e.to_string() }
+        })?;
         hb_registry::Registry::new(r, opts)
     })?;
     Ok(Some(Arc::new(src)))
@@ -139,12 +140,28 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         "mounted {} at {} ({} lazy layers; passthrough {})",
         m.name,
         dir.display(),
-        m.remote.as_ref().map_or(0, |_| m.layers.iter().filter(|l| store.lazy_source(l).ok().flatten().is_some()).count()),
+        m.remote.as_ref().map_or(0, |_| m
+            .layers
+            .iter()
+            .filter(|l| store.lazy_source(l).ok().flatten().is_some())
+            .count()),
         if m.mounted.passthrough() { "on" } else { "off: reads go through FUSE" }
     ));
     let stats = m.mounted.fetcher().stats.clone();
+    let done = m.mounted.prefetch_done();
+    let watch_stats = stats.clone();
+    let quiet = out.quiet || out.json;
+    let watcher = std::thread::spawn(move || {
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !quiet {
+            let s = watch_stats.snapshot();
+            eprintln!("prefetch finished: {} chunks, {}", s.prefetched_chunks, HumanBytes(s.remote_bytes));
+        }
+    });
     let result = m.mounted.wait();
-    let _ = std::fs::remove_file(&pid_file);
+    drop(watcher);
     let mut complete = 0;
     for l in &m.layers {
         if store.lazy_source(l)?.is_some() && store.complete_lazy_layer(l)? {
@@ -152,16 +169,22 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         }
     }
     let s = stats.snapshot();
+    let wire = m.remote.as_ref().map_or(0, |r| r.bytes.load(std::sync::atomic::Ordering::Relaxed));
     out.note(format!(
-        "unmounted {}: {} chunks local, {} fetched ({} in {} requests), {} errors{}",
+        "unmounted {}: {} chunks local, {} fetched ({} on demand, {} prefetched; {} of file data, {} over the wire in {} requests), {} errors{}",
         dir.display(),
         s.local_chunks,
         s.remote_chunks,
+        s.remote_chunks - s.prefetched_chunks,
+        s.prefetched_chunks,
         HumanBytes(s.remote_bytes),
+        HumanBytes(wire),
         s.remote_requests,
         s.errors,
         if complete > 0 { format!("; {complete} layers now complete") } else { String::new() }
     ));
+    // Last: `hb umount` waits for this file's process to finish the above.
+    let _ = std::fs::remove_file(&pid_file);
     result?;
     Ok(())
 }
@@ -171,6 +194,9 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
 pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let args: Vec<_> = std::env::args_os().skip(1).filter(|a| a != "-d" && a != "--background").collect();
+    if hb_fuse::clean_stale(dir)? {
+        out.note(format!("detached a stale mount at {} (its process had died)", dir.display()));
+    }
     let log = run_file(root, dir, "log");
     std::fs::create_dir_all(log.parent().expect("has a parent"))?;
     let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;

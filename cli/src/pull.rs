@@ -319,7 +319,14 @@ pub fn pull_lazy(
                     }
                     let source = hb_core::LazySource { repository, data: a.data, table };
                     let imported = tokio::task::spawn_blocking(move || {
-                        store.import_lazy_layer(&index, &l.digest, blob_compression(&l.media_type), l.size, &source, false)
+                        store.import_lazy_layer(
+                            &index,
+                            &l.digest,
+                            blob_compression(&l.media_type),
+                            l.size,
+                            &source,
+                            false,
+                        )
                     })
                     .await
                     .context("lazy import task panicked")??;

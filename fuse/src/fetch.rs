@@ -77,6 +77,8 @@ struct Pending {
 }
 
 type Chunk = Arc<Vec<u8>>;
+/// A batch of fetched chunks on its way to the store.
+type FillBatch = Vec<(ChunkId, Chunk)>;
 
 /// Decoded chunks kept in memory, and the ones not yet written to the store.
 struct Memory {
@@ -96,7 +98,7 @@ pub struct Fetcher {
     remote: Option<Arc<dyn ChunkSource>>,
     inflight: Mutex<HashMap<ChunkId, Arc<Pending>>>,
     memory: Mutex<Memory>,
-    fill_tx: Mutex<Option<Sender<Vec<(ChunkId, Chunk)>>>>,
+    fill_tx: Mutex<Option<Sender<FillBatch>>>,
     filler: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// On-demand reads in progress; background work yields while it is non-zero.
     foreground: AtomicUsize,
@@ -179,7 +181,7 @@ impl Fetcher {
         out
     }
 
-    fn from_memory(&self, id: &ChunkId) -> Option<Chunk> {
+    fn in_memory(&self, id: &ChunkId) -> Option<Chunk> {
         let mut m = self.memory.lock().expect("memory lock");
         if let Some(c) = m.cache.get(id) {
             return Some(c.clone());
@@ -190,7 +192,7 @@ impl Fetcher {
     fn get(&self, id: &ChunkId, ahead: &[ChunkId]) -> Result<Chunk, FetchError> {
         let deadline = Instant::now() + self.timeout;
         loop {
-            if let Some(c) = self.from_memory(id) {
+            if let Some(c) = self.in_memory(id) {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(c);
             }
@@ -229,12 +231,13 @@ impl Fetcher {
                 Err(pending) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     let guard = pending.done.lock().expect("pending lock");
-                    let (guard, res) = pending.cv.wait_timeout_while(guard, left, |d| d.is_none()).expect("pending lock");
+                    let (guard, res) =
+                        pending.cv.wait_timeout_while(guard, left, |d| d.is_none()).expect("pending lock");
                     if res.timed_out() {
                         return Err(FetchError::Timeout { id: *id, secs: self.timeout.as_secs() });
                     }
                     if let Some(Err(reason)) = guard.as_ref() {
-                        if self.from_memory(id).is_none() {
+                        if self.in_memory(id).is_none() {
                             return Err(FetchError::Shared { id: *id, reason: reason.clone() });
                         }
                     }
@@ -310,7 +313,7 @@ impl Fetcher {
             let mut inflight = self.inflight.lock().expect("inflight lock");
             let mut mine = Vec::new();
             for id in ids {
-                if !inflight.contains_key(id) && !self.store.has_chunk(id)? && self.from_memory_unfilled(id).is_none() {
+                if !inflight.contains_key(id) && !self.store.has_chunk(id)? && self.in_unfilled(id).is_none() {
                     inflight.insert(*id, Arc::new(Pending::default()));
                     mine.push(*id);
                 }
@@ -327,7 +330,7 @@ impl Fetcher {
         Ok((got.len(), got.values().map(|c| c.len() as u64).sum()))
     }
 
-    fn from_memory_unfilled(&self, id: &ChunkId) -> Option<Chunk> {
+    fn in_unfilled(&self, id: &ChunkId) -> Option<Chunk> {
         self.memory.lock().expect("memory lock").unfilled.get(id).cloned()
     }
 
@@ -349,7 +352,7 @@ impl Drop for Fetcher {
 }
 
 /// Writes fetched chunks to the store in batches (one fsync each).
-fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<Vec<(ChunkId, Chunk)>>) {
+fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
     while let Ok(first) = rx.recv() {
         let mut batch = first;
         let mut bytes: usize = batch.iter().map(|(_, c)| c.len()).sum();

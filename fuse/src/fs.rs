@@ -116,7 +116,8 @@ impl ImageFs {
         let mtime = if e.meta.mtime >= 0 {
             UNIX_EPOCH + Duration::new(e.meta.mtime as u64, e.meta.mtime_nsec)
         } else {
-            UNIX_EPOCH - Duration::from_secs(e.meta.mtime.unsigned_abs()) + Duration::from_nanos(e.meta.mtime_nsec as u64)
+            UNIX_EPOCH - Duration::from_secs(e.meta.mtime.unsigned_abs())
+                + Duration::from_nanos(e.meta.mtime_nsec as u64)
         };
         FileAttr {
             ino: INodeNo(i as u64 + 1),
@@ -163,10 +164,8 @@ impl ImageFs {
         while k < h.chunks.len() && h.starts[k] < end {
             // Read-ahead: the rest of this read's chunks, and more when reading sequentially.
             let limit = if sequential { end + READAHEAD_BYTES } else { end };
-            let ahead: Vec<ChunkId> = (k + 1..h.chunks.len())
-                .take_while(|&j| h.starts[j] < limit)
-                .map(|j| h.chunks[j].id)
-                .collect();
+            let ahead: Vec<ChunkId> =
+                (k + 1..h.chunks.len()).take_while(|&j| h.starts[j] < limit).map(|j| h.chunks[j].id).collect();
             let data = self.fetcher.read(&h.chunks[k].id, &ahead)?;
             let cs = h.starts[k];
             let from = offset.max(cs) - cs;
@@ -272,14 +271,8 @@ impl Filesystem for ImageFs {
         }
         let backing = self.backing_for(i, &chunks, size, &reply);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let h = Arc::new(Handle {
-            entry: i,
-            chunks,
-            starts,
-            size,
-            last_end: AtomicU64::new(0),
-            _backing: backing.clone(),
-        });
+        let h =
+            Arc::new(Handle { entry: i, chunks, starts, size, last_end: AtomicU64::new(0), _backing: backing.clone() });
         self.handles.lock().expect("handles lock").insert(fh, h);
         match backing {
             Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &b),
@@ -326,7 +319,9 @@ impl Filesystem for ImageFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.entry_of(ino).map(|i| &self.index.entries[i as usize].kind) {
-            Some(Kind::Dir { .. }) => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+            Some(Kind::Dir { .. }) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }

@@ -86,6 +86,7 @@ pub struct Mounted {
     passthrough: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     prefetcher: Option<JoinHandle<()>>,
+    prefetched: Arc<AtomicBool>,
 }
 
 /// Mounts `index` (a merged image tree) at `dir`, reading chunks through `fetcher`. A stale
@@ -117,18 +118,31 @@ pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOp
         .and_then(fuser::Session::spawn)
         .map_err(io_err(format!("mounting FUSE at {}", dir.display())))?;
     let stop = Arc::new(AtomicBool::new(false));
+    let prefetched = Arc::new(AtomicBool::new(false));
     let prefetcher = if opts.prefetch != Prefetch::None && fetcher.has_remote() {
-        let (f, stop, o) = (fetcher.clone(), stop.clone(), opts.clone());
+        let (f, stop, o, done) = (fetcher.clone(), stop.clone(), opts.clone(), prefetched.clone());
         Some(
             std::thread::Builder::new()
                 .name("hb-prefetch".into())
-                .spawn(move || prefetch(&f, &o, &stop))
+                .spawn(move || {
+                    prefetch(&f, &o, &stop);
+                    done.store(true, Ordering::SeqCst);
+                })
                 .map_err(io_err("starting the prefetch thread".into()))?,
         )
     } else {
+        prefetched.store(true, Ordering::SeqCst);
         None
     };
-    Ok(Mounted { session: Some(session), mountpoint: dir.to_path_buf(), fetcher, passthrough, stop, prefetcher })
+    Ok(Mounted {
+        session: Some(session),
+        mountpoint: dir.to_path_buf(),
+        fetcher,
+        passthrough,
+        stop,
+        prefetcher,
+        prefetched,
+    })
 }
 
 /// Background fetch: start-up order first, then (with [`Prefetch::All`]) the rest, yielding to
@@ -188,9 +202,9 @@ impl Mounted {
         &self.fetcher
     }
 
-    /// True once the background prefetch has finished (or there was none).
-    pub fn prefetch_done(&self) -> bool {
-        self.prefetcher.as_ref().is_none_or(|h| h.is_finished())
+    /// Becomes true once the background prefetch has finished (or at once if there is none).
+    pub fn prefetch_done(&self) -> Arc<AtomicBool> {
+        self.prefetched.clone()
     }
 
     /// Blocks until the filesystem is unmounted (by [`unmount`], `umount` or the kernel), then
@@ -238,8 +252,9 @@ pub fn unmount(dir: &Path) -> Result<(), MountError> {
 /// Detaches a FUSE mount at `dir` whose server is gone (every access fails with ENOTCONN).
 /// Returns true if there was one.
 pub fn clean_stale(dir: &Path) -> Result<bool, MountError> {
-    match std::fs::metadata(dir) {
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTCONN.raw_os_error()) => {
+    // statfs always asks the server (getattr may be answered from the kernel's cache).
+    match rustix::fs::statfs(dir) {
+        Err(rustix::io::Errno::NOTCONN | rustix::io::Errno::CONNABORTED) => {
             rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH)
                 .map_err(|e| io_err(format!("detaching stale mount {}", dir.display()))(e.into()))?;
             Ok(true)
@@ -252,7 +267,8 @@ pub fn clean_stale(dir: &Path) -> Result<bool, MountError> {
 pub fn is_mountpoint(dir: &Path) -> bool {
     let Ok(canon) = std::fs::canonicalize(dir) else { return false };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| unescape_mountinfo(p) == canon.as_os_str().to_string_lossy()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|p| unescape_mountinfo(p) == canon.as_os_str().to_string_lossy()))
 }
 
 fn unescape_mountinfo(s: &str) -> String {

@@ -35,6 +35,7 @@ pub fn materialize(store: &Store, dir: &Path, chunks: &[ChunkRef]) -> Result<Opt
         tmp.write_all(&store.read_chunk(&c.id)?).map_err(io("writing a file in"))?;
     }
     tmp.as_file().sync_all().map_err(io("syncing a file in"))?;
-    tmp.persist(&path).map_err(|e| StoreError::Io { context: format!("renaming into {}", dir.display()), source: e.error })?;
+    tmp.persist(&path)
+        .map_err(|e| StoreError::Io { context: format!("renaming into {}", dir.display()), source: e.error })?;
     Ok(Some(path))
 }

@@ -37,7 +37,7 @@ impl Registry {
 
     /// Makes sure a scheme and an authorization were chosen (a lazy mount starts without a pull).
     pub async fn ensure_connected(&self, r: &ImageRef) -> Result<(), RegistryError> {
-        if self.authorization.lock().expect("authorization lock").is_some() {
+        if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         self.connect(r).await
@@ -46,7 +46,13 @@ impl Registry {
     /// Reads `len` bytes at `start` of blob `digest` with one Range request; retries transient
     /// failures with backoff and renews the authorization once. The caller verifies the bytes
     /// (chunk hashes): a range cannot be checked against the blob's digest.
-    pub async fn fetch_range(&self, r: &ImageRef, digest: &Digest, start: u64, len: u64) -> Result<Vec<u8>, RegistryError> {
+    pub async fn fetch_range(
+        &self,
+        r: &ImageRef,
+        digest: &Digest,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
         use futures_util::StreamExt;
         let attempts = self.opts.attempts.max(1);
         let mut failures = 0;
@@ -101,7 +107,9 @@ impl Registry {
                     failures += 1;
                     let backoff = Duration::from_millis(200 * (1 << failures.min(5)));
                     let wait = match &e {
-                        RegistryError::Busy { retry_after: Some(a), .. } if *a <= crate::blob::MAX_RETRY_AFTER => backoff.max(*a),
+                        RegistryError::Busy { retry_after: Some(a), .. } if *a <= crate::blob::MAX_RETRY_AFTER => {
+                            backoff.max(*a)
+                        }
                         _ => backoff,
                     };
                     tracing::warn!(blob = %digest, start, len, attempt = failures + 1, error = %e, "range read failed; retrying");
@@ -143,7 +151,9 @@ impl Registry {
         accel: &(Digest, u64),
         manifest: &Digest,
     ) -> Result<AccelConfig, RegistryError> {
-        let malformed = |reason: String| RegistryError::Malformed { reference: r.canonical(), what: "accelerated image", reason };
+        let malformed =
+            |reason: String| RegistryError::Malformed { reference: r.canonical(), what: "accelerated image", reason };
+        self.ensure_connected(r).await?;
         let (bytes, _) = self.manifest(&r.with_digest(&accel.0.to_string())).await?;
         let m: AccelManifest = serde_json::from_slice(&bytes).map_err(|e| malformed(e.to_string()))?;
         if m.config.media_type != MEDIA_TYPE_CONFIG {

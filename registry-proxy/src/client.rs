@@ -133,6 +133,8 @@ pub struct Registry {
     pub(crate) auth: RegistryAuth,
     pub(crate) opts: RegistryOptions,
     pub(crate) registry: String,
+    /// Set once a protocol and an authorization were chosen.
+    pub(crate) connected: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -179,6 +181,7 @@ impl Registry {
             auth,
             opts,
             registry: r.registry().to_string(),
+            connected: Default::default(),
         })
     }
 
@@ -196,7 +199,7 @@ impl Registry {
     pub(crate) async fn connect_op(&self, r: &ImageRef, op: RegistryOperation) -> Result<(), RegistryError> {
         let mut first = None;
         for (i, c) in self.clients.iter().enumerate() {
-            match c.auth(&r.inner, &self.auth, op.clone()).await.map_err(self.err(r)) {
+            match c.auth(&r.inner, &self.auth, op).await.map_err(self.err(r)) {
                 Err(e) if e.is_transient() => {
                     tracing::debug!(registry = %self.registry, error = %e, "protocol failed; trying the next");
                     first.get_or_insert(e);
@@ -216,6 +219,7 @@ impl Registry {
                         (None, _) => None,
                     };
                     *self.authorization.lock().expect("authorization lock") = header;
+                    self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                     return Ok(());
                 }
             }
@@ -279,7 +283,8 @@ impl Registry {
                 d.platform.as_ref().is_some_and(|p| wanted.matches(&p.os, &p.architecture, p.variant.as_deref()))
             };
             // hb's accelerated manifests sit beside the originals; a pull takes the original.
-            let chosen = list.iter().filter(for_platform).find(|d| !d.annotations.contains_key(hb_core::lazy::ANNOTATION));
+            let chosen =
+                list.iter().filter(for_platform).find(|d| !d.annotations.contains_key(hb_core::lazy::ANNOTATION));
             accelerated = list
                 .iter()
                 .filter(for_platform)

@@ -16,10 +16,10 @@ mod platform;
 mod reference;
 mod remote;
 
+pub use accel::{ACCEL_MANIFEST_TYPE, MAX_META_BLOB};
 pub use client::{
     LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
-pub use accel::{ACCEL_MANIFEST_TYPE, MAX_META_BLOB};
 pub use error::RegistryError;
 pub use platform::Platform;
 pub use reference::ImageRef;

@@ -17,6 +17,9 @@ const MAX_RUN_BYTES: u64 = 8 << 20;
 /// Range requests in flight at once for one batch.
 const CONCURRENT_RANGES: usize = 4;
 
+/// Chunks with their verified bytes.
+type Chunks = Vec<(ChunkId, Vec<u8>)>;
+
 /// One data blob in one repository.
 struct Blob {
     repo: usize,
@@ -76,7 +79,7 @@ impl RangeSource {
         format!("{}@{}", self.repos[b.repo].1.canonical(), b.digest.short())
     }
 
-    async fn fetch_run(&self, blob: usize, run: Vec<TableEntry>) -> Result<Vec<(ChunkId, Vec<u8>)>, SourceError> {
+    async fn fetch_run(&self, blob: usize, run: Vec<TableEntry>) -> Result<Chunks, SourceError> {
         let b = &self.blobs[blob];
         let (registry, r) = &self.repos[b.repo];
         let start = run[0].offset;
@@ -84,7 +87,8 @@ impl RangeSource {
         let unavailable = |reason: String| SourceError::Unavailable { source_name: self.name(blob), reason };
         registry.ensure_connected(r).await.map_err(|e| unavailable(e.to_string()))?;
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let data = registry.fetch_range(r, &b.digest, start, end - start).await.map_err(|e| unavailable(e.to_string()))?;
+        let data =
+            registry.fetch_range(r, &b.digest, start, end - start).await.map_err(|e| unavailable(e.to_string()))?;
         self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut out = Vec::with_capacity(run.len());
         for e in run {
@@ -142,7 +146,7 @@ impl ChunkSource for RangeSource {
                 _ => runs.push((b, vec![e])),
             }
         }
-        let results: Vec<Result<Vec<(ChunkId, Vec<u8>)>, SourceError>> = self.rt.block_on(
+        let results: Vec<Result<Chunks, SourceError>> = self.rt.block_on(
             stream::iter(runs).map(|(b, run)| self.fetch_run(b, run)).buffer_unordered(CONCURRENT_RANGES).collect(),
         );
         let mut out = Vec::new();

@@ -149,8 +149,11 @@ impl Hb {
 
     /// Asserts `hb fsck` passes.
     pub fn fsck_clean(&self) {
-        let v = self.json(&["fsck"]);
+        let o = self.run(&["--json", "fsck"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|_| panic!("hb fsck printed no report: {}", String::from_utf8_lossy(&o.stderr)));
         assert_eq!(v["issues"], serde_json::json!([]), "fsck found problems: {v:#}");
+        assert!(o.status.success(), "fsck failed: {}", String::from_utf8_lossy(&o.stderr));
     }
 
     /// Everything observable about the store's state, to assert it did not change.

@@ -6,5 +6,6 @@ mod crafted;
 mod crash;
 mod dedup_gc;
 mod integrity;
+mod lazy;
 mod pull;
 mod roundtrip;

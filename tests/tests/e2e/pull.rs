@@ -9,14 +9,14 @@ use std::sync::Arc;
 
 use hb_tests::*;
 
-fn open_registry() -> String {
+pub(crate) fn open_registry() -> String {
     let port: u16 = std::env::var("HB_REGISTRY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(15000);
     let addr = format!("127.0.0.1:{port}");
     assert!(TcpStream::connect(&addr).is_ok(), "no registry on {addr}: run scripts/images.sh (scripts/test.sh does)");
     addr
 }
 
-fn run(cmd: &mut std::process::Command) {
+pub(crate) fn run(cmd: &mut std::process::Command) {
     let o = cmd.output().unwrap();
     assert!(o.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
@@ -131,7 +131,7 @@ fn private_images_need_credentials_from_the_flag_or_docker_config() {
 }
 
 /// Pushes a one-layer image with unique content; returns (reference, layer digest hex, layer size).
-fn push_unique_image(hb: &Hb, reg: &str, tag: &str) -> (String, String, u64) {
+pub(crate) fn push_unique_image(hb: &Hb, reg: &str, tag: &str) -> (String, String, u64) {
     use sha2::Digest as _;
     let hex = |b: &[u8]| format!("{:x}", sha2::Sha256::digest(b));
     let layout = hb.path(&format!("layout-{tag}"));
@@ -203,7 +203,7 @@ fn wrong_bytes_from_the_registry_are_refused_and_nothing_is_stored() {
 /// A TCP proxy to `upstream` that cuts the first connection once it has relayed `cut_after`
 /// bytes towards the client. Returns its address, the count of connections it accepted and the
 /// bytes it relayed towards clients.
-fn faulty_proxy(upstream: String, cut_after: usize) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+pub(crate) fn faulty_proxy(upstream: String, cut_after: usize) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let conns = Arc::new(AtomicUsize::new(0));

@@ -1,0 +1,293 @@
+//! Lazy starts: `hb mount`, `hb convert`, `hb pull --lazy`, `hb optimize` against the real
+//! registry, real FUSE and overlayfs.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hb_tests::*;
+
+use super::pull::{open_registry, push_unique_image, run};
+
+/// A mount that is unmounted (and its process waited for) when dropped.
+struct Mounted<'a> {
+    hb: &'a Hb,
+    dir: PathBuf,
+}
+
+impl<'a> Mounted<'a> {
+    fn new(hb: &'a Hb, image: &str, name: &str, extra: &[&str]) -> Self {
+        let dir = hb.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut args = vec!["mount", "-d", image, dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        hb.ok(&args);
+        Mounted { hb, dir }
+    }
+
+    /// Unmounts and returns the mount process's log.
+    fn unmount(mut self) -> String {
+        let dir = std::mem::take(&mut self.dir);
+        self.hb.ok(&["umount", dir.to_str().unwrap()]);
+        mount_log(self.hb, &dir)
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        if !self.dir.as_os_str().is_empty() {
+            let _ = self.hb.run(&["umount", self.dir.to_str().unwrap()]);
+        }
+    }
+}
+
+fn mount_log(hb: &Hb, _dir: &Path) -> String {
+    let mut text = String::new();
+    for e in std::fs::read_dir(hb.root.join("run")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            text.push_str(&std::fs::read_to_string(e.path()).unwrap());
+        }
+    }
+    text
+}
+
+/// Converts `image` into a repository of its own (`lazy-<tag>`), with a store of its own.
+fn convert(image: &str, tag: &str) -> String {
+    let reg = open_registry();
+    let dst = format!("{reg}/lazy-test/{tag}:{}", std::process::id());
+    let hb = Hb::new();
+    hb.ok(&["convert", image, &dst]);
+    dst
+}
+
+#[test]
+fn mounts_show_exactly_what_export_writes() {
+    let reg = open_registry();
+    for image in ["busybox:latest", "debian-app:v1", "debian-app:v2-zstd", "multi:latest", "busybox:v2s2"] {
+        let image = format!("{reg}/{image}");
+        let hb = Hb::new();
+        hb.ok(&["pull", &image]);
+        let out = hb.path("export");
+        hb.ok(&["export", &image, out.to_str().unwrap()]);
+        let want = fingerprint_dir(&out, &[]);
+        let m = Mounted::new(&hb, &image, "mnt", &[]);
+        let got = fingerprint_dir(&m.dir, &[]);
+        assert_same_tree(&format!("mount of {image}"), &want, &got, true);
+        m.unmount();
+        hb.fsck_clean();
+    }
+}
+
+#[test]
+fn a_lazy_pull_runs_python_and_gcc_from_a_cold_store_and_matches_the_eager_export() {
+    let reg = open_registry();
+    let image = format!("{reg}/debian-app:v1");
+    let lazy = convert(&image, "app");
+    // Unmodified clients still get the original image from the converted tag.
+    let plain = Hb::new();
+    let p = plain.json(&["pull", &lazy]);
+    let eager = Hb::new();
+    let e = eager.json(&["pull", &image]);
+    assert_eq!(p["digest"], e["digest"], "a plain pull of the converted tag is the original image");
+
+    let hb = Hb::new();
+    let r = hb.json(&["pull", "--lazy", &lazy]);
+    let compressed: u64 = e["bytes_downloaded"].as_u64().unwrap();
+    let indexes = r["bytes_downloaded"].as_u64().unwrap();
+    assert!(indexes * 20 < compressed, "a lazy pull downloads indexes only: {indexes} of {compressed}");
+    assert_eq!(r["layers_lazy"], 3, "{r}");
+
+    let m = Mounted::new(&hb, &lazy, "mnt", &["--prefetch", "none"]);
+    let o = Command::new("chroot").arg(&m.dir).args(["python3", "-c", "print(1)"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "1\n", "{}", String::from_utf8_lossy(&o.stderr));
+
+    // gcc needs somewhere to write: overlayfs with a scratch upper dir over the lazy mount.
+    let (upper, work, merged) = (hb.path("upper"), hb.path("work"), hb.path("merged"));
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={},upperdir={},workdir={}", m.dir.display(), upper.display(), work.display()))
+        .arg(&merged));
+    std::fs::write(upper.join("hello.c"), "#include <stdio.h>\nint main(void){puts(\"hello from gcc\");return 0;}\n")
+        .unwrap();
+    let o = Command::new("chroot")
+        .arg(&merged)
+        .args(["/bin/sh", "-c", "gcc -o /hello /hello.c && /hello"])
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&merged).status();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello from gcc\n", "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Every path agrees with the eager export: metadata, links, xattrs and content bytes.
+    let out = eager.path("export");
+    eager.ok(&["export", &image, out.to_str().unwrap()]);
+    assert_same_tree("lazy mount", &fingerprint_dir(&out, &[]), &fingerprint_dir(&m.dir, &[]), true);
+    let log = m.unmount();
+    assert!(log.contains("fetched"), "{log}");
+    hb.fsck_clean();
+    // Every visible file was read once: the layers whose every chunk is visible are complete
+    // now (the base layer has files the upper layers hide); a full pull completes the rest.
+    let again = hb.json(&["pull", &lazy]);
+    assert!(again["layers_present"].as_u64().unwrap() >= 2, "{again}");
+    assert_eq!(hb.json(&["du"])["absent_chunks"], 0);
+    hb.fsck_clean();
+}
+
+#[test]
+fn corrupt_chunk_data_in_the_registry_is_never_served() {
+    let reg = open_registry();
+    let seed = Hb::new();
+    let (image, _, _) = push_unique_image(&seed, &reg, &format!("lazy-corrupt-{}", std::process::id()));
+    let lazy = convert(&image, "corrupt");
+    // The data blob is the largest blob the accelerated manifest lists.
+    let accel = seed.json(&["pull", "--lazy", &lazy]);
+    assert_eq!(accel["layers_lazy"], 1);
+    let dir = std::env::var("HB_REGISTRY_DIR").unwrap_or_else(|_| "/var/tmp/hb-registry".into());
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{lazy}"))
+        .output()
+        .unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let accel_digest = index["manifests"][1]["digest"].as_str().unwrap().to_string();
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}@{accel_digest}", lazy.rsplit_once(':').unwrap().0))
+        .output()
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["mediaType"] == "application/vnd.hyperbox.chunk.data.v1")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = Path::new(&dir).join(format!("open/data/docker/registry/v2/blobs/sha256/{}/{data}/data", &data[..2]));
+    let mut bytes = std::fs::read(&blob).unwrap();
+    for b in bytes.iter_mut().skip(100).step_by(997) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let hb = Hb::new();
+    hb.ok(&["pull", "--lazy", &lazy]);
+    let m = Mounted::new(&hb, &lazy, "mnt", &["--prefetch", "none"]);
+    let err = std::fs::read(m.dir.join("unique.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO, not wrong bytes: {err}");
+    let log = m.unmount();
+    assert!(log.contains("unique.bin") && log.contains("EIO"), "the log names the file: {log}");
+    hb.fsck_clean();
+    let du = hb.json(&["du"]);
+    assert_eq!(du["unique_bytes"], 0, "no corrupt chunk was stored: {du}");
+}
+
+/// A TCP relay to `upstream` that can be switched off (new and open connections are cut).
+fn switchable_relay(upstream: String) -> (String, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let alive = Arc::new(AtomicBool::new(true));
+    let on = alive.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            if !on.load(Ordering::SeqCst) {
+                continue; // dropped: the client sees a reset
+            }
+            let upstream = upstream.clone();
+            let on = on.clone();
+            std::thread::spawn(move || {
+                let Ok(mut server) = TcpStream::connect(&upstream) else { return };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                });
+                let mut buf = [0u8; 16384];
+                while let Ok(k) = server.read(&mut buf) {
+                    if k == 0 || !on.load(Ordering::SeqCst) || client.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (addr, alive)
+}
+
+#[test]
+fn a_dead_registry_gives_eio_after_bounded_retries_and_a_killed_mount_is_cleaned_up() {
+    let reg = open_registry();
+    let (relay, alive) = switchable_relay(reg.clone());
+    let lazy = convert(&format!("{reg}/busybox:latest"), "dead");
+    let via_relay = lazy.replacen(&reg, &relay, 1);
+    let hb = Hb::new();
+    hb.ok(&["pull", "--lazy", &via_relay]);
+    let m = Mounted::new(&hb, &via_relay, "mnt", &["--prefetch", "none"]);
+    alive.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    let err = std::fs::read(m.dir.join("bin/busybox")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(110), "bounded: the read returned");
+    // Metadata never needs the network.
+    assert!(std::fs::symlink_metadata(m.dir.join("bin/sh")).is_ok());
+
+    // kill -9 the mount process: the mount goes stale; `hb mount` again cleans it and works.
+    let pid_file = std::fs::read_dir(hb.root.join("run"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .unwrap()
+        .path();
+    let pid = std::fs::read_to_string(pid_file).unwrap();
+    run(Command::new("kill").args(["-9", pid.trim()]));
+    let t = Instant::now();
+    while rustix::fs::statfs(&m.dir).is_ok() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stale = rustix::fs::statfs(&m.dir).unwrap_err();
+    assert!(
+        matches!(stale, rustix::io::Errno::NOTCONN | rustix::io::Errno::CONNABORTED),
+        "a dead mount fails, it does not hang: {stale}"
+    );
+    alive.store(true, Ordering::SeqCst);
+    let dir = m.dir.clone();
+    std::mem::forget(m);
+    hb.ok(&["mount", "-d", &via_relay, dir.to_str().unwrap()]);
+    let o = Command::new(dir.join("bin/busybox")).arg("true").status().unwrap();
+    assert!(o.success());
+    hb.ok(&["umount", dir.to_str().unwrap()]);
+    hb.fsck_clean();
+}
+
+#[test]
+fn optimize_records_the_start_up_order_and_lazy_pulls_prefetch_it() {
+    let reg = open_registry();
+    let lazy = convert(&format!("{reg}/debian-app:v1"), "optimize");
+    let hb = Hb::new();
+    let r = hb.json(&["optimize", &lazy, "--seconds", "60", "--", "python3", "-c", "print(1)"]);
+    assert!(r["startup_chunks"].as_u64().unwrap() > 10, "{r}");
+    let fresh = Hb::new();
+    let p = fresh.json(&["pull", "--lazy", &lazy]);
+    assert_eq!(p["startup_chunks"], r["startup_chunks"], "{p}");
+    // With the start-up order prefetched, running the same command fetches nothing on demand.
+    let m = Mounted::new(&fresh, &lazy, "mnt", &["--prefetch", "startup"]);
+    let t = Instant::now();
+    while !mount_log(&fresh, &m.dir).contains("prefetch finished") && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = Command::new("chroot").arg(&m.dir).args(["python3", "-c", "print(1)"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "1\n");
+    let log = m.unmount();
+    assert!(log.contains("(0 on demand"), "{log}");
+    fresh.fsck_clean();
+}
