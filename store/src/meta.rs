@@ -228,6 +228,13 @@ pub fn layer_ref(diff_id: &Digest) -> String {
     format!("{LAYER_REF_PREFIX}{diff_id}")
 }
 
+/// Key of a lazy layer's source record in the default column family.
+pub fn lazy_key(diff_id: &Digest) -> Vec<u8> {
+    let mut k = b"lazy/".to_vec();
+    k.extend_from_slice(diff_id.as_bytes());
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,11 +259,4 @@ mod tests {
         assert_eq!(parse_pack_key(&pack_key(513)), Some(513));
         assert!(ChunkRecord::decode(&[0; 3]).is_err());
     }
-}
-
-/// Key of a lazy layer's source record in the default column family.
-pub fn lazy_key(diff_id: &Digest) -> Vec<u8> {
-    let mut k = b"lazy/".to_vec();
-    k.extend_from_slice(diff_id.as_bytes());
-    k
 }
