@@ -391,3 +391,95 @@ fn clone_source_error(e: &SourceError) -> SourceError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hb_core::{ChunkTable, LayerIndex, LazySource, Meta, NewEntry, TreeBuilder};
+    use std::sync::atomic::AtomicUsize;
+
+    /// A remote that serves `chunks`, counts calls and can lie.
+    struct FakeRemote {
+        chunks: HashMap<ChunkId, Vec<u8>>,
+        calls: AtomicUsize,
+        corrupt: bool,
+    }
+
+    impl ChunkSource for FakeRemote {
+        fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, SourceError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(50));
+            let mut b = self.chunks.get(id).cloned();
+            if self.corrupt {
+                if let Some(b) = b.as_mut() {
+                    b[0] ^= 1;
+                }
+            }
+            Ok(b)
+        }
+    }
+
+    /// A store holding one lazy layer of two chunks, and the remote that has them.
+    fn setup(corrupt: bool) -> (tempfile::TempDir, Arc<Store>, LayerIndex, Arc<FakeRemote>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), Default::default()).unwrap());
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let params = store.chunker();
+        let cuts: Vec<Vec<u8>> = data.chunks(100_000).map(|c| c.to_vec()).collect();
+        let mut b = TreeBuilder::new(params);
+        let refs = cuts.iter().map(|c| hb_core::ChunkRef { id: ChunkId::of(c), len: c.len() as u32 }).collect();
+        b.add(b"f", Meta { mode: 0o644, ..Meta::default() }, NewEntry::File { chunks: refs }).unwrap();
+        let index = b.finish(hb_core::Digest::of(b"layer"));
+        let mut table = ChunkTable::default();
+        index.chunks.iter().for_each(|c| table.push(c.id, c.len, c.len, false));
+        let source = LazySource { repository: "h/r".into(), data: hb_core::Digest::of(b"d"), table };
+        store
+            .import_lazy_layer(&index, &hb_core::Digest::of(b"blob"), hb_store::BlobCompression::None, 1, &source, true)
+            .unwrap();
+        let remote = Arc::new(FakeRemote {
+            chunks: cuts.into_iter().map(|c| (ChunkId::of(&c), c)).collect(),
+            calls: AtomicUsize::new(0),
+            corrupt,
+        });
+        (dir, store, index, remote)
+    }
+
+    #[test]
+    fn concurrent_reads_of_one_chunk_fetch_it_once_and_it_is_stored() {
+        let (_d, store, index, remote) = setup(false);
+        let f = Fetcher::new(store.clone(), Some(remote.clone() as Arc<dyn ChunkSource>), Duration::from_secs(30));
+        let id = index.chunks[0].id;
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| assert_eq!(ChunkId::of(&f.read(&id, &[]).unwrap()), id));
+            }
+        });
+        assert_eq!(remote.calls.load(Ordering::SeqCst), 1, "one fetch for eight readers");
+        f.shutdown();
+        assert!(store.has_chunk(&id).unwrap(), "the fetched chunk was written to the store");
+        assert!(store.fsck(&hb_store::NoProgress).unwrap().is_clean());
+        // A second fetcher reads it locally.
+        let g = Fetcher::new(store.clone(), Some(remote.clone() as Arc<dyn ChunkSource>), Duration::from_secs(30));
+        g.read(&id, &[]).unwrap();
+        assert_eq!(remote.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(g.stats.snapshot().local_chunks, 1);
+    }
+
+    #[test]
+    fn wrong_bytes_from_a_remote_are_an_error_and_never_stored() {
+        let (_d, store, index, remote) = setup(true);
+        let f = Fetcher::new(store.clone(), Some(remote as Arc<dyn ChunkSource>), Duration::from_secs(30));
+        let id = index.chunks[0].id;
+        assert!(matches!(f.read(&id, &[]), Err(FetchError::Source(SourceError::Corrupt { .. }))));
+        f.shutdown();
+        assert!(!store.has_chunk(&id).unwrap());
+        assert_eq!(f.stats.snapshot().errors, 1);
+    }
+
+    #[test]
+    fn without_a_remote_a_missing_chunk_is_not_found() {
+        let (_d, store, index, _) = setup(false);
+        let f = Fetcher::new(store, None, Duration::from_secs(1));
+        assert!(matches!(f.read(&index.chunks[0].id, &[]), Err(FetchError::NotFound(_))));
+    }
+}
