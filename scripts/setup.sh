@@ -10,7 +10,7 @@ PACKAGES=(
   busybox-static debootstrap   # offline test images
   attr                         # setfattr: xattrs in test material
   util-linux curl openssl python3  # tests and scripts (the token issuer, test CAs)
-  docker-registry skopeo umoci apache2-utils  # real registries, a real client, an independent extractor
+  docker-registry skopeo umoci runc apache2-utils  # real registries, a real client, an independent extractor
   ca-certificates
 )
 

@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use hb_core::ChunkerParams;
 use hb_store::{NoProgress, Store, StoreOptions};
 
+mod lazy;
+
 #[derive(Parser)]
 #[command(about = "HyperBox benchmarks: hb against its baselines, reported as ratios")]
 struct Cli {
@@ -65,6 +67,19 @@ enum Cmd {
         #[arg(long)]
         netns: Option<String>,
     },
+    /// Lazy starts: time to first output of a command in the image from a lazy mount (hb convert,
+    /// hb pull --lazy, hb mount) vs `ctr images pull` + `ctr run` (overlayfs), bytes fetched before
+    /// it; sequential read and `find | xargs stat` through the mount vs overlayfs
+    Lazy {
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
+        image: String,
+        /// Run the clients (and containerd) in this network namespace (see `pull --netns`)
+        #[arg(long)]
+        netns: Option<String>,
+        /// Skip the sequential-read and stat comparisons
+        #[arg(long)]
+        start_only: bool,
+    },
     /// Every benchmark above
     All,
 }
@@ -73,12 +88,12 @@ fn testdata(name: &str) -> PathBuf {
     std::env::var_os("HB_TESTDATA").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/hb-testdata".into()).join(name)
 }
 
-fn scratch() -> anyhow::Result<tempfile::TempDir> {
+pub(crate) fn scratch() -> anyhow::Result<tempfile::TempDir> {
     let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
     Ok(tempfile::Builder::new().prefix("hb-bench-").tempdir_in(base)?)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
@@ -290,12 +305,12 @@ fn index(runs: usize, layer: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
 }
 
 /// The `hb` binary built beside this one (`cargo build --release -p hb-cli -p hb-bench`).
-fn hb_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn hb_binary() -> anyhow::Result<PathBuf> {
     let p = std::env::current_exe()?.with_file_name("hb");
     if !p.exists() {
         bail!("{} is missing: build it with `cargo build --release -p hb-cli -p hb-bench`", p.display());
@@ -303,7 +318,7 @@ fn hb_binary() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn timed_command(cmd: &mut Command) -> anyhow::Result<(Duration, std::process::Output)> {
+pub(crate) fn timed_command(cmd: &mut Command) -> anyhow::Result<(Duration, std::process::Output)> {
     let t = Instant::now();
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let d = t.elapsed();
@@ -424,6 +439,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bloom { items } => bloom(runs, items)?,
         Cmd::Index { layer: l } => index(runs, &layer(l))?,
         Cmd::Pull { image, next, netns } => pull(runs, &image, &next, netns.as_deref())?,
+        Cmd::Lazy { image, netns, start_only } => lazy::run(runs, &image, netns.as_deref(), start_only)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();

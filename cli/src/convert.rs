@@ -251,7 +251,7 @@ pub fn optimize(
     crate::pull::pull_lazy(
         rt,
         store.clone(),
-        registry_for(g, &r, plain_http, Default::default())?,
+        Arc::new(registry_for(g, &r, plain_http, Default::default())?),
         resolved.clone(),
         out,
     )?;
@@ -269,7 +269,7 @@ pub fn optimize(
         passthrough: false,
         threads: 8,
     };
-    let m = crate::mount::mount_image(g, rt, store.clone(), &args)?;
+    let m = crate::mount::mount_image(g, rt, store.clone(), &args, out)?;
     m.mounted.fetcher().start_recording();
     out.note(format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
     let mut run = std::process::Command::new("chroot");

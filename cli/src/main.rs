@@ -202,12 +202,27 @@ fn main() -> ExitCode {
         }
     };
     output::init_logging(cli.global.verbose);
+    trust_store_bundle();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hb: error: {e:#}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// TLS roots come from the system store. Without SSL_CERT_FILE/SSL_CERT_DIR, rustls-native-certs
+/// reads both Debian's bundle and every file of /etc/ssl/certs, for every client (tens of ms per
+/// command); the bundle alone holds the same roots, so point at it when nobody chose otherwise.
+fn trust_store_bundle() {
+    const BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+    if std::env::var_os("SSL_CERT_FILE").is_none()
+        && std::env::var_os("SSL_CERT_DIR").is_none()
+        && Path::new(BUNDLE).is_file()
+    {
+        // Still single-threaded: nothing else reads the environment yet.
+        std::env::set_var("SSL_CERT_FILE", BUNDLE);
     }
 }
 
@@ -426,7 +441,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 threads,
             };
             let rt = runtime()?;
-            let m = mount::mount_image(g, &rt, store.clone(), &args)?;
+            let m = mount::mount_image(g, &rt, store.clone(), &args, &out)?;
             mount::serve(&rt, &store, m, &out)?;
         }
         Cmd::Convert { src, dst, plain_http, platform } => {
@@ -484,7 +499,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ));
                 }
             } else if lazy && resolved.accelerated.is_some() {
-                let report = pull::pull_lazy(&rt, store.clone(), registry, resolved, &out)?;
+                let report = pull::pull_lazy(&rt, store.clone(), std::sync::Arc::new(registry), resolved, &out)?;
                 if out.json {
                     out.json_value(&report)?;
                 } else {

@@ -42,6 +42,7 @@ pub fn remote_source(
     rt: &tokio::runtime::Runtime,
     store: &Store,
     layers: &[Digest],
+    known: Option<(String, Arc<hb_registry::Registry>)>,
 ) -> anyhow::Result<Option<Arc<hb_registry::RangeSource>>> {
     let mut sources = Vec::new();
     for l in layers {
@@ -53,13 +54,45 @@ pub fn remote_source(
         return Ok(None);
     }
     let src = hb_registry::RangeSource::new(rt.handle().clone(), &sources, |r| {
+        if let Some((repo, reg)) = &known {
+            if *repo == format!("{}/{}", r.registry(), r.repository()) {
+                return Ok(reg.clone());
+            }
+        }
         let creds = crate::config::docker_credentials(r.registry()).unwrap_or(None);
         let opts = crate::registry_options(g, r, false, creds, hb_registry::Platform::default()).map_err(|e| {
             hb_registry::RegistryError::BadReference { reference: r.canonical(), reason: e.to_string() }
         })?;
-        hb_registry::Registry::new(r, opts)
+        hb_registry::Registry::new(r, opts).map(Arc::new)
     })?;
     Ok(Some(Arc::new(src)))
+}
+
+/// Pulls an image `hb mount` was asked for and the store lacks: lazily when it has an
+/// accelerated form, else whole (as `docker run` pulls what it lacks).
+/// Returns the registry client used, to read chunks with.
+fn pull_for_mount(
+    g: &Global,
+    rt: &tokio::runtime::Runtime,
+    store: &Arc<Store>,
+    image: &str,
+    out: &Out,
+) -> anyhow::Result<Option<(String, Arc<hb_registry::Registry>)>> {
+    let r = hb_registry::ImageRef::parse(image)?;
+    let creds = crate::config::docker_credentials(r.registry())?;
+    let opts = crate::registry_options(g, &r, false, creds, hb_registry::Platform::default())?;
+    let (registry, resolved) = crate::pull::resolve(rt, &r, opts)?;
+    if resolved.accelerated.is_some() {
+        let registry = Arc::new(registry);
+        let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved, out)?;
+        crate::pull::print_lazy_report(out, &report);
+        return Ok(Some((format!("{}/{}", r.registry(), r.repository()), registry)));
+    } else {
+        out.note(format!("{image} has no accelerated form (`hb convert` makes one); pulling it whole"));
+        let report = crate::pull::pull(rt, store.clone(), registry, resolved, out)?;
+        crate::pull::print_report(out, &report);
+    }
+    Ok(None)
 }
 
 /// A mounted image and what it reads from.
@@ -76,7 +109,13 @@ pub fn mount_image(
     rt: &tokio::runtime::Runtime,
     store: Arc<Store>,
     args: &MountArgs,
+    out: &Out,
 ) -> anyhow::Result<Mount> {
+    let known = if crate::find_image(&store, &args.image)?.is_none() {
+        pull_for_mount(g, rt, &store, &args.image, out)?
+    } else {
+        None
+    };
     let (name, digest, rec) = crate::require_image(&store, &args.image)?;
     let layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
     let indexes = layers
@@ -84,7 +123,7 @@ pub fn mount_image(
         .map(|d| store.layer(d)?.with_context(|| format!("layer {d} is missing")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let merged = hb_core::merge_layers(store.chunker(), indexes.iter());
-    let remote = remote_source(g, rt, &store, &layers)?;
+    let remote = remote_source(g, rt, &store, &layers, known)?;
     let startup = match store.aux(&startup_key(&digest))? {
         Some(raw) => StartupOrder::decode(&raw).context("the stored start-up order is corrupt")?.chunks,
         None => Vec::new(),
@@ -148,6 +187,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         if m.mounted.passthrough() { "on" } else { "off: reads go through FUSE" }
     ));
     let stats = m.mounted.fetcher().stats.clone();
+    let passthrough = m.mounted.passthrough();
     let done = m.mounted.prefetch_done();
     let watch_stats = stats.clone();
     let quiet = out.quiet || out.json;
@@ -183,6 +223,14 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         s.errors,
         if complete > 0 { format!("; {complete} layers now complete") } else { String::new() }
     ));
+    // For scripts and benchmarks: the figures above as JSON beside the pid file.
+    let stats_json = serde_json::json!({
+        "local_chunks": s.local_chunks, "remote_chunks": s.remote_chunks,
+        "prefetched_chunks": s.prefetched_chunks, "remote_bytes": s.remote_bytes,
+        "wire_bytes": wire, "requests": s.remote_requests, "errors": s.errors,
+        "passthrough": passthrough,
+    });
+    let _ = std::fs::write(run_file(store.root(), &dir, "stats.json"), stats_json.to_string());
     // Last: `hb umount` waits for this file's process to finish the above.
     let _ = std::fs::remove_file(&pid_file);
     result?;
@@ -222,7 +270,7 @@ pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
             let _ = child.kill();
             bail!("the mount process did not mount {} within 300 s (log {})", dir.display(), log.display());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

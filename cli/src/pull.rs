@@ -266,7 +266,7 @@ fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
 pub fn pull_lazy(
     rt: &tokio::runtime::Runtime,
     store: Arc<Store>,
-    registry: Registry,
+    registry: Arc<Registry>,
     resolved: ResolvedImage,
     out: &Out,
 ) -> anyhow::Result<LazyPullReport> {
@@ -291,7 +291,6 @@ pub fn pull_lazy(
         remote_bytes: 0,
         startup_chunks: 0,
     };
-    let registry = Arc::new(registry);
     let todo: Vec<(hb_core::AccelLayer, LayerDesc)> = cfg
         .layers
         .iter()

@@ -55,6 +55,9 @@ pub struct ImageFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     backing: Mutex<HashMap<u32, Weak<BackingId>>>,
+    /// How each inode was first opened (true: passthrough). The kernel refuses to mix cached and
+    /// passthrough opens of one inode, so the first open decides for the life of the mount.
+    io_mode: Mutex<HashMap<u32, bool>>,
     /// Set by `init` when the kernel agreed to passthrough.
     passthrough_ok: Arc<AtomicBool>,
 }
@@ -82,6 +85,7 @@ impl ImageFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             backing: Mutex::new(HashMap::new()),
+            io_mode: Mutex::new(HashMap::new()),
             passthrough_ok,
         }
     }
@@ -218,7 +222,7 @@ impl Filesystem for ImageFs {
         let _ = config.set_max_readahead(READAHEAD_BYTES as u32);
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.opts.passthrough {
-            if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) && config.set_max_stack_depth(1).is_ok() {
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok() {
                 self.passthrough_ok.store(true, Ordering::Relaxed);
             } else {
                 tracing::info!("the kernel does not offer FUSE passthrough; local files are read through FUSE");
@@ -269,13 +273,28 @@ impl Filesystem for ImageFs {
             starts.push(at);
             at += c.len as u64;
         }
-        let backing = self.backing_for(i, &chunks, size, &reply);
+        let mode = self.io_mode.lock().expect("io mode lock").get(&i).copied();
+        let backing = match mode {
+            Some(false) => None,
+            _ => self.backing_for(i, &chunks, size, &reply),
+        };
+        match (mode, &backing) {
+            (None, b) => {
+                self.io_mode.lock().expect("io mode lock").insert(i, b.is_some());
+            }
+            (Some(true), None) => {
+                tracing::error!(file = %self.path_of(i), "passthrough file lost its backing file: EIO");
+                return reply.error(Errno::EIO);
+            }
+            _ => {}
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h =
             Arc::new(Handle { entry: i, chunks, starts, size, last_end: AtomicU64::new(0), _backing: backing.clone() });
         self.handles.lock().expect("handles lock").insert(fh, h);
         match backing {
-            Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &b),
+            // KEEP_CACHE does not go with passthrough: the backing file's page cache serves.
+            Some(b) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
             None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }

@@ -161,7 +161,13 @@ impl Store {
         let _gate = self.gate.read().expect("gate lock");
         let mut report = FillReport::default();
         let mut wanted = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (id, data) in chunks {
+            // A batch may carry a chunk twice (two readers fetched it): store it once.
+            if !seen.insert(*id) {
+                report.skipped += 1;
+                continue;
+            }
             match self.chunk_record(id)? {
                 Some(rec) if rec.loc.is_absent() && rec.loc.raw_len as usize == data.len() => wanted.push((id, data)),
                 _ => report.skipped += 1,

@@ -195,6 +195,13 @@ fn lazy_layers_fill_on_demand_and_complete() {
     let one = vec![(missing[0].id, src.read_chunk(&missing[0].id).unwrap())];
     assert_eq!(store.fill_chunks(&one).unwrap().filled, 1);
     assert_eq!(store.fill_chunks(&one).unwrap().skipped, 1, "a second fill of the same chunk is a no-op");
+    // Regression: a batch holding one chunk twice stored it twice in the pack accounting.
+    let twice = vec![
+        (missing[1].id, src.read_chunk(&missing[1].id).unwrap()),
+        (missing[1].id, src.read_chunk(&missing[1].id).unwrap()),
+    ];
+    let r2 = store.fill_chunks(&twice).unwrap();
+    assert_eq!((r2.filled, r2.skipped), (1, 1));
     assert_eq!(ChunkId::of(&store.read_chunk(&missing[0].id).unwrap()), missing[0].id);
     assert!(!store.complete_lazy_layer(&r.diff_id).unwrap());
     let fsck = store.fsck(&NoProgress).unwrap();
@@ -202,7 +209,7 @@ fn lazy_layers_fill_on_demand_and_complete() {
 
     // The full blob fills the rest and the layer becomes complete, refcounts unchanged.
     let full = store.import_layer(&tar[..], &NoProgress).unwrap();
-    assert_eq!(full.new_chunks, li.remote_chunks - 1);
+    assert_eq!(full.new_chunks, li.remote_chunks - 2);
     assert!(store.has_layer(&r.diff_id).unwrap());
     assert!(store.missing_chunks(&r.diff_id).unwrap().is_empty());
     let fsck = store.fsck(&NoProgress).unwrap();

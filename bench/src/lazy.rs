@@ -1,0 +1,298 @@
+//! Lazy-start benchmarks (issue: lazy starts). Baselines: containerd 1.6 with overlayfs (`ctr
+//! images pull` then `ctr run`), and overlayfs over an unpacked rootfs for file reads.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{hb_binary, median, repo_root, scratch, timed_command};
+
+const CMD: [&str; 3] = ["python3", "-c", "print(1)"];
+
+/// Runs `cmd` and returns the time until its first byte of stdout (and checks it says "1").
+fn time_to_output(mut cmd: Command, started: Instant) -> anyhow::Result<Duration> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("{cmd:?}"))?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut first = [0u8; 1];
+    let n = out.read(&mut first)?;
+    let t = started.elapsed();
+    let status = child.wait_with_output()?;
+    if n == 0 || first[0] != b'1' {
+        bail!("{cmd:?} printed nothing useful: {}", String::from_utf8_lossy(&status.stderr));
+    }
+    Ok(t)
+}
+
+fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn umount(dir: &Path) {
+    let _ = Command::new("umount").arg(dir).status();
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Reads a file and returns the time taken.
+fn read_all(path: &Path) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf)? > 0 {}
+    Ok(t.elapsed())
+}
+
+fn stat_all(root: &Path) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("find \"$0\" -xdev -type f -print0 | xargs -0 stat > /dev/null")
+        .arg(root)
+        .output()?;
+    if !o.status.success() {
+        bail!("find | xargs stat failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(t.elapsed())
+}
+
+/// The largest regular file below `root`.
+fn largest_file(root: &Path) -> anyhow::Result<PathBuf> {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("find \"$0\" -xdev -type f -printf '%s %P\\n' | sort -n | tail -1")
+        .arg(root)
+        .output()?;
+    let line = String::from_utf8(o.stdout)?;
+    Ok(PathBuf::from(line.trim().split_once(' ').context("no files")?.1))
+}
+
+pub fn run(runs: usize, image: &str, netns: Option<&str>, start_only: bool) -> anyhow::Result<()> {
+    let hb = hb_binary()?;
+    let containerd = repo_root().join("scripts/containerd.sh");
+    let sock =
+        std::env::var("HB_CONTAINERD_DIR").unwrap_or_else(|_| "/dev/shm/hb-containerd".into()) + "/containerd.sock";
+    let work = scratch()?;
+    let src_image = image.to_string();
+    // The accelerated form, written once (by the host: the shaped registry shares its storage).
+    let lazy_local = format!("{}-lazy-bench", image.replace("/debian-app:", "/bench/debian-app:"));
+    let conv = work.path().join("convert");
+    timed_command(Command::new(&hb).arg("--root").arg(&conv).args(["-q", "convert", image, &lazy_local]))?;
+    // A second accelerated form with the start-up order of the command recorded (`hb optimize`).
+    let optimized = format!("{lazy_local}-optimized");
+    timed_command(Command::new(&hb).arg("--root").arg(&conv).args(["-q", "convert", image, &optimized]))?;
+    timed_command(Command::new(&hb).arg("--root").arg(&conv).args(["-q", "optimize", &optimized, "--"]).args(CMD))?;
+    let shaped = |s: &str| match netns {
+        Some(_) => s.replace("127.0.0.1:15000", "10.231.0.1:15010"),
+        None => s.to_string(),
+    };
+    let (image, lazy, optimized) = (shaped(image), shaped(&lazy_local), shaped(&optimized));
+    let link = if netns.is_some() { "100 Mbit/s veth link" } else { "loopback" };
+    let (_, insp) = timed_command(Command::new(&hb).arg("--root").arg(&conv).args(["inspect", &src_image]))?;
+    let insp: serde_json::Value = serde_json::from_slice(&insp.stdout)?;
+    let compressed: u64 =
+        insp["manifest"]["layers"].as_array().map(|l| l.iter().filter_map(|x| x["size"].as_u64()).sum()).unwrap_or(0);
+
+    let (mut t_hb, mut t_opt, mut t_ctr, mut wire, mut data) = (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..runs {
+        eprintln!("lazy: run {}/{runs}", run + 1);
+        // containerd + overlayfs: pull (download + unpack), then run.
+        let mut reset = Command::new(&containerd);
+        reset.arg("reset");
+        if let Some(ns) = netns {
+            reset.env("HB_NETNS", ns);
+        }
+        timed_command(&mut reset)?;
+        let started = Instant::now();
+        timed_command(in_netns(netns, Path::new("ctr")).args([
+            "-a",
+            &sock,
+            "-n",
+            "bench",
+            "images",
+            "pull",
+            "--plain-http",
+            &image,
+        ]))?;
+        let mut ctr_run = in_netns(netns, Path::new("ctr"));
+        ctr_run.args(["-a", &sock, "-n", "bench", "run", "--rm", &image, &format!("bench-{run}")]).args(CMD);
+        t_ctr.push(time_to_output(ctr_run, started)?);
+
+        // hb: lazy pull (indexes), mount, run from the mount; without and with a start-up order.
+        for (reference, times, prefetch) in [(&lazy, &mut t_hb, "none"), (&optimized, &mut t_opt, "startup")] {
+            let dir = scratch()?;
+            let (root, mnt) = (dir.path().join("store"), dir.path().join("mnt"));
+            std::fs::create_dir_all(&mnt)?;
+            // `hb mount` pulls what the store lacks: lazily (indexes only) for an accelerated image.
+            let started = Instant::now();
+            timed_command(
+                in_netns(netns, &hb)
+                    .arg("--root")
+                    .arg(&root)
+                    .args(["-q", "mount", "-d", "--prefetch", prefetch, reference])
+                    .arg(&mnt),
+            )?;
+            let mut chroot = Command::new("chroot");
+            chroot.arg(&mnt).args(CMD);
+            times.push(time_to_output(chroot, started)?);
+            timed_command(Command::new(&hb).arg("--root").arg(&root).arg("umount").arg(&mnt))?;
+            if prefetch == "none" {
+                let stats = std::fs::read_dir(root.join("run"))?
+                    .flatten()
+                    .find(|e| e.file_name().to_string_lossy().ends_with(".stats.json"))
+                    .context("the mount left no stats")?;
+                let s: serde_json::Value = serde_json::from_slice(&std::fs::read(stats.path())?)?;
+                wire.push(s["wire_bytes"].as_u64().unwrap_or(0));
+                data.push(s["remote_bytes"].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    timed_command(Command::new(&containerd).arg("stop"))?;
+    let (h, o, c) = (median(t_hb), median(t_opt), median(t_ctr));
+    wire.sort_unstable();
+    data.sort_unstable();
+    let (w, d) = (wire[wire.len() / 2], data[data.len() / 2]);
+    println!("| `python3 -c 'print(1)'` in {image}, {link}, cold, median of {runs} | time to first output | vs hb |");
+    println!("|---|---|---|");
+    println!(
+        "| hb: `hb mount -d` (lazy pull of the indexes + FUSE mount) + chroot, start-up order recorded by `hb optimize` and prefetched | {:.2} s | 1.00x |",
+        o.as_secs_f64()
+    );
+    println!(
+        "| hb: the same without a start-up order (`--prefetch none`: every chunk on demand) | {:.2} s | {:.2}x |",
+        h.as_secs_f64(),
+        h.as_secs_f64() / o.as_secs_f64()
+    );
+    println!(
+        "| containerd 1.6: `ctr images pull` + `ctr run --rm` (overlayfs, runc) | {:.2} s | **{:.1}x** (vs on demand: {:.1}x) |",
+        c.as_secs_f64(),
+        c.as_secs_f64() / o.as_secs_f64(),
+        c.as_secs_f64() / h.as_secs_f64()
+    );
+    println!();
+    println!(
+        "| bytes hb fetched before that output (on demand) | bytes | of the image's compressed size ({:.1} MB) |",
+        compressed as f64 / 1e6
+    );
+    println!("|---|---|---|");
+    println!(
+        "| over the wire (zstd chunks, Range requests) | {:.2} MB | **{:.2} %** |",
+        w as f64 / 1e6,
+        w as f64 * 100.0 / compressed as f64
+    );
+    println!(
+        "| file data those chunks hold (uncompressed) | {:.2} MB | {:.2} % |",
+        d as f64 / 1e6,
+        d as f64 * 100.0 / compressed as f64
+    );
+    if start_only {
+        return Ok(());
+    }
+    reads(runs, &hb, image.as_str())
+}
+
+/// Fully-local reads: hb's mount of a pulled image vs overlayfs over the same rootfs unpacked.
+fn reads(runs: usize, hb: &Path, image: &str) -> anyhow::Result<()> {
+    let image = image.replace("10.231.0.1:15010", "127.0.0.1:15000");
+    let dir = scratch()?;
+    let root = dir.path().join("store");
+    let (export, mnt) = (dir.path().join("rootfs"), dir.path().join("mnt"));
+    let (upper, work, merged) = (dir.path().join("upper"), dir.path().join("work"), dir.path().join("merged"));
+    for d in [&mnt, &upper, &work, &merged] {
+        std::fs::create_dir_all(d)?;
+    }
+    timed_command(Command::new(hb).arg("--root").arg(&root).args(["-q", "pull", &image]))?;
+    timed_command(Command::new(hb).arg("--root").arg(&root).args(["-q", "export", &image]).arg(&export))?;
+    let big = largest_file(&export)?;
+    let size = std::fs::metadata(export.join(&big))?.len();
+    let overlay = || -> anyhow::Result<()> {
+        timed_command(
+            Command::new("mount")
+                .args(["-t", "overlay", "overlay", "-o"])
+                .arg(format!("lowerdir={},upperdir={},workdir={}", export.display(), upper.display(), work.display()))
+                .arg(&merged),
+        )?;
+        Ok(())
+    };
+    let hb_mount = |extra: &[&str]| -> anyhow::Result<()> {
+        timed_command(
+            Command::new(hb).arg("--root").arg(&root).args(["-q", "mount", "-d"]).args(extra).arg(&image).arg(&mnt),
+        )?;
+        Ok(())
+    };
+    let hb_umount = || timed_command(Command::new(hb).arg("--root").arg(&root).arg("umount").arg(&mnt)).map(|_| ());
+    let (mut ov_cold, mut ov_warm, mut hb_first, mut hb_cold, mut hb_warm, mut fuse_cold) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut ov_stat, mut hb_stat) = (vec![], vec![]);
+    for run in 0..runs {
+        eprintln!("reads: run {}/{runs}", run + 1);
+        overlay()?;
+        drop_caches();
+        ov_cold.push(read_all(&merged.join(&big))?);
+        ov_warm.push(read_all(&merged.join(&big))?);
+        umount(&merged);
+        overlay()?;
+        drop_caches();
+        ov_stat.push(stat_all(&merged)?);
+        umount(&merged);
+
+        // Passthrough: the first open materialises the file once (kept across mounts).
+        let _ = std::fs::remove_dir_all(root.join("files"));
+        hb_mount(&[])?;
+        drop_caches();
+        hb_first.push(read_all(&mnt.join(&big))?);
+        hb_umount()?;
+        hb_mount(&[])?;
+        drop_caches();
+        hb_cold.push(read_all(&mnt.join(&big))?);
+        hb_warm.push(read_all(&mnt.join(&big))?);
+        hb_umount()?;
+        hb_mount(&["--no-passthrough"])?;
+        drop_caches();
+        fuse_cold.push(read_all(&mnt.join(&big))?);
+        hb_umount()?;
+        hb_mount(&[])?;
+        drop_caches();
+        hb_stat.push(stat_all(&mnt)?);
+        hb_umount()?;
+    }
+    let mbs = |d: Duration| size as f64 / 1e6 / d.as_secs_f64();
+    let (oc, ow) = (median(ov_cold), median(ov_warm));
+    println!();
+    println!(
+        "| sequential read of /{} ({:.1} MB), fully local, median of {runs} | MB/s | vs overlayfs (same state) |",
+        big.display(),
+        size as f64 / 1e6
+    );
+    println!("|---|---|---|");
+    println!("| overlayfs over the unpacked rootfs, caches dropped | {:.0} | 1.00x |", mbs(oc));
+    for (label, d, base) in [
+        ("hb mount, passthrough, caches dropped", median(hb_cold), oc),
+        ("hb mount, passthrough, first open ever (materialises the file)", median(hb_first), oc),
+        ("hb mount without passthrough (FUSE reads), caches dropped", median(fuse_cold), oc),
+        ("overlayfs, second read (page cache)", ow, ow),
+        ("hb mount, second read (page cache)", median(hb_warm), ow),
+    ] {
+        println!("| {label} | {:.0} | **{:.2}x** |", mbs(d), base.as_secs_f64() / d.as_secs_f64());
+    }
+    let (os, hs) = (median(ov_stat), median(hb_stat));
+    println!();
+    println!(
+        "| `find -xdev -type f \\| xargs stat`, fresh mount, caches dropped, median of {runs} | time | vs overlayfs |"
+    );
+    println!("|---|---|---|");
+    println!("| overlayfs over the unpacked rootfs | {:.2} s | 1.00x |", os.as_secs_f64());
+    println!("| hb mount | {:.2} s | **{:.2}x** |", hs.as_secs_f64(), hs.as_secs_f64() / os.as_secs_f64());
+    Ok(())
+}
