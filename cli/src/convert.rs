@@ -268,6 +268,7 @@ pub fn optimize(
         bandwidth: None,
         passthrough: false,
         threads: 8,
+        plain_http,
     };
     let m = crate::mount::mount_image(g, rt, store.clone(), &args, out)?;
     m.mounted.fetcher().start_recording();

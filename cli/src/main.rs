@@ -96,6 +96,9 @@ enum Cmd {
         /// Return once mounted, serving from a background process (`hb umount` ends it)
         #[arg(short = 'd', long)]
         background: bool,
+        /// Use plain HTTP for the image's registry (for pulling it and reading its chunks)
+        #[arg(long)]
+        plain_http: bool,
     },
     /// Unmount what `hb mount` mounted at DIR (also detaches a stale mount of a dead process)
     Umount { dir: PathBuf },
@@ -431,7 +434,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Login { .. } | Cmd::Logout { .. } | Cmd::Umount { .. } => {
             unreachable!("handled before the store is opened")
         }
-        Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _ } => {
+        Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http } => {
             let args = mount::MountArgs {
                 image,
                 dir,
@@ -439,6 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bandwidth: bandwidth.as_deref().map(parse_rate).transpose()?,
                 passthrough: !no_passthrough,
                 threads,
+                plain_http,
             };
             let rt = runtime()?;
             let m = mount::mount_image(g, &rt, store.clone(), &args, &out)?;

@@ -22,6 +22,7 @@ pub struct MountArgs {
     pub bandwidth: Option<u64>,
     pub passthrough: bool,
     pub threads: usize,
+    pub plain_http: bool,
 }
 
 /// Key of an image's recorded start-up order in the store's auxiliary records.
@@ -43,6 +44,7 @@ pub fn remote_source(
     store: &Store,
     layers: &[Digest],
     known: Option<(String, Arc<hb_registry::Registry>)>,
+    plain_http: bool,
 ) -> anyhow::Result<Option<Arc<hb_registry::RangeSource>>> {
     let mut sources = Vec::new();
     for l in layers {
@@ -60,7 +62,7 @@ pub fn remote_source(
             }
         }
         let creds = crate::config::docker_credentials(r.registry()).unwrap_or(None);
-        let opts = crate::registry_options(g, r, false, creds, hb_registry::Platform::default()).map_err(|e| {
+        let opts = crate::registry_options(g, r, plain_http, creds, hb_registry::Platform::default()).map_err(|e| {
             hb_registry::RegistryError::BadReference { reference: r.canonical(), reason: e.to_string() }
         })?;
         hb_registry::Registry::new(r, opts).map(Arc::new)
@@ -76,11 +78,12 @@ fn pull_for_mount(
     rt: &tokio::runtime::Runtime,
     store: &Arc<Store>,
     image: &str,
+    plain_http: bool,
     out: &Out,
 ) -> anyhow::Result<Option<(String, Arc<hb_registry::Registry>)>> {
     let r = hb_registry::ImageRef::parse(image)?;
     let creds = crate::config::docker_credentials(r.registry())?;
-    let opts = crate::registry_options(g, &r, false, creds, hb_registry::Platform::default())?;
+    let opts = crate::registry_options(g, &r, plain_http, creds, hb_registry::Platform::default())?;
     let (registry, resolved) = crate::pull::resolve(rt, &r, opts)?;
     if resolved.accelerated.is_some() {
         let registry = Arc::new(registry);
@@ -112,7 +115,7 @@ pub fn mount_image(
     out: &Out,
 ) -> anyhow::Result<Mount> {
     let known = if crate::find_image(&store, &args.image)?.is_none() {
-        pull_for_mount(g, rt, &store, &args.image, out)?
+        pull_for_mount(g, rt, &store, &args.image, args.plain_http, out)?
     } else {
         None
     };
@@ -123,7 +126,7 @@ pub fn mount_image(
         .map(|d| store.layer(d)?.with_context(|| format!("layer {d} is missing")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let merged = hb_core::merge_layers(store.chunker(), indexes.iter());
-    let remote = remote_source(g, rt, &store, &layers, known)?;
+    let remote = remote_source(g, rt, &store, &layers, known, args.plain_http)?;
     let startup = match store.aux(&startup_key(&digest))? {
         Some(raw) => StartupOrder::decode(&raw).context("the stored start-up order is corrupt")?.chunks,
         None => Vec::new(),
