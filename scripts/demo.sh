@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job, at this stage of HyperBox: a local registry with a 3-layer Debian image (python3,
-# gcc, perl), pulled into the chunk store, a command run from its rootfs, then v2 of the image
-# pulled: only its new chunks are stored. (Lazy mounts and `hb run` come next on the same store.)
+# gcc, perl); a lazy start (the image converted once to hb's accelerated form, then mounted on a cold
+# store: only indexes are pulled and the command's chunks come on first read); then the eager path:
+# the image pulled into the chunk store, v2 pulled: only its new chunks are stored.
+# (`hb run` comes next on the same mounts.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -19,7 +21,18 @@ export HB_ROOT="$WORK/store"
 step() { printf '\n== %s\n' "$*" >&2; }
 timed() { local t0; t0=$(date +%s%N); "$@"; local ms=$(( ($(date +%s%N) - t0) / 1000000 )); printf '   (%d.%03d s)\n' $((ms / 1000)) $((ms % 1000)) >&2; }
 
-step "hb pull $REG/debian-app:v1"
+step "hb convert $REG/debian-app:v1 $REG/demo/debian-app:v1-lazy (once, by whoever publishes the image)"
+timed "$HB" --root "$WORK/publisher" convert "$REG/debian-app:v1" "$REG/demo/debian-app:v1-lazy" >/dev/null
+step "hb mount -d on a cold store: pulls the indexes only, mounts at once"
+mkdir -p "$WORK/mnt"
+timed "$HB" mount -d "$REG/demo/debian-app:v1-lazy" "$WORK/mnt"
+step "run the image's command from the lazy mount (file data fetched on first read)"
+timed chroot "$WORK/mnt" /usr/bin/python3 /app/main.py
+timed "$HB" umount "$WORK/mnt"
+grep -h '^unmounted' "$HB_ROOT"/run/*.log >&2 || true
+rm -rf "$HB_ROOT"
+
+step "hb pull $REG/debian-app:v1 (eager: every layer into the chunk store)"
 timed "$HB" pull "$REG/debian-app:v1" >/dev/null
 step "hb export, then run the image's command from its rootfs"
 timed "$HB" export "$REG/debian-app:v1" "$WORK/rootfs"

@@ -14,7 +14,7 @@ pub enum StoreError {
     },
     #[error("metadata database: {0}")]
     Db(#[from] rocksdb::Error),
-    #[error("store {0} is in use by another hb process")]
+    #[error("store {0} is in use by another hb process (an `hb mount` holds its store until `hb umount`)")]
     Locked(PathBuf),
     #[error("store {root} was created with chunker {stored}, which this build cannot use: {why}")]
     Incompatible { root: PathBuf, stored: String, why: String },
