@@ -209,7 +209,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("hb: error: {e:#}");
+            eprintln!("hb: error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
@@ -227,6 +227,23 @@ fn trust_store_bundle() {
         // Still single-threaded: nothing else reads the environment yet.
         std::env::set_var("SSL_CERT_FILE", BUNDLE);
     }
+}
+
+/// An error and its causes joined with ": ", skipping a cause whose text the message already
+/// holds (library errors often format their source into their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if text.contains(&t) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&t);
+    }
+    text
 }
 
 fn open_store(g: &Global) -> anyhow::Result<Store> {

@@ -280,6 +280,9 @@ pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
 /// Unmounts `dir` and waits for the process that served it to store what it fetched and exit.
 pub fn umount(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
     let pid_file = run_file(root, dir, "pid");
+    // Read before unmounting: the serving process removes the file as it finishes, and it still
+    // holds the store until it has exited.
+    let pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
     let stale = hb_fuse::clean_stale(dir)?;
     if stale {
         out.note(format!("detached a stale mount at {} (its process had died)", dir.display()));
@@ -288,7 +291,7 @@ pub fn umount(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
     } else {
         bail!("{} is not mounted", dir.display());
     }
-    if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+    if let Some(pid) = pid {
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         let started = Instant::now();
         while proc_dir.exists() && started.elapsed() < Duration::from_secs(120) {

@@ -54,6 +54,9 @@ fn refused(hb: &Hb, name: &str, layer: &[u8], needles: &[&str]) {
     let err = hb.fails(&["layer", "import", p.to_str().unwrap()], 1);
     for n in needles {
         assert!(err.contains(n), "{name}: error should mention {n:?}, got:\n{err}");
+        // Regression: the cause was printed twice ("...: reason: ...: reason").
+        let without_path = err.replace(p.to_str().unwrap(), "");
+        assert!(without_path.matches(n).count() <= 1, "{name}: {n:?} repeated in:\n{err}");
     }
     assert_eq!(hb.state(), before, "{name}: the store changed");
     hb.fsck_clean();

@@ -4,10 +4,10 @@ use std::io::Write;
 
 use hb_tests::*;
 
-struct Tar(tar::Builder<Vec<u8>>);
+pub(crate) struct Tar(tar::Builder<Vec<u8>>);
 
 impl Tar {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Tar(tar::Builder::new(Vec::new()))
     }
     fn header(t: tar::EntryType, mode: u32, mtime: u64) -> tar::Header {
@@ -20,22 +20,22 @@ impl Tar {
         h.set_size(0);
         h
     }
-    fn pax(&mut self, recs: &[(&str, &[u8])]) -> &mut Self {
+    pub(crate) fn pax(&mut self, recs: &[(&str, &[u8])]) -> &mut Self {
         self.0.append_pax_extensions(recs.iter().copied()).unwrap();
         self
     }
-    fn dir(&mut self, path: &str) -> &mut Self {
+    pub(crate) fn dir(&mut self, path: &str) -> &mut Self {
         let mut h = Self::header(tar::EntryType::Directory, 0o755, 1_600_000_000);
         self.0.append_data(&mut h, path, std::io::empty()).unwrap();
         self
     }
-    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
+    pub(crate) fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
         let mut h = Self::header(tar::EntryType::Regular, mode, 1_600_000_001);
         h.set_size(data.len() as u64);
         self.0.append_data(&mut h, path, data).unwrap();
         self
     }
-    fn link(&mut self, t: tar::EntryType, path: &str, target: &str) -> &mut Self {
+    pub(crate) fn link(&mut self, t: tar::EntryType, path: &str, target: &str) -> &mut Self {
         let mut h = Self::header(t, 0o777, 1_600_000_002);
         self.0.append_link(&mut h, path, target).unwrap();
         self
@@ -47,7 +47,7 @@ impl Tar {
         self.0.append_data(&mut h, path, std::io::empty()).unwrap();
         self
     }
-    fn finish(self) -> Vec<u8> {
+    pub(crate) fn finish(self) -> Vec<u8> {
         self.0.into_inner().unwrap()
     }
 }
@@ -57,7 +57,7 @@ fn long_dir() -> String {
 }
 
 /// A layer with every entry type and awkward metadata.
-fn every_entry_type() -> Vec<u8> {
+pub(crate) fn every_entry_type() -> Vec<u8> {
     let big = pseudo_random(7, 3 << 20);
     let long_dir = long_dir();
     let long_file = format!("{long_dir}/{}", "f".repeat(200));

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use hb_tests::*;
 
-use super::pull::{open_registry, push_unique_image, run};
+use super::crafted::{every_entry_type, Tar};
+use super::pull::{open_registry, push_image, push_unique_image, run};
 
 /// A mount that is unmounted (and its process waited for) when dropped.
 struct Mounted<'a> {
@@ -290,4 +291,108 @@ fn optimize_records_the_start_up_order_and_lazy_pulls_prefetch_it() {
     let log = m.unmount();
     assert!(log.contains("(0 on demand"), "{log}");
     fresh.fsck_clean();
+}
+
+/// Every entry type, awkward metadata, unicode names, hard links across directories, a large
+/// file that is mostly zeros, thousands of small files, and an upper layer with whiteouts and an
+/// opaque directory: the eager export, a local mount and a lazy mount agree on every path.
+#[test]
+fn crafted_images_mount_exactly_like_their_export_eagerly_and_lazily() {
+    let reg = open_registry();
+    let mut upper = Tar::new();
+    upper.dir("etc/").dir("var/").dir("var/cache/").dir("many/");
+    upper.file("etc/.wh.passwd", 0o644, b"").file("var/cache/.wh..wh..opq", 0o644, b"");
+    upper.file("var/cache/fresh", 0o644, b"new");
+    let mut sparse = vec![0u8; 48 << 20];
+    sparse[40 << 20..(40 << 20) + 4096].copy_from_slice(&pseudo_random(3, 4096));
+    upper.file("var/sparse.img", 0o644, &sparse);
+    for i in 0..3000 {
+        upper.file(&format!("many/f{i:05}"), 0o644, format!("small file {i}\n").as_bytes());
+    }
+    // Hard links across directories within a layer (the lower layer has some too).
+    upper.dir("linked/").link(tar::EntryType::Link, "linked/hard", "many/f00007");
+    let seed = Hb::new();
+    let (image, _) = push_image(
+        &seed,
+        &reg,
+        &format!("crafted/kitchen:{}", std::process::id()),
+        &[every_entry_type(), upper.finish()],
+    );
+
+    let eager = Hb::new();
+    eager.ok(&["pull", &image]);
+    let out = eager.path("export");
+    eager.ok(&["export", &image, out.to_str().unwrap()]);
+    let want = fingerprint_dir(&out, &[]);
+    assert!(want.contains_key("ünïcødé/名前.txt".as_bytes()) && want.contains_key(b"var/sparse.img".as_slice()));
+    assert!(!want.contains_key(b"etc/passwd".as_slice()), "the whiteout hid it");
+    let m = Mounted::new(&eager, &image, "mnt", &[]);
+    assert_same_tree("local mount", &want, &fingerprint_dir(&m.dir, &[]), true);
+    m.unmount();
+
+    let lazy = convert(&image, "kitchen");
+    let hb = Hb::new();
+    let m = Mounted::new(&hb, &lazy, "mnt", &["--prefetch", "none"]);
+    assert_same_tree("lazy mount", &want, &fingerprint_dir(&m.dir, &[]), true);
+    m.unmount();
+    hb.fsck_clean();
+}
+
+fn mounted_at(dir: &Path) -> bool {
+    let canon = std::fs::canonicalize(dir).unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
+}
+
+#[test]
+fn a_foreground_mount_unmounts_cleanly_on_sigterm() {
+    let reg = open_registry();
+    let image = format!("{reg}/busybox:latest");
+    let hb = Hb::new();
+    hb.ok(&["pull", &image]);
+    let dir = hb.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = hb.command(&["mount", &image, dir.to_str().unwrap()]).spawn().unwrap();
+    let t = Instant::now();
+    while !mounted_at(&dir) {
+        assert!(t.elapsed() < Duration::from_secs(60), "not mounted");
+        assert!(child.try_wait().unwrap().is_none(), "hb mount exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dir.join("bin/busybox").exists());
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM ends the mount cleanly: {status}");
+    assert!(!mounted_at(&dir), "unmounted");
+    hb.fsck_clean();
+}
+
+#[test]
+fn lazy_pull_without_an_accelerated_form_says_so_and_pulls_whole_and_prefetch_all_completes() {
+    let reg = open_registry();
+    let plain = format!("{reg}/busybox:latest");
+    let hb = Hb::new();
+    let o = hb.run(&["pull", "--lazy", &plain]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no accelerated form") && err.contains("pulling it whole"), "{err}");
+    assert_eq!(hb.json(&["du"])["absent_chunks"], 0, "pulled whole");
+
+    // --prefetch all fetches every chunk in the background; after it, the image is complete.
+    let lazy = convert(&plain, "prefetch-all");
+    let cold = Hb::new();
+    let m = Mounted::new(&cold, &lazy, "mnt", &["--prefetch", "all", "--bandwidth", "50M"]);
+    let t = Instant::now();
+    while !mount_log(&cold, &m.dir).contains("prefetch finished") {
+        assert!(t.elapsed() < Duration::from_secs(120), "prefetch did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = m.unmount();
+    assert!(log.contains("layers now complete"), "{log}");
+    assert_eq!(cold.json(&["du"])["absent_chunks"], 0);
+    let again = cold.json(&["pull", &lazy]);
+    assert_eq!(again["bytes_downloaded"], 0, "nothing left to download: {again}");
+    cold.fsck_clean();
 }

@@ -130,38 +130,44 @@ fn private_images_need_credentials_from_the_flag_or_docker_config() {
     }
 }
 
-/// Pushes a one-layer image with unique content; returns (reference, layer digest hex, layer size).
-pub(crate) fn push_unique_image(hb: &Hb, reg: &str, tag: &str) -> (String, String, u64) {
+/// Pushes an image made of `tars` (uncompressed layer tars, bottom first; gzip'ed here) to
+/// `reg/<name>` with skopeo; returns the reference and each layer blob's digest hex and size.
+pub(crate) fn push_image(hb: &Hb, reg: &str, name: &str, tars: &[Vec<u8>]) -> (String, Vec<(String, u64)>) {
     use sha2::Digest as _;
     let hex = |b: &[u8]| format!("{:x}", sha2::Sha256::digest(b));
-    let layout = hb.path(&format!("layout-{tag}"));
+    let layout = hb.path(&format!("layout-{}", name.replace(['/', ':'], "-")));
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     let put = |b: &[u8]| {
         let h = hex(b);
         std::fs::write(layout.join("blobs/sha256").join(&h), b).unwrap();
         h
     };
-    let mut tar = tar::Builder::new(Vec::new());
-    let data = pseudo_random(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
-        600_000,
-    );
-    let mut h = file_header(data.len() as u64, 0o644);
-    tar.append_data(&mut h, "unique.bin", &data[..]).unwrap();
-    let tar = tar.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    let gz = gz.finish().unwrap();
-    let layer = put(&gz);
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for tar in tars {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(tar).unwrap();
+        let gz = gz.finish().unwrap();
+        layers.push((put(&gz), gz.len() as u64));
+        diff_ids.push(format!("\"sha256:{}\"", hex(tar)));
+    }
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{}"]}}}}"#,
-        hex(&tar)
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
     );
     let c = put(config.as_bytes());
+    let descs: Vec<String> = layers
+        .iter()
+        .map(|(d, size)| {
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{d}","size":{size}}}"#
+            )
+        })
+        .collect();
     let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:{layer}","size":{}}}]}}"#,
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{c}","size":{}}},"layers":[{}]}}"#,
         config.len(),
-        gz.len()
+        descs.join(",")
     );
     let m = put(manifest.as_bytes());
     std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
@@ -170,12 +176,26 @@ pub(crate) fn push_unique_image(hb: &Hb, reg: &str, tag: &str) -> (String, Strin
         format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{m}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"t"}}}}]}}"#, manifest.len()),
     )
     .unwrap();
-    let image = format!("{reg}/unique:{tag}");
+    let image = format!("{reg}/{name}");
     run(std::process::Command::new("skopeo")
         .args(["copy", "--quiet", "--dest-tls-verify=false"])
         .arg(format!("oci:{}:t", layout.display()))
         .arg(format!("docker://{image}")));
-    (image, layer, gz.len() as u64)
+    (image, layers)
+}
+
+/// Pushes a one-layer image with unique content; returns (reference, layer digest hex, layer size).
+pub(crate) fn push_unique_image(hb: &Hb, reg: &str, tag: &str) -> (String, String, u64) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let data = pseudo_random(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+        600_000,
+    );
+    let mut h = file_header(data.len() as u64, 0o644);
+    tar.append_data(&mut h, "unique.bin", &data[..]).unwrap();
+    let (image, layers) = push_image(hb, reg, &format!("unique:{tag}"), &[tar.into_inner().unwrap()]);
+    let (layer, size) = layers.into_iter().next().unwrap();
+    (image, layer, size)
 }
 
 #[test]
