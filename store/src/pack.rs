@@ -116,14 +116,29 @@ fn read_verified(file: &File, id: &ChunkId, loc: &Location) -> Result<(Vec<u8>, 
     }
     let bytes = match loc.compression {
         Compression::Raw => data.to_vec(),
-        Compression::Zstd => {
-            zstd::bulk::decompress(data, raw_len as usize).map_err(|e| corrupt(format!("zstd: {e}")))?
-        }
+        Compression::Zstd => decompress(data, raw_len as usize).map_err(|e| corrupt(format!("zstd: {e}")))?,
     };
     if bytes.len() != raw_len as usize || ChunkId::of(&bytes) != *id {
         return Err(corrupt("content does not hash to its id".into()));
     }
     Ok((buf, bytes))
+}
+
+thread_local! {
+    /// One zstd decompression context per thread: creating one per chunk costs more than
+    /// decoding a 64 KiB chunk.
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Decodes one zstd frame of at most `capacity` bytes with this thread's context.
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DCTX.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        slot.as_mut().expect("just set").decompress(data, capacity)
+    })
 }
 
 /// Appends records to one pack file. Nothing is durable until [`PackWriter::sync`].

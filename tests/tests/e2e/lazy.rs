@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hb_tests::*;
 
 use super::crafted::{every_entry_type, Tar};
-use super::pull::{open_registry, push_image, push_unique_image, run};
+use super::pull::{http_response, open_registry, push_image, push_unique_image, refusing_proxy, run};
 
 /// A mount that is unmounted (and its process waited for) when dropped.
 struct Mounted<'a> {
@@ -395,4 +395,37 @@ fn lazy_pull_without_an_accelerated_form_says_so_and_pulls_whole_and_prefetch_al
     let again = cold.json(&["pull", &lazy]);
     assert_eq!(again["bytes_downloaded"], 0, "nothing left to download: {again}");
     cold.fsck_clean();
+}
+
+/// A 401 on a range read (an expired token) makes the mount renew its authorization and retry:
+/// the read succeeds with the right bytes.
+#[test]
+fn a_401_on_a_range_read_is_renewed_and_retried() {
+    let reg = open_registry();
+    let seed = Hb::new();
+    let (image, _, _) = push_unique_image(&seed, &reg, &format!("lazy-401-{}", std::process::id()));
+    let lazy = convert(&image, "renew");
+    let eager = Hb::new();
+    eager.ok(&["pull", &image]);
+    let out = eager.path("export");
+    eager.ok(&["export", &image, out.to_str().unwrap()]);
+    let want = std::fs::read(out.join("unique.bin")).unwrap();
+
+    let expired = http_response(
+        "401 Unauthorized",
+        "Www-Authenticate: Bearer error=\"invalid_token\"\r\n",
+        r#"{"errors":[{"code":"UNAUTHORIZED","message":"token expired"}]}"#,
+    );
+    // Blob requests of the lazy pull: image config, hb config, index, table; the 5th is a range.
+    let (proxy, seen, _) = refusing_proxy(reg.clone(), 5, expired);
+    let via = lazy.replacen(&reg, &proxy, 1);
+    let hb = Hb::new();
+    hb.ok(&["pull", "--lazy", &via]);
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 4, "the pull made four blob requests");
+    let m = Mounted::new(&hb, &via, "mnt", &["--prefetch", "none"]);
+    let got = std::fs::read(m.dir.join("unique.bin")).unwrap();
+    assert!(got == want, "the read after a renewal returns the right bytes");
+    assert!(seen.load(std::sync::atomic::Ordering::SeqCst) >= 6, "the refused range was asked again");
+    m.unmount();
+    hb.fsck_clean();
 }

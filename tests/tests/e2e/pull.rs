@@ -452,7 +452,7 @@ type Times = Arc<std::sync::Mutex<Vec<std::time::Instant>>>;
 /// A proxy that answers the `nth` blob request (1: the config, 2: the layer) with `response`
 /// (status line, headers and body) and relays everything else. Returns its address, how many
 /// blob requests it saw, and when it saw each.
-fn refusing_proxy(upstream: String, nth: usize, response: String) -> (String, Arc<AtomicUsize>, Times) {
+pub(crate) fn refusing_proxy(upstream: String, nth: usize, response: String) -> (String, Arc<AtomicUsize>, Times) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let seen = Arc::new(AtomicUsize::new(0));
@@ -494,7 +494,7 @@ fn refusing_proxy(upstream: String, nth: usize, response: String) -> (String, Ar
     (addr, seen, times)
 }
 
-fn http_response(status: &str, extra_headers: &str, body: &str) -> String {
+pub(crate) fn http_response(status: &str, extra_headers: &str, body: &str) -> String {
     format!(
         "HTTP/1.1 {status}\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
