@@ -581,6 +581,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Export { image, dir } => {
             let (name, _, rec) = require_image(&store, &image)?;
             let layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
+            let lazy = layers.iter().filter(|l| store.lazy_source(l).ok().flatten().is_some()).count();
+            if lazy > 0 {
+                bail!(
+                    "{name} was pulled lazily ({lazy} layers not fetched yet): `hb pull {name}` fetches it whole, \
+                     `hb mount` reads it as it is"
+                );
+            }
             let r = export_rootfs(&store, &layers, &dir, &out)?;
             out.note(format!("{name}: {} entries, {} into {}", r.entries, HumanBytes(r.bytes), dir.display()));
             out.json_value(&r)?;

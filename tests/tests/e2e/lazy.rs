@@ -429,3 +429,19 @@ fn a_401_on_a_range_read_is_renewed_and_retried() {
     m.unmount();
     hb.fsck_clean();
 }
+
+#[test]
+fn exporting_a_lazily_pulled_image_says_how_to_complete_it() {
+    let reg = open_registry();
+    let lazy = convert(&format!("{reg}/busybox:latest"), "export");
+    let hb = Hb::new();
+    hb.ok(&["pull", "--lazy", &lazy]);
+    let before = hb.state();
+    let err = hb.fails(&["export", &lazy, hb.path("out").to_str().unwrap()], 1);
+    assert!(err.contains("pulled lazily") && err.contains("hb pull"), "{err}");
+    assert!(!hb.path("out").exists());
+    assert_eq!(hb.state(), before);
+    hb.ok(&["pull", &lazy]);
+    hb.ok(&["export", &lazy, hb.path("out").to_str().unwrap()]);
+    assert!(hb.path("out/bin/busybox").exists());
+}
