@@ -246,6 +246,24 @@ fn error_chain(e: &anyhow::Error) -> String {
     text
 }
 
+/// Opens the store; for a command that only reads (`read_only_ok`), a store another process holds
+/// (an `hb mount`) is opened as a read-only view instead of failing.
+fn open_store_for(g: &Global, read_only_ok: bool, out: &Out) -> anyhow::Result<Store> {
+    match open_store(g) {
+        Err(e)
+            if read_only_ok
+                && matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Locked(_))) =>
+        {
+            let file = config::load(g.config.as_deref())?;
+            let root = config::store_root(g.root.as_deref(), &file)?;
+            out.note(format!("store {} is held by another hb process (an `hb mount`): read-only view", root.display()));
+            Store::open_read_only(&root, StoreOptions::default())
+                .with_context(|| format!("opening store {} read-only", root.display()))
+        }
+        other => other,
+    }
+}
+
 fn open_store(g: &Global) -> anyhow::Result<Store> {
     let file = config::load(g.config.as_deref())?;
     let root = config::store_root(g.root.as_deref(), &file)?;
@@ -446,7 +464,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         other => other,
     };
-    let store = std::sync::Arc::new(open_store(g)?);
+    let reads_only = matches!(
+        cmd,
+        Cmd::Images
+            | Cmd::Inspect { .. }
+            | Cmd::Export { .. }
+            | Cmd::Diff { .. }
+            | Cmd::Du
+            | Cmd::Layer(LayerCmd::Ls)
+            | Cmd::Layer(LayerCmd::Export { .. })
+    );
+    let store = std::sync::Arc::new(open_store_for(g, reads_only, &out)?);
     match cmd {
         Cmd::Login { .. } | Cmd::Logout { .. } | Cmd::Umount { .. } => {
             unreachable!("handled before the store is opened")

@@ -16,6 +16,10 @@ pub enum StoreError {
     Db(#[from] rocksdb::Error),
     #[error("store {0} is in use by another hb process (an `hb mount` holds its store until `hb umount`)")]
     Locked(PathBuf),
+    #[error("store {0} is open read-only (another hb process holds it); this needs write access")]
+    ReadOnly(PathBuf),
+    #[error("no store at {0}")]
+    NoStore(PathBuf),
     #[error("store {root} was created with chunker {stored}, which this build cannot use: {why}")]
     Incompatible { root: PathBuf, stored: String, why: String },
     #[error("bad layer: {0}")]

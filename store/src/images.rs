@@ -19,6 +19,7 @@ impl Store {
     /// Records an image whose layers are all stored, and names it `name` (replacing what the
     /// name pointed to before, as a tag moves). Visible atomically.
     pub fn put_image(&self, name: &str, digest: &Digest, rec: &ImageRecord) -> Result<()> {
+        self.writable()?;
         let _w = self.writer.lock().expect("writer lock");
         for l in &rec.layers {
             if self.db.get_pinned_cf(self.cf(CF_LAYERS), l.diff_id.as_bytes())?.is_none() {
@@ -60,6 +61,7 @@ impl Store {
 
     /// Removes the name; `gc` then frees the image and what only it used. False when unknown.
     pub fn remove_image_name(&self, name: &str) -> Result<bool> {
+        self.writable()?;
         let _w = self.writer.lock().expect("writer lock");
         let key = format!("{IMAGE_REF_PREFIX}{name}");
         if self.db.get_pinned_cf(self.cf(CF_REFS), &key)?.is_none() {

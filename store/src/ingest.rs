@@ -193,6 +193,7 @@ impl Store {
     /// A pack for one ingest, with its committed length: an idle open pack below the target
     /// size, the newest pack on disk if nobody uses it and it is below the target, or a new one.
     pub(crate) fn take_pack(&self) -> Result<(PackWriter, u64)> {
+        self.writable()?;
         let mut w = self.writer.lock().expect("writer lock");
         let packs = self.pack_records()?;
         let committed_of = |id: u32| packs.get(&id).map(|r| r.committed_len).unwrap_or(crate::pack::PACK_HEADER_LEN);

@@ -46,6 +46,7 @@ impl Store {
         source: &LazySource,
         pin: bool,
     ) -> Result<LazyImport> {
+        self.writable()?;
         let _gate = self.gate.read().expect("gate lock");
         if !index.verify_merkle() {
             return Err(StoreError::Index {
@@ -153,6 +154,7 @@ impl Store {
     /// id; one that does not match is refused (nothing of the batch is stored). The pack is
     /// fsynced before the one synced metadata write, as for an ingest.
     pub fn fill_chunks(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<FillReport> {
+        self.writable()?;
         for (id, data) in chunks {
             if ChunkId::of(data) != *id {
                 return Err(StoreError::CorruptChunk { id: *id, reason: "fetched bytes do not hash to the id".into() });
@@ -215,6 +217,7 @@ impl Store {
     /// Turns a lazy layer whose chunks are all local into a complete one. Returns true if it is
     /// complete now.
     pub fn complete_lazy_layer(&self, diff_id: &Digest) -> Result<bool> {
+        self.writable()?;
         if self.lazy_source(diff_id)?.is_none() {
             return Ok(true);
         }
@@ -269,6 +272,7 @@ impl Store {
 
     /// Saves a small auxiliary record (e.g. an image's start-up order) under `key`.
     pub fn put_aux(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.writable()?;
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         self.db.put_opt(format!("aux/{key}"), value, &wo)?;

@@ -115,7 +115,8 @@ pub struct Store {
     writer: Mutex<Writer>,
     /// Ingests hold it shared; gc and fsck exclusively, so they never see half an ingest.
     gate: RwLock<()>,
-    _lock: File,
+    /// None for a read-only view ([`Store::open_read_only`]).
+    _lock: Option<File>,
 }
 
 /// A summary of one stored layer.
@@ -200,7 +201,7 @@ impl Store {
             readers: RwLock::new(HashMap::new()),
             writer: Mutex::new(Writer { idle: Vec::new(), in_use: Default::default(), next_pack: 1 }),
             gate: RwLock::new(()),
-            _lock: lock,
+            _lock: Some(lock),
         };
         let next = store.recover_packs()?;
         store.writer.get_mut().expect("not shared yet").next_pack = next;
@@ -211,6 +212,51 @@ impl Store {
         };
         *store.bloom.get_mut().expect("not shared yet") = bloom;
         Ok(store)
+    }
+
+    /// Opens a read-only view of a store another process may be writing (e.g. one an `hb mount`
+    /// holds): what was committed when it was opened, readable; every write fails with
+    /// [`StoreError::ReadOnly`]. Nothing on disk is touched (no recovery, no Bloom filter save).
+    pub fn open_read_only(root: &Path, opts: StoreOptions) -> Result<Store> {
+        if !root.join("meta").is_dir() {
+            return Err(StoreError::NoStore(root.to_path_buf()));
+        }
+        let dbo = Options::default();
+        let cfs = COLUMN_FAMILIES.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors_read_only(&dbo, root.join("meta"), cfs, false)?;
+        let config = match db.get(KEY_CONFIG)? {
+            Some(raw) => serde_json::from_slice::<StoreConfigRecord>(&raw)
+                .map_err(|e| StoreError::CorruptMeta(format!("store config: {e}")))?,
+            None => return Err(StoreError::NoStore(root.to_path_buf())),
+        };
+        let mut store = Store {
+            root: root.to_path_buf(),
+            packs_dir: root.join("packs"),
+            db,
+            config,
+            opts,
+            bloom: RwLock::new(ChunkFilter::with_capacity(0, &[0; 32])),
+            readers: RwLock::new(HashMap::new()),
+            writer: Mutex::new(Writer { idle: Vec::new(), in_use: Default::default(), next_pack: 1 }),
+            gate: RwLock::new(()),
+            _lock: None,
+        };
+        let bloom = store.rebuild_bloom()?;
+        *store.bloom.get_mut().expect("not shared yet") = bloom;
+        Ok(store)
+    }
+
+    /// False for a read-only view.
+    pub fn is_writable(&self) -> bool {
+        self._lock.is_some()
+    }
+
+    pub(crate) fn writable(&self) -> Result<()> {
+        if self.is_writable() {
+            Ok(())
+        } else {
+            Err(StoreError::ReadOnly(self.root.clone()))
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -394,6 +440,7 @@ impl Store {
     /// Unpins a layer imported with [`Store::import_layer`]; `gc` then frees what only it used.
     /// Returns false when it was not pinned.
     pub fn unpin_layer(&self, diff_id: &Digest) -> Result<bool> {
+        self.writable()?;
         let _w = self.writer.lock().expect("writer lock");
         let key = layer_ref(diff_id);
         if self.db.get_pinned_cf(self.cf(CF_REFS), &key)?.is_none() {
@@ -415,6 +462,9 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if !self.is_writable() {
+            return;
+        }
         let seq = self.db.latest_sequence_number();
         if let Err(e) = self.bloom.read().expect("bloom lock").save(&self.bloom_path(), seq) {
             tracing::warn!(error = %e, "could not save the Bloom filter; it will be rebuilt");

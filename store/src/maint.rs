@@ -120,6 +120,8 @@ impl Store {
     /// structure, Merkle hashes, chunk references), refcounts, pack bookkeeping, blob and ref
     /// targets and the Bloom filter. `progress` counts pack bytes verified.
     pub fn fsck(&self, progress: &dyn Progress) -> Result<FsckReport> {
+        // A writer may be appending past its packs' committed ends: only the owner checks.
+        self.writable()?;
         let _gate = self.gate.write().expect("gate lock");
         let _w = self.writer.lock().expect("writer lock");
         let mut r = FsckReport::default();
@@ -289,6 +291,7 @@ impl Store {
     /// bytes fell below half of their size. Each step commits atomically; a crash between steps
     /// leaves a consistent store (an unregistered new pack is removed at the next open).
     pub fn gc(&self, progress: &dyn Progress) -> Result<GcReport> {
+        self.writable()?;
         let _gate = self.gate.write().expect("gate lock");
         let mut w = self.writer.lock().expect("writer lock");
         let mut report = GcReport::default();

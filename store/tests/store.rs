@@ -240,3 +240,41 @@ fn gc_drops_unused_lazy_layers() {
     let fsck = store.fsck(&NoProgress).unwrap();
     assert!(fsck.is_clean() && fsck.chunks == 0, "{fsck:?}");
 }
+
+/// A read-only view of a store another handle holds: reads work, writes are refused, nothing on
+/// disk changes.
+#[test]
+fn a_read_only_view_reads_while_the_owner_holds_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let tar = layer(&[("f", &pseudo_random(11, 400_000))]);
+    let r = owner.import_layer(&tar[..], &NoProgress).unwrap();
+    assert!(matches!(Store::open(dir.path(), StoreOptions::default()), Err(StoreError::Locked(_))));
+    let view = Store::open_read_only(dir.path(), StoreOptions::default()).unwrap();
+    assert!(!view.is_writable());
+    let idx = view.layer(&r.diff_id).unwrap().unwrap();
+    for c in &idx.chunks {
+        assert_eq!(hb_core::ChunkId::of(&view.read_chunk(&c.id).unwrap()), c.id);
+    }
+    let packs = || {
+        let mut v: Vec<_> = std::fs::read_dir(dir.path().join("packs"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name(), e.metadata().unwrap().len())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = packs();
+    let other = layer(&[("g", &pseudo_random(12, 100_000))]);
+    assert!(matches!(view.import_layer(&other[..], &NoProgress), Err(StoreError::ReadOnly(_))));
+    assert!(matches!(view.gc(&NoProgress), Err(StoreError::ReadOnly(_))));
+    assert!(matches!(view.unpin_layer(&r.diff_id), Err(StoreError::ReadOnly(_))));
+    drop(view);
+    assert_eq!(packs(), before, "a read-only view changed the packs");
+    assert!(owner.fsck(&NoProgress).unwrap().is_clean());
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(Store::open_read_only(empty.path(), StoreOptions::default()), Err(StoreError::NoStore(_))));
+}

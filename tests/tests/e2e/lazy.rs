@@ -445,3 +445,27 @@ fn exporting_a_lazily_pulled_image_says_how_to_complete_it() {
     hb.ok(&["export", &lazy, hb.path("out").to_str().unwrap()]);
     assert!(hb.path("out/bin/busybox").exists());
 }
+
+#[test]
+fn while_a_mount_holds_the_store_reading_commands_get_a_read_only_view() {
+    let reg = open_registry();
+    let image = format!("{reg}/busybox:latest");
+    let hb = Hb::new();
+    hb.ok(&["pull", &image]);
+    let m = Mounted::new(&hb, &image, "mnt", &[]);
+    let o = hb.run(&["images"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("busybox"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("read-only view"));
+    assert!(hb.json(&["du"])["chunks"].as_u64().unwrap() > 0);
+    let out = hb.path("export");
+    hb.ok(&["export", &image, out.to_str().unwrap()]);
+    assert_same_tree("export while mounted", &fingerprint_dir(&out, &[]), &fingerprint_dir(&m.dir, &[]), true);
+    // Writing commands are refused, naming the reason.
+    let err = hb.fails(&["pull", &format!("{reg}/debian-app:v1")], 1);
+    assert!(err.contains("in use") && err.contains("hb mount"), "{err}");
+    let err = hb.fails(&["gc"], 1);
+    assert!(err.contains("in use"), "{err}");
+    m.unmount();
+    hb.fsck_clean();
+}
