@@ -1,0 +1,570 @@
+//! The OCI runtime spec of a container, from its image config and docker-style options.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType,
+    LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
+    LinuxSyscallBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    UserBuilder,
+};
+
+/// Why a spec could not be built. Messages name the flag or image field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("no command: the image has no entrypoint or cmd; give one after the image name")]
+    NoCommand,
+    #[error("image config is not valid JSON: {0}")]
+    BadConfig(String),
+    #[error("unknown user {0:?} (not in the image's /etc/passwd)")]
+    UnknownUser(String),
+    #[error("unknown group {0:?} (not in the image's /etc/group)")]
+    UnknownGroup(String),
+    #[error("invalid volume {0:?}: use HOST:CONTAINER[:ro|rw] with absolute paths")]
+    BadVolume(String),
+    #[error("invalid {flag} value {value:?}: {why}")]
+    BadValue { flag: &'static str, value: String, why: &'static str },
+    #[error("building the runtime spec: {0}")]
+    Oci(String),
+}
+
+fn oci(e: impl std::fmt::Display) -> SpecError {
+    SpecError::Oci(e.to_string())
+}
+
+/// The parts of an OCI image config a container starts from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+}
+
+impl ImageConfig {
+    /// Reads the `config` object of an OCI (or Docker) image config.
+    pub fn from_json(raw: &[u8]) -> Result<Self, SpecError> {
+        let v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| SpecError::BadConfig(e.to_string()))?;
+        let c = &v["config"];
+        let strings = |x: &serde_json::Value| -> Vec<String> {
+            x.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
+        };
+        let text = |x: &serde_json::Value| x.as_str().filter(|s| !s.is_empty()).map(String::from);
+        Ok(ImageConfig {
+            entrypoint: strings(&c["Entrypoint"]),
+            cmd: strings(&c["Cmd"]),
+            env: strings(&c["Env"]),
+            working_dir: text(&c["WorkingDir"]),
+            user: text(&c["User"]),
+        })
+    }
+}
+
+/// `--network`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Network {
+    /// The host's network namespace.
+    #[default]
+    Host,
+    /// A namespace of its own with only loopback.
+    None,
+}
+
+/// `-v HOST:CONTAINER[:ro|rw]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Volume {
+    pub host: PathBuf,
+    pub container: String,
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for Volume {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::BadVolume(s.to_string());
+        let parts: Vec<&str> = s.split(':').collect();
+        let (host, container, read_only) = match parts.as_slice() {
+            [h, c] => (*h, *c, false),
+            [h, c, "ro"] => (*h, *c, true),
+            [h, c, "rw"] => (*h, *c, false),
+            _ => return Err(bad()),
+        };
+        if !host.starts_with('/') || !container.starts_with('/') || container.split('/').any(|c| c == "..") {
+            return Err(bad());
+        }
+        Ok(Volume { host: PathBuf::from(host), container: container.to_string(), read_only })
+    }
+}
+
+/// What `hb run` was asked for beyond the image.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunOptions {
+    /// `--entrypoint` (replaces the image's entrypoint and drops its cmd, as docker does).
+    pub entrypoint: Option<String>,
+    /// Arguments after the image name (replace the image's cmd).
+    pub cmd: Vec<String>,
+    /// `-e KEY=VALUE` (later wins over the image's).
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    /// `-u user[:group]`, names or ids.
+    pub user: Option<String>,
+    pub volumes: Vec<Volume>,
+    pub read_only: bool,
+    pub network: Network,
+    pub tty: bool,
+    /// Bytes.
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids_limit: Option<i64>,
+    pub hostname: Option<String>,
+}
+
+/// The process's arguments, docker's way: entrypoint + cmd, where arguments replace the image's
+/// cmd and `--entrypoint` replaces its entrypoint and drops its cmd.
+pub fn process_args(image: &ImageConfig, opts: &RunOptions) -> Result<Vec<String>, SpecError> {
+    let (entrypoint, default_cmd) = match &opts.entrypoint {
+        Some(e) if e.is_empty() => (vec![], vec![]),
+        Some(e) => (vec![e.clone()], vec![]),
+        None => (image.entrypoint.clone(), image.cmd.clone()),
+    };
+    let cmd = if opts.cmd.is_empty() { default_cmd } else { opts.cmd.clone() };
+    let args: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if args.is_empty() {
+        return Err(SpecError::NoCommand);
+    }
+    Ok(args)
+}
+
+/// The environment: the image's, then `-e` (same key: the later wins), PATH if neither set one,
+/// HOSTNAME, and TERM for a terminal.
+fn environment(image: &ImageConfig, opts: &RunOptions, hostname: &str) -> Vec<String> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut put = |kv: &str| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        if env.insert(k.to_string(), v.to_string()).is_none() {
+            order.push(k.to_string());
+        }
+    };
+    put("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    put(&format!("HOSTNAME={hostname}"));
+    if opts.tty {
+        put("TERM=xterm");
+    }
+    image.env.iter().for_each(|e| put(e));
+    opts.env.iter().for_each(|e| put(e));
+    order.into_iter().map(|k| format!("{k}={}", env[&k])).collect()
+}
+
+/// Numeric ids of a container's user.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UserIds {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+/// Resolves `user[:group]` (names or numbers) against the image's /etc/passwd and /etc/group
+/// contents, as docker does: a known user name gives its uid and primary gid; a bare number is
+/// a uid (gid from passwd if listed, else 0); supplementary groups come from /etc/group.
+pub fn resolve_user(spec: Option<&str>, passwd: Option<&str>, group: Option<&str>) -> Result<UserIds, SpecError> {
+    let spec = spec.unwrap_or("").trim();
+    if spec.is_empty() {
+        return Ok(UserIds::default());
+    }
+    let (user, grp) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd_entries: Vec<Vec<&str>> =
+        passwd.unwrap_or("").lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4).collect();
+    let group_entries: Vec<Vec<&str>> =
+        group.unwrap_or("").lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 3).collect();
+    let (uid, mut gid, name) = match user.parse::<u32>() {
+        Ok(uid) => {
+            let found = passwd_entries.iter().find(|f| f[2].parse() == Ok(uid));
+            (uid, found.and_then(|f| f[3].parse().ok()).unwrap_or(0), found.map(|f| f[0].to_string()))
+        }
+        Err(_) => {
+            let f = passwd_entries.iter().find(|f| f[0] == user).ok_or_else(|| SpecError::UnknownUser(user.into()))?;
+            let uid = f[2].parse().map_err(|_| SpecError::UnknownUser(user.into()))?;
+            (uid, f[3].parse().unwrap_or(0), Some(user.to_string()))
+        }
+    };
+    if let Some(g) = grp {
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => group_entries
+                .iter()
+                .find(|f| f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| SpecError::UnknownGroup(g.into()))?,
+        };
+    }
+    let mut additional_gids = Vec::new();
+    if let Some(name) = name {
+        for f in &group_entries {
+            if f.len() >= 4 && f[3].split(',').any(|m| m == name) {
+                if let Ok(g) = f[2].parse::<u32>() {
+                    if g != gid && !additional_gids.contains(&g) {
+                        additional_gids.push(g);
+                    }
+                }
+            }
+        }
+    }
+    Ok(UserIds { uid, gid, additional_gids })
+}
+
+/// `--memory` values: bytes, or with a b/k/m/g suffix (binary, as docker).
+pub fn parse_memory(s: &str) -> Result<u64, SpecError> {
+    let bad = |why| SpecError::BadValue { flag: "--memory", value: s.to_string(), why };
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.chars().last() {
+        Some('b') => (&t[..t.len() - 1], 1u64),
+        Some('k') => (&t[..t.len() - 1], 1 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (&t[..], 1),
+    };
+    let n: u64 = num.parse().map_err(|_| bad("a number with an optional b, k, m or g suffix"))?;
+    let bytes = n.checked_mul(mult).ok_or_else(|| bad("too large"))?;
+    if bytes < 6 << 20 {
+        return Err(bad("the minimum is 6m"));
+    }
+    Ok(bytes)
+}
+
+/// `--cpus` values: a positive number of CPUs, fractions allowed.
+pub fn parse_cpus(s: &str) -> Result<f64, SpecError> {
+    match s.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && n.is_finite() => Ok(n),
+        _ => Err(SpecError::BadValue { flag: "--cpus", value: s.to_string(), why: "a positive number such as 1.5" }),
+    }
+}
+
+/// Docker's default capabilities for a container's root user.
+pub fn default_capabilities() -> Vec<Capability> {
+    use Capability::*;
+    vec![
+        Chown,
+        DacOverride,
+        Fsetid,
+        Fowner,
+        Mknod,
+        NetRaw,
+        Setgid,
+        Setuid,
+        Setfcap,
+        Setpcap,
+        NetBindService,
+        SysChroot,
+        Kill,
+        AuditWrite,
+    ]
+}
+
+/// Syscalls a container must not make even as root (kernel modules, kexec, clocks, swap,
+/// accounting, keyrings, BPF, perf, ptrace of other processes' memory ...): they fail with EPERM.
+/// A deny list, so ordinary programs (including new syscalls) keep working; docker's profile is an
+/// allow list with the same effect on this set.
+const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "query_module",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "syslog",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "move_mount",
+    "open_tree",
+];
+
+/// The default seccomp profile: allow, except [`DENIED_SYSCALLS`] (EPERM).
+pub fn default_seccomp() -> Result<LinuxSeccomp, SpecError> {
+    let deny = LinuxSyscallBuilder::default()
+        .names(DENIED_SYSCALLS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(1u32)
+        .build()
+        .map_err(oci)?;
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .syscalls(vec![deny])
+        .build()
+        .map_err(oci)
+}
+
+fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount, SpecError> {
+    MountBuilder::default()
+        .destination(dest)
+        .typ(typ)
+        .source(source)
+        .options(options.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .build()
+        .map_err(oci)
+}
+
+/// The runtime spec: `rootfs` as the root (read-only with `--read-only`), the process from
+/// [`process_args`], [`environment`] and `user`, runc's default mounts plus volumes, runc's masked
+/// and read-only paths, docker's default capabilities, [`default_seccomp`], limits, namespaces
+/// (no network namespace with `--network host`), cgroup `cgroups_path`.
+pub fn build_spec(
+    image: &ImageConfig,
+    opts: &RunOptions,
+    user: &UserIds,
+    rootfs: &std::path::Path,
+    hostname: &str,
+    cgroups_path: Option<&str>,
+) -> Result<Spec, SpecError> {
+    let args = process_args(image, opts)?;
+    let cwd = opts.workdir.clone().or_else(|| image.working_dir.clone()).unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') {
+        return Err(SpecError::BadValue { flag: "--workdir", value: cwd, why: "must be an absolute path" });
+    }
+    let caps = default_capabilities();
+    let caps_set: std::collections::HashSet<Capability> = caps.iter().copied().collect();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps_set.clone())
+        .effective(if user.uid == 0 { caps_set.clone() } else { Default::default() })
+        .permitted(if user.uid == 0 { caps_set.clone() } else { Default::default() })
+        .build()
+        .map_err(oci)?;
+    let process = ProcessBuilder::default()
+        .terminal(opts.tty)
+        .user(
+            UserBuilder::default()
+                .uid(user.uid)
+                .gid(user.gid)
+                .additional_gids(user.additional_gids.clone())
+                .build()
+                .map_err(oci)?,
+        )
+        .args(args)
+        .env(environment(image, opts, hostname))
+        .cwd(cwd)
+        .capabilities(capabilities)
+        .rlimits(vec![PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .hard(1_048_576u64)
+            .soft(1_048_576u64)
+            .build()
+            .map_err(oci)?])
+        .no_new_privileges(false)
+        .build()
+        .map_err(oci)?;
+
+    let mut mounts = vec![
+        mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
+        mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"])?,
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        )?,
+        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"])?,
+        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"])?,
+        mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"])?,
+        mount("/sys/fs/cgroup", "cgroup", "cgroup", &["nosuid", "noexec", "nodev", "relatime", "ro"])?,
+    ];
+    if opts.network == Network::Host {
+        for f in ["/etc/resolv.conf", "/etc/hosts"] {
+            mounts.push(mount(f, "bind", f, &["rbind", "ro", "nosuid", "nodev"])?);
+        }
+    }
+    for v in &opts.volumes {
+        let mode = if v.read_only { "ro" } else { "rw" };
+        mounts.push(mount(&v.container, "bind", &v.host.to_string_lossy(), &["rbind", mode])?);
+    }
+
+    let mut resources = LinuxResourcesBuilder::default();
+    if let Some(m) = opts.memory {
+        // No swap beyond the limit, as docker's --memory without --memory-swap... allows 2x; we
+        // keep it strict so the limit is the limit.
+        resources =
+            resources.memory(LinuxMemoryBuilder::default().limit(m as i64).swap(m as i64).build().map_err(oci)?);
+    }
+    if let Some(c) = opts.cpus {
+        let period = 100_000u64;
+        resources = resources
+            .cpu(LinuxCpuBuilder::default().period(period).quota((c * period as f64) as i64).build().map_err(oci)?);
+    }
+    if let Some(p) = opts.pids_limit {
+        resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().map_err(oci)?);
+    }
+    let defaults = oci_spec::runtime::Linux::default();
+    let namespaces: Vec<_> = defaults
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !(opts.network == Network::Host && n.typ() == LinuxNamespaceType::Network))
+        .collect();
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
+        .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
+        .resources(resources.build().map_err(oci)?)
+        .seccomp(default_seccomp()?);
+    if let Some(cg) = cgroups_path {
+        linux = linux.cgroups_path(cg);
+    }
+    let mut spec = Spec::default();
+    spec.set_hostname(Some(hostname.to_string()));
+    spec.set_process(Some(process));
+    spec.set_root(Some(RootBuilder::default().path(rootfs).readonly(opts.read_only).build().map_err(oci)?));
+    spec.set_mounts(Some(mounts));
+    spec.set_linux(Some(linux.build().map_err(oci)?));
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> ImageConfig {
+        ImageConfig::from_json(
+            br#"{"config":{"Entrypoint":["/bin/ep"],"Cmd":["run","--fast"],"Env":["PATH=/opt/bin:/bin","A=1"],"WorkingDir":"/app","User":"app"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn arguments_follow_docker() {
+        let img = image();
+        let o = |cmd: &[&str], ep: Option<&str>| RunOptions {
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            entrypoint: ep.map(String::from),
+            ..Default::default()
+        };
+        assert_eq!(process_args(&img, &o(&[], None)).unwrap(), ["/bin/ep", "run", "--fast"]);
+        assert_eq!(process_args(&img, &o(&["x"], None)).unwrap(), ["/bin/ep", "x"]);
+        assert_eq!(process_args(&img, &o(&[], Some("/bin/sh"))).unwrap(), ["/bin/sh"], "--entrypoint drops the cmd");
+        assert_eq!(process_args(&img, &o(&["-c", "true"], Some("/bin/sh"))).unwrap(), ["/bin/sh", "-c", "true"]);
+        assert_eq!(process_args(&ImageConfig::default(), &o(&[], None)), Err(SpecError::NoCommand));
+    }
+
+    #[test]
+    fn environment_later_wins_and_keeps_order() {
+        let opts = RunOptions { env: vec!["A=2".into(), "B=3".into()], tty: true, ..Default::default() };
+        let env = environment(&image(), &opts, "h1");
+        assert_eq!(env, ["PATH=/opt/bin:/bin", "HOSTNAME=h1", "TERM=xterm", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn users_resolve_like_docker() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n";
+        let group = "root:x:0:\napp:x:1000:\nwheel:x:10:app,other\nstaff:x:50:\n";
+        let r = |s| resolve_user(Some(s), Some(passwd), Some(group));
+        assert_eq!(r("app").unwrap(), UserIds { uid: 1000, gid: 1000, additional_gids: vec![10] });
+        assert_eq!(r("1000:50").unwrap(), UserIds { uid: 1000, gid: 50, additional_gids: vec![10] });
+        assert_eq!(r("4242").unwrap(), UserIds { uid: 4242, gid: 0, additional_gids: vec![] });
+        assert_eq!(r("app:staff").unwrap().gid, 50);
+        assert_eq!(r("nobody"), Err(SpecError::UnknownUser("nobody".into())));
+        assert_eq!(r("app:nogroup"), Err(SpecError::UnknownGroup("nogroup".into())));
+        assert_eq!(resolve_user(None, None, None).unwrap(), UserIds::default());
+    }
+
+    #[test]
+    fn values_and_volumes_parse_or_say_why() {
+        assert_eq!(parse_memory("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_memory("1G").unwrap(), 1 << 30);
+        assert!(parse_memory("1k").is_err(), "below docker's 6m minimum");
+        assert!(parse_memory("lots").is_err());
+        assert_eq!(parse_cpus("1.5").unwrap(), 1.5);
+        assert!(parse_cpus("0").is_err() && parse_cpus("x").is_err());
+        let v: Volume = "/data:/mnt/data:ro".parse().unwrap();
+        assert!(v.read_only && v.container == "/mnt/data");
+        assert!("rel:/x".parse::<Volume>().is_err());
+        assert!("/a:/x/../etc".parse::<Volume>().is_err());
+        assert!("/a".parse::<Volume>().is_err());
+    }
+
+    #[test]
+    fn the_spec_carries_limits_defaults_and_options() {
+        let opts = RunOptions {
+            memory: Some(64 << 20),
+            cpus: Some(0.5),
+            pids_limit: Some(32),
+            read_only: true,
+            network: Network::None,
+            volumes: vec!["/srv:/data".parse().unwrap()],
+            ..Default::default()
+        };
+        let user = UserIds { uid: 1000, gid: 1000, additional_gids: vec![] };
+        let spec = build_spec(&image(), &opts, &user, std::path::Path::new("/r"), "c1", Some("/hb/c1")).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["root"]["readonly"], true);
+        assert_eq!(json["process"]["cwd"], "/app");
+        assert_eq!(json["process"]["user"]["uid"], 1000);
+        assert_eq!(json["linux"]["resources"]["memory"]["limit"], 64 << 20);
+        assert_eq!(json["linux"]["resources"]["cpu"]["quota"], 50_000);
+        assert_eq!(json["linux"]["resources"]["pids"]["limit"], 32);
+        assert_eq!(json["linux"]["cgroupsPath"], "/hb/c1");
+        let ns: Vec<&str> =
+            json["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        assert!(ns.contains(&"network") && ns.contains(&"pid") && ns.contains(&"mount"), "{ns:?}");
+        assert!(json["linux"]["maskedPaths"].as_array().unwrap().iter().any(|p| p == "/proc/kcore"));
+        assert!(json["linux"]["readonlyPaths"].as_array().unwrap().iter().any(|p| p == "/proc/sys"));
+        let mounts = json["mounts"].as_array().unwrap();
+        assert!(mounts.iter().any(|m| m["destination"] == "/data" && m["source"] == "/srv"));
+        assert!(json["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap().iter().any(|n| n == "kexec_load"));
+        // A non-root user gets no effective capabilities; root gets docker's set.
+        assert!(json["process"]["capabilities"]["effective"].as_array().is_none_or(|a| a.is_empty()));
+        let host = RunOptions { network: Network::Host, ..Default::default() };
+        let spec = build_spec(&image(), &host, &UserIds::default(), std::path::Path::new("/r"), "c2", None).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        let ns: Vec<&str> =
+            json["linux"]["namespaces"].as_array().unwrap().iter().map(|n| n["type"].as_str().unwrap()).collect();
+        assert!(!ns.contains(&"network"), "--network host shares the host's namespace");
+        assert_eq!(json["process"]["capabilities"]["effective"].as_array().unwrap().len(), 14);
+    }
+}
