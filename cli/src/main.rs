@@ -8,6 +8,7 @@ mod convert;
 mod mount;
 mod output;
 mod pull;
+mod run;
 
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -49,8 +50,9 @@ struct Global {
     /// No progress bars or summaries on stderr
     #[arg(long, short, global = true)]
     quiet: bool,
-    /// More log output on stderr (-v info, -vv debug); HB_LOG takes tracing filter syntax
-    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    /// More log output on stderr (once: info, twice: debug); HB_LOG takes tracing filter syntax.
+    /// Long form only: `-v` is `hb run`'s volume flag, as in docker.
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 }
 
@@ -100,6 +102,8 @@ enum Cmd {
         #[arg(long)]
         plain_http: bool,
     },
+    /// Run a command in a new container from an image (pulled, lazily when it can be, if missing)
+    Run(Box<RunCli>),
     /// Unmount what `hb mount` mounted at DIR (also detaches a stale mount of a dead process)
     Umount { dir: PathBuf },
     /// Write an accelerated (lazy-pullable) form of SRC to DST in any OCI registry, bound to the
@@ -167,6 +171,64 @@ enum Cmd {
     Gc,
     /// Verify every chunk, index and reference; exit 0 only when the store is clean
     Fsck,
+}
+
+/// `hb run`'s flags, as docker's.
+#[derive(Args)]
+struct RunCli {
+    image: String,
+    /// Command and arguments (replace the image's CMD)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+    /// Set environment variables (KEY=VALUE, or KEY to take it from hb's environment)
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the container
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// User (name|uid[:group|gid])
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Bind mount a volume (HOST:CONTAINER[:ro|rw])
+    #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    volume: Vec<hb_runtime::Volume>,
+    /// Remove the container when it exits (a foreground container always is, for now)
+    #[arg(long)]
+    rm: bool,
+    /// Run in the background (not supported yet)
+    #[arg(short, long)]
+    detach: bool,
+    #[arg(long)]
+    name: Option<String>,
+    /// Overwrite the image's ENTRYPOINT (drops its CMD, as docker does)
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Allocate a pseudo-terminal
+    #[arg(short, long)]
+    tty: bool,
+    /// Keep stdin open
+    #[arg(short, long)]
+    interactive: bool,
+    /// Memory limit (e.g. 512m, 1g)
+    #[arg(short, long, value_parser = hb_runtime::parse_memory)]
+    memory: Option<u64>,
+    /// CPUs (e.g. 1.5)
+    #[arg(long, value_parser = hb_runtime::parse_cpus)]
+    cpus: Option<f64>,
+    /// Maximum number of processes
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    /// Mount the container's root filesystem read-only
+    #[arg(long)]
+    read_only: bool,
+    /// Network: host (share the host's) or none (loopback only)
+    #[arg(long, default_value = "host", value_parser = ["host", "none"])]
+    network: String,
+    /// OCI runtime (runc, crun, youki or a path) [default: the first that works here]
+    #[arg(long)]
+    runtime: Option<String>,
+    #[arg(long)]
+    plain_http: bool,
 }
 
 #[derive(Subcommand)]
@@ -492,6 +554,59 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let m = mount::mount_image(g, &rt, store.clone(), &args, &out)?;
             mount::serve(&rt, &store, m, &out)?;
+        }
+        Cmd::Run(r) => {
+            let RunCli {
+                image,
+                command,
+                env,
+                workdir,
+                user,
+                volume,
+                rm: _,
+                detach,
+                name,
+                entrypoint,
+                tty,
+                interactive,
+                memory,
+                cpus,
+                pids_limit,
+                read_only,
+                network,
+                runtime: oci_runtime,
+                plain_http,
+            } = *r;
+            if detach {
+                bail!("hb run -d is not supported yet: containers run in the foreground");
+            }
+            let env = env
+                .into_iter()
+                .map(|e| match e.split_once('=') {
+                    Some(_) => e,
+                    None => format!("{e}={}", std::env::var(&e).unwrap_or_default()),
+                })
+                .collect();
+            let opts = hb_runtime::RunOptions {
+                entrypoint,
+                cmd: command,
+                env,
+                workdir,
+                user,
+                volumes: volume,
+                read_only,
+                network: if network == "none" { hb_runtime::Network::None } else { hb_runtime::Network::Host },
+                tty,
+                memory,
+                cpus,
+                pids_limit,
+                hostname: name.clone(),
+                // As many open files as hb itself may have (docker gives 1048576 where allowed).
+                nofile: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.map(|m| m.min(1 << 20)),
+            };
+            let rt = runtime()?;
+            let args = run::RunArgs { image, opts, name, runtime: oci_runtime, plain_http, interactive };
+            return run::run(g, &rt, store.clone(), args, &out);
         }
         Cmd::Convert { src, dst, plain_http, platform } => {
             let platform = match platform {
@@ -826,4 +941,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every command's flags are consistent (clap checks this lazily, per command, at run time).
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

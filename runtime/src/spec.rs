@@ -119,6 +119,8 @@ pub struct RunOptions {
     pub cpus: Option<f64>,
     pub pids_limit: Option<i64>,
     pub hostname: Option<String>,
+    /// Open-file limit (soft and hard); at most what the caller may set [default: 1024].
+    pub nofile: Option<u64>,
 }
 
 /// The process's arguments, docker's way: entrypoint + cmd, where arguments replace the image's
@@ -393,8 +395,8 @@ pub fn build_spec(
         .capabilities(capabilities)
         .rlimits(vec![PosixRlimitBuilder::default()
             .typ(PosixRlimitType::RlimitNofile)
-            .hard(1_048_576u64)
-            .soft(1_048_576u64)
+            .hard(opts.nofile.unwrap_or(1024))
+            .soft(opts.nofile.unwrap_or(1024))
             .build()
             .map_err(oci)?])
         .no_new_privileges(false)

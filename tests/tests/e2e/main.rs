@@ -9,3 +9,4 @@ mod integrity;
 mod lazy;
 mod pull;
 mod roundtrip;
+mod run;
