@@ -302,3 +302,73 @@ fn reads(runs: usize, hb: &Path, image: &str) -> anyhow::Result<()> {
     println!("| hb mount | {:.2} s | **{:.2}x** |", hs.as_secs_f64(), hs.as_secs_f64() / os.as_secs_f64());
     Ok(())
 }
+
+/// `hb run` against the runtime underneath it, and a cold start against containerd.
+pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
+    let hb = hb_binary()?;
+    let work = scratch()?;
+    let root = work.path().join("store");
+    timed_command(Command::new(&hb).arg("--root").arg(&root).args(["-q", "pull", small]))?;
+    // The same image as a plain runc bundle: rootfs unpacked, `runc spec` adjusted.
+    let bundle = work.path().join("bundle");
+    timed_command(Command::new(&hb).arg("--root").arg(&root).args(["-q", "export", small]).arg(bundle.join("rootfs")))?;
+    timed_command(Command::new("runc").arg("spec").current_dir(&bundle))?;
+    let cfg_path = bundle.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfg_path)?)?;
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = serde_json::json!(["true"]);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)?;
+    let (mut t_hb, mut t_runc) = (vec![], vec![]);
+    for run in 0..runs.max(5) {
+        let t = Instant::now();
+        timed_command(Command::new("runc").args(["run", "--bundle"]).arg(&bundle).arg(format!("hb-bench-{run}")))?;
+        t_runc.push(t.elapsed());
+        let t = Instant::now();
+        timed_command(Command::new(&hb).arg("--root").arg(&root).args(["-q", "run", "--rm", small, "true"]))?;
+        t_hb.push(t.elapsed());
+    }
+    let n = runs.max(5);
+    let (h, r) = (median(t_hb), median(t_runc));
+    println!("| `true` in {small}, warm store, median of {n} | time | vs runc |");
+    println!("|---|---|---|");
+    println!("| `runc run` of a pre-extracted bundle | {:.3} s | 1.00x |", r.as_secs_f64());
+    println!(
+        "| `hb run --rm` (image mount + overlayfs + spec + runc run + cleanup) | {:.3} s | **{:.2}x** |",
+        h.as_secs_f64(),
+        h.as_secs_f64() / r.as_secs_f64()
+    );
+
+    // Cold: nothing on the machine, to the first line the command prints.
+    let containerd = repo_root().join("scripts/containerd.sh");
+    let sock =
+        std::env::var("HB_CONTAINERD_DIR").unwrap_or_else(|_| "/dev/shm/hb-containerd".into()) + "/containerd.sock";
+    let conv = work.path().join("convert");
+    let lazy = format!("{}-run-bench", large.replace("/debian-app:", "/bench/debian-app:"));
+    timed_command(Command::new(&hb).arg("--root").arg(&conv).args(["-q", "convert", large, &lazy]))?;
+    timed_command(Command::new(&hb).arg("--root").arg(&conv).args(["-q", "optimize", &lazy, "--"]).args(CMD))?;
+    let (mut t_cold, mut t_ctr) = (vec![], vec![]);
+    for run in 0..runs {
+        timed_command(Command::new(&containerd).arg("reset"))?;
+        let started = Instant::now();
+        timed_command(Command::new("ctr").args(["-a", &sock, "-n", "bench", "images", "pull", "--plain-http", large]))?;
+        let mut ctr_run = Command::new("ctr");
+        ctr_run.args(["-a", &sock, "-n", "bench", "run", "--rm", large, &format!("run-bench-{run}")]).args(CMD);
+        t_ctr.push(time_to_output(ctr_run, started)?);
+        let dir = scratch()?;
+        let mut hb_run = Command::new(&hb);
+        hb_run.arg("--root").arg(dir.path().join("store")).args(["-q", "run", "--rm", &lazy]).args(CMD);
+        t_cold.push(time_to_output(hb_run, Instant::now())?);
+    }
+    timed_command(Command::new(&containerd).arg("stop"))?;
+    let (h, c) = (median(t_cold), median(t_ctr));
+    println!();
+    println!("| `python3 -c 'print(1)'` in {large}, cold, loopback, median of {runs} | time to first output | vs hb |");
+    println!("|---|---|---|");
+    println!("| `hb run --rm` of the accelerated image (lazy pull, mount, overlayfs, runc; start-up order prefetched) | {:.2} s | 1.00x |", h.as_secs_f64());
+    println!(
+        "| containerd 1.6: `ctr images pull` + `ctr run --rm` (overlayfs, runc) | {:.2} s | **{:.1}x** |",
+        c.as_secs_f64(),
+        c.as_secs_f64() / h.as_secs_f64()
+    );
+    Ok(())
+}

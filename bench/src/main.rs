@@ -80,6 +80,14 @@ enum Cmd {
         #[arg(long)]
         start_only: bool,
     },
+    /// `hb run --rm busybox true` vs `runc run` of a pre-extracted bundle of the same image; cold
+    /// `hb run` of the large image to first output vs `ctr images pull` + `ctr run`
+    Run {
+        #[arg(long, default_value = "127.0.0.1:15000/busybox:latest")]
+        small: String,
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
+        large: String,
+    },
     /// Every benchmark above
     All,
 }
@@ -440,6 +448,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Index { layer: l } => index(runs, &layer(l))?,
         Cmd::Pull { image, next, netns } => pull(runs, &image, &next, netns.as_deref())?,
         Cmd::Lazy { image, netns, start_only } => lazy::run(runs, &image, netns.as_deref(), start_only)?,
+        Cmd::Run { small, large } => lazy::containers(runs, &small, &large)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();
