@@ -77,8 +77,11 @@ fn a_second_process_is_told_the_store_is_busy() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert!(held, "the holder never took the lock");
-    let err = hb.fails(&["du"], 1);
+    // Writing commands are told the store is busy; reading ones get a read-only view.
+    let err = hb.fails(&["gc"], 1);
     assert!(err.contains("in use by another hb process"), "{err}");
+    let o = hb.run(&["du"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("read-only view"), "{o:?}");
     drop(stdin);
     let _ = holder.wait();
     hb.ok(&["du"]);
