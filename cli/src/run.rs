@@ -176,8 +176,11 @@ pub fn run(
         };
         Ok(ExitCode::from(code.clamp(0, 255) as u8))
     })();
-    // Whatever happened: the runtime's state, the overlay, the image mount, the bundle.
-    let _ = std::process::Command::new(&runtime).args(["delete", "--force", &id]).output();
+    // Whatever happened: the runtime's state (`run` deletes it when the container ends normally),
+    // the overlay, the image mount, the bundle.
+    if result.is_err() {
+        let _ = std::process::Command::new(&runtime).args(["delete", "--force", &id]).output();
+    }
     let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
     let _ = hb_fuse::unmount(&lower);
     let waited = m.mounted.wait();

@@ -429,8 +429,7 @@ pub fn build_spec(
 
     let mut resources = LinuxResourcesBuilder::default();
     if let Some(m) = opts.memory {
-        // No swap beyond the limit, as docker's --memory without --memory-swap... allows 2x; we
-        // keep it strict so the limit is the limit.
+        // memory+swap equal to memory: no swap on top (docker would allow as much swap again).
         resources =
             resources.memory(LinuxMemoryBuilder::default().limit(m as i64).swap(m as i64).build().map_err(oci)?);
     }
