@@ -42,11 +42,13 @@ pub fn detect_runtime(wanted: Option<&str>) -> anyhow::Result<PathBuf> {
             why.push(format!("{c}: not installed"));
             continue;
         };
-        match std::process::Command::new(&path).arg("--version").output() {
-            Ok(o) if o.status.success() => {}
-            _ => {
-                why.push(format!("{c}: `{} --version` failed", path.display()));
-                continue;
+        if !probe_cached(&path) {
+            match std::process::Command::new(&path).arg("--version").output() {
+                Ok(o) if o.status.success() => remember_probe(&path),
+                _ => {
+                    why.push(format!("{c}: `{} --version` failed", path.display()));
+                    continue;
+                }
             }
         }
         // crun refuses hybrid cgroup hierarchies (v1 controllers plus cgroup2 at .../unified).
@@ -57,6 +59,32 @@ pub fn detect_runtime(wanted: Option<&str>) -> anyhow::Result<PathBuf> {
         return Ok(path);
     }
     bail!("no usable OCI runtime ({}); scripts/setup.sh installs runc", why.join("; "))
+}
+
+/// A runtime binary that answered the probe, by path, size and mtime (so an upgrade is probed
+/// again). Kept in /run: a reboot forgets it.
+fn probe_key(path: &Path) -> Option<String> {
+    let m = std::fs::metadata(path).ok()?;
+    use std::os::unix::fs::MetadataExt;
+    Some(format!("{} {} {}\n", path.display(), m.len(), m.mtime()))
+}
+
+const PROBE_CACHE: &str = "/run/hb/runtimes";
+
+fn probe_cached(path: &Path) -> bool {
+    let (Some(key), Ok(cache)) = (probe_key(path), std::fs::read_to_string(PROBE_CACHE)) else { return false };
+    cache.lines().any(|l| format!("{l}\n") == key)
+}
+
+fn remember_probe(path: &Path) {
+    if let Some(key) = probe_key(path) {
+        let _ = std::fs::create_dir_all("/run/hb");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(PROBE_CACHE)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()));
+    }
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
