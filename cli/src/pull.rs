@@ -174,6 +174,13 @@ pub fn pull(
                     let fetched = registry.fetch_blob(&reference, &layer, tx).await;
                     let imported = ingest.await.context("ingest task panicked")?;
                     bar.finish_and_clear();
+                    // When the store stopped reading (bad layer), its error is the cause to report.
+                    let imported = match (&fetched, imported) {
+                        (Err(hb_registry::RegistryError::ReceiverGone { .. }), Err(e)) => {
+                            return Err(anyhow::Error::new(e).context(format!("storing layer {}", layer.digest)))
+                        }
+                        (_, i) => i,
+                    };
                     let bytes = fetched.with_context(|| format!("downloading layer {}", layer.digest))?;
                     let r = imported.with_context(|| format!("storing layer {}", layer.digest))?;
                     if r.diff_id != layer.diff_id {

@@ -448,10 +448,7 @@ impl Registry {
                         });
                     }
                     if out.send(Ok(b.to_vec())).await.is_err() {
-                        return Err(RegistryError::Transport {
-                            registry: self.registry.clone(),
-                            reason: "the receiver stopped".into(),
-                        });
+                        return Err(RegistryError::ReceiverGone { blob: layer.digest.to_string() });
                     }
                 }
                 Ok(offset == layer.size)

@@ -27,6 +27,10 @@ pub enum RegistryError {
     /// The registry answered, and the answer was no (a 4xx other than 401/403/404/408/429).
     #[error("{registry}: {reason}")]
     Rejected { registry: String, reason: String },
+    /// Whoever consumed the blob stopped reading (e.g. the store refused the layer); not retried:
+    /// the consumer's error is the one to report.
+    #[error("blob {blob}: its consumer stopped reading")]
+    ReceiverGone { blob: String },
     #[error("{registry}: TLS certificate not trusted: {reason} (trust its CA with `ca = \"...\"` in <hosts-dir>/{registry}/hosts.toml, see --hosts-dir)")]
     Certificate { registry: String, reason: String },
 }

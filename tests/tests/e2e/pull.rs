@@ -204,20 +204,60 @@ fn wrong_bytes_from_the_registry_are_refused_and_nothing_is_stored() {
     let hb = Hb::new();
     hb.ok(&["pull", &format!("{reg}/busybox:latest")]);
     let before = hb.state();
-    let tag = format!("corrupt-{}", std::process::id());
-    let (image, layer, _) = push_unique_image(&hb, &reg, &tag);
-    // Flip a byte of the blob in the registry's own storage: it serves what is on disk.
-    let dir = std::env::var("HB_REGISTRY_DIR").unwrap_or_else(|_| "/var/tmp/hb-registry".into());
-    let blob = Path::new(&dir).join(format!("open/data/docker/registry/v2/blobs/sha256/{}/{layer}/data", &layer[..2]));
-    let mut bytes = std::fs::read(&blob).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&blob, &bytes).unwrap();
-    let err = hb.fails(&["pull", &image], 1);
-    assert!(err.contains(&layer[..12]) && err.contains("digest"), "{err}");
-    assert_eq!(hb.state(), before, "a refused pull changed the store");
+    // A flipped first byte makes the layer undecodable long before the download ends;
+    // one in the middle may be noticed by either side first. Regression: when the store stopped
+    // reading, the download was retried (and ended in a confusing HTTP 416) instead of reporting
+    // the store's error.
+    // Through a slow relay, so the download is still running when the store gives up.
+    let slow = slow_relay(reg.clone());
+    for (n, at_start) in [(0, true), (1, false)] {
+        let tag = format!("corrupt-{}-{n}", std::process::id());
+        let (image, layer, _) = push_unique_image(&hb, &reg, &tag);
+        let image = image.replacen(&reg, &slow, 1);
+        // Flip a byte of the blob in the registry's own storage: it serves what is on disk.
+        let dir = std::env::var("HB_REGISTRY_DIR").unwrap_or_else(|_| "/var/tmp/hb-registry".into());
+        let blob =
+            Path::new(&dir).join(format!("open/data/docker/registry/v2/blobs/sha256/{}/{layer}/data", &layer[..2]));
+        let mut bytes = std::fs::read(&blob).unwrap();
+        let pos = if at_start { 0 } else { bytes.len() / 2 };
+        bytes[pos] ^= 0xff;
+        std::fs::write(&blob, &bytes).unwrap();
+        let err = hb.fails(&["pull", &image], 1);
+        assert!(err.contains(&layer[..12]), "{err}");
+        assert!(err.contains("digest") || err.contains("corrupt") || err.contains("bad layer"), "{err}");
+        assert!(!err.contains("resuming") && !err.contains("416"), "a refused layer is not downloaded again: {err}");
+        assert_eq!(hb.state(), before, "a refused pull changed the store");
+    }
     assert!(hb.json(&["images"]).as_array().unwrap().iter().all(|i| !i["name"].as_str().unwrap().contains("unique")));
     hb.fsck_clean();
+}
+
+/// A TCP relay to `upstream` that sends at most 16 KiB towards the client every 5 ms.
+fn slow_relay(upstream: String) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let Ok(mut server) = TcpStream::connect(&upstream) else { return };
+                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut s2);
+                });
+                let mut buf = [0u8; 16384];
+                while let Ok(k) = server.read(&mut buf) {
+                    if k == 0 || client.write_all(&buf[..k]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
 }
 
 /// A TCP proxy to `upstream` that cuts the first connection once it has relayed `cut_after`
