@@ -451,6 +451,16 @@ impl Store {
         let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
         report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes())?.is_some();
         let completes_lazy = report.already_present && self.db.get_pinned(lazy_key(&report.diff_id))?.is_some();
+        // Where this ingest wrote a chunk, counted as live in its pack.
+        let mut place = |id: &ChunkId| -> Result<Location> {
+            let loc = *locations.get(id).ok_or_else(|| StoreError::Io {
+                context: format!("committing chunk {id}"),
+                source: io::Error::other("the pack writer lost a chunk"),
+            })?;
+            pack_rec.live_bytes += loc.record_len();
+            pack_rec.live_chunks += 1;
+            Ok(loc)
+        };
         if completes_lazy {
             // The layer was pulled lazily: keep its index and refcounts, fill in every chunk that
             // is still absent, and it becomes an ordinary complete layer.
@@ -458,14 +468,9 @@ impl Store {
             for (id, s) in &seen {
                 let Seen::New = s else { continue };
                 let Some(rec) = self.chunk_record(id)?.filter(|r| r.loc.is_absent()) else { continue };
-                let loc = locations.get(id).ok_or_else(|| StoreError::Io {
-                    context: format!("committing chunk {id}"),
-                    source: io::Error::other("the pack writer lost a chunk"),
-                })?;
-                pack_rec.live_bytes += loc.record_len();
-                pack_rec.live_chunks += 1;
+                let loc = place(id)?;
                 filled += 1;
-                batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), ChunkRecord { loc: *loc, ..rec }.encode());
+                batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), ChunkRecord { loc, ..rec }.encode());
             }
             batch.delete(lazy_key(&report.diff_id));
             report.new_chunks = filled;
@@ -489,25 +494,11 @@ impl Store {
                     // in the pack until gc compacts it.
                     (_, Some(rec)) if !rec.loc.is_absent() => ChunkRecord { refcount: rec.refcount + 1, ..rec },
                     // Known to a lazy layer but not fetched: ours becomes the copy.
-                    (Seen::New, Some(rec)) => {
-                        let loc = locations.get(id).ok_or_else(|| StoreError::Io {
-                            context: format!("committing chunk {id}"),
-                            source: io::Error::other("the pack writer lost a chunk"),
-                        })?;
-                        pack_rec.live_bytes += loc.record_len();
-                        pack_rec.live_chunks += 1;
-                        ChunkRecord { loc: *loc, refcount: rec.refcount + 1 }
-                    }
+                    (Seen::New, Some(rec)) => ChunkRecord { loc: place(id)?, refcount: rec.refcount + 1 },
                     (Seen::Stored, Some(_)) => return Err(StoreError::MissingChunk(*id)),
                     (Seen::New, None) => {
-                        let loc = locations.get(id).ok_or_else(|| StoreError::Io {
-                            context: format!("committing chunk {id}"),
-                            source: io::Error::other("the pack writer lost a chunk"),
-                        })?;
                         new_ids.push(*id);
-                        pack_rec.live_bytes += loc.record_len();
-                        pack_rec.live_chunks += 1;
-                        ChunkRecord { loc: *loc, refcount: 1 }
+                        ChunkRecord { loc: place(id)?, refcount: 1 }
                     }
                     (Seen::Stored, None) => unreachable!("checked above"),
                 };
