@@ -1,8 +1,6 @@
 //! Lazy starts: `hb mount`, `hb convert`, `hb pull --lazy`, `hb optimize` against the real
 //! registry, real FUSE and overlayfs.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +10,7 @@ use std::time::{Duration, Instant};
 use hb_tests::*;
 
 use super::crafted::{every_entry_type, Tar};
-use super::pull::{http_response, open_registry, push_image, push_unique_image, refusing_proxy, run};
+use super::pull::{http_response, open_registry, push_image, push_unique_image, refusing_proxy, relay, run};
 
 /// A mount that is unmounted (and its process waited for) when dropped.
 struct Mounted<'a> {
@@ -192,43 +190,11 @@ fn corrupt_chunk_data_in_the_registry_is_never_served() {
     assert_eq!(du["unique_bytes"], 0, "no corrupt chunk was stored: {du}");
 }
 
-/// A TCP relay to `upstream` that can be switched off (new and open connections are cut).
-fn switchable_relay(upstream: String) -> (String, Arc<AtomicBool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let alive = Arc::new(AtomicBool::new(true));
-    let on = alive.clone();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
-            if !on.load(Ordering::SeqCst) {
-                continue; // dropped: the client sees a reset
-            }
-            let upstream = upstream.clone();
-            let on = on.clone();
-            std::thread::spawn(move || {
-                let Ok(mut server) = TcpStream::connect(&upstream) else { return };
-                let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c2, &mut s2);
-                });
-                let mut buf = [0u8; 16384];
-                while let Ok(k) = server.read(&mut buf) {
-                    if k == 0 || !on.load(Ordering::SeqCst) || client.write_all(&buf[..k]).is_err() {
-                        break;
-                    }
-                }
-                let _ = client.shutdown(std::net::Shutdown::Both);
-            });
-        }
-    });
-    (addr, alive)
-}
-
 #[test]
 fn a_dead_registry_gives_eio_after_bounded_retries_and_a_killed_mount_is_cleaned_up() {
     let reg = open_registry();
-    let (relay, alive) = switchable_relay(reg.clone());
+    let alive = Arc::new(AtomicBool::new(true));
+    let relay = relay(reg.clone(), None, Some(alive.clone()));
     let lazy = convert(&format!("{reg}/busybox:latest"), "dead");
     let via_relay = lazy.replacen(&reg, &relay, 1);
     let hb = Hb::new();

@@ -209,7 +209,7 @@ fn wrong_bytes_from_the_registry_are_refused_and_nothing_is_stored() {
     // reading, the download was retried (and ended in a confusing HTTP 416) instead of reporting
     // the store's error.
     // Through a slow relay, so the download is still running when the store gives up.
-    let slow = slow_relay(reg.clone());
+    let slow = relay(reg.clone(), Some(std::time::Duration::from_millis(5)), None);
     for (n, at_start) in [(0, true), (1, false)] {
         let tag = format!("corrupt-{}-{n}", std::process::id());
         let (image, layer, _) = push_unique_image(&hb, &reg, &tag);
@@ -232,14 +232,24 @@ fn wrong_bytes_from_the_registry_are_refused_and_nothing_is_stored() {
     hb.fsck_clean();
 }
 
-/// A TCP relay to `upstream` that sends at most 16 KiB towards the client every 5 ms.
-fn slow_relay(upstream: String) -> String {
+/// A TCP relay to `upstream`: towards the client at most 16 KiB per `pace` (if given); while
+/// `alive` (if given) is false, new connections are dropped and open ones cut.
+pub(crate) fn relay(
+    upstream: String,
+    pace: Option<std::time::Duration>,
+    alive: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
+    let on = move || alive.as_ref().is_none_or(|a| a.load(Ordering::SeqCst));
+    let on = Arc::new(on);
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { continue };
-            let upstream = upstream.clone();
+            if !on() {
+                continue; // dropped: the client sees a reset
+            }
+            let (upstream, on) = (upstream.clone(), on.clone());
             std::thread::spawn(move || {
                 let Ok(mut server) = TcpStream::connect(&upstream) else { return };
                 let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -248,10 +258,12 @@ fn slow_relay(upstream: String) -> String {
                 });
                 let mut buf = [0u8; 16384];
                 while let Ok(k) = server.read(&mut buf) {
-                    if k == 0 || client.write_all(&buf[..k]).is_err() {
+                    if k == 0 || !on() || client.write_all(&buf[..k]).is_err() {
                         break;
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    if let Some(p) = pace {
+                        std::thread::sleep(p);
+                    }
                 }
                 let _ = client.shutdown(std::net::Shutdown::Both);
             });
