@@ -71,10 +71,20 @@ fn push_binding(
     dst: &ImageRef,
     resolved: &ResolvedImage,
     cfg: &AccelConfig,
-    blobs: &[(String, Digest, u64)],
 ) -> anyhow::Result<(Digest, Digest)> {
     let cfg_bytes = serde_json::to_vec(cfg)?;
     rt.block_on(reg.push_blob(dst, cfg_bytes.clone()))?;
+    // Every blob the config names, so registries keep them (their garbage collection follows
+    // manifests).
+    let mut blobs: Vec<(&str, Digest, u64)> = Vec::new();
+    for l in &cfg.layers {
+        blobs.push((MEDIA_TYPE_INDEX, l.index, l.index_size));
+        blobs.push((MEDIA_TYPE_TABLE, l.table, l.table_size));
+        blobs.push((MEDIA_TYPE_DATA, l.data, l.data_size));
+    }
+    if let Some((d, s)) = cfg.startup {
+        blobs.push((MEDIA_TYPE_STARTUP, d, s));
+    }
     let layers: Vec<serde_json::Value> =
         blobs.iter().map(|(mt, d, size)| json!({"mediaType": mt, "digest": d.to_string(), "size": size})).collect();
     let manifest = serde_json::to_vec(&json!({
@@ -162,7 +172,6 @@ pub fn convert(
         index_bytes: 0,
     };
     let mut layers = Vec::new();
-    let mut blobs: Vec<(String, Digest, u64)> = Vec::new();
     for l in &resolved.layers {
         let index = store.layer(&l.diff_id)?.with_context(|| format!("layer {} is not stored", l.diff_id))?;
         let mut table = ChunkTable::default();
@@ -185,9 +194,6 @@ pub fn convert(
         };
         report.data_bytes += a.data_size;
         report.index_bytes += a.index_size + a.table_size;
-        blobs.push((MEDIA_TYPE_INDEX.into(), a.index, a.index_size));
-        blobs.push((MEDIA_TYPE_TABLE.into(), a.table, a.table_size));
-        blobs.push((MEDIA_TYPE_DATA.into(), a.data, a.data_size));
         rt.block_on(async {
             dreg.push_blob(&dref, index_raw).await?;
             dreg.push_blob(&dref, table_raw).await?;
@@ -202,7 +208,7 @@ pub fn convert(
         layers,
         startup: None,
     };
-    let (index_digest, accel) = push_binding(rt, &dreg, &dref, &resolved, &cfg, &blobs)?;
+    let (index_digest, accel) = push_binding(rt, &dreg, &dref, &resolved, &cfg)?;
     report.index_digest = index_digest;
     report.accelerated_digest = accel;
     out.note(format!(
@@ -242,19 +248,14 @@ pub fn optimize(
     out: &Out,
 ) -> anyhow::Result<OptimizeReport> {
     let r = ImageRef::parse(reference)?;
-    let reg = registry_for(g, &r, plain_http, hb_registry::Platform::default())?;
+    // One client reads the image, then (authorized for push) writes its new accelerated form.
+    let reg = Arc::new(registry_for(g, &r, plain_http, hb_registry::Platform::default())?);
     let resolved = rt.block_on(reg.resolve(&r))?;
     let Some(accel) = resolved.accelerated else {
         bail!("{reference} has no accelerated form; run `hb convert` first");
     };
     let mut cfg = rt.block_on(reg.fetch_accel_config(&r, &accel, &resolved.manifest_digest))?;
-    crate::pull::pull_lazy(
-        rt,
-        store.clone(),
-        Arc::new(registry_for(g, &r, plain_http, Default::default())?),
-        resolved.clone(),
-        out,
-    )?;
+    crate::pull::pull_lazy(rt, store.clone(), reg.clone(), resolved.clone())?;
     let (image_cmd, env, wd) = image_command(&resolved.config)?;
     let cmd = if command.is_empty() { image_cmd } else { command.to_vec() };
     if cmd.is_empty() {
@@ -308,42 +309,15 @@ pub fn optimize(
             .collect();
         startup.chunks.iter().filter_map(|c| sizes.get(c)).map(|l| *l as u64).sum()
     };
-    reg_push_startup(rt, g, &r, plain_http, &resolved, &mut cfg, raw.clone())?;
+    rt.block_on(reg.connect_push(&r))?;
+    cfg.startup = Some((Digest::of(&raw), raw.len() as u64));
+    rt.block_on(reg.push_blob(&r, raw.clone()))?;
     store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
-    let index_digest = {
-        let reg = registry_for(g, &r, plain_http, Default::default())?;
-        rt.block_on(reg.connect_push(&r))?;
-        let mut blobs = Vec::new();
-        for l in &cfg.layers {
-            blobs.push((MEDIA_TYPE_INDEX.to_string(), l.index, l.index_size));
-            blobs.push((MEDIA_TYPE_TABLE.to_string(), l.table, l.table_size));
-            blobs.push((MEDIA_TYPE_DATA.to_string(), l.data, l.data_size));
-        }
-        if let Some((d, s)) = cfg.startup {
-            blobs.push((MEDIA_TYPE_STARTUP.to_string(), d, s));
-        }
-        push_binding(rt, &reg, &r, &resolved, &cfg, &blobs)?.0
-    };
+    let index_digest = push_binding(rt, &reg, &r, &resolved, &cfg)?.0;
     out.note(format!(
         "{reference}: start-up order of {} chunks ({}) stored in the accelerated image",
         startup.chunks.len(),
         HumanBytes(startup_bytes)
     ));
     Ok(OptimizeReport { reference: r.canonical(), startup_chunks: startup.chunks.len(), startup_bytes, index_digest })
-}
-
-fn reg_push_startup(
-    rt: &tokio::runtime::Runtime,
-    g: &Global,
-    r: &ImageRef,
-    plain_http: bool,
-    _resolved: &ResolvedImage,
-    cfg: &mut AccelConfig,
-    raw: Vec<u8>,
-) -> anyhow::Result<()> {
-    let reg = registry_for(g, r, plain_http, Default::default())?;
-    rt.block_on(reg.connect_push(r))?;
-    cfg.startup = Some((Digest::of(&raw), raw.len() as u64));
-    rt.block_on(reg.push_blob(r, raw))?;
-    Ok(())
 }

@@ -663,7 +663,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ));
                 }
             } else if lazy && resolved.accelerated.is_some() {
-                let report = pull::pull_lazy(&rt, store.clone(), std::sync::Arc::new(registry), resolved, &out)?;
+                let report = pull::pull_lazy(&rt, store.clone(), std::sync::Arc::new(registry), resolved)?;
                 if out.json {
                     out.json_value(&report)?;
                 } else {

@@ -87,7 +87,7 @@ fn pull_for_mount(
     let (registry, resolved) = crate::pull::resolve(rt, &r, opts)?;
     if resolved.accelerated.is_some() {
         let registry = Arc::new(registry);
-        let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved, out)?;
+        let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved)?;
         crate::pull::print_lazy_report(out, &report);
         return Ok(Some((format!("{}/{}", r.registry(), r.repository()), registry)));
     } else {
@@ -212,7 +212,8 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         }
     }
     let s = stats.snapshot();
-    let wire = m.remote.as_ref().map_or(0, |r| r.bytes.load(std::sync::atomic::Ordering::Relaxed));
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (wire, http) = m.remote.as_ref().map_or((0, 0), |r| (load(&r.bytes), load(&r.requests)));
     out.note(format!(
         "unmounted {}: {} chunks local, {} fetched ({} on demand, {} prefetched; {} of file data, {} over the wire in {} requests), {} errors{}",
         dir.display(),
@@ -222,7 +223,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         s.prefetched_chunks,
         HumanBytes(s.remote_bytes),
         HumanBytes(wire),
-        s.remote_requests,
+        http,
         s.errors,
         if complete > 0 { format!("; {complete} layers now complete") } else { String::new() }
     ));
@@ -230,7 +231,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
     let stats_json = serde_json::json!({
         "local_chunks": s.local_chunks, "remote_chunks": s.remote_chunks,
         "prefetched_chunks": s.prefetched_chunks, "remote_bytes": s.remote_bytes,
-        "wire_bytes": wire, "requests": s.remote_requests, "errors": s.errors,
+        "wire_bytes": wire, "requests": http, "errors": s.errors, "fill_errors": s.fill_errors,
         "passthrough": passthrough,
     });
     let _ = std::fs::write(run_file(store.root(), &dir, "stats.json"), stats_json.to_string());

@@ -275,7 +275,6 @@ pub fn pull_lazy(
     store: Arc<Store>,
     registry: Arc<Registry>,
     resolved: ResolvedImage,
-    out: &Out,
 ) -> anyhow::Result<LazyPullReport> {
     let accel = resolved.accelerated.context("the image has no accelerated form")?;
     let r = &resolved.reference;
@@ -358,7 +357,6 @@ pub fn pull_lazy(
         store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
     }
     store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
-    let _ = out;
     Ok(report)
 }
 

@@ -36,9 +36,11 @@ pub struct FetchStats {
     pub remote_chunks: AtomicU64,
     /// Uncompressed bytes of chunks fetched remotely.
     pub remote_bytes: AtomicU64,
+    /// Batches asked of the remote source (it may make several HTTP requests for one).
     pub remote_requests: AtomicU64,
     pub prefetched_chunks: AtomicU64,
     pub errors: AtomicU64,
+    /// Batches of fetched chunks the store could not keep (they are fetched again when read).
     pub fill_errors: AtomicU64,
 }
 
@@ -52,6 +54,7 @@ pub struct StatsSnapshot {
     pub remote_requests: u64,
     pub prefetched_chunks: u64,
     pub errors: u64,
+    pub fill_errors: u64,
 }
 
 impl FetchStats {
@@ -65,6 +68,7 @@ impl FetchStats {
             remote_requests: g(&self.remote_requests),
             prefetched_chunks: g(&self.prefetched_chunks),
             errors: g(&self.errors),
+            fill_errors: g(&self.fill_errors),
         }
     }
 }

@@ -9,7 +9,7 @@ use oci_client::RegistryOperation;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use crate::client::{LayerDesc, Registry, OCI_MANIFEST};
+use crate::client::{LayerDesc, Registry};
 use crate::error::RegistryError;
 use crate::reference::ImageRef;
 
@@ -211,6 +211,3 @@ impl Registry {
         Ok(())
     }
 }
-
-/// Media type of the accelerated manifest.
-pub const ACCEL_MANIFEST_TYPE: &str = OCI_MANIFEST;

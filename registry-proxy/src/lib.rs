@@ -16,7 +16,7 @@ mod platform;
 mod reference;
 mod remote;
 
-pub use accel::{ACCEL_MANIFEST_TYPE, MAX_META_BLOB};
+pub use accel::MAX_META_BLOB;
 pub use client::{
     LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };

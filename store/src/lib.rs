@@ -191,18 +191,7 @@ impl Store {
         }
         config.chunker().validate().map_err(incompatible)?;
 
-        let mut store = Store {
-            root: root.to_path_buf(),
-            packs_dir,
-            db,
-            config,
-            opts,
-            bloom: RwLock::new(ChunkFilter::with_capacity(0, &[0; 32])),
-            readers: RwLock::new(HashMap::new()),
-            writer: Mutex::new(Writer { idle: Vec::new(), in_use: Default::default(), next_pack: 1 }),
-            gate: RwLock::new(()),
-            _lock: Some(lock),
-        };
+        let mut store = Store::assemble(root, db, config, opts, Some(lock));
         let next = store.recover_packs()?;
         store.writer.get_mut().expect("not shared yet").next_pack = next;
         let seq = store.db.latest_sequence_number();
@@ -229,7 +218,15 @@ impl Store {
                 .map_err(|e| StoreError::CorruptMeta(format!("store config: {e}")))?,
             None => return Err(StoreError::NoStore(root.to_path_buf())),
         };
-        let mut store = Store {
+        let mut store = Store::assemble(root, db, config, opts, None);
+        let bloom = store.rebuild_bloom()?;
+        *store.bloom.get_mut().expect("not shared yet") = bloom;
+        Ok(store)
+    }
+
+    /// A store around an open database; its Bloom filter and next pack id are set by the caller.
+    fn assemble(root: &Path, db: DB, config: StoreConfigRecord, opts: StoreOptions, lock: Option<File>) -> Store {
+        Store {
             root: root.to_path_buf(),
             packs_dir: root.join("packs"),
             db,
@@ -239,11 +236,8 @@ impl Store {
             readers: RwLock::new(HashMap::new()),
             writer: Mutex::new(Writer { idle: Vec::new(), in_use: Default::default(), next_pack: 1 }),
             gate: RwLock::new(()),
-            _lock: None,
-        };
-        let bloom = store.rebuild_bloom()?;
-        *store.bloom.get_mut().expect("not shared yet") = bloom;
-        Ok(store)
+            _lock: lock,
+        }
     }
 
     /// False for a read-only view.
