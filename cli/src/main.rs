@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 the operation failed (or `fsck` found problems), 2 usage error.
 
 mod config;
+mod container;
 mod convert;
 mod mount;
 mod output;
@@ -104,6 +105,74 @@ enum Cmd {
     },
     /// Run a command in a new container from an image (pulled, lazily when it can be, if missing)
     Run(Box<RunCli>),
+    /// List containers (running ones; -a: all). `-q` prints ids only
+    Ps {
+        /// Show all containers, not only running ones
+        #[arg(short, long)]
+        all: bool,
+        /// Full ids and commands
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Stop running containers: SIGTERM, then SIGKILL after a grace period
+    Stop {
+        #[arg(required = true, value_name = "CONTAINER")]
+        containers: Vec<String>,
+        /// Seconds to wait before SIGKILL
+        #[arg(short, long, default_value_t = 10)]
+        time: u64,
+    },
+    /// Send a signal to running containers
+    Kill {
+        #[arg(required = true, value_name = "CONTAINER")]
+        containers: Vec<String>,
+        /// Signal name (TERM, SIGHUP, ...) or number
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+    },
+    /// Remove containers (their writable layer and logs)
+    Rm {
+        #[arg(required = true, value_name = "CONTAINER")]
+        containers: Vec<String>,
+        /// Kill and remove a running container
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print a container's output (stdout to stdout, stderr to stderr)
+    Logs {
+        container: String,
+        /// Keep printing new output until the container ends
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<usize>,
+        /// Prefix each line with its time (RFC 3339)
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Run a command in a running container
+    Exec {
+        container: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+        /// Keep stdin open
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a pseudo-terminal
+        #[arg(short, long)]
+        tty: bool,
+        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// User (name|uid[:group|gid]) [default: the container's]
+        #[arg(short, long)]
+        user: Option<String>,
+    },
+    /// Serves one detached container (started by `hb run -d`)
+    #[command(hide = true)]
+    ContainerMonitor { id: String },
     /// Unmount what `hb mount` mounted at DIR (also detaches a stale mount of a dead process)
     Umount { dir: PathBuf },
     /// Write an accelerated (lazy-pullable) form of SRC to DST in any OCI registry, bound to the
@@ -192,14 +261,18 @@ struct RunCli {
     /// Bind mount a volume (HOST:CONTAINER[:ro|rw])
     #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
     volume: Vec<hb_runtime::Volume>,
-    /// Remove the container when it exits (a foreground container always is, for now)
+    /// Remove the container when it exits
     #[arg(long)]
     rm: bool,
-    /// Run in the background (not supported yet)
+    /// Run in the background and print the container's id
     #[arg(short, long)]
     detach: bool,
+    /// Name the container (unique)
     #[arg(long)]
     name: Option<String>,
+    /// Container host name [default: the short container id]
+    #[arg(long)]
+    hostname: Option<String>,
     /// Overwrite the image's ENTRYPOINT (drops its CMD, as docker does)
     #[arg(long)]
     entrypoint: Option<String>,
@@ -318,7 +391,10 @@ fn open_store_for(g: &Global, read_only_ok: bool, out: &Out) -> anyhow::Result<S
         {
             let file = config::load(g.config.as_deref())?;
             let root = config::store_root(g.root.as_deref(), &file)?;
-            out.note(format!("store {} is held by another hb process (an `hb mount`): read-only view", root.display()));
+            out.note(format!(
+                "store {} is held by another hb process (a mount or a container): read-only view",
+                root.display()
+            ));
             Store::open_read_only(&root, StoreOptions::default())
                 .with_context(|| format!("opening store {} read-only", root.display()))
         }
@@ -467,6 +543,42 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
+/// The store's root folder (flag, environment, config file, default), without opening it.
+fn store_root(g: &Global) -> anyhow::Result<PathBuf> {
+    let file = config::load(g.config.as_deref())?;
+    config::store_root(g.root.as_deref(), &file)
+}
+
+/// `-e KEY=VALUE` as given; `-e KEY` takes KEY's value from hb's environment, as docker does.
+fn env_values(env: Vec<String>) -> Vec<String> {
+    env.into_iter()
+        .map(|e| match e.split_once('=') {
+            Some(_) => e,
+            None => format!("{e}={}", std::env::var(&e).unwrap_or_default()),
+        })
+        .collect()
+}
+
+/// Applies `f` to each named container, printing each name it succeeded on (as docker does) and
+/// each failure on stderr; exit code 1 when any failed.
+fn each_container(
+    root: &Path,
+    names: &[String],
+    f: impl Fn(&Path, &container::State) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for n in names {
+        match container::find(root, n).and_then(|(dir, s)| f(&dir, &s)) {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                eprintln!("hb: error: {}", error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
@@ -513,16 +625,92 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Umount { dir } => {
-            let file = config::load(g.config.as_deref())?;
-            let root = config::store_root(g.root.as_deref(), &file)?;
-            mount::umount(&root, &dir, &out)?;
+            mount::umount(&store_root(g)?, &dir, &out)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Mount { background: true, dir, .. } => {
-            let file = config::load(g.config.as_deref())?;
-            let root = config::store_root(g.root.as_deref(), &file)?;
-            mount::background(&root, &dir, &out)?;
+            mount::background(&store_root(g)?, &dir, &out)?;
             return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Run(r) => {
+            let RunCli {
+                image,
+                command,
+                env,
+                workdir,
+                user,
+                volume,
+                rm,
+                detach,
+                name,
+                hostname,
+                entrypoint,
+                tty,
+                interactive,
+                memory,
+                cpus,
+                pids_limit,
+                read_only,
+                network,
+                runtime: oci_runtime,
+                plain_http,
+            } = *r;
+            let env = env_values(env);
+            let opts = hb_runtime::RunOptions {
+                entrypoint,
+                cmd: command,
+                env,
+                workdir,
+                user,
+                volumes: volume,
+                read_only,
+                network: if network == "none" { hb_runtime::Network::None } else { hb_runtime::Network::Host },
+                tty,
+                memory,
+                cpus,
+                pids_limit,
+                hostname,
+                // As many open files as hb itself may have (docker gives 1048576 where allowed).
+                nofile: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.map(|m| m.min(1 << 20)),
+            };
+            let root = store_root(g)?;
+            let req = run::RunRequest { image, opts, name, runtime: oci_runtime, plain_http, interactive, rm, detach };
+            return run::run(g, &root, req, &out);
+        }
+        Cmd::ContainerMonitor { id } => {
+            let root = store_root(g)?;
+            let dir = container::containers_dir(&root).join(&id);
+            return run::monitor(g, &dir, None, &out);
+        }
+        Cmd::Ps { all, no_trunc } => {
+            container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Stop { containers, time } => {
+            let root = store_root(g)?;
+            return each_container(&root, &containers, |dir, s| {
+                container::stop(dir, s, std::time::Duration::from_secs(time))
+            });
+        }
+        Cmd::Kill { containers, signal } => {
+            let root = store_root(g)?;
+            let signal = signal.trim_start_matches("SIG").to_string();
+            return each_container(&root, &containers, |dir, s| container::kill(dir, s, &signal));
+        }
+        Cmd::Rm { containers, force } => {
+            let root = store_root(g)?;
+            return each_container(&root, &containers, |dir, s| container::rm(dir, s, force));
+        }
+        Cmd::Logs { container: c, follow, tail, timestamps } => {
+            let (dir, s) = container::find(&store_root(g)?, &c)?;
+            container::logs(&dir, &s, follow, tail, timestamps)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Exec { container: c, command, interactive, tty, env, workdir, user } => {
+            let (dir, s) = container::find(&store_root(g)?, &c)?;
+            let opts = hb_runtime::ExecOptions { args: command, env: env_values(env), workdir, user: None, tty };
+            let code = container::exec(&dir, &s, opts, user.as_deref(), interactive)?;
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         other => other,
     };
@@ -538,7 +726,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
     let store = std::sync::Arc::new(open_store_for(g, reads_only, &out)?);
     match cmd {
-        Cmd::Login { .. } | Cmd::Logout { .. } | Cmd::Umount { .. } => {
+        Cmd::Login { .. }
+        | Cmd::Logout { .. }
+        | Cmd::Umount { .. }
+        | Cmd::Run(_)
+        | Cmd::ContainerMonitor { .. }
+        | Cmd::Ps { .. }
+        | Cmd::Stop { .. }
+        | Cmd::Kill { .. }
+        | Cmd::Rm { .. }
+        | Cmd::Logs { .. }
+        | Cmd::Exec { .. } => {
             unreachable!("handled before the store is opened")
         }
         Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http } => {
@@ -554,59 +752,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let m = mount::mount_image(g, &rt, store.clone(), &args, &out)?;
             mount::serve(&rt, &store, m, &out)?;
-        }
-        Cmd::Run(r) => {
-            let RunCli {
-                image,
-                command,
-                env,
-                workdir,
-                user,
-                volume,
-                rm: _,
-                detach,
-                name,
-                entrypoint,
-                tty,
-                interactive,
-                memory,
-                cpus,
-                pids_limit,
-                read_only,
-                network,
-                runtime: oci_runtime,
-                plain_http,
-            } = *r;
-            if detach {
-                bail!("hb run -d is not supported yet: containers run in the foreground");
-            }
-            let env = env
-                .into_iter()
-                .map(|e| match e.split_once('=') {
-                    Some(_) => e,
-                    None => format!("{e}={}", std::env::var(&e).unwrap_or_default()),
-                })
-                .collect();
-            let opts = hb_runtime::RunOptions {
-                entrypoint,
-                cmd: command,
-                env,
-                workdir,
-                user,
-                volumes: volume,
-                read_only,
-                network: if network == "none" { hb_runtime::Network::None } else { hb_runtime::Network::Host },
-                tty,
-                memory,
-                cpus,
-                pids_limit,
-                hostname: name.clone(),
-                // As many open files as hb itself may have (docker gives 1048576 where allowed).
-                nofile: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.map(|m| m.min(1 << 20)),
-            };
-            let rt = runtime()?;
-            let args = run::RunArgs { image, opts, name, runtime: oci_runtime, plain_http, interactive };
-            return run::run(g, &rt, store.clone(), args, &out);
         }
         Cmd::Convert { src, dst, plain_http, platform } => {
             let platform = match platform {

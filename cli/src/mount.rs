@@ -73,7 +73,7 @@ pub fn remote_source(
 /// Pulls an image `hb mount` was asked for and the store lacks: lazily when it has an
 /// accelerated form, else whole (as `docker run` pulls what it lacks).
 /// Returns the registry client used, to read chunks with.
-fn pull_for_mount(
+pub(crate) fn pull_for_mount(
     g: &Global,
     rt: &tokio::runtime::Runtime,
     store: &Arc<Store>,

@@ -1,26 +1,32 @@
-//! `hb run`: a container straight from an image's mount. The image is mounted by this process
-//! (lazily when it was pulled lazily, pulling it first when missing), an overlayfs with a
-//! per-container upper dir goes on top, and an OCI runtime (runc) runs the spec `hb-runtime`
-//! builds. In the foreground: the container's exit code is hb's; everything is unmounted and
-//! removed when it ends.
+//! `hb run`: a container straight from an image's mount. The image is mounted (lazily when it was
+//! pulled lazily; pulled first when missing), an overlayfs with a per-container upper dir goes on
+//! top, and an OCI runtime (runc) runs the spec `hb-runtime` builds.
+//!
+//! The process that serves the mount and waits on the runtime is the container's *monitor*: `hb run`
+//! itself in the foreground (the container's exit code is hb's), or, with `-d`, a detached
+//! `hb container-monitor` that outlives the `hb run` that started it. The monitor records the
+//! container's state (see `container.rs`), writes its output to `log.json` (and, in the
+//! foreground, to the terminal), and unmounts everything when the container ends.
 
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::Arc;
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hb_runtime::{ImageConfig, RunOptions};
 use hb_store::Store;
+use serde::{Deserialize, Serialize};
 
+use crate::container::{self, State, Status};
 use crate::mount::MountArgs;
 use crate::output::Out;
 use crate::Global;
 
-/// Where containers' bundles live.
-const RUN_DIR: &str = "/run/hb/containers";
-
-/// `hb run` as asked.
-pub struct RunArgs {
+/// `hb run` as asked; kept in the container's folder (`request.json`) for its monitor.
+#[derive(Serialize, Deserialize)]
+pub struct RunRequest {
     pub image: String,
     pub opts: RunOptions,
     pub name: Option<String>,
@@ -28,6 +34,8 @@ pub struct RunArgs {
     pub plain_http: bool,
     /// Keep stdin attached (`-i`); otherwise the container reads /dev/null.
     pub interactive: bool,
+    pub rm: bool,
+    pub detach: bool,
 }
 
 /// An OCI runtime this machine can use, found by probing.
@@ -96,125 +104,301 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-fn container_id(name: Option<&str>) -> String {
-    let seed = format!("{:?}{}{:?}", std::time::SystemTime::now(), std::process::id(), name);
-    blake3::hash(seed.as_bytes()).to_hex()[..12].to_string()
+/// Holds `<containers>/.lock` while a container's name is chosen and its folder made, so two
+/// `hb run --name x` at once cannot both take the name.
+fn lock_containers(root: &Path) -> anyhow::Result<std::fs::File> {
+    let dir = container::containers_dir(root);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let f = std::fs::File::create(dir.join(".lock"))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
+    Ok(f)
 }
 
-/// Runs a container in the foreground and returns its exit code (128 + signal when killed).
-pub fn run(
-    g: &Global,
-    rt: &tokio::runtime::Runtime,
-    store: Arc<Store>,
-    args: RunArgs,
-    out: &Out,
-) -> anyhow::Result<ExitCode> {
-    let runtime = detect_runtime(args.runtime.as_deref())?;
-    let id = container_id(args.name.as_deref());
-    let name = args.name.clone().unwrap_or_else(|| id.clone());
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
-        bail!("invalid container name {name:?} (letters, digits, _ . -)");
-    }
-    let dir = PathBuf::from(RUN_DIR).join(&id);
-    let (lower, upper, work, rootfs) = (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-    for d in [&lower, &upper, &work, &rootfs] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let cleanup = |dir: &Path| {
-        let _ = rustix::mount::unmount(dir.join("rootfs"), rustix::mount::UnmountFlags::DETACH);
-        let _ = std::fs::remove_dir_all(dir);
+/// `hb run`: creates the container, makes sure its image is in the store (pulling it, with
+/// progress, as docker does before it creates a container), then runs it here (foreground) or in
+/// a detached monitor (`-d`, printing the container id once it runs).
+pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Result<ExitCode> {
+    let runtime = detect_runtime(req.runtime.as_deref())?;
+    let id = container::new_id();
+    let dir = container::containers_dir(root).join(&id);
+    let state = {
+        let _lock = lock_containers(root)?;
+        let name = container::unique_name(root, req.name.as_deref(), &id)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let state = State {
+            id: id.clone(),
+            name,
+            image: req.image.clone(),
+            command: req.opts.cmd.clone(),
+            created: container::now(),
+            started: None,
+            finished: None,
+            status: Status::Created,
+            exit_code: None,
+            error: None,
+            monitor: if req.detach { None } else { container::this_monitor() },
+            runtime,
+            rm: req.rm,
+            detached: req.detach,
+        };
+        state.save(&dir)?;
+        state
     };
-    let margs = MountArgs {
-        image: args.image.clone(),
-        dir: lower.clone(),
-        prefetch: hb_fuse::Prefetch::Startup,
-        bandwidth: None,
-        passthrough: true,
-        threads: 8,
-        plain_http: args.plain_http,
-    };
-    let m = match crate::mount::mount_image(g, rt, store.clone(), &margs, out) {
-        Ok(m) => m,
+    let prepared = (|| -> anyhow::Result<Option<Arc<Store>>> {
+        std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?;
+        let store = Arc::new(crate::open_store_for(g, true, out)?);
+        if crate::find_image(&store, &req.image)?.is_none() {
+            let rt = crate::runtime()?;
+            crate::mount::pull_for_mount(g, &rt, &store, &req.image, req.plain_http, out)?;
+        }
+        // A detached monitor opens the store itself.
+        Ok((!req.detach).then_some(store))
+    })();
+    let store = match prepared {
+        Ok(s) => s,
         Err(e) => {
-            cleanup(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
     };
-    let result = (|| -> anyhow::Result<ExitCode> {
-        let (_, _, rec) = crate::require_image(&store, &args.image)?;
+    match store {
+        Some(store) => monitor(g, &dir, Some(store), out),
+        None => start_detached(g, root, &dir, &state, out),
+    }
+}
+
+/// Starts `hb container-monitor ID` detached (own session, no terminal) and returns once the
+/// container runs (printing its id), or with the reason it could not start.
+fn start_detached(g: &Global, root: &Path, dir: &Path, state: &State, out: &Out) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(dir.join("monitor.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--root").arg(root);
+    if let Some(c) = &g.config {
+        cmd.arg("--config").arg(c);
+    }
+    if let Some(h) = &g.hosts_dir {
+        cmd.arg("--hosts-dir").arg(h);
+    }
+    for _ in 0..g.verbose {
+        cmd.arg("--verbose");
+    }
+    cmd.args(["-q", "container-monitor", &state.id]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+    // A process group of its own: no Ctrl-C from this terminal (and it ignores SIGHUP).
+    cmd.process_group(0);
+    let mut child = cmd.spawn().context("starting the container's monitor")?;
+    let started = Instant::now();
+    loop {
+        let s = State::load(dir);
+        let exited = child.try_wait()?;
+        match s {
+            Ok(s) if s.error.is_some() => bail!("{}", s.error.unwrap_or_default()),
+            Ok(s) if s.status == Status::Exited || (s.status == Status::Running && dir.join("pid").exists()) => {
+                println!("{}", s.id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(_) if exited.is_some() && !dir.exists() => {
+                // An --rm container that ended at once: its monitor removed it.
+                println!("{}", state.id);
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ => {}
+        }
+        if let Some(status) = exited {
+            let text = std::fs::read_to_string(dir.join("monitor.log")).unwrap_or_default();
+            let s = State::load(dir).ok();
+            if s.as_ref().is_some_and(|s| s.status == Status::Exited) {
+                continue;
+            }
+            let _ = std::fs::remove_dir_all(dir);
+            bail!("the container's monitor exited ({status}) before the container started:\n{}", text.trim_end());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            out.note(format!("container {} has not started after 300 s; see `hb ps -a`", state.name));
+            bail!("timed out waiting for container {} to start", state.name);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Copies one output stream of the container line by line into `log.json` (and, in the
+/// foreground, to hb's own stream).
+fn pump(
+    from: impl std::io::Read + Send + 'static,
+    stream: &'static str,
+    log: Arc<Mutex<std::fs::File>>,
+    echo: bool,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::with_capacity(64 << 10, from);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // Docker splits long lines at 16 KiB; so do we.
+            match std::io::Read::take(&mut r, 16 << 10).read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if echo {
+                let _ = if stream == "stderr" {
+                    std::io::stderr().lock().write_all(&line)
+                } else {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&line).and_then(|_| o.flush())
+                };
+            }
+            let rec = container::LogLine {
+                log: String::from_utf8_lossy(&line).into_owned(),
+                stream: stream.into(),
+                time: container::timestamp(),
+            };
+            if let Ok(mut text) = serde_json::to_vec(&rec) {
+                text.push(b'\n');
+                let _ = log.lock().expect("log lock").write_all(&text);
+            }
+        }
+    })
+}
+
+/// Serves the container in `dir`: mounts its image, builds its bundle, runs the runtime, records
+/// its state and output, cleans up. Returns the container's exit code.
+pub fn monitor(g: &Global, dir: &Path, store: Option<Arc<Store>>, out: &Out) -> anyhow::Result<ExitCode> {
+    let req: RunRequest = serde_json::from_slice(
+        &std::fs::read(dir.join("request.json")).with_context(|| format!("reading {}/request.json", dir.display()))?,
+    )?;
+    let mut state = State::load(dir)?;
+    state.monitor = container::this_monitor();
+    state.save(dir)?;
+    let rt = crate::runtime()?;
+    let (lower, upper, work, rootfs) = (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+    let mut mount = None;
+    let result = (|| -> anyhow::Result<i32> {
+        let store = match store {
+            Some(s) => s,
+            None => Arc::new(crate::open_store_for(g, true, out)?),
+        };
+        for d in [&lower, &upper, &work, &rootfs] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let margs = MountArgs {
+            image: req.image.clone(),
+            dir: lower.clone(),
+            prefetch: hb_fuse::Prefetch::Startup,
+            bandwidth: None,
+            passthrough: true,
+            threads: 8,
+            plain_http: req.plain_http,
+        };
+        let m = mount.insert(crate::mount::mount_image(g, &rt, store.clone(), &margs, out)?);
+        let (_, _, rec) = crate::require_image(&store, &req.image)?;
         let image = ImageConfig::from_json(rec.config.as_bytes())?;
-        rustix::mount::mount(
-            "overlay",
-            &rootfs,
-            "overlay",
-            rustix::mount::MountFlags::empty(),
-            Some(
-                std::ffi::CString::new(format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    lower.display(),
-                    upper.display(),
-                    work.display()
-                ))?
-                .as_c_str(),
-            ),
-        )
-        .with_context(|| format!("mounting overlayfs at {}", rootfs.display()))?;
+        overlay(&lower, &upper, &work, &rootfs)?;
         let read = |p: &str| std::fs::read_to_string(lower.join(p)).ok();
-        let user_spec = args.opts.user.clone().or_else(|| image.user.clone());
+        let user_spec = req.opts.user.clone().or_else(|| image.user.clone());
         let user = hb_runtime::resolve_user(
             user_spec.as_deref(),
             read("etc/passwd").as_deref(),
             read("etc/group").as_deref(),
         )?;
-        let hostname = args.name.clone().unwrap_or_else(|| id.clone());
-        let spec = hb_runtime::build_spec(&image, &args.opts, &user, &rootfs, &hostname, Some(&format!("/hb/{id}")))?;
+        let hostname = req.opts.hostname.clone().unwrap_or_else(|| state.short_id().to_string());
+        let spec =
+            hb_runtime::build_spec(&image, &req.opts, &user, &rootfs, &hostname, Some(&format!("/hb/{}", state.id)))?;
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
-        tracing::info!(id, runtime = %runtime.display(), "starting container");
-        // The runtime forwards the signals it gets to the container; hb must not die of a Ctrl-C
-        // (the terminal sends it to both), and passes a SIGTERM meant for it on.
-        let (rt_path, cid) = (runtime.clone(), id.clone());
-        let forwarder = rt.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-                return;
-            };
-            loop {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {
-                        let _ = tokio::process::Command::new(&rt_path).args(["kill", &cid, "TERM"]).status().await;
-                    }
-                }
-            }
-        });
-        let status = std::process::Command::new(&runtime)
-            .args(["run", "--bundle"])
-            .arg(&dir)
-            .arg(&id)
-            .stdin(if args.interactive { std::process::Stdio::inherit() } else { std::process::Stdio::null() })
-            .status()
-            .with_context(|| format!("running {}", runtime.display()));
-        forwarder.abort();
-        let status = status?;
-        use std::os::unix::process::ExitStatusExt;
-        let code = match (status.code(), status.signal()) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            _ => 1,
-        };
-        Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        state.command = hb_runtime::process_args(&image, &req.opts)?;
+        let _ = m;
+        run_runtime(&rt, dir, &mut state, &req)
     })();
     // Whatever happened: the runtime's state (`run` deletes it when the container ends normally),
-    // the overlay, the image mount, the bundle.
+    // the overlay, the image mount.
     if result.is_err() {
-        let _ = std::process::Command::new(&runtime).args(["delete", "--force", &id]).output();
+        let _ = std::process::Command::new(&state.runtime).args(["delete", "--force", &state.id]).output();
     }
     let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
-    let _ = hb_fuse::unmount(&lower);
-    let waited = m.mounted.wait();
-    cleanup(&dir);
-    if let Err(e) = waited {
-        tracing::warn!(error = %e, "the image mount ended with an error");
+    if let Some(m) = mount {
+        let _ = hb_fuse::unmount(&lower);
+        if let Err(e) = m.mounted.wait() {
+            tracing::warn!(error = %e, "the image mount ended with an error");
+        }
     }
-    result
+    state.status = Status::Exited;
+    state.finished = Some(container::now());
+    match &result {
+        Ok(code) => state.exit_code = Some(*code),
+        Err(e) => state.error = Some(crate::error_chain(e)),
+    }
+    if state.rm || (result.is_err() && state.started.is_none()) {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        for d in [&lower, &rootfs] {
+            let _ = std::fs::remove_dir(d);
+        }
+        state.save(dir)?;
+    }
+    let code = result?;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Result<()> {
+    let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+    rustix::mount::mount(
+        "overlay",
+        rootfs,
+        "overlay",
+        rustix::mount::MountFlags::empty(),
+        Some(std::ffi::CString::new(opts)?.as_c_str()),
+    )
+    .with_context(|| format!("mounting overlayfs at {}", rootfs.display()))
+}
+
+/// Runs `runtime run` on the bundle and waits for it, with output to the log (and terminal) and
+/// signals passed on. Records the start in `state`.
+fn run_runtime(rt: &tokio::runtime::Runtime, dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Result<i32> {
+    let log = Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.json"))?));
+    let on_terminal = req.opts.tty && !req.detach;
+    let mut cmd = std::process::Command::new(&state.runtime);
+    cmd.args(["run", "--bundle"]).arg(dir).arg("--pid-file").arg(dir.join("pid")).arg(&state.id);
+    cmd.stdin(if req.interactive && !req.detach { Stdio::inherit() } else { Stdio::null() });
+    if !on_terminal {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    }
+    tracing::info!(id = %state.id, runtime = %state.runtime.display(), "starting container");
+    // The runtime forwards the signals it gets to the container. In the foreground hb must not die
+    // of a Ctrl-C (the terminal sends it to both) and passes a SIGTERM meant for it on; a detached
+    // monitor passes SIGTERM and SIGINT on and ignores SIGHUP.
+    let (rt_path, cid, detached) = (state.runtime.clone(), state.id.clone(), req.detach);
+    let forwarder = rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+        else {
+            return;
+        };
+        loop {
+            let forward = tokio::select! {
+                _ = int.recv() => detached,
+                _ = term.recv() => true,
+                _ = hup.recv() => false,
+            };
+            if forward {
+                let _ = tokio::process::Command::new(&rt_path).args(["kill", &cid, "TERM"]).status().await;
+            }
+        }
+    });
+    let mut child = cmd.spawn().with_context(|| format!("running {}", state.runtime.display()))?;
+    state.status = Status::Running;
+    state.started = Some(container::now());
+    state.save(dir)?;
+    let pumps: Vec<_> = [
+        child.stdout.take().map(|o| pump(o, "stdout", log.clone(), !req.detach)),
+        child.stderr.take().map(|e| pump(e, "stderr", log.clone(), !req.detach)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let status = child.wait();
+    for p in pumps {
+        let _ = p.join();
+    }
+    forwarder.abort();
+    Ok(container::exit_code(status?))
 }

@@ -282,17 +282,24 @@ impl Fetcher {
             batch.push((cid, c.clone()));
             map.insert(cid, c);
         }
+        // A read-only view of the store (another process holds it) cannot keep what was fetched:
+        // the read cache serves it while it lasts.
+        let keep = self.store.is_writable();
         {
             let mut m = self.memory.lock().expect("memory lock");
             for (cid, c) in &batch {
-                m.unfilled.insert(*cid, c.clone());
-                if cache {
+                if keep {
+                    m.unfilled.insert(*cid, c.clone());
+                }
+                if cache || !keep {
                     m.cache.put(*cid, c.clone());
                 }
             }
         }
-        if let Some(tx) = self.fill_tx.lock().expect("fill lock").as_ref() {
-            let _ = tx.send(batch);
+        if keep {
+            if let Some(tx) = self.fill_tx.lock().expect("fill lock").as_ref() {
+                let _ = tx.send(batch);
+            }
         }
         Ok(map)
     }

@@ -3,12 +3,12 @@
 //! network), with runc-style defaults for mounts, masked and read-only paths, docker's default
 //! capabilities and a default seccomp profile.
 //!
-//! Groundwork for `hb run` (issue 7): the spec is built here without I/O; the caller reads the
-//! image's /etc/passwd and /etc/group for [`resolve_user`] and runs the runtime.
+//! No I/O here: the caller reads the image's /etc/passwd and /etc/group for [`resolve_user`]
+//! and runs the runtime; [`exec_process`] derives `hb exec`'s process from a running container's.
 
 mod spec;
 
 pub use spec::{
-    build_spec, default_capabilities, default_seccomp, parse_cpus, parse_memory, process_args, resolve_user,
-    ImageConfig, Network, RunOptions, SpecError, UserIds, Volume,
+    build_spec, default_capabilities, default_seccomp, exec_process, parse_cpus, parse_memory, process_args,
+    resolve_user, ExecOptions, ImageConfig, Network, RunOptions, SpecError, UserIds, Volume,
 };

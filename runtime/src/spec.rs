@@ -63,7 +63,8 @@ impl ImageConfig {
 }
 
 /// `--network`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Network {
     /// The host's network namespace.
     #[default]
@@ -73,7 +74,7 @@ pub enum Network {
 }
 
 /// `-v HOST:CONTAINER[:ro|rw]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Volume {
     pub host: PathBuf,
     pub container: String,
@@ -99,7 +100,7 @@ impl std::str::FromStr for Volume {
 }
 
 /// What `hb run` was asked for beyond the image.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunOptions {
     /// `--entrypoint` (replaces the image's entrypoint and drops its cmd, as docker does).
     pub entrypoint: Option<String>,
@@ -158,6 +159,59 @@ fn environment(image: &ImageConfig, opts: &RunOptions, hostname: &str) -> Vec<St
     image.env.iter().for_each(|e| put(e));
     opts.env.iter().for_each(|e| put(e));
     order.into_iter().map(|k| format!("{k}={}", env[&k])).collect()
+}
+
+/// What `hb exec` changes in a running container's process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    pub args: Vec<String>,
+    /// `-e KEY=VALUE`, over the container's environment.
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    /// `-u`, resolved by the caller against the container's /etc/passwd.
+    pub user: Option<UserIds>,
+    pub tty: bool,
+}
+
+/// The process `hb exec` hands the runtime: the container's own process (`base`, from its spec:
+/// capabilities, rlimits, environment, cwd, user) with the command, additions and overrides asked for.
+pub fn exec_process(
+    base: &oci_spec::runtime::Process,
+    opts: &ExecOptions,
+) -> Result<oci_spec::runtime::Process, SpecError> {
+    if opts.args.is_empty() {
+        return Err(SpecError::BadValue { flag: "exec", value: String::new(), why: "no command given" });
+    }
+    let mut p = base.clone();
+    p.set_args(Some(opts.args.clone()));
+    p.set_terminal(Some(opts.tty));
+    if let Some(cwd) = &opts.workdir {
+        if !cwd.starts_with('/') {
+            return Err(SpecError::BadValue { flag: "--workdir", value: cwd.clone(), why: "must be an absolute path" });
+        }
+        p.set_cwd(cwd.into());
+    }
+    let mut env: Vec<String> = p.env().clone().unwrap_or_default();
+    for kv in &opts.env {
+        let key = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) != key);
+        env.push(kv.clone());
+    }
+    if opts.tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+        env.push("TERM=xterm".into());
+    }
+    p.set_env(Some(env));
+    if let Some(u) = &opts.user {
+        p.set_user(
+            UserBuilder::default()
+                .uid(u.uid)
+                .gid(u.gid)
+                .additional_gids(u.additional_gids.clone())
+                .build()
+                .map_err(oci)?,
+        );
+    }
+    Ok(p)
 }
 
 /// Numeric ids of a container's user.
@@ -498,6 +552,44 @@ mod tests {
         let opts = RunOptions { env: vec!["A=2".into(), "B=3".into()], tty: true, ..Default::default() };
         let env = environment(&image(), &opts, "h1");
         assert_eq!(env, ["PATH=/opt/bin:/bin", "HOSTNAME=h1", "TERM=xterm", "A=2", "B=3"]);
+    }
+
+    #[test]
+    fn exec_keeps_the_containers_process_and_applies_overrides() {
+        let opts = RunOptions { env: vec!["A=1".into(), "B=2".into()], ..Default::default() };
+        let spec = build_spec(
+            &image(),
+            &opts,
+            &UserIds { uid: 7, gid: 8, additional_gids: vec![] },
+            std::path::Path::new("/r"),
+            "h",
+            None,
+        )
+        .unwrap();
+        let base = spec.process().clone().unwrap();
+        let e = ExecOptions { args: vec!["sh".into()], env: vec!["B=3".into(), "C=4".into()], ..Default::default() };
+        let p = exec_process(&base, &e).unwrap();
+        assert_eq!(p.args().clone().unwrap(), ["sh"]);
+        let env = p.env().clone().unwrap();
+        assert!(
+            env.contains(&"A=1".to_string()) && env.contains(&"B=3".to_string()) && env.contains(&"C=4".to_string())
+        );
+        assert!(!env.contains(&"B=2".to_string()), "-e replaces the container's value");
+        assert_eq!(p.user().uid(), 7, "the container's user by default");
+        assert_eq!(p.cwd(), base.cwd());
+        assert_eq!(p.capabilities(), base.capabilities());
+        let root = ExecOptions {
+            args: vec!["id".into()],
+            user: Some(UserIds::default()),
+            workdir: Some("/tmp".into()),
+            tty: true,
+            ..Default::default()
+        };
+        let p = exec_process(&base, &root).unwrap();
+        assert_eq!((p.user().uid(), p.cwd().to_str().unwrap(), p.terminal()), (0, "/tmp", Some(true)));
+        assert!(exec_process(&base, &ExecOptions::default()).is_err(), "no command");
+        let rel = ExecOptions { args: vec!["x".into()], workdir: Some("tmp".into()), ..Default::default() };
+        assert!(exec_process(&base, &rel).is_err(), "relative workdir");
     }
 
     #[test]

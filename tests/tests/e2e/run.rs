@@ -8,7 +8,7 @@ use super::pull::{open_registry, run};
 
 /// Runs `hb run ARGS` and returns (exit code, stdout, stderr).
 fn hb_run(hb: &Hb, args: &[&str]) -> (i32, String, String) {
-    let mut a = vec!["-q", "run"];
+    let mut a = vec!["-q", "run", "--rm"];
     a.extend_from_slice(args);
     let o = hb.run(&a);
     (
@@ -41,7 +41,7 @@ fn busybox_runs_with_docker_semantics_for_output_exit_codes_env_and_user() {
             "/tmp",
             "-u",
             "1000:1000",
-            "--name",
+            "--hostname",
             "box1",
             &image,
             "sh",
