@@ -11,6 +11,7 @@ PACKAGES=(
   attr                         # setfattr: xattrs in test material
   util-linux curl openssl python3  # tests and scripts (the token issuer, test CAs)
   docker-registry skopeo umoci runc apache2-utils  # real registries, a real client, an independent extractor
+  crun                         # a second OCI runtime: hb run probes it (it refuses hybrid cgroups)
   ca-certificates
 )
 

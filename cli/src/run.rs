@@ -38,7 +38,9 @@ pub struct RunRequest {
     pub detach: bool,
 }
 
-/// An OCI runtime this machine can use, found by probing.
+/// An OCI runtime this machine can use, found by probing: the runtime really runs a container
+/// (`/bin/true` from the host's read-only /usr) here, once per binary (path, size, mtime).
+/// crun, for one, refuses a hybrid cgroup hierarchy; runc works on it.
 pub fn detect_runtime(wanted: Option<&str>) -> anyhow::Result<PathBuf> {
     let candidates: Vec<&str> = match wanted {
         Some(w) => vec![w],
@@ -51,22 +53,60 @@ pub fn detect_runtime(wanted: Option<&str>) -> anyhow::Result<PathBuf> {
             continue;
         };
         if !probe_cached(&path) {
-            match std::process::Command::new(&path).arg("--version").output() {
-                Ok(o) if o.status.success() => remember_probe(&path),
-                _ => {
-                    why.push(format!("{c}: `{} --version` failed", path.display()));
-                    continue;
-                }
+            if let Err(e) = probe(&path) {
+                why.push(format!("{c}: {}", crate::error_chain(&e)));
+                continue;
             }
-        }
-        // crun refuses hybrid cgroup hierarchies (v1 controllers plus cgroup2 at .../unified).
-        if c == "crun" && Path::new("/sys/fs/cgroup/unified").is_dir() {
-            why.push("crun: does not support this machine's hybrid cgroups".into());
-            continue;
+            remember_probe(&path);
         }
         return Ok(path);
     }
     bail!("no usable OCI runtime ({}); scripts/setup.sh installs runc", why.join("; "))
+}
+
+/// Runs `/bin/true` in a throw-away container with `runtime`.
+fn probe(runtime: &Path) -> anyhow::Result<()> {
+    let id = format!("hb-probe-{}", std::process::id());
+    let dir = PathBuf::from("/run/hb").join(&id);
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    let result = (|| -> anyhow::Result<()> {
+        let mut volumes = vec![hb_runtime::Volume { host: "/usr".into(), container: "/usr".into(), read_only: true }];
+        // Merged /usr (links) or not (folders): the container sees what the host has.
+        for d in ["bin", "sbin", "lib", "lib64", "lib32"] {
+            let host = Path::new("/").join(d);
+            match std::fs::read_link(&host) {
+                Ok(target) => std::os::unix::fs::symlink(target, rootfs.join(d))?,
+                Err(_) if host.is_dir() => {
+                    volumes.push(hb_runtime::Volume { host: host.clone(), container: format!("/{d}"), read_only: true })
+                }
+                Err(_) => {}
+            }
+        }
+        let image = ImageConfig { cmd: vec!["/bin/true".into()], ..Default::default() };
+        let opts = RunOptions { volumes, network: hb_runtime::Network::None, ..Default::default() };
+        let spec =
+            hb_runtime::build_spec(&image, &opts, &Default::default(), &rootfs, "probe", Some(&format!("/hb/{id}")))?;
+        std::fs::write(dir.join("config.json"), serde_json::to_vec(&spec)?)?;
+        let o = std::process::Command::new(runtime)
+            .args(["run", "--bundle"])
+            .arg(&dir)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", runtime.display()))?;
+        if !o.status.success() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
+            bail!("a test container failed ({}): {}", o.status, last.trim());
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::process::Command::new(runtime).args(["delete", "--force", &id]).output();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// A runtime binary that answered the probe, by path, size and mtime (so an upgrade is probed

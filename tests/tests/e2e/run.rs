@@ -123,3 +123,108 @@ fn the_large_image_runs_python_and_gcc_from_a_cold_lazy_mount() {
     assert_cleaned_up(&hb);
     let _ = Command::new("true").status();
 }
+
+/// Polls `f` every 50 ms for up to 60 s; panics with `what` if it never holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1200 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn ps_json(hb: &Hb) -> Vec<serde_json::Value> {
+    hb.json(&["ps", "-a"]).as_array().unwrap().clone()
+}
+
+fn container<'a>(all: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    all.iter().find(|c| c["name"] == name)
+}
+
+#[test]
+fn detached_containers_outlive_hb_and_have_a_docker_lifecycle() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    let script = "echo started; echo oops >&2; trap 'echo bye; exit 3' TERM; while true; do sleep 0.1; done";
+    // `hb run -d` returns (the hb process is gone) with the id; the container keeps running.
+    let id = hb.ok(&["-q", "run", "-d", "--name", "web", &image, "sh", "-c", script]);
+    let id = id.trim();
+    assert!(id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()), "docker-style id: {id:?}");
+    let ps = hb.ok(&["ps"]);
+    assert!(
+        ps.lines().nth(1).is_some_and(|l| l.starts_with(&id[..12]) && l.contains("Up") && l.ends_with("web")),
+        "{ps}"
+    );
+    assert_eq!(hb.ok(&["-q", "ps"]).trim(), &id[..12], "-q prints ids only");
+    // Logs keep the streams apart.
+    eventually("the container's first output in its log", || {
+        let o = hb.run(&["logs", "web"]);
+        o.stdout == b"started\n" && o.stderr == b"oops\n"
+    });
+    // exec: in the same container (its hostname is the short id), exit codes and -u.
+    let o = hb.run(&["exec", &id[..6], "sh", "-c", "echo $(hostname) $((1+2)); exit 5"]);
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
+        (Some(5), &*format!("{} 3\n", &id[..12]))
+    );
+    assert_eq!(hb.ok(&["exec", "-u", "1000", "web", "id", "-u"]), "1000\n");
+    assert_eq!(hb.ok(&["exec", "-e", "X=y", "web", "sh", "-c", "echo $X"]), "y\n");
+    // Names are unique; a running container is not removed without -f.
+    let err = hb.fails(&["run", "-d", "--name", "web", &image, "true"], 1);
+    assert!(err.contains("already in use by container"), "{err}");
+    let err = hb.fails(&["rm", "web"], 1);
+    assert!(err.contains("is running"), "{err}");
+    // A second container at the same time (its mount reads the store another monitor holds).
+    let other = hb.ok(&["-q", "run", "-d", &image, "sleep", "600"]);
+    assert_eq!(hb.ok(&["-q", "ps"]).lines().count(), 2);
+    // stop: SIGTERM reaches the trap; its exit code and last output are recorded.
+    assert_eq!(hb.ok(&["stop", "web"]), "web\n");
+    let all = ps_json(&hb);
+    let web = container(&all, "web").unwrap();
+    assert_eq!((web["status"].as_str(), web["exit_code"].as_i64()), (Some("exited"), Some(3)), "{web}");
+    assert_eq!(hb.ok(&["logs", "--tail", "1", "web"]), "bye\n");
+    let err = hb.fails(&["exec", "web", "true"], 1);
+    assert!(err.contains("not running"), "{err}");
+    // kill: SIGKILL by default, 137 as docker reports it.
+    assert_eq!(hb.ok(&["kill", other.trim()]), format!("{}\n", other.trim()));
+    eventually("the killed container to be recorded as exited", || {
+        let all = ps_json(&hb);
+        all.iter().any(|c| c["id"] == other.trim() && c["exit_code"] == 137)
+    });
+    // rm removes the folder, its mounts are gone.
+    assert_eq!(hb.ok(&["rm", "web", other.trim()]), format!("web\n{}\n", other.trim()));
+    assert!(ps_json(&hb).is_empty());
+    let err = hb.fails(&["logs", "web"], 1);
+    assert!(err.contains("no such container: web"), "{err}");
+    // --rm -d: gone by itself once it ends.
+    hb.ok(&["-q", "run", "-d", "--rm", "--name", "brief", &image, "sh", "-c", "sleep 0.3"]);
+    eventually("an --rm container to remove itself", || container(&ps_json(&hb), "brief").is_none());
+    assert_cleaned_up(&hb);
+}
+
+#[test]
+fn a_container_whose_monitor_died_shows_as_dead_and_rm_cleans_it_up() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    hb.ok(&["-q", "run", "-d", "--name", "orphan", &image, "sleep", "600"]);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(container_dir(&hb, "orphan").join("state.json")).unwrap()).unwrap();
+    let monitor = state["monitor"][0].as_u64().unwrap();
+    run(Command::new("kill").args(["-KILL", &monitor.to_string()]));
+    eventually("the dead monitor to show", || hb.ok(&["ps", "-a"]).contains("Dead"));
+    assert!(hb.ok(&["-q", "ps"]).is_empty(), "a dead container is not listed as running");
+    // rm detaches its stale mounts and deletes the runtime's record of it.
+    assert_eq!(hb.ok(&["rm", "-f", "orphan"]), "orphan\n");
+    assert!(!hb.ok(&["ps", "-a"]).contains("orphan"));
+    let runc = Command::new("runc").args(["state", state["id"].as_str().unwrap()]).output().unwrap();
+    assert!(!runc.status.success(), "runc still knows the container");
+    assert_cleaned_up(&hb);
+}
+
+fn container_dir(hb: &Hb, name: &str) -> std::path::PathBuf {
+    let all = hb.json(&["ps", "-a"]);
+    let id = all.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["id"].as_str().unwrap().to_string();
+    hb.root.join("containers").join(id)
+}
