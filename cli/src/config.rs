@@ -16,6 +16,8 @@ pub mod env {
     pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
     /// Where per-registry `hosts.toml` folders live (containerd's certs.d layout).
     pub const HOSTS_DIR: &str = "HB_HOSTS_DIR";
+    /// The daemon's socket.
+    pub const SOCKET: &str = "HB_SOCKET";
 }
 
 /// Folders searched for `<registry>/hosts.toml` when `--hosts-dir` is not given.
@@ -80,18 +82,31 @@ pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostS
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/hb/hb.toml";
+pub const DEFAULT_SOCKET: &str = "/run/hb/hb.sock";
 pub const CONFIG_VERSION: u32 = 1;
 
 /// The config file. Unknown keys are an error, so a typo does not pass silently.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub version: Option<u32>,
     #[serde(default)]
     pub store: StoreSection,
+    #[serde(default)]
+    pub daemon: DaemonSection,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `[daemon]`.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// The API socket [default: /run/hb/hb.sock].
+    pub socket: Option<PathBuf>,
+    /// An image mount no container has used for this long is unmounted [default: 600].
+    pub mount_idle_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
     pub root: Option<PathBuf>,

@@ -3,9 +3,11 @@
 //!
 //! Exit codes: 0 success, 1 the operation failed (or `fsck` found problems), 2 usage error.
 
+mod api;
 mod config;
 mod container;
 mod convert;
+mod daemon;
 mod mount;
 mod output;
 mod pull;
@@ -33,7 +35,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Global {
     /// Store directory [default: /var/lib/hb as root, else ~/.local/share/hb]
     #[arg(long, global = true, env = config::env::ROOT, value_name = "DIR")]
@@ -45,6 +47,9 @@ struct Global {
     /// [default: /etc/hb/certs.d, then /etc/containerd/certs.d]
     #[arg(long, global = true, env = config::env::HOSTS_DIR, value_name = "DIR")]
     hosts_dir: Option<PathBuf>,
+    /// The daemon's socket [default: the config's daemon.socket, else /run/hb/hb.sock]
+    #[arg(long, global = true, env = config::env::SOCKET, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Print machine-readable JSON on stdout
     #[arg(long, global = true)]
     json: bool,
@@ -170,6 +175,17 @@ enum Cmd {
         #[arg(short, long)]
         user: Option<String>,
     },
+    /// Own the store and serve the API on a Unix socket (docs/api.md); image mounts it starts
+    /// outlive it
+    Daemon {
+        /// Unmount an image mount no container has used for this many seconds [default: the
+        /// config's daemon.mount_idle_seconds, else 600]
+        #[arg(long, value_name = "SECONDS")]
+        mount_idle: Option<u64>,
+    },
+    /// Show the effective configuration
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Serves one detached container (started by `hb run -d`)
     #[command(hide = true)]
     ContainerMonitor { id: String },
@@ -302,6 +318,12 @@ struct RunCli {
     runtime: Option<String>,
     #[arg(long)]
     plain_http: bool,
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the configuration in effect (file values and defaults) as TOML
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -543,6 +565,30 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
+/// The running daemon that owns this command's store, if any.
+fn daemon_client(g: &Global) -> Option<api::Client> {
+    let file = config::load(g.config.as_deref()).ok()?;
+    let root = store_root(g).ok()?;
+    api::Client::find(&api::socket_path(g.socket.as_deref(), &file), &root)
+}
+
+/// Adds the global flags a child hb process needs to act on the same store and settings.
+fn pass_globals(cmd: &mut std::process::Command, g: &Global, root: &Path) {
+    cmd.arg("--root").arg(root);
+    if let Some(c) = &g.config {
+        cmd.arg("--config").arg(c);
+    }
+    if let Some(h) = &g.hosts_dir {
+        cmd.arg("--hosts-dir").arg(h);
+    }
+    if let Some(s) = &g.socket {
+        cmd.arg("--socket").arg(s);
+    }
+    for _ in 0..g.verbose {
+        cmd.arg("--verbose");
+    }
+}
+
 /// The store's root folder (flag, environment, config file, default), without opening it.
 fn store_root(g: &Global) -> anyhow::Result<PathBuf> {
     let file = config::load(g.config.as_deref())?;
@@ -677,10 +723,76 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let req = run::RunRequest { image, opts, name, runtime: oci_runtime, plain_http, interactive, rm, detach };
             return run::run(g, &root, req, &out);
         }
+        Cmd::Daemon { mount_idle } => {
+            let file = config::load(g.config.as_deref())?;
+            let socket = api::socket_path(g.socket.as_deref(), &file);
+            let idle = mount_idle.or(file.daemon.mount_idle_seconds).unwrap_or(600);
+            daemon::run(g, &socket, std::time::Duration::from_secs(idle), &out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Config(ConfigCmd::Show) => {
+            let mut file = config::load(g.config.as_deref())?;
+            file.version = Some(config::CONFIG_VERSION);
+            file.store.root = Some(store_root(g)?);
+            file.store.zstd_level = Some(file.store.zstd_level.unwrap_or(3));
+            let limits = Limits::default();
+            file.store.max_layer_bytes = Some(file.store.max_layer_bytes.unwrap_or(limits.max_layer_bytes));
+            file.store.max_ratio = Some(file.store.max_ratio.unwrap_or(limits.max_ratio));
+            file.daemon.socket = Some(api::socket_path(g.socket.as_deref(), &file));
+            file.daemon.mount_idle_seconds = Some(file.daemon.mount_idle_seconds.unwrap_or(600));
+            if out.json {
+                out.json_value(&file)?;
+            } else {
+                print!("{}", toml::to_string(&file)?);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Pull { reference, platform, plain_http, creds, plan: false, lazy } if daemon_client(g).is_some() => {
+            let client = daemon_client(g).expect("checked");
+            let credentials = match creds {
+                Some(c) => {
+                    let (u, p) = c.split_once(':').context("--creds takes USER:PASSWORD")?;
+                    Some((u.to_string(), p.to_string()))
+                }
+                None => None,
+            };
+            out.note(format!("pulling {reference} through the hb daemon"));
+            let req = api::PullRequest { reference, lazy, plain_http, platform, credentials };
+            let resp: api::PullResponse = client.call("POST", "/v1/pull", Some(&req))?;
+            if out.json {
+                out.json_value(&resp.report)?;
+            } else {
+                println!("{}", resp.digest);
+                out.note(resp.summary);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Rmi { images } if daemon_client(g).is_some() => {
+            let lines: Vec<String> = daemon_client(g).expect("checked").call(
+                "POST",
+                "/v1/images/remove",
+                Some(&api::RemoveRequest { images }),
+            )?;
+            lines.into_iter().for_each(|l| out.note(l));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Gc if daemon_client(g).is_some() => {
+            let r: serde_json::Value = daemon_client(g).expect("checked").call("POST", "/v1/gc", None::<&()>)?;
+            out.note(format!(
+                "removed {} layers and {} chunks; compacted {} and deleted {} packs; freed {}",
+                r["layers_removed"],
+                r["chunks_removed"],
+                r["packs_compacted"],
+                r["packs_deleted"],
+                HumanBytes(r["bytes_freed"].as_u64().unwrap_or(0))
+            ));
+            out.json_value(&r)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::ContainerMonitor { id } => {
             let root = store_root(g)?;
             let dir = container::containers_dir(&root).join(&id);
-            return run::monitor(g, &dir, None, &out);
+            return run::monitor(g, &dir, daemon_client(g), None, &out);
         }
         Cmd::Ps { all, no_trunc } => {
             container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json)?;
@@ -714,9 +826,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         other => other,
     };
+    // A mount reads; it can serve from a read-only view (what it fetches stays in memory).
     let reads_only = matches!(
         cmd,
-        Cmd::Images
+        Cmd::Mount { .. }
+            | Cmd::Images
             | Cmd::Inspect { .. }
             | Cmd::Export { .. }
             | Cmd::Diff { .. }
@@ -736,7 +850,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Kill { .. }
         | Cmd::Rm { .. }
         | Cmd::Logs { .. }
-        | Cmd::Exec { .. } => {
+        | Cmd::Exec { .. }
+        | Cmd::Daemon { .. }
+        | Cmd::Config(_) => {
             unreachable!("handled before the store is opened")
         }
         Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http } => {

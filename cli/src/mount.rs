@@ -194,19 +194,36 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
     let done = m.mounted.prefetch_done();
     let watch_stats = stats.clone();
     let quiet = out.quiet || out.json;
+    let stats_file = run_file(store.root(), &dir, "stats.json");
+    let watch_remote = m.remote.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch_stop = stop.clone();
+    // Reports the end of prefetching, and keeps the figures file current for `hb daemon`'s metrics.
     let watcher = std::thread::spawn(move || {
-        while !done.load(std::sync::atomic::Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !quiet {
+        let mut reported = false;
+        let mut last = None;
+        while !watch_stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if !reported && done.load(std::sync::atomic::Ordering::SeqCst) {
+                reported = true;
+                if !quiet {
+                    let s = watch_stats.snapshot();
+                    eprintln!("prefetch finished: {} chunks, {}", s.prefetched_chunks, HumanBytes(s.remote_bytes));
+                }
+            }
             let s = watch_stats.snapshot();
-            eprintln!("prefetch finished: {} chunks, {}", s.prefetched_chunks, HumanBytes(s.remote_bytes));
+            if last != Some(s) {
+                write_stats(&stats_file, &s, watch_remote.as_deref(), passthrough);
+                last = Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(500));
         }
     });
     let result = m.mounted.wait();
-    drop(watcher);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = watcher.join();
     let mut complete = 0;
-    for l in &m.layers {
+    // A read-only view (the daemon holds the store) leaves completing layers to their next writer.
+    for l in m.layers.iter().filter(|_| store.is_writable()) {
         if store.lazy_source(l)?.is_some() && store.complete_lazy_layer(l)? {
             complete += 1;
         }
@@ -227,18 +244,29 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         s.errors,
         if complete > 0 { format!("; {complete} layers now complete") } else { String::new() }
     ));
-    // For scripts and benchmarks: the figures above as JSON beside the pid file.
-    let stats_json = serde_json::json!({
-        "local_chunks": s.local_chunks, "remote_chunks": s.remote_chunks,
-        "prefetched_chunks": s.prefetched_chunks, "remote_bytes": s.remote_bytes,
-        "wire_bytes": wire, "requests": http, "errors": s.errors, "fill_errors": s.fill_errors,
-        "passthrough": passthrough,
-    });
-    let _ = std::fs::write(run_file(store.root(), &dir, "stats.json"), stats_json.to_string());
+    // For scripts, benchmarks and the daemon's metrics: the figures above beside the pid file.
+    write_stats(&run_file(store.root(), &dir, "stats.json"), &s, m.remote.as_deref(), passthrough);
     // Last: `hb umount` waits for this file's process to finish the above.
     let _ = std::fs::remove_file(&pid_file);
     result?;
     Ok(())
+}
+
+/// Writes a mount's figures as JSON (atomically: temp file + rename).
+fn write_stats(path: &Path, s: &hb_fuse::StatsSnapshot, remote: Option<&hb_registry::RangeSource>, passthrough: bool) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let (wire, http) = remote.map_or((0, 0), |r| (load(&r.bytes), load(&r.requests)));
+    let v = serde_json::json!({
+        "local_chunks": s.local_chunks, "remote_chunks": s.remote_chunks, "local_bytes": s.local_bytes,
+        "prefetched_chunks": s.prefetched_chunks, "remote_bytes": s.remote_bytes,
+        "wire_bytes": wire, "requests": http, "errors": s.errors, "fill_errors": s.fill_errors,
+        "fetch_latency_ms": s.fetch_latency, "fetch_latency_sum_ms": s.fetch_latency_sum_ms,
+        "passthrough": passthrough,
+    });
+    let tmp = path.with_extension("json.tmp");
+    if std::fs::write(&tmp, v.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
 }
 
 /// Starts `hb mount` again without `--background` as a detached child and returns once the

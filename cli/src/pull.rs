@@ -229,7 +229,12 @@ pub fn image_record(resolved: &ResolvedImage) -> anyhow::Result<ImageRecord> {
 }
 
 pub fn print_report(out: &Out, r: &PullReport) {
-    out.note(format!(
+    out.note(summary(r));
+}
+
+/// One line for people about a pull.
+pub fn summary(r: &PullReport) -> String {
+    format!(
         "{}: {} layers ({} already present, {}), downloaded {}; stored {} of new chunks, {} deduplicated",
         r.name,
         r.layers,
@@ -238,7 +243,7 @@ pub fn print_report(out: &Out, r: &PullReport) {
         HumanBytes(r.bytes_downloaded),
         HumanBytes(r.new_chunk_bytes),
         HumanBytes(r.deduplicated_bytes),
-    ));
+    )
 }
 
 /// What a lazy pull did.
@@ -361,7 +366,12 @@ pub fn pull_lazy(
 }
 
 pub fn print_lazy_report(out: &Out, r: &LazyPullReport) {
-    out.note(format!(
+    out.note(lazy_summary(r));
+}
+
+/// One line for people about a lazy pull.
+pub fn lazy_summary(r: &LazyPullReport) -> String {
+    format!(
         "{}: {} layers ({} already local, {} lazy), downloaded {} of indexes; {} of file data will come on first read{}",
         r.name,
         r.layers,
@@ -370,5 +380,5 @@ pub fn print_lazy_report(out: &Out, r: &LazyPullReport) {
         HumanBytes(r.bytes_downloaded),
         HumanBytes(r.remote_bytes),
         if r.startup_chunks > 0 { format!("; start-up order of {} chunks", r.startup_chunks) } else { String::new() }
-    ));
+    )
 }

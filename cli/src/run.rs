@@ -184,8 +184,13 @@ pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Resul
         state.save(&dir)?;
         state
     };
+    // With a daemon, it pulls what is missing and serves the image's mount.
+    let daemon = crate::daemon_client(g);
     let prepared = (|| -> anyhow::Result<Option<Arc<Store>>> {
         std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?;
+        if daemon.is_some() {
+            return Ok(None);
+        }
         let store = Arc::new(crate::open_store_for(g, true, out)?);
         if crate::find_image(&store, &req.image)?.is_none() {
             let rt = crate::runtime()?;
@@ -201,9 +206,10 @@ pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Resul
             return Err(e);
         }
     };
-    match store {
-        Some(store) => monitor(g, &dir, Some(store), out),
-        None => start_detached(g, root, &dir, &state, out),
+    if req.detach {
+        start_detached(g, root, &dir, &state, out)
+    } else {
+        monitor(g, &dir, daemon, store, out)
     }
 }
 
@@ -213,16 +219,7 @@ fn start_detached(g: &Global, root: &Path, dir: &Path, state: &State, out: &Out)
     use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(dir.join("monitor.log"))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--root").arg(root);
-    if let Some(c) = &g.config {
-        cmd.arg("--config").arg(c);
-    }
-    if let Some(h) = &g.hosts_dir {
-        cmd.arg("--hosts-dir").arg(h);
-    }
-    for _ in 0..g.verbose {
-        cmd.arg("--verbose");
-    }
+    crate::pass_globals(&mut cmd, g, root);
     cmd.args(["-q", "container-monitor", &state.id]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     // A process group of its own: no Ctrl-C from this terminal (and it ignores SIGHUP).
     cmd.process_group(0);
@@ -300,9 +297,16 @@ fn pump(
     })
 }
 
-/// Serves the container in `dir`: mounts its image, builds its bundle, runs the runtime, records
-/// its state and output, cleans up. Returns the container's exit code.
-pub fn monitor(g: &Global, dir: &Path, store: Option<Arc<Store>>, out: &Out) -> anyhow::Result<ExitCode> {
+/// Serves the container in `dir`: mounts its image (or has the daemon's mount of it), builds its
+/// bundle, runs the runtime, records its state and output, cleans up. Returns the container's
+/// exit code.
+pub fn monitor(
+    g: &Global,
+    dir: &Path,
+    daemon: Option<crate::api::Client>,
+    store: Option<Arc<Store>>,
+    out: &Out,
+) -> anyhow::Result<ExitCode> {
     let req: RunRequest = serde_json::from_slice(
         &std::fs::read(dir.join("request.json")).with_context(|| format!("reading {}/request.json", dir.display()))?,
     )?;
@@ -310,28 +314,39 @@ pub fn monitor(g: &Global, dir: &Path, store: Option<Arc<Store>>, out: &Out) -> 
     state.monitor = container::this_monitor();
     state.save(dir)?;
     let rt = crate::runtime()?;
-    let (lower, upper, work, rootfs) = (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+    let (own_lower, upper, work, rootfs) = (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"));
     let mut mount = None;
     let result = (|| -> anyhow::Result<i32> {
-        let store = match store {
-            Some(s) => s,
-            None => Arc::new(crate::open_store_for(g, true, out)?),
-        };
-        for d in [&lower, &upper, &work, &rootfs] {
+        for d in [&upper, &work, &rootfs] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let margs = MountArgs {
-            image: req.image.clone(),
-            dir: lower.clone(),
-            prefetch: hb_fuse::Prefetch::Startup,
-            bandwidth: None,
-            passthrough: true,
-            threads: 8,
-            plain_http: req.plain_http,
+        let (lower, config) = match &daemon {
+            Some(c) => {
+                let req = crate::api::MountRequest { image: req.image.clone(), plain_http: req.plain_http };
+                let m: crate::api::ImageMount = c.call("POST", "/v1/images/mount", Some(&req))?;
+                (m.path, m.config)
+            }
+            None => {
+                let store = match store {
+                    Some(s) => s,
+                    None => Arc::new(crate::open_store_for(g, true, out)?),
+                };
+                std::fs::create_dir_all(&own_lower)?;
+                let margs = MountArgs {
+                    image: req.image.clone(),
+                    dir: own_lower.clone(),
+                    prefetch: hb_fuse::Prefetch::Startup,
+                    bandwidth: None,
+                    passthrough: true,
+                    threads: 8,
+                    plain_http: req.plain_http,
+                };
+                mount = Some(crate::mount::mount_image(g, &rt, store.clone(), &margs, out)?);
+                let (_, _, rec) = crate::require_image(&store, &req.image)?;
+                (own_lower.clone(), rec.config)
+            }
         };
-        let m = mount.insert(crate::mount::mount_image(g, &rt, store.clone(), &margs, out)?);
-        let (_, _, rec) = crate::require_image(&store, &req.image)?;
-        let image = ImageConfig::from_json(rec.config.as_bytes())?;
+        let image = ImageConfig::from_json(config.as_bytes())?;
         overlay(&lower, &upper, &work, &rootfs)?;
         let read = |p: &str| std::fs::read_to_string(lower.join(p)).ok();
         let user_spec = req.opts.user.clone().or_else(|| image.user.clone());
@@ -345,7 +360,6 @@ pub fn monitor(g: &Global, dir: &Path, store: Option<Arc<Store>>, out: &Out) -> 
             hb_runtime::build_spec(&image, &req.opts, &user, &rootfs, &hostname, Some(&format!("/hb/{}", state.id)))?;
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
         state.command = hb_runtime::process_args(&image, &req.opts)?;
-        let _ = m;
         run_runtime(&rt, dir, &mut state, &req)
     })();
     // Whatever happened: the runtime's state (`run` deletes it when the container ends normally),
@@ -355,7 +369,7 @@ pub fn monitor(g: &Global, dir: &Path, store: Option<Arc<Store>>, out: &Out) -> 
     }
     let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
     if let Some(m) = mount {
-        let _ = hb_fuse::unmount(&lower);
+        let _ = hb_fuse::unmount(&own_lower);
         if let Err(e) = m.mounted.wait() {
             tracing::warn!(error = %e, "the image mount ended with an error");
         }
@@ -369,7 +383,7 @@ pub fn monitor(g: &Global, dir: &Path, store: Option<Arc<Store>>, out: &Out) -> 
     if state.rm || (result.is_err() && state.started.is_none()) {
         let _ = std::fs::remove_dir_all(dir);
     } else {
-        for d in [&lower, &rootfs] {
+        for d in [&own_lower, &rootfs] {
             let _ = std::fs::remove_dir(d);
         }
         state.save(dir)?;

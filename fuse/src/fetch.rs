@@ -42,7 +42,15 @@ pub struct FetchStats {
     pub errors: AtomicU64,
     /// Batches of fetched chunks the store could not keep (they are fetched again when read).
     pub fill_errors: AtomicU64,
+    /// Uncompressed bytes of chunks read from the store.
+    pub local_bytes: AtomicU64,
+    /// Remote fetches by latency: one count per bucket of [`LATENCY_BUCKETS_MS`], then the rest.
+    pub fetch_latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    pub fetch_latency_sum_ms: AtomicU64,
 }
+
+/// Upper bounds (milliseconds) of the remote fetch latency histogram's buckets.
+pub const LATENCY_BUCKETS_MS: [u64; 10] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000];
 
 /// A snapshot of [`FetchStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,6 +63,9 @@ pub struct StatsSnapshot {
     pub prefetched_chunks: u64,
     pub errors: u64,
     pub fill_errors: u64,
+    pub local_bytes: u64,
+    pub fetch_latency: [u64; LATENCY_BUCKETS_MS.len() + 1],
+    pub fetch_latency_sum_ms: u64,
 }
 
 impl FetchStats {
@@ -69,6 +80,9 @@ impl FetchStats {
             prefetched_chunks: g(&self.prefetched_chunks),
             errors: g(&self.errors),
             fill_errors: g(&self.fill_errors),
+            local_bytes: g(&self.local_bytes),
+            fetch_latency: std::array::from_fn(|i| g(&self.fetch_latency[i])),
+            fetch_latency_sum_ms: g(&self.fetch_latency_sum_ms),
         }
     }
 }
@@ -203,6 +217,7 @@ impl Fetcher {
             match self.store.read_chunk(id) {
                 Ok(b) => {
                     self.stats.local_chunks.fetch_add(1, Ordering::Relaxed);
+                    self.stats.local_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                     let c = Arc::new(b);
                     self.memory.lock().expect("memory lock").cache.put(*id, c.clone());
                     return Ok(c);
@@ -264,7 +279,13 @@ impl Fetcher {
     fn fetch_remote(&self, ids: &[ChunkId], cache: bool) -> Result<HashMap<ChunkId, Chunk>, SourceError> {
         let remote = self.remote.as_ref().expect("checked by the caller");
         self.stats.remote_requests.fetch_add(1, Ordering::Relaxed);
-        let got = remote.fetch_many(ids)?;
+        let started = Instant::now();
+        let got = remote.fetch_many(ids);
+        let ms = started.elapsed().as_millis() as u64;
+        let bucket = LATENCY_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.stats.fetch_latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.stats.fetch_latency_sum_ms.fetch_add(ms, Ordering::Relaxed);
+        let got = got?;
         let mut map = HashMap::with_capacity(got.len());
         let mut batch = Vec::with_capacity(got.len());
         for (cid, bytes) in got {

@@ -1,0 +1,155 @@
+//! The daemon's API (HTTP/1.1 + JSON on a Unix socket; docs/api.md): the messages, and the
+//! client the CLI uses to reach a running `hb daemon`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// `GET /v1/health`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub pid: u32,
+    /// The store the daemon owns.
+    pub root: PathBuf,
+    pub uptime_seconds: u64,
+    pub image_mounts: usize,
+}
+
+/// `POST /v1/images/mount`: mount an image (pulling it first when missing) and keep it mounted.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub image: String,
+    #[serde(default)]
+    pub plain_http: bool,
+}
+
+/// An image mount the daemon keeps: a mount server process per image, shared by containers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageMount {
+    pub image: String,
+    pub digest: String,
+    pub path: PathBuf,
+    /// The process serving the mount (it outlives the daemon).
+    pub pid: u32,
+    /// The image's config (JSON text), for building a container's spec.
+    pub config: String,
+    /// Containers (overlay mounts) using it right now.
+    pub users: usize,
+}
+
+/// `POST /v1/pull`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PullRequest {
+    pub reference: String,
+    #[serde(default)]
+    pub lazy: bool,
+    #[serde(default)]
+    pub plain_http: bool,
+    pub platform: Option<String>,
+    pub credentials: Option<(String, String)>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PullResponse {
+    pub digest: String,
+    /// One line for people.
+    pub summary: String,
+    pub report: serde_json::Value,
+}
+
+/// `POST /v1/images/remove`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    pub images: Vec<String>,
+}
+
+/// Any error: the status code says its class, `error` says what went wrong.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A connection target: the daemon's socket.
+pub struct Client {
+    pub socket: PathBuf,
+}
+
+impl Client {
+    /// The daemon serving the store at `root`, if one answers on `socket`. A socket file nobody
+    /// listens on, or a daemon of another store, is no daemon for this command.
+    pub fn find(socket: &Path, root: &Path) -> Option<Client> {
+        if !socket.exists() {
+            return None;
+        }
+        let c = Client { socket: socket.to_path_buf() };
+        match c.call::<Health>("GET", "/v1/health", None::<&()>) {
+            Ok(h) => {
+                let same = |a: &Path, b: &Path| {
+                    std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
+                };
+                if same(&h.root, root) {
+                    Some(c)
+                } else {
+                    tracing::debug!(daemon_root = %h.root.display(), "the daemon on the socket serves another store");
+                    None
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, socket = %socket.display(), "no daemon answers");
+                None
+            }
+        }
+    }
+
+    /// One request; a non-2xx answer becomes an error carrying the daemon's message.
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (status, bytes) = rt.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .with_context(|| format!("connecting to the hb daemon at {}", self.socket.display()))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let payload = match body {
+                Some(b) => Bytes::from(serde_json::to_vec(b)?),
+                None => Bytes::new(),
+            };
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, "hb")
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(payload))?;
+            let resp = sender.send_request(req).await.context("talking to the hb daemon")?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, bytes))
+        })?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("hb daemon: {msg}");
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("reading the hb daemon's answer to {method} {path}"))
+    }
+}
+
+/// Where the daemon listens: `--socket`/`HB_SOCKET`, the config file's `daemon.socket`, else
+/// /run/hb/hb.sock.
+pub fn socket_path(flag: Option<&Path>, file: &crate::config::FileConfig) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| file.daemon.socket.clone())
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
+}

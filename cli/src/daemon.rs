@@ -1,0 +1,560 @@
+//! `hb daemon`: owns the store for writing and serves the API (docs/api.md) on a Unix socket.
+//!
+//! Image mounts are not served by the daemon itself: each is a mount server process (`hb mount`
+//! on `<root>/images/<digest>`, reading the store through a read-only view) that the daemon
+//! starts, shares between containers, adopts again after a restart and unmounts when no container
+//! has used it for `daemon.mount_idle_seconds`. So a daemon killed with -9 takes no running
+//! container's files with it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::api::{self, Health, ImageMount, MountRequest, PullRequest, PullResponse, RemoveRequest};
+use crate::output::Out;
+use crate::Global;
+
+/// Upper bounds (seconds) of the API latency histogram's buckets.
+const BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+#[derive(Default)]
+struct Metrics {
+    requests: Mutex<HashMap<(String, u16), u64>>,
+    /// Count per bucket of [`BUCKETS`] (+Inf last), and the sum in microseconds.
+    latency: Mutex<([u64; BUCKETS.len() + 1], u64)>,
+    errors: Mutex<HashMap<&'static str, u64>>,
+    pulls: AtomicU64,
+    pulled_bytes: AtomicU64,
+}
+
+impl Metrics {
+    fn error(&self, kind: &'static str) {
+        *self.errors.lock().expect("metrics lock").entry(kind).or_default() += 1;
+    }
+}
+
+struct Daemon {
+    g: Global,
+    root: PathBuf,
+    store: Arc<hb_store::Store>,
+    /// Runs the registry and mount work that the handlers hand to blocking threads.
+    work: tokio::runtime::Runtime,
+    started: Instant,
+    /// Image mounts by manifest digest.
+    mounts: Mutex<HashMap<String, ImageMount>>,
+    /// One image mount (or pull) prepared at a time: concurrent asks for one image make one mount.
+    preparing: Mutex<()>,
+    /// When each image mount was last seen in use.
+    last_used: Mutex<HashMap<String, Instant>>,
+    idle: Duration,
+    metrics: Metrics,
+}
+
+fn images_dir(root: &Path) -> PathBuf {
+    root.join("images")
+}
+
+/// Containers (overlayfs mounts) whose lower layer is `dir`, from the mount table.
+fn overlay_users(dir: &Path) -> usize {
+    let needle = format!("lowerdir={}", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| t.lines().filter(|l| l.contains(" - overlay ") && l.contains(&needle)).count())
+        .unwrap_or(0)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    crate::container::process_start(pid).is_some()
+}
+
+impl Daemon {
+    /// Finds the image mounts a previous daemon left running (their servers outlive it).
+    fn adopt(&self) -> anyhow::Result<()> {
+        let dir = images_dir(&self.root);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(raw) = std::fs::read(path.with_extension("json")) else {
+                if path.is_dir() {
+                    if hb_fuse::clean_stale(&path).unwrap_or(false) {
+                        tracing::warn!(dir = %path.display(), "detached a stale image mount");
+                    }
+                    let _ = std::fs::remove_dir(&path);
+                }
+                continue;
+            };
+            let Ok(m) = serde_json::from_slice::<ImageMount>(&raw) else { continue };
+            if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) {
+                tracing::info!(image = %m.image, pid = m.pid, "adopted a running image mount");
+                self.mounts.lock().expect("mounts lock").insert(m.digest.clone(), m);
+            } else {
+                let _ = hb_fuse::clean_stale(&m.path);
+                let _ = std::fs::remove_file(path.with_extension("json"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The image's mount, started (and the image pulled) if needed.
+    fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
+        let _one = self.preparing.lock().expect("preparing lock");
+        let out = Out::new(false, true);
+        if crate::find_image(&self.store, &req.image)?.is_none() {
+            crate::mount::pull_for_mount(&self.g, &self.work, &self.store, &req.image, req.plain_http, &out)?;
+            self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+        }
+        let (name, digest, rec) = crate::require_image(&self.store, &req.image)?;
+        let key = digest.to_string();
+        if let Some(m) = self.mounts.lock().expect("mounts lock").get(&key) {
+            if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) {
+                self.last_used.lock().expect("lock").insert(key.clone(), Instant::now());
+                return Ok(m.clone());
+            }
+        }
+        let path = images_dir(&self.root).join(&digest.hex()[..16]);
+        let _ = hb_fuse::clean_stale(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let pid = self.start_mount_server(&req.image, &path, req.plain_http)?;
+        let m = ImageMount { image: name, digest: key.clone(), path: path.clone(), pid, config: rec.config, users: 0 };
+        std::fs::write(path.with_extension("json"), serde_json::to_vec_pretty(&m)?)?;
+        self.mounts.lock().expect("mounts lock").insert(key.clone(), m.clone());
+        self.last_used.lock().expect("lock").insert(key, Instant::now());
+        Ok(m)
+    }
+
+    /// Starts `hb mount IMAGE DIR` as a process of its own (not the daemon's child in any way
+    /// that matters: own process group, its own log) and returns once it serves.
+    fn start_mount_server(&self, image: &str, dir: &Path, plain_http: bool) -> anyhow::Result<u32> {
+        use std::os::unix::process::CommandExt;
+        let log_path = crate::mount::run_file(&self.root, dir, "log");
+        std::fs::create_dir_all(log_path.parent().expect("has a parent"))?;
+        let log = std::fs::File::create(&log_path)?;
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        crate::pass_globals(&mut cmd, &self.g, &self.root);
+        cmd.arg("mount").arg(image).arg(dir);
+        if plain_http {
+            cmd.arg("--plain-http");
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting a mount server")?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("the mount server for {image} exited ({status}): {}", text.trim_end());
+            }
+            if hb_fuse::is_mountpoint(dir) {
+                // Reaped by a thread of ours when it ends (it normally outlives us).
+                let pid = child.id();
+                std::thread::spawn(move || child.wait());
+                return Ok(pid);
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                bail!("the mount server for {image} did not mount within 120 s (log {})", log_path.display());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Current image mounts with their users counted.
+    fn list_mounts(&self) -> Vec<ImageMount> {
+        let mut v: Vec<ImageMount> = self.mounts.lock().expect("mounts lock").values().cloned().collect();
+        for m in &mut v {
+            m.users = overlay_users(&m.path);
+        }
+        v.sort_by(|a, b| a.image.cmp(&b.image));
+        v
+    }
+
+    /// Unmounts an image mount (refused while a container uses it, unless `force`).
+    fn unmount(&self, digest: &str, force: bool) -> anyhow::Result<()> {
+        let m = self.mounts.lock().expect("mounts lock").get(digest).cloned();
+        let Some(m) = m else { bail!("no image mount {digest}") };
+        let users = overlay_users(&m.path);
+        if users > 0 && !force {
+            bail!("image mount of {} is used by {users} containers", m.image);
+        }
+        crate::mount::umount(&self.root, &m.path, &Out::new(false, true))?;
+        let _ = std::fs::remove_dir(&m.path);
+        let _ = std::fs::remove_file(m.path.with_extension("json"));
+        self.mounts.lock().expect("mounts lock").remove(digest);
+        Ok(())
+    }
+
+    /// Unmounts image mounts no container has used for `idle`.
+    fn reap_idle(&self) {
+        let now = Instant::now();
+        for m in self.list_mounts() {
+            let mut last = self.last_used.lock().expect("lock");
+            let seen = last.entry(m.digest.clone()).or_insert(now);
+            if m.users > 0 {
+                *seen = now;
+                continue;
+            }
+            if now.duration_since(*seen) >= self.idle {
+                drop(last);
+                tracing::info!(image = %m.image, "unmounting an idle image mount");
+                if let Err(e) = self.unmount(&m.digest, false) {
+                    tracing::warn!(image = %m.image, error = %e, "unmounting an idle image mount failed");
+                }
+            }
+        }
+    }
+
+    fn pull(&self, req: &PullRequest) -> anyhow::Result<PullResponse> {
+        let _one = self.preparing.lock().expect("preparing lock");
+        let r = hb_registry::ImageRef::parse(&req.reference)?;
+        let creds = match &req.credentials {
+            Some(c) => Some(c.clone()),
+            None => crate::config::docker_credentials(r.registry())?,
+        };
+        let platform = match &req.platform {
+            Some(p) => p.parse().map_err(anyhow::Error::msg)?,
+            None => hb_registry::Platform::default(),
+        };
+        let opts = crate::registry_options(&self.g, &r, req.plain_http, creds, platform)?;
+        let (registry, resolved) = crate::pull::resolve(&self.work, &r, opts)?;
+        self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+        let out = Out::new(false, true);
+        if req.lazy && resolved.accelerated.is_some() {
+            let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved)?;
+            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            Ok(PullResponse {
+                digest: report.digest.to_string(),
+                summary: crate::pull::lazy_summary(&report),
+                report: serde_json::to_value(&report)?,
+            })
+        } else {
+            let report = crate::pull::pull(&self.work, self.store.clone(), registry, resolved, &out)?;
+            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            Ok(PullResponse {
+                digest: report.digest.to_string(),
+                summary: crate::pull::summary(&report),
+                report: serde_json::to_value(&report)?,
+            })
+        }
+    }
+
+    fn remove_images(&self, req: &RemoveRequest) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        for q in &req.images {
+            let (name, digest, _) = crate::require_image(&self.store, q)?;
+            self.store.remove_image_name(&name)?;
+            lines.push(format!("untagged {name} ({}); run `hb gc` to free its space", digest.short()));
+        }
+        Ok(lines)
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            root: self.root.clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            image_mounts: self.mounts.lock().expect("mounts lock").len(),
+        }
+    }
+
+    /// Prometheus text format.
+    fn metrics_text(&self) -> String {
+        use std::fmt::Write;
+        let mut t = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+            let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(t, "{name}{labels} {v}");
+            }
+        };
+        let mounts = self.list_mounts();
+        metric("hb_image_mounts", "gauge", "Image mounts served.", vec![(String::new(), mounts.len() as f64)]);
+        metric(
+            "hb_containers_on_mounts",
+            "gauge",
+            "Containers whose root filesystem sits on an image mount.",
+            vec![(String::new(), mounts.iter().map(|m| m.users).sum::<usize>() as f64)],
+        );
+        // What the mount servers report (each writes its figures beside its pid file).
+        let mut sum: HashMap<&str, f64> = HashMap::new();
+        let mut hist = [0f64; hb_fuse::LATENCY_BUCKETS_MS.len() + 1];
+        let mut hist_sum = 0f64;
+        for m in &mounts {
+            let Ok(raw) = std::fs::read(crate::mount::run_file(&self.root, &m.path, "stats.json")) else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&raw) else { continue };
+            for k in
+                ["local_chunks", "remote_chunks", "remote_bytes", "local_bytes", "wire_bytes", "errors", "fill_errors"]
+            {
+                *sum.entry(k).or_default() += v[k].as_f64().unwrap_or(0.0);
+            }
+            if let Some(b) = v["fetch_latency_ms"].as_array() {
+                for (h, x) in hist.iter_mut().zip(b) {
+                    *h += x.as_f64().unwrap_or(0.0);
+                }
+            }
+            hist_sum += v["fetch_latency_sum_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+        }
+        let s = |k: &str| sum.get(k).copied().unwrap_or(0.0);
+        metric(
+            "hb_fetched_bytes_total",
+            "counter",
+            "File data bytes read by image mounts, by source.",
+            vec![
+                ("{source=\"local\"}".into(), s("local_bytes")),
+                ("{source=\"remote\"}".into(), s("remote_bytes")),
+                ("{source=\"wire\"}".into(), s("wire_bytes")),
+            ],
+        );
+        metric(
+            "hb_chunk_lookups_total",
+            "counter",
+            "Chunks image mounts needed: hits in the store, misses fetched remotely.",
+            vec![("{result=\"hit\"}".into(), s("local_chunks")), ("{result=\"miss\"}".into(), s("remote_chunks"))],
+        );
+        let mut cumulative = 0.0;
+        let mut samples = Vec::new();
+        for (i, le) in hb_fuse::LATENCY_BUCKETS_MS.iter().enumerate() {
+            cumulative += hist[i];
+            samples.push((format!("_bucket{{le=\"{}\"}}", *le as f64 / 1000.0), cumulative));
+        }
+        cumulative += hist[hist.len() - 1];
+        samples.push(("_bucket{le=\"+Inf\"}".into(), cumulative));
+        samples.push(("_sum".into(), hist_sum));
+        samples.push(("_count".into(), cumulative));
+        let _ = writeln!(
+            t,
+            "# HELP hb_remote_fetch_seconds Latency of remote chunk fetches by image mounts.\n# TYPE hb_remote_fetch_seconds histogram"
+        );
+        for (suffix, v) in samples {
+            let _ = writeln!(t, "hb_remote_fetch_seconds{suffix} {v}");
+        }
+        let mut errors: Vec<(String, f64)> =
+            vec![("{kind=\"fetch\"}".into(), s("errors")), ("{kind=\"store_fill\"}".into(), s("fill_errors"))];
+        for (k, v) in self.metrics.errors.lock().expect("metrics lock").iter() {
+            errors.push((format!("{{kind=\"{k}\"}}"), *v as f64));
+        }
+        let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+            let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(t, "{name}{labels} {v}");
+            }
+        };
+        metric("hb_errors_total", "counter", "Errors by kind.", errors);
+        metric(
+            "hb_pulls_total",
+            "counter",
+            "Image pulls the daemon made.",
+            vec![(String::new(), self.metrics.pulls.load(Ordering::Relaxed) as f64)],
+        );
+        metric(
+            "hb_pulled_bytes_total",
+            "counter",
+            "Bytes pulls downloaded.",
+            vec![(String::new(), self.metrics.pulled_bytes.load(Ordering::Relaxed) as f64)],
+        );
+        let reqs: Vec<(String, f64)> = self
+            .metrics
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|((p, c), n)| (format!("{{path=\"{p}\",code=\"{c}\"}}"), *n as f64))
+            .collect();
+        metric("hb_api_requests_total", "counter", "API requests by path and status.", reqs);
+        let (buckets, sum_us) = *self.metrics.latency.lock().expect("metrics lock");
+        let _ =
+            writeln!(t, "# HELP hb_api_request_seconds API request latency.\n# TYPE hb_api_request_seconds histogram");
+        let mut c = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            c += buckets[i];
+            let _ = writeln!(t, "hb_api_request_seconds_bucket{{le=\"{le}\"}} {c}");
+        }
+        c += buckets[BUCKETS.len()];
+        let _ = writeln!(t, "hb_api_request_seconds_bucket{{le=\"+Inf\"}} {c}");
+        let _ = writeln!(t, "hb_api_request_seconds_sum {}", sum_us as f64 / 1e6);
+        let _ = writeln!(t, "hb_api_request_seconds_count {c}");
+        t
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+fn error(status: StatusCode, e: &anyhow::Error) -> Response<Full<Bytes>> {
+    json(status, &api::ErrorBody { error: crate::error_chain(e) })
+}
+
+/// A handler's blocking work on a thread of its own, its error mapped to a status code.
+async fn blocking<T: Serialize + Send + 'static>(
+    d: &Arc<Daemon>,
+    kind: &'static str,
+    f: impl FnOnce(&Daemon) -> anyhow::Result<T> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    let d2 = d.clone();
+    match tokio::task::spawn_blocking(move || f(&d2)).await {
+        Ok(Ok(v)) => json(StatusCode::OK, &v),
+        Ok(Err(e)) => {
+            d.metrics.error(kind);
+            let status = if crate::error_chain(&e).contains("no image") || e.to_string().starts_with("no image mount") {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            error(status, &e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &anyhow::anyhow!("handler failed: {e}")),
+    }
+}
+
+async fn body_json<T: serde::de::DeserializeOwned>(req: Request<hyper::body::Incoming>) -> anyhow::Result<T> {
+    let bytes = req.into_body().collect().await?.to_bytes();
+    serde_json::from_slice(&bytes).context("the request body is not the JSON this endpoint takes")
+}
+
+async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let method = req.method().clone();
+    let resp = match (&method, path.as_str()) {
+        (&Method::GET, "/v1/health") => json(StatusCode::OK, &d.health()),
+        (&Method::GET, "/metrics") => Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(d.metrics_text())))
+            .expect("valid response"),
+        (&Method::GET, "/v1/mounts") => json(StatusCode::OK, &d.list_mounts()),
+        (&Method::POST, "/v1/images/mount") => match body_json::<MountRequest>(req).await {
+            Ok(m) => blocking(&d, "mount", move |d| d.image_mount(&m)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
+        (&Method::DELETE, p) if p.starts_with("/v1/mounts/") => {
+            let digest = p["/v1/mounts/".len()..].to_string();
+            let force = query.split('&').any(|kv| kv == "force=1" || kv == "force=true");
+            blocking(&d, "unmount", move |d| d.unmount(&digest, force).map(|_| serde_json::json!({}))).await
+        }
+        (&Method::POST, "/v1/pull") => match body_json::<PullRequest>(req).await {
+            Ok(p) => blocking(&d, "pull", move |d| d.pull(&p)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
+        (&Method::POST, "/v1/images/remove") => match body_json::<RemoveRequest>(req).await {
+            Ok(r) => blocking(&d, "remove", move |d| d.remove_images(&r)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
+        (&Method::POST, "/v1/gc") => blocking(&d, "gc", |d| Ok(d.store.gc(&hb_store::NoProgress)?)).await,
+        _ => error(StatusCode::NOT_FOUND, &anyhow::anyhow!("no endpoint {method} {path} (see docs/api.md)")),
+    };
+    let took = started.elapsed();
+    let label = if path.starts_with("/v1/mounts/") { "/v1/mounts/{digest}".to_string() } else { path };
+    *d.metrics.requests.lock().expect("metrics lock").entry((label, resp.status().as_u16())).or_default() += 1;
+    {
+        let mut l = d.metrics.latency.lock().expect("metrics lock");
+        let i = BUCKETS.iter().position(|b| took.as_secs_f64() <= *b).unwrap_or(BUCKETS.len());
+        l.0[i] += 1;
+        l.1 += took.as_micros() as u64;
+    }
+    Ok(resp)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
+    let root = crate::store_root(g)?;
+    if api::Client::find(socket, &root).is_some() {
+        bail!("an hb daemon already serves {} on {}", root.display(), socket.display());
+    }
+    let store = match crate::open_store(g) {
+        Err(e) if matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Locked(_))) => {
+            bail!("store {} is held by another hb process (a mount or a container started without the daemon): stop it first", root.display())
+        }
+        other => Arc::new(other?),
+    };
+    let d = Arc::new(Daemon {
+        g: g.clone(),
+        root: root.clone(),
+        store,
+        work: crate::runtime()?,
+        started: Instant::now(),
+        mounts: Mutex::new(HashMap::new()),
+        preparing: Mutex::new(()),
+        last_used: Mutex::new(HashMap::new()),
+        idle,
+        metrics: Metrics::default(),
+    });
+    d.adopt()?;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let server = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let listener = server
+        .block_on(async { tokio::net::UnixListener::bind(socket) })
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    out.note(format!(
+        "hb daemon {} serving store {} on {} (pid {}; {} image mounts adopted)",
+        env!("CARGO_PKG_VERSION"),
+        root.display(),
+        socket.display(),
+        std::process::id(),
+        d.mounts.lock().expect("mounts lock").len()
+    ));
+    tracing::info!(socket = %socket.display(), root = %root.display(), "daemon ready");
+    let reaper = d.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));
+        reaper.reap_idle();
+    });
+    server.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _) = match accepted {
+                        Ok(s) => s,
+                        Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                    };
+                    let d = d.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| handle(d.clone(), req));
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let _ = std::fs::remove_file(socket);
+    out.note(format!(
+        "hb daemon stopped; {} image mounts keep serving (the next daemon adopts them)",
+        d.mounts.lock().expect("mounts lock").len()
+    ));
+    Ok(())
+}
