@@ -113,6 +113,16 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> anyhow::Result<T> {
+        let payload = match body {
+            Some(b) => Bytes::from(serde_json::to_vec(b)?),
+            None => Bytes::new(),
+        };
+        let bytes = self.call_raw(method, path, payload)?;
+        serde_json::from_slice(&bytes).with_context(|| format!("reading the hb daemon's answer to {method} {path}"))
+    }
+
+    /// One request with a raw body and answer (the chunk endpoints).
+    pub fn call_raw(&self, method: &str, path: &str, payload: Bytes) -> anyhow::Result<Bytes> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (status, bytes) = rt.block_on(async {
             let stream = tokio::net::UnixStream::connect(&self.socket)
@@ -121,10 +131,6 @@ impl Client {
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(conn);
-            let payload = match body {
-                Some(b) => Bytes::from(serde_json::to_vec(b)?),
-                None => Bytes::new(),
-            };
             let req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
@@ -142,7 +148,7 @@ impl Client {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             bail!("hb daemon: {msg}");
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("reading the hb daemon's answer to {method} {path}"))
+        Ok(bytes)
     }
 }
 
@@ -152,4 +158,62 @@ pub fn socket_path(flag: Option<&Path>, file: &crate::config::FileConfig) -> Pat
     flag.map(Path::to_path_buf)
         .or_else(|| file.daemon.socket.clone())
         .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_SOCKET))
+}
+
+/// Largest body of a chunk request or answer.
+pub const MAX_CHUNK_BODY: usize = 64 << 20;
+
+/// Chunks as the chunk endpoints carry them: for each, its 32-byte id, its length (u32, little
+/// endian), its bytes.
+pub fn encode_chunks<'a>(chunks: impl Iterator<Item = (&'a hb_core::ChunkId, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, data) in chunks {
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// The inverse of [`encode_chunks`]; a truncated or overlong frame is an error.
+pub fn decode_chunks(mut b: &[u8]) -> anyhow::Result<Vec<(hb_core::ChunkId, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 36 {
+            bail!("truncated chunk frame ({} bytes left)", b.len());
+        }
+        let id = hb_core::ChunkId(b[..32].try_into().expect("32 bytes"));
+        let len = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes")) as usize;
+        if b.len() < 36 + len {
+            bail!("chunk {id} frame says {len} bytes, {} remain", b.len() - 36);
+        }
+        out.push((id, b[36..36 + len].to_vec()));
+        b = &b[36 + len..];
+    }
+    Ok(out)
+}
+
+/// Chunk ids as `POST /v1/chunks/get` takes them: 32 bytes each.
+pub fn decode_ids(b: &[u8]) -> anyhow::Result<Vec<hb_core::ChunkId>> {
+    if b.len() % 32 != 0 {
+        bail!("chunk id list of {} bytes is not a multiple of 32", b.len());
+    }
+    Ok(b.chunks_exact(32).map(|c| hb_core::ChunkId(c.try_into().expect("32 bytes"))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_frames_round_trip_and_reject_truncation() {
+        let a = (hb_core::ChunkId::of(b"a"), b"a".to_vec());
+        let b = (hb_core::ChunkId::of(b""), Vec::new());
+        let enc = encode_chunks([&a, &b].into_iter().map(|(i, d)| (i, d.as_slice())));
+        assert_eq!(decode_chunks(&enc).unwrap(), vec![a.clone(), b]);
+        assert!(decode_chunks(&enc[..enc.len() - 37]).is_err());
+        assert!(decode_chunks(&enc[..10]).is_err());
+        assert_eq!(decode_ids(a.0.as_bytes()).unwrap(), vec![a.0]);
+        assert!(decode_ids(&[0; 33]).is_err());
+    }
 }

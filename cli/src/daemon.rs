@@ -249,6 +249,34 @@ impl Daemon {
         }
     }
 
+    /// The chunks of `ids` the store has (verified on read), framed.
+    fn chunks_get(&self, ids: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let ids = api::decode_ids(ids)?;
+        let mut found = Vec::new();
+        let mut size = 0;
+        for id in ids {
+            match self.store.read_chunk(&id) {
+                Ok(b) => {
+                    size += b.len() + 36;
+                    if size > api::MAX_CHUNK_BODY {
+                        break;
+                    }
+                    found.push((id, b));
+                }
+                Err(hb_store::StoreError::MissingChunk(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(api::encode_chunks(found.iter().map(|(i, b)| (i, b.as_slice()))))
+    }
+
+    /// Keeps chunks a mount server fetched (the store verifies each against its id).
+    fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+        let chunks = api::decode_chunks(body)?;
+        let r = self.store.fill_chunks(&chunks)?;
+        Ok(serde_json::json!({ "filled": r.filled, "skipped": r.skipped }))
+    }
+
     fn remove_images(&self, req: &RemoveRequest) -> anyhow::Result<Vec<String>> {
         let mut lines = Vec::new();
         for q in &req.images {
@@ -425,6 +453,32 @@ async fn blocking<T: Serialize + Send + 'static>(
     }
 }
 
+/// A handler's blocking work answering raw bytes.
+async fn blocking_raw(
+    d: &Arc<Daemon>,
+    kind: &'static str,
+    f: impl FnOnce(&Daemon) -> anyhow::Result<Vec<u8>> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    let d2 = d.clone();
+    match tokio::task::spawn_blocking(move || f(&d2)).await {
+        Ok(Ok(v)) => Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
+            .body(Full::new(Bytes::from(v)))
+            .expect("valid response"),
+        Ok(Err(e)) => {
+            d.metrics.error(kind);
+            error(StatusCode::INTERNAL_SERVER_ERROR, &e)
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &anyhow::anyhow!("handler failed: {e}")),
+    }
+}
+
+/// A request body of at most [`api::MAX_CHUNK_BODY`] bytes.
+async fn raw_body(req: Request<hyper::body::Incoming>) -> anyhow::Result<Bytes> {
+    let limited = http_body_util::Limited::new(req.into_body(), api::MAX_CHUNK_BODY);
+    limited.collect().await.map(|c| c.to_bytes()).map_err(|e| anyhow::anyhow!("reading the request body: {e}"))
+}
+
 async fn body_json<T: serde::de::DeserializeOwned>(req: Request<hyper::body::Incoming>) -> anyhow::Result<T> {
     let bytes = req.into_body().collect().await?.to_bytes();
     serde_json::from_slice(&bytes).context("the request body is not the JSON this endpoint takes")
@@ -457,6 +511,14 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
         },
         (&Method::POST, "/v1/images/remove") => match body_json::<RemoveRequest>(req).await {
             Ok(r) => blocking(&d, "remove", move |d| d.remove_images(&r)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
+        (&Method::POST, "/v1/chunks/get") => match raw_body(req).await {
+            Ok(b) => blocking_raw(&d, "chunks", move |d| d.chunks_get(&b)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
+        (&Method::POST, "/v1/chunks/fill") => match raw_body(req).await {
+            Ok(b) => blocking(&d, "store_fill", move |d| d.chunks_fill(&b)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
         (&Method::POST, "/v1/gc") => blocking(&d, "gc", |d| Ok(d.store.gc(&hb_store::NoProgress)?)).await,

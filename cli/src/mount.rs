@@ -98,6 +98,72 @@ pub(crate) fn pull_for_mount(
     Ok(None)
 }
 
+/// Chunks through the daemon that owns the store: it is asked first (it has what other mounts
+/// fetched since this one opened its read-only view), then the registry; what the registry sends
+/// is handed to the daemon to keep.
+struct ViaDaemon {
+    client: Arc<crate::api::Client>,
+    remote: Option<Arc<hb_registry::RangeSource>>,
+}
+
+impl ViaDaemon {
+    fn unavailable(e: anyhow::Error) -> hb_core::SourceError {
+        hb_core::SourceError::Unavailable { source_name: "hb daemon".into(), reason: crate::error_chain(&e) }
+    }
+}
+
+impl ChunkSource for ViaDaemon {
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, hb_core::SourceError> {
+        Ok(self.fetch_many(std::slice::from_ref(id))?.into_iter().find(|(i, _)| i == id).map(|(_, b)| b))
+    }
+
+    fn fetch_many(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, hb_core::SourceError> {
+        let body = ids.iter().flat_map(|i| i.as_bytes().iter().copied()).collect::<Vec<u8>>();
+        let mut got = match self.client.call_raw("POST", "/v1/chunks/get", body.into()) {
+            Ok(b) => crate::api::decode_chunks(&b).map_err(Self::unavailable)?,
+            Err(e) => {
+                // The daemon may be restarting: the registry still serves.
+                tracing::debug!(error = %e, "the hb daemon did not answer for chunks");
+                Vec::new()
+            }
+        };
+        let have: std::collections::HashSet<ChunkId> = got.iter().map(|(i, _)| *i).collect();
+        let rest: Vec<ChunkId> = ids.iter().filter(|i| !have.contains(i)).copied().collect();
+        if !rest.is_empty() {
+            if let Some(r) = &self.remote {
+                got.extend(r.fetch_many(&rest)?);
+            }
+        }
+        Ok(got)
+    }
+}
+
+impl hb_fuse::ChunkSink for ViaDaemon {
+    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, String> {
+        let mut kept = 0;
+        // Bodies under the daemon's limit.
+        let mut start = 0;
+        while start < chunks.len() {
+            let mut end = start;
+            let mut size = 0;
+            while end < chunks.len() && (end == start || size + chunks[end].1.len() + 36 <= crate::api::MAX_CHUNK_BODY)
+            {
+                size += chunks[end].1.len() + 36;
+                end += 1;
+            }
+            let body = crate::api::encode_chunks(chunks[start..end].iter().map(|(i, b)| (i, b.as_slice())));
+            let r: serde_json::Value = self
+                .client
+                .call_raw("POST", "/v1/chunks/fill", body.into())
+                .and_then(|b| Ok(serde_json::from_slice(&b)?))
+                .map_err(|e| crate::error_chain(&e))?;
+            kept += r["filled"].as_u64().unwrap_or(0) as usize;
+            start = end;
+        }
+        Ok(kept)
+    }
+}
+
 /// A mounted image and what it reads from.
 pub struct Mount {
     pub name: String,
@@ -132,11 +198,25 @@ pub fn mount_image(
         None => Vec::new(),
     };
     let all: Vec<ChunkId> = remote.as_ref().map(|r| r.all_chunks()).unwrap_or_default();
-    let fetcher = hb_fuse::Fetcher::new(
-        store.clone(),
-        remote.clone().map(|r| r as Arc<dyn ChunkSource>),
-        Duration::from_secs(120),
-    );
+    // On a read-only view of a store the daemon owns, the daemon is asked first and keeps what
+    // comes from the registry.
+    let daemon = if store.is_writable() { None } else { crate::daemon_client(g).map(Arc::new) };
+    let fetcher = match daemon {
+        Some(client) => {
+            let via = Arc::new(ViaDaemon { client, remote: remote.clone() });
+            hb_fuse::Fetcher::with_sink(
+                store.clone(),
+                Some(via.clone() as Arc<dyn ChunkSource>),
+                Some(via as Arc<dyn hb_fuse::ChunkSink>),
+                Duration::from_secs(120),
+            )
+        }
+        None => hb_fuse::Fetcher::new(
+            store.clone(),
+            remote.clone().map(|r| r as Arc<dyn ChunkSource>),
+            Duration::from_secs(120),
+        ),
+    };
     let opts = MountOptions {
         fs: FsOptions {
             passthrough: args.passthrough,

@@ -111,9 +111,17 @@ struct Recorder {
     seen: HashSet<ChunkId>,
 }
 
+/// Keeps fetched chunks for a fetcher whose store is a read-only view: the process that owns the
+/// store writes them (it verifies them again).
+pub trait ChunkSink: Send + Sync {
+    /// Returns how many were new to the store.
+    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, String>;
+}
+
 pub struct Fetcher {
     store: Arc<Store>,
     remote: Option<Arc<dyn ChunkSource>>,
+    sink: Option<Arc<dyn ChunkSink>>,
     inflight: Mutex<HashMap<ChunkId, Arc<Pending>>>,
     memory: Mutex<Memory>,
     fill_tx: Mutex<Option<Sender<FillBatch>>>,
@@ -133,11 +141,22 @@ const FILL_BATCH_BYTES: usize = 16 << 20;
 impl Fetcher {
     /// A fetcher reading `store`, then `remote` (if any). `timeout` bounds every wait for a chunk.
     pub fn new(store: Arc<Store>, remote: Option<Arc<dyn ChunkSource>>, timeout: Duration) -> Arc<Fetcher> {
+        Self::with_sink(store, remote, None, timeout)
+    }
+
+    /// As [`Fetcher::new`]; with a read-only store, what is fetched goes to `sink` to be kept.
+    pub fn with_sink(
+        store: Arc<Store>,
+        remote: Option<Arc<dyn ChunkSource>>,
+        sink: Option<Arc<dyn ChunkSink>>,
+        timeout: Duration,
+    ) -> Arc<Fetcher> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(FetchStats::default());
         let f = Arc::new(Fetcher {
             store,
             remote,
+            sink,
             inflight: Mutex::new(HashMap::new()),
             memory: Mutex::new(Memory {
                 cache: lru::LruCache::new(NonZeroUsize::new(CACHE_CHUNKS).expect("non-zero")),
@@ -223,6 +242,11 @@ impl Fetcher {
                     return Ok(c);
                 }
                 Err(StoreError::MissingChunk(_)) => {}
+                // A read-only view is a snapshot: the owner may have moved the chunk since (gc
+                // compacts packs). The remote side (the owner first, when there is one) has it.
+                Err(e) if !self.store.is_writable() && self.remote.is_some() => {
+                    tracing::debug!(chunk = %id, error = %e, "read-only store view missed; asking the remote side");
+                }
                 Err(e) => return Err(e.into()),
             }
             if self.remote.is_none() {
@@ -305,7 +329,7 @@ impl Fetcher {
         }
         // A read-only view of the store (another process holds it) cannot keep what was fetched:
         // the read cache serves it while it lasts.
-        let keep = self.store.is_writable();
+        let keep = self.store.is_writable() || self.sink.is_some();
         {
             let mut m = self.memory.lock().expect("memory lock");
             for (cid, c) in &batch {
@@ -399,8 +423,12 @@ fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
         }
         let Some(f) = fetcher.upgrade() else { return };
         let owned: Vec<(ChunkId, Vec<u8>)> = batch.iter().map(|(id, c)| (*id, c.as_ref().clone())).collect();
-        match f.store.fill_chunks(&owned) {
-            Ok(r) => tracing::debug!(filled = r.filled, skipped = r.skipped, "stored fetched chunks"),
+        let kept = match &f.sink {
+            Some(sink) if !f.store.is_writable() => sink.keep(&owned),
+            _ => f.store.fill_chunks(&owned).map(|r| r.filled).map_err(|e| e.to_string()),
+        };
+        match kept {
+            Ok(n) => tracing::debug!(filled = n, chunks = owned.len(), "stored fetched chunks"),
             Err(e) => {
                 f.stats.fill_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, chunks = batch.len(), "could not store fetched chunks; they will be fetched again");
