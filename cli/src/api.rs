@@ -195,7 +195,7 @@ pub fn decode_chunks(mut b: &[u8]) -> anyhow::Result<Vec<(hb_core::ChunkId, Vec<
 
 /// Chunk ids as `POST /v1/chunks/get` takes them: 32 bytes each.
 pub fn decode_ids(b: &[u8]) -> anyhow::Result<Vec<hb_core::ChunkId>> {
-    if b.len() % 32 != 0 {
+    if !b.len().is_multiple_of(32) {
         bail!("chunk id list of {} bytes is not a multiple of 32", b.len());
     }
     Ok(b.chunks_exact(32).map(|c| hb_core::ChunkId(c.try_into().expect("32 bytes"))).collect())
