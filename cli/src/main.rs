@@ -407,16 +407,28 @@ fn error_chain(e: &anyhow::Error) -> String {
 /// (an `hb mount`) is opened as a read-only view instead of failing.
 fn open_store_for(g: &Global, read_only_ok: bool, out: &Out) -> anyhow::Result<Store> {
     match open_store(g) {
-        Err(e)
-            if read_only_ok
-                && matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Locked(_))) =>
-        {
-            let file = config::load(g.config.as_deref())?;
-            let root = config::store_root(g.root.as_deref(), &file)?;
-            out.note(format!(
-                "store {} is held by another hb process (a mount or a container): read-only view",
-                root.display()
-            ));
+        Err(e) if matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Locked(_))) => {
+            let root = store_root(g)?;
+            let daemon = daemon_client(g).and_then(|c| c.call::<api::Health>("GET", "/v1/health", None::<&()>).ok());
+            if !read_only_ok {
+                if let Some(h) = daemon {
+                    bail!(
+                        "store {} is owned by the hb daemon (pid {}) and this command does not go through it: \
+                         stop the daemon first (systemctl stop hb)",
+                        root.display(),
+                        h.pid
+                    );
+                }
+                return Err(e);
+            }
+            match daemon {
+                // The daemon's store: reading from a view of it is the normal case.
+                Some(h) => tracing::info!(pid = h.pid, "the hb daemon owns the store: read-only view"),
+                None => out.note(format!(
+                    "store {} is held by another hb process (a mount or a container): read-only view",
+                    root.display()
+                )),
+            }
             Store::open_read_only(&root, StoreOptions::default())
                 .with_context(|| format!("opening store {} read-only", root.display()))
         }

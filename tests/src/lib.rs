@@ -105,6 +105,7 @@ impl Hb {
         c.args(args)
             .env_remove("HB_ROOT")
             .env_remove("HB_CONFIG")
+            .env_remove("HB_SOCKET")
             .env("DOCKER_CONFIG", &empty)
             .env("HB_HOSTS_DIR", &empty);
         c

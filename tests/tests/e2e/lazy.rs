@@ -55,7 +55,7 @@ fn mount_log(hb: &Hb, _dir: &Path) -> String {
 }
 
 /// Converts `image` into a repository of its own (`lazy-<tag>`), with a store of its own.
-fn convert(image: &str, tag: &str) -> String {
+pub(crate) fn convert(image: &str, tag: &str) -> String {
     let reg = open_registry();
     let dst = format!("{reg}/lazy-test/{tag}:{}", std::process::id());
     let hb = Hb::new();

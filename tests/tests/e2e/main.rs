@@ -4,6 +4,7 @@ mod architecture;
 mod bad_input;
 mod crafted;
 mod crash;
+mod daemon;
 mod dedup_gc;
 mod integrity;
 mod lazy;

@@ -1,0 +1,202 @@
+//! `hb daemon`: the real daemon on its own socket, real mount servers, real runc containers.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hb_tests::*;
+
+use super::pull::{open_registry, run};
+
+/// A daemon on `hb`'s store and a socket in its scratch folder; stopped (SIGTERM) on drop.
+struct Daemon<'a> {
+    hb: &'a Hb,
+    child: Option<Child>,
+}
+
+impl<'a> Daemon<'a> {
+    fn start(hb: &'a Hb) -> Self {
+        let child = hb
+            .command(&["--socket", &socket(hb), "daemon"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(hb.path("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { hb, child: Some(child) };
+        wait_for("the daemon's socket to answer", || d.get("/v1/health").is_some());
+        d
+    }
+
+    /// `curl --unix-socket` GET; None when nothing answers.
+    fn get(&self, path: &str) -> Option<String> {
+        curl(self.hb, "GET", path)
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            run(Command::new("kill").args(["-TERM", &c.id().to_string()]));
+            assert!(c.wait().unwrap().success(), "the daemon exits cleanly on SIGTERM");
+        }
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn socket(hb: &Hb) -> String {
+    hb.path("hb.sock").to_str().unwrap().to_string()
+}
+
+fn curl(hb: &Hb, method: &str, path: &str) -> Option<String> {
+    let o = Command::new("curl")
+        .args(["-sf", "-X", method, "--unix-socket", &socket(hb), &format!("http://hb{path}")])
+        .output()
+        .unwrap();
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// `hb --socket <the test daemon's> ARGS`.
+fn with_socket<'a>(hb: &Hb, args: &[&'a str]) -> Vec<String> {
+    let mut v = vec!["--socket".to_string(), socket(hb)];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+fn ok(hb: &Hb, args: &[&str]) -> String {
+    let v = with_socket(hb, args);
+    hb.ok(&v.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn fails(hb: &Hb, args: &[&str]) -> String {
+    let v = with_socket(hb, args);
+    hb.fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), 1)
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1200 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// Unmounts what the daemon's mount servers still serve (they outlive it by design).
+fn unmount_all(hb: &Hb) {
+    if let Ok(entries) = std::fs::read_dir(hb.root.join("images")) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                let _ = hb.run(&["umount", e.path().to_str().unwrap()]);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_reading_container() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    let mut d = Daemon::start(&hb);
+    let h: serde_json::Value = serde_json::from_str(&d.get("/v1/health").unwrap()).unwrap();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["root"].as_str(), hb.root.to_str());
+    // Pull and run through the daemon; reading commands read a view of its store.
+    assert!(ok(&hb, &["pull", &image]).starts_with("sha256:"));
+    assert!(ok(&hb, &["images"]).contains("busybox"));
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "echo", "via", "daemon"]), "via daemon\n");
+    let mounts: serde_json::Value = serde_json::from_str(&d.get("/v1/mounts").unwrap()).unwrap();
+    assert_eq!(mounts.as_array().unwrap().len(), 1, "one shared image mount: {mounts}");
+    // A writing command that does not go through the daemon says so.
+    let err = fails(&hb, &["layer", "rm", "sha256:00"]);
+    assert!(err.contains("owned by the hb daemon"), "{err}");
+    // A container that keeps reading files, across a kill -9 and a restart of the daemon.
+    let script = "while true; do if md5sum /bin/busybox /etc/passwd >/dev/null; then echo ok; else echo FAIL; fi; sleep 0.05; done";
+    ok(&hb, &["run", "-d", "--name", "reader", &image, "sh", "-c", script]);
+    let oks = |hb: &Hb| ok(hb, &["logs", "reader"]).lines().filter(|l| *l == "ok").count();
+    wait_for("the reader's first reads", || oks(&hb) >= 3);
+    d.kill9();
+    let before = oks(&hb);
+    wait_for("reads while the daemon is dead", || oks(&hb) >= before + 10);
+    let mut d = Daemon::start(&hb);
+    let h: serde_json::Value = serde_json::from_str(&d.get("/v1/health").unwrap()).unwrap();
+    assert_eq!(h["image_mounts"], 1, "the new daemon adopted the running image mount");
+    let before = oks(&hb);
+    wait_for("reads after the restart", || oks(&hb) >= before + 10);
+    let logs = ok(&hb, &["logs", "reader"]);
+    assert!(!logs.contains("FAIL"), "a read failed:\n{logs}");
+    assert_eq!(
+        ok(&hb, &["run", "--rm", &image, "echo", "again"]),
+        "again\n",
+        "the adopted mount serves new containers"
+    );
+    // Metrics: mounts, containers on them, API requests.
+    let m = d.get("/metrics").unwrap();
+    assert_eq!(metric(&m, "hb_image_mounts"), 1.0);
+    assert_eq!(metric(&m, "hb_containers_on_mounts"), 1.0, "{m}");
+    assert!(m.contains("hb_api_requests_total{path=\"/v1/images/mount\",code=\"200\"}"), "{m}");
+    assert!(m.contains("hb_remote_fetch_seconds_bucket{le=\"+Inf\"}"), "{m}");
+    ok(&hb, &["rm", "-f", "reader"]);
+    // An unused image mount can be removed through the API; a used one is refused.
+    let digest = mounts[0]["digest"].as_str().unwrap().to_string();
+    assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some());
+    assert_eq!(d.get("/v1/mounts").unwrap(), "[]");
+    d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(hb.dir.path().to_str().unwrap()), "a mount of this test is left:\n{mounts}");
+}
+
+#[test]
+fn a_lazy_image_through_the_daemon_keeps_what_its_mount_fetched() {
+    let image = format!("{}/debian-app:v1", open_registry());
+    let lazy = super::lazy::convert(&image, "daemon");
+    let hb = Hb::new();
+    let mut d = Daemon::start(&hb);
+    assert_eq!(ok(&hb, &["run", "--rm", &lazy, "python3", "-c", "print(6*7)"]), "42\n");
+    wait_for("the cold run's fetches in the metrics", || {
+        metric(&d.get("/metrics").unwrap(), "hb_chunk_lookups_total{result=\"miss\"}") > 0.0
+    });
+    let m = d.get("/metrics").unwrap();
+    let fetched = metric(&m, "hb_chunk_lookups_total{result=\"miss\"}");
+    assert!(fetched > 0.0, "the cold run fetched chunks:\n{m}");
+    assert_eq!(metric(&m, "hb_errors_total{kind=\"store_fill\"}"), 0.0);
+    // A new mount of the image (the old one removed) finds them in the store.
+    let mounts: serde_json::Value = serde_json::from_str(&d.get("/v1/mounts").unwrap()).unwrap();
+    let digest = mounts[0]["digest"].as_str().unwrap().to_string();
+    wait_for("the fills to reach the daemon", || {
+        let m = d.get("/metrics").unwrap();
+        m.lines().filter(|l| l.starts_with("hb_api_requests_total{path=\"/v1/chunks/fill\"")).count() > 0
+    });
+    assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some());
+    assert_eq!(ok(&hb, &["run", "--rm", &lazy, "python3", "-c", "print(6*7)"]), "42\n");
+    // The mount server writes its figures every half second.
+    wait_for("the new mount's reads in the metrics", || {
+        metric(&d.get("/metrics").unwrap(), "hb_chunk_lookups_total{result=\"hit\"}") > 0.0
+    });
+    let m = d.get("/metrics").unwrap();
+    assert_eq!(metric(&m, "hb_chunk_lookups_total{result=\"miss\"}"), 0.0, "nothing fetched again:\n{m}");
+    d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+}
