@@ -67,7 +67,7 @@ fn curl(hb: &Hb, method: &str, path: &str) -> Option<String> {
 }
 
 /// `hb --socket <the test daemon's> ARGS`.
-fn with_socket<'a>(hb: &Hb, args: &[&'a str]) -> Vec<String> {
+fn with_socket(hb: &Hb, args: &[&str]) -> Vec<String> {
     let mut v = vec!["--socket".to_string(), socket(hb)];
     v.extend(args.iter().map(|s| s.to_string()));
     v
