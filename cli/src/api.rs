@@ -26,6 +26,8 @@ pub struct MountRequest {
     pub image: String,
     #[serde(default)]
     pub plain_http: bool,
+    /// The store the caller means; a daemon serving another answers 409.
+    pub root: Option<PathBuf>,
 }
 
 /// An image mount the daemon keeps: a mount server process per image, shared by containers.
@@ -106,6 +108,26 @@ impl Client {
         }
     }
 
+    /// A client for `socket` if the socket file exists, unchecked: the first call tells.
+    pub fn at(socket: &Path) -> Option<Client> {
+        socket.exists().then(|| Client { socket: socket.to_path_buf() })
+    }
+
+    /// The daemon's shared mount of an image (pulled first if missing). `Ok(None)`: no daemon
+    /// answers here, or it serves another store; the caller does without.
+    pub fn image_mount(&self, image: &str, plain_http: bool, root: &Path) -> anyhow::Result<Option<ImageMount>> {
+        let req = MountRequest { image: image.into(), plain_http, root: Some(root.to_path_buf()) };
+        let body = Bytes::from(serde_json::to_vec(&req)?);
+        match self.exchange("POST", "/v1/images/mount", body) {
+            Err(e) => {
+                tracing::debug!(error = %e, socket = %self.socket.display(), "no daemon answers");
+                Ok(None)
+            }
+            Ok((status, _)) if status == hyper::StatusCode::CONFLICT => Ok(None),
+            Ok((status, bytes)) => Ok(Some(serde_json::from_slice(&Self::check(status, bytes)?)?)),
+        }
+    }
+
     /// One request; a non-2xx answer becomes an error carrying the daemon's message.
     pub fn call<T: DeserializeOwned>(
         &self,
@@ -123,8 +145,24 @@ impl Client {
 
     /// One request with a raw body and answer (the chunk endpoints).
     pub fn call_raw(&self, method: &str, path: &str, payload: Bytes) -> anyhow::Result<Bytes> {
+        let (status, bytes) = self.exchange(method, path, payload)?;
+        Self::check(status, bytes)
+    }
+
+    fn check(status: hyper::StatusCode, bytes: Bytes) -> anyhow::Result<Bytes> {
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("hb daemon: {msg}");
+        }
+        Ok(bytes)
+    }
+
+    /// Sends one request; fails only when the daemon cannot be reached or the exchange breaks.
+    fn exchange(&self, method: &str, path: &str, payload: Bytes) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (status, bytes) = rt.block_on(async {
+        rt.block_on(async {
             let stream = tokio::net::UnixStream::connect(&self.socket)
                 .await
                 .with_context(|| format!("connecting to the hb daemon at {}", self.socket.display()))?;
@@ -141,14 +179,7 @@ impl Client {
             let status = resp.status();
             let bytes = resp.into_body().collect().await?.to_bytes();
             anyhow::Ok((status, bytes))
-        })?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("hb daemon: {msg}");
-        }
-        Ok(bytes)
+        })
     }
 }
 

@@ -71,6 +71,10 @@ fn overlay_users(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b || std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
+}
+
 fn pid_alive(pid: u32) -> bool {
     crate::container::process_start(pid).is_some()
 }
@@ -497,6 +501,14 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
             .expect("valid response"),
         (&Method::GET, "/v1/mounts") => json(StatusCode::OK, &d.list_mounts()),
         (&Method::POST, "/v1/images/mount") => match body_json::<MountRequest>(req).await {
+            Ok(m) if m.root.as_deref().is_some_and(|r| !same_path(r, &d.root)) => error(
+                StatusCode::CONFLICT,
+                &anyhow::anyhow!(
+                    "this daemon serves store {}, not {}",
+                    d.root.display(),
+                    m.root.unwrap_or_default().display()
+                ),
+            ),
             Ok(m) => blocking(&d, "mount", move |d| d.image_mount(&m)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },

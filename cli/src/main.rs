@@ -186,6 +186,13 @@ enum Cmd {
     /// Show the effective configuration
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Unmounts and removes what a finished container left (started by its monitor)
+    #[command(hide = true)]
+    ContainerCleanup {
+        dir: PathBuf,
+        #[arg(long)]
+        remove: bool,
+    },
     /// Serves one detached container (started by `hb run -d`)
     #[command(hide = true)]
     ContainerMonitor { id: String },
@@ -577,6 +584,11 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
+/// Where this command looks for the daemon.
+fn socket_path(g: &Global) -> anyhow::Result<PathBuf> {
+    Ok(api::socket_path(g.socket.as_deref(), &config::load(g.config.as_deref())?))
+}
+
 /// The running daemon that owns this command's store, if any.
 fn daemon_client(g: &Global) -> Option<api::Client> {
     let file = config::load(g.config.as_deref()).ok()?;
@@ -801,10 +813,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out.json_value(&r)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::ContainerCleanup { dir, remove } => {
+            run::cleanup(&dir, remove);
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::ContainerMonitor { id } => {
             let root = store_root(g)?;
             let dir = container::containers_dir(&root).join(&id);
-            return run::monitor(g, &dir, daemon_client(g), None, &out);
+            return run::monitor(g, &dir, api::Client::at(&socket_path(g)?), None, &out);
         }
         Cmd::Ps { all, no_trunc } => {
             container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json)?;
@@ -864,6 +880,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Logs { .. }
         | Cmd::Exec { .. }
         | Cmd::Daemon { .. }
+        | Cmd::ContainerCleanup { .. }
         | Cmd::Config(_) => {
             unreachable!("handled before the store is opened")
         }

@@ -158,7 +158,10 @@ fn lock_containers(root: &Path) -> anyhow::Result<std::fs::File> {
 /// progress, as docker does before it creates a container), then runs it here (foreground) or in
 /// a detached monitor (`-d`, printing the container id once it runs).
 pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Result<ExitCode> {
+    let t0 = Instant::now();
+    sweep_removing(root);
     let runtime = detect_runtime(req.runtime.as_deref())?;
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, "runtime found");
     let id = container::new_id();
     let dir = container::containers_dir(root).join(&id);
     let state = {
@@ -185,7 +188,10 @@ pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Resul
         state
     };
     // With a daemon, it pulls what is missing and serves the image's mount.
-    let daemon = crate::daemon_client(g);
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, "container created");
+    // Checked by its first answer (in the monitor), to save a round trip.
+    let daemon = crate::api::Client::at(&crate::socket_path(g)?);
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, daemon = daemon.is_some(), "daemon looked up");
     let prepared = (|| -> anyhow::Result<Option<Arc<Store>>> {
         std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?;
         if daemon.is_some() {
@@ -320,12 +326,12 @@ pub fn monitor(
         for d in [&upper, &work, &rootfs] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let (lower, config) = match &daemon {
-            Some(c) => {
-                let req = crate::api::MountRequest { image: req.image.clone(), plain_http: req.plain_http };
-                let m: crate::api::ImageMount = c.call("POST", "/v1/images/mount", Some(&req))?;
-                (m.path, m.config)
-            }
+        let shared = match &daemon {
+            Some(c) => c.image_mount(&req.image, req.plain_http, &crate::store_root(g)?)?,
+            None => None,
+        };
+        let (lower, config) = match shared {
+            Some(m) => (m.path, m.config),
             None => {
                 let store = match store {
                     Some(s) => s,
@@ -347,7 +353,9 @@ pub fn monitor(
             }
         };
         let image = ImageConfig::from_json(config.as_bytes())?;
+        tracing::debug!(lower = %lower.display(), "image mounted");
         overlay(&lower, &upper, &work, &rootfs)?;
+        tracing::debug!("overlay mounted");
         let read = |p: &str| std::fs::read_to_string(lower.join(p)).ok();
         let user_spec = req.opts.user.clone().or_else(|| image.user.clone());
         let user = hb_runtime::resolve_user(
@@ -360,6 +368,7 @@ pub fn monitor(
             hb_runtime::build_spec(&image, &req.opts, &user, &rootfs, &hostname, Some(&format!("/hb/{}", state.id)))?;
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
         state.command = hb_runtime::process_args(&image, &req.opts)?;
+        tracing::debug!("bundle written");
         run_runtime(&rt, dir, &mut state, &req)
     })();
     // Whatever happened: the runtime's state (`run` deletes it when the container ends normally),
@@ -367,29 +376,94 @@ pub fn monitor(
     if result.is_err() {
         let _ = std::process::Command::new(&state.runtime).args(["delete", "--force", &state.id]).output();
     }
-    let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
-    if let Some(m) = mount {
-        let _ = hb_fuse::unmount(&own_lower);
-        if let Err(e) = m.mounted.wait() {
-            tracing::warn!(error = %e, "the image mount ended with an error");
-        }
-    }
     state.status = Status::Exited;
     state.finished = Some(container::now());
     match &result {
         Ok(code) => state.exit_code = Some(*code),
         Err(e) => state.error = Some(crate::error_chain(e)),
     }
-    if state.rm || (result.is_err() && state.started.is_none()) {
-        let _ = std::fs::remove_dir_all(dir);
-    } else {
-        for d in [&own_lower, &rootfs] {
-            let _ = std::fs::remove_dir(d);
+    let remove = state.rm || (result.is_err() && state.started.is_none());
+    match mount {
+        // This process serves the image mount: everything is torn down here, in order.
+        Some(m) => {
+            let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
+            let _ = hb_fuse::unmount(&own_lower);
+            if let Err(e) = m.mounted.wait() {
+                tracing::warn!(error = %e, "the image mount ended with an error");
+            }
+            let _ = std::fs::remove_dir(&own_lower);
+            if !remove {
+                state.save(dir)?;
+            }
+            cleanup(dir, remove);
         }
-        state.save(dir)?;
+        // The daemon's mount stays. Unmounting the overlay can wait tens of milliseconds on the
+        // kernel (the container's mount namespace is still being torn down): a detached helper
+        // does it and removes the folder, and the exit is reported at once. A removed container
+        // leaves the listing at once (its folder moves under `.removing/`).
+        None => {
+            let target =
+                if remove { move_to_removing(dir).unwrap_or_else(|| dir.to_path_buf()) } else { dir.to_path_buf() };
+            if !remove {
+                state.save(dir)?;
+            }
+            if !spawn_cleanup(g, &target, remove) {
+                cleanup(&target, remove);
+            }
+        }
     }
+    tracing::debug!("cleaned up");
     let code = result?;
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// Where removed containers' folders wait for their cleanup helper.
+const REMOVING: &str = ".removing";
+
+fn move_to_removing(dir: &Path) -> Option<PathBuf> {
+    let parent = dir.parent()?.join(REMOVING);
+    std::fs::create_dir_all(&parent).ok()?;
+    let to = parent.join(dir.file_name()?);
+    std::fs::rename(dir, &to).ok().map(|_| to)
+}
+
+/// Unmounts a finished container's overlay; removes its folder, or only the empty mount point.
+pub fn cleanup(dir: &Path, remove: bool) {
+    let rootfs = dir.join("rootfs");
+    if hb_fuse::is_mountpoint(&rootfs) {
+        let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
+    }
+    if remove {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        let _ = std::fs::remove_dir(&rootfs);
+    }
+}
+
+/// Starts `hb container-cleanup` for `dir` in the background; false if it could not start.
+fn spawn_cleanup(g: &Global, dir: &Path, remove: bool) -> bool {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else { return false };
+    let mut cmd = std::process::Command::new(exe);
+    if let Ok(root) = crate::store_root(g) {
+        crate::pass_globals(&mut cmd, g, &root);
+    }
+    cmd.arg("container-cleanup").arg(dir);
+    if remove {
+        cmd.arg("--remove");
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0).spawn().is_ok()
+}
+
+/// Finishes cleanups whose helper died (folders left under `.removing/` for a minute).
+fn sweep_removing(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(container::containers_dir(root).join(REMOVING)) else { return };
+    for e in entries.flatten() {
+        let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+        if old.is_some_and(|age| age > Duration::from_secs(60)) {
+            cleanup(&e.path(), true);
+        }
+    }
 }
 
 fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Result<()> {
@@ -449,10 +523,13 @@ fn run_runtime(rt: &tokio::runtime::Runtime, dir: &Path, state: &mut State, req:
     .into_iter()
     .flatten()
     .collect();
+    tracing::debug!("runtime started");
     let status = child.wait();
+    tracing::debug!("runtime exited");
     for p in pumps {
         let _ = p.join();
     }
     forwarder.abort();
+    tracing::debug!("output drained");
     Ok(container::exit_code(status?))
 }
