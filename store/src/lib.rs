@@ -210,13 +210,27 @@ impl Store {
         if !root.join("meta").is_dir() {
             return Err(StoreError::NoStore(root.to_path_buf()));
         }
-        let dbo = Options::default();
-        let cfs = COLUMN_FAMILIES.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
-        let db = DB::open_cf_descriptors_read_only(&dbo, root.join("meta"), cfs, false)?;
-        let config = match db.get(KEY_CONFIG)? {
-            Some(raw) => serde_json::from_slice::<StoreConfigRecord>(&raw)
-                .map_err(|e| StoreError::CorruptMeta(format!("store config: {e}")))?,
-            None => return Err(StoreError::NoStore(root.to_path_buf())),
+        // The owner may be recovering its log into tables this instant (its open moves records
+        // from the log it deletes into a new table): a view opened then can miss records, so a
+        // view without the store's config record is opened again, for up to a second.
+        let mut attempts = 0;
+        let (db, config) = loop {
+            let dbo = Options::default();
+            let cfs = COLUMN_FAMILIES.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+            let db = DB::open_cf_descriptors_read_only(&dbo, root.join("meta"), cfs, false)?;
+            match db.get(KEY_CONFIG)? {
+                Some(raw) => {
+                    let config = serde_json::from_slice::<StoreConfigRecord>(&raw)
+                        .map_err(|e| StoreError::CorruptMeta(format!("store config: {e}")))?;
+                    break (db, config);
+                }
+                None if attempts < 20 => {
+                    attempts += 1;
+                    drop(db);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                None => return Err(StoreError::NoStore(root.to_path_buf())),
+            }
         };
         let mut store = Store::assemble(root, db, config, opts, None);
         let bloom = store.rebuild_bloom()?;
