@@ -422,3 +422,76 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// VmRSS of a process, in bytes.
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// An idle `hb daemon` with the image pulled and mounted (one container run on it), vs an idle
+/// containerd with the same image pulled and unpacked (one container run).
+pub fn memory(image: &str) -> anyhow::Result<()> {
+    let hb = hb_binary()?;
+    let work = scratch()?;
+    let root = work.path().join("store");
+    let socket = work.path().join("hb.sock");
+    let mut daemon = Command::new(&hb)
+        .arg("--root")
+        .arg(&root)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["-q", "daemon"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let hb_cmd = |args: &[&str]| {
+        let mut c = Command::new(&hb);
+        c.arg("--root").arg(&root).arg("--socket").arg(&socket).args(args);
+        c
+    };
+    let waited = Instant::now();
+    while !socket.exists() && waited.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    timed_command(&mut hb_cmd(&["-q", "pull", image]))?;
+    timed_command(&mut hb_cmd(&["-q", "run", "--rm", image, "true"]))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let d = rss(daemon.id())?;
+    let mounts: serde_json::Value = {
+        let o = Command::new("curl").args(["-sf", "--unix-socket"]).arg(&socket).arg("http://hb/v1/mounts").output()?;
+        serde_json::from_slice(&o.stdout)?
+    };
+    let server = mounts[0]["pid"].as_u64().context("no image mount")? as u32;
+    let m = rss(server)?;
+    let _ = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+    let _ = daemon.wait();
+    timed_command(
+        Command::new(&hb).arg("--root").arg(&root).arg("umount").arg(mounts[0]["path"].as_str().unwrap_or("")),
+    )?;
+
+    let containerd = repo_root().join("scripts/containerd.sh");
+    let dir = std::env::var("HB_CONTAINERD_DIR").unwrap_or_else(|_| "/dev/shm/hb-containerd".into());
+    let sock = format!("{dir}/containerd.sock");
+    timed_command(Command::new(&containerd).arg("reset"))?;
+    timed_command(Command::new("ctr").args(["-a", &sock, "-n", "bench", "images", "pull", "--plain-http", image]))?;
+    timed_command(Command::new("ctr").args(["-a", &sock, "-n", "bench", "run", "--rm", image, "mem-bench", "true"]))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let pid: u32 = std::fs::read_to_string(format!("{dir}/pid"))?.trim().parse()?;
+    let c = rss(pid)?;
+    timed_command(Command::new(&containerd).arg("stop"))?;
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("| idle, {image} pulled, one container run | RSS | vs containerd |");
+    println!("|---|---|---|");
+    println!("| containerd 1.6 (overlayfs snapshotter) | {:.1} MiB | 1.00x |", mb(c));
+    println!("| `hb daemon` | {:.1} MiB | **{:.2}x** |", mb(d), d as f64 / c as f64);
+    println!("| its image mount server (`hb mount`, one per mounted image) | {:.1} MiB | |", mb(m));
+    println!("| daemon + mount server | {:.1} MiB | {:.2}x |", mb(d + m), (d + m) as f64 / c as f64);
+    Ok(())
+}

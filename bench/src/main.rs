@@ -88,6 +88,12 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
         large: String,
     },
+    /// Resident memory of an idle `hb daemon` (and its image mount server) holding the large image,
+    /// vs an idle containerd holding the same image
+    Memory {
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
+        image: String,
+    },
     /// Every benchmark above
     All,
 }
@@ -449,6 +455,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Pull { image, next, netns } => pull(runs, &image, &next, netns.as_deref())?,
         Cmd::Lazy { image, netns, start_only } => lazy::run(runs, &image, netns.as_deref(), start_only)?,
         Cmd::Run { small, large } => lazy::containers(runs, &small, &large)?,
+        Cmd::Memory { image } => lazy::memory(&image)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();

@@ -12,6 +12,8 @@ pub mod env {
     pub const ROOT: &str = "HB_ROOT";
     pub const CONFIG: &str = "HB_CONFIG";
     pub const LOG: &str = "HB_LOG";
+    /// `json` for JSON log lines.
+    pub const LOG_FORMAT: &str = "HB_LOG_FORMAT";
     /// Docker's own: where config.json (registry credentials) lives.
     pub const DOCKER_CONFIG: &str = "DOCKER_CONFIG";
     /// Where per-registry `hosts.toml` folders live (containerd's certs.d layout).

@@ -57,6 +57,8 @@ struct Daemon {
     last_used: Mutex<HashMap<String, Instant>>,
     idle: Duration,
     metrics: Metrics,
+    /// Metadata was written since the last flush (see `settle`).
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 fn images_dir(root: &Path) -> PathBuf {
@@ -71,6 +73,16 @@ fn overlay_users(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
+/// Hands memory freed after a burst of work (a pull's buffers) back to the system: glibc keeps
+/// freed memory in its per-thread arenas otherwise, and an idle daemon would sit on ~50 MB.
+#[allow(unsafe_code)]
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap under its own locks; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn same_path(a: &Path, b: &Path) -> bool {
     a == b || std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
 }
@@ -80,6 +92,17 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 impl Daemon {
+    /// Flushes metadata written since the last call: frees the memtables a burst of writes (a
+    /// pull) filled, and spares mount servers replaying it into their read-only views.
+    fn settle(&self) {
+        if self.dirty.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.store.flush_metadata() {
+                tracing::warn!(error = %e, "flushing the store's metadata failed");
+                self.metrics.error("store_flush");
+            }
+        }
+    }
+
     /// Finds the image mounts a previous daemon left running (their servers outlive it).
     fn adopt(&self) -> anyhow::Result<()> {
         let dir = images_dir(&self.root);
@@ -114,6 +137,7 @@ impl Daemon {
         if crate::find_image(&self.store, &req.image)?.is_none() {
             crate::mount::pull_for_mount(&self.g, &self.work, &self.store, &req.image, req.plain_http, &out)?;
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::SeqCst);
         }
         let (name, digest, rec) = crate::require_image(&self.store, &req.image)?;
         let key = digest.to_string();
@@ -123,6 +147,7 @@ impl Daemon {
                 return Ok(m.clone());
             }
         }
+        self.settle();
         let path = images_dir(&self.root).join(&digest.hex()[..16]);
         let _ = hb_fuse::clean_stale(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -233,6 +258,7 @@ impl Daemon {
         let opts = crate::registry_options(&self.g, &r, req.plain_http, creds, platform)?;
         let (registry, resolved) = crate::pull::resolve(&self.work, &r, opts)?;
         self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::SeqCst);
         let out = Out::new(false, true);
         if req.lazy && resolved.accelerated.is_some() {
             let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved)?;
@@ -278,6 +304,7 @@ impl Daemon {
     fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<serde_json::Value> {
         let chunks = api::decode_chunks(body)?;
         let r = self.store.fill_chunks(&chunks)?;
+        self.dirty.store(true, Ordering::SeqCst);
         Ok(serde_json::json!({ "filled": r.filled, "skipped": r.skipped }))
     }
 
@@ -286,6 +313,7 @@ impl Daemon {
         for q in &req.images {
             let (name, digest, _) = crate::require_image(&self.store, q)?;
             self.store.remove_image_name(&name)?;
+            self.dirty.store(true, Ordering::SeqCst);
             lines.push(format!("untagged {name} ({}); run `hb gc` to free its space", digest.short()));
         }
         Ok(lines)
@@ -533,7 +561,14 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
             Ok(b) => blocking(&d, "store_fill", move |d| d.chunks_fill(&b)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
-        (&Method::POST, "/v1/gc") => blocking(&d, "gc", |d| Ok(d.store.gc(&hb_store::NoProgress)?)).await,
+        (&Method::POST, "/v1/gc") => {
+            blocking(&d, "gc", |d| {
+                let r = d.store.gc(&hb_store::NoProgress)?;
+                d.dirty.store(true, Ordering::SeqCst);
+                Ok(r)
+            })
+            .await
+        }
         _ => error(StatusCode::NOT_FOUND, &anyhow::anyhow!("no endpoint {method} {path} (see docs/api.md)")),
     };
     let took = started.elapsed();
@@ -571,6 +606,7 @@ pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Resu
         last_used: Mutex::new(HashMap::new()),
         idle,
         metrics: Metrics::default(),
+        dirty: std::sync::atomic::AtomicBool::new(false),
     });
     d.adopt()?;
     if let Some(parent) = socket.parent() {
@@ -596,6 +632,9 @@ pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Resu
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));
         reaper.reap_idle();
+        reaper.settle();
+        // Also after the work's threads ended (their caches are freed then, not before).
+        release_free_memory();
     });
     server.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};

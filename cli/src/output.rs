@@ -67,7 +67,8 @@ impl hb_store::Progress for Bar {
     }
 }
 
-/// Logs go to stderr: warnings by default, `-v` info, `-vv` debug, or `HB_LOG` as a filter.
+/// Logs go to stderr: warnings by default, `-v` info, `-vv` debug, or `HB_LOG` as a filter;
+/// `HB_LOG_FORMAT=json` writes them as JSON lines.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "warn",
@@ -75,9 +76,14 @@ pub fn init_logging(verbose: u8) {
         _ => "debug",
     };
     let filter = std::env::var(crate::config::env::LOG).unwrap_or_else(|_| default.to_string());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default.into()))
         .with_writer(io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    // One JSON object per event (time, level, message, fields): for the journal and log shippers.
+    if std::env::var(crate::config::env::LOG_FORMAT).is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
