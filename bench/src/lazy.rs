@@ -462,7 +462,7 @@ pub fn memory(image: &str) -> anyhow::Result<()> {
     }
     timed_command(&mut hb_cmd(&["-q", "pull", image]))?;
     timed_command(&mut hb_cmd(&["-q", "run", "--rm", image, "true"]))?;
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(12));
     let d = rss(daemon.id())?;
     let mounts: serde_json::Value = {
         let o = Command::new("curl").args(["-sf", "--unix-socket"]).arg(&socket).arg("http://hb/v1/mounts").output()?;
@@ -482,7 +482,7 @@ pub fn memory(image: &str) -> anyhow::Result<()> {
     timed_command(Command::new(&containerd).arg("reset"))?;
     timed_command(Command::new("ctr").args(["-a", &sock, "-n", "bench", "images", "pull", "--plain-http", image]))?;
     timed_command(Command::new("ctr").args(["-a", &sock, "-n", "bench", "run", "--rm", image, "mem-bench", "true"]))?;
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(12));
     let pid: u32 = std::fs::read_to_string(format!("{dir}/pid"))?.trim().parse()?;
     let c = rss(pid)?;
     timed_command(Command::new(&containerd).arg("stop"))?;
