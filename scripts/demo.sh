@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job, at this stage of HyperBox: a local registry with a 3-layer Debian image (python3,
-# gcc, perl); a lazy start (the image converted once to hb's accelerated form, then mounted on a cold
-# store: only indexes are pulled and the command's chunks come on first read); then the eager path:
-# the image pulled into the chunk store, v2 pulled: only its new chunks are stored.
-# (`hb run` comes next on the same mounts.)
+# gcc, perl); a lazy start (the image converted once to hb's accelerated form, then run in a
+# container on a cold store: only indexes are pulled and the command's chunks come on first read);
+# the daemon: containers on its shared image mount, detached, with logs, exec, stop; a lazy mount
+# and chroot; then the eager path: the image pulled into the chunk store, v2 pulled: only its new
+# chunks are stored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -24,7 +25,27 @@ timed() { local t0; t0=$(date +%s%N); "$@"; local ms=$(( ($(date +%s%N) - t0) / 
 step "hb convert $REG/debian-app:v1 $REG/demo/debian-app:v1-lazy (once, by whoever publishes the image)"
 timed "$HB" --root "$WORK/publisher" convert "$REG/debian-app:v1" "$REG/demo/debian-app:v1-lazy" >/dev/null
 step "hb run on a cold store: pulls the indexes only, runs the image's command in a container (runc)"
-timed "$HB" run "$REG/demo/debian-app:v1-lazy"
+timed "$HB" run --rm "$REG/demo/debian-app:v1-lazy"
+
+step "hb daemon: owns the store, shares one mount per image between containers (API on $WORK/hb.sock)"
+export HB_SOCKET="$WORK/hb.sock"
+"$HB" daemon 2> "$WORK/daemon.log" &
+DAEMON=$!
+for _ in $(seq 100); do [ -S "$HB_SOCKET" ] && break; sleep 0.05; done
+timed "$HB" run --rm "$REG/demo/debian-app:v1-lazy" python3 -c 'print("python in a container on the daemon'"'"'s mount")'
+timed "$HB" run --rm "$REG/demo/debian-app:v1-lazy" true
+"$HB" run -d --name ticker "$REG/demo/debian-app:v1-lazy" \
+  python3 -c 'import time; [print("tick", i, flush=True) or time.sleep(0.2) for i in range(1000)]' >/dev/null
+"$HB" ps
+sleep 1
+"$HB" logs --tail 2 ticker
+"$HB" exec ticker python3 -c 'import os; print("exec in", os.uname().nodename)'
+timed "$HB" stop -t 1 ticker >/dev/null
+"$HB" rm ticker >/dev/null
+curl -s --unix-socket "$HB_SOCKET" http://hb/metrics | grep -E '^hb_(chunk_lookups_total|image_mounts)' >&2 || true
+kill -TERM "$DAEMON"; wait "$DAEMON" || true
+for m in "$HB_ROOT"/images/*/; do [ -d "$m" ] && "$HB" umount "$m"; done
+unset HB_SOCKET
 step "hb mount -d: the same image's rootfs as a lazy mount"
 mkdir -p "$WORK/mnt"
 timed "$HB" mount -d "$REG/demo/debian-app:v1-lazy" "$WORK/mnt"
