@@ -160,6 +160,9 @@ fn lock_containers(root: &Path) -> anyhow::Result<std::fs::File> {
 pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     sweep_removing(root);
+    if req.detach && req.opts.tty {
+        bail!("-d with -t is not supported: a detached container has no terminal to attach (use -d without -t; `hb exec -it` gives a shell)");
+    }
     let runtime = detect_runtime(req.runtime.as_deref())?;
     tracing::debug!(us = t0.elapsed().as_micros() as u64, "runtime found");
     let id = container::new_id();
@@ -235,7 +238,27 @@ fn start_detached(g: &Global, root: &Path, dir: &Path, state: &State, out: &Out)
         let s = State::load(dir);
         let exited = child.try_wait()?;
         match s {
+            Ok(s) if s.error.is_some() && s.started.is_none() => {
+                let _ = std::fs::remove_dir_all(dir);
+                bail!("{}", s.error.unwrap_or_default())
+            }
             Ok(s) if s.error.is_some() => bail!("{}", s.error.unwrap_or_default()),
+            // The runtime gave up before it made the container (no pid file): say why, as
+            // `docker run -d` does, instead of printing the id of a container that never ran.
+            Ok(s) if s.status == Status::Exited && !dir.join("pid").exists() => {
+                let log = std::fs::read_to_string(dir.join("log.json")).unwrap_or_default();
+                let why: Vec<String> = log
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<container::LogLine>(l).ok())
+                    .map(|l| l.log.trim_end().to_string())
+                    .collect();
+                bail!(
+                    "container {} did not start (exit code {}): {}",
+                    s.name,
+                    s.exit_code.unwrap_or(-1),
+                    why.last().map_or("no output", String::as_str)
+                );
+            }
             Ok(s) if s.status == Status::Exited || (s.status == Status::Running && dir.join("pid").exists()) => {
                 println!("{}", s.id);
                 return Ok(ExitCode::SUCCESS);
@@ -382,7 +405,9 @@ pub fn monitor(
         Ok(code) => state.exit_code = Some(*code),
         Err(e) => state.error = Some(crate::error_chain(e)),
     }
-    let remove = state.rm || (result.is_err() && state.started.is_none());
+    // A container that never started goes; a detached one's folder stays for `hb run` to read
+    // the error from (it removes it then).
+    let remove = state.rm || (result.is_err() && state.started.is_none() && !state.detached);
     match mount {
         // This process serves the image mount: everything is torn down here, in order.
         Some(m) => {

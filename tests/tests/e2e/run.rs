@@ -198,6 +198,15 @@ fn detached_containers_outlive_hb_and_have_a_docker_lifecycle() {
     assert!(ps_json(&hb).is_empty());
     let err = hb.fails(&["logs", "web"], 1);
     assert!(err.contains("no such container: web"), "{err}");
+    // Start failures are errors of `hb run -d`, not ids of containers that never ran.
+    let err = hb.fails(&["run", "-d", "-t", &image, "true"], 1);
+    assert!(err.contains("-d with -t is not supported"), "{err}");
+    let err = hb.fails(&["run", "-d", "--user", "nosuch", &image, "true"], 1);
+    assert!(err.contains("unknown user \"nosuch\""), "{err}");
+    assert!(ps_json(&hb).is_empty(), "a container that could not be made is not kept");
+    let err = hb.fails(&["run", "-d", "--name", "bad", &image, "/nonexistent"], 1);
+    assert!(err.contains("did not start") && err.contains("/nonexistent"), "{err}");
+    hb.ok(&["rm", "bad"]);
     // --rm -d: gone by itself once it ends.
     hb.ok(&["-q", "run", "-d", "--rm", "--name", "brief", &image, "sh", "-c", "sleep 0.3"]);
     eventually("an --rm container to remove itself", || container(&ps_json(&hb), "brief").is_none());
