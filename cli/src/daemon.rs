@@ -73,16 +73,6 @@ fn overlay_users(dir: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Hands memory freed after a burst of work (a pull's buffers) back to the system: glibc keeps
-/// freed memory in its per-thread arenas otherwise, and an idle daemon would sit on ~50 MB.
-#[allow(unsafe_code)]
-fn release_free_memory() {
-    // SAFETY: malloc_trim only walks glibc's own heap under its own locks; it takes no pointers.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 fn same_path(a: &Path, b: &Path) -> bool {
     a == b || std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
 }
@@ -585,6 +575,7 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
+    crate::memory::limit_malloc_arenas();
     let root = crate::store_root(g)?;
     if api::Client::find(socket, &root).is_some() {
         bail!("an hb daemon already serves {} on {}", root.display(), socket.display());
@@ -634,7 +625,7 @@ pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Resu
         reaper.reap_idle();
         reaper.settle();
         // Also after the work's threads ended (their caches are freed then, not before).
-        release_free_memory();
+        crate::memory::release_free_memory();
     });
     server.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};

@@ -8,6 +8,7 @@ mod config;
 mod container;
 mod convert;
 mod daemon;
+mod memory;
 mod mount;
 mod output;
 mod pull;
@@ -866,6 +867,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             | Cmd::Layer(LayerCmd::Ls)
             | Cmd::Layer(LayerCmd::Export { .. })
     );
+    if matches!(cmd, Cmd::Mount { .. }) {
+        // A mount serves for long, mostly waiting (before any thread is started).
+        memory::limit_malloc_arenas();
+    }
     let store = std::sync::Arc::new(open_store_for(g, reads_only, &out)?);
     match cmd {
         Cmd::Login { .. }

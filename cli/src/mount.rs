@@ -282,7 +282,12 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
     let watcher = std::thread::spawn(move || {
         let mut reported = false;
         let mut last = None;
+        let mut ticks = 0u32;
         while !watch_stop.load(std::sync::atomic::Ordering::SeqCst) {
+            ticks += 1;
+            if ticks % 20 == 0 {
+                crate::memory::release_free_memory();
+            }
             if !reported && done.load(std::sync::atomic::Ordering::SeqCst) {
                 reported = true;
                 if !quiet {
