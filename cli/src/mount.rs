@@ -285,7 +285,7 @@ pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -
         let mut ticks = 0u32;
         while !watch_stop.load(std::sync::atomic::Ordering::SeqCst) {
             ticks += 1;
-            if ticks % 20 == 0 {
+            if ticks.is_multiple_of(20) {
                 crate::memory::release_free_memory();
             }
             if !reported && done.load(std::sync::atomic::Ordering::SeqCst) {
