@@ -12,6 +12,7 @@ PACKAGES=(
   util-linux curl openssl python3  # tests and scripts (the token issuer, test CAs)
   docker-registry skopeo umoci runc apache2-utils  # real registries, a real client, an independent extractor
   crun                         # a second OCI runtime: hb run probes it (it refuses hybrid cgroups)
+  protobuf-compiler libprotobuf-dev  # protoc + well-known types: the snapshotter's gRPC code is generated
   ca-certificates
 )
 
