@@ -2,7 +2,8 @@
 # A private containerd for baselines and tests: its own root, state, socket and config, CRI off.
 #   scripts/containerd.sh start|stop|reset      (reset: stop, wipe its root, start)
 # Env: HB_CONTAINERD_DIR (default /dev/shm/hb-containerd: tmpfs, so wiping is instant),
-#      HB_NETNS (run it inside that network namespace).
+#      HB_NETNS (run it inside that network namespace),
+#      HB_SNAPSHOTTER_SOCK (register hb's snapshotter there as proxy plugin "hb").
 # Socket: $HB_CONTAINERD_DIR/containerd.sock
 set -euo pipefail
 DIR=${HB_CONTAINERD_DIR:-/dev/shm/hb-containerd}
@@ -22,6 +23,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "$SOCK.ttrpc"
 CFG
+  if [ -n "${HB_SNAPSHOTTER_SOCK:-}" ]; then
+    cat >> "$DIR/config.toml" <<CFG
+[proxy_plugins]
+  [proxy_plugins.hb]
+    type = "snapshot"
+    address = "$HB_SNAPSHOTTER_SOCK"
+CFG
+  fi
   local prefix=()
   [ -n "${HB_NETNS:-}" ] && prefix=(ip netns exec "$HB_NETNS")
   nohup "${prefix[@]}" containerd --config "$DIR/config.toml" >> "$DIR/containerd.log" 2>&1 &

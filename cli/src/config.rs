@@ -85,6 +85,7 @@ pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostS
 
 pub const DEFAULT_CONFIG: &str = "/etc/hb/hb.toml";
 pub const DEFAULT_SOCKET: &str = "/run/hb/hb.sock";
+pub const DEFAULT_SNAPSHOTTER_SOCKET: &str = "/run/hb/snapshotter.sock";
 pub const CONFIG_VERSION: u32 = 1;
 
 /// The config file. Unknown keys are an error, so a typo does not pass silently.
@@ -106,6 +107,8 @@ pub struct DaemonSection {
     pub socket: Option<PathBuf>,
     /// An image mount no container has used for this long is unmounted [default: 600].
     pub mount_idle_seconds: Option<u64>,
+    /// containerd's snapshotter API [default: /run/hb/snapshotter.sock].
+    pub snapshotter_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize)]

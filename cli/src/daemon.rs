@@ -574,7 +574,7 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
+pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
     crate::memory::limit_malloc_arenas();
     let root = crate::store_root(g)?;
     if api::Client::find(socket, &root).is_some() {
@@ -618,6 +618,23 @@ pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Resu
         std::process::id(),
         d.mounts.lock().expect("mounts lock").len()
     ));
+    // containerd's remote snapshotter (proxy_plugins.<name>, type "snapshot") on its own socket.
+    let snapshots = Arc::new(
+        hb_snapshotter::Snapshots::open(&root.join("snapshots")).map_err(|e| anyhow::anyhow!("snapshots: {e}"))?,
+    );
+    if let Some(parent) = snapshotter.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(snapshotter);
+    let snap_listener = server
+        .block_on(async { tokio::net::UnixListener::bind(snapshotter) })
+        .with_context(|| format!("listening on {}", snapshotter.display()))?;
+    std::fs::set_permissions(snapshotter, std::fs::Permissions::from_mode(0o660))?;
+    let (stop_snap, snap_stopped) = tokio::sync::oneshot::channel::<()>();
+    let snap_server = server.spawn(hb_snapshotter::service::serve(snapshots, snap_listener, async {
+        let _ = snap_stopped.await;
+    }));
+    out.note(format!("containerd snapshotter on {} (proxy_plugins, type \"snapshot\")", snapshotter.display()));
     tracing::info!(socket = %socket.display(), root = %root.display(), "daemon ready");
     let reaper = d.clone();
     std::thread::spawn(move || loop {
@@ -655,7 +672,12 @@ pub fn run(g: &Global, socket: &Path, idle: Duration, out: &Out) -> anyhow::Resu
         }
         anyhow::Ok(())
     })?;
+    let _ = stop_snap.send(());
+    if let Err(e) = server.block_on(snap_server) {
+        tracing::warn!(error = %e, "the snapshotter's server ended badly");
+    }
     let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(snapshotter);
     out.note(format!(
         "hb daemon stopped; {} image mounts keep serving (the next daemon adopts them)",
         d.mounts.lock().expect("mounts lock").len()

@@ -183,6 +183,10 @@ enum Cmd {
         /// config's daemon.mount_idle_seconds, else 600]
         #[arg(long, value_name = "SECONDS")]
         mount_idle: Option<u64>,
+        /// containerd's snapshotter API socket [default: the config's daemon.snapshotter_socket,
+        /// else /run/hb/snapshotter.sock]
+        #[arg(long, value_name = "PATH")]
+        snapshotter_socket: Option<PathBuf>,
     },
     /// Show the effective configuration
     #[command(subcommand)]
@@ -748,11 +752,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let req = run::RunRequest { image, opts, name, runtime: oci_runtime, plain_http, interactive, rm, detach };
             return run::run(g, &root, req, &out);
         }
-        Cmd::Daemon { mount_idle } => {
+        Cmd::Daemon { mount_idle, snapshotter_socket } => {
             let file = config::load(g.config.as_deref())?;
             let socket = api::socket_path(g.socket.as_deref(), &file);
             let idle = mount_idle.or(file.daemon.mount_idle_seconds).unwrap_or(600);
-            daemon::run(g, &socket, std::time::Duration::from_secs(idle), &out)?;
+            let snap = snapshotter_socket
+                .or(file.daemon.snapshotter_socket.clone())
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_SNAPSHOTTER_SOCKET));
+            daemon::run(g, &socket, &snap, std::time::Duration::from_secs(idle), &out)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Config(ConfigCmd::Show) => {
@@ -765,6 +772,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file.store.max_ratio = Some(file.store.max_ratio.unwrap_or(limits.max_ratio));
             file.daemon.socket = Some(api::socket_path(g.socket.as_deref(), &file));
             file.daemon.mount_idle_seconds = Some(file.daemon.mount_idle_seconds.unwrap_or(600));
+            file.daemon.snapshotter_socket = Some(
+                file.daemon.snapshotter_socket.clone().unwrap_or_else(|| config::DEFAULT_SNAPSHOTTER_SOCKET.into()),
+            );
             if out.json {
                 out.json_value(&file)?;
             } else {

@@ -8,15 +8,16 @@ use hb_tests::*;
 use super::pull::{open_registry, run};
 
 /// A daemon on `hb`'s store and a socket in its scratch folder; stopped (SIGTERM) on drop.
-struct Daemon<'a> {
+pub(crate) struct Daemon<'a> {
     hb: &'a Hb,
     child: Option<Child>,
 }
 
 impl<'a> Daemon<'a> {
-    fn start(hb: &'a Hb) -> Self {
+    pub(crate) fn start(hb: &'a Hb) -> Self {
+        let snap = snapshotter_socket(hb);
         let child = hb
-            .command(&["--socket", &socket(hb), "daemon"])
+            .command(&["--socket", &socket(hb), "daemon", "--snapshotter-socket", &snap])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(hb.path("daemon.log")).unwrap())
             .spawn()
@@ -37,7 +38,7 @@ impl<'a> Daemon<'a> {
         c.wait().unwrap();
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             run(Command::new("kill").args(["-TERM", &c.id().to_string()]));
             assert!(c.wait().unwrap().success(), "the daemon exits cleanly on SIGTERM");
@@ -56,6 +57,11 @@ impl Drop for Daemon<'_> {
 
 fn socket(hb: &Hb) -> String {
     hb.path("hb.sock").to_str().unwrap().to_string()
+}
+
+/// Where the test daemon serves containerd's snapshotter API.
+pub(crate) fn snapshotter_socket(hb: &Hb) -> String {
+    hb.path("snapshotter.sock").to_str().unwrap().to_string()
 }
 
 fn curl(hb: &Hb, method: &str, path: &str) -> Option<String> {
@@ -83,7 +89,7 @@ fn fails(hb: &Hb, args: &[&str]) -> String {
     hb.fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), 1)
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..1200 {
         if f() {
             return;
@@ -102,7 +108,7 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// Unmounts what the daemon's mount servers still serve (they outlive it by design).
-fn unmount_all(hb: &Hb) {
+pub(crate) fn unmount_all(hb: &Hb) {
     if let Ok(entries) = std::fs::read_dir(hb.root.join("images")) {
         for e in entries.flatten() {
             if e.path().is_dir() {

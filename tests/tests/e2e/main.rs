@@ -11,3 +11,4 @@ mod lazy;
 mod pull;
 mod roundtrip;
 mod run;
+mod snapshotter;

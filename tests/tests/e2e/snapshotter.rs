@@ -1,0 +1,130 @@
+//! hb as containerd's remote snapshotter: the real containerd from Debian with its own root,
+//! state, socket and config, hb's daemon registered as `[proxy_plugins.hb] type = "snapshot"`.
+
+use std::process::Command;
+
+use hb_tests::*;
+
+use super::daemon::{snapshotter_socket, unmount_all, wait_for, Daemon};
+use super::pull::open_registry;
+
+/// A private containerd (scripts/containerd.sh) with hb's snapshotter; stopped and wiped on drop.
+struct Containerd {
+    dir: String,
+}
+
+impl Containerd {
+    fn start(hb: &Hb) -> Self {
+        let dir = format!("/dev/shm/hb-ctd-test-{}", std::process::id());
+        let o = Command::new(containerd_script())
+            .arg("reset")
+            .env("HB_CONTAINERD_DIR", &dir)
+            .env("HB_SNAPSHOTTER_SOCK", snapshotter_socket(hb))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "containerd did not start: {}", String::from_utf8_lossy(&o.stderr));
+        Containerd { dir }
+    }
+
+    /// `ctr -a SOCK -n hbtest ARGS`: (exit code, stdout, stderr).
+    fn ctr(&self, args: &[&str]) -> (i32, String, String) {
+        let o = Command::new("ctr")
+            .args(["-a", &format!("{}/containerd.sock", self.dir), "-n", "hbtest"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.ctr(args);
+        assert_eq!(code, 0, "ctr {args:?}: {err}");
+        out
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = Command::new(containerd_script()).arg("stop").env("HB_CONTAINERD_DIR", &self.dir).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn containerd_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("scripts/containerd.sh")
+}
+
+fn snapshot_keys(c: &Containerd) -> Vec<String> {
+    c.ok(&["snapshots", "--snapshotter", "hb", "ls"])
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn containerd_pulls_and_runs_images_through_hb_snapshots_with_containerd_semantics() {
+    let reg = open_registry();
+    let (small, large) = (format!("{reg}/busybox:latest"), format!("{reg}/debian-app:v1"));
+    let hb = Hb::new();
+    let mut d = Daemon::start(&hb);
+    let c = Containerd::start(&hb);
+    assert!(c.ok(&["plugins", "ls"]).lines().any(|l| l.contains(" hb ") && l.trim_end().ends_with("ok")));
+    // Ordinary layers: unpacked into hb's overlayfs snapshots, then run.
+    c.ok(&["images", "pull", "--plain-http", "--snapshotter", "hb", &small]);
+    c.ok(&["images", "pull", "--plain-http", "--snapshotter", "hb", &large]);
+    let out = c.ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "hb",
+        &small,
+        "hb-snap-1",
+        "sh",
+        "-c",
+        "echo hello; echo x > /tmp/f; cat /tmp/f",
+    ]);
+    assert_eq!(out, "hello\nx\n");
+    let out = c.ok(&["run", "--rm", "--snapshotter", "hb", &large, "hb-snap-2", "python3", "-c", "print(6*7)"]);
+    assert_eq!(out, "42\n");
+    let layers = snapshot_keys(&c);
+    assert_eq!(layers.len(), 4, "busybox's layer and the large image's three: {layers:?}");
+    // Snapshot semantics as containerd sees them.
+    let top = c.ok(&["snapshots", "--snapshotter", "hb", "ls"]);
+    let committed =
+        top.lines().skip(1).find(|l| l.contains("Committed")).unwrap().split_whitespace().next().unwrap().to_string();
+    c.ok(&["snapshots", "--snapshotter", "hb", "prepare", "k1", &committed]);
+    let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "prepare", "k1", &committed]);
+    assert!(code != 0 && err.contains("already exists"), "{err}");
+    let m = c.ok(&["snapshots", "--snapshotter", "hb", "mounts", "/mnt", "k1"]);
+    assert!(m.contains("-t overlay") && m.contains("upperdir=") && m.contains("lowerdir="), "{m}");
+    c.ok(&["snapshots", "--snapshotter", "hb", "view", "v1", &committed]);
+    let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "commit", "c-from-view", "v1"]);
+    assert!(code != 0 && err.contains("failed precondition"), "a view cannot be committed: {err}");
+    c.ok(&["snapshots", "--snapshotter", "hb", "commit", "c1", "k1"]);
+    let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "rm", &committed]);
+    assert!(code != 0 && err.contains("child"), "a parent with children stays: {err}");
+    c.ok(&["snapshots", "--snapshotter", "hb", "label", "c1", "team=db"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&c.ok(&["snapshots", "--snapshotter", "hb", "info", "c1"])).unwrap();
+    assert_eq!((info["Kind"].as_str(), info["Labels"]["team"].as_str()), (Some("Committed"), Some("db")));
+    let usage = c.ok(&["snapshots", "--snapshotter", "hb", "usage"]);
+    assert!(usage.lines().any(|l| l.starts_with(&committed) && !l.contains(" 0.0 B")), "real usage: {usage}");
+    let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "info", "nope"]);
+    assert!(code != 0 && err.contains("not found"), "{err}");
+    c.ok(&["snapshots", "--snapshotter", "hb", "rm", "c1", "v1"]);
+    // Removing the images lets containerd's gc remove every snapshot, and hb its folders.
+    c.ok(&["images", "rm", &small, &large]);
+    wait_for("containerd's gc to remove the snapshots", || snapshot_keys(&c).is_empty());
+    wait_for("hb to remove the snapshots' folders", || {
+        std::fs::read_dir(hb.root.join("snapshots")).unwrap().flatten().all(|e| !e.path().is_dir())
+    });
+    drop(c);
+    d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+}
