@@ -28,6 +28,9 @@ pub struct MountRequest {
     pub plain_http: bool,
     /// The store the caller means; a daemon serving another answers 409.
     pub root: Option<PathBuf>,
+    /// Only the image's first N layers (a containerd snapshot chain's lower part).
+    #[serde(default)]
+    pub layers: Option<usize>,
 }
 
 /// An image mount the daemon keeps: a mount server process per image, shared by containers.
@@ -42,6 +45,20 @@ pub struct ImageMount {
     pub config: String,
     /// Containers (overlay mounts) using it right now.
     pub users: usize,
+    /// Set when only the image's first N layers are mounted.
+    #[serde(default)]
+    pub layers: Option<usize>,
+}
+
+impl ImageMount {
+    /// Its name among the daemon's mounts (`DELETE /v1/mounts/<key>`): the manifest digest, with
+    /// `/N` for a mount of the first N layers.
+    pub fn key(&self) -> String {
+        match self.layers {
+            Some(n) => format!("{}/{n}", self.digest),
+            None => self.digest.clone(),
+        }
+    }
 }
 
 /// `POST /v1/pull`.
@@ -116,7 +133,7 @@ impl Client {
     /// The daemon's shared mount of an image (pulled first if missing). `Ok(None)`: no daemon
     /// answers here, or it serves another store; the caller does without.
     pub fn image_mount(&self, image: &str, plain_http: bool, root: &Path) -> anyhow::Result<Option<ImageMount>> {
-        let req = MountRequest { image: image.into(), plain_http, root: Some(root.to_path_buf()) };
+        let req = MountRequest { image: image.into(), plain_http, root: Some(root.to_path_buf()), layers: None };
         let body = Bytes::from(serde_json::to_vec(&req)?);
         match self.exchange("POST", "/v1/images/mount", body) {
             Err(e) => {

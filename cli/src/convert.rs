@@ -270,6 +270,7 @@ pub fn optimize(
         passthrough: false,
         threads: 8,
         plain_http,
+        layers: None,
     };
     let m = crate::mount::mount_image(g, rt, store.clone(), &args, out)?;
     m.mounted.fetcher().start_recording();

@@ -111,7 +111,7 @@ impl Daemon {
             let Ok(m) = serde_json::from_slice::<ImageMount>(&raw) else { continue };
             if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) {
                 tracing::info!(image = %m.image, pid = m.pid, "adopted a running image mount");
-                self.mounts.lock().expect("mounts lock").insert(m.digest.clone(), m);
+                self.mounts.lock().expect("mounts lock").insert(m.key(), m);
             } else {
                 let _ = hb_fuse::clean_stale(&m.path);
                 let _ = std::fs::remove_file(path.with_extension("json"));
@@ -130,7 +130,15 @@ impl Daemon {
             self.dirty.store(true, Ordering::SeqCst);
         }
         let (name, digest, rec) = crate::require_image(&self.store, &req.image)?;
-        let key = digest.to_string();
+        // The first N layers of an N-layer image are the image.
+        let layers = req.layers.filter(|n| *n < rec.layers.len());
+        if layers == Some(0) {
+            bail!("cannot mount the first 0 layers of {name}");
+        }
+        let key = match layers {
+            Some(n) => format!("{digest}/{n}"),
+            None => digest.to_string(),
+        };
         if let Some(m) = self.mounts.lock().expect("mounts lock").get(&key) {
             if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) {
                 self.last_used.lock().expect("lock").insert(key.clone(), Instant::now());
@@ -138,20 +146,77 @@ impl Daemon {
             }
         }
         self.settle();
-        let path = images_dir(&self.root).join(&digest.hex()[..16]);
+        let dir_name = match layers {
+            Some(n) => format!("{}-{n}", &digest.hex()[..16]),
+            None => digest.hex()[..16].to_string(),
+        };
+        let path = images_dir(&self.root).join(dir_name);
         let _ = hb_fuse::clean_stale(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        let pid = self.start_mount_server(&req.image, &path, req.plain_http)?;
-        let m = ImageMount { image: name, digest: key.clone(), path: path.clone(), pid, config: rec.config, users: 0 };
+        let pid = self.start_mount_server(&req.image, &path, req.plain_http, layers)?;
+        let m = ImageMount {
+            image: name,
+            digest: digest.to_string(),
+            path: path.clone(),
+            pid,
+            config: rec.config,
+            users: 0,
+            layers,
+        };
         std::fs::write(path.with_extension("json"), serde_json::to_vec_pretty(&m)?)?;
         self.mounts.lock().expect("mounts lock").insert(key.clone(), m.clone());
         self.last_used.lock().expect("lock").insert(key, Instant::now());
         Ok(m)
     }
 
+    /// The layer a containerd Prepare describes (image reference and layer digest labels, CRI's
+    /// or the stargz family's), if hb can serve it lazily: the image has an accelerated form
+    /// (its indexes are pulled now) or is in the store already.
+    fn remote_layer(
+        &self,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<Option<hb_snapshotter::RemoteLayer>> {
+        let get = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+        let (Some(image), Some(layer)) = (
+            get(&["containerd.io/snapshot/cri.image-ref", "containerd.io/snapshot/remote/stargz.reference"]),
+            get(&["containerd.io/snapshot/cri.layer-digest", "containerd.io/snapshot/remote/stargz.digest"]),
+        ) else {
+            tracing::debug!(?labels, "a remote-snapshot Prepare without image and layer labels");
+            return Ok(None);
+        };
+        let _one = self.preparing.lock().expect("preparing lock");
+        if crate::find_image(&self.store, &image)?.is_none() {
+            let r = hb_registry::ImageRef::parse(&image)?;
+            let creds = crate::config::docker_credentials(r.registry())?;
+            let opts = crate::registry_options(&self.g, &r, false, creds, hb_registry::Platform::default())?;
+            let (registry, resolved) = crate::pull::resolve(&self.work, &r, opts)?;
+            if resolved.accelerated.is_none() {
+                tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
+                return Ok(None);
+            }
+            let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved)?;
+            self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::SeqCst);
+            tracing::info!(%image, summary = %crate::pull::lazy_summary(&report), "pulled lazily for containerd");
+        }
+        let (_, _, rec) = crate::require_image(&self.store, &image)?;
+        Ok(rec
+            .layers
+            .iter()
+            .position(|l| l.digest.to_string() == layer)
+            .map(|index| hb_snapshotter::RemoteLayer { image, index }))
+    }
+
     /// Starts `hb mount IMAGE DIR` as a process of its own (not the daemon's child in any way
     /// that matters: own process group, its own log) and returns once it serves.
-    fn start_mount_server(&self, image: &str, dir: &Path, plain_http: bool) -> anyhow::Result<u32> {
+    fn start_mount_server(
+        &self,
+        image: &str,
+        dir: &Path,
+        plain_http: bool,
+        layers: Option<usize>,
+    ) -> anyhow::Result<u32> {
         use std::os::unix::process::CommandExt;
         let log_path = crate::mount::run_file(&self.root, dir, "log");
         std::fs::create_dir_all(log_path.parent().expect("has a parent"))?;
@@ -161,6 +226,9 @@ impl Daemon {
         cmd.arg("mount").arg(image).arg(dir);
         if plain_http {
             cmd.arg("--plain-http");
+        }
+        if let Some(n) = layers {
+            cmd.arg("--layers").arg(n.to_string());
         }
         let mut child = cmd
             .stdin(std::process::Stdio::null())
@@ -219,7 +287,7 @@ impl Daemon {
         let now = Instant::now();
         for m in self.list_mounts() {
             let mut last = self.last_used.lock().expect("lock");
-            let seen = last.entry(m.digest.clone()).or_insert(now);
+            let seen = last.entry(m.key()).or_insert(now);
             if m.users > 0 {
                 *seen = now;
                 continue;
@@ -227,7 +295,7 @@ impl Daemon {
             if now.duration_since(*seen) >= self.idle {
                 drop(last);
                 tracing::info!(image = %m.image, "unmounting an idle image mount");
-                if let Err(e) = self.unmount(&m.digest, false) {
+                if let Err(e) = self.unmount(&m.key(), false) {
                     tracing::warn!(image = %m.image, error = %e, "unmounting an idle image mount failed");
                 }
             }
@@ -440,6 +508,29 @@ impl Daemon {
     }
 }
 
+/// The daemon as the snapshotter's source of lazy layers.
+struct DaemonLayers(Arc<Daemon>);
+
+impl hb_snapshotter::Remote for DaemonLayers {
+    fn layer(
+        &self,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Option<hb_snapshotter::RemoteLayer>, String> {
+        self.0.remote_layer(labels).map_err(|e| {
+            self.0.metrics.error("remote_snapshot");
+            crate::error_chain(&e)
+        })
+    }
+
+    fn mount(&self, image: &str, layers: usize) -> Result<PathBuf, String> {
+        let req = MountRequest { image: image.into(), plain_http: false, root: None, layers: Some(layers) };
+        self.0.image_mount(&req).map(|m| m.path).map_err(|e| {
+            self.0.metrics.error("mount");
+            crate::error_chain(&e)
+        })
+    }
+}
+
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     Response::builder()
@@ -620,7 +711,9 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     ));
     // containerd's remote snapshotter (proxy_plugins.<name>, type "snapshot") on its own socket.
     let snapshots = Arc::new(
-        hb_snapshotter::Snapshots::open(&root.join("snapshots")).map_err(|e| anyhow::anyhow!("snapshots: {e}"))?,
+        hb_snapshotter::Snapshots::open(&root.join("snapshots"))
+            .map_err(|e| anyhow::anyhow!("snapshots: {e}"))?
+            .with_remote(Arc::new(DaemonLayers(d.clone()))),
     );
     if let Some(parent) = snapshotter.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;

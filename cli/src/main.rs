@@ -108,6 +108,9 @@ enum Cmd {
         /// Use plain HTTP for the image's registry (for pulling it and reading its chunks)
         #[arg(long)]
         plain_http: bool,
+        /// Mount only the image's first N layers merged
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
     },
     /// Run a command in a new container from an image (pulled, lazily when it can be, if missing)
     Run(Box<RunCli>),
@@ -899,7 +902,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Config(_) => {
             unreachable!("handled before the store is opened")
         }
-        Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http } => {
+        Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http, layers } => {
             let args = mount::MountArgs {
                 image,
                 dir,
@@ -908,6 +911,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 passthrough: !no_passthrough,
                 threads,
                 plain_http,
+                layers,
             };
             let rt = runtime()?;
             let m = mount::mount_image(g, &rt, store.clone(), &args, &out)?;

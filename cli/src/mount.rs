@@ -23,6 +23,8 @@ pub struct MountArgs {
     pub passthrough: bool,
     pub threads: usize,
     pub plain_http: bool,
+    /// Only the image's first N layers (a containerd snapshot chain's lower part).
+    pub layers: Option<usize>,
 }
 
 /// Key of an image's recorded start-up order in the store's auxiliary records.
@@ -186,7 +188,13 @@ pub fn mount_image(
         None
     };
     let (name, digest, rec) = crate::require_image(&store, &args.image)?;
-    let layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
+    let mut layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
+    if let Some(n) = args.layers {
+        if n == 0 || n > layers.len() {
+            bail!("{name} has {} layers; cannot mount the first {n}", layers.len());
+        }
+        layers.truncate(n);
+    }
     let indexes = layers
         .iter()
         .map(|d| store.layer(d)?.with_context(|| format!("layer {d} is missing")))

@@ -369,6 +369,7 @@ pub fn monitor(
                     passthrough: true,
                     threads: 8,
                     plain_http: req.plain_http,
+                    layers: None,
                 };
                 mount = Some(crate::mount::mount_image(g, &rt, store.clone(), &margs, out)?);
                 let (_, _, rec) = crate::require_image(&store, &req.image)?;

@@ -34,7 +34,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-pub use meta::{Kind, SnapError, Snapshot};
+pub use meta::{Kind, RemoteLayer, SnapError, Snapshot};
+
+/// Label containerd's remote-snapshot clients set on a layer's Prepare: the committed name
+/// (chain id) the layer would get. With it, a snapshotter that can provide the layer itself
+/// records it and answers AlreadyExists, and containerd skips the download.
+pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
+
+/// Where layers served lazily come from (hb's daemon: its store, the registry).
+pub trait Remote: Send + Sync {
+    /// The layer a Prepare's labels describe, if it can be served lazily (the image is made ready:
+    /// its indexes pulled). `Ok(None)`: no (containerd unpacks it).
+    fn layer(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String>;
+    /// A folder holding `image`'s first `layers` layers merged (kept mounted).
+    fn mount(&self, image: &str, layers: usize) -> Result<PathBuf, String>;
+}
 
 /// A mount(2) for containerd to perform.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,6 +62,7 @@ pub struct MountSpec {
 pub struct Snapshots {
     root: PathBuf,
     table: Mutex<meta::Table>,
+    remote: Option<std::sync::Arc<dyn Remote>>,
 }
 
 fn now() -> (i64, u32) {
@@ -70,7 +85,13 @@ impl Snapshots {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => meta::Table::default(),
             Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
         };
-        Ok(Snapshots { root: root.to_path_buf(), table: Mutex::new(table) })
+        Ok(Snapshots { root: root.to_path_buf(), table: Mutex::new(table), remote: None })
+    }
+
+    /// Serves layers lazily through `remote` when containerd's client asks for remote snapshots.
+    pub fn with_remote(mut self, remote: std::sync::Arc<dyn Remote>) -> Self {
+        self.remote = Some(remote);
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -107,6 +128,32 @@ impl Snapshots {
         parent: &str,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<MountSpec>, SnapError> {
+        if let (Kind::Active, Some(target), Some(remote)) = (kind, labels.get(TARGET_LABEL), &self.remote) {
+            if self.table().snapshots.contains_key(target.as_str()) {
+                return Err(SnapError::AlreadyExists(target.clone()));
+            }
+            // Outside the lock: this may pull the image's indexes.
+            match remote.layer(&labels) {
+                Ok(Some(layer)) => {
+                    let mut t = self.table();
+                    let mut kept = labels.clone();
+                    kept.insert("containerd.io/snapshot/remote".into(), "hb".into());
+                    if let Some(s) = t.add_remote(target, parent, layer, kept, now())? {
+                        let made = std::fs::create_dir_all(self.dir(s.id).join("fs"));
+                        if let Err(e) =
+                            made.map_err(io("creating a remote snapshot's folder".into())).and_then(|_| self.save(&t))
+                        {
+                            t.snapshots.remove(target.as_str());
+                            return Err(e);
+                        }
+                        tracing::info!(name = %target, image = ?s.remote, "remote snapshot: the layer is served lazily");
+                        return Err(SnapError::AlreadyExists(target.clone()));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(key, error = %e, "cannot serve the layer lazily; containerd unpacks it"),
+            }
+        }
         let mut t = self.table();
         let s = t.create(kind, key, parent, labels, now())?;
         let dir = self.dir(s.id);
@@ -116,44 +163,102 @@ impl Snapshots {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
-        Ok(self.mounts_of(&t, &s))
+        let lowers = self.lowers(&t, &s);
+        drop(t);
+        self.mounts_of(&s, lowers?)
     }
 
     pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>, SnapError> {
         let t = self.table();
         let s = t.live(key)?.clone();
-        Ok(self.mounts_of(&t, &s))
+        let lowers = self.lowers(&t, &s);
+        drop(t);
+        self.mounts_of(&s, lowers?)
     }
 
-    fn mounts_of(&self, t: &meta::Table, s: &Snapshot) -> Vec<MountSpec> {
+    /// The lower layers under `s`, nearest first: a local layer is its folder; the nearest remote
+    /// layer stands for itself and everything below it (one merged mount of the image's first
+    /// layers), so the walk stops there.
+    fn lowers(&self, t: &meta::Table, s: &Snapshot) -> Result<Vec<Lower>, SnapError> {
+        let mut out = Vec::new();
+        for p in t.ancestors(s) {
+            match &p.remote {
+                Some(r) => {
+                    out.push(Lower::Remote(r.clone()));
+                    break;
+                }
+                None => out.push(Lower::Local(p.id)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn mounts_of(&self, s: &Snapshot, lowers: Vec<Lower>) -> Result<Vec<MountSpec>, SnapError> {
         let fs = |id: u64| self.dir(id).join("fs").display().to_string();
-        let parents = t.ancestors(s);
+        let mut dirs = Vec::with_capacity(lowers.len());
+        for l in lowers {
+            dirs.push(match l {
+                Lower::Local(id) => fs(id),
+                Lower::Remote(r) => {
+                    let remote = self.remote.as_ref().ok_or_else(|| {
+                        SnapError::FailedPrecondition(format!(
+                            "layer {} of {} is remote and no remote source is set",
+                            r.index, r.image
+                        ))
+                    })?;
+                    remote
+                        .mount(&r.image, r.index + 1)
+                        .map_err(|e| {
+                            SnapError::Internal(format!("mounting {} (first {} layers): {e}", r.image, r.index + 1))
+                        })?
+                        .display()
+                        .to_string()
+                }
+            });
+        }
+        Ok(layout(s, &fs(s.id), &self.dir(s.id).join("work").display().to_string(), &dirs))
+    }
+}
+
+/// A lower layer of a mount.
+enum Lower {
+    Local(u64),
+    Remote(RemoteLayer),
+}
+
+/// containerd's overlayfs layout: a bind mount without lower layers (or a view of one), else an
+/// overlay (read-only for a view: no upper dir).
+fn layout(s: &Snapshot, own_fs: &str, own_work: &str, lowers: &[String]) -> Vec<MountSpec> {
+    {
+        let parents = lowers;
         let bind = |source: String, ro: bool| MountSpec {
             kind: "bind".into(),
             source,
             options: vec![if ro { "ro" } else { "rw" }.into(), "rbind".into()],
         };
-        match (s.kind, parents.as_slice()) {
-            (Kind::View, []) => vec![bind(fs(s.id), true)],
-            (_, []) => vec![bind(fs(s.id), false)],
-            (Kind::View, [one]) => vec![bind(fs(one.id), true)],
+        match (s.kind, parents) {
+            (Kind::View, []) => vec![bind(own_fs.into(), true)],
+            (_, []) => vec![bind(own_fs.into(), false)],
+            (Kind::View, [one]) => vec![bind(one.clone(), true)],
             (Kind::View, many) => vec![MountSpec {
                 kind: "overlay".into(),
                 source: "overlay".into(),
-                options: vec![format!("lowerdir={}", many.iter().map(|p| fs(p.id)).collect::<Vec<_>>().join(":"))],
+                options: vec![format!("lowerdir={}", many.join(":"))],
             }],
             (_, many) => vec![MountSpec {
                 kind: "overlay".into(),
                 source: "overlay".into(),
                 options: vec![
-                    format!("workdir={}", self.dir(s.id).join("work").display()),
-                    format!("upperdir={}", fs(s.id)),
-                    format!("lowerdir={}", many.iter().map(|p| fs(p.id)).collect::<Vec<_>>().join(":")),
+                    format!("workdir={own_work}"),
+                    format!("upperdir={own_fs}"),
+                    format!("lowerdir={}", many.join(":")),
                 ],
             }],
         }
     }
+}
 
+impl Snapshots {
     pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<(), SnapError> {
         let id = self.table().live(key)?.id;
         // Measured outside the lock: a layer can be large.

@@ -55,6 +55,16 @@ pub struct Snapshot {
     /// Bytes and inodes of its own layer, measured at commit (committed snapshots).
     #[serde(default)]
     pub usage: Option<(i64, i64)>,
+    /// A layer hb serves lazily instead of containerd unpacking it (a remote snapshot).
+    #[serde(default)]
+    pub remote: Option<RemoteLayer>,
+}
+
+/// Layer `index` (0 = bottom) of `image`, served from hb's store and registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteLayer {
+    pub image: String,
+    pub index: usize,
 }
 
 /// Every snapshot, by name.
@@ -118,9 +128,49 @@ impl Table {
             updated: now,
             labels,
             usage: None,
+            remote: None,
         };
         self.snapshots.insert(key.into(), s.clone());
         Ok(s)
+    }
+
+    /// Records remote layer `name` (committed, on `parent`) when the chain allows it: the parent
+    /// is none for the image's bottom layer, else the image's previous layer, remote too.
+    /// `Ok(None)`: the chain does not fit (containerd unpacks the layer itself).
+    pub fn add_remote(
+        &mut self,
+        name: &str,
+        parent: &str,
+        layer: RemoteLayer,
+        labels: BTreeMap<String, String>,
+        now: (i64, u32),
+    ) -> Result<Option<Snapshot>, SnapError> {
+        check_labels(&labels)?;
+        if self.snapshots.contains_key(name) {
+            return Err(SnapError::AlreadyExists(name.into()));
+        }
+        let fits = match (layer.index, self.snapshots.get(parent)) {
+            (0, _) => parent.is_empty(),
+            (i, Some(p)) => p.remote.as_ref().is_some_and(|r| r.image == layer.image && r.index + 1 == i),
+            (_, None) => false,
+        };
+        if !fits {
+            return Ok(None);
+        }
+        self.next_id += 1;
+        let s = Snapshot {
+            name: name.into(),
+            parent: parent.into(),
+            kind: Kind::Committed,
+            id: self.next_id,
+            created: now,
+            updated: now,
+            labels,
+            usage: Some((0, 0)),
+            remote: Some(layer),
+        };
+        self.snapshots.insert(name.into(), s.clone());
+        Ok(Some(s))
     }
 
     /// An active or view snapshot (for its mounts).
@@ -362,6 +412,23 @@ mod tests {
             t.create(Kind::Active, "d", "", labels(&[("k", &big)]), now),
             Err(SnapError::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn remote_layers_stack_only_on_their_image_s_previous_layer() {
+        let mut t = Table::default();
+        let l = |image: &str, index| RemoteLayer { image: image.into(), index };
+        let now = (1, 0);
+        assert!(t.add_remote("c1", "", l("img", 1), labels(&[]), now).unwrap().is_none(), "layer 1 needs layer 0");
+        let s = t.add_remote("c0", "", l("img", 0), labels(&[]), now).unwrap().unwrap();
+        assert_eq!(s.kind, Kind::Committed);
+        assert_eq!(t.add_remote("c0", "", l("img", 0), labels(&[]), now), Err(SnapError::AlreadyExists("c0".into())));
+        assert!(t.add_remote("x1", "c0", l("other", 1), labels(&[]), now).unwrap().is_none(), "another image");
+        assert!(t.add_remote("x2", "c0", l("img", 2), labels(&[]), now).unwrap().is_none(), "a gap");
+        t.add_remote("c1", "c0", l("img", 1), labels(&[]), now).unwrap().unwrap();
+        let top = t.create(Kind::Active, "run", "c1", labels(&[]), now).unwrap();
+        assert_eq!(t.ancestors(&top).len(), 2);
+        assert!(matches!(t.remove("c0"), Err(SnapError::FailedPrecondition(_))));
     }
 
     #[test]

@@ -92,7 +92,8 @@ impl api::snapshots_server::Snapshots for Service {
     }
 
     async fn mounts(&self, r: Request<api::MountsRequest>) -> Result<Response<api::MountsResponse>, Status> {
-        let m = self.0.mounts(&r.into_inner().key)?;
+        let key = r.into_inner().key;
+        let m = blocking(&self.0, move |s| s.mounts(&key)).await?;
         Ok(Response::new(api::MountsResponse { mounts: mounts(m) }))
     }
 
