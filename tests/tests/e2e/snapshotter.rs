@@ -15,7 +15,8 @@ struct Containerd {
 
 impl Containerd {
     fn start(hb: &Hb) -> Self {
-        let dir = format!("/dev/shm/hb-ctd-test-{}", std::process::id());
+        // One per test (tests run in parallel in one process): named after the test's scratch dir.
+        let dir = format!("/dev/shm/hb-ctd-{}", hb.dir.path().file_name().unwrap().to_string_lossy());
         let o = Command::new(containerd_script())
             .arg("reset")
             .env("HB_CONTAINERD_DIR", &dir)
@@ -127,4 +128,78 @@ fn containerd_pulls_and_runs_images_through_hb_snapshots_with_containerd_semanti
     d.stop();
     unmount_all(&hb);
     hb.fsck_clean();
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+#[test]
+fn containerd_starts_an_accelerated_image_lazily_through_hb() {
+    let reg = open_registry();
+    let lazy = super::lazy::convert(&format!("{reg}/debian-app:v1"), "containerd");
+    let hb = Hb::new();
+    let mut d = Daemon::start(&hb);
+    let c = Containerd::start(&hb);
+    // ctr-remote sets the remote-snapshot labels on each layer's Prepare; hb answers that it has
+    // the layer (its indexes pulled), so containerd downloads no layer blob.
+    let o = Command::new("ctr-remote")
+        .args(["-a", &format!("{}/containerd.sock", c.dir), "-n", "hbtest", "images", "rpull", "--plain-http"])
+        .args(["--snapshotter", "hb", &lazy])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "rpull: {}", String::from_utf8_lossy(&o.stderr));
+    let snaps = c.ok(&["snapshots", "--snapshotter", "hb", "ls"]);
+    assert_eq!(snaps.lines().skip(1).filter(|l| l.contains("Committed")).count(), 3, "{snaps}");
+    let info: serde_json::Value = serde_json::from_str(&c.ok(&[
+        "snapshots",
+        "--snapshotter",
+        "hb",
+        "info",
+        snaps.lines().nth(1).unwrap().split_whitespace().next().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(info["Labels"]["containerd.io/snapshot/remote"], "hb", "{info}");
+    let out = c.ok(&["run", "--rm", "--snapshotter", "hb", &lazy, "hb-lazy-1", "python3", "-c", "print(6*7)"]);
+    assert_eq!(out, "42\n");
+    // gcc needs the container's own writable layer over the lazy ones.
+    let out = c.ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "hb",
+        &lazy,
+        "hb-lazy-2",
+        "sh",
+        "-c",
+        "printf 'int main(){return 7;}' > /tmp/t.c && gcc -o /tmp/t /tmp/t.c; /tmp/t; echo $?",
+    ]);
+    assert_eq!(out, "7\n");
+    wait_for("the mount server's figures", || {
+        let m = curl_metrics(&hb);
+        metric(&m, "hb_chunk_lookups_total{result=\"miss\"}") > 0.0
+    });
+    let m = curl_metrics(&hb);
+    let wire = metric(&m, "hb_fetched_bytes_total{source=\"wire\"}");
+    assert!(wire > 0.0 && wire < 100e6, "fetched over the wire: {wire} bytes of a 193 MB image");
+    assert_eq!(metric(&m, "hb_errors_total{kind=\"fetch\"}"), 0.0);
+    // Removing the image lets containerd's gc remove the lazy snapshots too.
+    c.ok(&["images", "rm", &lazy]);
+    wait_for("containerd's gc to remove the snapshots", || snapshot_keys(&c).is_empty());
+    drop(c);
+    d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+}
+
+fn curl_metrics(hb: &Hb) -> String {
+    let o = Command::new("curl")
+        .args(["-sf", "--unix-socket", hb.path("hb.sock").to_str().unwrap(), "http://hb/metrics"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
