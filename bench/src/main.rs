@@ -94,6 +94,12 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
         image: String,
     },
+    /// containerd with hb as its snapshotter pulling lazily vs containerd with overlayfs: pull
+    /// start to first output of a command in the large image
+    Snapshotter {
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
+        large: String,
+    },
     /// Every benchmark above
     All,
 }
@@ -456,6 +462,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Lazy { image, netns, start_only } => lazy::run(runs, &image, netns.as_deref(), start_only)?,
         Cmd::Run { small, large } => lazy::containers(runs, &small, &large)?,
         Cmd::Memory { image } => lazy::memory(&image)?,
+        Cmd::Snapshotter { large } => lazy::snapshotter(runs, &large)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();

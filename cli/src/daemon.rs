@@ -171,11 +171,12 @@ impl Daemon {
 
     /// The layer a containerd Prepare describes (image reference and layer digest labels, CRI's
     /// or the stargz family's), if hb can serve it lazily: the image has an accelerated form
-    /// (its indexes are pulled now) or is in the store already.
+    /// (its indexes are pulled now) or is in the store already. Also answers the image's layer
+    /// count.
     fn remote_layer(
         &self,
         labels: &std::collections::BTreeMap<String, String>,
-    ) -> anyhow::Result<Option<hb_snapshotter::RemoteLayer>> {
+    ) -> anyhow::Result<Option<(hb_snapshotter::RemoteLayer, usize)>> {
         let get = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
         let (Some(image), Some(layer)) = (
             get(&["containerd.io/snapshot/cri.image-ref", "containerd.io/snapshot/remote/stargz.reference"]),
@@ -201,11 +202,12 @@ impl Daemon {
             tracing::info!(%image, summary = %crate::pull::lazy_summary(&report), "pulled lazily for containerd");
         }
         let (_, _, rec) = crate::require_image(&self.store, &image)?;
+        let total = rec.layers.len();
         Ok(rec
             .layers
             .iter()
             .position(|l| l.digest.to_string() == layer)
-            .map(|index| hb_snapshotter::RemoteLayer { image, index }))
+            .map(|index| (hb_snapshotter::RemoteLayer { image, index }, total)))
     }
 
     /// Starts `hb mount IMAGE DIR` as a process of its own (not the daemon's child in any way
@@ -516,10 +518,24 @@ impl hb_snapshotter::Remote for DaemonLayers {
         &self,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> Result<Option<hb_snapshotter::RemoteLayer>, String> {
-        self.0.remote_layer(labels).map_err(|e| {
+        let found = self.0.remote_layer(labels).map_err(|e| {
             self.0.metrics.error("remote_snapshot");
             crate::error_chain(&e)
-        })
+        })?;
+        // The image's top layer: containerd will want the whole image next (a container on it);
+        // mount it now, so the mount and its start-up prefetch are under way by then.
+        if let Some((layer, total)) = &found {
+            if layer.index + 1 == *total {
+                let (d, image) = (self.0.clone(), layer.image.clone());
+                std::thread::spawn(move || {
+                    let req = MountRequest { image, plain_http: false, root: None, layers: None };
+                    if let Err(e) = d.image_mount(&req) {
+                        tracing::warn!(error = %crate::error_chain(&e), "mounting a lazily pulled image ahead failed");
+                    }
+                });
+            }
+        }
+        Ok(found.map(|(l, _)| l))
     }
 
     fn mount(&self, image: &str, layers: usize) -> Result<PathBuf, String> {
