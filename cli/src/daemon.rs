@@ -59,6 +59,9 @@ struct Daemon {
     metrics: Metrics,
     /// Metadata was written since the last flush (see `settle`).
     dirty: std::sync::atomic::AtomicBool,
+    /// Images pulled for containerd's remote snapshots (released when containerd drops them;
+    /// images pulled by people are left alone).
+    for_containerd: Mutex<std::collections::HashSet<String>>,
 }
 
 fn images_dir(root: &Path) -> PathBuf {
@@ -200,6 +203,7 @@ impl Daemon {
             self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
             self.dirty.store(true, Ordering::SeqCst);
             tracing::info!(%image, summary = %crate::pull::lazy_summary(&report), "pulled lazily for containerd");
+            self.for_containerd.lock().expect("lock").insert(image.clone());
         }
         let (_, _, rec) = crate::require_image(&self.store, &image)?;
         let total = rec.layers.len();
@@ -545,6 +549,42 @@ impl hb_snapshotter::Remote for DaemonLayers {
             crate::error_chain(&e)
         })
     }
+
+    fn usage(&self, layer: &hb_snapshotter::RemoteLayer) -> Result<(i64, i64), String> {
+        let inner = || -> anyhow::Result<(i64, i64)> {
+            let (_, _, rec) = crate::require_image(&self.0.store, &layer.image)?;
+            let diff_id = rec.layers.get(layer.index).context("no such layer")?.diff_id;
+            let idx = self.0.store.layer(&diff_id)?.with_context(|| format!("layer {diff_id} is missing"))?;
+            let mut bytes = 0i64;
+            for c in &idx.chunks {
+                if self.0.store.has_chunk(&c.id)? {
+                    bytes += i64::from(c.len);
+                }
+            }
+            Ok((bytes, idx.entries.len() as i64))
+        };
+        inner().map_err(|e| crate::error_chain(&e))
+    }
+
+    fn release(&self, image: &str) {
+        // containerd no longer uses the image: its name goes from hb's store (a daemon gc frees
+        // what no other image shares), unless something else of hb's mounts it.
+        let d = &self.0;
+        if !d.for_containerd.lock().expect("lock").remove(image) {
+            return;
+        }
+        let mounted =
+            d.mounts.lock().expect("mounts lock").values().any(|m| m.image == image && overlay_users(&m.path) > 0);
+        if mounted {
+            return;
+        }
+        match d.remove_images(&RemoveRequest { images: vec![image.to_string()] }) {
+            Ok(lines) => lines.iter().for_each(|l| tracing::info!("{l} (containerd removed its snapshots)")),
+            Err(e) => {
+                tracing::warn!(image, error = %crate::error_chain(&e), "releasing an image containerd no longer uses")
+            }
+        }
+    }
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -705,6 +745,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         idle,
         metrics: Metrics::default(),
         dirty: std::sync::atomic::AtomicBool::new(false),
+        for_containerd: Mutex::new(std::collections::HashSet::new()),
     });
     d.adopt()?;
     if let Some(parent) = socket.parent() {

@@ -48,6 +48,10 @@ pub trait Remote: Send + Sync {
     fn layer(&self, labels: &BTreeMap<String, String>) -> Result<Option<RemoteLayer>, String>;
     /// A folder holding `image`'s first `layers` layers merged (kept mounted).
     fn mount(&self, image: &str, layers: usize) -> Result<PathBuf, String>;
+    /// Bytes of the layer's data held locally now, and its entries.
+    fn usage(&self, layer: &RemoteLayer) -> Result<(i64, i64), String>;
+    /// No snapshot uses `image`'s layers any more: its local data may go.
+    fn release(&self, image: &str);
 }
 
 /// A mount(2) for containerd to perform.
@@ -283,7 +287,13 @@ impl Snapshots {
             t.snapshots.insert(key.into(), s);
             return Err(e);
         }
+        let still_used =
+            |image: &str| t.snapshots.values().any(|o| o.remote.as_ref().is_some_and(|r| r.image == image));
+        let released = s.remote.as_ref().filter(|r| !still_used(&r.image)).map(|r| r.image.clone());
         drop(t);
+        if let (Some(image), Some(remote)) = (released, &self.remote) {
+            remote.release(&image);
+        }
         let dir = self.dir(s.id);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             // Recorded as gone: Cleanup takes the folder later.
@@ -317,6 +327,11 @@ impl Snapshots {
     /// Bytes and inodes of the snapshot's own layer (measured now while active).
     pub fn usage(&self, key: &str) -> Result<(i64, i64), SnapError> {
         let s = self.stat(key)?;
+        if let (Some(r), Some(remote)) = (&s.remote, &self.remote) {
+            return remote
+                .usage(r)
+                .map_err(|e| SnapError::Internal(format!("usage of {} layer {}: {e}", r.image, r.index)));
+        }
         match (s.kind, s.usage) {
             (Kind::Committed, Some(u)) => Ok(u),
             _ => disk_usage(&self.dir(s.id).join("fs")),

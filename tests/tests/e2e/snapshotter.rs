@@ -187,9 +187,17 @@ fn containerd_starts_an_accelerated_image_lazily_through_hb() {
     let wire = metric(&m, "hb_fetched_bytes_total{source=\"wire\"}");
     assert!(wire > 0.0 && wire < 100e6, "fetched over the wire: {wire} bytes of a 193 MB image");
     assert_eq!(metric(&m, "hb_errors_total{kind=\"fetch\"}"), 0.0);
-    // Removing the image lets containerd's gc remove the lazy snapshots too.
+    // Usage of a lazy layer: the bytes of its data held locally (some, after those runs).
+    let usage = c.ok(&["snapshots", "--snapshotter", "hb", "usage"]);
+    assert!(usage.lines().skip(1).any(|l| !l.contains(" 0.0 B")), "local bytes of lazy layers: {usage}");
+    // Removing the image lets containerd's gc remove the lazy snapshots too, and hb lets go of
+    // the image it pulled for them.
     c.ok(&["images", "rm", &lazy]);
     wait_for("containerd's gc to remove the snapshots", || snapshot_keys(&c).is_empty());
+    wait_for("hb to untag the image it pulled for containerd", || {
+        let o = hb.run(&["--socket", hb.path("hb.sock").to_str().unwrap(), "images"]);
+        !String::from_utf8_lossy(&o.stdout).contains("lazy-test")
+    });
     drop(c);
     d.stop();
     unmount_all(&hb);
