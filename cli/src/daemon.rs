@@ -723,6 +723,8 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
     crate::memory::limit_malloc_arenas();
+    // The first pull should not wait for the system's certificates to be read.
+    std::thread::spawn(hb_registry::preload_trust_roots);
     let root = crate::store_root(g)?;
     if api::Client::find(socket, &root).is_some() {
         bail!("an hb daemon already serves {} on {}", root.display(), socket.display());

@@ -137,6 +137,36 @@ pub struct Registry {
     pub(crate) connected: std::sync::atomic::AtomicBool,
 }
 
+/// The system's trust roots, read once per process and deduplicated. Every client would read them
+/// again otherwise: tens of milliseconds where `SSL_CERT_DIR` names a folder of certificate files
+/// (twice for a loopback registry, tried over HTTPS and HTTP). Empty when none could be read:
+/// clients then look for them themselves (and fail the same way).
+fn system_roots() -> &'static [oci_client::client::Certificate] {
+    static ROOTS: std::sync::OnceLock<Vec<oci_client::client::Certificate>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::debug!(error = %e, "a system certificate could not be read");
+        }
+        let mut seen = std::collections::HashSet::new();
+        found
+            .certs
+            .into_iter()
+            .filter(|c| seen.insert(c.as_ref().to_vec()))
+            .map(|c| oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Der,
+                data: c.as_ref().to_vec(),
+            })
+            .collect()
+    })
+}
+
+/// Reads the system's trust roots now (a long-lived process does it at start, off its first
+/// pull's path).
+pub fn preload_trust_roots() {
+    let _ = system_roots();
+}
+
 impl Registry {
     /// A client for `r`'s registry, speaking what `opts.scheme` says: HTTPS (with the system's
     /// roots plus `opts.ca_pem`), plain HTTP, or for loopback registries HTTPS falling back to HTTP.
@@ -155,6 +185,7 @@ impl Registry {
                         data: pem.clone(),
                     })
                     .collect(),
+                tls_certs_only: system_roots().to_vec(),
                 connect_timeout: Some(Duration::from_secs(15)),
                 read_timeout: Some(Duration::from_secs(60)),
                 ..ClientConfig::default()

@@ -18,6 +18,7 @@ mod remote;
 
 pub use accel::MAX_META_BLOB;
 pub use client::{
+    preload_trust_roots,
     LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 pub use error::RegistryError;
