@@ -141,7 +141,7 @@ pub struct Registry {
 /// again otherwise: tens of milliseconds where `SSL_CERT_DIR` names a folder of certificate files
 /// (twice for a loopback registry, tried over HTTPS and HTTP). Empty when none could be read:
 /// clients then look for them themselves (and fail the same way).
-fn system_roots() -> &'static [oci_client::client::Certificate] {
+pub(crate) fn system_roots() -> &'static [oci_client::client::Certificate] {
     static ROOTS: std::sync::OnceLock<Vec<oci_client::client::Certificate>> = std::sync::OnceLock::new();
     ROOTS.get_or_init(|| {
         let found = rustls_native_certs::load_native_certs();
