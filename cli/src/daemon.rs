@@ -227,7 +227,7 @@ impl Daemon {
         let log_path = crate::mount::run_file(&self.root, dir, "log");
         std::fs::create_dir_all(log_path.parent().expect("has a parent"))?;
         let log = std::fs::File::create(&log_path)?;
-        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        let mut cmd = std::process::Command::new(crate::self_exe());
         crate::pass_globals(&mut cmd, &self.g, &self.root);
         cmd.arg("mount").arg(image).arg(dir);
         if plain_http {

@@ -592,6 +592,16 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
+/// This program, to start helpers with (mount servers, container monitors). After an upgrade
+/// replaced the file, a long-running daemon's own path names nothing (or the new version): the
+/// kernel's link to the running image still starts this version.
+fn self_exe() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(p) if p.exists() => p,
+        _ => PathBuf::from("/proc/self/exe"),
+    }
+}
+
 /// Where this command looks for the daemon.
 fn socket_path(g: &Global) -> anyhow::Result<PathBuf> {
     Ok(api::socket_path(g.socket.as_deref(), &config::load(g.config.as_deref())?))

@@ -373,7 +373,7 @@ pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
     let log = run_file(root, dir, "log");
     std::fs::create_dir_all(log.parent().expect("has a parent"))?;
     let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    let mut child = std::process::Command::new(crate::self_exe())
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -227,7 +227,7 @@ pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Resul
 fn start_detached(g: &Global, root: &Path, dir: &Path, state: &State, out: &Out) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(dir.join("monitor.log"))?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    let mut cmd = std::process::Command::new(crate::self_exe());
     crate::pass_globals(&mut cmd, g, root);
     cmd.args(["-q", "container-monitor", &state.id]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     // A process group of its own: no Ctrl-C from this terminal (and it ignores SIGHUP).
@@ -469,7 +469,7 @@ pub fn cleanup(dir: &Path, remove: bool) {
 /// Starts `hb container-cleanup` for `dir` in the background; false if it could not start.
 fn spawn_cleanup(g: &Global, dir: &Path, remove: bool) -> bool {
     use std::os::unix::process::CommandExt;
-    let Ok(exe) = std::env::current_exe() else { return false };
+    let exe = crate::self_exe();
     let mut cmd = std::process::Command::new(exe);
     if let Ok(root) = crate::store_root(g) {
         crate::pass_globals(&mut cmd, g, &root);

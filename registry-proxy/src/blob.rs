@@ -29,10 +29,8 @@ impl BlobHttp {
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("hb/", env!("CARGO_PKG_VERSION")));
         // The system's roots as read once per process (see `client::system_roots`).
-        let roots: Vec<reqwest::Certificate> = crate::client::system_roots()
-            .iter()
-            .filter_map(|c| reqwest::Certificate::from_der(&c.data).ok())
-            .collect();
+        let roots: Vec<reqwest::Certificate> =
+            crate::client::system_roots().iter().filter_map(|c| reqwest::Certificate::from_der(&c.data).ok()).collect();
         if !roots.is_empty() {
             b = b.tls_certs_only(roots);
         }

@@ -18,8 +18,8 @@ mod remote;
 
 pub use accel::MAX_META_BLOB;
 pub use client::{
-    preload_trust_roots,
-    LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
+    preload_trust_roots, LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST,
+    OCI_INDEX, OCI_MANIFEST,
 };
 pub use error::RegistryError;
 pub use platform::Platform;

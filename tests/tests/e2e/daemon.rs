@@ -206,3 +206,33 @@ fn a_lazy_image_through_the_daemon_keeps_what_its_mount_fetched() {
     unmount_all(&hb);
     hb.fsck_clean();
 }
+
+#[test]
+fn a_daemon_whose_binary_was_replaced_still_starts_mount_servers() {
+    // Regression: after an upgrade replaced the file, the daemon's own path named nothing and
+    // every image mount failed with "No such file or directory".
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    let copy = hb.path("hb-old");
+    std::fs::copy(hb_bin(), &copy).unwrap();
+    let mut cmd = hb.command(&["--socket", &socket(&hb), "daemon", "--snapshotter-socket", &snapshotter_socket(&hb)]);
+    let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
+    let envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> =
+        cmd.get_envs().map(|(k, v)| (k.to_os_string(), v.map(|v| v.to_os_string()))).collect();
+    let mut old = Command::new(&copy);
+    old.args(&args).stdout(Stdio::null()).stderr(Stdio::null());
+    for (k, v) in envs {
+        match v {
+            Some(v) => old.env(k, v),
+            None => old.env_remove(k),
+        };
+    }
+    let child = old.spawn().unwrap();
+    let mut d = Daemon { hb: &hb, child: Some(child) };
+    wait_for("the daemon's socket to answer", || d.get("/v1/health").is_some());
+    std::fs::remove_file(&copy).unwrap();
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "echo", "still", "works"]), "still works\n");
+    d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+}
