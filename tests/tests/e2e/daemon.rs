@@ -215,7 +215,7 @@ fn a_daemon_whose_binary_was_replaced_still_starts_mount_servers() {
     let hb = Hb::new();
     let copy = hb.path("hb-old");
     std::fs::copy(hb_bin(), &copy).unwrap();
-    let mut cmd = hb.command(&["--socket", &socket(&hb), "daemon", "--snapshotter-socket", &snapshotter_socket(&hb)]);
+    let cmd = hb.command(&["--socket", &socket(&hb), "daemon", "--snapshotter-socket", &snapshotter_socket(&hb)]);
     let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
     let envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> =
         cmd.get_envs().map(|(k, v)| (k.to_os_string(), v.map(|v| v.to_os_string()))).collect();
