@@ -37,6 +37,30 @@ fn in_netns(netns: Option<&str>, program: &Path) -> Command {
     }
 }
 
+/// `hb daemon` on store `root` with both its sockets in `dir` (`hb.sock`, `snapshotter.sock`);
+/// returns once both exist.
+fn start_daemon(hb: &Path, root: &Path, dir: &Path) -> anyhow::Result<(std::process::Child, PathBuf, PathBuf)> {
+    let (api, snap) = (dir.join("hb.sock"), dir.join("snapshotter.sock"));
+    let child = Command::new(hb)
+        .arg("--root")
+        .arg(root)
+        .arg("--socket")
+        .arg(&api)
+        .args(["-q", "daemon", "--snapshotter-socket"])
+        .arg(&snap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let waited = Instant::now();
+    while !(api.exists() && snap.exists()) {
+        if waited.elapsed() > Duration::from_secs(30) {
+            bail!("hb daemon did not come up within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((child, api, snap))
+}
+
 fn umount(dir: &Path) {
     let _ = Command::new("umount").arg(dir).status();
 }
@@ -329,25 +353,12 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
     }
     // With `hb daemon` running: the image mount is shared and stays; a run is overlayfs + spec +
     // runc + cleanup.
-    let socket = work.path().join("hb.sock");
-    let mut daemon = Command::new(&hb)
-        .arg("--root")
-        .arg(&root)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["-q", "daemon"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let (mut daemon, socket, _) = start_daemon(&hb, &root, work.path())?;
     let hb_daemon = |args: &[&str]| {
         let mut c = Command::new(&hb);
         c.arg("--root").arg(&root).arg("--socket").arg(&socket).args(args);
         c
     };
-    let waited = Instant::now();
-    while !socket.exists() && waited.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
     timed_command(&mut hb_daemon(&["-q", "run", "--rm", small, "true"]))?;
     let (mut t_hbd, mut t_runc2) = (vec![], vec![]);
     for run in 0..runs.max(5) * 4 {
@@ -441,25 +452,12 @@ pub fn memory(image: &str) -> anyhow::Result<()> {
     let hb = hb_binary()?;
     let work = scratch()?;
     let root = work.path().join("store");
-    let socket = work.path().join("hb.sock");
-    let mut daemon = Command::new(&hb)
-        .arg("--root")
-        .arg(&root)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["-q", "daemon"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let (mut daemon, socket, _) = start_daemon(&hb, &root, work.path())?;
     let hb_cmd = |args: &[&str]| {
         let mut c = Command::new(&hb);
         c.arg("--root").arg(&root).arg("--socket").arg(&socket).args(args);
         c
     };
-    let waited = Instant::now();
-    while !socket.exists() && waited.elapsed() < Duration::from_secs(30) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
     timed_command(&mut hb_cmd(&["-q", "pull", image]))?;
     timed_command(&mut hb_cmd(&["-q", "run", "--rm", image, "true"]))?;
     std::thread::sleep(Duration::from_secs(12));
@@ -521,21 +519,7 @@ pub fn snapshotter(runs: usize, large: &str) -> anyhow::Result<()> {
 
         // hb: a fresh store and daemon; containerd asks it for remote snapshots.
         let store = scratch()?;
-        let (api, snap) = (store.path().join("hb.sock"), store.path().join("snapshotter.sock"));
-        let mut daemon = Command::new(&hb)
-            .arg("--root")
-            .arg(store.path().join("store"))
-            .arg("--socket")
-            .arg(&api)
-            .args(["-q", "daemon", "--snapshotter-socket"])
-            .arg(&snap)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let waited = Instant::now();
-        while !snap.exists() && waited.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (mut daemon, api, snap) = start_daemon(&hb, &store.path().join("store"), store.path())?;
         timed_command(Command::new(&containerd).arg("reset").env("HB_SNAPSHOTTER_SOCK", &snap))?;
         let started = Instant::now();
         timed_command(

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use hb_tests::*;
 
-use super::daemon::{snapshotter_socket, unmount_all, wait_for, Daemon};
+use super::daemon::{metric, snapshotter_socket, unmount_all, wait_for, Daemon};
 use super::pull::open_registry;
 
 /// A private containerd (scripts/containerd.sh) with hb's snapshotter; stopped and wiped on drop.
@@ -128,14 +128,6 @@ fn containerd_pulls_and_runs_images_through_hb_snapshots_with_containerd_semanti
     d.stop();
     unmount_all(&hb);
     hb.fsck_clean();
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
 #[test]
