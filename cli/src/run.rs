@@ -350,7 +350,21 @@ pub fn monitor(
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         let shared = match &daemon {
-            Some(c) => c.image_mount(&req.image, req.plain_http, &crate::store_root(g)?)?,
+            Some(c) => {
+                // The daemon may have to pull the image first: say so when it takes a while.
+                let root = crate::store_root(g)?;
+                let (done, waiting) = std::sync::mpsc::channel::<()>();
+                let (quiet, image) = (out.quiet || out.json || req.detach, req.image.clone());
+                let notice = std::thread::spawn(move || {
+                    if waiting.recv_timeout(Duration::from_secs(1)).is_err() && !quiet {
+                        eprintln!("waiting for the hb daemon to pull and mount {image} ...");
+                    }
+                });
+                let m = c.image_mount(&req.image, req.plain_http, &root);
+                let _ = done.send(());
+                let _ = notice.join();
+                m?
+            }
             None => None,
         };
         let (lower, config) = match shared {
