@@ -103,9 +103,8 @@ fn containerd_pulls_and_runs_images_through_hb_snapshots_with_containerd_semanti
     assert!(code != 0 && err.contains("already exists"), "{err}");
     let m = c.ok(&["snapshots", "--snapshotter", "hb", "mounts", "/mnt", "k1"]);
     assert!(m.contains("-t overlay") && m.contains("upperdir=") && m.contains("lowerdir="), "{m}");
-    c.ok(&["snapshots", "--snapshotter", "hb", "view", "v1", &committed]);
-    let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "commit", "c-from-view", "v1"]);
-    assert!(code != 0 && err.contains("failed precondition"), "a view cannot be committed: {err}");
+    // (Views are exercised over gRPC in snapshotter/tests/grpc.rs: one made by `ctr snapshots view`
+    // carries no gc root, so containerd's gc may remove it at any moment.)
     c.ok(&["snapshots", "--snapshotter", "hb", "commit", "c1", "k1"]);
     let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "rm", &committed]);
     assert!(code != 0 && err.contains("child"), "a parent with children stays: {err}");
@@ -117,7 +116,7 @@ fn containerd_pulls_and_runs_images_through_hb_snapshots_with_containerd_semanti
     assert!(usage.lines().any(|l| l.starts_with(&committed) && !l.contains(" 0.0 B")), "real usage: {usage}");
     let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "info", "nope"]);
     assert!(code != 0 && err.contains("not found"), "{err}");
-    c.ok(&["snapshots", "--snapshotter", "hb", "rm", "c1", "v1"]);
+    c.ok(&["snapshots", "--snapshotter", "hb", "rm", "c1"]);
     // Removing the images lets containerd's gc remove every snapshot, and hb its folders.
     c.ok(&["images", "rm", &small, &large]);
     wait_for("containerd's gc to remove the snapshots", || snapshot_keys(&c).is_empty());
