@@ -223,10 +223,6 @@ impl Daemon {
         plain_http: bool,
         layers: Option<usize>,
     ) -> anyhow::Result<u32> {
-        use std::os::unix::process::CommandExt;
-        let log_path = crate::mount::run_file(&self.root, dir, "log");
-        std::fs::create_dir_all(log_path.parent().expect("has a parent"))?;
-        let log = std::fs::File::create(&log_path)?;
         let mut cmd = std::process::Command::new(crate::self_exe());
         crate::pass_globals(&mut cmd, &self.g, &self.root);
         cmd.arg("mount").arg(image).arg(dir);
@@ -236,31 +232,12 @@ impl Daemon {
         if let Some(n) = layers {
             cmd.arg("--layers").arg(n.to_string());
         }
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .context("starting a mount server")?;
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-                bail!("the mount server for {image} exited ({status}): {}", text.trim_end());
-            }
-            if hb_fuse::is_mountpoint(dir) {
-                // Reaped by a thread of ours when it ends (it normally outlives us).
-                let pid = child.id();
-                std::thread::spawn(move || child.wait());
-                return Ok(pid);
-            }
-            if started.elapsed() > Duration::from_secs(120) {
-                let _ = child.kill();
-                bail!("the mount server for {image} did not mount within 120 s (log {})", log_path.display());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let (mut child, _) = crate::mount::start_server(&mut cmd, &self.root, dir)
+            .with_context(|| format!("starting the mount server for {image}"))?;
+        // Reaped by a thread of ours when it ends (it normally outlives us).
+        let pid = child.id();
+        std::thread::spawn(move || child.wait());
+        Ok(pid)
     }
 
     /// Current image mounts with their users counted.

@@ -676,6 +676,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let out = Out::new(g.json, g.quiet);
     // Commands that do not touch the store come first: they must work while another process
     // holds it.
+    // The commands that go through a running daemon look it up once.
+    let daemon = match &cli.cmd {
+        Cmd::Pull { plan: false, .. } | Cmd::Rmi { .. } | Cmd::Gc => daemon_client(g),
+        _ => None,
+    };
     let cmd = match cli.cmd {
         Cmd::Login { registry, username, password_stdin, plain_http } => {
             let registry = registry.unwrap_or_else(|| "docker.io".into());
@@ -795,8 +800,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Pull { reference, platform, plain_http, creds, plan: false, lazy } if daemon_client(g).is_some() => {
-            let client = daemon_client(g).expect("checked");
+        Cmd::Pull { reference, platform, plain_http, creds, plan: false, lazy } if daemon.is_some() => {
+            let client = daemon.expect("checked");
             let credentials = match creds {
                 Some(c) => {
                     let (u, p) = c.split_once(':').context("--creds takes USER:PASSWORD")?;
@@ -815,17 +820,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Rmi { images } if daemon_client(g).is_some() => {
-            let lines: Vec<String> = daemon_client(g).expect("checked").call(
-                "POST",
-                "/v1/images/remove",
-                Some(&api::RemoveRequest { images }),
-            )?;
+        Cmd::Rmi { images } if daemon.is_some() => {
+            let lines: Vec<String> =
+                daemon.expect("checked").call("POST", "/v1/images/remove", Some(&api::RemoveRequest { images }))?;
             lines.into_iter().for_each(|l| out.note(l));
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Gc if daemon_client(g).is_some() => {
-            let r: serde_json::Value = daemon_client(g).expect("checked").call("POST", "/v1/gc", None::<&()>)?;
+        Cmd::Gc if daemon.is_some() => {
+            let r: serde_json::Value = daemon.expect("checked").call("POST", "/v1/gc", None::<&()>)?;
             out.note(format!(
                 "removed {} layers and {} chunks; compacted {} and deleted {} packs; freed {}",
                 r["layers_removed"],

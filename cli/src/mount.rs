@@ -365,16 +365,30 @@ fn write_stats(path: &Path, s: &hb_fuse::StatsSnapshot, remote: Option<&hb_regis
 /// Starts `hb mount` again without `--background` as a detached child and returns once the
 /// mount is up (or the child failed, with its log).
 pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
     let args: Vec<_> = std::env::args_os().skip(1).filter(|a| a != "-d" && a != "--background").collect();
     if hb_fuse::clean_stale(dir)? {
         out.note(format!("detached a stale mount at {} (its process had died)", dir.display()));
     }
+    let mut cmd = std::process::Command::new(crate::self_exe());
+    cmd.args(args);
+    let (child, log) = start_server(&mut cmd, root, dir)?;
+    out.note(format!("mounted at {} (pid {}, log {})", dir.display(), child.id(), log.display()));
+    Ok(())
+}
+
+/// Runs `cmd` (an `hb mount` serving `dir`) as a process of its own (own process group, no
+/// terminal, its stderr in `<root>/run/mount-<hash>.log`) and returns it once `dir` is mounted,
+/// or the reason (its log) when it ends first or does not mount within 300 s.
+pub fn start_server(
+    cmd: &mut std::process::Command,
+    root: &Path,
+    dir: &Path,
+) -> anyhow::Result<(std::process::Child, PathBuf)> {
+    use std::os::unix::process::CommandExt;
     let log = run_file(root, dir, "log");
     std::fs::create_dir_all(log.parent().expect("has a parent"))?;
     let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut child = std::process::Command::new(crate::self_exe())
-        .args(args)
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log_file)
@@ -385,17 +399,16 @@ pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
     loop {
         if let Some(status) = child.try_wait()? {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("the mount process exited ({status}):\n{}", text.trim_end());
+            bail!("the mount process for {} exited ({status}):\n{}", dir.display(), text.trim_end());
         }
         if hb_fuse::is_mountpoint(dir) {
-            out.note(format!("mounted at {} (pid {}, log {})", dir.display(), child.id(), log.display()));
-            return Ok(());
+            return Ok((child, log));
         }
         if started.elapsed() > Duration::from_secs(300) {
             let _ = child.kill();
             bail!("the mount process did not mount {} within 300 s (log {})", dir.display(), log.display());
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
