@@ -117,8 +117,10 @@ fn containerd_pulls_and_runs_images_through_hb_snapshots_with_containerd_semanti
     let (code, _, err) = c.ctr(&["snapshots", "--snapshotter", "hb", "info", "nope"]);
     assert!(code != 0 && err.contains("not found"), "{err}");
     c.ok(&["snapshots", "--snapshotter", "hb", "rm", "c1"]);
-    // Removing the images lets containerd's gc remove every snapshot, and hb its folders.
-    c.ok(&["images", "rm", &small, &large]);
+    // Removing the images lets containerd's gc remove every snapshot, and hb its folders. `--sync`
+    // runs that gc now: left to its scheduler, the next one may come minutes later (its interval
+    // grows with the time the last one took; a CI run waited 60 s in vain).
+    c.ok(&["images", "rm", "--sync", &small, &large]);
     wait_for("containerd's gc to remove the snapshots", || snapshot_keys(&c).is_empty());
     wait_for("hb to remove the snapshots' folders", || {
         std::fs::read_dir(hb.root.join("snapshots")).unwrap().flatten().all(|e| !e.path().is_dir())
@@ -183,7 +185,7 @@ fn containerd_starts_an_accelerated_image_lazily_through_hb() {
     assert!(usage.lines().skip(1).any(|l| !l.contains(" 0.0 B")), "local bytes of lazy layers: {usage}");
     // Removing the image lets containerd's gc remove the lazy snapshots too, and hb lets go of
     // the image it pulled for them.
-    c.ok(&["images", "rm", &lazy]);
+    c.ok(&["images", "rm", "--sync", &lazy]);
     wait_for("containerd's gc to remove the snapshots", || snapshot_keys(&c).is_empty());
     wait_for("hb to untag the image it pulled for containerd", || {
         let o = hb.run(&["--socket", hb.path("hb.sock").to_str().unwrap(), "images"]);
