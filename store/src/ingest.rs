@@ -61,10 +61,10 @@ pub struct ImportReport {
 type Fault = Rc<RefCell<Option<StoreError>>>;
 
 /// Counts and hashes the bytes read through it.
-struct Hashing<R> {
-    inner: R,
-    hasher: DigestHasher,
-    count: Rc<Cell<u64>>,
+pub(crate) struct Hashing<R> {
+    pub inner: R,
+    pub hasher: DigestHasher,
+    pub count: Rc<Cell<u64>>,
 }
 
 impl<R: Read> Read for Hashing<R> {
@@ -153,7 +153,15 @@ struct Staged {
     encoded: Vec<u8>,
 }
 
-enum Seen {
+/// Chunk references an ingest made, and the chunks (and bytes) the store did not have.
+#[derive(Default)]
+pub(crate) struct ChunkTally {
+    pub refs: u64,
+    pub new_chunks: usize,
+    pub new_bytes: u64,
+}
+
+pub(crate) enum Seen {
     /// Written by this ingest.
     New,
     /// Already in the store.
@@ -223,8 +231,22 @@ impl Store {
     }
 
     /// Runs the parse on this thread and zstd + pack appends on a second one, so decompression
-    /// and chunking overlap with compression. At most [`IN_FLIGHT`] chunks wait between them.
+    /// and chunking overlap with compression.
     fn ingest(&self, input: impl Read, progress: &dyn Progress, pack: &mut PackWriter) -> Result<Staged> {
+        let (mut staged, locations, stored) = self.write_chunks(pack, |tx| self.parse(input, progress, tx))?;
+        staged.report.stored_bytes = stored;
+        staged.locations = locations;
+        Ok(staged)
+    }
+
+    /// Runs `produce` on this thread, appending the chunks it sends (zstd, then the pack) on a
+    /// second one. At most [`IN_FLIGHT`] chunks wait between them. Returns what `produce`
+    /// returned, where each chunk went and the bytes appended.
+    pub(crate) fn write_chunks<T>(
+        &self,
+        pack: &mut PackWriter,
+        produce: impl FnOnce(&SyncSender<(ChunkId, Vec<u8>)>) -> Result<T>,
+    ) -> Result<(T, HashMap<ChunkId, Location>, u64)> {
         let level = self.opts.zstd_level;
         std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Vec<u8>)>(IN_FLIGHT);
@@ -239,16 +261,12 @@ impl Store {
                 }
                 Ok((locations, stored))
             });
-            let parsed = self.parse(input, progress, &tx);
+            let produced = produce(&tx);
             drop(tx);
             let written = writer.join().expect("pack writer thread panicked");
-            match (parsed, written) {
-                (Ok(mut staged), Ok((locations, stored))) => {
-                    staged.report.stored_bytes = stored;
-                    staged.locations = locations;
-                    Ok(staged)
-                }
-                // A writer failure (disk full, I/O error) is the cause of the parse stopping.
+            match (produced, written) {
+                (Ok(t), Ok((locations, stored))) => Ok((t, locations, stored)),
+                // A writer failure (disk full, I/O error) is the cause of the producer stopping.
                 (_, Err(e)) => Err(e),
                 (Err(e), Ok(_)) => Err(e),
             }
@@ -330,6 +348,7 @@ impl Store {
             stored_bytes: 0,
             already_present: false,
         };
+        let mut tally = ChunkTally::default();
         let entries = archive.entries().map_err(|e| stream_err(&fault, e, ""))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| stream_err(&fault, e, &after))?;
@@ -356,7 +375,7 @@ impl Store {
                             fastcdc::v2020::Error::IoError(e) => stream_err(&fault, e, &in_entry(&path)),
                             other => bad(format!("chunking failed: {other:?}")),
                         })?;
-                        chunks.push(self.add_chunk(c.data, &mut seen, &mut report, writer)?);
+                        chunks.push(self.add_chunk(c.data, &mut seen, &mut tally, writer)?);
                         report_progress(&compressed);
                     }
                     NewEntry::File { chunks }
@@ -403,6 +422,7 @@ impl Store {
         report.diff_id = diff_hasher.finish();
         report.compressed_bytes = compressed.get();
         report.uncompressed_bytes = uncompressed.get();
+        (report.chunk_refs, report.new_chunks, report.new_bytes) = (tally.refs, tally.new_chunks, tally.new_bytes);
         let index = builder.finish(report.diff_id);
         report.content_bytes = index.content_bytes();
         report.unique_chunks = index.chunks.len();
@@ -411,22 +431,22 @@ impl Store {
     }
 
     /// Stores one chunk unless the store or this ingest already has it.
-    fn add_chunk(
+    pub(crate) fn add_chunk(
         &self,
         data: Vec<u8>,
         seen: &mut HashMap<ChunkId, Seen>,
-        report: &mut ImportReport,
+        tally: &mut ChunkTally,
         writer: &SyncSender<(ChunkId, Vec<u8>)>,
     ) -> Result<ChunkRef> {
         let id = ChunkId::of(&data);
         let len = data.len() as u32;
-        report.chunk_refs += 1;
+        tally.refs += 1;
         if let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(id) {
             let s = match self.chunk_record(&id)? {
                 Some(rec) if !rec.loc.is_absent() => Seen::Stored,
                 _ => {
-                    report.new_chunks += 1;
-                    report.new_bytes += len as u64;
+                    tally.new_chunks += 1;
+                    tally.new_bytes += len as u64;
                     writer.send((id, data)).map_err(|_| StoreError::Io {
                         context: "writing chunks".into(),
                         source: io::Error::other("the pack writer stopped"),
@@ -484,26 +504,7 @@ impl Store {
             report.deduplicated_bytes = report.content_bytes;
         } else {
             batch.put_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes(), &encoded);
-            for (id, s) in &seen {
-                let current = match s {
-                    Seen::Stored => Some(self.chunk_record(id)?.ok_or(StoreError::MissingChunk(*id))?),
-                    Seen::New => self.chunk_record(id)?,
-                };
-                let rec = match (s, current) {
-                    // Stored meanwhile by another ingest: share that copy; ours stays dead weight
-                    // in the pack until gc compacts it.
-                    (_, Some(rec)) if !rec.loc.is_absent() => ChunkRecord { refcount: rec.refcount + 1, ..rec },
-                    // Known to a lazy layer but not fetched: ours becomes the copy.
-                    (Seen::New, Some(rec)) => ChunkRecord { loc: place(id)?, refcount: rec.refcount + 1 },
-                    (Seen::Stored, Some(_)) => return Err(StoreError::MissingChunk(*id)),
-                    (Seen::New, None) => {
-                        new_ids.push(*id);
-                        ChunkRecord { loc: place(id)?, refcount: 1 }
-                    }
-                    (Seen::Stored, None) => unreachable!("checked above"),
-                };
-                batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode());
-            }
+            self.reference_chunks(&seen, &mut place, &mut batch, &mut new_ids)?;
         }
         batch.put_cf(
             self.cf(CF_BLOBS),
@@ -524,6 +525,41 @@ impl Store {
         new_ids.iter().for_each(|id| bloom.insert(id));
         tracing::info!(diff_id = %report.diff_id, new_chunks = report.new_chunks, "layer committed");
         Ok(report)
+    }
+}
+
+impl Store {
+    /// Adds one reference to each chunk in `seen` to `batch`: chunks this ingest wrote get their
+    /// record (`place` says where; new ids are collected for the Bloom filter), stored ones a
+    /// higher refcount. Records are read again: another commit may have stored some meanwhile.
+    pub(crate) fn reference_chunks(
+        &self,
+        seen: &HashMap<ChunkId, Seen>,
+        place: &mut dyn FnMut(&ChunkId) -> Result<Location>,
+        batch: &mut WriteBatch,
+        new_ids: &mut Vec<ChunkId>,
+    ) -> Result<()> {
+        for (id, s) in seen {
+            let current = match s {
+                Seen::Stored => Some(self.chunk_record(id)?.ok_or(StoreError::MissingChunk(*id))?),
+                Seen::New => self.chunk_record(id)?,
+            };
+            let rec = match (s, current) {
+                // Stored meanwhile by another ingest: share that copy; ours stays dead weight
+                // in the pack until gc compacts it.
+                (_, Some(rec)) if !rec.loc.is_absent() => ChunkRecord { refcount: rec.refcount + 1, ..rec },
+                // Known to a lazy layer but not fetched: ours becomes the copy.
+                (Seen::New, Some(rec)) => ChunkRecord { loc: place(id)?, refcount: rec.refcount + 1 },
+                (Seen::Stored, Some(_)) => return Err(StoreError::MissingChunk(*id)),
+                (Seen::New, None) => {
+                    new_ids.push(*id);
+                    ChunkRecord { loc: place(id)?, refcount: 1 }
+                }
+                (Seen::Stored, None) => unreachable!("checked above"),
+            };
+            batch.put_cf(self.cf(CF_CHUNKS), id.as_bytes(), rec.encode());
+        }
+        Ok(())
     }
 }
 

@@ -24,6 +24,7 @@ mod lazy;
 mod maint;
 pub mod meta;
 pub mod pack;
+mod raw;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,6 +42,7 @@ pub use ingest::{ImportOptions, ImportReport};
 pub use lazy::{FillReport, LazyImport, StoredChunk};
 pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};
+pub use raw::{RawRecord, RawReport};
 
 use meta::*;
 use pack::{Location, PackWriter};

@@ -32,6 +32,8 @@ pub struct FsckReport {
     /// Chunks known to lazy layers but not fetched yet.
     pub absent_chunks: usize,
     pub lazy_layers: usize,
+    /// Raw objects (blobs kept byte for byte, e.g. by the mirror).
+    pub raw_objects: usize,
     /// Uncompressed bytes read back and verified against their ids.
     pub verified_bytes: u64,
     pub issues: Vec<FsckIssue>,
@@ -220,6 +222,24 @@ impl Store {
                 }
             }
         }
+        for (digest, rec) in self.raw_objects()? {
+            r.raw_objects += 1;
+            let mut counted = HashSet::new();
+            for c in &rec.chunks {
+                if counted.insert(c.id) {
+                    *expected.entry(c.id).or_default() += 1;
+                }
+                match stored_refs.get(&c.id) {
+                    Some(&(_, len)) if len == c.len && !absent.contains(&c.id) => {}
+                    Some(&(_, len)) if len != c.len => r.issue(
+                        "corrupt-chunk",
+                        c.id,
+                        format!("raw object {digest} says {} bytes, the store {len}", c.len),
+                    ),
+                    _ => r.issue("missing-chunk", c.id, format!("used by raw object {digest}")),
+                }
+            }
+        }
         // Every chunk that is not local must be wanted by a lazy layer that knows where it is.
         for diff_id in self.lazy_layers()? {
             r.lazy_layers += 1;
@@ -243,7 +263,7 @@ impl Store {
         for (id, (stored, _)) in &stored_refs {
             let want = expected.get(id).copied().unwrap_or(0);
             if *stored != want {
-                r.issue("refcount", id, format!("refcount {stored}, but {want} layers use it"));
+                r.issue("refcount", id, format!("refcount {stored}, but {want} layers and raw objects use it"));
             }
         }
         for item in self.db.iterator_cf(self.cf(CF_BLOBS), IteratorMode::Start) {
