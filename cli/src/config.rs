@@ -97,6 +97,59 @@ pub struct FileConfig {
     pub store: StoreSection,
     #[serde(default)]
     pub daemon: DaemonSection,
+    #[serde(default)]
+    pub proxy: ProxySection,
+}
+
+/// `[proxy]`: the pull-through mirror (`hb proxy`).
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// Address to listen on [default: 127.0.0.1:5000].
+    pub listen: Option<String>,
+    /// Size cap of what the mirror keeps (`50G`); least recently used blobs go above it.
+    pub max_size: Option<String>,
+    /// Decoded chunks kept in memory for hot blobs [default: 256M].
+    pub memory_cache: Option<String>,
+    /// How long an upstream's "may this client read this repository" is remembered [default: 60].
+    pub auth_ttl_seconds: Option<u64>,
+    /// The upstream for names without a registry host (Docker's `registry-mirrors`)
+    /// [default: docker.io when configured, else the first upstream].
+    pub default_upstream: Option<String>,
+    #[serde(default)]
+    pub upstream: Vec<UpstreamSection>,
+}
+
+/// `[[proxy.upstream]]`.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// The registry as clients name it (`docker.io`, `ghcr.io`, `10.0.0.5:5000`).
+    pub host: String,
+    /// A name clients may use instead of the host in path-style names
+    /// (`mirror:5000/<alias>/repo:tag`; docker's syntax allows no port there).
+    pub alias: Option<String>,
+    /// Its base URL [default: https://<host>, https://registry-1.docker.io for docker.io,
+    /// http:// for loopback hosts].
+    pub url: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Extra CA certificate (PEM) to trust for it.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub skip_verify: bool,
+    /// Tag freshness [default: 300 s].
+    pub tag_ttl_seconds: Option<u64>,
+    /// Freshness by `repo:tag` pattern (`*` wildcard), first match wins.
+    #[serde(default)]
+    pub tag_ttl: Vec<TagTtl>,
+}
+
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagTtl {
+    pub pattern: String,
+    pub seconds: u64,
 }
 
 /// `[daemon]`.

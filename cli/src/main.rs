@@ -11,6 +11,7 @@ mod daemon;
 mod memory;
 mod mount;
 mod output;
+mod proxy;
 mod pull;
 mod run;
 
@@ -191,6 +192,9 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         snapshotter_socket: Option<PathBuf>,
     },
+    /// Serve a pull-through registry mirror for CI farms and teams: each blob crosses the
+    /// upstream link once, is kept deduplicated in the store, and is served to every client
+    Proxy(ProxyCli),
     /// Show the effective configuration
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -333,6 +337,37 @@ struct RunCli {
     runtime: Option<String>,
     #[arg(long)]
     plain_http: bool,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ProxyCli {
+    #[command(subcommand)]
+    cmd: Option<ProxyCmd>,
+    /// Address to listen on [default: the config's proxy.listen, else 127.0.0.1:5000]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// An upstream registry, as clients name it (docker.io, ghcr.io, 10.0.0.5:5000), optionally
+    /// with its URL (HOST=https://...); repeatable, added to the config's [[proxy.upstream]]
+    #[arg(long, value_name = "HOST[=URL]")]
+    upstream: Vec<String>,
+    /// Keep at most this much (e.g. 50G); least recently used blobs go above it
+    #[arg(long, value_name = "SIZE")]
+    max_size: Option<String>,
+    /// The upstream for names without a registry host (Docker's registry-mirrors)
+    /// [default: docker.io when configured, else the first]
+    #[arg(long, value_name = "HOST")]
+    default_upstream: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ProxyCmd {
+    /// Hit ratio and bytes from upstream vs served, per upstream, of a running hb proxy
+    Stats {
+        /// The proxy's base URL
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -780,6 +815,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon::run(g, &socket, &snap, std::time::Duration::from_secs(idle), &out)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Proxy(ProxyCli { cmd: Some(ProxyCmd::Stats { url }), .. }) => {
+            proxy::stats(&url, g.json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Proxy(p) => {
+            let file = config::load(g.config.as_deref())?;
+            let store = open_store_for(g, false, &out)?;
+            let args = proxy::ProxyArgs {
+                listen: p.listen.clone(),
+                upstreams: p.upstream.clone(),
+                max_size: p.max_size.clone(),
+                default_upstream: p.default_upstream.clone(),
+            };
+            let (addr, cfg) = proxy::config(&args, &file, store.root())?;
+            proxy::run(store, addr, cfg)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::Config(ConfigCmd::Show) => {
             let mut file = config::load(g.config.as_deref())?;
             file.version = Some(config::CONFIG_VERSION);
@@ -910,6 +962,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Logs { .. }
         | Cmd::Exec { .. }
         | Cmd::Daemon { .. }
+        | Cmd::Proxy(_)
         | Cmd::ContainerCleanup { .. }
         | Cmd::Config(_) => {
             unreachable!("handled before the store is opened")

@@ -5,13 +5,14 @@
 //! again by the store before anything is committed.
 //!
 //! What it must not do: touch the store (the binary wires downloads into it), read config files
-//! or the environment, or own a runtime (callers bring tokio). The pull-through mirror server will
-//! live in this folder too, beside the client.
+//! or the environment, or own a runtime (callers bring tokio). The pull-through mirror (`mirror`) serves the
+//! distribution API from a `MirrorStore` the binary provides.
 
 mod accel;
 mod blob;
 mod client;
 mod error;
+pub mod mirror;
 mod platform;
 mod reference;
 mod remote;

@@ -1,0 +1,145 @@
+//! The mirror's counters, per upstream: as Prometheus text (`/metrics`) and as JSON
+//! (`/_hb/stats`, read by `hb proxy stats`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct UpstreamStats {
+    pub host: String,
+    pub requests: Counter,
+    /// Manifests and blobs answered from what the mirror keeps.
+    pub hits: Counter,
+    pub misses: Counter,
+    pub bytes_upstream: Counter,
+    pub bytes_served: Counter,
+    /// GET requests for blobs sent upstream (resumptions included).
+    pub upstream_gets: Counter,
+    pub stale: Counter,
+    pub revalidated: Counter,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl UpstreamStats {
+    pub fn error(&self, kind: &'static str) {
+        *self.errors.lock().expect("errors lock").entry(kind).or_default() += 1;
+    }
+}
+
+pub struct Stats {
+    pub upstreams: Vec<UpstreamStats>,
+    pub evictions: Counter,
+}
+
+/// One upstream's figures as `hb proxy stats` shows them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UpstreamReport {
+    pub host: String,
+    pub requests: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub hit_ratio: f64,
+    pub bytes_from_upstream: u64,
+    pub bytes_served: u64,
+    pub upstream_blob_gets: u64,
+    pub stale_served: u64,
+    pub revalidated: u64,
+    pub errors: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub upstreams: Vec<UpstreamReport>,
+    pub objects: usize,
+    pub kept_bytes: u64,
+    pub max_bytes: Option<u64>,
+    pub evictions: u64,
+}
+
+impl Stats {
+    pub fn new(hosts: Vec<String>) -> Stats {
+        Stats {
+            upstreams: hosts.into_iter().map(|host| UpstreamStats { host, ..Default::default() }).collect(),
+            evictions: Counter::default(),
+        }
+    }
+
+    pub fn report(&self, objects: usize, kept_bytes: u64, max_bytes: Option<u64>) -> StatsReport {
+        StatsReport {
+            upstreams: self
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let (hits, misses) = (u.hits.get(), u.misses.get());
+                    UpstreamReport {
+                        host: u.host.clone(),
+                        requests: u.requests.get(),
+                        hits,
+                        misses,
+                        hit_ratio: if hits + misses == 0 { 0.0 } else { hits as f64 / (hits + misses) as f64 },
+                        bytes_from_upstream: u.bytes_upstream.get(),
+                        bytes_served: u.bytes_served.get(),
+                        upstream_blob_gets: u.upstream_gets.get(),
+                        stale_served: u.stale.get(),
+                        revalidated: u.revalidated.get(),
+                        errors: u.errors.lock().expect("errors lock").iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                    }
+                })
+                .collect(),
+            objects,
+            kept_bytes,
+            max_bytes,
+            evictions: self.evictions.get(),
+        }
+    }
+
+    pub fn prometheus(&self, objects: usize, kept_bytes: u64, max_bytes: Option<u64>) -> String {
+        use std::fmt::Write;
+        let r = self.report(objects, kept_bytes, max_bytes);
+        let mut s = String::new();
+        let series: [(&str, &str, fn(&UpstreamReport) -> u64); 8] = [
+            ("hb_mirror_requests_total", "counter", |u| u.requests),
+            ("hb_mirror_hits_total", "counter", |u| u.hits),
+            ("hb_mirror_misses_total", "counter", |u| u.misses),
+            ("hb_mirror_upstream_bytes_total", "counter", |u| u.bytes_from_upstream),
+            ("hb_mirror_served_bytes_total", "counter", |u| u.bytes_served),
+            ("hb_mirror_upstream_blob_gets_total", "counter", |u| u.upstream_blob_gets),
+            ("hb_mirror_stale_served_total", "counter", |u| u.stale_served),
+            ("hb_mirror_revalidated_total", "counter", |u| u.revalidated),
+        ];
+        for (name, kind, f) in series {
+            let _ = writeln!(s, "# TYPE {name} {kind}");
+            for u in &r.upstreams {
+                let _ = writeln!(s, "{name}{{upstream=\"{}\"}} {}", u.host, f(u));
+            }
+        }
+        let _ = writeln!(s, "# TYPE hb_mirror_errors_total counter");
+        for u in &r.upstreams {
+            for (kind, n) in &u.errors {
+                let _ = writeln!(s, "hb_mirror_errors_total{{upstream=\"{}\",kind=\"{kind}\"}} {n}", u.host);
+            }
+        }
+        let _ = writeln!(s, "# TYPE hb_mirror_objects gauge\nhb_mirror_objects {objects}");
+        let _ = writeln!(s, "# TYPE hb_mirror_kept_bytes gauge\nhb_mirror_kept_bytes {kept_bytes}");
+        let _ = writeln!(s, "# TYPE hb_mirror_evictions_total counter\nhb_mirror_evictions_total {}", r.evictions);
+        s
+    }
+}
