@@ -120,7 +120,8 @@ pub fn config(args: &ProxyArgs, file: &FileConfig, root: &Path) -> anyhow::Resul
         None => Some(ups.iter().position(|u| u.host == "docker.io").unwrap_or(0)),
     };
     let listen = args.listen.clone().or(p.listen.clone()).unwrap_or_else(|| DEFAULT_LISTEN.into());
-    let addr: SocketAddr = listen.parse().with_context(|| format!("bad listen address {listen:?} (e.g. 0.0.0.0:5000)"))?;
+    let addr: SocketAddr =
+        listen.parse().with_context(|| format!("bad listen address {listen:?} (e.g. 0.0.0.0:5000)"))?;
     let max_bytes = args.max_size.as_deref().or(p.max_size.as_deref()).map(crate::parse_rate).transpose()?;
     let cache_bytes = p.memory_cache.as_deref().map(crate::parse_rate).transpose()?.unwrap_or(256 << 20) as usize;
     Ok((
@@ -150,8 +151,7 @@ pub fn run(store: Store, addr: SocketAddr, cfg: MirrorConfig) -> anyhow::Result<
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
         let (n, bytes) = m.kept();
         eprintln!(
-            "hb proxy: serving {} on http://{addr} (store {}: {n} objects, {}); upstreams: {}",
-            "the OCI distribution API",
+            "hb proxy: serving the OCI distribution API on http://{addr} (store {}: {n} objects, {}); upstreams: {}",
             root.display(),
             indicatif::HumanBytes(bytes),
             hosts.join(", ")

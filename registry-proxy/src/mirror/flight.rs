@@ -68,11 +68,7 @@ impl Flight {
 }
 
 fn gone() -> FlightError {
-    FlightError {
-        status: 502,
-        code: "UNKNOWN",
-        message: "the upstream download stopped".into(),
-    }
+    FlightError { status: 502, code: "UNKNOWN", message: "the upstream download stopped".into() }
 }
 
 /// A reader of bytes `pos..end` of an in-flight blob, from its own handle on the spool file (so

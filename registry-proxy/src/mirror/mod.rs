@@ -132,6 +132,8 @@ struct TagRecord {
     checked: u64,
 }
 
+type AuthKey = (usize, String, Principal);
+
 pub struct Mirror {
     cfg: MirrorConfig,
     upstreams: Vec<Upstream>,
@@ -141,7 +143,8 @@ pub struct Mirror {
     cache: Mutex<ChunkCache>,
     /// Stored objects: size and last use (unix seconds).
     objects: Mutex<HashMap<Digest, (u64, u64)>>,
-    auth: Mutex<HashMap<(usize, String, Principal), (bool, Instant)>>,
+    /// The upstream's answer, and when, per (upstream, repository, principal).
+    auth: Mutex<HashMap<AuthKey, (bool, Instant)>>,
     pub stats: Stats,
 }
 
@@ -200,9 +203,13 @@ fn unauthorized(message: &str) -> Response<Body> {
     r
 }
 
+/// A `Range` that starts past the blob's end (416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// A byte range of a blob of `size` bytes, from a `Range` header; `Err` when unsatisfiable.
 /// Several ranges, or a malformed header, mean the whole blob (RFC 9110 allows ignoring it).
-pub fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+pub fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = h.and_then(|h| h.trim().strip_prefix("bytes=")) else { return Ok(None) };
     if spec.contains(',') {
         return Ok(None);
@@ -216,7 +223,7 @@ pub fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()>
         _ => return Ok(None),
     };
     if start >= size {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((start, end)))
 }
@@ -240,11 +247,7 @@ impl Mirror {
             .collect();
         let stats = Stats::new(cfg.upstreams.iter().map(|u| u.host.clone()).collect());
         Ok(Arc::new(Mirror {
-            cache: Mutex::new(ChunkCache {
-                lru: lru::LruCache::unbounded(),
-                bytes: 0,
-                budget: cfg.cache_bytes,
-            }),
+            cache: Mutex::new(ChunkCache { lru: lru::LruCache::unbounded(), bytes: 0, budget: cfg.cache_bytes }),
             cfg,
             upstreams,
             store,
@@ -339,6 +342,10 @@ impl Mirror {
         let stats = &self.stats.upstreams[route.upstream];
         stats.requests.inc();
         match route.object.clone() {
+            // Clients send credentials only where the version check challenged them (docker,
+            // containers/image): challenge anonymous ones, who then go on anonymously unless
+            // they have credentials, as with any registry that takes Basic auth.
+            Object::Base if who.is_anonymous() => unauthorized("credentials are optional: public content needs none"),
             Object::Base => Response::builder()
                 .header(CONTENT_TYPE, "application/json")
                 .body(full(Bytes::from_static(b"{}")))
@@ -347,8 +354,13 @@ impl Mirror {
             Object::Blob(d) => self.blob(&route, d, &who, head, header(RANGE)).await,
             Object::TagsList | Object::Referrers(_) => {
                 let tail = req.uri().path().rsplit_once(&format!("{}/", route.repo)).map(|(_, t)| t).unwrap_or("");
-                let query: Vec<&str> =
-                    req.uri().query().unwrap_or("").split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("ns=")).collect();
+                let query: Vec<&str> = req
+                    .uri()
+                    .query()
+                    .unwrap_or("")
+                    .split('&')
+                    .filter(|kv| !kv.is_empty() && !kv.starts_with("ns="))
+                    .collect();
                 let mut pq = format!("/v2/{}/{tail}", route.repo);
                 if !query.is_empty() {
                     pq = format!("{pq}?{}", query.join("&"));
@@ -373,7 +385,9 @@ impl Mirror {
                     }
                 }
                 let body = r.bytes().await.unwrap_or_default();
-                b.header(CONTENT_LENGTH, body.len()).body(if head { empty() } else { full(body) }).expect("valid response")
+                b.header(CONTENT_LENGTH, body.len())
+                    .body(if head { empty() } else { full(body) })
+                    .expect("valid response")
             }
         }
     }
@@ -424,7 +438,10 @@ impl Mirror {
     }
 
     fn remember(&self, route: &Route, who: &Principal, ok: bool) {
-        self.auth.lock().expect("auth lock").insert((route.upstream, route.repo.clone(), who.clone()), (ok, Instant::now()));
+        self.auth
+            .lock()
+            .expect("auth lock")
+            .insert((route.upstream, route.repo.clone(), who.clone()), (ok, Instant::now()));
         if ok && who.is_anonymous() && !self.is_public(route) {
             let _ = self.store.put_meta(&self.public_key(route), b"1");
         }
@@ -490,11 +507,11 @@ impl Mirror {
         let key = format!("mirror/tag/{}/{}:{tag}", up.cfg.host, route.repo);
         let lock = self.tag_locks.lock().expect("tag locks").entry(key.clone()).or_default().clone();
         let _one = lock.lock().await;
-        let rec: Option<TagRecord> =
-            self.store.meta(&key).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
-        let kept = rec.as_ref().and_then(|r| r.digest.parse::<Digest>().ok()).filter(|d| {
-            self.objects.lock().expect("objects lock").contains_key(d)
-        });
+        let rec: Option<TagRecord> = self.store.meta(&key).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
+        let kept = rec
+            .as_ref()
+            .and_then(|r| r.digest.parse::<Digest>().ok())
+            .filter(|d| self.objects.lock().expect("objects lock").contains_key(d));
         if let (Some(rec), Some(d)) = (&rec, kept) {
             let fresh = now().saturating_sub(rec.checked) < up.cfg.tag_ttl(&route.repo, tag).as_secs();
             if fresh {
@@ -522,7 +539,11 @@ impl Mirror {
                     return Err(unauthorized("the upstream refuses access to this repository"));
                 }
                 Ok(r) if r.status() == StatusCode::NOT_FOUND => {
-                    return Err(oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", &format!("tag {tag} is gone upstream")));
+                    return Err(oci_error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        &format!("tag {tag} is gone upstream"),
+                    ));
                 }
                 Ok(r) => {
                     return self.stale(route, who, tag, d, &format!("the upstream answered {}", r.status())).await;
@@ -531,8 +552,7 @@ impl Mirror {
             }
         }
         stats.misses.inc();
-        let (d, media_type, _) =
-            self.fetch_manifest(route, &format!("{tag}"), who, accept, None).await.map_err(|r| r)?;
+        let (d, media_type, _) = self.fetch_manifest(route, tag, who, accept, None).await?;
         let rec = TagRecord { digest: d.to_string(), media_type, checked: now() };
         let _ = self.store.put_meta(&key, &serde_json::to_vec(&rec).expect("serialisable"));
         Ok(d)
@@ -570,7 +590,8 @@ impl Mirror {
         let accept = accept.filter(|a| !a.trim().is_empty() && a.trim() != "*/*").unwrap_or(MANIFEST_TYPES);
         headers.insert(ACCEPT, HeaderValue::from_str(accept).unwrap_or(HeaderValue::from_static(MANIFEST_TYPES)));
         let pq = format!("/v2/{}/manifests/{reference}", route.repo);
-        let r = up.send(Method::GET, &route.repo, &pq, headers, who).await.map_err(|e| self.upstream_down(route, &e))?;
+        let r =
+            up.send(Method::GET, &route.repo, &pq, headers, who).await.map_err(|e| self.upstream_down(route, &e))?;
         match r.status() {
             s if s.is_success() => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -578,7 +599,11 @@ impl Mirror {
                 return Err(unauthorized("the upstream requires credentials for this repository"));
             }
             StatusCode::NOT_FOUND => {
-                return Err(oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", &format!("manifest {reference} unknown upstream")))
+                return Err(oci_error(
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    &format!("manifest {reference} unknown upstream"),
+                ))
             }
             s => {
                 stats.error("upstream");
@@ -609,7 +634,8 @@ impl Mirror {
                 &format!("the upstream's manifest {reference} does not match its digest (got {actual})"),
             ));
         }
-        let media_type = if media_type.is_empty() || media_type.starts_with("text/") || media_type == "application/json" {
+        let media_type = if media_type.is_empty() || media_type.starts_with("text/") || media_type == "application/json"
+        {
             serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
                 .and_then(|v| v.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
@@ -734,7 +760,11 @@ impl Mirror {
                 }
                 Err(e) => {
                     stats.error("store");
-                    return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("reading blob {digest}: {e}"));
+                    return oci_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "UNKNOWN",
+                        &format!("reading blob {digest}: {e}"),
+                    );
                 }
             }
         }
@@ -758,7 +788,11 @@ impl Mirror {
             // Created before any reader opens it.
             if let Err(e) = std::fs::File::create(&flight.spool) {
                 self.flights.lock().expect("flights lock").remove(&digest);
-                return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("spooling blob {digest}: {e}"));
+                return oci_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    &format!("spooling blob {digest}: {e}"),
+                );
             }
             tokio::spawn(self.clone().download(route.clone(), who.clone(), flight.clone()));
         }
@@ -773,7 +807,7 @@ impl Mirror {
         }
         let range = match parse_range(range.as_deref(), size) {
             Ok(r) => r,
-            Err(()) => return range_not_satisfiable(size),
+            Err(Unsatisfiable) => return range_not_satisfiable(size),
         };
         let opened = {
             // Opened under the lock the downloader takes before it unlinks the spool.
@@ -793,8 +827,8 @@ impl Mirror {
         let reader = FlightReader { file, rx: flight.state.subscribe(), pos, end, whole: range.is_none() };
         let stats_bytes = self.clone();
         let upstream = route.upstream;
-        let stream = futures_util::stream::unfold(reader, |mut r| async move { r.next().await.map(|b| (b, r)) })
-            .map(move |b| {
+        let stream =
+            futures_util::stream::unfold(reader, |mut r| async move { r.next().await.map(|b| (b, r)) }).map(move |b| {
                 if let Ok(b) = &b {
                     stats_bytes.stats.upstreams[upstream].bytes_served.add(b.len() as u64);
                 }
@@ -814,7 +848,7 @@ impl Mirror {
     ) -> Response<Body> {
         let range = match parse_range(range, size) {
             Ok(r) => r,
-            Err(()) => return range_not_satisfiable(size),
+            Err(Unsatisfiable) => return range_not_satisfiable(size),
         };
         if head {
             return blob_response(&digest, size, range, empty());
@@ -926,7 +960,9 @@ impl Mirror {
                 };
                 if size.is_none() {
                     self.remember(route, who, true);
-                    let n = r.content_length().ok_or_else(|| fail(502, "UNAVAILABLE", "the upstream sent no Content-Length".into()))?;
+                    let n = r
+                        .content_length()
+                        .ok_or_else(|| fail(502, "UNAVAILABLE", "the upstream sent no Content-Length".into()))?;
                     size = Some(n);
                     flight.update(|s| s.size = Some(n));
                 }
@@ -962,7 +998,11 @@ impl Mirror {
                 }
                 Ok(()) if failures + 1 >= self.cfg.attempts.max(1) => {
                     stats.error("upstream");
-                    return Err(fail(502, "UNAVAILABLE", format!("the upstream closed the blob after {offset} of {total} bytes")));
+                    return Err(fail(
+                        502,
+                        "UNAVAILABLE",
+                        format!("the upstream closed the blob after {offset} of {total} bytes"),
+                    ));
                 }
                 other => {
                     failures += 1;
@@ -1018,7 +1058,8 @@ fn blob_response(d: &Digest, size: u64, range: Option<(u64, u64)>, body: Body) -
 }
 
 fn range_not_satisfiable(size: u64) -> Response<Body> {
-    let mut r = oci_error(StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN", "the requested range is past the blob's end");
+    let mut r =
+        oci_error(StatusCode::RANGE_NOT_SATISFIABLE, "BLOB_UNKNOWN", "the requested range is past the blob's end");
     r.headers_mut().insert("content-range", HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"));
     r
 }
@@ -1100,7 +1141,7 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=2-"), 10), Ok(Some((2, 10))));
         assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 10))));
         assert_eq!(parse_range(Some("bytes=5-100"), 10), Ok(Some((5, 10))));
-        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(()));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=1-2,4-5"), 10), Ok(None));
         assert_eq!(parse_range(Some("bytes=4-2"), 10), Ok(None));
     }

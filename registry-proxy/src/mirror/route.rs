@@ -78,7 +78,8 @@ pub fn route(
     let ns = query.and_then(|q| {
         q.split('&').find_map(|kv| kv.strip_prefix("ns=")).map(|v| v.replace("%3A", ":").replace("%3a", ":"))
     });
-    let find = |host: &str| hosts.iter().position(|h| h == host || (host == "docker.io" && h == "registry-1.docker.io"));
+    let find =
+        |host: &str| hosts.iter().position(|h| h == host || (host == "docker.io" && h == "registry-1.docker.io"));
     if rest.is_empty() || rest == "/" {
         let upstream = match &ns {
             Some(h) => find(h).ok_or_else(|| RouteError::UnknownUpstream(h.clone()))?,
@@ -173,7 +174,8 @@ mod tests {
         let r = route("/v2/local/team/app/manifests/v1", None, &hosts(), &aliases(), Some(1)).unwrap();
         assert_eq!((r.upstream, r.repo.as_str()), (0, "team/app"));
         let d = format!("sha256:{}", "ab".repeat(32));
-        let r = route(&format!("/v2/library/busybox/blobs/{d}"), Some("ns=docker.io"), &hosts(), &aliases(), Some(1)).unwrap();
+        let r = route(&format!("/v2/library/busybox/blobs/{d}"), Some("ns=docker.io"), &hosts(), &aliases(), Some(1))
+            .unwrap();
         assert_eq!((r.upstream, r.repo.as_str()), (1, "library/busybox"));
         assert_eq!(r.object, Object::Blob(d.parse().unwrap()));
         let r = route("/v2/127.0.0.1:15000/team/app/manifests/v1", None, &hosts(), &aliases(), Some(1)).unwrap();
@@ -190,13 +192,31 @@ mod tests {
     #[test]
     fn bad_paths_name_what_is_wrong() {
         let h = hosts();
-        assert_eq!(route("/v2/quay.io/x/manifests/v1", None, &h, &aliases(), Some(1)), Err(RouteError::UnknownUpstream("quay.io".into())));
-        assert_eq!(route("/v2/x/manifests/v1", Some("ns=evil.example"), &h, &aliases(), Some(1)), Err(RouteError::UnknownUpstream("evil.example".into())));
-        assert!(matches!(route("/v2/Upper/manifests/v1", None, &h, &aliases(), Some(1)), Err(RouteError::NameInvalid(_))));
-        assert!(matches!(route("/v2/a/../b/manifests/v1", None, &h, &aliases(), Some(1)), Err(RouteError::NameInvalid(_))));
+        assert_eq!(
+            route("/v2/quay.io/x/manifests/v1", None, &h, &aliases(), Some(1)),
+            Err(RouteError::UnknownUpstream("quay.io".into()))
+        );
+        assert_eq!(
+            route("/v2/x/manifests/v1", Some("ns=evil.example"), &h, &aliases(), Some(1)),
+            Err(RouteError::UnknownUpstream("evil.example".into()))
+        );
+        assert!(matches!(
+            route("/v2/Upper/manifests/v1", None, &h, &aliases(), Some(1)),
+            Err(RouteError::NameInvalid(_))
+        ));
+        assert!(matches!(
+            route("/v2/a/../b/manifests/v1", None, &h, &aliases(), Some(1)),
+            Err(RouteError::NameInvalid(_))
+        ));
         assert!(matches!(route("/v2/a/manifests/-x", None, &h, &aliases(), Some(1)), Err(RouteError::TagInvalid(_))));
-        assert!(matches!(route("/v2/a/blobs/sha256:zz", None, &h, &aliases(), Some(1)), Err(RouteError::DigestInvalid(_))));
-        assert!(matches!(route("/v2/a/blobs/md5:00", None, &h, &aliases(), Some(1)), Err(RouteError::DigestInvalid(_))));
+        assert!(matches!(
+            route("/v2/a/blobs/sha256:zz", None, &h, &aliases(), Some(1)),
+            Err(RouteError::DigestInvalid(_))
+        ));
+        assert!(matches!(
+            route("/v2/a/blobs/md5:00", None, &h, &aliases(), Some(1)),
+            Err(RouteError::DigestInvalid(_))
+        ));
         assert_eq!(route("/v3/a", None, &h, &aliases(), Some(1)), Err(RouteError::NotDistribution));
         assert_eq!(route("/v2/a/uploads/", None, &h, &aliases(), Some(1)), Err(RouteError::NotDistribution));
         assert!(valid_name("a/b-c/d_e.f") && !valid_name("a//b") && !valid_name("-a"));

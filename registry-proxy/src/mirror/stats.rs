@@ -100,7 +100,13 @@ impl Stats {
                         upstream_blob_gets: u.upstream_gets.get(),
                         stale_served: u.stale.get(),
                         revalidated: u.revalidated.get(),
-                        errors: u.errors.lock().expect("errors lock").iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                        errors: u
+                            .errors
+                            .lock()
+                            .expect("errors lock")
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), *v))
+                            .collect(),
                     }
                 })
                 .collect(),
@@ -115,7 +121,8 @@ impl Stats {
         use std::fmt::Write;
         let r = self.report(objects, kept_bytes, max_bytes);
         let mut s = String::new();
-        let series: [(&str, &str, fn(&UpstreamReport) -> u64); 8] = [
+        type Series = (&'static str, &'static str, fn(&UpstreamReport) -> u64);
+        let series: [Series; 8] = [
             ("hb_mirror_requests_total", "counter", |u| u.requests),
             ("hb_mirror_hits_total", "counter", |u| u.hits),
             ("hb_mirror_misses_total", "counter", |u| u.misses),

@@ -29,9 +29,10 @@ impl Principal {
         let Some(h) = h else { return Principal::Mirror };
         if let Some(b) = h.strip_prefix("Basic ") {
             let decoded = base64::engine::general_purpose::STANDARD.decode(b.trim()).ok();
-            if let Some((u, p)) = decoded.and_then(|d| String::from_utf8(d).ok()).and_then(|s| {
-                s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string()))
-            }) {
+            if let Some((u, p)) = decoded
+                .and_then(|d| String::from_utf8(d).ok())
+                .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string())))
+            {
                 return Principal::Basic(u, p);
             }
         } else if let Some(t) = h.strip_prefix("Bearer ") {
@@ -158,10 +159,9 @@ impl Upstream {
         if let Some(a) = auth.and_then(|a| HeaderValue::from_str(a).ok()) {
             req = req.header(AUTHORIZATION, a);
         }
-        req.send().await.map_err(|e| MirrorError::Upstream {
-            host: self.cfg.host.clone(),
-            reason: crate::error::chain(&e),
-        })
+        req.send()
+            .await
+            .map_err(|e| MirrorError::Upstream { host: self.cfg.host.clone(), reason: crate::error::chain(&e) })
     }
 
     /// A pull token for `repo` from the upstream's token service; `None` when it refuses.

@@ -8,6 +8,7 @@ mod daemon;
 mod dedup_gc;
 mod integrity;
 mod lazy;
+mod proxy;
 mod pull;
 mod roundtrip;
 mod run;

@@ -9,20 +9,29 @@ use super::daemon::{metric, snapshotter_socket, unmount_all, wait_for, Daemon};
 use super::pull::open_registry;
 
 /// A private containerd (scripts/containerd.sh) with hb's snapshotter; stopped and wiped on drop.
-struct Containerd {
+pub(crate) struct Containerd {
     dir: String,
 }
 
 impl Containerd {
     fn start(hb: &Hb) -> Self {
+        Self::start_with(hb, Some(snapshotter_socket(hb)))
+    }
+
+    /// Without hb's snapshotter (containerd's own overlayfs).
+    pub(crate) fn start_plain(hb: &Hb) -> Self {
+        Self::start_with(hb, None)
+    }
+
+    fn start_with(hb: &Hb, snapshotter: Option<String>) -> Self {
         // One per test (tests run in parallel in one process): named after the test's scratch dir.
         let dir = format!("/dev/shm/hb-ctd-{}", hb.dir.path().file_name().unwrap().to_string_lossy());
-        let o = Command::new(containerd_script())
-            .arg("reset")
-            .env("HB_CONTAINERD_DIR", &dir)
-            .env("HB_SNAPSHOTTER_SOCK", snapshotter_socket(hb))
-            .output()
-            .unwrap();
+        let mut c = Command::new(containerd_script());
+        c.arg("reset").env("HB_CONTAINERD_DIR", &dir).env_remove("HB_SNAPSHOTTER_SOCK");
+        if let Some(s) = snapshotter {
+            c.env("HB_SNAPSHOTTER_SOCK", s);
+        }
+        let o = c.output().unwrap();
         assert!(o.status.success(), "containerd did not start: {}", String::from_utf8_lossy(&o.stderr));
         Containerd { dir }
     }
@@ -41,7 +50,7 @@ impl Containerd {
         )
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let (code, out, err) = self.ctr(args);
         assert_eq!(code, 0, "ctr {args:?}: {err}");
         out

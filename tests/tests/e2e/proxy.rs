@@ -1,0 +1,508 @@
+//! `hb proxy`, the pull-through mirror: real clients (skopeo, containerd's ctr, hb, curl) through
+//! it against real upstreams (Debian's docker-registry, started per test where requests are
+//! counted) and a scripted upstream for the faults a real one will not make on demand.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hb_tests::*;
+use sha2::Digest as _;
+
+use super::daemon::wait_for;
+use super::pull::open_registry;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn sha256(b: &[u8]) -> String {
+    format!("sha256:{}", sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>())
+}
+
+/// `hb proxy` on its own store and port; killed on drop.
+struct Proxy {
+    hb: Hb,
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Proxy {
+    fn start(proxy_toml: &str) -> Proxy {
+        let hb = Hb::with_config(proxy_toml);
+        let mut p = Proxy { hb, child: None, addr: format!("127.0.0.1:{}", free_port()) };
+        p.restart();
+        p
+    }
+
+    fn restart(&mut self) {
+        let child = self
+            .hb
+            .command(&["proxy", "--listen", &self.addr])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.hb.path("proxy.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = self.addr.clone();
+        wait_for("hb proxy to answer", || TcpStream::connect(&addr).is_ok());
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let s = self.hb.json(&["proxy", "stats", "--url", &format!("http://{}", self.addr)]);
+        s["upstreams"][0].clone()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.hb.path("proxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A docker-registry of our own (its log counts what reached it); killed on drop.
+struct Upstream {
+    child: Option<Child>,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let dir = scratch();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog: {{level: info, formatter: json}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {addr}, secret: s}}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut u = Upstream { child: None, addr, dir };
+        u.restart();
+        u
+    }
+
+    fn restart(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("log")).unwrap();
+        self.child = Some(
+            Command::new("docker-registry")
+                .arg("serve")
+                .arg(self.dir.path().join("config.yml"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let addr = self.addr.clone();
+        wait_for("docker-registry to answer", || TcpStream::connect(&addr).is_ok());
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Copies `image` (e.g. `busybox:latest`) from the shared test registry into this one.
+    fn seed(&self, image: &str) {
+        let o = Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
+            .arg(format!("docker://{}/{image}", open_registry()))
+            .arg(format!("docker://{}/{image}", self.addr))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "seeding {image}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// Completed GETs of `digest`'s blob the registry answered, from its log.
+    fn blob_gets(&self, digest: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
+        log.lines()
+            .filter(|l| {
+                l.contains("response completed")
+                    && l.contains(r#""http.request.method":"GET""#)
+                    && l.contains(&format!("/blobs/{digest}"))
+            })
+            .count()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn skopeo(args: &[&str]) -> (bool, String) {
+    let o = Command::new("skopeo").args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+}
+
+/// `curl -s` with extra arguments: (HTTP status, body).
+fn curl(args: &[&str]) -> (u16, Vec<u8>) {
+    let o = Command::new("curl").args(["-s", "-o", "-", "-w", "\n%{http_code}"]).args(args).output().unwrap();
+    let mut out = o.stdout;
+    let split = out.iter().rposition(|&b| b == b'\n').unwrap();
+    let code = String::from_utf8_lossy(&out[split + 1..]).trim().parse().unwrap_or(0);
+    out.truncate(split);
+    (code, out)
+}
+
+/// The layers of an image's manifest (via the upstream), largest last.
+fn layers(registry: &str, image: &str) -> Vec<(String, u64)> {
+    let (ok, out) = skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{registry}/{image}")]);
+    assert!(ok, "{out}");
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut l: Vec<(String, u64)> = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["digest"].as_str().unwrap().to_string(), l["size"].as_u64().unwrap()))
+        .collect();
+    l.sort_by_key(|(_, s)| *s);
+    l
+}
+
+#[test]
+fn real_clients_pull_through_the_proxy_and_each_blob_crosses_the_link_once() {
+    let mut up = Upstream::start();
+    up.seed("busybox:latest");
+    up.seed("debian-app:v1");
+    let mut proxy = Proxy::start(&format!(
+        "[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\nalias = \"up\"\ntag_ttl_seconds = 0\n",
+        up.addr
+    ));
+    let p = proxy.addr.clone();
+    let big = layers(&up.addr, "debian-app:v1").pop().unwrap();
+
+    // 32 clients at once ask for the large layer the proxy does not have: one upstream GET.
+    let results: Vec<(u16, usize)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..32)
+            .map(|_| {
+                let url = format!("http://{p}/v2/up/debian-app/blobs/{}", big.0);
+                s.spawn(move || {
+                    let o = Command::new("curl")
+                        .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", &url])
+                        .output()
+                        .unwrap();
+                    let t = String::from_utf8_lossy(&o.stdout).to_string();
+                    let (c, n) = t.split_once(' ').unwrap();
+                    (c.parse().unwrap(), n.parse().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.iter().all(|&(c, n)| c == 200 && n as u64 == big.1), "{results:?}");
+    assert_eq!(up.blob_gets(&big.0), 1, "one upstream GET for 32 concurrent clients");
+    let (code, body) = curl(&[&format!("http://{p}/v2/up/debian-app/blobs/{}", big.0)]);
+    assert_eq!((code, sha256(&body)), (200, big.0.clone()), "served bytes match the digest");
+
+    // skopeo by alias, path style, and by the default upstream; each blob fetched upstream once.
+    let (ok, out) = skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{p}/up/debian-app:v1"),
+        &format!("dir:{}", proxy.hb.path("a").display()),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{p}/debian-app:v1"),
+        &format!("dir:{}", proxy.hb.path("b").display()),
+    ]);
+    assert!(ok, "{out}");
+    for (d, _) in layers(&up.addr, "debian-app:v1") {
+        assert_eq!(up.blob_gets(&d), 1, "blob {d} crossed the link once");
+    }
+    // containerd with hosts.toml (`?ns=` addressing).
+    let hosts = proxy.hb.path("certs.d").join(&up.addr);
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!("server = \"http://{}\"\n[host.\"http://{p}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", up.addr),
+    )
+    .unwrap();
+    let ctd = super::snapshotter::Containerd::start_plain(&proxy.hb);
+    ctd.ok(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        proxy.hb.path("certs.d").to_str().unwrap(),
+        &format!("{}/busybox:latest", up.addr),
+    ]);
+    drop(ctd);
+    assert!(proxy.log().is_empty() || !proxy.log().contains("ERROR"), "{}", proxy.log());
+    // hb itself pulls through it.
+    let client = Hb::new();
+    client.ok(&["pull", "-q", "--plain-http", &format!("{p}/up/busybox:latest")]);
+    let bb = layers(&up.addr, "busybox:latest");
+    assert_eq!(up.blob_gets(&bb[0].0), 1, "containerd and hb share one upstream GET");
+
+    // Range and HEAD answered from the store; errors in the OCI format.
+    let (code, part) = curl(&["-r", "100-199", &format!("http://{p}/v2/up/debian-app/blobs/{}", big.0)]);
+    assert_eq!((code, part.len()), (206, 100));
+    assert_eq!(part, body[100..200]);
+    let (code, _) = curl(&["-r", &format!("{}-", big.1), &format!("http://{p}/v2/up/debian-app/blobs/{}", big.0)]);
+    assert_eq!(code, 416);
+    let (code, head) = curl(&["-I", &format!("http://{p}/v2/up/debian-app/blobs/{}", big.0)]);
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(code == 200 && head.contains(&format!("content-length: {}", big.1)) && head.contains(&big.0), "{head}");
+    let (code, err) = curl(&[&format!("http://{p}/v2/up/debian-app/blobs/sha256:{}", "0".repeat(64))]);
+    assert!(code == 404 && String::from_utf8_lossy(&err).contains("BLOB_UNKNOWN"), "{}", String::from_utf8_lossy(&err));
+    let (code, err) = curl(&[&format!("http://{p}/v2/quay.io/x/manifests/v1")]);
+    assert!(code == 404 && String::from_utf8_lossy(&err).contains("NAME_UNKNOWN"));
+    let (code, _) = curl(&["-X", "PUT", &format!("http://{p}/v2/up/x/manifests/v1")]);
+    assert_eq!(code, 405);
+
+    // The upstream goes down: tags are served stale (visible in stats), blobs from the store.
+    let before = proxy.stats()["bytes_from_upstream"].as_u64().unwrap();
+    up.stop();
+    let (ok, out) = skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{p}/up/debian-app:v1"),
+        &format!("dir:{}", proxy.hb.path("c").display()),
+    ]);
+    assert!(ok, "served while the upstream is down: {out}");
+    let s = proxy.stats();
+    assert!(s["stale_served"].as_u64().unwrap() >= 1 && s["hits"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["bytes_from_upstream"].as_u64(), Some(before), "nothing came from the upstream meanwhile");
+    up.restart();
+    proxy.kill9();
+    proxy.hb.fsck_clean();
+}
+
+#[test]
+fn private_content_is_served_only_to_clients_the_upstream_lets_in() {
+    let reg = open_registry();
+    let port: u16 = reg.rsplit(':').next().unwrap().parse().unwrap();
+    let (basic, token) = (format!("127.0.0.1:{}", port + 1), format!("127.0.0.1:{}", port + 2));
+    let proxy = Proxy::start(&format!(
+        "[proxy]\n[[proxy.upstream]]\nhost = \"{basic}\"\nalias = \"basic\"\n[[proxy.upstream]]\nhost = \"{token}\"\nalias = \"token\"\n"
+    ));
+    let p = proxy.addr.clone();
+    for alias in ["basic", "token"] {
+        let src = format!("docker://{p}/{alias}/private/busybox:latest");
+        let dest = |n: &str| format!("dir:{}", proxy.hb.path(&format!("{alias}-{n}")).display());
+        let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", &src, &dest("anon")]);
+        assert!(
+            !ok && (out.contains("401") || out.to_lowercase().contains("unauthorized")),
+            "{alias}: anonymous refused: {out}"
+        );
+        let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "hb:hb-secret", &src, &dest("ok")]);
+        assert!(ok, "{alias} with credentials: {out}");
+        // Now cached: still refused to anonymous clients and to wrong credentials.
+        let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", &src, &dest("anon2")]);
+        assert!(!ok, "{alias}: cached private content served anonymously: {out}");
+        let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "hb:wrong", &src, &dest("wrong")]);
+        assert!(!ok, "{alias}: cached private content served to wrong credentials: {out}");
+        let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "hb:hb-secret", &src, &dest("ok2")]);
+        assert!(ok, "{alias} with credentials again: {out}");
+    }
+    // A cached private blob by URL: 401 with a challenge, not the bytes.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(proxy.hb.path("basic-ok").join("manifest.json")).unwrap()).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    let (code, body) = curl(&[&format!("http://{p}/v2/basic/private/busybox/blobs/{layer}")]);
+    assert_eq!(code, 401, "{}", String::from_utf8_lossy(&body));
+    let (code, body) = curl(&["-u", "hb:hb-secret", &format!("http://{p}/v2/basic/private/busybox/blobs/{layer}")]);
+    assert_eq!((code, sha256(&body)), (200, layer.to_string()));
+    assert!(proxy.stats()["hits"].as_u64().unwrap() > 0);
+}
+
+/// What the scripted upstream does with blob GETs.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// Closes the first response halfway, then serves Range requests properly.
+    TruncateOnce,
+    /// Same length, one byte changed.
+    WrongBytes,
+    /// 64 KiB every 20 ms.
+    Slow,
+    /// Closes every response halfway.
+    DiesMidBlob,
+}
+
+/// A minimal registry that serves one blob at `/v2/fake/blobs/<digest>` and misbehaves as told.
+struct Scripted {
+    addr: String,
+    blob: Arc<Vec<u8>>,
+    digest: String,
+    gets: Arc<AtomicUsize>,
+    ranges: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    fn start(fault: Fault, size: usize) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let blob = Arc::new(pseudo_random(7, size));
+        let digest = sha256(&blob);
+        let gets = Arc::new(AtomicUsize::new(0));
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let s =
+            Scripted { addr, blob: blob.clone(), digest: digest.clone(), gets: gets.clone(), ranges: ranges.clone() };
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (blob, digest, gets, ranges) = (blob.clone(), digest.clone(), gets.clone(), ranges.clone());
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap_or(0);
+                    let mut range = None;
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_lowercase().strip_prefix("range: bytes=") {
+                            range = v.trim().strip_suffix('-').and_then(|s| s.parse::<usize>().ok());
+                        }
+                    }
+                    let mut w = conn;
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    if path != format!("/v2/fake/blobs/{digest}") {
+                        let _ =
+                            w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        return;
+                    }
+                    let n = gets.fetch_add(1, Ordering::SeqCst);
+                    let mut data = blob.to_vec();
+                    if fault == Fault::WrongBytes {
+                        data[size / 2] ^= 1;
+                    }
+                    let start = range.unwrap_or(0);
+                    ranges.lock().unwrap().push(format!("{start}"));
+                    let head = if start > 0 {
+                        format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n", size - start, size - 1, size)
+                    } else {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n")
+                    };
+                    let _ = w.write_all(head.as_bytes());
+                    let body = &data[start..];
+                    let cut = match fault {
+                        Fault::TruncateOnce if n == 0 => size / 2,
+                        Fault::DiesMidBlob => (size / 2).saturating_sub(start),
+                        _ => body.len(),
+                    };
+                    for piece in body[..cut].chunks(64 << 10) {
+                        if w.write_all(piece).is_err() {
+                            return;
+                        }
+                        if fault == Fault::Slow {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    let _ = w.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        s
+    }
+
+    fn url(&self, proxy: &Proxy) -> String {
+        format!("http://{}/v2/fake/blobs/{}", proxy.addr, self.digest)
+    }
+}
+
+fn scripted_proxy(s: &Scripted) -> Proxy {
+    Proxy::start(&format!("[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\n", s.addr))
+}
+
+#[test]
+fn upstream_faults_never_reach_clients_as_good_bytes() {
+    // Dropped mid-blob once: the proxy resumes with Range, the client sees one whole blob.
+    let s = Scripted::start(Fault::TruncateOnce, 3 << 20);
+    let proxy = scripted_proxy(&s);
+    let (code, body) = curl(&[&s.url(&proxy)]);
+    assert_eq!((code, body.len(), sha256(&body)), (200, s.blob.len(), s.digest.clone()));
+    assert_eq!(
+        s.ranges.lock().unwrap().clone(),
+        vec!["0".to_string(), format!("{}", 3 << 19)],
+        "resumed where it broke"
+    );
+    drop(proxy);
+
+    // Wrong bytes: the client's body ends short (never the whole wrong blob), nothing is kept,
+    // the next request fetches again.
+    let s = Scripted::start(Fault::WrongBytes, 1 << 20);
+    let proxy = scripted_proxy(&s);
+    for _ in 0..2 {
+        let (_, body) = curl(&[&s.url(&proxy)]);
+        assert!(body.len() < s.blob.len(), "a wrong blob was served whole");
+    }
+    assert_eq!(s.gets.load(Ordering::SeqCst), 2, "nothing wrong was kept");
+    let st = proxy.stats();
+    assert!(st["errors"]["digest"].as_u64().unwrap() >= 2, "{st}");
+    assert!(proxy.log().contains("do not match"), "{}", proxy.log());
+    drop(proxy);
+
+    // An upstream that dies mid-blob every time: the client's body ends short, nothing kept.
+    let s = Scripted::start(Fault::DiesMidBlob, 1 << 20);
+    let proxy = scripted_proxy(&s);
+    let (_, body) = curl(&["--max-time", "60", &s.url(&proxy)]);
+    assert!(body.len() < s.blob.len());
+    assert_eq!(proxy.hb.json(&["proxy", "stats", "--url", &format!("http://{}", proxy.addr)])["objects"], 0);
+}
+
+#[test]
+fn slow_upstream_single_flight_disconnects_and_kill_9_during_a_fill() {
+    let s = Scripted::start(Fault::Slow, 4 << 20);
+    let mut proxy = scripted_proxy(&s);
+    // 32 clients at once while the upstream trickles: one upstream GET, every client whole.
+    let url = s.url(&proxy);
+    let sums: Vec<String> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..32).map(|_| sc.spawn(|| sha256(&curl(&[&url]).1))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(sums.iter().all(|d| *d == s.digest), "every client got the verified blob");
+    assert_eq!(s.gets.load(Ordering::SeqCst), 1);
+
+    // kill -9 during a fill: the store stays consistent and the blob is fetched whole later.
+    let s2 = Scripted::start(Fault::Slow, 4 << 20);
+    proxy.kill9();
+    let mut proxy2 = scripted_proxy(&s2);
+    let url2 = s2.url(&proxy2);
+    let addr = proxy2.addr.clone();
+    // A client that reads a little and hangs up: the download goes on.
+    {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        let path = url2.split_once(addr.as_str()).unwrap().1.to_string();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = c.read(&mut buf).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    proxy2.kill9();
+    proxy2.hb.fsck_clean();
+    proxy2.restart();
+    let (code, body) = curl(&[&url2]);
+    assert_eq!((code, sha256(&body)), (200, s2.digest.clone()));
+    assert_eq!(s2.gets.load(Ordering::SeqCst), 2, "the killed fill left nothing behind; one new fetch");
+    let (code, body) = curl(&[&url2]);
+    assert_eq!((code, sha256(&body)), (200, s2.digest.clone()));
+    assert_eq!(s2.gets.load(Ordering::SeqCst), 2, "then served from the store");
+    proxy2.kill9();
+    proxy2.hb.fsck_clean();
+}
