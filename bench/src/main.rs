@@ -13,6 +13,7 @@ use hb_core::ChunkerParams;
 use hb_store::{NoProgress, Store, StoreOptions};
 
 mod lazy;
+mod proxy;
 
 #[derive(Parser)]
 #[command(about = "HyperBox benchmarks: hb against its baselines, reported as ratios")]
@@ -97,6 +98,14 @@ enum Cmd {
     /// containerd with hb as its snapshotter pulling lazily vs containerd with overlayfs: pull
     /// start to first output of a command in the large image
     Snapshotter {
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
+        large: String,
+    },
+    /// Warm-hit throughput and p50/p99 latency under `ab -k -c 32`: hb proxy vs docker-registry
+    /// in proxy mode, same upstream and blobs
+    Proxy {
+        #[arg(long, default_value = "127.0.0.1:15000/busybox:latest")]
+        small: String,
         #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
         large: String,
     },
@@ -463,6 +472,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { small, large } => lazy::containers(runs, &small, &large)?,
         Cmd::Memory { image } => lazy::memory(&image)?,
         Cmd::Snapshotter { large } => lazy::snapshotter(runs, &large)?,
+        Cmd::Proxy { small, large } => proxy::run(runs, &small, &large)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();
