@@ -107,6 +107,9 @@ pub struct FileConfig {
 pub struct ProxySection {
     /// Address to listen on [default: 127.0.0.1:5000].
     pub listen: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM) and `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     /// Size cap of what the mirror keeps (`50G`); least recently used blobs go above it.
     pub max_size: Option<String>,
     /// Decoded chunks kept in memory for hot blobs [default: 256M].

@@ -358,6 +358,12 @@ struct ProxyCli {
     /// [default: docker.io when configured, else the first]
     #[arg(long, value_name = "HOST")]
     default_upstream: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM)
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -827,9 +833,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 upstreams: p.upstream.clone(),
                 max_size: p.max_size.clone(),
                 default_upstream: p.default_upstream.clone(),
+                tls_cert: p.tls_cert.clone(),
+                tls_key: p.tls_key.clone(),
             };
             let (addr, cfg) = proxy::config(&args, &file, store.root())?;
-            proxy::run(store, addr, cfg)?;
+            let tls = proxy::tls(&args, &file)?;
+            proxy::run(store, addr, cfg, tls)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Config(ConfigCmd::Show) => {

@@ -57,6 +57,22 @@ pub struct ProxyArgs {
     pub upstreams: Vec<String>,
     pub max_size: Option<String>,
     pub default_upstream: Option<String>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS configuration, when a certificate and key are given (both or neither).
+pub fn tls(args: &ProxyArgs, file: &FileConfig) -> anyhow::Result<Option<Arc<mirror::TlsServerConfig>>> {
+    let cert = args.tls_cert.clone().or(file.proxy.tls_cert.clone());
+    let key = args.tls_key.clone().or(file.proxy.tls_key.clone());
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(c), Some(k)) => {
+            let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            Ok(Some(mirror::tls_config(&read(&c)?, &read(&k)?)?))
+        }
+        _ => bail!("TLS needs both a certificate and its key (--tls-cert and --tls-key)"),
+    }
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -139,7 +155,13 @@ pub fn config(args: &ProxyArgs, file: &FileConfig, root: &Path) -> anyhow::Resul
 }
 
 /// Serves until SIGINT or SIGTERM.
-pub fn run(store: Store, addr: SocketAddr, cfg: MirrorConfig) -> anyhow::Result<()> {
+pub fn run(
+    store: Store,
+    addr: SocketAddr,
+    cfg: MirrorConfig,
+    tls: Option<Arc<mirror::TlsServerConfig>>,
+) -> anyhow::Result<()> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let root = store.root().to_path_buf();
     let store = Arc::new(store);
     let hosts: Vec<String> = cfg.upstreams.iter().map(|u| format!("{} ({})", u.host, u.url)).collect();
@@ -151,7 +173,7 @@ pub fn run(store: Store, addr: SocketAddr, cfg: MirrorConfig) -> anyhow::Result<
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
         let (n, bytes) = m.kept();
         eprintln!(
-            "hb proxy: serving the OCI distribution API on http://{addr} (store {}: {n} objects, {}); upstreams: {}",
+            "hb proxy: serving the OCI distribution API on {scheme}://{addr} (store {}: {n} objects, {}); upstreams: {}",
             root.display(),
             indicatif::HumanBytes(bytes),
             hosts.join(", ")
@@ -163,7 +185,7 @@ pub fn run(store: Store, addr: SocketAddr, cfg: MirrorConfig) -> anyhow::Result<
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
         };
-        mirror::serve(listener, m, shutdown).await?;
+        mirror::serve(listener, m, tls, shutdown).await?;
         store.flush_metadata()?;
         eprintln!("hb proxy: stopped");
         anyhow::Ok(())

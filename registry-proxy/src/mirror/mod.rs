@@ -34,6 +34,8 @@ pub use stats::{Stats, StatsReport, UpstreamReport, UpstreamStats};
 use upstream::{Principal, Upstream};
 
 type Body = BoxBody<Bytes, io::Error>;
+/// rustls' server configuration (re-exported so the binary needs no rustls of its own).
+pub type TlsServerConfig = rustls::ServerConfig;
 
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -1084,10 +1086,30 @@ pub async fn fetch_stats(base_url: &str) -> Result<StatsReport, MirrorError> {
     resp.json().await.map_err(|e| err(format!("not an hb proxy: {e}")))
 }
 
-/// Serves `mirror` on `listener` until `shutdown` resolves.
+/// A TLS server configuration from PEM files: the certificate chain and its private key.
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, MirrorError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    crate::client::install_crypto_provider();
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| MirrorError::Config(format!("TLS certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(MirrorError::Config("TLS certificate file holds no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| MirrorError::Config(format!("TLS key: {e}")))?;
+    let cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| MirrorError::Config(format!("TLS certificate and key: {e}")))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Serves `mirror` on `listener` (over TLS when `tls` is given) until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     mirror: Arc<Mirror>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> io::Result<()> {
     let saver = {
@@ -1099,12 +1121,13 @@ pub async fn serve(
             }
         })
     };
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -1114,12 +1137,21 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let m = mirror.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| m.clone().handle(req));
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await
-                    {
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let done = match acceptor {
+                        None => http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await,
+                        Some(a) => match a.accept(stream).await {
+                            Ok(s) => http.serve_connection(hyper_util::rt::TokioIo::new(s), svc).await,
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(e) = done {
                         tracing::debug!(error = %e, "connection ended");
                     }
                 });

@@ -506,3 +506,41 @@ fn slow_upstream_single_flight_disconnects_and_kill_9_during_a_fill() {
     proxy2.kill9();
     proxy2.hb.fsck_clean();
 }
+
+#[test]
+fn the_proxy_serves_https_and_says_what_is_wrong_with_its_configuration() {
+    let dir = std::env::var("HB_REGISTRY_DIR").unwrap_or_else(|_| "/var/tmp/hb-registry".into());
+    let tls = std::path::Path::new(&dir).join("tls");
+    let hb = Hb::with_config(&format!(
+        "[proxy]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n[[proxy.upstream]]\nhost = \"{}\"\n",
+        tls.join("server.pem").display(),
+        tls.join("server.key").display(),
+        open_registry()
+    ));
+    let mut proxy = Proxy { hb, child: None, addr: format!("127.0.0.1:{}", free_port()) };
+    proxy.restart();
+    let ca = tls.join("ca.pem");
+    let base = format!("https://{}", proxy.addr);
+    let (code, body) = curl(&["--cacert", ca.to_str().unwrap(), &format!("{base}/v2/busybox/manifests/latest")]);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    // skopeo trusts the CA from a certs dir of *.crt files, as docker's certs.d.
+    let certs = proxy.hb.path("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(&ca, certs.join("ca.crt")).unwrap();
+    let (ok, out) =
+        skopeo(&["inspect", "--cert-dir", certs.to_str().unwrap(), &format!("docker://{}/busybox:latest", proxy.addr)]);
+    assert!(ok, "{out}");
+    let (code, _) = curl(&[&format!("http://{}/v2/", proxy.addr)]);
+    assert_eq!(code, 0, "plain HTTP is not answered on a TLS port");
+    proxy.kill9();
+    // Configuration mistakes are named.
+    let err = proxy.hb.fails(&["proxy", "--listen", "127.0.0.1:1", "--tls-key", "/nonexistent"], 1);
+    assert!(err.contains("nonexistent"), "{err}");
+    let bad = Hb::with_config("[proxy]\n");
+    let err = bad.fails(&["proxy"], 1);
+    assert!(err.contains("no upstream registry"), "{err}");
+    let err = bad.fails(&["proxy", "--upstream", "127.0.0.1:1", "--listen", "nonsense"], 1);
+    assert!(err.contains("bad listen address"), "{err}");
+    let err = bad.fails(&["proxy", "--upstream", "h=ftp://h"], 1);
+    assert!(err.contains("must start with http"), "{err}");
+}
