@@ -6,11 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use hb_core::lazy::{
-    AccelConfig, AccelLayer, ANNOTATION, ARTIFACT_TYPE, MEDIA_TYPE_CONFIG, MEDIA_TYPE_DATA, MEDIA_TYPE_INDEX,
-    MEDIA_TYPE_STARTUP, MEDIA_TYPE_TABLE,
-};
-use hb_core::{ChunkTable, Digest, StartupOrder};
+use hb_core::lazy::{AccelConfig, AccelLayer};
+use hb_core::{Digest, StartupOrder};
 use hb_registry::{ImageRef, Registry, ResolvedImage, OCI_INDEX, OCI_MANIFEST};
 use hb_store::Store;
 use indicatif::HumanBytes;
@@ -50,19 +47,6 @@ fn registry_for(
     Ok(Registry::new(r, crate::registry_options(g, r, plain_http, creds, platform)?)?)
 }
 
-fn platform_json(p: &str) -> serde_json::Value {
-    let mut parts = p.split('/');
-    let mut v = json!({"os": parts.next().unwrap_or("linux"), "architecture": parts.next().unwrap_or("amd64")});
-    if let Some(var) = parts.next() {
-        v["variant"] = json!(var);
-    }
-    v
-}
-
-fn desc(media_type: &str, bytes: &[u8]) -> serde_json::Value {
-    json!({"mediaType": media_type, "digest": Digest::of(bytes).to_string(), "size": bytes.len()})
-}
-
 /// Pushes the accelerated manifest for `cfg` and the index binding it to the original image
 /// under `dst`'s tag. Returns (index digest, accelerated manifest digest).
 fn push_binding(
@@ -74,40 +58,14 @@ fn push_binding(
 ) -> anyhow::Result<(Digest, Digest)> {
     let cfg_bytes = serde_json::to_vec(cfg)?;
     rt.block_on(reg.push_blob(dst, cfg_bytes.clone()))?;
-    // Every blob the config names, so registries keep them (their garbage collection follows
-    // manifests).
-    let mut blobs: Vec<(&str, Digest, u64)> = Vec::new();
-    for l in &cfg.layers {
-        blobs.push((MEDIA_TYPE_INDEX, l.index, l.index_size));
-        blobs.push((MEDIA_TYPE_TABLE, l.table, l.table_size));
-        blobs.push((MEDIA_TYPE_DATA, l.data, l.data_size));
-    }
-    if let Some((d, s)) = cfg.startup {
-        blobs.push((MEDIA_TYPE_STARTUP, d, s));
-    }
-    let layers: Vec<serde_json::Value> =
-        blobs.iter().map(|(mt, d, size)| json!({"mediaType": mt, "digest": d.to_string(), "size": size})).collect();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": desc(MEDIA_TYPE_CONFIG, &cfg_bytes),
-        "layers": layers,
-        "annotations": {"io.hyperbox.source.manifest": resolved.manifest_digest.to_string()},
-    }))?;
+    let manifest = hb_registry::accel_manifest(cfg, &cfg_bytes);
     let accel_digest = Digest::of(&manifest);
     rt.block_on(reg.push_manifest(&dst.with_digest(&accel_digest.to_string()), OCI_MANIFEST, manifest.clone()))?;
-    let platform = platform_json(&resolved.platform);
-    let index = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [
-            {"mediaType": resolved.manifest_media_type, "digest": resolved.manifest_digest.to_string(),
-             "size": resolved.manifest.len(), "platform": platform},
-            {"mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE, "digest": accel_digest.to_string(),
-             "size": manifest.len(), "platform": platform, "annotations": {ANNOTATION: "v1"}},
-        ],
-    }))?;
+    let original = json!({
+        "mediaType": resolved.manifest_media_type, "digest": resolved.manifest_digest.to_string(),
+        "size": resolved.manifest.len(), "platform": hb_registry::platform_json(&resolved.platform),
+    });
+    let index = hb_registry::binding_index(vec![original], (&accel_digest, manifest.len() as u64), &resolved.platform);
     rt.block_on(reg.push_manifest(dst, OCI_INDEX, index.clone()))?;
     Ok((Digest::of(&index), accel_digest))
 }
@@ -173,14 +131,10 @@ pub fn convert(
     };
     let mut layers = Vec::new();
     for l in &resolved.layers {
-        let index = store.layer(&l.diff_id)?.with_context(|| format!("layer {} is not stored", l.diff_id))?;
-        let mut table = ChunkTable::default();
         let mut data = Vec::new();
-        for c in &index.chunks {
-            let s = store.read_chunk_stored(&c.id)?;
-            table.push(c.id, s.bytes.len() as u32, s.raw_len, s.zstd);
-            data.extend_from_slice(&s.bytes);
-        }
+        let (index, table) = store
+            .layer_data(&l.diff_id, |b| data.extend_from_slice(b))
+            .with_context(|| format!("layer {}", l.diff_id))?;
         let (index_raw, table_raw) = (index.encode(), table.encode());
         let a = AccelLayer {
             diff_id: l.diff_id,

@@ -13,6 +13,57 @@ use crate::client::{LayerDesc, Registry};
 use crate::error::RegistryError;
 use crate::reference::ImageRef;
 
+/// `os/arch[/variant]` as an OCI platform object.
+pub fn platform_json(p: &str) -> serde_json::Value {
+    let mut parts = p.split('/');
+    let mut v =
+        serde_json::json!({"os": parts.next().unwrap_or("linux"), "architecture": parts.next().unwrap_or("amd64")});
+    if let Some(var) = parts.next() {
+        v["variant"] = serde_json::json!(var);
+    }
+    v
+}
+
+/// The accelerated manifest for `cfg` (serialised as `cfg_bytes`): its config and every blob the
+/// config names as layers, so registries keep them (their garbage collection follows manifests).
+pub fn accel_manifest(cfg: &AccelConfig, cfg_bytes: &[u8]) -> Vec<u8> {
+    use hb_core::lazy::{ARTIFACT_TYPE, MEDIA_TYPE_DATA, MEDIA_TYPE_INDEX, MEDIA_TYPE_STARTUP, MEDIA_TYPE_TABLE};
+    let mut blobs: Vec<(&str, Digest, u64)> = Vec::new();
+    for l in &cfg.layers {
+        blobs.push((MEDIA_TYPE_INDEX, l.index, l.index_size));
+        blobs.push((MEDIA_TYPE_TABLE, l.table, l.table_size));
+        blobs.push((MEDIA_TYPE_DATA, l.data, l.data_size));
+    }
+    if let Some((d, s)) = cfg.startup {
+        blobs.push((MEDIA_TYPE_STARTUP, d, s));
+    }
+    let layers: Vec<serde_json::Value> = blobs
+        .iter()
+        .map(|(mt, d, size)| serde_json::json!({"mediaType": mt, "digest": d.to_string(), "size": size}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": {"mediaType": MEDIA_TYPE_CONFIG, "digest": Digest::of(cfg_bytes).to_string(), "size": cfg_bytes.len()},
+        "layers": layers,
+        "annotations": {"io.hyperbox.source.manifest": cfg.manifest.to_string()},
+    }))
+    .expect("serialisable")
+}
+
+/// An OCI index of `entries` (the original manifests, each with its platform) and the
+/// accelerated manifest `accel` (digest, size) bound to `platform`.
+pub fn binding_index(mut entries: Vec<serde_json::Value>, accel: (&Digest, u64), platform: &str) -> Vec<u8> {
+    use hb_core::lazy::{ANNOTATION, ARTIFACT_TYPE};
+    entries.push(serde_json::json!({
+        "mediaType": crate::OCI_MANIFEST, "artifactType": ARTIFACT_TYPE, "digest": accel.0.to_string(),
+        "size": accel.1, "platform": platform_json(platform), "annotations": {ANNOTATION: "v1"},
+    }));
+    serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": crate::OCI_INDEX, "manifests": entries}))
+        .expect("serialisable")
+}
+
 /// Largest index, table or config blob accepted.
 pub const MAX_META_BLOB: u64 = 512 << 20;
 

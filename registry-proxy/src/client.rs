@@ -264,8 +264,14 @@ impl Registry {
     }
 
     pub(crate) async fn manifest(&self, r: &ImageRef) -> Result<(Vec<u8>, Digest), RegistryError> {
-        let (bytes, _) =
-            self.client().pull_manifest_raw(&r.inner, &self.auth, MANIFEST_TYPES).await.map_err(self.err(r))?;
+        // hb's own type, with the platform, asks an hb proxy for an accelerated binding (it makes
+        // one for any image); registries ignore it.
+        let hb_type = format!("{}; platform={}", hb_core::lazy::ARTIFACT_TYPE, self.opts.platform);
+        let mut accept: Vec<&str> = MANIFEST_TYPES.to_vec();
+        if r.digest().is_none() {
+            accept.push(&hb_type);
+        }
+        let (bytes, _) = self.client().pull_manifest_raw(&r.inner, &self.auth, &accept).await.map_err(self.err(r))?;
         let actual = Digest::of(&bytes);
         if let Some(want) = r.digest() {
             if want != actual.to_string() {

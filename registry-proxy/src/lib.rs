@@ -17,7 +17,7 @@ mod platform;
 mod reference;
 mod remote;
 
-pub use accel::MAX_META_BLOB;
+pub use accel::{accel_manifest, binding_index, platform_json, MAX_META_BLOB};
 pub use client::{
     preload_trust_roots, LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST,
     OCI_INDEX, OCI_MANIFEST,

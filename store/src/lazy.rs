@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 
-use hb_core::{ChunkId, ChunkRef, Digest, LayerIndex, LazySource};
+use hb_core::{ChunkId, ChunkRef, ChunkTable, Digest, LayerIndex, LazySource};
 use rocksdb::WriteBatch;
 
 use crate::error::{Result, StoreError};
@@ -268,6 +268,35 @@ impl Store {
             }
             _ => Err(StoreError::MissingChunk(*id)),
         }
+    }
+
+    /// A stored layer's chunks in their stored form, as an accelerated image's data blob holds
+    /// them: each is checked (decoded, hashed) before `sink` gets its bytes, in index order;
+    /// returns the layer's index and the table of those bytes.
+    pub fn layer_data(&self, diff_id: &Digest, mut sink: impl FnMut(&[u8])) -> Result<(LayerIndex, ChunkTable)> {
+        let index = self.layer(diff_id)?.ok_or(StoreError::UnknownLayer(diff_id.to_string()))?;
+        let mut table = ChunkTable::default();
+        for c in &index.chunks {
+            let s = self.read_chunk_stored_checked(&c.id)?;
+            table.push(c.id, s.bytes.len() as u32, s.raw_len, s.zstd);
+            sink(&s.bytes);
+        }
+        Ok((index, table))
+    }
+
+    /// [`Store::read_chunk_stored`], checked: decoded and hashed against `id` first.
+    pub fn read_chunk_stored_checked(&self, id: &ChunkId) -> Result<StoredChunk> {
+        let s = self.read_chunk_stored(id)?;
+        let bad = |reason: String| StoreError::CorruptChunk { id: *id, reason };
+        let raw = if s.zstd {
+            zstd::bulk::decompress(&s.bytes, s.raw_len as usize).map_err(|e| bad(format!("zstd: {e}")))?
+        } else {
+            s.bytes.clone()
+        };
+        if raw.len() != s.raw_len as usize || ChunkId::of(&raw) != *id {
+            return Err(bad("its bytes do not hash to its id".into()));
+        }
+        Ok(s)
     }
 
     /// Saves a small auxiliary record (e.g. an image's start-up order) under `key`.

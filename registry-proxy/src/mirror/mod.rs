@@ -6,6 +6,7 @@
 //! Cached content of a repository the upstream guards is served only to clients the upstream
 //! would let in (asked, and the answer remembered briefly).
 
+mod accelerate;
 mod flight;
 pub mod route;
 mod stats;
@@ -57,6 +58,13 @@ pub trait MirrorStore: Send + Sync + 'static {
     fn objects(&self) -> io::Result<Vec<(Digest, u64)>>;
     /// Frees the space of removed objects.
     fn reclaim(&self) -> io::Result<()>;
+    /// Makes kept layer blob `blob` (whose config names `diff_id`) an hb layer: imports it (kept
+    /// until [`MirrorStore::release_layer`]), keeps its index and chunk table as objects, and
+    /// describes its accelerated form; the data blob is served with [`MirrorStore::stored_chunk`].
+    fn accelerate(&self, blob: &Digest, diff_id: &Digest) -> io::Result<hb_core::lazy::AccelLayer>;
+    /// A chunk's stored bytes (a zstd frame or raw, as the table says), checked against its id.
+    fn stored_chunk(&self, id: &ChunkId) -> io::Result<Vec<u8>>;
+    fn release_layer(&self, diff_id: &Digest) -> io::Result<()>;
     fn meta(&self, key: &str) -> io::Result<Option<Vec<u8>>>;
     fn put_meta(&self, key: &str, value: &[u8]) -> io::Result<()>;
 }
@@ -145,6 +153,8 @@ pub struct Mirror {
     cache: Mutex<ChunkCache>,
     /// Stored objects: size and last use (unix seconds).
     objects: Mutex<HashMap<Digest, (u64, u64)>>,
+    /// Data blobs of accelerated forms, served from stored chunks.
+    virtuals: Mutex<HashMap<Digest, accelerate::Virtual>>,
     /// The upstream's answer, and when, per (upstream, repository, principal).
     auth: Mutex<HashMap<AuthKey, (bool, Instant)>>,
     pub stats: Stats,
@@ -248,7 +258,7 @@ impl Mirror {
             .map(|(d, size)| (d, (size, used.get(&d.to_string()).copied().unwrap_or(0))))
             .collect();
         let stats = Stats::new(cfg.upstreams.iter().map(|u| u.host.clone()).collect());
-        Ok(Arc::new(Mirror {
+        let m = Arc::new(Mirror {
             cache: Mutex::new(ChunkCache { lru: lru::LruCache::unbounded(), bytes: 0, budget: cfg.cache_bytes }),
             cfg,
             upstreams,
@@ -257,8 +267,11 @@ impl Mirror {
             tag_locks: Mutex::new(HashMap::new()),
             objects: Mutex::new(objects),
             auth: Mutex::new(HashMap::new()),
+            virtuals: Mutex::new(HashMap::new()),
             stats,
-        }))
+        });
+        m.load_virtuals();
+        Ok(m)
     }
 
     /// Kept objects and their total size.
@@ -458,7 +471,7 @@ impl Mirror {
     }
 
     async fn manifest(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         reference: Reference,
         who: &Principal,
@@ -475,6 +488,7 @@ impl Mirror {
         };
         let key = format!("mirror/type/{digest}");
         let stored = self.objects.lock().expect("objects lock").contains_key(&digest);
+        let mut found = None;
         if stored {
             if let Reference::Digest(d) = &reference {
                 if let Err(r) = self.authorize(route, who, &format!("manifests/{d}")).await {
@@ -484,15 +498,32 @@ impl Mirror {
             }
             let media_type = self.store.meta(&key).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned());
             match self.read_all(&digest).await {
-                Ok(body) => return manifest_response(&digest, media_type.as_deref().unwrap_or(""), body, head, stats),
+                Ok(body) => found = Some((digest, media_type.unwrap_or_default(), body)),
                 Err(e) => tracing::warn!(%digest, error = %e, "a kept manifest could not be read; fetching it again"),
             }
         }
-        stats.misses.inc();
-        match self.fetch_manifest(route, &digest.to_string(), who, accept.as_deref(), Some(&digest)).await {
-            Ok((d, media_type, body)) => manifest_response(&d, &media_type, body, head, stats),
-            Err(resp) => resp,
+        let (d, media_type, body) = match found {
+            Some(f) => f,
+            None => {
+                stats.misses.inc();
+                match self.fetch_manifest(route, &digest.to_string(), who, accept.as_deref(), Some(&digest)).await {
+                    Ok(f) => f,
+                    Err(resp) => return resp,
+                }
+            }
+        };
+        // An hb client asking a tag for its platform gets the accelerated binding (made now if
+        // needed); anything going wrong there leaves it the plain manifest, pulled whole.
+        if let (Reference::Tag(_), Some(platform)) = (&reference, accelerate::wanted_platform(accept.as_deref())) {
+            match self.derived_index(route, &d, &body, &platform, who).await {
+                Ok((di, index)) => return manifest_response(&di, crate::OCI_INDEX, index, head, stats),
+                Err(e) => {
+                    stats.error("convert");
+                    tracing::warn!(digest = %d, %platform, error = %e, "no accelerated form for an hb client; serving the manifest as is");
+                }
+            }
         }
+        manifest_response(&d, &media_type, body, head, stats)
     }
 
     /// A tag's manifest digest: remembered while fresh, else revalidated (HEAD), else fetched;
@@ -699,10 +730,20 @@ impl Mirror {
                 objects.remove(v);
             });
         }
+        let released: Vec<Digest> = {
+            let mut virtuals = self.virtuals.lock().expect("virtuals lock");
+            victims.iter().filter_map(|v| virtuals.remove(v)).filter_map(|x| x.diff_id.parse().ok()).collect()
+        };
+        if !released.is_empty() {
+            self.save_virtuals();
+        }
         let freed = self
             .blocking(move |s| {
                 for v in &victims {
                     s.remove(v)?;
+                }
+                for d in &released {
+                    s.release_layer(d)?;
                 }
                 s.reclaim()
             })
@@ -750,6 +791,12 @@ impl Mirror {
             if let Err(r) = self.authorize(route, who, &probe).await {
                 return r;
             }
+            let virt = self.virtuals.lock().expect("virtuals lock").get(&digest).cloned();
+            if let Some(v) = virt {
+                stats.hits.inc();
+                self.touch(&digest);
+                return self.virtual_blob(route, digest, v, head, range.as_deref()).await;
+            }
             let d = digest;
             match self.blocking(move |s| s.lookup(&d)).await {
                 Ok(Some(chunks)) => {
@@ -775,29 +822,10 @@ impl Mirror {
             return self.pass_through(route, &format!("/v2/{}/{probe}", route.repo), who, true).await;
         }
         stats.misses.inc();
-        let (flight, started) = {
-            let mut flights = self.flights.lock().expect("flights lock");
-            match flights.get(&digest) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Flight::new(digest, self.cfg.spool_dir.join(format!("{}.partial", digest.hex())));
-                    flights.insert(digest, f.clone());
-                    (f, true)
-                }
-            }
+        let (flight, started) = match self.flight_for(route, digest, who) {
+            Ok(f) => f,
+            Err(r) => return r,
         };
-        if started {
-            // Created before any reader opens it.
-            if let Err(e) = std::fs::File::create(&flight.spool) {
-                self.flights.lock().expect("flights lock").remove(&digest);
-                return oci_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    &format!("spooling blob {digest}: {e}"),
-                );
-            }
-            tokio::spawn(self.clone().download(route.clone(), who.clone(), flight.clone()));
-        }
         let size = match flight.size().await {
             Ok(s) => s,
             Err(e) => return flight_error_response(&e),
@@ -839,6 +867,39 @@ impl Mirror {
         blob_response(&digest, size, range, BodyExt::boxed(StreamBody::new(stream)))
     }
 
+    /// The download of `digest`: the one in progress, or a new one (then `true`).
+    fn flight_for(
+        self: &Arc<Self>,
+        route: &Route,
+        digest: Digest,
+        who: &Principal,
+    ) -> Result<(Arc<Flight>, bool), Response<Body>> {
+        let (flight, started) = {
+            let mut flights = self.flights.lock().expect("flights lock");
+            match flights.get(&digest) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Flight::new(digest, self.cfg.spool_dir.join(format!("{}.partial", digest.hex())));
+                    flights.insert(digest, f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if started {
+            // Created before any reader opens it.
+            if let Err(e) = std::fs::File::create(&flight.spool) {
+                self.flights.lock().expect("flights lock").remove(&digest);
+                return Err(oci_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    &format!("spooling blob {digest}: {e}"),
+                ));
+            }
+            tokio::spawn(self.clone().download(route.clone(), who.clone(), flight.clone()));
+        }
+        Ok((flight, started))
+    }
+
     fn stored_blob(
         self: &Arc<Self>,
         route: &Route,
@@ -867,17 +928,75 @@ impl Mirror {
             }
             pieces.push((c.id, (start.max(a) - a) as usize, (end.min(b) - a) as usize));
         }
+        self.piece_stream(route, digest, size, range, pieces, false)
+    }
+
+    /// The body of `pieces` (chunk, slice of it), as decoded chunks or in their stored form.
+    fn piece_stream(
+        self: &Arc<Self>,
+        route: &Route,
+        digest: Digest,
+        size: u64,
+        range: Option<(u64, u64)>,
+        pieces: Vec<(ChunkId, usize, usize)>,
+        stored_form: bool,
+    ) -> Response<Body> {
         let me = self.clone();
         let upstream = route.upstream;
         let stream = futures_util::stream::iter(pieces).then(move |(id, from, to)| {
             let me = me.clone();
             async move {
-                let b = me.chunk(id).await?;
+                let b = if stored_form {
+                    Bytes::from(me.blocking(move |s| s.stored_chunk(&id)).await?)
+                } else {
+                    me.chunk(id).await?
+                };
+                if to > b.len() {
+                    return Err(io::Error::other(format!("chunk {id} is shorter than its table says")));
+                }
                 me.stats.upstreams[upstream].bytes_served.add((to - from) as u64);
                 Ok::<_, io::Error>(Frame::data(b.slice(from..to)))
             }
         });
         blob_response(&digest, size, range, BodyExt::boxed(StreamBody::new(stream)))
+    }
+
+    /// A converted layer's data blob: its chunks' stored bytes back to back, as its table says.
+    async fn virtual_blob(
+        self: &Arc<Self>,
+        route: &Route,
+        digest: Digest,
+        v: accelerate::Virtual,
+        head: bool,
+        range: Option<&str>,
+    ) -> Response<Body> {
+        let range = match parse_range(range, v.size) {
+            Ok(r) => r,
+            Err(Unsatisfiable) => return range_not_satisfiable(v.size),
+        };
+        if head {
+            return blob_response(&digest, v.size, range, empty());
+        }
+        let table = match v.table.parse().map_err(|e| io::Error::other(format!("{e}"))) {
+            Ok(t) => self.read_all(&t).await,
+            Err(e) => Err(e),
+        };
+        let table = match table.map(|b| hb_core::lazy::ChunkTable::decode(&b)) {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("chunk table: {e}")),
+            Err(e) => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("chunk table: {e}")),
+        };
+        let (start, end) = range.unwrap_or((0, v.size));
+        let pieces = table
+            .entries
+            .iter()
+            .filter(|e| e.offset + e.stored_len as u64 > start && e.offset < end)
+            .map(|e| {
+                let a = e.offset;
+                (e.id, (start.max(a) - a) as usize, (end.min(a + e.stored_len as u64) - a) as usize)
+            })
+            .collect();
+        self.piece_stream(route, digest, v.size, range, pieces, true)
     }
 
     /// Downloads one blob into its spool (resuming with Range), verifies it, keeps it, and

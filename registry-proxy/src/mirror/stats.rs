@@ -47,6 +47,8 @@ impl UpstreamStats {
 pub struct Stats {
     pub upstreams: Vec<UpstreamStats>,
     pub evictions: Counter,
+    /// Accelerated forms made for hb clients.
+    pub conversions: Counter,
 }
 
 /// One upstream's figures as `hb proxy stats` shows them.
@@ -72,6 +74,7 @@ pub struct StatsReport {
     pub kept_bytes: u64,
     pub max_bytes: Option<u64>,
     pub evictions: u64,
+    pub conversions: u64,
 }
 
 impl Stats {
@@ -79,6 +82,7 @@ impl Stats {
         Stats {
             upstreams: hosts.into_iter().map(|host| UpstreamStats { host, ..Default::default() }).collect(),
             evictions: Counter::default(),
+            conversions: Counter::default(),
         }
     }
 
@@ -114,6 +118,7 @@ impl Stats {
             kept_bytes,
             max_bytes,
             evictions: self.evictions.get(),
+            conversions: self.conversions.get(),
         }
     }
 
@@ -147,6 +152,8 @@ impl Stats {
         let _ = writeln!(s, "# TYPE hb_mirror_objects gauge\nhb_mirror_objects {objects}");
         let _ = writeln!(s, "# TYPE hb_mirror_kept_bytes gauge\nhb_mirror_kept_bytes {kept_bytes}");
         let _ = writeln!(s, "# TYPE hb_mirror_evictions_total counter\nhb_mirror_evictions_total {}", r.evictions);
+        let _ =
+            writeln!(s, "# TYPE hb_mirror_conversions_total counter\nhb_mirror_conversions_total {}", r.conversions);
         s
     }
 }

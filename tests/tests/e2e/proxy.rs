@@ -544,3 +544,59 @@ fn the_proxy_serves_https_and_says_what_is_wrong_with_its_configuration() {
     let err = bad.fails(&["proxy", "--upstream", "h=ftp://h"], 1);
     assert!(err.contains("must start with http"), "{err}");
 }
+
+#[test]
+fn hb_pulls_any_image_lazily_through_the_proxy_which_converts_it_once() {
+    let up = Upstream::start();
+    up.seed("debian-app:v1");
+    let proxy = Proxy::start(&format!("[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\nalias = \"up\"\n", up.addr));
+    let image = format!("{}/up/debian-app:v1", proxy.addr);
+    let a = Hb::new();
+    let out = a.json(&["pull", "--lazy", "--plain-http", &image]);
+    assert!(out.to_string().contains("lazy"), "{out}");
+    let o = a.run(&["run", "--rm", &image, "python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "42\n", "{}", String::from_utf8_lossy(&o.stderr));
+    // A second hb client: the accelerated form is made once.
+    let b = Hb::new();
+    b.ok(&["pull", "-q", "--lazy", "--plain-http", &image]);
+    let o = b.run(&["run", "--rm", &image, "sh", "-c", "gcc --version | head -c 3"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "gcc", "{}", String::from_utf8_lossy(&o.stderr));
+    let stats = proxy.hb.json(&["proxy", "stats", "--url", &format!("http://{}", proxy.addr)]);
+    assert_eq!(stats["conversions"], 1, "{stats}");
+    let served = stats["upstreams"][0]["bytes_served"].as_u64().unwrap();
+    assert!(served < 60 << 20, "lazy clients read a fraction of the 190 MB image: {served}");
+    // Other clients see the upstream's manifest byte for byte.
+    let (ok, via) = skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{image}")]);
+    let (ok2, direct) =
+        skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/debian-app:v1", up.addr)]);
+    assert!(ok && ok2 && via == direct, "{via}\n{direct}");
+    let mut proxy = proxy;
+    proxy.kill9();
+    proxy.hb.fsck_clean();
+}
+
+#[test]
+fn above_its_size_cap_the_proxy_evicts_the_least_recently_used_blobs() {
+    let up = Upstream::start();
+    up.seed("busybox:latest");
+    let s = Scripted::start(Fault::TruncateOnce, 1 << 20);
+    let mut proxy = Proxy::start(&format!(
+        "[proxy]\nmax_size = \"1500K\"\n[[proxy.upstream]]\nhost = \"{}\"\nalias = \"up\"\n[[proxy.upstream]]\nhost = \"{}\"\n",
+        up.addr, s.addr
+    ));
+    let bb = layers(&up.addr, "busybox:latest").pop().unwrap();
+    let bb_url = format!("http://{}/v2/up/busybox/blobs/{}", proxy.addr, bb.0);
+    let scripted_url = format!("http://{}/v2/{}/fake/blobs/{}", proxy.addr, s.addr, s.digest);
+    assert_eq!(curl(&[&bb_url]).0, 200);
+    assert_eq!(curl(&[&bb_url]).0, 200);
+    assert_eq!(up.blob_gets(&bb.0), 1, "kept");
+    let (code, body) = curl(&[&scripted_url]);
+    assert_eq!((code, sha256(&body)), (200, s.digest.clone()));
+    let st = proxy.hb.json(&["proxy", "stats", "--url", &format!("http://{}", proxy.addr)]);
+    assert!(st["evictions"].as_u64().unwrap() >= 1 && st["kept_bytes"].as_u64().unwrap() <= 1500 << 10, "{st}");
+    // The older blob went: asked again, it crosses the link again.
+    assert_eq!(curl(&[&bb_url]).0, 200);
+    assert_eq!(up.blob_gets(&bb.0), 2, "evicted, fetched again");
+    proxy.kill9();
+    proxy.hb.fsck_clean();
+}
