@@ -86,7 +86,7 @@ impl Mirror {
         if self.objects.lock().expect("objects lock").contains_key(&d) {
             return Ok(());
         }
-        let (flight, _) = self.flight_for(route, d, who).map_err(|r| format!("blob {d}: HTTP {}", r.status()))?;
+        let (flight, _) = self.flight_for(route, d, who).map_err(|e| e.to_string())?;
         let mut rx = flight.state.subscribe();
         loop {
             if let Some(done) = rx.borrow_and_update().done.clone() {

@@ -824,7 +824,7 @@ impl Mirror {
         stats.misses.inc();
         let (flight, started) = match self.flight_for(route, digest, who) {
             Ok(f) => f,
-            Err(r) => return r,
+            Err(e) => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &e.to_string()),
         };
         let size = match flight.size().await {
             Ok(s) => s,
@@ -868,12 +868,7 @@ impl Mirror {
     }
 
     /// The download of `digest`: the one in progress, or a new one (then `true`).
-    fn flight_for(
-        self: &Arc<Self>,
-        route: &Route,
-        digest: Digest,
-        who: &Principal,
-    ) -> Result<(Arc<Flight>, bool), Response<Body>> {
+    fn flight_for(self: &Arc<Self>, route: &Route, digest: Digest, who: &Principal) -> io::Result<(Arc<Flight>, bool)> {
         let (flight, started) = {
             let mut flights = self.flights.lock().expect("flights lock");
             match flights.get(&digest) {
