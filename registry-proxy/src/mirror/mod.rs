@@ -884,11 +884,7 @@ impl Mirror {
             // Created before any reader opens it.
             if let Err(e) = std::fs::File::create(&flight.spool) {
                 self.flights.lock().expect("flights lock").remove(&digest);
-                return Err(oci_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    &format!("spooling blob {digest}: {e}"),
-                ));
+                return Err(io::Error::other(format!("spooling blob {digest}: {e}")));
             }
             tokio::spawn(self.clone().download(route.clone(), who.clone(), flight.clone()));
         }
