@@ -121,6 +121,18 @@ pub struct ProxySection {
     pub default_upstream: Option<String>,
     #[serde(default)]
     pub upstream: Vec<UpstreamSection>,
+    /// Clients must authenticate to the mirror as one of these (Basic); their credentials are
+    /// then not passed upstream (the upstreams' configured ones are used).
+    #[serde(default)]
+    pub user: Vec<ProxyUser>,
+}
+
+/// `[[proxy.user]]`.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyUser {
+    pub name: String,
+    pub password: String,
 }
 
 /// `[[proxy.upstream]]`.

@@ -854,6 +854,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file.daemon.snapshotter_socket = Some(
                 file.daemon.snapshotter_socket.clone().unwrap_or_else(|| config::DEFAULT_SNAPSHOTTER_SOCKET.into()),
             );
+            // Secrets stay in the file.
+            for u in &mut file.proxy.upstream {
+                if u.password.is_some() {
+                    u.password = Some("<hidden>".into());
+                }
+            }
+            for u in &mut file.proxy.user {
+                u.password = "<hidden>".into();
+            }
             if out.json {
                 out.json_value(&file)?;
             } else {

@@ -220,6 +220,7 @@ pub fn config(args: &ProxyArgs, file: &FileConfig, root: &Path) -> anyhow::Resul
             cache_bytes,
             auth_ttl: Duration::from_secs(p.auth_ttl_seconds.unwrap_or(60)),
             attempts: 5,
+            users: p.user.iter().map(|u| (u.name.clone(), u.password.clone())).collect(),
         },
     ))
 }

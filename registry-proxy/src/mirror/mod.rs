@@ -121,6 +121,9 @@ pub struct MirrorConfig {
     pub auth_ttl: Duration,
     /// Tries per upstream blob download (resuming with Range).
     pub attempts: u32,
+    /// When not empty, clients must authenticate to the mirror itself (Basic, name and
+    /// password); their credentials are then the mirror's, not passed upstream.
+    pub users: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +188,11 @@ impl ChunkCache {
             }
         }
     }
+}
+
+/// Compares without an early exit, so timing says nothing about where a guess went wrong.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn now() -> u64 {
@@ -351,7 +359,17 @@ impl Mirror {
                 return oci_error(status, code, &e.to_string());
             }
         };
-        let who = Principal::from_header(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()));
+        let mut who = Principal::from_header(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()));
+        if !self.cfg.users.is_empty() {
+            let known = matches!(&who, Principal::Basic(u, p) if self.cfg.users.iter().any(|(n, w)| {
+                constant_time_eq(n.as_bytes(), u.as_bytes()) & constant_time_eq(w.as_bytes(), p.as_bytes())
+            }));
+            if !known {
+                return unauthorized("this mirror requires its own credentials");
+            }
+            // Upstreams see the mirror, with its configured credentials.
+            who = Principal::Mirror;
+        }
         let head = req.method() == Method::HEAD;
         let header = |n| req.headers().get(n).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
         let stats = &self.stats.upstreams[route.upstream];

@@ -193,6 +193,24 @@ fn real_clients_pull_through_the_proxy_and_each_blob_crosses_the_link_once() {
     let p = proxy.addr.clone();
     let big = layers(&up.addr, "debian-app:v1").pop().unwrap();
 
+    // 32 skopeo clients cold-pull the same image at once: one upstream GET per blob.
+    let oks: Vec<(bool, String)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..32)
+            .map(|i| {
+                let dest = format!("dir:{}", proxy.hb.path(&format!("bb{i}")).display());
+                let src = format!("docker://{p}/up/busybox:latest");
+                s.spawn(move || skopeo(&["copy", "--src-tls-verify=false", &src, &dest]))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(oks.iter().all(|(ok, _)| *ok), "{:?}", oks.iter().find(|(ok, _)| !ok));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(proxy.hb.path("bb0").join("manifest.json")).unwrap()).unwrap();
+    for d in [&m["config"]["digest"], &m["layers"][0]["digest"]] {
+        assert_eq!(up.blob_gets(d.as_str().unwrap()), 1, "blob {d}: one upstream GET for 32 clients");
+    }
+
     // 32 clients at once ask for the large layer the proxy does not have: one upstream GET.
     let results: Vec<(u16, usize)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..32)
@@ -273,6 +291,10 @@ fn real_clients_pull_through_the_proxy_and_each_blob_crosses_the_link_once() {
     assert!(code == 404 && String::from_utf8_lossy(&err).contains("NAME_UNKNOWN"));
     let (code, _) = curl(&["-X", "PUT", &format!("http://{p}/v2/up/x/manifests/v1")]);
     assert_eq!(code, 405);
+    // tags/list is passed through.
+    let (code, tags) = curl(&[&format!("http://{p}/v2/up/busybox/tags/list")]);
+    let tags: serde_json::Value = serde_json::from_slice(&tags).unwrap();
+    assert_eq!((code, tags["tags"][0].as_str()), (200, Some("latest")), "{tags}");
 
     // The upstream goes down: tags are served stale (visible in stats), blobs from the store.
     let before = proxy.stats()["bytes_from_upstream"].as_u64().unwrap();
@@ -599,4 +621,27 @@ fn above_its_size_cap_the_proxy_evicts_the_least_recently_used_blobs() {
     assert_eq!(up.blob_gets(&bb.0), 2, "evicted, fetched again");
     proxy.kill9();
     proxy.hb.fsck_clean();
+}
+
+#[test]
+fn a_proxy_with_its_own_users_refuses_everyone_else() {
+    let up = Upstream::start();
+    up.seed("busybox:latest");
+    let proxy = Proxy::start(&format!(
+        "[proxy]\n[[proxy.user]]\nname = \"ci\"\npassword = \"s3cret\"\n[[proxy.upstream]]\nhost = \"{}\"\nalias = \"up\"\n",
+        up.addr
+    ));
+    let src = format!("docker://{}/up/busybox:latest", proxy.addr);
+    let dest = |n: &str| format!("dir:{}", proxy.hb.path(n).display());
+    let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", &src, &dest("anon")]);
+    assert!(!ok, "anonymous client served: {out}");
+    let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "ci:wrong", &src, &dest("wrong")]);
+    assert!(!ok, "wrong password served: {out}");
+    let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "ci:s3cret", &src, &dest("ok")]);
+    assert!(ok, "{out}");
+    let (code, _) = curl(&[&format!("http://{}/v2/up/busybox/manifests/latest", proxy.addr)]);
+    assert_eq!(code, 401);
+    // `hb config show` does not print the password.
+    let shown = proxy.hb.ok(&["config", "show"]);
+    assert!(shown.contains("name = \"ci\"") && !shown.contains("s3cret"), "{shown}");
 }
