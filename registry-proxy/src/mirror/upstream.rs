@@ -31,7 +31,10 @@ impl Principal {
             let decoded = base64::engine::general_purpose::STANDARD.decode(b.trim()).ok();
             if let Some((u, p)) = decoded
                 .and_then(|d| String::from_utf8(d).ok())
-                .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string())))
+                // An empty name is how some clients say "nobody" (skopeo sends `Basic Og==`).
+                .and_then(|s| {
+                    s.split_once(':').filter(|(u, _)| !u.is_empty()).map(|(u, p)| (u.to_string(), p.to_string()))
+                })
             {
                 return Principal::Basic(u, p);
             }
@@ -218,6 +221,7 @@ mod tests {
         assert_eq!(Principal::from_header(Some("Bearer abc")), Principal::Bearer("abc".into()));
         assert_eq!(Principal::from_header(None), Principal::Mirror);
         assert_eq!(Principal::from_header(Some("Basic !!")), Principal::Mirror);
+        assert_eq!(Principal::from_header(Some("Basic Og==")), Principal::Mirror, "empty credentials are nobody's");
         assert_eq!(
             bearer_challenge(r#"Bearer realm="http://127.0.0.1:1/token",service="reg",scope="repository:a:pull""#),
             Some(("http://127.0.0.1:1/token".into(), Some("reg".into())))

@@ -350,6 +350,18 @@ fn private_content_is_served_only_to_clients_the_upstream_lets_in() {
     let (code, body) = curl(&["-u", "hb:hb-secret", &format!("http://{p}/v2/basic/private/busybox/blobs/{layer}")]);
     assert_eq!((code, sha256(&body)), (200, layer.to_string()));
     assert!(proxy.stats()["hits"].as_u64().unwrap() > 0);
+
+    // With the mirror's own credentials for an upstream, anonymous clients get what they allow.
+    let shared = Proxy::start(&format!(
+        "[proxy]\n[[proxy.upstream]]\nhost = \"{token}\"\nalias = \"token\"\nusername = \"hb\"\npassword = \"hb-secret\"\n"
+    ));
+    let (ok, out) = skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/token/private/busybox:latest", shared.addr),
+        &format!("dir:{}", shared.hb.path("anon").display()),
+    ]);
+    assert!(ok, "the mirror's credentials serve anonymous clients: {out}");
 }
 
 /// What the scripted upstream does with blob GETs.
