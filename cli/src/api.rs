@@ -87,6 +87,15 @@ pub struct RemoveRequest {
     pub images: Vec<String>,
 }
 
+/// `POST /v1/containers/cleanup`: a finished container's folder (under the daemon's store) whose
+/// overlay the daemon unmounts, and removes when `remove`; answered at once, done in the
+/// background.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CleanupRequest {
+    pub dir: PathBuf,
+    pub remove: bool,
+}
+
 /// Any error: the status code says its class, `error` says what went wrong.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {

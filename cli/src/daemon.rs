@@ -675,6 +675,24 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
             Ok(b) => blocking(&d, "store_fill", move |d| d.chunks_fill(&b)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
+        (&Method::POST, "/v1/containers/cleanup") => match body_json::<crate::api::CleanupRequest>(req).await {
+            // Only folders of this store's containers, by their canonical path.
+            Ok(c) => match c.dir.canonicalize() {
+                Ok(dir)
+                    if dir.starts_with(crate::container::containers_dir(&d.root))
+                        && dir != crate::container::containers_dir(&d.root) =>
+                {
+                    tokio::task::spawn_blocking(move || crate::run::cleanup(&dir, c.remove));
+                    json(StatusCode::ACCEPTED, &serde_json::json!({}))
+                }
+                Ok(dir) => error(
+                    StatusCode::BAD_REQUEST,
+                    &anyhow::anyhow!("{} is not a container folder of this daemon's store", dir.display()),
+                ),
+                Err(e) => error(StatusCode::NOT_FOUND, &anyhow::anyhow!("{}: {e}", c.dir.display())),
+            },
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
         (&Method::POST, "/v1/gc") => {
             blocking(&d, "gc", |d| {
                 let r = d.store.gc(&hb_store::NoProgress)?;

@@ -340,8 +340,12 @@ pub fn monitor(
         &std::fs::read(dir.join("request.json")).with_context(|| format!("reading {}/request.json", dir.display()))?,
     )?;
     let mut state = State::load(dir)?;
-    state.monitor = container::this_monitor();
-    state.save(dir)?;
+    let me = container::this_monitor();
+    if state.monitor != me {
+        // A detached monitor records itself (`hb run` in the foreground already did).
+        state.monitor = me;
+        state.save(dir)?;
+    }
     let rt = crate::runtime()?;
     let (own_lower, upper, work, rootfs) = (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"));
     let mut mount = None;
@@ -447,7 +451,17 @@ pub fn monitor(
             if !remove {
                 state.save(dir)?;
             }
-            if !spawn_cleanup(g, &target, remove) {
+            // The daemon does it (one request); a helper process when it cannot.
+            let handed = daemon.as_ref().is_some_and(|c| {
+                c.call::<serde_json::Value>(
+                    "POST",
+                    "/v1/containers/cleanup",
+                    Some(&crate::api::CleanupRequest { dir: target.clone(), remove }),
+                )
+                .map_err(|e| tracing::debug!(error = %e, "the daemon did not take the cleanup"))
+                .is_ok()
+            });
+            if !handed && !spawn_cleanup(g, &target, remove) {
                 cleanup(&target, remove);
             }
         }

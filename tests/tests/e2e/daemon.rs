@@ -162,6 +162,24 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
     assert!(m.contains("hb_api_requests_total{path=\"/v1/images/mount\",code=\"200\"}"), "{m}");
     assert!(m.contains("hb_remote_fetch_seconds_bucket{le=\"+Inf\"}"), "{m}");
     ok(&hb, &["rm", "-f", "reader"]);
+    // `hb run --rm` hands its cleanup to the daemon: nothing of the container is left.
+    wait_for("removed containers' folders to go", || {
+        let c = hb.root.join("containers");
+        std::fs::read_dir(c.join(".removing")).map_or(true, |mut d| d.next().is_none())
+            && std::fs::read_dir(&c).unwrap().flatten().all(|e| e.file_name().to_string_lossy().starts_with('.'))
+    });
+    assert!(m.contains("hb_api_requests_total{path=\"/v1/containers/cleanup\",code=\"202\"}"), "{m}");
+    // It cleans only its own containers' folders.
+    let outside = hb.path("not-a-container");
+    std::fs::create_dir_all(&outside).unwrap();
+    let body = format!(r#"{{"dir":"{}","remove":true}}"#, outside.display());
+    let o = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--unix-socket", &socket(&hb)])
+        .args(["-d", &body, "http://hb/v1/containers/cleanup"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "400");
+    assert!(outside.exists(), "a folder outside the store's containers was removed");
     // An unused image mount can be removed through the API; a used one is refused.
     let digest = mounts[0]["digest"].as_str().unwrap().to_string();
     assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some());
