@@ -155,7 +155,11 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
         "again\n",
         "the adopted mount serves new containers"
     );
-    // Metrics: mounts, containers on them, API requests.
+    // Metrics: mounts, containers on them, API requests. (The `--rm` container's overlay goes in
+    // the daemon's background cleanup, after hb reported its exit.)
+    wait_for("the finished container's overlay to go", || {
+        metric(&d.get("/metrics").unwrap(), "hb_containers_on_mounts") == 1.0
+    });
     let m = d.get("/metrics").unwrap();
     assert_eq!(metric(&m, "hb_image_mounts"), 1.0);
     assert_eq!(metric(&m, "hb_containers_on_mounts"), 1.0, "{m}");
