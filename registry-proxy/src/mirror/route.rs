@@ -119,7 +119,10 @@ pub fn route(
     if !valid_name(repo) {
         return Err(RouteError::NameInvalid(repo.to_string()));
     }
-    Ok(Route { upstream, repo: repo.to_string(), object })
+    // Docker Hub's official images live under `library/`, as docker itself expands `busybox`.
+    let hub = matches!(hosts[upstream].as_str(), "docker.io" | "registry-1.docker.io" | "index.docker.io");
+    let repo = if hub && !repo.contains('/') { format!("library/{repo}") } else { repo.to_string() };
+    Ok(Route { upstream, repo, object })
 }
 
 fn digest(s: &str) -> Result<Digest, RouteError> {
@@ -183,6 +186,10 @@ mod tests {
         assert_eq!(r.object, Object::Manifest(Reference::Tag("v1".into())));
         let r = route("/v2/library/busybox/manifests/latest", None, &hosts(), &aliases(), Some(1)).unwrap();
         assert_eq!((r.upstream, r.repo.as_str()), (1, "library/busybox"));
+        let r = route("/v2/registry-1.docker.io/alpine/manifests/3", None, &hosts(), &aliases(), None).unwrap();
+        assert_eq!((r.upstream, r.repo.as_str()), (1, "library/alpine"), "Docker Hub's official images");
+        let r = route("/v2/alpine/manifests/3", Some("ns=docker.io"), &hosts(), &aliases(), None).unwrap();
+        assert_eq!(r.repo, "library/alpine");
         let r = route("/v2/ghcr.io/o/r/tags/list", None, &hosts(), &aliases(), None).unwrap();
         assert_eq!((r.upstream, r.object), (2, Object::TagsList));
         let r = route("/v2/", Some("ns=127.0.0.1%3A15000"), &hosts(), &aliases(), Some(1)).unwrap();
