@@ -223,6 +223,17 @@ fn unauthorized(message: &str) -> Response<Body> {
     r
 }
 
+/// Whether a client with `accept` takes a manifest of `media_type`: any client takes Docker's
+/// types (old clients send no Accept for them); OCI types only when asked for, or with no
+/// `Accept` at all, or `*/*`.
+pub fn acceptable(accept: Option<&str>, media_type: &str) -> bool {
+    let Some(a) = accept.filter(|a| !a.trim().is_empty()) else { return true };
+    if !media_type.starts_with("application/vnd.oci.") {
+        return true;
+    }
+    a.split(',').map(|t| t.split(';').next().unwrap_or("").trim()).any(|t| t == media_type || t == "*/*")
+}
+
 /// A `Range` that starts past the blob's end (416).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unsatisfiable;
@@ -540,6 +551,14 @@ impl Mirror {
                     tracing::warn!(digest = %d, %platform, error = %e, "no accelerated form for an hb client; serving the manifest as is");
                 }
             }
+        }
+        if !acceptable(accept.as_deref(), &media_type) {
+            // As distribution answers a client that did not ask for OCI types.
+            return oci_error(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                &format!("the manifest is {media_type}, which the request's Accept does not list"),
+            );
         }
         manifest_response(&d, &media_type, body, head, stats)
     }
@@ -1293,6 +1312,15 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let oci = crate::OCI_INDEX;
+        assert!(acceptable(None, oci) && acceptable(Some("*/*"), oci));
+        assert!(acceptable(Some(&format!("{}, {oci}", crate::DOCKER_MANIFEST)), oci));
+        assert!(!acceptable(Some(crate::DOCKER_MANIFEST), oci));
+        assert!(acceptable(Some(crate::OCI_MANIFEST), crate::DOCKER_LIST), "docker types are always served");
+    }
 
     #[test]
     fn ranges() {

@@ -291,6 +291,14 @@ fn real_clients_pull_through_the_proxy_and_each_blob_crosses_the_link_once() {
     assert!(code == 404 && String::from_utf8_lossy(&err).contains("NAME_UNKNOWN"));
     let (code, _) = curl(&["-X", "PUT", &format!("http://{p}/v2/up/x/manifests/v1")]);
     assert_eq!(code, 405);
+    // Accept negotiation: a client that lists only Docker's types is not handed an OCI manifest.
+    let (code, err) = curl(&[
+        "-H",
+        "Accept: application/vnd.docker.distribution.manifest.v2+json",
+        &format!("http://{p}/v2/up/busybox/manifests/latest"),
+    ]);
+    // (The test image's manifest is an OCI one.)
+    assert!(code == 404 && String::from_utf8_lossy(&err).contains("MANIFEST_UNKNOWN"), "{code}");
     // tags/list is passed through.
     let (code, tags) = curl(&[&format!("http://{p}/v2/up/busybox/tags/list")]);
     let tags: serde_json::Value = serde_json::from_slice(&tags).unwrap();
