@@ -7,7 +7,6 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::rc::Rc;
 use std::sync::mpsc::SyncSender;
 
-use fastcdc::v2020::StreamCDC;
 use hb_core::{ChunkId, ChunkRef, Digest, DigestHasher, Meta, NewEntry, TreeBuilder};
 use rocksdb::WriteBatch;
 
@@ -364,12 +363,7 @@ impl Store {
             let new = match etype {
                 tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                     let mut chunks = Vec::new();
-                    let cdc = StreamCDC::new(
-                        &mut entry,
-                        chunker.min_size as usize,
-                        chunker.avg_size as usize,
-                        chunker.max_size as usize,
-                    );
+                    let cdc = self.cut(&mut entry);
                     for c in cdc {
                         let c = c.map_err(|e| match e {
                             fastcdc::v2020::Error::IoError(e) => stream_err(&fault, e, &in_entry(&path)),

@@ -311,6 +311,12 @@ impl Store {
         self.config.chunker()
     }
 
+    /// `input` cut with this store's (pinned) chunker.
+    pub(crate) fn cut<R: std::io::Read>(&self, input: R) -> fastcdc::v2020::StreamCDC<R> {
+        let p = self.chunker();
+        fastcdc::v2020::StreamCDC::new(input, p.min_size as usize, p.avg_size as usize, p.max_size as usize)
+    }
+
     fn bloom_path(&self) -> PathBuf {
         self.root.join("bloom.bin")
     }

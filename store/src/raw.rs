@@ -8,7 +8,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::rc::Rc;
 
-use fastcdc::v2020::StreamCDC;
 use hb_core::{ChunkId, ChunkRef, Digest, DigestHasher};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
@@ -91,18 +90,12 @@ impl Store {
         let (mut pack, committed) = self.take_pack()?;
         let out = self
             .write_chunks(&mut pack, |tx| {
-                let chunker = self.chunker();
                 let count = Rc::new(Cell::new(0u64));
                 let mut hashing = Hashing { inner: input, hasher: DigestHasher::new(), count: count.clone() };
                 let mut seen = HashMap::new();
                 let mut tally = ChunkTally::default();
                 let mut chunks = Vec::new();
-                let cdc = StreamCDC::new(
-                    &mut hashing,
-                    chunker.min_size as usize,
-                    chunker.avg_size as usize,
-                    chunker.max_size as usize,
-                );
+                let cdc = self.cut(&mut hashing);
                 for c in cdc {
                     let c = c.map_err(|e| match e {
                         fastcdc::v2020::Error::IoError(e) => {
