@@ -465,16 +465,7 @@ impl Store {
         let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
         report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), report.diff_id.as_bytes())?.is_some();
         let completes_lazy = report.already_present && self.db.get_pinned(lazy_key(&report.diff_id))?.is_some();
-        // Where this ingest wrote a chunk, counted as live in its pack.
-        let mut place = |id: &ChunkId| -> Result<Location> {
-            let loc = *locations.get(id).ok_or_else(|| StoreError::Io {
-                context: format!("committing chunk {id}"),
-                source: io::Error::other("the pack writer lost a chunk"),
-            })?;
-            pack_rec.live_bytes += loc.record_len();
-            pack_rec.live_chunks += 1;
-            Ok(loc)
-        };
+        let mut place = |id: &ChunkId| placed(&locations, &mut pack_rec, id);
         if completes_lazy {
             // The layer was pulled lazily: keep its index and refcounts, fill in every chunk that
             // is still absent, and it becomes an ordinary complete layer.
@@ -520,6 +511,21 @@ impl Store {
         tracing::info!(diff_id = %report.diff_id, new_chunks = report.new_chunks, "layer committed");
         Ok(report)
     }
+}
+
+/// Where an ingest wrote chunk `id`, counted as live in its pack's record.
+pub(crate) fn placed(
+    locations: &HashMap<ChunkId, Location>,
+    pack_rec: &mut PackRecord,
+    id: &ChunkId,
+) -> Result<Location> {
+    let loc = *locations.get(id).ok_or_else(|| StoreError::Io {
+        context: format!("committing chunk {id}"),
+        source: io::Error::other("the pack writer lost a chunk"),
+    })?;
+    pack_rec.live_bytes += loc.record_len();
+    pack_rec.live_chunks += 1;
+    Ok(loc)
 }
 
 impl Store {

@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read};
+use std::io::Read;
 use std::rc::Rc;
 
 use hb_core::{ChunkId, ChunkRef, Digest, DigestHasher};
@@ -151,15 +151,7 @@ impl Store {
             return Ok(report);
         }
         let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
-        let mut place = |id: &ChunkId| -> Result<Location> {
-            let loc = *locations.get(id).ok_or_else(|| StoreError::Io {
-                context: format!("committing chunk {id}"),
-                source: io::Error::other("the pack writer lost a chunk"),
-            })?;
-            pack_rec.live_bytes += loc.record_len();
-            pack_rec.live_chunks += 1;
-            Ok(loc)
-        };
+        let mut place = |id: &ChunkId| crate::ingest::placed(&locations, &mut pack_rec, id);
         let mut batch = WriteBatch::default();
         let mut new_ids = Vec::new();
         self.reference_chunks(&seen, &mut place, &mut batch, &mut new_ids)?;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use hb_core::lazy::{AccelConfig, AccelLayer, ChunkTable, ARTIFACT_TYPE};
+use hb_core::lazy::{AccelConfig, AccelLayer, ARTIFACT_TYPE};
 use hb_core::Digest;
 use serde::{Deserialize, Serialize};
 
@@ -109,8 +109,7 @@ impl Mirror {
         who: &Principal,
     ) -> Result<(Digest, Bytes), String> {
         let key = format!("mirror/accel/{digest}/{platform}");
-        let lock = self.tag_locks.lock().expect("tag locks").entry(key.clone()).or_default().clone();
-        let _one = lock.lock().await;
+        let _one = self.one_at_a_time(&key).await;
         let made: Option<Derived> = self.store.meta(&key).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(m) = made {
             let all_kept = {
@@ -186,8 +185,6 @@ impl Mirror {
             self.ensure_kept(route, *blob, who).await?;
             let (b, d) = (*blob, *diff_id);
             let a = self.blocking(move |s| s.accelerate(&b, &d)).await.map_err(|e| format!("layer {blob}: {e}"))?;
-            let table_bytes = self.read_all(&a.table).await.map_err(|e| e.to_string())?;
-            ChunkTable::decode(&table_bytes).map_err(|e| format!("table of {blob}: {e}"))?;
             {
                 let mut objects = self.objects.lock().expect("objects lock");
                 objects.insert(a.index, (a.index_size, super::now()));

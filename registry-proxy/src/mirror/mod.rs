@@ -147,6 +147,24 @@ struct TagRecord {
 
 type AuthKey = (usize, String, Principal);
 
+/// Held while working on one key of `Mirror::tag_locks`.
+struct KeyGuard<'a> {
+    mirror: &'a Mirror,
+    key: String,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.mirror.tag_locks.lock().expect("tag locks");
+        drop(self.guard.take());
+        // Only the map holds the mutex now: nobody waits on it, the entry can go.
+        if locks.get(&self.key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(&self.key);
+        }
+    }
+}
+
 pub struct Mirror {
     cfg: MirrorConfig,
     upstreams: Vec<Upstream>,
@@ -482,10 +500,15 @@ impl Mirror {
     }
 
     fn remember(&self, route: &Route, who: &Principal, ok: bool) {
-        self.auth
-            .lock()
-            .expect("auth lock")
-            .insert((route.upstream, route.repo.clone(), who.clone()), (ok, Instant::now()));
+        {
+            let mut auth = self.auth.lock().expect("auth lock");
+            if auth.len() >= 4096 {
+                // Expired answers are worth nothing: keep the map to the live ones.
+                let ttl = self.cfg.auth_ttl;
+                auth.retain(|_, (_, at)| at.elapsed() < ttl);
+            }
+            auth.insert((route.upstream, route.repo.clone(), who.clone()), (ok, Instant::now()));
+        }
         if ok && who.is_anonymous() && !self.is_public(route) {
             let _ = self.store.put_meta(&self.public_key(route), b"1");
         }
@@ -575,8 +598,7 @@ impl Mirror {
         let up = &self.upstreams[route.upstream];
         let stats = &self.stats.upstreams[route.upstream];
         let key = format!("mirror/tag/{}/{}:{tag}", up.cfg.host, route.repo);
-        let lock = self.tag_locks.lock().expect("tag locks").entry(key.clone()).or_default().clone();
-        let _one = lock.lock().await;
+        let _one = self.one_at_a_time(&key).await;
         let rec: Option<TagRecord> = self.store.meta(&key).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
         let kept = rec
             .as_ref()
@@ -626,6 +648,14 @@ impl Mirror {
         let rec = TagRecord { digest: d.to_string(), media_type, checked: now() };
         let _ = self.store.put_meta(&key, &serde_json::to_vec(&rec).expect("serialisable"));
         Ok(d)
+    }
+
+    /// Serialises work on `key` (a tag's resolution, an image's conversion); the entry goes when
+    /// its last holder is done, so the map holds only keys in use.
+    async fn one_at_a_time(&self, key: &str) -> KeyGuard<'_> {
+        let lock = self.tag_locks.lock().expect("tag locks").entry(key.to_string()).or_default().clone();
+        let guard = lock.lock_owned().await;
+        KeyGuard { mirror: self, key: key.to_string(), guard: Some(guard) }
     }
 
     async fn stale(
