@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// `GET /v1/health`.
@@ -139,17 +137,24 @@ impl Client {
         socket.exists().then(|| Client { socket: socket.to_path_buf() })
     }
 
-    /// The daemon's shared mount of an image (pulled first if missing). `Ok(None)`: no daemon
-    /// answers here, or it serves another store; the caller does without.
-    pub fn image_mount(&self, image: &str, plain_http: bool, root: &Path) -> anyhow::Result<Option<ImageMount>> {
+    /// The daemon's shared mount of an image (pulled first if missing); `slow` is called once
+    /// when the answer takes over a second (a pull). `Ok(None)`: no daemon answers here, or it
+    /// serves another store; the caller does without.
+    pub fn image_mount(
+        &self,
+        image: &str,
+        plain_http: bool,
+        root: &Path,
+        slow: impl FnOnce(),
+    ) -> anyhow::Result<Option<ImageMount>> {
         let req = MountRequest { image: image.into(), plain_http, root: Some(root.to_path_buf()), layers: None };
-        let body = Bytes::from(serde_json::to_vec(&req)?);
-        match self.exchange("POST", "/v1/images/mount", body) {
+        let slow = (std::time::Duration::from_secs(1), Box::new(slow) as Box<dyn FnOnce()>);
+        match self.exchange("POST", "/v1/images/mount", &serde_json::to_vec(&req)?, Some(slow)) {
             Err(e) => {
                 tracing::debug!(error = %e, socket = %self.socket.display(), "no daemon answers");
                 Ok(None)
             }
-            Ok((status, _)) if status == hyper::StatusCode::CONFLICT => Ok(None),
+            Ok((409, _)) => Ok(None),
             Ok((status, bytes)) => Ok(Some(serde_json::from_slice(&Self::check(status, bytes)?)?)),
         }
     }
@@ -162,21 +167,21 @@ impl Client {
         body: Option<&impl Serialize>,
     ) -> anyhow::Result<T> {
         let payload = match body {
-            Some(b) => Bytes::from(serde_json::to_vec(b)?),
-            None => Bytes::new(),
+            Some(b) => serde_json::to_vec(b)?,
+            None => Vec::new(),
         };
-        let bytes = self.call_raw(method, path, payload)?;
+        let bytes = self.call_raw(method, path, &payload)?;
         serde_json::from_slice(&bytes).with_context(|| format!("reading the hb daemon's answer to {method} {path}"))
     }
 
     /// One request with a raw body and answer (the chunk endpoints).
-    pub fn call_raw(&self, method: &str, path: &str, payload: Bytes) -> anyhow::Result<Bytes> {
-        let (status, bytes) = self.exchange(method, path, payload)?;
+    pub fn call_raw(&self, method: &str, path: &str, payload: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let (status, bytes) = self.exchange(method, path, payload, None)?;
         Self::check(status, bytes)
     }
 
-    fn check(status: hyper::StatusCode, bytes: Bytes) -> anyhow::Result<Bytes> {
-        if !status.is_success() {
+    fn check(status: u16, bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+        if !(200..300).contains(&status) {
             let msg = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
@@ -185,27 +190,82 @@ impl Client {
         Ok(bytes)
     }
 
-    /// Sends one request; fails only when the daemon cannot be reached or the exchange breaks.
-    fn exchange(&self, method: &str, path: &str, payload: Bytes) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .with_context(|| format!("connecting to the hb daemon at {}", self.socket.display()))?;
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header(hyper::header::HOST, "hb")
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(payload))?;
-            let resp = sender.send_request(req).await.context("talking to the hb daemon")?;
-            let status = resp.status();
-            let bytes = resp.into_body().collect().await?.to_bytes();
-            anyhow::Ok((status, bytes))
-        })
+    /// Sends one request (HTTP/1.1, one connection per request, blocking: `hb run` must not pay
+    /// for an async runtime) and reads the answer, calling `slow`'s function once if none came
+    /// after its delay; fails only when the daemon cannot be reached or the exchange breaks.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        payload: &[u8],
+        mut slow: Option<(std::time::Duration, Box<dyn FnOnce() + '_>)>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket)
+            .with_context(|| format!("connecting to the hb daemon at {}", self.socket.display()))?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: hb\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(payload);
+        stream.write_all(&req).context("talking to the hb daemon")?;
+        stream.set_read_timeout(slow.as_ref().map(|(after, _)| *after))?;
+        let mut answer = Vec::new();
+        loop {
+            match stream.read_to_end(&mut answer) {
+                Ok(_) => break,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    if let Some((_, f)) = slow.take() {
+                        f();
+                    }
+                    stream.set_read_timeout(None)?;
+                }
+                Err(e) => return Err(e).context("reading the hb daemon's answer"),
+            }
+        }
+        parse_response(&answer).with_context(|| format!("the hb daemon's answer to {method} {path}"))
+    }
+}
+
+/// Status and body of a whole HTTP/1.1 answer read to the end of its connection (the daemon
+/// sends `Content-Length`; a chunked body is decoded too).
+fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(raw).context("malformed HTTP answer")? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => bail!("the connection closed before the answer's headers ended"),
+    };
+    let status = resp.code.context("no status code")?;
+    let header = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+    let rest = &raw[head..];
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case(b"chunked")) {
+        let mut body = Vec::new();
+        let mut at = 0;
+        loop {
+            let (start, size) = match httparse::parse_chunk_size(&rest[at..]) {
+                Ok(httparse::Status::Complete((n, size))) => (at + n, size as usize),
+                _ => bail!("malformed chunked body"),
+            };
+            if size == 0 {
+                return Ok((status, body));
+            }
+            let end = start.checked_add(size).filter(|e| *e + 2 <= rest.len()).context("truncated chunked body")?;
+            body.extend_from_slice(&rest[start..end]);
+            at = end + 2;
+        }
+    }
+    match header("content-length") {
+        Some(v) => {
+            let len: usize =
+                std::str::from_utf8(v).ok().and_then(|v| v.trim().parse().ok()).context("bad Content-Length")?;
+            if rest.len() < len {
+                bail!("the answer ended after {} of {len} bytes", rest.len());
+            }
+            Ok((status, rest[..len].to_vec()))
+        }
+        None => Ok((status, rest.to_vec())),
     }
 }
 
@@ -261,6 +321,47 @@ pub fn decode_ids(b: &[u8]) -> anyhow::Result<Vec<hb_core::ChunkId>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_answer_is_noted_once_and_still_read() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("d.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let (noted_tx, noted_rx) = std::sync::mpsc::channel::<()>();
+        // The daemon answers only once the client said it is waiting (or gives up after 10 s).
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).unwrap();
+            let waited = noted_rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok();
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+            waited
+        });
+        let client = Client { socket };
+        let mut calls = 0;
+        let slow = Box::new(|| {
+            calls += 1;
+            noted_tx.send(()).unwrap();
+        });
+        let (status, body) = client
+            .exchange("POST", "/v1/images/mount", b"{}", Some((std::time::Duration::from_millis(20), slow)))
+            .unwrap();
+        assert_eq!((status, body.as_slice()), (200, b"{}".as_slice()));
+        assert!(server.join().unwrap(), "the client did not call `slow` while waiting");
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn answers_are_read_by_length_or_chunks() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        assert_eq!(parse_response(plain).unwrap(), (200, b"hello".to_vec()));
+        let chunked = b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap(), (409, b"abcde".to_vec()));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nshort").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-le").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nab").is_err());
+    }
 
     #[test]
     fn chunk_frames_round_trip_and_reject_truncation() {

@@ -328,11 +328,10 @@ pub fn stop(dir: &Path, s: &State, timeout: Duration) -> anyhow::Result<()> {
 /// For a container whose monitor is gone (exited, or died).
 pub fn remove(dir: &Path, s: &State) -> anyhow::Result<()> {
     let _ = std::process::Command::new(&s.runtime).args(["delete", "--force", &s.id]).output();
+    // Detached whatever state they are in (a FUSE mount whose server died included); a folder
+    // that is no mount's root is refused (EINVAL) and left as it is.
     for m in ["rootfs", "lower"] {
-        let p = dir.join(m);
-        if hb_fuse::is_mountpoint(&p) || hb_fuse::clean_stale(&p).unwrap_or(false) {
-            let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
-        }
+        let _ = rustix::mount::unmount(dir.join(m), rustix::mount::UnmountFlags::DETACH);
     }
     std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }

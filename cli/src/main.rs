@@ -1,19 +1,17 @@
-//! `hb`: HyperBox's command-line interface. Parses arguments, reads configuration, wires the
-//! libraries together and prints: data (and `--json`) on stdout, progress and messages on stderr.
+//! `hb-engine`: every `hb` command, the store's owner. Parses arguments, reads configuration,
+//! wires the libraries together and prints: data (and `--json`) on stdout, progress and messages
+//! on stderr. `hb` (src/front.rs) execs it for all but the container commands it serves itself;
+//! the store-free code both share is the `hb_cli` library (src/lib.rs).
 //!
 //! Exit codes: 0 success, 1 the operation failed (or `fsck` found problems), 2 usage error.
 
-mod api;
-mod config;
-mod container;
 mod convert;
 mod daemon;
 mod memory;
 mod mount;
-mod output;
+mod progress;
 mod proxy;
 mod pull;
-mod run;
 
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -26,7 +24,11 @@ use hb_core::{ChunkerParams, Digest};
 use hb_store::{Limits, Store, StoreOptions};
 use indicatif::HumanBytes;
 
-use output::{Bar, Out};
+use hb_cli::output::{self, Out};
+use hb_cli::{
+    api, config, container, daemon_client, error_chain, pass_globals, run, self_exe, store_root, ContainerCmd, Global,
+};
+use progress::Bar;
 
 #[derive(Parser)]
 #[command(name = "hb", version, about = "HyperBox: content-addressed image storage with chunk-level dedup")]
@@ -35,33 +37,6 @@ struct Cli {
     global: Global,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Args, Clone)]
-struct Global {
-    /// Store directory [default: /var/lib/hb as root, else ~/.local/share/hb]
-    #[arg(long, global = true, env = config::env::ROOT, value_name = "DIR")]
-    root: Option<PathBuf>,
-    /// Config file [default: /etc/hb/hb.toml when present]
-    #[arg(long, global = true, env = config::env::CONFIG, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Folder of per-registry `<host>/hosts.toml` files, containerd's format (scheme, ca, skip_verify)
-    /// [default: /etc/hb/certs.d, then /etc/containerd/certs.d]
-    #[arg(long, global = true, env = config::env::HOSTS_DIR, value_name = "DIR")]
-    hosts_dir: Option<PathBuf>,
-    /// The daemon's socket [default: the config's daemon.socket, else /run/hb/hb.sock]
-    #[arg(long, global = true, env = config::env::SOCKET, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    /// Print machine-readable JSON on stdout
-    #[arg(long, global = true)]
-    json: bool,
-    /// No progress bars or summaries on stderr
-    #[arg(long, short, global = true)]
-    quiet: bool,
-    /// More log output on stderr (once: info, twice: debug); HB_LOG takes tracing filter syntax.
-    /// Long form only: `-v` is `hb run`'s volume flag, as in docker.
-    #[arg(long, global = true, action = clap::ArgAction::Count)]
-    verbose: u8,
 }
 
 #[derive(Subcommand)]
@@ -113,73 +88,8 @@ enum Cmd {
         #[arg(long, value_name = "N")]
         layers: Option<usize>,
     },
-    /// Run a command in a new container from an image (pulled, lazily when it can be, if missing)
-    Run(Box<RunCli>),
-    /// List containers (running ones; -a: all). `-q` prints ids only
-    Ps {
-        /// Show all containers, not only running ones
-        #[arg(short, long)]
-        all: bool,
-        /// Full ids and commands
-        #[arg(long)]
-        no_trunc: bool,
-    },
-    /// Stop running containers: SIGTERM, then SIGKILL after a grace period
-    Stop {
-        #[arg(required = true, value_name = "CONTAINER")]
-        containers: Vec<String>,
-        /// Seconds to wait before SIGKILL
-        #[arg(short, long, default_value_t = 10)]
-        time: u64,
-    },
-    /// Send a signal to running containers
-    Kill {
-        #[arg(required = true, value_name = "CONTAINER")]
-        containers: Vec<String>,
-        /// Signal name (TERM, SIGHUP, ...) or number
-        #[arg(short, long, default_value = "KILL")]
-        signal: String,
-    },
-    /// Remove containers (their writable layer and logs)
-    Rm {
-        #[arg(required = true, value_name = "CONTAINER")]
-        containers: Vec<String>,
-        /// Kill and remove a running container
-        #[arg(short, long)]
-        force: bool,
-    },
-    /// Print a container's output (stdout to stdout, stderr to stderr)
-    Logs {
-        container: String,
-        /// Keep printing new output until the container ends
-        #[arg(short, long)]
-        follow: bool,
-        /// Only the last N lines
-        #[arg(short = 'n', long, value_name = "N")]
-        tail: Option<usize>,
-        /// Prefix each line with its time (RFC 3339)
-        #[arg(short, long)]
-        timestamps: bool,
-    },
-    /// Run a command in a running container
-    Exec {
-        container: String,
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-        /// Keep stdin open
-        #[arg(short, long)]
-        interactive: bool,
-        /// Allocate a pseudo-terminal
-        #[arg(short, long)]
-        tty: bool,
-        #[arg(short, long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
-        #[arg(short, long)]
-        workdir: Option<String>,
-        /// User (name|uid[:group|gid]) [default: the container's]
-        #[arg(short, long)]
-        user: Option<String>,
-    },
+    #[command(flatten)]
+    Container(ContainerCmd),
     /// Own the store and serve the API on a Unix socket (docs/api.md); image mounts it starts
     /// outlive it
     Daemon {
@@ -198,16 +108,6 @@ enum Cmd {
     /// Show the effective configuration
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Unmounts and removes what a finished container left (started by its monitor)
-    #[command(hide = true)]
-    ContainerCleanup {
-        dir: PathBuf,
-        #[arg(long)]
-        remove: bool,
-    },
-    /// Serves one detached container (started by `hb run -d`)
-    #[command(hide = true)]
-    ContainerMonitor { id: String },
     /// Unmount what `hb mount` mounted at DIR (also detaches a stale mount of a dead process)
     Umount { dir: PathBuf },
     /// Write an accelerated (lazy-pullable) form of SRC to DST in any OCI registry, bound to the
@@ -275,68 +175,6 @@ enum Cmd {
     Gc,
     /// Verify every chunk, index and reference; exit 0 only when the store is clean
     Fsck,
-}
-
-/// `hb run`'s flags, as docker's.
-#[derive(Args)]
-struct RunCli {
-    image: String,
-    /// Command and arguments (replace the image's CMD)
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-    command: Vec<String>,
-    /// Set environment variables (KEY=VALUE, or KEY to take it from hb's environment)
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Working directory inside the container
-    #[arg(short, long)]
-    workdir: Option<String>,
-    /// User (name|uid[:group|gid])
-    #[arg(short, long)]
-    user: Option<String>,
-    /// Bind mount a volume (HOST:CONTAINER[:ro|rw])
-    #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
-    volume: Vec<hb_runtime::Volume>,
-    /// Remove the container when it exits
-    #[arg(long)]
-    rm: bool,
-    /// Run in the background and print the container's id
-    #[arg(short, long)]
-    detach: bool,
-    /// Name the container (unique)
-    #[arg(long)]
-    name: Option<String>,
-    /// Container host name [default: the short container id]
-    #[arg(long)]
-    hostname: Option<String>,
-    /// Overwrite the image's ENTRYPOINT (drops its CMD, as docker does)
-    #[arg(long)]
-    entrypoint: Option<String>,
-    /// Allocate a pseudo-terminal
-    #[arg(short, long)]
-    tty: bool,
-    /// Keep stdin open
-    #[arg(short, long)]
-    interactive: bool,
-    /// Memory limit (e.g. 512m, 1g)
-    #[arg(short, long, value_parser = hb_runtime::parse_memory)]
-    memory: Option<u64>,
-    /// CPUs (e.g. 1.5)
-    #[arg(long, value_parser = hb_runtime::parse_cpus)]
-    cpus: Option<f64>,
-    /// Maximum number of processes
-    #[arg(long)]
-    pids_limit: Option<i64>,
-    /// Mount the container's root filesystem read-only
-    #[arg(long)]
-    read_only: bool,
-    /// Network: host (share the host's) or none (loopback only)
-    #[arg(long, default_value = "host", value_parser = ["host", "none"])]
-    network: String,
-    /// OCI runtime (runc, crun, youki or a path) [default: the first that works here]
-    #[arg(long)]
-    runtime: Option<String>,
-    #[arg(long)]
-    plain_http: bool,
 }
 
 #[derive(Args)]
@@ -440,23 +278,6 @@ fn trust_store_bundle() {
         // Still single-threaded: nothing else reads the environment yet.
         std::env::set_var("SSL_CERT_FILE", BUNDLE);
     }
-}
-
-/// An error and its causes joined with ": ", skipping a cause whose text the message already
-/// holds (library errors often format their source into their own message).
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut text = String::new();
-    for cause in e.chain() {
-        let t = cause.to_string();
-        if text.contains(&t) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&t);
-    }
-    text
 }
 
 /// Opens the store; for a command that only reads (`read_only_ok`), a store another process holds
@@ -633,81 +454,6 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
     Ok((n * mult as f64) as u64)
 }
 
-/// This program, to start helpers with (mount servers, container monitors). After an upgrade
-/// replaced the file, a long-running daemon's own path names nothing (or the new version): the
-/// kernel's link to the running image still starts this version.
-fn self_exe() -> PathBuf {
-    match std::env::current_exe() {
-        Ok(p) if p.exists() => p,
-        _ => PathBuf::from("/proc/self/exe"),
-    }
-}
-
-/// Where this command looks for the daemon.
-fn socket_path(g: &Global) -> anyhow::Result<PathBuf> {
-    Ok(api::socket_path(g.socket.as_deref(), &config::load(g.config.as_deref())?))
-}
-
-/// The running daemon that owns this command's store, if any.
-fn daemon_client(g: &Global) -> Option<api::Client> {
-    let file = config::load(g.config.as_deref()).ok()?;
-    let root = store_root(g).ok()?;
-    api::Client::find(&api::socket_path(g.socket.as_deref(), &file), &root)
-}
-
-/// Adds the global flags a child hb process needs to act on the same store and settings.
-fn pass_globals(cmd: &mut std::process::Command, g: &Global, root: &Path) {
-    cmd.arg("--root").arg(root);
-    if let Some(c) = &g.config {
-        cmd.arg("--config").arg(c);
-    }
-    if let Some(h) = &g.hosts_dir {
-        cmd.arg("--hosts-dir").arg(h);
-    }
-    if let Some(s) = &g.socket {
-        cmd.arg("--socket").arg(s);
-    }
-    for _ in 0..g.verbose {
-        cmd.arg("--verbose");
-    }
-}
-
-/// The store's root folder (flag, environment, config file, default), without opening it.
-fn store_root(g: &Global) -> anyhow::Result<PathBuf> {
-    let file = config::load(g.config.as_deref())?;
-    config::store_root(g.root.as_deref(), &file)
-}
-
-/// `-e KEY=VALUE` as given; `-e KEY` takes KEY's value from hb's environment, as docker does.
-fn env_values(env: Vec<String>) -> Vec<String> {
-    env.into_iter()
-        .map(|e| match e.split_once('=') {
-            Some(_) => e,
-            None => format!("{e}={}", std::env::var(&e).unwrap_or_default()),
-        })
-        .collect()
-}
-
-/// Applies `f` to each named container, printing each name it succeeded on (as docker does) and
-/// each failure on stderr; exit code 1 when any failed.
-fn each_container(
-    root: &Path,
-    names: &[String],
-    f: impl Fn(&Path, &container::State) -> anyhow::Result<()>,
-) -> anyhow::Result<ExitCode> {
-    let mut failed = false;
-    for n in names {
-        match container::find(root, n).and_then(|(dir, s)| f(&dir, &s)) {
-            Ok(()) => println!("{n}"),
-            Err(e) => {
-                eprintln!("hb: error: {}", error_chain(&e));
-                failed = true;
-            }
-        }
-    }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
@@ -766,50 +512,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mount::background(&store_root(g)?, &dir, &out)?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Run(r) => {
-            let RunCli {
-                image,
-                command,
-                env,
-                workdir,
-                user,
-                volume,
-                rm,
-                detach,
-                name,
-                hostname,
-                entrypoint,
-                tty,
-                interactive,
-                memory,
-                cpus,
-                pids_limit,
-                read_only,
-                network,
-                runtime: oci_runtime,
-                plain_http,
-            } = *r;
-            let env = env_values(env);
-            let opts = hb_runtime::RunOptions {
-                entrypoint,
-                cmd: command,
-                env,
-                workdir,
-                user,
-                volumes: volume,
-                read_only,
-                network: if network == "none" { hb_runtime::Network::None } else { hb_runtime::Network::Host },
-                tty,
-                memory,
-                cpus,
-                pids_limit,
-                hostname,
-                // As many open files as hb itself may have (docker gives 1048576 where allowed).
-                nofile: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.map(|m| m.min(1 << 20)),
+        Cmd::Container(c) => {
+            let local = mount::StoreImages::default();
+            return match hb_cli::container_command(g, c, Some(&local))? {
+                hb_cli::Outcome::Done(code) => Ok(code),
+                hb_cli::Outcome::Engine => unreachable!("the engine serves images itself"),
             };
-            let root = store_root(g)?;
-            let req = run::RunRequest { image, opts, name, runtime: oci_runtime, plain_http, interactive, rm, detach };
-            return run::run(g, &root, req, &out);
         }
         Cmd::Daemon { mount_idle, snapshotter_socket } => {
             let file = config::load(g.config.as_deref())?;
@@ -909,45 +617,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out.json_value(&r)?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::ContainerCleanup { dir, remove } => {
-            run::cleanup(&dir, remove);
-            return Ok(ExitCode::SUCCESS);
-        }
-        Cmd::ContainerMonitor { id } => {
-            let root = store_root(g)?;
-            let dir = container::containers_dir(&root).join(&id);
-            return run::monitor(g, &dir, api::Client::at(&socket_path(g)?), None, &out);
-        }
-        Cmd::Ps { all, no_trunc } => {
-            container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Cmd::Stop { containers, time } => {
-            let root = store_root(g)?;
-            return each_container(&root, &containers, |dir, s| {
-                container::stop(dir, s, std::time::Duration::from_secs(time))
-            });
-        }
-        Cmd::Kill { containers, signal } => {
-            let root = store_root(g)?;
-            let signal = signal.trim_start_matches("SIG").to_string();
-            return each_container(&root, &containers, |dir, s| container::kill(dir, s, &signal));
-        }
-        Cmd::Rm { containers, force } => {
-            let root = store_root(g)?;
-            return each_container(&root, &containers, |dir, s| container::rm(dir, s, force));
-        }
-        Cmd::Logs { container: c, follow, tail, timestamps } => {
-            let (dir, s) = container::find(&store_root(g)?, &c)?;
-            container::logs(&dir, &s, follow, tail, timestamps)?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Cmd::Exec { container: c, command, interactive, tty, env, workdir, user } => {
-            let (dir, s) = container::find(&store_root(g)?, &c)?;
-            let opts = hb_runtime::ExecOptions { args: command, env: env_values(env), workdir, user: None, tty };
-            let code = container::exec(&dir, &s, opts, user.as_deref(), interactive)?;
-            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
-        }
         other => other,
     };
     // A mount reads; it can serve from a read-only view (what it fetches stays in memory).
@@ -971,17 +640,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Login { .. }
         | Cmd::Logout { .. }
         | Cmd::Umount { .. }
-        | Cmd::Run(_)
-        | Cmd::ContainerMonitor { .. }
-        | Cmd::Ps { .. }
-        | Cmd::Stop { .. }
-        | Cmd::Kill { .. }
-        | Cmd::Rm { .. }
-        | Cmd::Logs { .. }
-        | Cmd::Exec { .. }
+        | Cmd::Container(_)
         | Cmd::Daemon { .. }
         | Cmd::Proxy(_)
-        | Cmd::ContainerCleanup { .. }
         | Cmd::Config(_) => {
             unreachable!("handled before the store is opened")
         }

@@ -121,7 +121,7 @@ impl ChunkSource for ViaDaemon {
 
     fn fetch_many(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, hb_core::SourceError> {
         let body = ids.iter().flat_map(|i| i.as_bytes().iter().copied()).collect::<Vec<u8>>();
-        let mut got = match self.client.call_raw("POST", "/v1/chunks/get", body.into()) {
+        let mut got = match self.client.call_raw("POST", "/v1/chunks/get", &body) {
             Ok(b) => crate::api::decode_chunks(&b).map_err(Self::unavailable)?,
             Err(e) => {
                 // The daemon may be restarting: the registry still serves.
@@ -156,7 +156,7 @@ impl hb_fuse::ChunkSink for ViaDaemon {
             let body = crate::api::encode_chunks(chunks[start..end].iter().map(|(i, b)| (i, b.as_slice())));
             let r: serde_json::Value = self
                 .client
-                .call_raw("POST", "/v1/chunks/fill", body.into())
+                .call_raw("POST", "/v1/chunks/fill", &body)
                 .and_then(|b| Ok(serde_json::from_slice(&b)?))
                 .map_err(|e| crate::error_chain(&e))?;
             kept += r["filled"].as_u64().unwrap_or(0) as usize;
@@ -240,6 +240,83 @@ pub fn mount_image(
     };
     let mounted = hb_fuse::mount(merged, fetcher, &args.dir, opts)?;
     Ok(Mount { name, mounted, remote, layers })
+}
+
+/// `hb run`'s images without a daemon: this process's store (opened on first use, kept for the
+/// container's mount) and its own FUSE mount of the image.
+#[derive(Default)]
+pub struct StoreImages {
+    store: std::sync::Mutex<Option<Arc<Store>>>,
+}
+
+impl StoreImages {
+    fn store(&self, g: &Global, out: &Out) -> anyhow::Result<Arc<Store>> {
+        let mut s = self.store.lock().expect("store lock");
+        if let Some(store) = &*s {
+            return Ok(store.clone());
+        }
+        let store = Arc::new(crate::open_store_for(g, true, out)?);
+        *s = Some(store.clone());
+        Ok(store)
+    }
+}
+
+impl hb_cli::run::LocalImages for StoreImages {
+    fn ensure(&self, g: &Global, image: &str, plain_http: bool, out: &Out) -> anyhow::Result<()> {
+        let store = self.store(g, out)?;
+        if crate::find_image(&store, image)?.is_none() {
+            pull_for_mount(g, &crate::runtime()?, &store, image, plain_http, out)?;
+        }
+        Ok(())
+    }
+
+    fn release(&self) {
+        self.store.lock().expect("store lock").take();
+    }
+
+    fn mount(
+        &self,
+        g: &Global,
+        image: &str,
+        plain_http: bool,
+        dir: &Path,
+        out: &Out,
+    ) -> anyhow::Result<(String, Box<dyn hb_cli::run::LocalMount>)> {
+        let store = self.store(g, out)?;
+        let rt = crate::runtime()?;
+        let args = MountArgs {
+            image: image.into(),
+            dir: dir.to_path_buf(),
+            prefetch: Prefetch::Startup,
+            bandwidth: None,
+            passthrough: true,
+            threads: 8,
+            plain_http,
+            layers: None,
+        };
+        let mount = mount_image(g, &rt, store.clone(), &args, out)?;
+        let (_, _, rec) = crate::require_image(&store, image)?;
+        Ok((rec.config, Box::new(OwnMount { mount, _rt: rt, dir: dir.to_path_buf() })))
+    }
+}
+
+/// A container's image mount served by its own monitor (no daemon).
+struct OwnMount {
+    mount: Mount,
+    /// Drives the mount's remote fetches; dropped after it.
+    _rt: tokio::runtime::Runtime,
+    dir: PathBuf,
+}
+
+impl hb_cli::run::LocalMount for OwnMount {
+    fn unmount(self: Box<Self>) {
+        let OwnMount { mount, _rt: rt, dir } = *self;
+        let _ = hb_fuse::unmount(&dir);
+        if let Err(e) = mount.mounted.wait() {
+            tracing::warn!(error = %e, "the image mount ended with an error");
+        }
+        drop(rt);
+    }
 }
 
 /// Serves a mount until it is unmounted (`hb umount`, SIGINT or SIGTERM), then stores what was

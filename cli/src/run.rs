@@ -16,13 +16,37 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hb_runtime::{ImageConfig, RunOptions};
-use hb_store::Store;
 use serde::{Deserialize, Serialize};
 
+use crate::api::ImageMount;
 use crate::container::{self, State, Status};
-use crate::mount::MountArgs;
 use crate::output::Out;
-use crate::Global;
+use crate::{Global, Outcome, RunCli};
+
+/// Images served from this process's own store when no daemon serves them: `hb-engine`
+/// implements it (it links the store and FUSE); `hb` has none and hands the command over.
+pub trait LocalImages {
+    /// Makes sure `image` is in the store, pulling it (with progress) when missing.
+    fn ensure(&self, g: &Global, image: &str, plain_http: bool, out: &Out) -> anyhow::Result<()>;
+    /// Lets go of the store before another process (a detached monitor) opens it.
+    fn release(&self) {}
+    /// Serves `image`'s merged rootfs read-only at `dir` from this process: the image's config
+    /// (JSON) and the mount.
+    fn mount(
+        &self,
+        g: &Global,
+        image: &str,
+        plain_http: bool,
+        dir: &Path,
+        out: &Out,
+    ) -> anyhow::Result<(String, Box<dyn LocalMount>)>;
+}
+
+/// A mount [`LocalImages::mount`] made.
+pub trait LocalMount {
+    /// Unmounts it and waits for its server to end.
+    fn unmount(self: Box<Self>);
+}
 
 /// `hb run` as asked; kept in the container's folder (`request.json`) for its monitor.
 #[derive(Serialize, Deserialize)]
@@ -36,6 +60,38 @@ pub struct RunRequest {
     pub interactive: bool,
     pub rm: bool,
     pub detach: bool,
+}
+
+impl RunRequest {
+    pub fn from_cli(r: RunCli) -> Self {
+        let opts = RunOptions {
+            entrypoint: r.entrypoint,
+            cmd: r.command,
+            env: crate::env_values(r.env),
+            workdir: r.workdir,
+            user: r.user,
+            volumes: r.volume,
+            read_only: r.read_only,
+            network: if r.network == "none" { hb_runtime::Network::None } else { hb_runtime::Network::Host },
+            tty: r.tty,
+            memory: r.memory,
+            cpus: r.cpus,
+            pids_limit: r.pids_limit,
+            hostname: r.hostname,
+            // As many open files as hb itself may have (docker gives 1048576 where allowed).
+            nofile: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.map(|m| m.min(1 << 20)),
+        };
+        RunRequest {
+            image: r.image,
+            opts,
+            name: r.name,
+            runtime: r.runtime,
+            plain_http: r.plain_http,
+            interactive: r.interactive,
+            rm: r.rm,
+            detach: r.detach,
+        }
+    }
 }
 
 /// An OCI runtime this machine can use, found by probing: the runtime really runs a container
@@ -154,17 +210,39 @@ fn lock_containers(root: &Path) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-/// `hb run`: creates the container, makes sure its image is in the store (pulling it, with
-/// progress, as docker does before it creates a container), then runs it here (foreground) or in
-/// a detached monitor (`-d`, printing the container id once it runs).
-pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Result<ExitCode> {
+/// `hb run`: makes sure the image is there (the daemon pulls what is missing and serves its
+/// mount; without a daemon, `local`'s store, with progress, as docker pulls before it creates a
+/// container), creates the container, then runs it here (foreground) or in a detached monitor
+/// (`-d`, printing the container id once it runs). Without a daemon or `local`: [`Outcome::Engine`],
+/// nothing done.
+pub fn run(
+    g: &Global,
+    root: &Path,
+    req: RunRequest,
+    out: &Out,
+    local: Option<&dyn LocalImages>,
+) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
-    sweep_removing(root);
     if req.detach && req.opts.tty {
         bail!("-d with -t is not supported: a detached container has no terminal to attach (use -d without -t; `hb exec -it` gives a shell)");
     }
     let runtime = detect_runtime(req.runtime.as_deref())?;
     tracing::debug!(us = t0.elapsed().as_micros() as u64, "runtime found");
+    // A detached monitor asks the daemon itself.
+    let shared = if req.detach { None } else { daemon_mount(g, &req, out.quiet || out.json)? };
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, daemon = shared.is_some(), "image ready");
+    if shared.is_none() && !(req.detach && daemon_answers(g)) {
+        match local {
+            None => return Ok(Outcome::Engine),
+            Some(l) => {
+                l.ensure(g, &req.image, req.plain_http, out)?;
+                if req.detach {
+                    l.release();
+                }
+            }
+        }
+    }
+    sweep_removing(root);
     let id = container::new_id();
     let dir = container::containers_dir(root).join(&id);
     let state = {
@@ -187,39 +265,38 @@ pub fn run(g: &Global, root: &Path, req: RunRequest, out: &Out) -> anyhow::Resul
             rm: req.rm,
             detached: req.detach,
         };
-        state.save(&dir)?;
-        state
-    };
-    // With a daemon, it pulls what is missing and serves the image's mount.
-    tracing::debug!(us = t0.elapsed().as_micros() as u64, "container created");
-    // Checked by its first answer (in the monitor), to save a round trip.
-    let daemon = crate::api::Client::at(&crate::socket_path(g)?);
-    tracing::debug!(us = t0.elapsed().as_micros() as u64, daemon = daemon.is_some(), "daemon looked up");
-    let prepared = (|| -> anyhow::Result<Option<Arc<Store>>> {
-        std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?;
-        if daemon.is_some() {
-            return Ok(None);
-        }
-        let store = Arc::new(crate::open_store_for(g, true, out)?);
-        if crate::find_image(&store, &req.image)?.is_none() {
-            let rt = crate::runtime()?;
-            crate::mount::pull_for_mount(g, &rt, &store, &req.image, req.plain_http, out)?;
-        }
-        // A detached monitor opens the store itself.
-        Ok((!req.detach).then_some(store))
-    })();
-    let store = match prepared {
-        Ok(s) => s,
-        Err(e) => {
+        let saved = state
+            .save(&dir)
+            .and_then(|_| Ok(std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?));
+        if let Err(e) = saved {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
+        state
     };
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, "container created");
     if req.detach {
-        start_detached(g, root, &dir, &state, out)
+        start_detached(g, root, &dir, &state, out).map(Outcome::Done)
     } else {
-        monitor(g, &dir, daemon, store, out)
+        monitor(g, &dir, shared, local, out)
     }
+}
+
+/// The daemon's mount of the container's image (it pulls the image first when missing), or
+/// `Ok(None)` when no daemon serves this store. Says so when the daemon takes a while.
+fn daemon_mount(g: &Global, req: &RunRequest, quiet: bool) -> anyhow::Result<Option<ImageMount>> {
+    let Some(client) = crate::api::Client::at(&crate::socket_path(g)?) else { return Ok(None) };
+    let root = crate::store_root(g)?;
+    client.image_mount(&req.image, req.plain_http, &root, || {
+        if !quiet {
+            eprintln!("waiting for the hb daemon to pull and mount {} ...", req.image);
+        }
+    })
+}
+
+/// Whether a daemon serving this store answers (a detached container's monitor will use it).
+fn daemon_answers(g: &Global) -> bool {
+    crate::daemon_client(g).is_some()
 }
 
 /// Starts `hb container-monitor ID` detached (own session, no terminal) and returns once the
@@ -326,19 +403,27 @@ fn pump(
     })
 }
 
-/// Serves the container in `dir`: mounts its image (or has the daemon's mount of it), builds its
-/// bundle, runs the runtime, records its state and output, cleans up. Returns the container's
-/// exit code.
+/// Serves the container in `dir`: has the daemon's mount of its image (`shared`, or asked for
+/// here) or mounts it from `local`, builds its bundle, runs the runtime, records its state and
+/// output, cleans up. Returns the container's exit code; [`Outcome::Engine`] (nothing done) when
+/// neither a daemon nor `local` serves the image.
 pub fn monitor(
     g: &Global,
     dir: &Path,
-    daemon: Option<crate::api::Client>,
-    store: Option<Arc<Store>>,
+    shared: Option<ImageMount>,
+    local: Option<&dyn LocalImages>,
     out: &Out,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Outcome> {
     let req: RunRequest = serde_json::from_slice(
         &std::fs::read(dir.join("request.json")).with_context(|| format!("reading {}/request.json", dir.display()))?,
     )?;
+    let shared = match shared {
+        Some(m) => Ok(Some(m)),
+        None => daemon_mount(g, &req, out.quiet || out.json || req.detach),
+    };
+    if local.is_none() && matches!(shared, Ok(None)) {
+        return Ok(Outcome::Engine);
+    }
     let mut state = State::load(dir)?;
     let me = container::this_monitor();
     if state.monitor != me {
@@ -346,53 +431,21 @@ pub fn monitor(
         state.monitor = me;
         state.save(dir)?;
     }
-    let rt = crate::runtime()?;
     let (own_lower, upper, work, rootfs) = (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-    let mut mount = None;
+    let mut mount: Option<Box<dyn LocalMount>> = None;
     let result = (|| -> anyhow::Result<i32> {
         for d in [&upper, &work, &rootfs] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let shared = match &daemon {
-            Some(c) => {
-                // The daemon may have to pull the image first: say so when it takes a while.
-                let root = crate::store_root(g)?;
-                let (done, waiting) = std::sync::mpsc::channel::<()>();
-                let (quiet, image) = (out.quiet || out.json || req.detach, req.image.clone());
-                let notice = std::thread::spawn(move || {
-                    if waiting.recv_timeout(Duration::from_secs(1)).is_err() && !quiet {
-                        eprintln!("waiting for the hb daemon to pull and mount {image} ...");
-                    }
-                });
-                let m = c.image_mount(&req.image, req.plain_http, &root);
-                let _ = done.send(());
-                let _ = notice.join();
-                m?
-            }
-            None => None,
-        };
-        let (lower, config) = match shared {
-            Some(m) => (m.path, m.config),
-            None => {
-                let store = match store {
-                    Some(s) => s,
-                    None => Arc::new(crate::open_store_for(g, true, out)?),
-                };
+        let (lower, config) = match (shared?, local) {
+            (Some(m), _) => (m.path, m.config),
+            (None, Some(local)) => {
                 std::fs::create_dir_all(&own_lower)?;
-                let margs = MountArgs {
-                    image: req.image.clone(),
-                    dir: own_lower.clone(),
-                    prefetch: hb_fuse::Prefetch::Startup,
-                    bandwidth: None,
-                    passthrough: true,
-                    threads: 8,
-                    plain_http: req.plain_http,
-                    layers: None,
-                };
-                mount = Some(crate::mount::mount_image(g, &rt, store.clone(), &margs, out)?);
-                let (_, _, rec) = crate::require_image(&store, &req.image)?;
-                (own_lower.clone(), rec.config)
+                let (config, m) = local.mount(g, &req.image, req.plain_http, &own_lower, out)?;
+                mount = Some(m);
+                (own_lower.clone(), config)
             }
+            (None, None) => unreachable!("checked above"),
         };
         let image = ImageConfig::from_json(config.as_bytes())?;
         tracing::debug!(lower = %lower.display(), "image mounted");
@@ -411,7 +464,7 @@ pub fn monitor(
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
         state.command = hb_runtime::process_args(&image, &req.opts)?;
         tracing::debug!("bundle written");
-        run_runtime(&rt, dir, &mut state, &req)
+        run_runtime(dir, &mut state, &req)
     })();
     // Whatever happened: the runtime's state (`run` deletes it when the container ends normally),
     // the overlay, the image mount.
@@ -431,10 +484,7 @@ pub fn monitor(
         // This process serves the image mount: everything is torn down here, in order.
         Some(m) => {
             let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
-            let _ = hb_fuse::unmount(&own_lower);
-            if let Err(e) = m.mounted.wait() {
-                tracing::warn!(error = %e, "the image mount ended with an error");
-            }
+            m.unmount();
             let _ = std::fs::remove_dir(&own_lower);
             if !remove {
                 state.save(dir)?;
@@ -442,17 +492,17 @@ pub fn monitor(
             cleanup(dir, remove);
         }
         // The daemon's mount stays. Unmounting the overlay can wait tens of milliseconds on the
-        // kernel (the container's mount namespace is still being torn down): a detached helper
-        // does it and removes the folder, and the exit is reported at once. A removed container
-        // leaves the listing at once (its folder moves under `.removing/`).
+        // kernel (the container's mount namespace is still being torn down): the daemon does it
+        // and removes the folder (a detached helper when it cannot), and the exit is reported at
+        // once. A removed container leaves the listing at once (its folder moves under
+        // `.removing/`).
         None => {
             let target =
                 if remove { move_to_removing(dir).unwrap_or_else(|| dir.to_path_buf()) } else { dir.to_path_buf() };
             if !remove {
                 state.save(dir)?;
             }
-            // The daemon does it (one request); a helper process when it cannot.
-            let handed = daemon.as_ref().is_some_and(|c| {
+            let handed = crate::api::Client::at(&crate::socket_path(g)?).is_some_and(|c| {
                 c.call::<serde_json::Value>(
                     "POST",
                     "/v1/containers/cleanup",
@@ -468,7 +518,7 @@ pub fn monitor(
     }
     tracing::debug!("cleaned up");
     let code = result?;
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+    Ok(Outcome::Done(ExitCode::from(code.clamp(0, 255) as u8)))
 }
 
 /// Where removed containers' folders wait for their cleanup helper.
@@ -484,9 +534,8 @@ fn move_to_removing(dir: &Path) -> Option<PathBuf> {
 /// Unmounts a finished container's overlay; removes its folder, or only the empty mount point.
 pub fn cleanup(dir: &Path, remove: bool) {
     let rootfs = dir.join("rootfs");
-    if hb_fuse::is_mountpoint(&rootfs) {
-        let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
-    }
+    // EINVAL when nothing is mounted there (any more).
+    let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
     if remove {
         let _ = std::fs::remove_dir_all(dir);
     } else {
@@ -534,7 +583,7 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Re
 
 /// Runs `runtime run` on the bundle and waits for it, with output to the log (and terminal) and
 /// signals passed on. Records the start in `state`.
-fn run_runtime(rt: &tokio::runtime::Runtime, dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Result<i32> {
+fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Result<i32> {
     let log = Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.json"))?));
     let on_terminal = req.opts.tty && !req.detach;
     let mut cmd = std::process::Command::new(&state.runtime);
@@ -547,22 +596,14 @@ fn run_runtime(rt: &tokio::runtime::Runtime, dir: &Path, state: &mut State, req:
     // The runtime forwards the signals it gets to the container. In the foreground hb must not die
     // of a Ctrl-C (the terminal sends it to both) and passes a SIGTERM meant for it on; a detached
     // monitor passes SIGTERM and SIGINT on and ignores SIGHUP.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("handling signals")?;
+    let signals_handle = signals.handle();
     let (rt_path, cid, detached) = (state.runtime.clone(), state.id.clone(), req.detach);
-    let forwarder = rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
-            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-        else {
-            return;
-        };
-        loop {
-            let forward = tokio::select! {
-                _ = int.recv() => detached,
-                _ = term.recv() => true,
-                _ = hup.recv() => false,
-            };
-            if forward {
-                let _ = tokio::process::Command::new(&rt_path).args(["kill", &cid, "TERM"]).status().await;
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if sig == SIGTERM || (sig == SIGINT && detached) {
+                let _ = std::process::Command::new(&rt_path).args(["kill", &cid, "TERM"]).status();
             }
         }
     });
@@ -583,7 +624,8 @@ fn run_runtime(rt: &tokio::runtime::Runtime, dir: &Path, state: &mut State, req:
     for p in pumps {
         let _ = p.join();
     }
-    forwarder.abort();
+    signals_handle.close();
+    let _ = forwarder.join();
     tracing::debug!("output drained");
     Ok(container::exit_code(status?))
 }

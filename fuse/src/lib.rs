@@ -263,8 +263,16 @@ pub fn clean_stale(dir: &Path) -> Result<bool, MountError> {
     }
 }
 
-/// True when `dir` is the root of a mount (per /proc/self/mountinfo).
+/// True when `dir` is the root of a mount: the kernel's `STATX_ATTR_MOUNT_ROOT` (Linux 5.8+; one
+/// system call), else /proc/self/mountinfo (also for a mount whose FUSE server is gone, which
+/// `statx` cannot reach).
 pub fn is_mountpoint(dir: &Path) -> bool {
+    use rustix::fs::{statx, AtFlags, StatxAttributes, StatxFlags, CWD};
+    if let Ok(st) = statx(CWD, dir, AtFlags::empty(), StatxFlags::empty()) {
+        if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) {
+            return st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT);
+        }
+    }
     let Ok(canon) = std::fs::canonicalize(dir) else { return false };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     info.lines()
@@ -273,4 +281,19 @@ pub fn is_mountpoint(dir: &Path) -> bool {
 
 fn unescape_mountinfo(s: &str) -> String {
     s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_roots_are_told_from_plain_folders() {
+        assert!(is_mountpoint(Path::new("/")));
+        assert!(is_mountpoint(Path::new("/proc")));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mountpoint(dir.path()));
+        assert!(!is_mountpoint(&dir.path().join("missing")));
+        assert!(!is_mountpoint(Path::new("/proc/self")));
+    }
 }

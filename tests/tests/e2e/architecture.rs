@@ -68,3 +68,26 @@ fn the_core_does_no_io() {
         }
     }
 }
+
+/// `hb` links only the `hb_cli` library, so what makes a binary slow to start (RocksDB's C++,
+/// FUSE, the registry client, async runtimes) must stay out of it: the library's modules may not
+/// name those crates. (`hb run`'s overhead over runc depends on it; see ARCHITECTURE.md.)
+#[test]
+fn the_front_binary_links_no_store() {
+    let src = workspace().join("cli/src");
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+    let mut files: Vec<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("pub mod ").or_else(|| l.strip_prefix("mod ")))
+        .map(|m| format!("{}.rs", m.trim_end_matches(';')))
+        .collect();
+    assert!(files.contains(&"run.rs".to_string()), "lib.rs declares its modules as expected: {files:?}");
+    files.extend(["lib.rs".to_string(), "front.rs".to_string()]);
+    for f in &files {
+        let text = std::fs::read_to_string(src.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        for banned in ["hb_store", "hb_fuse", "hb_registry", "hb_snapshotter", "tokio", "hyper", "indicatif", "rocksdb"]
+        {
+            assert!(!text.contains(banned), "cli/src/{f} (part of the lean `hb`) uses {banned}");
+        }
+    }
+}

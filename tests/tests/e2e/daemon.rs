@@ -235,8 +235,9 @@ fn a_daemon_whose_binary_was_replaced_still_starts_mount_servers() {
     // every image mount failed with "No such file or directory".
     let image = format!("{}/busybox:latest", open_registry());
     let hb = Hb::new();
-    let copy = hb.path("hb-old");
-    std::fs::copy(hb_bin(), &copy).unwrap();
+    // The daemon is `hb-engine` (`hb daemon` execs it).
+    let copy = hb.path("hb-engine-old");
+    std::fs::copy(hb_bin().with_file_name("hb-engine"), &copy).unwrap();
     let cmd = hb.command(&["--socket", &socket(&hb), "daemon", "--snapshotter-socket", &snapshotter_socket(&hb)]);
     let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
     let envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> =

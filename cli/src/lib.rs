@@ -1,0 +1,181 @@
+//! The store-free half of the `hb` command, shared by its two binaries:
+//!
+//! - `hb` (src/front.rs) links only this crate: no RocksDB, FUSE or registry code, so it starts in
+//!   about a millisecond. It serves the container commands itself (`hb run` when a daemon serves
+//!   the image; `ps`, `stop`, `kill`, `rm`, `logs`, `exec`) and hands every other command to
+//!   `hb-engine` by exec (same process, same arguments).
+//! - `hb-engine` (src/main.rs) is every command, the store's owner: pulls, mounts, the daemon, the
+//!   proxy, and `hb run` without a daemon (it then serves the image's mount itself).
+//!
+//! Here: the shared command line ([`args`]), the daemon's API and a blocking client ([`api`]),
+//! configuration ([`config`]), containers' state and lifecycle ([`container`]), `hb run` and its
+//! monitor ([`run`]), and output helpers ([`output`]).
+
+pub mod api;
+pub mod args;
+pub mod config;
+pub mod container;
+pub mod output;
+pub mod run;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+pub use args::{ContainerCmd, Global, RunCli};
+use output::Out;
+
+/// What a container command came to.
+pub enum Outcome {
+    /// Done here, with this exit code.
+    Done(ExitCode),
+    /// Needs the store (no daemon serves the image): `hb` runs the same command in `hb-engine`.
+    /// Nothing was changed yet.
+    Engine,
+}
+
+/// Runs a container command. `local` serves images from this process's store when no daemon
+/// does (`hb-engine`); without it the command answers [`Outcome::Engine`] instead.
+pub fn container_command(
+    g: &Global,
+    cmd: ContainerCmd,
+    local: Option<&dyn run::LocalImages>,
+) -> anyhow::Result<Outcome> {
+    let out = Out::new(g.json, g.quiet);
+    let done = |code| Ok(Outcome::Done(code));
+    match cmd {
+        ContainerCmd::Run(r) => {
+            let root = store_root(g)?;
+            run::run(g, &root, run::RunRequest::from_cli(*r), &out, local)
+        }
+        ContainerCmd::ContainerMonitor { id } => {
+            let dir = container::containers_dir(&store_root(g)?).join(&id);
+            run::monitor(g, &dir, None, local, &out)
+        }
+        ContainerCmd::ContainerCleanup { dir, remove } => {
+            run::cleanup(&dir, remove);
+            done(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Ps { all, no_trunc } => {
+            container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json)?;
+            done(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Stop { containers, time } => done(each_container(&store_root(g)?, &containers, |dir, s| {
+            container::stop(dir, s, std::time::Duration::from_secs(time))
+        })?),
+        ContainerCmd::Kill { containers, signal } => {
+            let signal = signal.trim_start_matches("SIG").to_string();
+            done(each_container(&store_root(g)?, &containers, |dir, s| container::kill(dir, s, &signal))?)
+        }
+        ContainerCmd::Rm { containers, force } => {
+            done(each_container(&store_root(g)?, &containers, |dir, s| container::rm(dir, s, force))?)
+        }
+        ContainerCmd::Logs { container: c, follow, tail, timestamps } => {
+            let (dir, s) = container::find(&store_root(g)?, &c)?;
+            container::logs(&dir, &s, follow, tail, timestamps)?;
+            done(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Exec { container: c, command, interactive, tty, env, workdir, user } => {
+            let (dir, s) = container::find(&store_root(g)?, &c)?;
+            let opts = hb_runtime::ExecOptions { args: command, env: env_values(env), workdir, user: None, tty };
+            let code = container::exec(&dir, &s, opts, user.as_deref(), interactive)?;
+            done(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+    }
+}
+
+/// `hb-engine`, installed beside `hb`.
+pub fn engine_exe() -> PathBuf {
+    self_exe().with_file_name("hb-engine")
+}
+
+/// An error and its causes joined with ": ", skipping a cause whose text the message already
+/// holds (library errors often format their source into their own message).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if text.contains(&t) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&t);
+    }
+    text
+}
+
+/// This program, to start helpers with (mount servers, container monitors). After an upgrade
+/// replaced the file, a long-running daemon's own path names nothing (or the new version): the
+/// kernel's link to the running image still starts this version.
+pub fn self_exe() -> PathBuf {
+    match std::env::current_exe() {
+        Ok(p) if p.exists() => p,
+        _ => PathBuf::from("/proc/self/exe"),
+    }
+}
+
+/// Where this command looks for the daemon.
+pub fn socket_path(g: &Global) -> anyhow::Result<PathBuf> {
+    Ok(api::socket_path(g.socket.as_deref(), &config::load(g.config.as_deref())?))
+}
+
+/// The running daemon that owns this command's store, if any.
+pub fn daemon_client(g: &Global) -> Option<api::Client> {
+    let file = config::load(g.config.as_deref()).ok()?;
+    let root = store_root(g).ok()?;
+    api::Client::find(&api::socket_path(g.socket.as_deref(), &file), &root)
+}
+
+/// Adds the global flags a child hb process needs to act on the same store and settings.
+pub fn pass_globals(cmd: &mut std::process::Command, g: &Global, root: &Path) {
+    cmd.arg("--root").arg(root);
+    if let Some(c) = &g.config {
+        cmd.arg("--config").arg(c);
+    }
+    if let Some(h) = &g.hosts_dir {
+        cmd.arg("--hosts-dir").arg(h);
+    }
+    if let Some(s) = &g.socket {
+        cmd.arg("--socket").arg(s);
+    }
+    for _ in 0..g.verbose {
+        cmd.arg("--verbose");
+    }
+}
+
+/// The store's root folder (flag, environment, config file, default), without opening it.
+pub fn store_root(g: &Global) -> anyhow::Result<PathBuf> {
+    let file = config::load(g.config.as_deref())?;
+    config::store_root(g.root.as_deref(), &file)
+}
+
+/// `-e KEY=VALUE` as given; `-e KEY` takes KEY's value from hb's environment, as docker does.
+pub fn env_values(env: Vec<String>) -> Vec<String> {
+    env.into_iter()
+        .map(|e| match e.split_once('=') {
+            Some(_) => e,
+            None => format!("{e}={}", std::env::var(&e).unwrap_or_default()),
+        })
+        .collect()
+}
+
+/// Applies `f` to each named container, printing each name it succeeded on (as docker does) and
+/// each failure on stderr; exit code 1 when any failed.
+fn each_container(
+    root: &Path,
+    names: &[String],
+    f: impl Fn(&Path, &container::State) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for n in names {
+        match container::find(root, n).and_then(|(dir, s)| f(&dir, &s)) {
+            Ok(()) => println!("{n}"),
+            Err(e) => {
+                eprintln!("hb: error: {}", error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
