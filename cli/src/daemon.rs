@@ -124,6 +124,26 @@ impl Daemon {
     }
 
     /// The image's mount, started (and the image pulled) if needed.
+    /// The live mount `req` asks for, if there is one (no pull, no mount: cheap enough to answer
+    /// on the API's own thread, which is what `hb run` asks for most).
+    fn existing_mount(&self, req: &MountRequest) -> anyhow::Result<Option<ImageMount>> {
+        let Some((_, digest)) = crate::find_image(&self.store, &req.image)? else { return Ok(None) };
+        let key = match req.layers {
+            Some(n) => format!("{digest}/{n}"),
+            None => digest.to_string(),
+        };
+        let found = self.mounts.lock().expect("mounts lock").get(&key).cloned();
+        match found {
+            // (A request for all N layers of an N-layer image misses here; the slow path keys it
+            // as the whole image.)
+            Some(m) if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) => {
+                self.last_used.lock().expect("lock").insert(key, Instant::now());
+                Ok(Some(m))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
         let _one = self.preparing.lock().expect("preparing lock");
         let out = Out::new(false, true);
@@ -651,7 +671,10 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
                     m.root.unwrap_or_default().display()
                 ),
             ),
-            Ok(m) => blocking(&d, "mount", move |d| d.image_mount(&m)).await,
+            Ok(m) => match d.existing_mount(&m) {
+                Ok(Some(mount)) => json(StatusCode::OK, &mount),
+                _ => blocking(&d, "mount", move |d| d.image_mount(&m)).await,
+            },
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
         (&Method::DELETE, p) if p.starts_with("/v1/mounts/") => {

@@ -8,10 +8,10 @@
 //! container's state (see `container.rs`), writes its output to `log.json` (and, in the
 //! foreground, to the terminal), and unmounts everything when the container ends.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -364,45 +364,6 @@ fn start_detached(g: &Global, root: &Path, dir: &Path, state: &State, out: &Out)
     }
 }
 
-/// Copies one output stream of the container line by line into `log.json` (and, in the
-/// foreground, to hb's own stream).
-fn pump(
-    from: impl std::io::Read + Send + 'static,
-    stream: &'static str,
-    log: Arc<Mutex<std::fs::File>>,
-    echo: bool,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut r = std::io::BufReader::with_capacity(64 << 10, from);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            // Docker splits long lines at 16 KiB; so do we.
-            match std::io::Read::take(&mut r, 16 << 10).read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if echo {
-                let _ = if stream == "stderr" {
-                    std::io::stderr().lock().write_all(&line)
-                } else {
-                    let mut o = std::io::stdout().lock();
-                    o.write_all(&line).and_then(|_| o.flush())
-                };
-            }
-            let rec = container::LogLine {
-                log: String::from_utf8_lossy(&line).into_owned(),
-                stream: stream.into(),
-                time: container::timestamp(),
-            };
-            if let Ok(mut text) = serde_json::to_vec(&rec) {
-                text.push(b'\n');
-                let _ = log.lock().expect("log lock").write_all(&text);
-            }
-        }
-    })
-}
-
 /// Serves the container in `dir`: has the daemon's mount of its image (`shared`, or asked for
 /// here) or mounts it from `local`, builds its bundle, runs the runtime, records its state and
 /// output, cleans up. Returns the container's exit code; [`Outcome::Engine`] (nothing done) when
@@ -583,8 +544,13 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Re
 
 /// Runs `runtime run` on the bundle and waits for it, with output to the log (and terminal) and
 /// signals passed on. Records the start in `state`.
+///
+/// One thread does it all: it polls the runtime's stdout and stderr, a wake-up socket the signal
+/// handlers write to, and a pidfd of the runtime (threads cost a container start more than the
+/// copying does).
 fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Result<i32> {
-    let log = Arc::new(Mutex::new(std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.json"))?));
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.json"))?;
     let on_terminal = req.opts.tty && !req.detach;
     let mut cmd = std::process::Command::new(&state.runtime);
     cmd.args(["run", "--bundle"]).arg(dir).arg("--pid-file").arg(dir.join("pid")).arg(&state.id);
@@ -595,37 +561,133 @@ fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Resul
     tracing::info!(id = %state.id, runtime = %state.runtime.display(), "starting container");
     // The runtime forwards the signals it gets to the container. In the foreground hb must not die
     // of a Ctrl-C (the terminal sends it to both) and passes a SIGTERM meant for it on; a detached
-    // monitor passes SIGTERM and SIGINT on and ignores SIGHUP.
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("handling signals")?;
-    let signals_handle = signals.handle();
-    let (rt_path, cid, detached) = (state.runtime.clone(), state.id.clone(), req.detach);
-    let forwarder = std::thread::spawn(move || {
-        for sig in signals.forever() {
-            if sig == SIGTERM || (sig == SIGINT && detached) {
-                let _ = std::process::Command::new(&rt_path).args(["kill", &cid, "TERM"]).status();
-            }
-        }
-    });
-    let mut child = cmd.spawn().with_context(|| format!("running {}", state.runtime.display()))?;
-    state.status = Status::Running;
-    state.started = Some(container::now());
-    state.save(dir)?;
-    let pumps: Vec<_> = [
-        child.stdout.take().map(|o| pump(o, "stdout", log.clone(), !req.detach)),
-        child.stderr.take().map(|e| pump(e, "stderr", log.clone(), !req.detach)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    tracing::debug!("runtime started");
-    let status = child.wait();
-    tracing::debug!("runtime exited");
-    for p in pumps {
-        let _ = p.join();
+    // monitor passes SIGTERM and SIGINT on and ignores SIGHUP. Registered before the runtime
+    // starts, so none is lost.
+    let (wake, wake_w) = std::os::unix::net::UnixStream::pair()?;
+    wake.set_nonblocking(true)?;
+    let mut handlers = Vec::new();
+    let caught: Vec<(i32, Arc<std::sync::atomic::AtomicBool>)> =
+        [SIGINT, SIGTERM, SIGHUP].into_iter().map(|s| (s, Default::default())).collect();
+    for (sig, flag) in &caught {
+        handlers.push(signal_hook::flag::register(*sig, flag.clone()).context("handling signals")?);
+        handlers.push(signal_hook::low_level::pipe::register(*sig, wake_w.try_clone()?).context("handling signals")?);
     }
-    signals_handle.close();
-    let _ = forwarder.join();
-    tracing::debug!("output drained");
-    Ok(container::exit_code(status?))
+    let result = (|| -> anyhow::Result<i32> {
+        let mut child = cmd.spawn().with_context(|| format!("running {}", state.runtime.display()))?;
+        state.status = Status::Running;
+        state.started = Some(container::now());
+        state.save(dir)?;
+        tracing::debug!("runtime started");
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::PidfdFlags::empty(),
+        )?;
+        let mut streams: Vec<Stream> = [
+            child.stdout.take().map(|o| Stream::new(o.into(), "stdout")),
+            child.stderr.take().map(|e| Stream::new(e.into(), "stderr")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut exited = false;
+        while !exited || !streams.is_empty() {
+            use rustix::event::{poll, PollFd, PollFlags};
+            let mut fds: Vec<PollFd> = streams.iter().map(|s| PollFd::new(&s.fd, PollFlags::IN)).collect();
+            fds.push(PollFd::new(&wake, PollFlags::IN));
+            if !exited {
+                fds.push(PollFd::new(&pidfd, PollFlags::IN));
+            }
+            match poll(&mut fds, None) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => r?,
+            };
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            drop(fds);
+            if !exited && ready[streams.len() + 1] {
+                exited = true;
+            }
+            if ready[streams.len()] {
+                let mut sink = [0u8; 64];
+                while matches!(std::io::Read::read(&mut &wake, &mut sink), Ok(n) if n > 0) {}
+                for (sig, flag) in &caught {
+                    let forward = *sig == SIGTERM || (*sig == SIGINT && req.detach);
+                    if flag.swap(false, std::sync::atomic::Ordering::SeqCst) && forward {
+                        let _ = std::process::Command::new(&state.runtime).args(["kill", &state.id, "TERM"]).status();
+                    }
+                }
+            }
+            let mut open = Vec::with_capacity(streams.len());
+            for (mut s, r) in streams.into_iter().zip(ready) {
+                if !r || s.pump(&mut log, !req.detach) {
+                    open.push(s);
+                }
+            }
+            streams = open;
+        }
+        tracing::debug!("runtime exited; output drained");
+        Ok(container::exit_code(child.wait()?))
+    })();
+    for h in handlers {
+        signal_hook::low_level::unregister(h);
+    }
+    result
+}
+
+/// One output stream of the container: copied line by line into `log.json` (and, in the
+/// foreground, to hb's own stream). Docker splits long lines at 16 KiB; so does this.
+struct Stream {
+    fd: std::os::fd::OwnedFd,
+    name: &'static str,
+    pending: Vec<u8>,
+}
+
+impl Stream {
+    const MAX_LINE: usize = 16 << 10;
+
+    fn new(fd: std::os::fd::OwnedFd, name: &'static str) -> Self {
+        Stream { fd, name, pending: Vec::new() }
+    }
+
+    /// Reads what is there and writes the complete lines; false at the end of the stream (the
+    /// rest written as a last line).
+    fn pump(&mut self, log: &mut std::fs::File, echo: bool) -> bool {
+        let mut buf = [0u8; 64 << 10];
+        let n = match rustix::io::read(&self.fd, &mut buf) {
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => return true,
+            Err(_) | Ok(0) => 0,
+            Ok(n) => n,
+        };
+        self.pending.extend_from_slice(&buf[..n]);
+        loop {
+            let cut = match self.pending.iter().position(|b| *b == b'\n') {
+                Some(i) if i < Self::MAX_LINE => i + 1,
+                _ if self.pending.len() >= Self::MAX_LINE => Self::MAX_LINE,
+                _ if n == 0 && !self.pending.is_empty() => self.pending.len(),
+                _ => break,
+            };
+            let line: Vec<u8> = self.pending.drain(..cut).collect();
+            self.write(&line, log, echo);
+        }
+        n > 0
+    }
+
+    fn write(&self, line: &[u8], log: &mut std::fs::File, echo: bool) {
+        if echo {
+            let _ = if self.name == "stderr" {
+                std::io::stderr().lock().write_all(line)
+            } else {
+                let mut o = std::io::stdout().lock();
+                o.write_all(line).and_then(|_| o.flush())
+            };
+        }
+        let rec = container::LogLine {
+            log: String::from_utf8_lossy(line).into_owned(),
+            stream: self.name.into(),
+            time: container::timestamp(),
+        };
+        if let Ok(mut text) = serde_json::to_vec(&rec) {
+            text.push(b'\n');
+            let _ = log.write_all(&text);
+        }
+    }
 }

@@ -60,6 +60,10 @@ pub struct ImageFs {
     io_mode: Mutex<HashMap<u32, bool>>,
     /// Set by `init` when the kernel agreed to passthrough.
     passthrough_ok: Arc<AtomicBool>,
+    /// Whether any entry carries extended attributes. Without any, `getxattr`/`listxattr`
+    /// answer ENOSYS once and the kernel stops asking: overlayfs looks up `trusted.overlay.*`
+    /// on the lower layer and exec asks for `security.capability`, a round trip each otherwise.
+    has_xattrs: bool,
 }
 
 impl ImageFs {
@@ -77,6 +81,7 @@ impl ImageFs {
                 _ => {}
             }
         }
+        let has_xattrs = index.entries.iter().any(|e| !e.meta.xattrs.is_empty());
         ImageFs {
             index,
             nlink,
@@ -85,6 +90,7 @@ impl ImageFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             backing: Mutex::new(HashMap::new()),
+            has_xattrs,
             io_mode: Mutex::new(HashMap::new()),
             passthrough_ok,
         }
@@ -220,7 +226,10 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(READAHEAD_BYTES as u32);
-        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+        // The image never changes: symlink targets may stay in the kernel's cache.
+        let _ = config.add_capabilities(
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO | InitFlags::FUSE_CACHE_SYMLINKS,
+        );
         if self.opts.passthrough {
             if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok() {
                 self.passthrough_ok.store(true, Ordering::Relaxed);
@@ -238,7 +247,10 @@ impl Filesystem for ImageFs {
         }
         match self.child(p, name.as_bytes()) {
             Some(c) => reply.entry(&TTL, &self.attr(c), Generation(0)),
-            None => reply.error(Errno::ENOENT),
+            // A negative entry (node id 0) with a timeout: the kernel remembers the name is
+            // missing (the image never changes), so a container's PATH search or a runtime's
+            // mount-point checks do not ask again.
+            None => reply.entry(&TTL, &FileAttr { ino: INodeNo(0), ..self.attr(0) }, Generation(0)),
         }
     }
 
@@ -390,6 +402,9 @@ impl Filesystem for ImageFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let Some(i) = self.entry_of(ino).map(|i| self.resolve(i)) else { return reply.error(Errno::ENOENT) };
         let xattrs = &self.index.entries[i as usize].meta.xattrs;
         match xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
@@ -401,6 +416,9 @@ impl Filesystem for ImageFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let Some(i) = self.entry_of(ino).map(|i| self.resolve(i)) else { return reply.error(Errno::ENOENT) };
         let mut names = Vec::new();
         for (k, _) in &self.index.entries[i as usize].meta.xattrs {

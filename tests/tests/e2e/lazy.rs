@@ -76,6 +76,11 @@ fn mounts_show_exactly_what_export_writes() {
         let m = Mounted::new(&hb, &image, "mnt", &[]);
         let got = fingerprint_dir(&m.dir, &[]);
         assert_same_tree(&format!("mount of {image}"), &want, &got, true);
+        // Missing names are remembered by the kernel (negative entries): still missing, twice.
+        for _ in 0..2 {
+            let e = std::fs::symlink_metadata(m.dir.join("bin/no-such-entry")).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{image}: {e}");
+        }
         m.unmount();
         hb.fsck_clean();
     }

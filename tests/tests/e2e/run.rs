@@ -52,6 +52,12 @@ fn busybox_runs_with_docker_semantics_for_output_exit_codes_env_and_user() {
     assert_eq!((code, out.as_str()), (0, "bar /tmp 1000:1000 box1\n"));
     let (code, out, _) = hb_run(&hb, &["--entrypoint", "/bin/echo", &image, "from", "entrypoint"]);
     assert_eq!((code, out.as_str()), (0, "from entrypoint\n"));
+    // Output passes through byte for byte: a 40000-byte line, a last line without a newline,
+    // both streams at once.
+    let script = "head -c 40000 /dev/zero | tr '\\0' a; echo; echo e1 >&2; printf tail; printf e2 >&2";
+    let (code, out, err) = hb_run(&hb, &[&image, "sh", "-c", script]);
+    assert_eq!((code, out.len(), err.as_str()), (0, 40005, "e1\ne2"));
+    assert_eq!(out, format!("{}\ntail", "a".repeat(40000)));
     // SIGTERM to hb reaches the container (which traps it here) and its exit code comes back.
     let mut child = hb
         .command(&["-q", "run", &image, "sh", "-c", "trap 'exit 42' TERM; echo ready; while true; do sleep 0.1; done"])
