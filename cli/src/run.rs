@@ -415,8 +415,11 @@ pub fn monitor(
         // The image's passwd and group files, only for a user to resolve (root needs neither).
         let user_spec = req.opts.user.clone().or_else(|| image.user.clone()).filter(|u| !u.trim().is_empty());
         let read = |p: &str| user_spec.as_ref().and_then(|_| std::fs::read_to_string(lower.join(p)).ok());
-        let user =
-            hb_runtime::resolve_user(user_spec.as_deref(), read("etc/passwd").as_deref(), read("etc/group").as_deref())?;
+        let user = hb_runtime::resolve_user(
+            user_spec.as_deref(),
+            read("etc/passwd").as_deref(),
+            read("etc/group").as_deref(),
+        )?;
         let hostname = req.opts.hostname.clone().unwrap_or_else(|| state.short_id().to_string());
         let spec =
             hb_runtime::build_spec(&image, &req.opts, &user, &rootfs, &hostname, Some(&format!("/hb/{}", state.id)))?;
