@@ -94,6 +94,22 @@ pub struct CleanupRequest {
     pub remove: bool,
 }
 
+/// Where the daemon listening on `socket` takes cleanup requests as datagrams (a
+/// [`CleanupRequest`] as JSON each, no answer): `hb.sock` -> `hb.cleanup.sock`, beside it.
+pub fn cleanup_socket(socket: &Path) -> PathBuf {
+    let name = socket.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = name.strip_suffix(".sock").unwrap_or(&name);
+    socket.with_file_name(format!("{stem}.cleanup.sock"))
+}
+
+/// Hands a cleanup to the daemon listening on `socket` in one datagram; false when no daemon
+/// takes it (no socket, nobody reading it, its queue full).
+pub fn send_cleanup(socket: &Path, req: &CleanupRequest) -> bool {
+    let Ok(msg) = serde_json::to_vec(req) else { return false };
+    let Ok(s) = std::os::unix::net::UnixDatagram::unbound() else { return false };
+    s.set_nonblocking(true).is_ok() && s.send_to(&msg, cleanup_socket(socket)).is_ok_and(|n| n == msg.len())
+}
+
 /// Any error: the status code says its class, `error` says what went wrong.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -350,6 +366,22 @@ mod tests {
         assert_eq!((status, body.as_slice()), (200, b"{}".as_slice()));
         assert!(server.join().unwrap(), "the client did not call `slow` while waiting");
         assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn cleanup_sockets_sit_beside_the_api_socket() {
+        assert_eq!(cleanup_socket(Path::new("/run/hb/hb.sock")), Path::new("/run/hb/hb.cleanup.sock"));
+        assert_eq!(cleanup_socket(Path::new("/tmp/x/api")), Path::new("/tmp/x/api.cleanup.sock"));
+        // Nobody listening: not taken (the caller falls back).
+        let dir = tempfile::tempdir().unwrap();
+        let req = CleanupRequest { dir: dir.path().join("c"), remove: true };
+        assert!(!send_cleanup(&dir.path().join("hb.sock"), &req));
+        let rx = std::os::unix::net::UnixDatagram::bind(dir.path().join("hb.cleanup.sock")).unwrap();
+        assert!(send_cleanup(&dir.path().join("hb.sock"), &req));
+        let mut buf = [0u8; 4096];
+        let n = rx.recv(&mut buf).unwrap();
+        let got: CleanupRequest = serde_json::from_slice(&buf[..n]).unwrap();
+        assert_eq!((got.dir, got.remove), (req.dir, true));
     }
 
     #[test]

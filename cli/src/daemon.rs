@@ -80,6 +80,12 @@ fn same_path(a: &Path, b: &Path) -> bool {
     a == b || std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
 }
 
+/// Why a cleanup request was refused.
+enum CleanupRefused {
+    NotContainer(anyhow::Error),
+    Missing(anyhow::Error),
+}
+
 fn pid_alive(pid: u32) -> bool {
     crate::container::process_start(pid).is_some()
 }
@@ -141,6 +147,24 @@ impl Daemon {
                 Ok(Some(m))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// Unmounts a finished container's overlay and removes its folder (when asked) in the
+    /// background: only folders of this store's containers, by their canonical path.
+    fn start_cleanup(&self, c: &api::CleanupRequest) -> Result<(), CleanupRefused> {
+        let containers = crate::container::containers_dir(&self.root);
+        match c.dir.canonicalize() {
+            Ok(dir) if dir.starts_with(&containers) && dir != containers => {
+                let remove = c.remove;
+                tokio::task::spawn_blocking(move || crate::run::cleanup(&dir, remove));
+                Ok(())
+            }
+            Ok(dir) => Err(CleanupRefused::NotContainer(anyhow::anyhow!(
+                "{} is not a container folder of this daemon's store",
+                dir.display()
+            ))),
+            Err(e) => Err(CleanupRefused::Missing(anyhow::anyhow!("{}: {e}", c.dir.display()))),
         }
     }
 
@@ -699,20 +723,10 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
         (&Method::POST, "/v1/containers/cleanup") => match body_json::<crate::api::CleanupRequest>(req).await {
-            // Only folders of this store's containers, by their canonical path.
-            Ok(c) => match c.dir.canonicalize() {
-                Ok(dir)
-                    if dir.starts_with(crate::container::containers_dir(&d.root))
-                        && dir != crate::container::containers_dir(&d.root) =>
-                {
-                    tokio::task::spawn_blocking(move || crate::run::cleanup(&dir, c.remove));
-                    json(StatusCode::ACCEPTED, &serde_json::json!({}))
-                }
-                Ok(dir) => error(
-                    StatusCode::BAD_REQUEST,
-                    &anyhow::anyhow!("{} is not a container folder of this daemon's store", dir.display()),
-                ),
-                Err(e) => error(StatusCode::NOT_FOUND, &anyhow::anyhow!("{}: {e}", c.dir.display())),
+            Ok(c) => match d.start_cleanup(&c) {
+                Ok(()) => json(StatusCode::ACCEPTED, &serde_json::json!({})),
+                Err(CleanupRefused::NotContainer(e)) => error(StatusCode::BAD_REQUEST, &e),
+                Err(CleanupRefused::Missing(e)) => error(StatusCode::NOT_FOUND, &e),
             },
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
@@ -778,6 +792,36 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         .with_context(|| format!("listening on {}", socket.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    // Finished containers' cleanups, one datagram each: `hb run` sends and goes, no round trip.
+    let cleanups_path = api::cleanup_socket(socket);
+    let _ = std::fs::remove_file(&cleanups_path);
+    let cleanups = server
+        .block_on(async { tokio::net::UnixDatagram::bind(&cleanups_path) })
+        .with_context(|| format!("listening on {}", cleanups_path.display()))?;
+    std::fs::set_permissions(&cleanups_path, std::fs::Permissions::from_mode(0o660))?;
+    let cd = d.clone();
+    server.spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match cleanups.recv(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the cleanup socket failed");
+                    continue;
+                }
+            };
+            let refused = match serde_json::from_slice::<api::CleanupRequest>(&buf[..n]) {
+                Ok(c) => cd.start_cleanup(&c).err().map(|r| match r {
+                    CleanupRefused::NotContainer(e) | CleanupRefused::Missing(e) => e,
+                }),
+                Err(e) => Some(e.into()),
+            };
+            if let Some(e) = refused {
+                cd.metrics.error("cleanup");
+                tracing::warn!(error = %crate::error_chain(&e), "a cleanup request was refused");
+            }
+        }
+    });
     out.note(format!(
         "hb daemon {} serving store {} on {} (pid {}; {} image mounts adopted)",
         env!("CARGO_PKG_VERSION"),
@@ -847,6 +891,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         tracing::warn!(error = %e, "the snapshotter's server ended badly");
     }
     let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(&cleanups_path);
     let _ = std::fs::remove_file(snapshotter);
     out.note(format!(
         "hb daemon stopped; {} image mounts keep serving (the next daemon adopts them)",

@@ -464,15 +464,15 @@ pub fn monitor(
             if !remove {
                 state.save(dir)?;
             }
-            let handed = crate::api::Client::at(&crate::socket_path(g)?).is_some_and(|c| {
-                c.call::<serde_json::Value>(
-                    "POST",
-                    "/v1/containers/cleanup",
-                    Some(&crate::api::CleanupRequest { dir: target.clone(), remove }),
-                )
-                .map_err(|e| tracing::debug!(error = %e, "the daemon did not take the cleanup"))
-                .is_ok()
-            });
+            // One datagram to the daemon; its API when that is refused; else a helper process.
+            let socket = crate::socket_path(g)?;
+            let req = crate::api::CleanupRequest { dir: target.clone(), remove };
+            let handed = crate::api::send_cleanup(&socket, &req)
+                || crate::api::Client::at(&socket).is_some_and(|c| {
+                    c.call::<serde_json::Value>("POST", "/v1/containers/cleanup", Some(&req))
+                        .map_err(|e| tracing::debug!(error = %e, "the daemon did not take the cleanup"))
+                        .is_ok()
+                });
             if !handed && !spawn_cleanup(g, &target, remove) {
                 cleanup(&target, remove);
             }
