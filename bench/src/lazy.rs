@@ -380,10 +380,16 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
         .find(|p| p.is_dir())
         .context("the daemon's image mount")?;
     let (mut t_hbd, mut t_runc2, mut t_same, mut t_over) = (vec![], vec![], vec![], vec![]);
+    // Each timed command starts after a pause, so none pays for the kernel still tearing down
+    // the previous one's mounts and namespaces (hb hands its cleanup to the daemon, the overlay
+    // row unmounts lazily).
+    let settle = || std::thread::sleep(Duration::from_millis(30));
     for run in 0..runs.max(5) * 4 {
+        settle();
         let t = Instant::now();
         timed_command(Command::new("runc").args(["run", "--bundle"]).arg(&bundle).arg(format!("hb-bench-d{run}")))?;
         t_runc2.push(t.elapsed());
+        settle();
         let t = Instant::now();
         timed_command(Command::new("runc").args(["run", "--bundle"]).arg(&same).arg(format!("hb-bench-s{run}")))?;
         t_same.push(t.elapsed());
@@ -404,11 +410,13 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
         )?;
         spec["root"] = serde_json::json!({"path": fresh.join("rootfs"), "readonly": false});
         std::fs::write(fresh.join("config.json"), serde_json::to_vec(&spec)?)?;
+        settle();
         let t = Instant::now();
         timed_command(Command::new("runc").args(["run", "--bundle"]).arg(&fresh).arg(format!("hb-bench-o{run}")))?;
         t_over.push(t.elapsed());
         timed_command(Command::new("umount").arg("-l").arg(fresh.join("rootfs")))?;
         std::fs::remove_dir_all(&fresh)?;
+        settle();
         let t = Instant::now();
         timed_command(&mut hb_daemon(&["-q", "run", "--rm", small, "true"]))?;
         t_hbd.push(t.elapsed());
