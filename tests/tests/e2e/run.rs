@@ -243,3 +243,38 @@ fn container_dir(hb: &Hb, name: &str) -> std::path::PathBuf {
     let id = all.as_array().unwrap().iter().find(|c| c["name"] == name).unwrap()["id"].as_str().unwrap().to_string();
     hb.root.join("containers").join(id)
 }
+
+#[test]
+fn hb_serves_container_commands_itself_and_hands_the_rest_to_hb_engine() {
+    let hb = Hb::new();
+    // Beside its engine: every command works (`images` is the engine's, `ps` hb's own).
+    assert!(hb.ok(&["images"]).starts_with("IMAGE"));
+    assert!(hb.ok(&["ps", "-a"]).starts_with("CONTAINER ID"));
+    let help = hb.run(&["--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Pull an image"), "the engine's help lists everything");
+    let usage = hb.run(&["no-such-command"]);
+    assert_eq!(usage.status.code(), Some(2), "a usage error is the engine's: exit code 2");
+    // Alone, `hb` still does what needs no store and names what is missing for the rest.
+    let lone = hb.path("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    std::fs::copy(hb_bin(), lone.join("hb")).unwrap();
+    let run = |args: &[&str]| {
+        let c = hb.command(args);
+        let argv: Vec<std::ffi::OsString> = c.get_args().map(|a| a.to_os_string()).collect();
+        let mut alone = Command::new(lone.join("hb"));
+        alone.args(argv);
+        for (k, v) in c.get_envs() {
+            match v {
+                Some(v) => alone.env(k, v),
+                None => alone.env_remove(k),
+            };
+        }
+        alone.output().unwrap()
+    };
+    let ps = run(&["ps", "-a"]);
+    assert!(ps.status.success(), "{}", String::from_utf8_lossy(&ps.stderr));
+    let images = run(&["images"]);
+    assert_eq!(images.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&images.stderr);
+    assert!(err.contains("hb-engine") && err.contains("beside hb"), "{err}");
+}
