@@ -379,48 +379,59 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
         .map(|e| e.path())
         .find(|p| p.is_dir())
         .context("the daemon's image mount")?;
-    let (mut t_hbd, mut t_runc2, mut t_same, mut t_over) = (vec![], vec![], vec![], vec![]);
-    // Each timed command starts after a pause, so none pays for the kernel still tearing down
-    // the previous one's mounts and namespaces (hb hands its cleanup to the daemon, the overlay
-    // row unmounts lazily).
-    let settle = || std::thread::sleep(Duration::from_millis(30));
-    for run in 0..runs.max(5) * 4 {
-        settle();
-        let t = Instant::now();
-        timed_command(Command::new("runc").args(["run", "--bundle"]).arg(&bundle).arg(format!("hb-bench-d{run}")))?;
-        t_runc2.push(t.elapsed());
-        settle();
-        let t = Instant::now();
-        timed_command(Command::new("runc").args(["run", "--bundle"]).arg(&same).arg(format!("hb-bench-s{run}")))?;
-        t_same.push(t.elapsed());
-        let fresh = work.path().join(format!("over-{run}"));
-        for d in ["upper", "work", "rootfs"] {
-            std::fs::create_dir_all(fresh.join(d))?;
+    // The four are timed back to back in an order that rotates each round, so each follows each
+    // of the others equally often: whichever comes right after a container's teardown (still
+    // going on in the kernel; hb's is the daemon's, in the background) pays for it, and that
+    // cost is shared out evenly. Many rounds: this machine's noise is about 10 % per sample.
+    let rounds = runs.max(5) * 10;
+    let mut times: [Vec<Duration>; 4] = Default::default();
+    for round in 0..rounds {
+        for k in 0..4 {
+            let variant = (round + k) % 4;
+            let t = match variant {
+                0 => {
+                    timed_command(
+                        Command::new("runc").args(["run", "--bundle"]).arg(&bundle).arg(format!("hb-bench-d{round}")),
+                    )?
+                    .0
+                }
+                1 => {
+                    timed_command(
+                        Command::new("runc").args(["run", "--bundle"]).arg(&same).arg(format!("hb-bench-s{round}")),
+                    )?
+                    .0
+                }
+                2 => {
+                    let fresh = work.path().join(format!("over-{round}"));
+                    for d in ["upper", "work", "rootfs"] {
+                        std::fs::create_dir_all(fresh.join(d))?;
+                    }
+                    timed_command(
+                        Command::new("mount")
+                            .args(["-t", "overlay", "overlay", "-o"])
+                            .arg(format!(
+                                "lowerdir={},upperdir={},workdir={}",
+                                image_mount.display(),
+                                fresh.join("upper").display(),
+                                fresh.join("work").display()
+                            ))
+                            .arg(fresh.join("rootfs")),
+                    )?;
+                    spec["root"] = serde_json::json!({"path": fresh.join("rootfs"), "readonly": false});
+                    std::fs::write(fresh.join("config.json"), serde_json::to_vec(&spec)?)?;
+                    let (t, _) = timed_command(
+                        Command::new("runc").args(["run", "--bundle"]).arg(&fresh).arg(format!("hb-bench-o{round}")),
+                    )?;
+                    timed_command(Command::new("umount").arg("-l").arg(fresh.join("rootfs")))?;
+                    std::fs::remove_dir_all(&fresh)?;
+                    t
+                }
+                _ => timed_command(&mut hb_daemon(&["-q", "run", "--rm", small, "true"]))?.0,
+            };
+            times[variant].push(t);
         }
-        timed_command(
-            Command::new("mount")
-                .args(["-t", "overlay", "overlay", "-o"])
-                .arg(format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    image_mount.display(),
-                    fresh.join("upper").display(),
-                    fresh.join("work").display()
-                ))
-                .arg(fresh.join("rootfs")),
-        )?;
-        spec["root"] = serde_json::json!({"path": fresh.join("rootfs"), "readonly": false});
-        std::fs::write(fresh.join("config.json"), serde_json::to_vec(&spec)?)?;
-        settle();
-        let t = Instant::now();
-        timed_command(Command::new("runc").args(["run", "--bundle"]).arg(&fresh).arg(format!("hb-bench-o{run}")))?;
-        t_over.push(t.elapsed());
-        timed_command(Command::new("umount").arg("-l").arg(fresh.join("rootfs")))?;
-        std::fs::remove_dir_all(&fresh)?;
-        settle();
-        let t = Instant::now();
-        timed_command(&mut hb_daemon(&["-q", "run", "--rm", small, "true"]))?;
-        t_hbd.push(t.elapsed());
     }
+    let [t_runc2, t_same, t_over, t_hbd] = times;
     // hb's own part, free of runc's variance: the same `hb run` with a runtime that does nothing
     // (`/bin/true` answers `run` at once), against starting that runtime alone.
     let (mut t_noop, mut t_true) = (vec![], vec![]);
@@ -450,30 +461,26 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
         h.as_secs_f64(),
         h.as_secs_f64() / r.as_secs_f64()
     );
+    let over = median(t_over);
     println!(
-        "| `runc run` of the bundle, interleaved with the next row (median of {}) | {:.3} s | 1.00x |",
-        n * 4,
+        "| `runc run` of the bundle, the next three rows in rotation with it (median of {rounds}) | {:.3} s | 1.00x |",
         r2.as_secs_f64()
     );
     println!(
-        "| `runc run` of the bundle with hb's own spec (seccomp profile, capabilities, masked paths), interleaved (median of {}) | {:.3} s | {:.2}x |",
-        n * 4,
+        "| `runc run` of the bundle with hb's own spec (seccomp profile, capabilities, masked paths; median of {rounds}) | {:.3} s | {:.2}x |",
         rs.as_secs_f64(),
         rs.as_secs_f64() / r2.as_secs_f64()
     );
     println!(
-        "| `hb run --rm` with `hb daemon` (shared image mount; overlayfs + spec + runc run + cleanup; median of {}) | {:.3} s | {:.2}x; **{:.2}x** of runc with the same spec |",
-        n * 4,
+        "| `runc run` with hb's spec on a fresh overlayfs over the daemon's image mount (what hb hands runc, without hb; median of {rounds}) | {:.3} s | {:.2}x |",
+        over.as_secs_f64(),
+        over.as_secs_f64() / r2.as_secs_f64()
+    );
+    println!(
+        "| `hb run --rm` with `hb daemon` (shared image mount; overlayfs + spec + runc run + cleanup; median of {rounds}) | {:.3} s | **{:.2}x**; {:.2}x of runc with the same spec |",
         hd.as_secs_f64(),
         hd.as_secs_f64() / r2.as_secs_f64(),
         hd.as_secs_f64() / rs.as_secs_f64()
-    );
-    let over = median(t_over);
-    println!(
-        "| `runc run` with hb's spec on a fresh overlayfs over the daemon's image mount (what hb hands runc, without hb), interleaved (median of {}) | {:.3} s | {:.2}x |",
-        n * 4,
-        over.as_secs_f64(),
-        over.as_secs_f64() / r2.as_secs_f64()
     );
     let (noop, bare) = (median(t_noop), median(t_true));
     println!(
