@@ -500,14 +500,7 @@ impl Store {
         if pin {
             batch.put_cf(self.cf(CF_REFS), layer_ref(&report.diff_id), report.diff_id.as_bytes());
         }
-        if (!report.already_present || completes_lazy) && pack.len() > committed {
-            pack.sync()?;
-            pack_rec.committed_len = pack.len();
-            batch.put(pack_key(pack.id), pack_rec.encode());
-        }
-        self.sync_write(batch)?;
-        let mut bloom = self.bloom.write().expect("bloom lock");
-        new_ids.iter().for_each(|id| bloom.insert(id));
+        self.write_commit(batch, pack, committed, pack_rec, &new_ids)?;
         tracing::info!(diff_id = %report.diff_id, new_chunks = report.new_chunks, "layer committed");
         Ok(report)
     }
@@ -529,6 +522,28 @@ pub(crate) fn placed(
 }
 
 impl Store {
+    /// Makes a commit durable, in order: the pack's bytes past `committed` synced and its new
+    /// committed length added to `batch` (when it grew: a rolled-back pack did not), `batch`
+    /// written synced, then the new chunk ids added to the Bloom filter.
+    pub(crate) fn write_commit(
+        &self,
+        mut batch: WriteBatch,
+        pack: &mut PackWriter,
+        committed: u64,
+        mut pack_rec: PackRecord,
+        new_ids: &[ChunkId],
+    ) -> Result<()> {
+        if pack.len() > committed {
+            pack.sync()?;
+            pack_rec.committed_len = pack.len();
+            batch.put(pack_key(pack.id), pack_rec.encode());
+        }
+        self.sync_write(batch)?;
+        let mut bloom = self.bloom.write().expect("bloom lock");
+        new_ids.iter().for_each(|id| bloom.insert(id));
+        Ok(())
+    }
+
     /// Adds one reference to each chunk in `seen` to `batch`: chunks this ingest wrote get their
     /// record (`place` says where; new ids are collected for the Bloom filter), stored ones a
     /// higher refcount. Records are read again: another commit may have stored some meanwhile.

@@ -156,14 +156,7 @@ impl Store {
         let mut new_ids = Vec::new();
         self.reference_chunks(&seen, &mut place, &mut batch, &mut new_ids)?;
         batch.put(raw_key(digest), record.encode());
-        if pack.len() > committed {
-            pack.sync()?;
-            pack_rec.committed_len = pack.len();
-            batch.put(pack_key(pack.id), pack_rec.encode());
-        }
-        self.sync_write(batch)?;
-        let mut bloom = self.bloom.write().expect("bloom lock");
-        new_ids.iter().for_each(|id| bloom.insert(id));
+        self.write_commit(batch, pack, committed, pack_rec, &new_ids)?;
         tracing::debug!(%digest, size = record.size, new_chunks = report.new_chunks, "raw object committed");
         Ok(report)
     }
