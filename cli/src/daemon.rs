@@ -138,16 +138,20 @@ impl Daemon {
             Some(n) => format!("{digest}/{n}"),
             None => digest.to_string(),
         };
-        let found = self.mounts.lock().expect("mounts lock").get(&key).cloned();
-        match found {
-            // (A request for all N layers of an N-layer image misses here; the slow path keys it
-            // as the whole image.)
-            Some(m) if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) => {
-                self.last_used.lock().expect("lock").insert(key, Instant::now());
-                Ok(Some(m))
-            }
-            _ => Ok(None),
+        // (A request for all N layers of an N-layer image misses here; the slow path keys it as
+        // the whole image.)
+        Ok(self.live_mount(key))
+    }
+
+    /// The mount recorded under `key` if its server is alive and it is still mounted; marked as
+    /// used now.
+    fn live_mount(&self, key: String) -> Option<ImageMount> {
+        let m = self.mounts.lock().expect("mounts lock").get(&key).cloned()?;
+        if !(pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path)) {
+            return None;
         }
+        self.last_used.lock().expect("lock").insert(key, Instant::now());
+        Some(m)
     }
 
     /// Unmounts a finished container's overlay and removes its folder (when asked) in the
@@ -186,11 +190,8 @@ impl Daemon {
             Some(n) => format!("{digest}/{n}"),
             None => digest.to_string(),
         };
-        if let Some(m) = self.mounts.lock().expect("mounts lock").get(&key) {
-            if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) {
-                self.last_used.lock().expect("lock").insert(key.clone(), Instant::now());
-                return Ok(m.clone());
-            }
+        if let Some(m) = self.live_mount(key.clone()) {
+            return Ok(m);
         }
         self.settle();
         let dir_name = match layers {

@@ -231,7 +231,7 @@ pub fn run(
     // A detached monitor asks the daemon itself.
     let shared = if req.detach { None } else { daemon_mount(g, &req, out.quiet || out.json)? };
     tracing::debug!(us = t0.elapsed().as_micros() as u64, daemon = shared.is_some(), "image ready");
-    if shared.is_none() && !(req.detach && daemon_answers(g)) {
+    if shared.is_none() && !(req.detach && crate::daemon_client(g).is_some()) {
         match local {
             None => return Ok(Outcome::Engine),
             Some(l) => {
@@ -292,11 +292,6 @@ fn daemon_mount(g: &Global, req: &RunRequest, quiet: bool) -> anyhow::Result<Opt
             eprintln!("waiting for the hb daemon to pull and mount {} ...", req.image);
         }
     })
-}
-
-/// Whether a daemon serving this store answers (a detached container's monitor will use it).
-fn daemon_answers(g: &Global) -> bool {
-    crate::daemon_client(g).is_some()
 }
 
 /// Starts `hb container-monitor ID` detached (own session, no terminal) and returns once the
