@@ -115,16 +115,25 @@ pub fn self_exe() -> PathBuf {
     }
 }
 
+/// The config file this process runs with, read once (a container start asks for the store
+/// root and the daemon's socket several times).
+pub fn file_config(g: &Global) -> anyhow::Result<&'static config::FileConfig> {
+    static FILE: std::sync::OnceLock<config::FileConfig> = std::sync::OnceLock::new();
+    if let Some(f) = FILE.get() {
+        return Ok(f);
+    }
+    let f = config::load(g.config.as_deref())?;
+    Ok(FILE.get_or_init(|| f))
+}
+
 /// Where this command looks for the daemon.
 pub fn socket_path(g: &Global) -> anyhow::Result<PathBuf> {
-    Ok(api::socket_path(g.socket.as_deref(), &config::load(g.config.as_deref())?))
+    Ok(api::socket_path(g.socket.as_deref(), file_config(g)?))
 }
 
 /// The running daemon that owns this command's store, if any.
 pub fn daemon_client(g: &Global) -> Option<api::Client> {
-    let file = config::load(g.config.as_deref()).ok()?;
-    let root = store_root(g).ok()?;
-    api::Client::find(&api::socket_path(g.socket.as_deref(), &file), &root)
+    api::Client::find(&socket_path(g).ok()?, &store_root(g).ok()?)
 }
 
 /// Adds the global flags a child hb process needs to act on the same store and settings.
@@ -146,8 +155,7 @@ pub fn pass_globals(cmd: &mut std::process::Command, g: &Global, root: &Path) {
 
 /// The store's root folder (flag, environment, config file, default), without opening it.
 pub fn store_root(g: &Global) -> anyhow::Result<PathBuf> {
-    let file = config::load(g.config.as_deref())?;
-    config::store_root(g.root.as_deref(), &file)
+    config::store_root(g.root.as_deref(), file_config(g)?)
 }
 
 /// `-e KEY=VALUE` as given; `-e KEY` takes KEY's value from hb's environment, as docker does.
