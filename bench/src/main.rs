@@ -342,7 +342,12 @@ pub(crate) fn repo_root() -> PathBuf {
 pub(crate) fn hb_binary() -> anyhow::Result<PathBuf> {
     let p = std::env::current_exe()?.with_file_name("hb");
     if !p.exists() {
-        bail!("{} is missing: build it with `cargo build --release -p hb-cli -p hb-bench`", p.display());
+        bail!("{} is missing: build it with `scripts/build-release.sh`", p.display());
+    }
+    // A dynamic executable names its loader near its start; the release `hb` is static-pie.
+    let head = std::fs::read(&p)?.into_iter().take(4096).collect::<Vec<u8>>();
+    if head.windows(9).any(|w| w == b"ld-linux-") {
+        eprintln!("note: {} is dynamically linked; `scripts/build-release.sh` links it as released", p.display());
     }
     Ok(p)
 }

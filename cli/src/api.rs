@@ -92,6 +92,10 @@ pub struct RemoveRequest {
 pub struct CleanupRequest {
     pub dir: PathBuf,
     pub remove: bool,
+    /// Not now: when the process exits whose pidfd comes with the datagram (`SCM_RIGHTS`). The
+    /// way `hb run --rm` hands its container to the daemon and becomes the runtime itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub when_exits: bool,
 }
 
 /// Where the daemon listening on `socket` takes cleanup requests as datagrams (a
@@ -108,6 +112,29 @@ pub fn send_cleanup(socket: &Path, req: &CleanupRequest) -> bool {
     let Ok(msg) = serde_json::to_vec(req) else { return false };
     let Ok(s) = std::os::unix::net::UnixDatagram::unbound() else { return false };
     s.set_nonblocking(true).is_ok() && s.send_to(&msg, cleanup_socket(socket)).is_ok_and(|n| n == msg.len())
+}
+
+/// Hands the container in `dir` over to the daemon listening on `socket`: it cleans up (stops
+/// what the runtime left, unmounts the overlay, removes the folder) when this process exits,
+/// whatever it has become by then. One datagram carrying this process's pidfd; false when no
+/// daemon takes it.
+pub fn hand_over(socket: &Path, dir: &Path) -> bool {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::os::fd::AsFd;
+    let req = CleanupRequest { dir: dir.to_path_buf(), remove: true, when_exits: true };
+    let Ok(msg) = serde_json::to_vec(&req) else { return false };
+    let me = rustix::process::getpid();
+    let Ok(pidfd) = rustix::process::pidfd_open(me, rustix::process::PidfdFlags::empty()) else { return false };
+    let Ok(s) = std::os::unix::net::UnixDatagram::unbound() else { return false };
+    if s.set_nonblocking(true).is_err() || s.connect(cleanup_socket(socket)).is_err() {
+        return false;
+    }
+    let fds = [pidfd.as_fd()];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds))
+        && rustix::net::sendmsg(&s, &[std::io::IoSlice::new(&msg)], &mut control, SendFlags::empty())
+            .is_ok_and(|n| n == msg.len())
 }
 
 /// Any error: the status code says its class, `error` says what went wrong.
@@ -374,7 +401,7 @@ mod tests {
         assert_eq!(cleanup_socket(Path::new("/tmp/x/api")), Path::new("/tmp/x/api.cleanup.sock"));
         // Nobody listening: not taken (the caller falls back).
         let dir = tempfile::tempdir().unwrap();
-        let req = CleanupRequest { dir: dir.path().join("c"), remove: true };
+        let req = CleanupRequest { dir: dir.path().join("c"), remove: true, when_exits: false };
         assert!(!send_cleanup(&dir.path().join("hb.sock"), &req));
         let rx = std::os::unix::net::UnixDatagram::bind(dir.path().join("hb.cleanup.sock")).unwrap();
         assert!(send_cleanup(&dir.path().join("hb.sock"), &req));

@@ -52,6 +52,10 @@ pub struct State {
     pub runtime: PathBuf,
     pub rm: bool,
     pub detached: bool,
+    /// `hb run --rm` handed the container to the daemon and became the runtime: the daemon
+    /// cleans up when the monitor (the runtime) exits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handed_over: bool,
 }
 
 pub fn now() -> u64 {
@@ -71,8 +75,11 @@ pub fn process_start(pid: u32) -> Option<u64> {
 
 /// This process, as a monitor.
 pub fn this_monitor() -> Option<(u32, u64)> {
-    let pid = std::process::id();
-    process_start(pid).map(|s| (pid, s))
+    static ME: std::sync::OnceLock<Option<(u32, u64)>> = std::sync::OnceLock::new();
+    *ME.get_or_init(|| {
+        let pid = std::process::id();
+        process_start(pid).map(|s| (pid, s))
+    })
 }
 
 impl State {
@@ -149,9 +156,14 @@ pub fn list(root: &Path) -> anyhow::Result<Vec<(PathBuf, State)>> {
         Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
     };
     let mut out = Vec::new();
-    for e in entries.flatten() {
+    // Dot names are hb's own (`.lock`, `.removing`); a folder without a readable state is
+    // skipped quietly, without building an error for it (with RUST_BACKTRACE set, every
+    // `anyhow` error captures a backtrace: a tenth of a millisecond per entry).
+    for e in entries.flatten().filter(|e| !e.file_name().as_encoded_bytes().starts_with(b".")) {
         let p = e.path();
-        if let Ok(s) = State::load(&p) {
+        let state: Option<State> =
+            std::fs::read(p.join("state.json")).ok().and_then(|raw| serde_json::from_slice(&raw).ok());
+        if let Some(s) = state {
             out.push((p, s));
         }
     }
@@ -212,10 +224,16 @@ fn hex_bytes(id: &str) -> [u8; 2] {
     [byte(0), byte(2)]
 }
 
-/// A fresh 64-hex container id.
+/// A fresh 64-hex container id: 32 random bytes from the kernel, as docker's.
 pub fn new_id() -> String {
-    let seed = format!("{:?}{}{:?}", SystemTime::now(), std::process::id(), std::thread::current().id());
-    blake3::hash(seed.as_bytes()).to_hex().to_string()
+    let mut bytes = [0u8; 32];
+    let filled = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).unwrap_or(0);
+    if filled < bytes.len() {
+        // getrandom(2) failed (not on the kernels hb needs): time, pid and thread still differ.
+        let seed = format!("{:?}{}{:?}", SystemTime::now(), std::process::id(), std::thread::current().id());
+        return blake3::hash(seed.as_bytes()).to_hex().to_string();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `hb ps`.
@@ -490,6 +508,7 @@ mod tests {
             runtime: "/bin/false".into(),
             rm: false,
             detached: true,
+            handed_over: false,
         }
     }
 

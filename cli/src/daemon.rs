@@ -62,6 +62,8 @@ struct Daemon {
     /// Images pulled for containerd's remote snapshots (released when containerd drops them;
     /// images pulled by people are left alone).
     for_containerd: Mutex<std::collections::HashSet<String>>,
+    /// Handed-over containers' processes (`hb run --rm`).
+    exits: ExitWatcher,
 }
 
 fn images_dir(root: &Path) -> PathBuf {
@@ -84,6 +86,76 @@ fn same_path(a: &Path, b: &Path) -> bool {
 enum CleanupRefused {
     NotContainer(anyhow::Error),
     Missing(anyhow::Error),
+}
+
+/// The processes whose exit finishes a handed-over container (`hb run --rm` become the
+/// runtime): one thread polls their pidfds (readable once the process exited) and finishes each
+/// container on a short thread of its own.
+struct ExitWatcher {
+    new: std::sync::mpsc::Sender<(std::os::fd::OwnedFd, PathBuf)>,
+    /// A byte here wakes the thread for new processes.
+    wake: std::os::unix::net::UnixStream,
+}
+
+impl ExitWatcher {
+    fn start() -> std::io::Result<ExitWatcher> {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let (new, added) = std::sync::mpsc::channel::<(std::os::fd::OwnedFd, PathBuf)>();
+        let (woken, wake) = std::os::unix::net::UnixStream::pair()?;
+        woken.set_nonblocking(true)?;
+        wake.set_nonblocking(true)?;
+        std::thread::Builder::new().name("hb-exits".into()).spawn(move || {
+            let mut watched: Vec<(std::os::fd::OwnedFd, PathBuf)> = Vec::new();
+            loop {
+                let mut fds: Vec<PollFd> = watched.iter().map(|(fd, _)| PollFd::new(fd, PollFlags::IN)).collect();
+                fds.push(PollFd::new(&woken, PollFlags::IN));
+                if poll(&mut fds, None).is_err() {
+                    continue; // EINTR
+                }
+                let ended: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+                drop(fds);
+                let mut sink = [0u8; 64];
+                while matches!(std::io::Read::read(&mut &woken, &mut sink), Ok(n) if n > 0) {}
+                let mut ended = ended.into_iter();
+                watched.retain(|(_, dir)| {
+                    let done = ended.next().unwrap_or(false);
+                    if done {
+                        let dir = dir.clone();
+                        std::thread::spawn(move || crate::run::finish_handed_over(&dir));
+                    }
+                    !done
+                });
+                watched.extend(added.try_iter());
+            }
+        })?;
+        Ok(ExitWatcher { new, wake })
+    }
+
+    fn watch(&self, pidfd: std::os::fd::OwnedFd, dir: PathBuf) {
+        let _ = self.new.send((pidfd, dir));
+        let _ = std::io::Write::write(&mut &self.wake, &[1]);
+    }
+}
+
+/// One datagram from the cleanup socket, and the descriptors it carried.
+fn recv_with_fds(
+    socket: &tokio::net::UnixDatagram,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got =
+        rustix::net::recvmsg(socket, &mut [std::io::IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let fds = control
+        .drain()
+        .filter_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => Some(fds.collect::<Vec<_>>()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    Ok((got.bytes, fds))
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -157,18 +229,64 @@ impl Daemon {
     /// Unmounts a finished container's overlay and removes its folder (when asked) in the
     /// background: only folders of this store's containers, by their canonical path.
     fn start_cleanup(&self, c: &api::CleanupRequest) -> Result<(), CleanupRefused> {
+        let dir = self.container_folder(&c.dir)?;
+        let remove = c.remove;
+        tokio::task::spawn_blocking(move || crate::run::cleanup(&dir, remove));
+        Ok(())
+    }
+
+    /// `dir` by its canonical path, if it is a container folder of this daemon's store.
+    fn container_folder(&self, dir: &Path) -> Result<PathBuf, CleanupRefused> {
         let containers = crate::container::containers_dir(&self.root);
-        match c.dir.canonicalize() {
-            Ok(dir) if dir.starts_with(&containers) && dir != containers => {
-                let remove = c.remove;
-                tokio::task::spawn_blocking(move || crate::run::cleanup(&dir, remove));
-                Ok(())
-            }
+        match dir.canonicalize() {
+            Ok(dir) if dir.starts_with(&containers) && dir != containers => Ok(dir),
             Ok(dir) => Err(CleanupRefused::NotContainer(anyhow::anyhow!(
                 "{} is not a container folder of this daemon's store",
                 dir.display()
             ))),
-            Err(e) => Err(CleanupRefused::Missing(anyhow::anyhow!("{}: {e}", c.dir.display()))),
+            Err(e) => Err(CleanupRefused::Missing(anyhow::anyhow!("{}: {e}", dir.display()))),
+        }
+    }
+
+    /// A container `hb run --rm` handed over (`api::hand_over`): cleaned up when the process
+    /// behind `pidfd` (hb, become the runtime) exits.
+    fn watch_handed_over(&self, dir: &Path, pidfd: std::os::fd::OwnedFd) -> Result<(), CleanupRefused> {
+        let dir = self.container_folder(dir)?;
+        use std::os::fd::AsRawFd;
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).unwrap_or_default();
+        if !fdinfo.lines().any(|l| l.starts_with("Pid:")) {
+            return Err(CleanupRefused::NotContainer(anyhow::anyhow!(
+                "the hand-over of {} carried no pidfd",
+                dir.display()
+            )));
+        }
+        self.exits.watch(pidfd, dir);
+        Ok(())
+    }
+
+    /// Handed-over containers a previous daemon was watching: watched again while their
+    /// process runs, cleaned up now when it is gone.
+    fn adopt_handed_over(&self) {
+        let Ok(entries) = std::fs::read_dir(crate::container::containers_dir(&self.root)) else { return };
+        for e in entries.flatten() {
+            let dir = e.path();
+            let Ok(state) = crate::container::State::load(&dir) else { continue };
+            if !state.handed_over || state.status != crate::container::Status::Running {
+                continue;
+            }
+            let same = |pid: u32, start: u64| crate::container::process_start(pid) == Some(start);
+            let watched = state.monitor.is_some_and(|(pid, start)| {
+                let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return false };
+                // Opened, then checked: the pidfd is of that very process if it still runs.
+                let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty());
+                fd.is_ok_and(|fd| {
+                    same(pid.as_raw_nonzero().get() as u32, start) && self.watch_handed_over(&dir, fd).is_ok()
+                })
+            });
+            if !watched {
+                tracing::info!(container = %state.id, "a handed-over container ended while no daemon ran; cleaning up");
+                std::thread::spawn(move || crate::run::finish_handed_over(&dir));
+            }
         }
     }
 
@@ -781,8 +899,10 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         metrics: Metrics::default(),
         dirty: std::sync::atomic::AtomicBool::new(false),
         for_containerd: Mutex::new(std::collections::HashSet::new()),
+        exits: ExitWatcher::start().context("starting the container exit watcher")?,
     });
     d.adopt()?;
+    d.adopt_handed_over();
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
@@ -804,19 +924,28 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     server.spawn(async move {
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            let n = match cleanups.recv(&mut buf).await {
-                Ok(n) => n,
+            let got = cleanups.async_io(tokio::io::Interest::READABLE, || recv_with_fds(&cleanups, &mut buf)).await;
+            let (n, mut fds) = match got {
+                Ok(got) => got,
                 Err(e) => {
                     tracing::warn!(error = %e, "reading the cleanup socket failed");
                     continue;
                 }
             };
             let refused = match serde_json::from_slice::<api::CleanupRequest>(&buf[..n]) {
-                Ok(c) => cd.start_cleanup(&c).err().map(|r| match r {
-                    CleanupRefused::NotContainer(e) | CleanupRefused::Missing(e) => e,
-                }),
-                Err(e) => Some(e.into()),
-            };
+                Ok(c) if c.when_exits => match (fds.pop(), fds.is_empty()) {
+                    (Some(pidfd), true) => cd.watch_handed_over(&c.dir, pidfd).err(),
+                    _ => Some(CleanupRefused::NotContainer(anyhow::anyhow!(
+                        "the hand-over of {} must carry one pidfd",
+                        c.dir.display()
+                    ))),
+                },
+                Ok(c) => cd.start_cleanup(&c).err(),
+                Err(e) => Some(CleanupRefused::NotContainer(e.into())),
+            }
+            .map(|r| match r {
+                CleanupRefused::NotContainer(e) | CleanupRefused::Missing(e) => e,
+            });
             if let Some(e) = refused {
                 cd.metrics.error("cleanup");
                 tracing::warn!(error = %crate::error_chain(&e), "a cleanup request was refused");

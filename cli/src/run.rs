@@ -264,6 +264,7 @@ pub fn run(
             runtime,
             rm: req.rm,
             detached: req.detach,
+            handed_over: false,
         };
         let saved = state
             .save(&dir)
@@ -278,7 +279,7 @@ pub fn run(
     if req.detach {
         start_detached(g, root, &dir, &state, out).map(Outcome::Done)
     } else {
-        monitor(g, &dir, shared, local, out)
+        monitor_loaded(g, &dir, shared, local, out, Some((req, state)))
     }
 }
 
@@ -370,9 +371,27 @@ pub fn monitor(
     local: Option<&dyn LocalImages>,
     out: &Out,
 ) -> anyhow::Result<Outcome> {
-    let req: RunRequest = serde_json::from_slice(
-        &std::fs::read(dir.join("request.json")).with_context(|| format!("reading {}/request.json", dir.display()))?,
-    )?;
+    monitor_loaded(g, dir, shared, local, out, None)
+}
+
+/// [`monitor`], with the container's request and state as `hb run` just wrote them (`None`: read
+/// from the folder).
+fn monitor_loaded(
+    g: &Global,
+    dir: &Path,
+    shared: Option<ImageMount>,
+    local: Option<&dyn LocalImages>,
+    out: &Out,
+    loaded: Option<(RunRequest, State)>,
+) -> anyhow::Result<Outcome> {
+    let (req, state) = match loaded {
+        Some((req, state)) => (req, Some(state)),
+        None => {
+            let raw = std::fs::read(dir.join("request.json"))
+                .with_context(|| format!("reading {}/request.json", dir.display()))?;
+            (serde_json::from_slice::<RunRequest>(&raw)?, None)
+        }
+    };
     let shared = match shared {
         Some(m) => Ok(Some(m)),
         None => daemon_mount(g, &req, out.quiet || out.json || req.detach),
@@ -380,7 +399,10 @@ pub fn monitor(
     if local.is_none() && matches!(shared, Ok(None)) {
         return Ok(Outcome::Engine);
     }
-    let mut state = State::load(dir)?;
+    let mut state = match state {
+        Some(s) => s,
+        None => State::load(dir)?,
+    };
     let me = container::this_monitor();
     if state.monitor != me {
         // A detached monitor records itself (`hb run` in the foreground already did).
@@ -421,6 +443,14 @@ pub fn monitor(
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
         state.command = hb_runtime::process_args(&image, &req.opts)?;
         tracing::debug!("bundle written");
+        if req.rm && !req.detach && mount.is_none() {
+            // Nothing is left to do here once the container ends but to report its exit code
+            // and have it cleaned up: the daemon takes the cleanup, and this process becomes
+            // the runtime, whose exit code is the container's.
+            if let Some(e) = become_runtime(g, dir, &mut state, &req)? {
+                return Err(anyhow::Error::new(e).context(format!("running {}", state.runtime.display())));
+            }
+        }
         run_runtime(dir, &mut state, &req)
     })();
     // Whatever happened: the runtime's state (`run` deletes it when the container ends normally),
@@ -461,7 +491,7 @@ pub fn monitor(
             }
             // One datagram to the daemon; its API when that is refused; else a helper process.
             let socket = crate::socket_path(g)?;
-            let req = crate::api::CleanupRequest { dir: target.clone(), remove };
+            let req = crate::api::CleanupRequest { dir: target.clone(), remove, when_exits: false };
             let handed = crate::api::send_cleanup(&socket, &req)
                 || crate::api::Client::at(&socket).is_some_and(|c| {
                     c.call::<serde_json::Value>("POST", "/v1/containers/cleanup", Some(&req))
@@ -536,6 +566,48 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Re
         Some(std::ffi::CString::new(opts)?.as_c_str()),
     )
     .with_context(|| format!("mounting overlayfs at {}", rootfs.display()))
+}
+
+/// `hb run --rm` in the foreground on the daemon's image mount: hands the container over to
+/// the daemon (it cleans up when this process exits) and execs `runtime run` in this process.
+/// The runtime passes signals on to the container and exits with its exit code, which is what
+/// hb would do around it; output goes straight to hb's stdout and stderr (no `log.json`: the
+/// container is removed when it ends). Returns only on failure; `Ok` when the daemon did not
+/// take the container (`None`: the caller runs the runtime as a child then).
+fn become_runtime(
+    g: &Global,
+    dir: &Path,
+    state: &mut State,
+    req: &RunRequest,
+) -> anyhow::Result<Option<std::io::Error>> {
+    use std::os::unix::process::CommandExt;
+    if !crate::api::hand_over(&crate::socket_path(g)?, dir) {
+        tracing::debug!("the daemon did not take the container; monitoring it here");
+        return Ok(None);
+    }
+    state.status = Status::Running;
+    state.started = Some(container::now());
+    state.handed_over = true;
+    state.save(dir)?;
+    tracing::info!(id = %state.id, runtime = %state.runtime.display(), "starting container (handed over to the daemon)");
+    let mut cmd = std::process::Command::new(&state.runtime);
+    cmd.args(["run", "--bundle"]).arg(dir).arg("--pid-file").arg(dir.join("pid")).arg(&state.id);
+    cmd.stdin(if req.interactive { Stdio::inherit() } else { Stdio::null() });
+    Ok(Some(cmd.exec()))
+}
+
+/// Cleans up after a container handed over by [`become_runtime`], once that process exited:
+/// the runtime's leftovers when it was killed (its state is still there), the overlay, the
+/// folder (out of the listing at once).
+pub fn finish_handed_over(dir: &Path) {
+    if let Ok(state) = State::load(dir) {
+        let runtime_state = state.runtime.file_name().map(|n| Path::new("/run").join(n).join(&state.id));
+        if runtime_state.is_some_and(|p| p.exists()) {
+            let _ = std::process::Command::new(&state.runtime).args(["delete", "--force", &state.id]).output();
+        }
+    }
+    let target = move_to_removing(dir).unwrap_or_else(|| dir.to_path_buf());
+    cleanup(&target, true);
 }
 
 /// Runs `runtime run` on the bundle and waits for it, with output to the log (and terminal) and
