@@ -201,6 +201,100 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
     assert!(!mounts.contains(hb.dir.path().to_str().unwrap()), "a mount of this test is left:\n{mounts}");
 }
 
+/// The ids of the store's containers (hb's own dot entries left out).
+fn container_ids(hb: &Hb) -> Vec<String> {
+    std::fs::read_dir(hb.root.join("containers")).map_or(Vec::new(), |d| {
+        d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect()
+    })
+}
+
+/// Nothing of the store's containers is left: no folder, no overlay, no runtime state.
+fn containers_gone(hb: &Hb, ids: &[String]) -> bool {
+    let removing = hb.root.join("containers").join(".removing");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    container_ids(hb).is_empty()
+        && std::fs::read_dir(removing).map_or(true, |mut d| d.next().is_none())
+        && !mounts.contains(hb.root.join("containers").to_str().unwrap())
+        && ids.iter().all(|id| !std::path::Path::new("/run/runc").join(id).exists())
+}
+
+/// `hb run --rm` `sleep`ing in the foreground (runc: its state is in `/run/runc`), once it runs:
+/// the child and the container's id.
+fn sleeping(hb: &Hb, image: &str, secs: &str) -> (Child, String) {
+    let child = hb
+        .command(
+            &with_socket(hb, &["run", "--rm", image, "sleep", secs]).iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the container to run", || {
+        container_ids(hb).first().is_some_and(|id| std::path::Path::new("/run/runc").join(id).exists())
+    });
+    let id = container_ids(hb).remove(0);
+    (child, id)
+}
+
+#[test]
+fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_whatever_happens() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    let mut d = Daemon::start(&hb);
+    ok(&hb, &["pull", &image]);
+    // Output and exit code straight from the runtime hb became.
+    let o = hb
+        .command(
+            &with_socket(&hb, &["run", "--rm", &image, "sh", "-c", "echo out; echo err >&2; exit 3"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "err\n");
+    wait_for("the first container's cleanup", || containers_gone(&hb, &[]));
+    // While it runs, `hb ps` shows it, and the process hb started is the runtime now.
+    let (mut child, id) = sleeping(&hb, &image, "30");
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap();
+    assert_eq!(comm.trim(), "runc", "hb did not become the runtime");
+    assert!(ok(&hb, &["ps"]).contains(&id[..12]));
+    // kill -9 of it: the runtime cannot stop the container; the daemon does, and cleans up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for("the killed container's cleanup", || containers_gone(&hb, std::slice::from_ref(&id)));
+    assert!(ok(&hb, &["ps", "-a"]).lines().count() == 1, "{}", ok(&hb, &["ps", "-a"]));
+    // A daemon restarted while the container runs watches it again.
+    let (mut child, id) = sleeping(&hb, &image, "2");
+    d.kill9();
+    let mut d = Daemon::start(&hb);
+    assert!(child.wait().unwrap().success());
+    wait_for("the cleanup by the restarted daemon", || containers_gone(&hb, std::slice::from_ref(&id)));
+    // A container that ended while no daemon ran is cleaned up by the next one.
+    let (mut child, id) = sleeping(&hb, &image, "1");
+    d.kill9();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(container_ids(&hb), vec![id.clone()], "nobody cleaned up without a daemon");
+    let mut d = Daemon::start(&hb);
+    wait_for("the cleanup by the next daemon", || containers_gone(&hb, std::slice::from_ref(&id)));
+    // A hand-over without a pidfd is refused and counted.
+    let outside = hb.root.join("containers").join("0123");
+    std::fs::create_dir_all(&outside).unwrap();
+    let body = format!(r#"{{"dir":"{}","remove":true,"when_exits":true}}"#, outside.display());
+    let dgram = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    dgram.send_to(body.as_bytes(), hb.path("hb.cleanup.sock")).unwrap();
+    wait_for("the refused hand-over to be counted", || {
+        d.get("/metrics").is_some_and(|m| m.contains("hb_errors_total{kind=\"cleanup\"} 1"))
+    });
+    assert!(outside.exists(), "a hand-over without a pidfd removed a folder");
+    std::fs::remove_dir(&outside).unwrap();
+    d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+}
+
 #[test]
 fn a_lazy_image_through_the_daemon_keeps_what_its_mount_fetched() {
     let image = format!("{}/debian-app:v1", open_registry());
