@@ -223,7 +223,10 @@ fn containers_gone(hb: &Hb, ids: &[String]) -> bool {
 fn sleeping(hb: &Hb, image: &str, secs: &str) -> (Child, String) {
     let child = hb
         .command(
-            &with_socket(hb, &["run", "--rm", image, "sleep", secs]).iter().map(String::as_str).collect::<Vec<_>>(),
+            &with_socket(hb, &["run", "--runtime", "runc", "--rm", image, "sleep", secs])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
