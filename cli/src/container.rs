@@ -386,6 +386,10 @@ pub fn logs(dir: &Path, s: &State, follow: bool, tail: Option<usize>, timestamps
     let path = dir.join("log.json");
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && s.handed_over => bail!(
+            "container {} keeps no log: `hb run --rm` in the foreground passes the output straight through (run it with -d, or without --rm, to keep one)",
+            s.name
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("container {} keeps no log (it ran in the foreground on a terminal)", s.name)
         }

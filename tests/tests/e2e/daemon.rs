@@ -264,6 +264,8 @@ fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_wh
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap();
     assert_eq!(comm.trim(), "runc", "hb did not become the runtime");
     assert!(ok(&hb, &["ps"]).contains(&id[..12]));
+    let err = fails(&hb, &["logs", &id]);
+    assert!(err.contains("passes the output straight through"), "{err}");
     // kill -9 of it: the runtime cannot stop the container; the daemon does, and cleans up.
     child.kill().unwrap();
     child.wait().unwrap();
