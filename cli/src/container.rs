@@ -312,14 +312,25 @@ pub fn kill(dir: &Path, s: &State, signal: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the container's monitor recorded its end (or died), for at most `limit`.
-pub fn wait_exit(dir: &Path, limit: Duration) -> anyhow::Result<State> {
+/// Waits until the container's monitor recorded its end (or died), for at most `limit`. A
+/// container whose folder went (an `--rm` container, cleaned up when it ended) has ended: its
+/// state as last seen (`known` at first), marked exited.
+pub fn wait_exit(dir: &Path, known: &State, limit: Duration) -> anyhow::Result<State> {
     let started = Instant::now();
+    let mut last = known.clone();
     loop {
-        let s = State::load(dir)?;
+        let s = match State::load(dir) {
+            Ok(s) => s,
+            Err(_) if last.rm && !dir.join("state.json").exists() => {
+                last.status = Status::Exited;
+                return Ok(last);
+            }
+            Err(e) => return Err(e),
+        };
         if !s.is_running() || started.elapsed() >= limit {
             return Ok(s);
         }
+        last = s;
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -330,11 +341,11 @@ pub fn stop(dir: &Path, s: &State, timeout: Duration) -> anyhow::Result<()> {
         return Ok(());
     }
     kill(dir, s, "TERM")?;
-    let after = wait_exit(dir, timeout)?;
+    let after = wait_exit(dir, s, timeout)?;
     if after.is_running() {
         tracing::info!(container = %s.name, "did not stop on SIGTERM; sending SIGKILL");
         kill(dir, &after, "KILL")?;
-        let end = wait_exit(dir, Duration::from_secs(30))?;
+        let end = wait_exit(dir, &after, Duration::from_secs(30))?;
         if end.is_running() {
             bail!("container {} is still running 30 s after SIGKILL", s.name);
         }
@@ -361,7 +372,7 @@ pub fn rm(dir: &Path, s: &State, force: bool) -> anyhow::Result<()> {
             bail!("container {} is running: stop it first (`hb stop {}`) or remove it with -f", s.name, s.name);
         }
         kill(dir, s, "KILL")?;
-        let end = wait_exit(dir, Duration::from_secs(30))?;
+        let end = wait_exit(dir, s, Duration::from_secs(30))?;
         if end.is_running() {
             bail!("container {} is still running 30 s after SIGKILL", s.name);
         }

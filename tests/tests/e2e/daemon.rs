@@ -271,6 +271,11 @@ fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_wh
     child.wait().unwrap();
     wait_for("the killed container's cleanup", || containers_gone(&hb, std::slice::from_ref(&id)));
     assert!(ok(&hb, &["ps", "-a"]).lines().count() == 1, "{}", ok(&hb, &["ps", "-a"]));
+    // `hb stop` of it: TERM (which `sleep` as the container's init ignores), KILL after 1 s.
+    let (mut child, id) = sleeping(&hb, &image, "30");
+    ok(&hb, &["stop", "-t", "1", &id]);
+    assert_eq!(child.wait().unwrap().code(), Some(137));
+    wait_for("the stopped container's cleanup", || containers_gone(&hb, std::slice::from_ref(&id)));
     // A daemon restarted while the container runs watches it again.
     let (mut child, id) = sleeping(&hb, &image, "2");
     d.kill9();
