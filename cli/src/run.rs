@@ -572,8 +572,9 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Re
 /// the daemon (it cleans up when this process exits) and execs `runtime run` in this process.
 /// The runtime passes signals on to the container and exits with its exit code, which is what
 /// hb would do around it; output goes straight to hb's stdout and stderr (no `log.json`: the
-/// container is removed when it ends). Returns only on failure; `Ok` when the daemon did not
-/// take the container (`None`: the caller runs the runtime as a child then).
+/// container is removed when it ends). Returns only when it did not become the runtime:
+/// `Ok(None)` when the daemon did not take the container (the caller runs the runtime as a
+/// child then), `Ok(Some(e))` when the exec failed.
 fn become_runtime(
     g: &Global,
     dir: &Path,
@@ -590,10 +591,15 @@ fn become_runtime(
     state.handed_over = true;
     state.save(dir)?;
     tracing::info!(id = %state.id, runtime = %state.runtime.display(), "starting container (handed over to the daemon)");
+    Ok(Some(runtime_run(dir, state, req).exec()))
+}
+
+/// `runtime run --bundle DIR --pid-file DIR/pid ID`, stdin the terminal's with `-i`.
+fn runtime_run(dir: &Path, state: &State, req: &RunRequest) -> std::process::Command {
     let mut cmd = std::process::Command::new(&state.runtime);
     cmd.args(["run", "--bundle"]).arg(dir).arg("--pid-file").arg(dir.join("pid")).arg(&state.id);
-    cmd.stdin(if req.interactive { Stdio::inherit() } else { Stdio::null() });
-    Ok(Some(cmd.exec()))
+    cmd.stdin(if req.interactive && !req.detach { Stdio::inherit() } else { Stdio::null() });
+    cmd
 }
 
 /// Cleans up after a container handed over by [`become_runtime`], once that process exited:
@@ -620,9 +626,7 @@ fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Resul
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.json"))?;
     let on_terminal = req.opts.tty && !req.detach;
-    let mut cmd = std::process::Command::new(&state.runtime);
-    cmd.args(["run", "--bundle"]).arg(dir).arg("--pid-file").arg(dir.join("pid")).arg(&state.id);
-    cmd.stdin(if req.interactive && !req.detach { Stdio::inherit() } else { Stdio::null() });
+    let mut cmd = runtime_run(dir, state, req);
     if !on_terminal {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
