@@ -267,21 +267,14 @@ impl Daemon {
     /// Handed-over containers a previous daemon was watching: watched again while their
     /// process runs, cleaned up now when it is gone.
     fn adopt_handed_over(&self) {
-        let Ok(entries) = std::fs::read_dir(crate::container::containers_dir(&self.root)) else { return };
-        for e in entries.flatten() {
-            let dir = e.path();
-            let Ok(state) = crate::container::State::load(&dir) else { continue };
-            if !state.handed_over || state.status != crate::container::Status::Running {
-                continue;
-            }
-            let same = |pid: u32, start: u64| crate::container::process_start(pid) == Some(start);
+        use crate::container::{list, process_start, Status};
+        let Ok(all) = list(&self.root) else { return };
+        for (dir, state) in all.into_iter().filter(|(_, s)| s.handed_over && s.status == Status::Running) {
             let watched = state.monitor.is_some_and(|(pid, start)| {
-                let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return false };
+                let Some(raw) = rustix::process::Pid::from_raw(pid as i32) else { return false };
                 // Opened, then checked: the pidfd is of that very process if it still runs.
-                let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty());
-                fd.is_ok_and(|fd| {
-                    same(pid.as_raw_nonzero().get() as u32, start) && self.watch_handed_over(&dir, fd).is_ok()
-                })
+                rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+                    .is_ok_and(|fd| process_start(pid) == Some(start) && self.watch_handed_over(&dir, fd).is_ok())
             });
             if !watched {
                 tracing::info!(container = %state.id, "a handed-over container ended while no daemon ran; cleaning up");
