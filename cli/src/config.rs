@@ -211,10 +211,12 @@ pub fn load(explicit: Option<&Path>) -> anyhow::Result<FileConfig> {
 }
 
 /// The store root: `--root`/`HB_ROOT` (clap merges those), the config file, then the default:
-/// `/var/lib/hb` as root, `$XDG_DATA_HOME/hb` or `~/.local/share/hb` otherwise.
+/// `/var/lib/hb` as root, `$XDG_DATA_HOME/hb` or `~/.local/share/hb` otherwise. Always
+/// absolute: a relative one is taken from the working directory, as the paths hb writes for the
+/// runtime (the bundle's rootfs) and the daemon (the store it serves) must not depend on it.
 pub fn store_root(flag: Option<&Path>, file: &FileConfig) -> anyhow::Result<PathBuf> {
     if let Some(p) = flag.or(file.store.root.as_deref()) {
-        return Ok(p.to_path_buf());
+        return std::path::absolute(p).with_context(|| format!("store folder {}", p.display()));
     }
     if is_root() {
         return Ok(PathBuf::from("/var/lib/hb"));
@@ -380,6 +382,10 @@ mod tests {
         let ok: FileConfig = toml::from_str("version = 1\n[store]\nroot = \"/x\"\n").unwrap();
         assert_eq!(store_root(None, &ok).unwrap(), PathBuf::from("/x"));
         assert_eq!(store_root(Some(Path::new("/flag")), &ok).unwrap(), PathBuf::from("/flag"));
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(store_root(Some(Path::new("rel/store")), &ok).unwrap(), cwd.join("rel/store"));
+        let relative: FileConfig = toml::from_str("version = 1\n[store]\nroot = \"s\"\n").unwrap();
+        assert_eq!(store_root(None, &relative).unwrap(), cwd.join("s"));
         assert!(toml::from_str::<FileConfig>("version = 1\n[store]\nrooot = \"/x\"\n").is_err(), "typos are errors");
         let dir = std::env::temp_dir().join(format!("hb-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

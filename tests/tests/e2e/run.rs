@@ -30,6 +30,18 @@ fn busybox_runs_with_docker_semantics_for_output_exit_codes_env_and_user() {
     let image = format!("{}/busybox:latest", open_registry());
     let hb = Hb::new();
     assert_eq!(hb_run(&hb, &[&image, "echo", "hello"]), (0, "hello\n".into(), String::new()));
+    // A relative `--root` is the working directory's (regression: the runtime got a relative
+    // rootfs path, which it took from the bundle's folder, and failed).
+    let o = Command::new(hb_bin())
+        .current_dir(hb.dir.path())
+        .args(["--root", "store", "--config"])
+        .arg(hb.path("hb-default.toml"))
+        .args(["-q", "run", "--rm", &image, "echo", "relative"])
+        .env_remove("HB_ROOT")
+        .env_remove("HB_SOCKET")
+        .output()
+        .unwrap();
+    assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()), (Some(0), "relative\n"), "{o:?}");
     let (code, out, err) = hb_run(&hb, &[&image, "sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!((code, out.as_str(), err.as_str()), (3, "out\n", "err\n"));
     let (code, out, _) = hb_run(
