@@ -29,6 +29,10 @@ pub struct MountRequest {
     /// Only the image's first N layers (a containerd snapshot chain's lower part).
     #[serde(default)]
     pub layers: Option<usize>,
+    /// Also hand over a spare container folder for this image (`ImageMount::spare`): the caller
+    /// is about to run a container of it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spare: bool,
 }
 
 /// An image mount the daemon keeps: a mount server process per image, shared by containers.
@@ -46,6 +50,13 @@ pub struct ImageMount {
     /// Set when only the image's first N layers are mounted.
     #[serde(default)]
     pub layers: Option<usize>,
+    /// A container folder the daemon prepared ahead of time for this image, now the caller's:
+    /// `<root>/containers/<id>` with the overlay mounted at `rootfs/` (and the mount points in
+    /// it) but no `state.json` yet. Writing one makes it a container; the daemon releases a
+    /// spare still without one a minute after it handed it over. Asked for with
+    /// `MountRequest::spare`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spare: Option<PathBuf>,
 }
 
 impl ImageMount {
@@ -188,9 +199,10 @@ impl Client {
         image: &str,
         plain_http: bool,
         root: &Path,
+        spare: bool,
         slow: impl FnOnce(),
     ) -> anyhow::Result<Option<ImageMount>> {
-        let req = MountRequest { image: image.into(), plain_http, root: Some(root.to_path_buf()), layers: None };
+        let req = MountRequest { image: image.into(), plain_http, root: Some(root.to_path_buf()), layers: None, spare };
         let slow = (std::time::Duration::from_secs(1), Box::new(slow) as Box<dyn FnOnce()>);
         match self.exchange("POST", "/v1/images/mount", &serde_json::to_vec(&req)?, Some(slow)) {
             Err(e) => {

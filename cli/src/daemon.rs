@@ -64,6 +64,15 @@ struct Daemon {
     for_containerd: Mutex<std::collections::HashSet<String>>,
     /// Handed-over containers' processes (`hb run --rm`).
     exits: ExitWatcher,
+    /// Spare container folders (overlay mounted, no state yet) by image mount key, handed to the
+    /// next `hb run` of that image (`MountRequest::spare`).
+    spares: Mutex<HashMap<String, Vec<PathBuf>>>,
+    /// Keys whose spare is being prepared.
+    refilling: Mutex<std::collections::HashSet<String>>,
+    /// Spares handed out, and when: released if still without a state a minute later.
+    handed: Mutex<Vec<(PathBuf, Instant)>>,
+    /// Image mounts (key, path) to prepare a spare for, to the `hb-spares` thread.
+    refill: std::sync::mpsc::Sender<(String, PathBuf)>,
 }
 
 fn images_dir(root: &Path) -> PathBuf {
@@ -121,7 +130,10 @@ impl ExitWatcher {
                     let done = ended.next().unwrap_or(false);
                     if done {
                         let dir = dir.clone();
-                        std::thread::spawn(move || crate::run::finish_handed_over(&dir));
+                        std::thread::spawn(move || {
+                            crate::rootfs::background_priority();
+                            crate::run::finish_handed_over(&dir)
+                        });
                     }
                     !done
                 });
@@ -231,8 +243,104 @@ impl Daemon {
     fn start_cleanup(&self, c: &api::CleanupRequest) -> Result<(), CleanupRefused> {
         let dir = self.container_folder(&c.dir)?;
         let remove = c.remove;
-        tokio::task::spawn_blocking(move || crate::run::cleanup(&dir, remove));
+        std::thread::spawn(move || {
+            crate::rootfs::background_priority();
+            crate::run::cleanup(&dir, remove)
+        });
         Ok(())
+    }
+
+    /// Containers using an image mount: overlays over it, its spares not counted.
+    fn users(&self, m: &ImageMount) -> usize {
+        let spares = self.spares.lock().expect("spares lock").get(&m.key()).map_or(0, Vec::len);
+        overlay_users(&m.path).saturating_sub(spares)
+    }
+
+    /// A spare container folder for the image of `m`, if one is ready; another is prepared for
+    /// the next container in the background (at the lowest priority: it waits for idle CPU).
+    fn take_spare(&self, m: &ImageMount) -> Option<PathBuf> {
+        let key = m.key();
+        let spare = self.spares.lock().expect("spares lock").get_mut(&key).and_then(Vec::pop);
+        if let Some(s) = &spare {
+            self.handed.lock().expect("handed lock").push((s.clone(), Instant::now()));
+        }
+        if self.refilling.lock().expect("refilling lock").insert(key.clone()) {
+            let _ = self.refill.send((key, m.path.clone()));
+        }
+        spare
+    }
+
+    /// Prepares a spare container folder over image mount `lower` (key `key`): on the daemon's
+    /// `hb-spares` thread, which runs at the lowest priority.
+    fn prepare_spare(&self, key: String, lower: &Path) {
+        let dir = crate::container::containers_dir(&self.root).join(crate::container::new_id());
+        let made = std::fs::create_dir_all(&dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| Ok(crate::container::make_spare_files(&dir)?))
+            .and_then(|_| crate::rootfs::prepare(lower, &dir, &crate::rootfs::MOUNT_POINTS));
+        let live = self.mounts.lock().expect("mounts lock").contains_key(&key);
+        match made {
+            Ok(()) if live => self.spares.lock().expect("spares lock").entry(key.clone()).or_default().push(dir),
+            Ok(()) => crate::run::cleanup(&dir, true),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "preparing a spare container folder failed");
+                crate::run::cleanup(&dir, true);
+            }
+        }
+        self.refilling.lock().expect("refilling lock").remove(&key);
+    }
+
+    /// Unmounts and removes the spares of image mount `key` (all keys: `None`).
+    fn release_spares(&self, key: Option<&str>) {
+        let gone: Vec<PathBuf> = {
+            let mut spares = self.spares.lock().expect("spares lock");
+            match key {
+                Some(k) => spares.remove(k).unwrap_or_default(),
+                None => spares.drain().flat_map(|(_, v)| v).collect(),
+            }
+        };
+        for dir in gone {
+            crate::run::cleanup(&dir, true);
+        }
+    }
+
+    /// Spares handed out a minute ago or more that never became containers (their `hb run`
+    /// died first), and spares of image mounts that are gone: released.
+    fn reap_spares(&self) {
+        let stale: Vec<PathBuf> = {
+            let mut handed = self.handed.lock().expect("handed lock");
+            let (old, young) = handed.drain(..).partition(|(_, t)| t.elapsed() >= Duration::from_secs(60));
+            *handed = young;
+            old.into_iter().map(|(p, _)| p).collect()
+        };
+        if !stale.is_empty() {
+            // `hb run` writes a spare's state under this lock.
+            let _lock = crate::run::lock_containers(&self.root);
+            for dir in stale.into_iter().filter(|d| d.exists() && !d.join("state.json").exists()) {
+                tracing::info!(dir = %dir.display(), "releasing a spare container folder nobody claimed");
+                crate::run::cleanup(&dir, true);
+            }
+        }
+        let keys: Vec<String> = self.spares.lock().expect("spares lock").keys().cloned().collect();
+        let mounts: Vec<String> = self.mounts.lock().expect("mounts lock").keys().cloned().collect();
+        for k in keys.iter().filter(|k| !mounts.contains(k)) {
+            self.release_spares(Some(k));
+        }
+    }
+
+    /// Container folders without a state (spares of an earlier daemon, or of an `hb run` that
+    /// died before writing one): unmounted and removed.
+    fn sweep_spares(&self) {
+        let Ok(_lock) = crate::run::lock_containers(&self.root) else { return };
+        let Ok(entries) = std::fs::read_dir(crate::container::containers_dir(&self.root)) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name();
+            if name.to_str().is_some_and(crate::container::is_id) && p.is_dir() && !p.join("state.json").exists() {
+                tracing::info!(dir = %p.display(), "removing a spare container folder left by an earlier daemon");
+                crate::run::cleanup(&p, true);
+            }
+        }
     }
 
     /// `dir` by its canonical path, if it is a container folder of this daemon's store.
@@ -321,6 +429,7 @@ impl Daemon {
             config: rec.config,
             users: 0,
             layers,
+            spare: None,
         };
         std::fs::write(path.with_extension("json"), serde_json::to_vec_pretty(&m)?)?;
         self.mounts.lock().expect("mounts lock").insert(key.clone(), m.clone());
@@ -400,7 +509,7 @@ impl Daemon {
     fn list_mounts(&self) -> Vec<ImageMount> {
         let mut v: Vec<ImageMount> = self.mounts.lock().expect("mounts lock").values().cloned().collect();
         for m in &mut v {
-            m.users = overlay_users(&m.path);
+            m.users = self.users(m);
         }
         v.sort_by(|a, b| a.image.cmp(&b.image));
         v
@@ -410,10 +519,11 @@ impl Daemon {
     fn unmount(&self, digest: &str, force: bool) -> anyhow::Result<()> {
         let m = self.mounts.lock().expect("mounts lock").get(digest).cloned();
         let Some(m) = m else { bail!("no image mount {digest}") };
-        let users = overlay_users(&m.path);
+        let users = self.users(&m);
         if users > 0 && !force {
             bail!("image mount of {} is used by {users} containers", m.image);
         }
+        self.release_spares(Some(digest));
         crate::mount::umount(&self.root, &m.path, &Out::new(false, true))?;
         let _ = std::fs::remove_dir(&m.path);
         let _ = std::fs::remove_file(m.path.with_extension("json"));
@@ -665,7 +775,7 @@ impl hb_snapshotter::Remote for DaemonLayers {
             if layer.index + 1 == *total {
                 let (d, image) = (self.0.clone(), layer.image.clone());
                 std::thread::spawn(move || {
-                    let req = MountRequest { image, plain_http: false, root: None, layers: None };
+                    let req = MountRequest { image, plain_http: false, root: None, layers: None, spare: false };
                     if let Err(e) = d.image_mount(&req) {
                         tracing::warn!(error = %crate::error_chain(&e), "mounting a lazily pulled image ahead failed");
                     }
@@ -676,7 +786,8 @@ impl hb_snapshotter::Remote for DaemonLayers {
     }
 
     fn mount(&self, image: &str, layers: usize) -> Result<PathBuf, String> {
-        let req = MountRequest { image: image.into(), plain_http: false, root: None, layers: Some(layers) };
+        let req =
+            MountRequest { image: image.into(), plain_http: false, root: None, layers: Some(layers), spare: false };
         self.0.image_mount(&req).map(|m| m.path).map_err(|e| {
             self.0.metrics.error("mount");
             crate::error_chain(&e)
@@ -706,8 +817,7 @@ impl hb_snapshotter::Remote for DaemonLayers {
         if !d.for_containerd.lock().expect("lock").remove(image) {
             return;
         }
-        let mounted =
-            d.mounts.lock().expect("mounts lock").values().any(|m| m.image == image && overlay_users(&m.path) > 0);
+        let mounted = d.mounts.lock().expect("mounts lock").values().any(|m| m.image == image && d.users(m) > 0);
         if mounted {
             return;
         }
@@ -739,9 +849,21 @@ async fn blocking<T: Serialize + Send + 'static>(
     kind: &'static str,
     f: impl FnOnce(&Daemon) -> anyhow::Result<T> + Send + 'static,
 ) -> Response<Full<Bytes>> {
+    match blocking_value(d, kind, f).await {
+        Ok(v) => json(StatusCode::OK, &v),
+        Err(resp) => resp,
+    }
+}
+
+/// A handler's blocking work: its value, or the error answer.
+async fn blocking_value<T: Send + 'static>(
+    d: &Arc<Daemon>,
+    kind: &'static str,
+    f: impl FnOnce(&Daemon) -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, Response<Full<Bytes>>> {
     let d2 = d.clone();
     match tokio::task::spawn_blocking(move || f(&d2)).await {
-        Ok(Ok(v)) => json(StatusCode::OK, &v),
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             d.metrics.error(kind);
             let status = if crate::error_chain(&e).contains("no image") || e.to_string().starts_with("no image mount") {
@@ -749,9 +871,9 @@ async fn blocking<T: Serialize + Send + 'static>(
             } else {
                 StatusCode::INTERNAL_SERVER_ERROR
             };
-            error(status, &e)
+            Err(error(status, &e))
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &anyhow::anyhow!("handler failed: {e}")),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, &anyhow::anyhow!("handler failed: {e}"))),
     }
 }
 
@@ -807,10 +929,22 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
                     m.root.unwrap_or_default().display()
                 ),
             ),
-            Ok(m) => match d.existing_mount(&m) {
-                Ok(Some(mount)) => json(StatusCode::OK, &mount),
-                _ => blocking(&d, "mount", move |d| d.image_mount(&m)).await,
-            },
+            Ok(m) => {
+                let spare = m.spare && m.layers.is_none();
+                let mount = match d.existing_mount(&m) {
+                    Ok(Some(mount)) => Ok(mount),
+                    _ => blocking_value(&d, "mount", move |d| d.image_mount(&m)).await,
+                };
+                match mount {
+                    Ok(mut mount) => {
+                        if spare {
+                            mount.spare = d.take_spare(&mount);
+                        }
+                        json(StatusCode::OK, &mount)
+                    }
+                    Err(resp) => resp,
+                }
+            }
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
         (&Method::DELETE, p) if p.starts_with("/v1/mounts/") => {
@@ -879,6 +1013,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         }
         other => Arc::new(other?),
     };
+    let (refill, refills) = std::sync::mpsc::channel::<(String, PathBuf)>();
     let d = Arc::new(Daemon {
         g: g.clone(),
         root: root.clone(),
@@ -893,9 +1028,21 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         dirty: std::sync::atomic::AtomicBool::new(false),
         for_containerd: Mutex::new(std::collections::HashSet::new()),
         exits: ExitWatcher::start().context("starting the container exit watcher")?,
+        spares: Mutex::new(HashMap::new()),
+        refilling: Mutex::new(std::collections::HashSet::new()),
+        handed: Mutex::new(Vec::new()),
+        refill,
     });
+    let sd = d.clone();
+    std::thread::Builder::new().name("hb-spares".into()).spawn(move || {
+        crate::rootfs::background_priority();
+        for (key, lower) in refills {
+            sd.prepare_spare(key, &lower);
+        }
+    })?;
     d.adopt()?;
     d.adopt_handed_over();
+    d.sweep_spares();
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
@@ -976,6 +1123,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     let reaper = d.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));
+        reaper.reap_spares();
         reaper.reap_idle();
         reaper.settle();
         // Also after the work's threads ended (their caches are freed then, not before).
@@ -1016,6 +1164,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_file(&cleanups_path);
     let _ = std::fs::remove_file(snapshotter);
+    d.release_spares(None);
     out.note(format!(
         "hb daemon stopped; {} image mounts keep serving (the next daemon adopts them)",
         d.mounts.lock().expect("mounts lock").len()

@@ -26,7 +26,8 @@ use indicatif::HumanBytes;
 
 use hb_cli::output::{self, Out};
 use hb_cli::{
-    api, config, container, daemon_client, error_chain, pass_globals, run, self_exe, store_root, ContainerCmd, Global,
+    api, config, container, daemon_client, error_chain, pass_globals, rootfs, run, self_exe, store_root, ContainerCmd,
+    Global,
 };
 use progress::Bar;
 

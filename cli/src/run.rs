@@ -202,7 +202,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// Holds `<containers>/.lock` while a container's name is chosen and its folder made, so two
 /// `hb run --name x` at once cannot both take the name.
-fn lock_containers(root: &Path) -> anyhow::Result<std::fs::File> {
+pub fn lock_containers(root: &Path) -> anyhow::Result<std::fs::File> {
     let dir = container::containers_dir(root);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let f = std::fs::File::create(dir.join(".lock"))?;
@@ -243,43 +243,69 @@ pub fn run(
         }
     }
     sweep_removing(root);
-    let id = container::new_id();
+    // A container folder the daemon made ready (overlay mounted) for this image, if it gave one.
+    let spare = shared.as_ref().and_then(|m| m.spare.clone()).filter(|p| {
+        p.parent() == Some(container::containers_dir(root).as_path())
+            && p.file_name().and_then(|n| n.to_str()).is_some_and(container::is_id)
+    });
+    let id = match &spare {
+        Some(p) => p.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string(),
+        None => container::new_id(),
+    };
     let dir = container::containers_dir(root).join(&id);
+    // With the daemon's image mount a foreground `--rm` container is handed over to the daemon
+    // as it starts (`become_runtime`): its state says so from the start, written once.
+    let hand_over = req.rm && !req.detach && shared.is_some();
+    let command = match &shared {
+        Some(m) if hand_over => ImageConfig::from_json(m.config.as_bytes())
+            .ok()
+            .and_then(|image| hb_runtime::process_args(&image, &req.opts).ok())
+            .unwrap_or_else(|| req.opts.cmd.clone()),
+        _ => req.opts.cmd.clone(),
+    };
     let state = {
         let _lock = lock_containers(root)?;
-        let name = container::unique_name(root, req.name.as_deref(), &id)?;
+        let name = match container::unique_name(root, req.name.as_deref(), &id) {
+            Ok(n) => n,
+            Err(e) => {
+                if spare.is_some() {
+                    cleanup(&dir, true);
+                }
+                return Err(e);
+            }
+        };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let state = State {
             id: id.clone(),
             name,
             image: req.image.clone(),
-            command: req.opts.cmd.clone(),
+            command,
             created: container::now(),
-            started: None,
+            started: hand_over.then(container::now),
             finished: None,
-            status: Status::Created,
+            status: if hand_over { Status::Running } else { Status::Created },
             exit_code: None,
             error: None,
             monitor: if req.detach { None } else { container::this_monitor() },
             runtime,
             rm: req.rm,
             detached: req.detach,
-            handed_over: false,
+            handed_over: hand_over,
         };
         let saved = state
-            .save(&dir)
+            .save_first(&dir)
             .and_then(|_| Ok(std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?));
         if let Err(e) = saved {
-            let _ = std::fs::remove_dir_all(&dir);
+            cleanup(&dir, true);
             return Err(e);
         }
         state
     };
-    tracing::debug!(us = t0.elapsed().as_micros() as u64, "container created");
+    tracing::debug!(us = t0.elapsed().as_micros() as u64, spare = spare.is_some(), "container created");
     if req.detach {
         start_detached(g, root, &dir, &state, out).map(Outcome::Done)
     } else {
-        monitor_loaded(g, &dir, shared, local, out, Some((req, state)))
+        monitor_loaded(g, &dir, shared, local, out, Some((req, state, spare.is_some())))
     }
 }
 
@@ -288,7 +314,7 @@ pub fn run(
 fn daemon_mount(g: &Global, req: &RunRequest, quiet: bool) -> anyhow::Result<Option<ImageMount>> {
     let Some(client) = crate::api::Client::at(&crate::socket_path(g)?) else { return Ok(None) };
     let root = crate::store_root(g)?;
-    client.image_mount(&req.image, req.plain_http, &root, || {
+    client.image_mount(&req.image, req.plain_http, &root, !req.detach, || {
         if !quiet {
             eprintln!("waiting for the hb daemon to pull and mount {} ...", req.image);
         }
@@ -375,21 +401,21 @@ pub fn monitor(
 }
 
 /// [`monitor`], with the container's request and state as `hb run` just wrote them (`None`: read
-/// from the folder).
+/// from the folder), and whether the folder is a spare the daemon prepared (its overlay mounted).
 fn monitor_loaded(
     g: &Global,
     dir: &Path,
     shared: Option<ImageMount>,
     local: Option<&dyn LocalImages>,
     out: &Out,
-    loaded: Option<(RunRequest, State)>,
+    loaded: Option<(RunRequest, State, bool)>,
 ) -> anyhow::Result<Outcome> {
-    let (req, state) = match loaded {
-        Some((req, state)) => (req, Some(state)),
+    let (req, state, prepared) = match loaded {
+        Some((req, state, prepared)) => (req, Some(state), prepared),
         None => {
             let raw = std::fs::read(dir.join("request.json"))
                 .with_context(|| format!("reading {}/request.json", dir.display()))?;
-            (serde_json::from_slice::<RunRequest>(&raw)?, None)
+            (serde_json::from_slice::<RunRequest>(&raw)?, None, false)
         }
     };
     let shared = match shared {
@@ -412,8 +438,10 @@ fn monitor_loaded(
     let (own_lower, upper, work, rootfs) = (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("rootfs"));
     let mut mount: Option<Box<dyn LocalMount>> = None;
     let result = (|| -> anyhow::Result<i32> {
-        for d in [&upper, &work, &rootfs] {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        if !prepared {
+            for d in [&upper, &work, &rootfs] {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            }
         }
         let (lower, config) = match (shared?, local) {
             (Some(m), _) => (m.path, m.config),
@@ -427,8 +455,18 @@ fn monitor_loaded(
         };
         let image = ImageConfig::from_json(config.as_bytes())?;
         tracing::debug!(lower = %lower.display(), "image mounted");
-        overlay(&lower, &upper, &work, &rootfs)?;
-        tracing::debug!("overlay mounted");
+        let points = crate::rootfs::mount_points(req.opts.network == hb_runtime::Network::Host);
+        if prepared {
+            // The spare has every mount point; this spec may use fewer.
+            if points.len() < crate::rootfs::MOUNT_POINTS.len() {
+                let unused: Vec<_> = crate::rootfs::MOUNT_POINTS.into_iter().filter(|p| !points.contains(p)).collect();
+                crate::rootfs::drop_mount_points(&lower, &rootfs, &unused);
+            }
+        } else {
+            crate::rootfs::make_mount_points(&lower, &upper, &points);
+            crate::rootfs::overlay(&lower, &upper, &work, &rootfs)?;
+            tracing::debug!("overlay mounted");
+        }
         // The image's passwd and group files, only for a user to resolve (root needs neither).
         let user_spec = req.opts.user.clone().or_else(|| image.user.clone()).filter(|u| !u.trim().is_empty());
         let read = |p: &str| user_spec.as_ref().and_then(|_| std::fs::read_to_string(lower.join(p)).ok());
@@ -556,18 +594,6 @@ fn sweep_removing(root: &Path) {
     }
 }
 
-fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Result<()> {
-    let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
-    rustix::mount::mount(
-        "overlay",
-        rootfs,
-        "overlay",
-        rustix::mount::MountFlags::empty(),
-        Some(std::ffi::CString::new(opts)?.as_c_str()),
-    )
-    .with_context(|| format!("mounting overlayfs at {}", rootfs.display()))
-}
-
 /// `hb run --rm` in the foreground on the daemon's image mount: hands the container over to
 /// the daemon (it cleans up when this process exits) and execs `runtime run` in this process.
 /// The runtime passes signals on to the container and exits with its exit code, which is what
@@ -584,20 +610,31 @@ fn become_runtime(
     use std::os::unix::process::CommandExt;
     if !crate::api::hand_over(&crate::socket_path(g)?, dir) {
         tracing::debug!("the daemon did not take the container; monitoring it here");
+        if state.handed_over {
+            (state.status, state.started, state.handed_over) = (Status::Created, None, false);
+            state.save(dir)?;
+        }
         return Ok(None);
     }
-    state.status = Status::Running;
-    state.started = Some(container::now());
-    state.handed_over = true;
-    state.save(dir)?;
+    // `hb run` wrote the state as handed over when it made the container (one write fewer).
+    if !state.handed_over {
+        (state.status, state.started, state.handed_over) = (Status::Running, Some(container::now()), true);
+        state.save(dir)?;
+    }
     tracing::info!(id = %state.id, runtime = %state.runtime.display(), "starting container (handed over to the daemon)");
     Ok(Some(runtime_run(dir, state, req).exec()))
 }
 
-/// `runtime run --bundle DIR --pid-file DIR/pid ID`, stdin the terminal's with `-i`.
+/// `runtime run --bundle DIR ID`, stdin the terminal's with `-i`; with `--pid-file DIR/pid` for
+/// a detached container, whose `hb run -d` waits for that file (the runtime made the container).
+/// Only then: runc writes it with `O_SYNC`, a synchronous disk write per container.
 fn runtime_run(dir: &Path, state: &State, req: &RunRequest) -> std::process::Command {
     let mut cmd = std::process::Command::new(&state.runtime);
-    cmd.args(["run", "--bundle"]).arg(dir).arg("--pid-file").arg(dir.join("pid")).arg(&state.id);
+    cmd.args(["run", "--bundle"]).arg(dir);
+    if req.detach {
+        cmd.arg("--pid-file").arg(dir.join("pid"));
+    }
+    cmd.arg(&state.id);
     cmd.stdin(if req.interactive && !req.detach { Stdio::inherit() } else { Stdio::null() });
     cmd
 }

@@ -1,0 +1,194 @@
+//! A container's root filesystem: an overlayfs with a fresh upper directory over the image's
+//! mount, and the mount points the runtime needs, made in the upper directory before the overlay
+//! is mounted (docker's "init layer", in the upper layer).
+//!
+//! Without them the runtime creates `/proc`, `/dev`, `/sys` and the `/etc/hosts` and
+//! `/etc/resolv.conf` bind targets itself, through the overlay, whenever the image lacks them:
+//! each a temporary file in the work directory renamed into place, and `/etc` copied up first
+//! (which asks the image mount for the directory's flags). Made here, in the plain upper
+//! directory, they cost a `mkdir` or `open` each, and for a spare container (prepared by the
+//! daemon ahead of time, `daemon.rs`) nothing at all when the container starts.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+/// Mount points of hb's spec (`hb_runtime::build_spec`) at the top of the rootfs, and whether
+/// each is a directory (else a file, the target of a file bind mount). Mounts nested in these
+/// (`/dev/pts`, `/sys/fs/cgroup`, ...) land on the runtime's own tmpfs or sysfs.
+pub const MOUNT_POINTS: [(&str, bool); 5] =
+    [("proc", true), ("dev", true), ("sys", true), ("etc/hosts", false), ("etc/resolv.conf", false)];
+
+/// The mount points a spec with these options uses: the bind targets only with the host's
+/// network (the only case hb binds them).
+pub fn mount_points(host_network: bool) -> Vec<(&'static str, bool)> {
+    MOUNT_POINTS.into_iter().filter(|(p, dir)| *dir || host_network || !p.starts_with("etc/")).collect()
+}
+
+/// Makes in `upper` each of `points` the image (`lower`) lacks, as the runtime would in the
+/// merged rootfs: directories 0755, files empty and 0755 (runc's modes), owned by root; a parent
+/// directory the image has (`/etc`) copied up by hand: same mode, owner and times (as overlayfs
+/// copies up; making the mount point in it then sets its modification time). Best effort:
+/// a point whose path the image makes unusual (a symlink or a file on the way, extended
+/// attributes on a parent to carry over) is left to the runtime, and so is one that fails here.
+pub fn make_mount_points(lower: &Path, upper: &Path, points: &[(&str, bool)]) {
+    for (p, is_dir) in points {
+        if let Err(e) = make_one(lower, upper, Path::new(p), *is_dir) {
+            tracing::debug!(point = p, error = %e, "mount point left to the runtime");
+        }
+    }
+}
+
+fn make_one(lower: &Path, upper: &Path, rel: &Path, is_dir: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    if lower.join(rel).symlink_metadata().is_ok() || upper.join(rel).symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let mut at = PathBuf::new();
+    for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+        at.push(c);
+        let up = upper.join(&at);
+        if up.symlink_metadata().is_ok() {
+            continue;
+        }
+        match lower.join(&at).symlink_metadata() {
+            Ok(m) if m.is_dir() => {
+                anyhow::ensure!(!has_xattrs(&lower.join(&at)), "{} has extended attributes", at.display());
+                std::fs::DirBuilder::new().mode(0o700).create(&up)?;
+                let copied = (|| {
+                    std::os::unix::fs::chown(&up, Some(m.uid()), Some(m.gid()))?;
+                    std::fs::set_permissions(&up, std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777))?;
+                    let ts = |s: i64, ns: i64| rustix::fs::Timespec { tv_sec: s, tv_nsec: ns as _ };
+                    let times = rustix::fs::Timestamps {
+                        last_access: ts(m.atime(), m.atime_nsec()),
+                        last_modification: ts(m.mtime(), m.mtime_nsec()),
+                    };
+                    rustix::fs::utimensat(rustix::fs::CWD, &up, &times, rustix::fs::AtFlags::empty())?;
+                    anyhow::Ok(())
+                })();
+                if let Err(e) = copied {
+                    let _ = std::fs::remove_dir(&up);
+                    return Err(e.context(format!("copying up {}", at.display())));
+                }
+            }
+            Ok(_) => anyhow::bail!("{} is not a directory in the image", at.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().mode(0o755).create(&up)?;
+                std::fs::set_permissions(&up, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let target = upper.join(rel);
+    if is_dir {
+        std::fs::DirBuilder::new().mode(0o755).create(&target)?;
+    } else {
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o755).open(&target)?;
+    }
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Whether `path` carries any extended attribute (a file system without them: no).
+fn has_xattrs(path: &Path) -> bool {
+    let mut buf = [0u8; 1];
+    match rustix::fs::llistxattr(path, &mut buf[..0]) {
+        Ok(n) => n > 0,
+        Err(_) => false,
+    }
+}
+
+/// Removes, through the mounted overlay at `rootfs`, the mount points of `points` the image
+/// (`lower`) lacks: for a spare prepared with every mount point, used by a container whose spec
+/// binds fewer (`--network none`).
+pub fn drop_mount_points(lower: &Path, rootfs: &Path, points: &[(&str, bool)]) {
+    for (p, is_dir) in points {
+        if lower.join(p).symlink_metadata().is_ok() {
+            continue;
+        }
+        let _ = if *is_dir { std::fs::remove_dir(rootfs.join(p)) } else { std::fs::remove_file(rootfs.join(p)) };
+    }
+}
+
+/// Mounts an overlayfs at `rootfs`: `lower` (read-only) under `upper` (`work` beside it).
+pub fn overlay(lower: &Path, upper: &Path, work: &Path, rootfs: &Path) -> anyhow::Result<()> {
+    let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+    rustix::mount::mount(
+        "overlay",
+        rootfs,
+        "overlay",
+        rustix::mount::MountFlags::empty(),
+        Some(std::ffi::CString::new(opts)?.as_c_str()),
+    )
+    .with_context(|| format!("mounting overlayfs at {}", rootfs.display()))
+}
+
+/// A container folder's rootfs, ready for a runtime: `upper/` with the mount points of
+/// `points`, `work/`, and the overlay mounted at `rootfs/`.
+pub fn prepare(lower: &Path, dir: &Path, points: &[(&str, bool)]) -> anyhow::Result<()> {
+    let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+    for d in [&upper, &work, &rootfs] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    make_mount_points(lower, &upper, points);
+    overlay(lower, &upper, &work, &rootfs)
+}
+
+/// Lowers the calling thread's priority to the least (nice 19): for housekeeping (cleaning up
+/// after containers, preparing spares) that should not take a CPU from a starting container.
+pub fn background_priority() {
+    let _ = rustix::process::setpriority_process(None, 19);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn mount_points_are_made_where_the_image_lacks_them_and_copy_the_parents_it_has() {
+        let t = std::env::temp_dir().join(format!("hb-rootfs-test-{}", std::process::id()));
+        let (lower, upper) = (t.join("lower"), t.join("upper"));
+        for d in [lower.join("etc"), lower.join("proc"), upper.clone()] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::set_permissions(lower.join("etc"), std::fs::Permissions::from_mode(0o751)).unwrap();
+        let old = rustix::fs::Timespec { tv_sec: 1_000_000, tv_nsec: 5 };
+        let times = rustix::fs::Timestamps { last_access: old, last_modification: old };
+        rustix::fs::utimensat(rustix::fs::CWD, lower.join("etc"), &times, rustix::fs::AtFlags::empty()).unwrap();
+        std::fs::write(lower.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+        // /sys is a symlink in this image: left alone (the runtime resolves it).
+        std::os::unix::fs::symlink("proc", lower.join("sys")).unwrap();
+        make_mount_points(&lower, &upper, &mount_points(true));
+        let etc = std::fs::metadata(upper.join("etc")).unwrap();
+        assert_eq!(etc.mode() & 0o7777, 0o751, "the copied-up parent keeps the image's mode");
+        // Its access time is the image's (its modification time is now's: a file was made in it,
+        // as after a copy-up).
+        assert_eq!((etc.atime(), etc.atime_nsec()), (1_000_000, 5), "and its times");
+        let mut made: Vec<String> = walk(&upper);
+        made.sort();
+        assert_eq!(made, ["dev", "etc", "etc/resolv.conf"], "only what the image lacks");
+        assert_eq!(std::fs::metadata(upper.join("dev")).unwrap().mode() & 0o7777, 0o755);
+        let f = std::fs::metadata(upper.join("etc/resolv.conf")).unwrap();
+        assert!(f.is_file() && f.len() == 0 && f.mode() & 0o7777 == 0o755);
+        // Without the host's network the bind targets are not made.
+        let upper2 = t.join("upper2");
+        std::fs::create_dir_all(&upper2).unwrap();
+        std::fs::remove_file(lower.join("etc/hosts")).unwrap();
+        make_mount_points(&lower, &upper2, &mount_points(false));
+        assert_eq!(walk(&upper2), ["dev"]);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    fn walk(dir: &Path) -> Vec<String> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()).into_iter().map(|s| format!("{name}/{s}")));
+            }
+            out.push(name);
+        }
+        out
+    }
+}
