@@ -167,11 +167,7 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
     assert!(m.contains("hb_remote_fetch_seconds_bucket{le=\"+Inf\"}"), "{m}");
     ok(&hb, &["rm", "-f", "reader"]);
     // `hb run --rm` hands its cleanup to the daemon: nothing of the container is left.
-    wait_for("removed containers' folders to go", || {
-        let c = hb.root.join("containers");
-        std::fs::read_dir(c.join(".removing")).map_or(true, |mut d| d.next().is_none())
-            && std::fs::read_dir(&c).unwrap().flatten().all(|e| e.file_name().to_string_lossy().starts_with('.'))
-    });
+    wait_for("removed containers' folders to go", || containers_gone(&hb, &[]));
     // (by one datagram on its cleanup socket, beside the API's: no round trip)
     assert!(!m.contains("/v1/containers/cleanup"), "the cleanup went through the API, not the datagram: {m}");
     // It cleans only its own containers' folders, whichever way it is asked.
@@ -202,19 +198,49 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
 }
 
 /// The ids of the store's containers (hb's own dot entries left out).
-fn container_ids(hb: &Hb) -> Vec<String> {
+/// The store's container folders (not hb's dot entries): containers (with a state) and the
+/// daemon's spares (without one yet).
+fn folders(hb: &Hb) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(hb.root.join("containers")).map_or(Vec::new(), |d| {
-        d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect()
+        d.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).map(|e| e.path()).collect()
     })
 }
 
-/// Nothing of the store's containers is left: no folder, no overlay, no runtime state.
+fn container_ids(hb: &Hb) -> Vec<String> {
+    folders(hb)
+        .into_iter()
+        .filter(|p| p.join("state.json").exists())
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The daemon's spare container folders: no state, the overlay mounted.
+pub(crate) fn spares(hb: &Hb) -> Vec<std::path::PathBuf> {
+    folders(hb).into_iter().filter(|p| !p.join("state.json").exists()).collect()
+}
+
+/// Mount points (from the mount table) under the store's containers folder.
+fn container_mounts(hb: &Hb) -> Vec<String> {
+    let c = hb.root.join("containers");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(c.to_str().unwrap()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Nothing of the store's containers is left: no folder, no overlay, no runtime state; only
+/// the daemon's spare for the next container (one at most, with its overlay).
 fn containers_gone(hb: &Hb, ids: &[String]) -> bool {
     let removing = hb.root.join("containers").join(".removing");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let spares = spares(hb);
+    let spare_mounts: Vec<String> = spares.iter().map(|s| s.join("rootfs").to_string_lossy().into_owned()).collect();
     container_ids(hb).is_empty()
+        && spares.len() <= 1
         && std::fs::read_dir(removing).map_or(true, |mut d| d.next().is_none())
-        && !mounts.contains(hb.root.join("containers").to_str().unwrap())
+        && container_mounts(hb).iter().all(|m| spare_mounts.contains(m))
         && ids.iter().all(|id| !std::path::Path::new("/run/runc").join(id).exists())
 }
 
@@ -301,6 +327,60 @@ fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_wh
     assert!(outside.exists(), "a hand-over without a pidfd removed a folder");
     std::fs::remove_dir(&outside).unwrap();
     d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+}
+
+#[test]
+fn the_daemon_keeps_a_spare_container_folder_ready_and_never_leaves_one_behind() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    let mut d = Daemon::start(&hb);
+    ok(&hb, &["pull", &image]);
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "true"]), "");
+    // After a container of the image, the next one's folder is made ahead: overlay mounted, the
+    // runtime's mount points in the upper dir (this image has no /proc, /dev, /sys, /etc/hosts,
+    // /etc/resolv.conf), no state: not a container (not listed, not counted).
+    wait_for("a spare folder", || spares(&hb).len() == 1 && container_mounts(&hb).len() == 1);
+    let spare = spares(&hb).remove(0);
+    assert_eq!(container_mounts(&hb), vec![spare.join("rootfs").to_string_lossy().into_owned()]);
+    for p in ["proc", "dev", "sys", "etc/hosts", "etc/resolv.conf"] {
+        assert!(spare.join("upper").join(p).exists(), "{p} is not made ahead");
+    }
+    let etc = |dir: &std::path::Path| {
+        let m = std::fs::metadata(dir.join("etc")).unwrap();
+        (std::os::unix::fs::MetadataExt::mode(&m), std::os::unix::fs::MetadataExt::uid(&m))
+    };
+    let image_mount = std::fs::read_dir(hb.root.join("images")).unwrap().flatten().find(|e| e.path().is_dir()).unwrap();
+    assert_eq!(etc(&spare.join("upper")), etc(&image_mount.path()), "/etc copied up with its mode and owner");
+    assert_eq!(ok(&hb, &["ps", "-a", "-q"]), "");
+    assert_eq!(metric(&d.get("/metrics").unwrap(), "hb_containers_on_mounts"), 0.0);
+    // The next container is that folder (its hostname is its short id); a new spare follows.
+    let id = spare.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "hostname"]), format!("{}\n", &id[..12]));
+    wait_for("the next spare", || spares(&hb).first().is_some_and(|s| *s != spare) && spares(&hb).len() == 1);
+    // A container that binds fewer mount points does not see the spare's extra ones.
+    assert_eq!(ok(&hb, &["run", "--rm", "--network", "none", &image, "ls", "/etc"]), "group\npasswd\n");
+    wait_for("the next spare", || spares(&hb).len() == 1 && containers_gone(&hb, &[]));
+    // A spare goes with its image mount: unmounting is not refused for it.
+    let mounts: serde_json::Value = serde_json::from_str(&d.get("/v1/mounts").unwrap()).unwrap();
+    assert_eq!(mounts[0]["users"], 0, "{mounts}");
+    let digest = mounts[0]["digest"].as_str().unwrap().to_string();
+    assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some(), "unmounting refused");
+    assert!(spares(&hb).is_empty() && container_mounts(&hb).is_empty(), "the spare outlived its image mount");
+    // A daemon killed with -9 leaves its spare; the next daemon removes it.
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "true"]), "");
+    wait_for("a spare folder", || spares(&hb).len() == 1 && container_mounts(&hb).len() == 1);
+    let left = spares(&hb).remove(0);
+    d.kill9();
+    assert!(left.exists());
+    let mut d = Daemon::start(&hb);
+    assert!(!left.exists() && container_mounts(&hb).is_empty(), "a spare of the killed daemon was left");
+    // A daemon stopped as usual takes its spare with it.
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "true"]), "");
+    wait_for("a spare folder", || spares(&hb).len() == 1);
+    d.stop();
+    assert!(folders(&hb).is_empty() && container_mounts(&hb).is_empty(), "the stopped daemon left a spare");
     unmount_all(&hb);
     hb.fsck_clean();
 }
