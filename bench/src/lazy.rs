@@ -382,8 +382,10 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
     // The four are timed back to back in an order that rotates each round, so each follows each
     // of the others equally often: whichever comes right after a container's teardown (still
     // going on in the kernel; hb's is the daemon's, in the background) pays for it, and that
-    // cost is shared out evenly. Many rounds: this machine's noise is about 10 % per sample.
-    let rounds = runs.max(5) * 10;
+    // cost is shared out evenly. Many rounds: this machine's noise is about 10 % per sample, and
+    // a run's times are spread wide (18 to 30 ms for the same runc command), so a median of 100
+    // still moved by 0.05x between runs; of 200, less.
+    let rounds = runs.max(5) * 20;
     let mut times: [Vec<Duration>; 4] = Default::default();
     for round in 0..rounds {
         for k in 0..4 {

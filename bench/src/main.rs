@@ -344,7 +344,7 @@ pub(crate) fn hb_binary() -> anyhow::Result<PathBuf> {
     if !p.exists() {
         bail!("{} is missing: build it with `scripts/build-release.sh`", p.display());
     }
-    // A dynamic executable names its loader near its start; the release `hb` is static-pie.
+    // A dynamic executable names its loader near its start; the release `hb` is static.
     let head = std::fs::read(&p)?.into_iter().take(4096).collect::<Vec<u8>>();
     if head.windows(9).any(|w| w == b"ld-linux-") {
         eprintln!("note: {} is dynamically linked; `scripts/build-release.sh` links it as released", p.display());
