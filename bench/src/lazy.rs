@@ -454,7 +454,7 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
     }
     let n = runs.max(5);
     let (h, r) = (median(t_hb), median(t_runc));
-    let (hd, r2, rs) = (median(t_hbd), median(t_runc2), median(t_same));
+    let (hd, r2, rs) = (median(t_hbd.clone()), median(t_runc2.clone()), median(t_same));
     println!("| `true` in {small}, warm store | time | vs runc |");
     println!("|---|---|---|");
     println!("| `runc run` of a pre-extracted bundle (median of {n}) | {:.3} s | 1.00x |", r.as_secs_f64());
@@ -478,8 +478,9 @@ pub fn containers(runs: usize, small: &str, large: &str) -> anyhow::Result<()> {
         over.as_secs_f64(),
         over.as_secs_f64() / r2.as_secs_f64()
     );
+    let (lo, hi) = crate::ratio_interval(&t_hbd, &t_runc2);
     println!(
-        "| `hb run --rm` with `hb daemon` (shared image mount; overlayfs + spec + runc run + cleanup; median of {rounds}) | {:.3} s | **{:.2}x**; {:.2}x of runc with the same spec |",
+        "| `hb run --rm` with `hb daemon` (shared image mount; overlayfs + spec + runc run + cleanup; median of {rounds}) | {:.3} s | **{:.2}x** (95 % interval {lo:.2}-{hi:.2}); {:.2}x of runc with the same spec |",
         hd.as_secs_f64(),
         hd.as_secs_f64() / r2.as_secs_f64(),
         hd.as_secs_f64() / rs.as_secs_f64()

@@ -127,6 +127,28 @@ pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// The 95 % interval of `median(a) / median(b)` by the bootstrap: 2000 resamples of each (with
+/// replacement, same sizes). A fixed-seed xorshift draws them, so an interval follows from its
+/// samples alone. How far a run's ratio may sit from the true one on a noisy machine.
+pub(crate) fn ratio_interval(a: &[Duration], b: &[Duration]) -> (f64, f64) {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let mut ratios: Vec<f64> = (0..2000)
+        .map(|_| {
+            let ma = median((0..a.len()).map(|_| a[next(a.len())]).collect());
+            let mb = median((0..b.len()).map(|_| b[next(b.len())]).collect());
+            ma.as_secs_f64() / mb.as_secs_f64()
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    (ratios[ratios.len() * 25 / 1000], ratios[ratios.len() * 975 / 1000])
+}
+
 fn mib_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
@@ -491,4 +513,26 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ratio_interval_brackets_the_true_ratio_and_narrows_with_samples() {
+        let ms = |v: &[u64]| v.iter().map(|&m| Duration::from_micros(m)).collect::<Vec<_>>();
+        // Twice as long, sample for sample: every resample's ratio is exactly 2.
+        let a: Vec<u64> = (0..200).map(|i| 1000 + (i * 37 % 101)).collect();
+        let doubled: Vec<u64> = a.iter().map(|m| m * 2).collect();
+        let (lo, hi) = ratio_interval(&ms(&doubled), &ms(&a));
+        assert!(lo <= 2.0 && hi >= 2.0 && hi - lo < 0.05, "{lo}..{hi}");
+        // The same spread, shifted by 10 %: the interval holds 1.1 and not 1.0.
+        let shifted: Vec<u64> = a.iter().map(|m| m + 100).collect();
+        let (lo, hi) = ratio_interval(&ms(&shifted), &ms(&a));
+        assert!(lo > 1.0 && lo < 1.1 && hi > 1.09, "{lo}..{hi}");
+        // Fewer samples, a wider interval.
+        let (lo5, hi5) = ratio_interval(&ms(&shifted[..10]), &ms(&a[..10]));
+        assert!(hi5 - lo5 > hi - lo, "{lo5}..{hi5} vs {lo}..{hi}");
+    }
 }
