@@ -245,11 +245,11 @@ fn hex_bytes(id: &str) -> [u8; 2] {
 /// A spare container folder's placeholder for its first state ([`State::save_first`]).
 const SPARE_STATE: &str = ".state.json.spare";
 
-/// The empty files a container's start writes (its first state, `request.json`, `config.json`),
-/// made ahead in a spare folder: written then, they take no new inode on the store's file system
-/// (allocating one costs tens of microseconds where many were freed recently).
+/// The empty files a container's start writes (its first state, `config.json`), made ahead in a
+/// spare folder: written then, they take no new inode on the store's file system (allocating one
+/// costs tens of microseconds where many were freed recently).
 pub fn make_spare_files(dir: &Path) -> std::io::Result<()> {
-    for f in [SPARE_STATE, "request.json", "config.json"] {
+    for f in [SPARE_STATE, "config.json"] {
         std::fs::File::create(dir.join(f))?;
     }
     Ok(())

@@ -204,8 +204,15 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 /// `hb run --name x` at once cannot both take the name.
 pub fn lock_containers(root: &Path) -> anyhow::Result<std::fs::File> {
     let dir = container::containers_dir(root);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let f = std::fs::File::create(dir.join(".lock"))?;
+    let open = || std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(dir.join(".lock"));
+    let f = match open() {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            open()?
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening {}/.lock", dir.display())),
+    };
     rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
     Ok(f)
 }
@@ -294,7 +301,14 @@ pub fn run(
         };
         let saved = state
             .save_first(&dir)
-            .and_then(|_| Ok(std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?));
+            // The request, for the detached monitor that runs the container (`hb run` in the
+            // foreground has it in memory).
+            .and_then(|_| {
+                if req.detach {
+                    std::fs::write(dir.join("request.json"), serde_json::to_vec_pretty(&req)?)?;
+                }
+                Ok(())
+            });
         if let Err(e) = saved {
             cleanup(&dir, true);
             return Err(e);
