@@ -47,8 +47,17 @@ impl<'a> Daemon<'a> {
 }
 
 impl Drop for Daemon<'_> {
+    /// A test that failed leaves no spare mounted: SIGTERM (the daemon releases its spares),
+    /// SIGKILL after 10 s.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            for _ in 0..200 {
+                if c.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
