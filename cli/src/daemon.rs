@@ -281,9 +281,11 @@ impl Daemon {
         let live = self.mounts.lock().expect("mounts lock").contains_key(&key);
         match made {
             Ok(()) if live => self.spares.lock().expect("spares lock").entry(key.clone()).or_default().push(dir),
-            Ok(()) => crate::run::cleanup(&dir, true),
-            Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "preparing a spare container folder failed");
+            // Failed, or its image mount went meanwhile.
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(error = %crate::error_chain(&e), "preparing a spare container folder failed");
+                }
                 crate::run::cleanup(&dir, true);
             }
         }

@@ -281,7 +281,9 @@ pub fn run(
                 return Err(e);
             }
         };
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        if spare.is_none() {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
         let state = State {
             id: id.clone(),
             name,
