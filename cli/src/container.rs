@@ -333,6 +333,9 @@ pub fn kill(dir: &Path, s: &State, signal: &str) -> anyhow::Result<()> {
     if !s.is_running() {
         bail!("container {} is not running", s.name);
     }
+    if !wait_started(dir, s, Duration::from_secs(10)) {
+        return Ok(()); // it ended before the runtime started it
+    }
     let o = std::process::Command::new(&s.runtime)
         .args(["kill", &s.id, signal])
         .output()
@@ -345,6 +348,39 @@ pub fn kill(dir: &Path, s: &State, signal: &str) -> anyhow::Result<()> {
         bail!("{} kill {} {signal}: {}", s.runtime.display(), s.short_id(), String::from_utf8_lossy(&o.stderr).trim());
     }
     Ok(())
+}
+
+/// The container's status as its runtime reports it (`runtime state ID`: `creating`,
+/// `created`, `running`, `stopped`); `None` while the runtime does not know it (yet).
+fn runtime_status(s: &State) -> Option<String> {
+    let o = std::process::Command::new(&s.runtime)
+        .args(["state", &s.id])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    Some(v.get("status")?.as_str()?.to_string())
+}
+
+/// Waits (at most `limit`) until the runtime has started the container. hb records a container
+/// as running when it starts the runtime, which then takes milliseconds to create and start it:
+/// a signal sent before would find no container ("container does not exist"), or kill it
+/// before its start (the runtime would then fail with exit code 1, not the signal's). False when
+/// the container ended meanwhile.
+fn wait_started(dir: &Path, s: &State, limit: Duration) -> bool {
+    let started = Instant::now();
+    loop {
+        if runtime_status(s).is_some_and(|st| st != "creating" && st != "created") {
+            return true;
+        }
+        if !State::load(dir).is_ok_and(|now| now.is_running()) {
+            return false;
+        }
+        if started.elapsed() >= limit {
+            return true; // let the signal say what is wrong
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits until the container's monitor recorded its end (or died), for at most `limit`. A

@@ -73,6 +73,8 @@ struct Daemon {
     handed: Mutex<Vec<(PathBuf, Instant)>>,
     /// Image mounts (key, path) to prepare a spare for, to the `hb-spares` thread.
     refill: std::sync::mpsc::Sender<(String, PathBuf)>,
+    /// Handed-over containers seen with their process gone, and since when (`reap_handed_over`).
+    dead_since: Mutex<HashMap<PathBuf, Instant>>,
 }
 
 fn images_dir(root: &Path) -> PathBuf {
@@ -328,6 +330,31 @@ impl Daemon {
         for k in keys.iter().filter(|k| !mounts.contains(k)) {
             self.release_spares(Some(k));
         }
+    }
+
+    /// Handed-over containers whose process has been gone for 10 s and that are still there:
+    /// their hand-over never reached the daemon (`hb run` killed between writing the state and
+    /// sending it), or cleaning up after them failed. Finished now; cleanups left half done
+    /// under `.removing/` are finished too.
+    fn reap_handed_over(&self) {
+        use crate::container::Status;
+        let Ok(all) = crate::container::list(&self.root) else { return };
+        let gone: Vec<PathBuf> = all
+            .into_iter()
+            .filter(|(_, s)| s.handed_over && s.status == Status::Running && !s.monitor_alive())
+            .map(|(dir, _)| dir)
+            .collect();
+        let mut dead = self.dead_since.lock().expect("dead_since lock");
+        dead.retain(|dir, _| gone.contains(dir));
+        for dir in gone {
+            let since = *dead.entry(dir.clone()).or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(10) {
+                dead.remove(&dir);
+                tracing::warn!(dir = %dir.display(), "a handed-over container outlived its process; cleaning up");
+                std::thread::spawn(move || crate::run::finish_handed_over(&dir));
+            }
+        }
+        crate::run::sweep_removing(&self.root);
     }
 
     /// Container folders without a state (spares of an earlier daemon, or of an `hb run` that
@@ -1034,6 +1061,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         refilling: Mutex::new(std::collections::HashSet::new()),
         handed: Mutex::new(Vec::new()),
         refill,
+        dead_since: Mutex::new(HashMap::new()),
     });
     let sd = d.clone();
     std::thread::Builder::new().name("hb-spares".into()).spawn(move || {
@@ -1126,6 +1154,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));
         reaper.reap_spares();
+        reaper.reap_handed_over();
         reaper.reap_idle();
         reaper.settle();
         // Also after the work's threads ended (their caches are freed then, not before).

@@ -600,7 +600,7 @@ fn spawn_cleanup(g: &Global, dir: &Path, remove: bool) -> bool {
 }
 
 /// Finishes cleanups whose helper died (folders left under `.removing/` for a minute).
-fn sweep_removing(root: &Path) {
+pub fn sweep_removing(root: &Path) {
     let Ok(entries) = std::fs::read_dir(container::containers_dir(root).join(REMOVING)) else { return };
     for e in entries.flatten() {
         let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
@@ -661,8 +661,21 @@ fn runtime_run(dir: &Path, state: &State, req: &RunRequest) -> std::process::Com
 pub fn finish_handed_over(dir: &Path) {
     if let Ok(state) = State::load(dir) {
         let runtime_state = state.runtime.file_name().map(|n| Path::new("/run").join(n).join(&state.id));
-        if runtime_state.is_some_and(|p| p.exists()) {
-            let _ = std::process::Command::new(&state.runtime).args(["delete", "--force", &state.id]).output();
+        // runc gives up after 10 s when the container's processes do not die of SIGKILL (one
+        // stuck in the kernel): tried again, then left to the runtime's own `delete`.
+        for attempt in 1..=3 {
+            if !runtime_state.as_ref().is_some_and(|p| p.exists()) {
+                break;
+            }
+            match std::process::Command::new(&state.runtime).args(["delete", "--force", &state.id]).output() {
+                Ok(o) if o.status.success() => break,
+                Ok(o) => tracing::warn!(
+                    container = %state.id, attempt,
+                    error = %String::from_utf8_lossy(&o.stderr).trim(),
+                    "the runtime could not delete a finished container"
+                ),
+                Err(e) => tracing::warn!(container = %state.id, error = %e, "running {}", state.runtime.display()),
+            }
         }
     }
     let target = move_to_removing(dir).unwrap_or_else(|| dir.to_path_buf());

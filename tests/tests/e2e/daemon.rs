@@ -50,6 +50,17 @@ impl Drop for Daemon<'_> {
     /// A test that failed leaves no spare mounted: SIGTERM (the daemon releases its spares),
     /// SIGKILL after 10 s.
     fn drop(&mut self) {
+        // A failed test shows what the daemon logged, and what is left of its containers.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.hb.path("daemon.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+            eprintln!("--- the daemon's log (last 60 lines) ---\n{}", tail.join("\n"));
+            eprintln!("--- container folders: {:?}", folders(self.hb));
+            eprintln!(
+                "--- /run/runc: {:?}",
+                std::fs::read_dir("/run/runc").map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
             for _ in 0..200 {
@@ -256,6 +267,17 @@ fn containers_gone(hb: &Hb, ids: &[String]) -> bool {
 /// `hb run --rm` `sleep`ing in the foreground (runc: its state is in `/run/runc`), once it runs:
 /// the child and the container's id.
 fn sleeping(hb: &Hb, image: &str, secs: &str) -> (Child, String) {
+    let (child, _) = just_made(hb, image, secs);
+    wait_for("the container to run", || {
+        container_ids(hb).first().is_some_and(|id| std::path::Path::new("/run/runc").join(id).exists())
+    });
+    let id = container_ids(hb).remove(0);
+    (child, id)
+}
+
+/// `hb run --rm` `sleep`ing in the foreground, as soon as hb lists it (the runtime may not have
+/// made it yet): the child and the container's id.
+fn just_made(hb: &Hb, image: &str, secs: &str) -> (Child, String) {
     let child = hb
         .command(
             &with_socket(hb, &["run", "--runtime", "runc", "--rm", image, "sleep", secs])
@@ -267,9 +289,12 @@ fn sleeping(hb: &Hb, image: &str, secs: &str) -> (Child, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("the container to run", || {
-        container_ids(hb).first().is_some_and(|id| std::path::Path::new("/run/runc").join(id).exists())
-    });
+    // Polled each millisecond: the runtime takes tens of them to make and start it.
+    let started = std::time::Instant::now();
+    while container_ids(hb).is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for the container to be made");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let id = container_ids(hb).remove(0);
     (child, id)
 }
@@ -311,6 +336,14 @@ fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_wh
     ok(&hb, &["stop", "-t", "1", &id]);
     assert_eq!(child.wait().unwrap().code(), Some(137));
     wait_for("the stopped container's cleanup", || containers_gone(&hb, std::slice::from_ref(&id)));
+    // Regression: `hb stop` as soon as `hb ps` lists it, before the runtime made or started it,
+    // failed ("container does not exist"), or killed it before its start (exit code 1).
+    for _ in 0..3 {
+        let (mut child, id) = just_made(&hb, &image, "30");
+        ok(&hb, &["stop", "-t", "1", &id]);
+        assert_eq!(child.wait().unwrap().code(), Some(137));
+        wait_for("the stopped container's cleanup", || containers_gone(&hb, std::slice::from_ref(&id)));
+    }
     // A daemon restarted while the container runs watches it again.
     let (mut child, id) = sleeping(&hb, &image, "2");
     d.kill9();
@@ -335,6 +368,20 @@ fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_wh
     });
     assert!(outside.exists(), "a hand-over without a pidfd removed a folder");
     std::fs::remove_dir(&outside).unwrap();
+    // A handed-over container whose hand-over never came (its `hb run` killed between writing
+    // the state and sending it): its process is gone, the daemon finishes it all the same.
+    let id = "ab".repeat(32);
+    let lost = hb.root.join("containers").join(&id);
+    std::fs::create_dir_all(lost.join("upper")).unwrap();
+    let state = serde_json::json!({
+        "id": id, "name": "lost", "image": image, "command": ["true"], "created": 1, "started": 1,
+        "finished": null, "status": "running", "exit_code": null, "error": null,
+        "monitor": [999_999_999, 1], "runtime": "/usr/sbin/runc", "rm": true, "detached": false,
+        "handed_over": true
+    });
+    std::fs::write(lost.join("state.json"), state.to_string()).unwrap();
+    assert!(ok(&hb, &["ps", "-a"]).contains("lost"));
+    wait_for("the lost hand-over's cleanup", || !lost.exists() && containers_gone(&hb, &[]));
     d.stop();
     unmount_all(&hb);
     hb.fsck_clean();
