@@ -662,9 +662,11 @@ pub fn finish_handed_over(dir: &Path) {
     if let Ok(state) = State::load(dir) {
         let runtime_state = state.runtime.file_name().map(|n| Path::new("/run").join(n).join(&state.id));
         // runc gives up after 10 s when the container's processes do not die of SIGKILL (one
-        // stuck in the kernel): tried again, then left to the runtime's own `delete`.
-        for attempt in 1..=3 {
-            if !runtime_state.as_ref().is_some_and(|p| p.exists()) {
+        // stuck in the kernel): tried again; a container the runtime still has is kept (its
+        // processes may run), for the daemon to try again later (`reap_handed_over`).
+        let known = || runtime_state.as_ref().is_some_and(|p| p.exists());
+        for attempt in 1..=2 {
+            if !known() {
                 break;
             }
             match std::process::Command::new(&state.runtime).args(["delete", "--force", &state.id]).output() {
@@ -676,6 +678,10 @@ pub fn finish_handed_over(dir: &Path) {
                 ),
                 Err(e) => tracing::warn!(container = %state.id, error = %e, "running {}", state.runtime.display()),
             }
+        }
+        if known() {
+            tracing::warn!(container = %state.id, "the runtime still has the container; its folder is kept for now");
+            return;
         }
     }
     let target = move_to_removing(dir).unwrap_or_else(|| dir.to_path_buf());

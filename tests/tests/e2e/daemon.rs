@@ -369,18 +369,33 @@ fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_wh
     assert!(outside.exists(), "a hand-over without a pidfd removed a folder");
     std::fs::remove_dir(&outside).unwrap();
     // A handed-over container whose hand-over never came (its `hb run` killed between writing
-    // the state and sending it): its process is gone, the daemon finishes it all the same.
+    // the state and sending it): its process is gone, the daemon finishes it all the same. While
+    // its runtime cannot delete it (a process of it stuck), its folder is kept, and tried again.
     let id = "ab".repeat(32);
     let lost = hb.root.join("containers").join(&id);
     std::fs::create_dir_all(lost.join("upper")).unwrap();
+    let runtime_name = format!("hb-test-runtime-{}", std::process::id());
+    let runtime = hb.path(&runtime_name);
+    let calls = hb.path("runtime-calls");
+    std::fs::write(&runtime, format!("#!/bin/sh\necho \"$@\" >> {}\nexit 1\n", calls.display())).unwrap();
+    std::fs::set_permissions(&runtime, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let runtime_state = std::path::Path::new("/run").join(&runtime_name).join(&id);
+    std::fs::create_dir_all(&runtime_state).unwrap();
     let state = serde_json::json!({
         "id": id, "name": "lost", "image": image, "command": ["true"], "created": 1, "started": 1,
         "finished": null, "status": "running", "exit_code": null, "error": null,
-        "monitor": [999_999_999, 1], "runtime": "/usr/sbin/runc", "rm": true, "detached": false,
+        "monitor": [999_999_999, 1], "runtime": runtime, "rm": true, "detached": false,
         "handed_over": true
     });
     std::fs::write(lost.join("state.json"), state.to_string()).unwrap();
     assert!(ok(&hb, &["ps", "-a"]).contains("lost"));
+    wait_for("the daemon to try to delete the lost container", || {
+        std::fs::read_to_string(&calls).is_ok_and(|c| c.lines().count() >= 2)
+    });
+    assert_eq!(std::fs::read_to_string(&calls).unwrap().lines().next(), Some(format!("delete --force {id}").as_str()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(lost.join("state.json").exists(), "a container its runtime could not delete was removed");
+    std::fs::remove_dir_all(runtime_state.parent().unwrap()).unwrap();
     wait_for("the lost hand-over's cleanup", || !lost.exists() && containers_gone(&hb, &[]));
     d.stop();
     unmount_all(&hb);
