@@ -575,12 +575,17 @@ fn move_to_removing(dir: &Path) -> Option<PathBuf> {
 /// Unmounts a finished container's overlay; removes its folder, or only the empty mount point.
 pub fn cleanup(dir: &Path, remove: bool) {
     let rootfs = dir.join("rootfs");
-    // EINVAL when nothing is mounted there (any more).
-    let _ = rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH);
-    if remove {
-        let _ = std::fs::remove_dir_all(dir);
-    } else {
-        let _ = std::fs::remove_dir(&rootfs);
+    // EINVAL when nothing is mounted there (any more), ENOENT when it is gone.
+    match rustix::mount::unmount(&rootfs, rustix::mount::UnmountFlags::DETACH) {
+        Ok(()) | Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => {}
+        Err(e) => tracing::warn!(rootfs = %rootfs.display(), error = %e, "unmounting a container's rootfs failed"),
+    }
+    let removed = if remove { std::fs::remove_dir_all(dir) } else { std::fs::remove_dir(&rootfs) };
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing a finished container's folder failed")
+        }
+        _ => {}
     }
 }
 
