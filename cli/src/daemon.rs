@@ -132,10 +132,7 @@ impl ExitWatcher {
                     let done = ended.next().unwrap_or(false);
                     if done {
                         let dir = dir.clone();
-                        std::thread::spawn(move || {
-                            crate::rootfs::background_priority();
-                            crate::run::finish_handed_over(&dir)
-                        });
+                        housekeeping(move || crate::run::finish_handed_over(&dir));
                     }
                     !done
                 });
@@ -170,6 +167,26 @@ fn recv_with_fds(
         .flatten()
         .collect();
     Ok((got.bytes, fds))
+}
+
+/// Runs cleanup work `f` on a thread of its own at the lowest priority (it should not take a CPU
+/// from a starting container); here and now when no thread can be made (the process at its
+/// thread or memory limit): a cleanup is never dropped.
+fn housekeeping(f: impl FnOnce() + Send + 'static) {
+    let f = std::sync::Arc::new(std::sync::Mutex::new(Some(f)));
+    let g = f.clone();
+    let spawned = std::thread::Builder::new().name("hb-cleanup".into()).spawn(move || {
+        crate::rootfs::background_priority();
+        if let Some(f) = g.lock().expect("cleanup lock").take() {
+            f()
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread for a cleanup; doing it now");
+        if let Some(f) = f.lock().expect("cleanup lock").take() {
+            f()
+        }
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -245,10 +262,7 @@ impl Daemon {
     fn start_cleanup(&self, c: &api::CleanupRequest) -> Result<(), CleanupRefused> {
         let dir = self.container_folder(&c.dir)?;
         let remove = c.remove;
-        std::thread::spawn(move || {
-            crate::rootfs::background_priority();
-            crate::run::cleanup(&dir, remove)
-        });
+        housekeeping(move || crate::run::cleanup(&dir, remove));
         Ok(())
     }
 
@@ -351,7 +365,7 @@ impl Daemon {
             if since.elapsed() >= Duration::from_secs(10) {
                 dead.remove(&dir);
                 tracing::warn!(dir = %dir.display(), "a handed-over container outlived its process; cleaning up");
-                std::thread::spawn(move || crate::run::finish_handed_over(&dir));
+                housekeeping(move || crate::run::finish_handed_over(&dir));
             }
         }
         crate::run::sweep_removing(&self.root);
@@ -415,7 +429,7 @@ impl Daemon {
             });
             if !watched {
                 tracing::info!(container = %state.id, "a handed-over container ended while no daemon ran; cleaning up");
-                std::thread::spawn(move || crate::run::finish_handed_over(&dir));
+                housekeeping(move || crate::run::finish_handed_over(&dir));
             }
         }
     }
