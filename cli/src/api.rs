@@ -266,7 +266,8 @@ impl Client {
         req.extend_from_slice(payload);
         stream.write_all(&req).context("talking to the hb daemon")?;
         stream.set_read_timeout(slow.as_ref().map(|(after, _)| *after))?;
-        let mut answer = Vec::new();
+        // Room for a usual answer: read in one go, not from a 32-byte probe up.
+        let mut answer = Vec::with_capacity(4096);
         loop {
             match stream.read_to_end(&mut answer) {
                 Ok(_) => break,
