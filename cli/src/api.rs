@@ -35,6 +35,57 @@ pub struct MountRequest {
     pub spare: bool,
 }
 
+/// A spare container folder the daemon advertises to `hb run` (a file in [`ready_dir`]), so a
+/// foreground `hb run --rm` of that image needs no request: it claims the file by renaming it
+/// ([`claim_ready`]), and its hand-over tells the daemon. The daemon withdraws an advertisement
+/// the same way before it hands that spare to anyone else or releases it: whoever renames the
+/// file first has the spare.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Ready {
+    /// The daemon that made it: an advertisement of a daemon that is gone is not used.
+    pub daemon: u32,
+    /// What `POST /v1/images/mount` with `spare` would answer for the image.
+    pub mount: ImageMount,
+}
+
+/// Where the daemon advertises spares: `<root>/containers/.ready/`.
+pub fn ready_dir(root: &Path) -> PathBuf {
+    crate::container::containers_dir(root).join(".ready")
+}
+
+/// The advertisement for `hb run IMAGE` (the reference as given, and `--plain-http`).
+pub fn ready_file(root: &Path, image: &str, plain_http: bool) -> PathBuf {
+    let h = blake3::hash(format!("{plain_http}\n{image}").as_bytes());
+    ready_dir(root).join(format!("{}.json", &h.to_hex()[..32]))
+}
+
+/// Claims the spare the daemon advertised for `hb run IMAGE`: the image mount and the spare
+/// folder (`ImageMount::spare`) as the mount request would have answered, without asking. `None`
+/// when there is none, or it is not sound: its daemon or mount server gone, or the spare's
+/// overlay or the image not mounted (then the caller asks the daemon).
+pub fn claim_ready(root: &Path, image: &str, plain_http: bool) -> Option<ImageMount> {
+    let file = ready_file(root, image, plain_http);
+    let mine = file.with_extension(format!("claimed{}", std::process::id()));
+    std::fs::rename(&file, &mine).ok()?;
+    let raw = std::fs::read(&mine);
+    let _ = std::fs::remove_file(&mine);
+    let ready: Ready = serde_json::from_slice(&raw.ok()?).ok()?;
+    let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
+    // A mount point is on another device than the folder it is in.
+    let mounted = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        p.parent().is_some_and(|parent| dev(p).is_some() && dev(p) != dev(parent))
+    };
+    let spare = ready.mount.spare.as_deref()?;
+    let sound =
+        alive(ready.daemon) && alive(ready.mount.pid) && mounted(&spare.join("rootfs")) && mounted(&ready.mount.path);
+    if !sound {
+        tracing::debug!(file = %file.display(), "an advertised spare is not sound; asking the daemon");
+    }
+    sound.then_some(ready.mount)
+}
+
 /// An image mount the daemon keeps: a mount server process per image, shared by containers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ImageMount {

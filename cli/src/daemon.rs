@@ -71,10 +71,31 @@ struct Daemon {
     refilling: Mutex<std::collections::HashSet<String>>,
     /// Spares handed out, and when: released if still without a state a minute later.
     handed: Mutex<Vec<(PathBuf, Instant)>>,
-    /// Image mounts (key, path) to prepare a spare for, to the `hb-spares` thread.
-    refill: std::sync::mpsc::Sender<(String, PathBuf)>,
+    /// Spares to prepare, to the `hb-spares` thread.
+    refill: std::sync::mpsc::Sender<Refill>,
+    /// Spares advertised to `hb run` (`api::claim_ready`): by folder, the file that names it and
+    /// the request it answers.
+    advertised: Mutex<HashMap<PathBuf, Advert>>,
     /// Handed-over containers seen with their process gone, and since when (`reap_handed_over`).
     dead_since: Mutex<HashMap<PathBuf, Instant>>,
+}
+
+/// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,
+/// `plain_http` as asked).
+struct Refill {
+    key: String,
+    lower: PathBuf,
+    image: String,
+    plain_http: bool,
+}
+
+/// A spare's advertisement: its ready file, and what it was made for.
+struct Advert {
+    file: PathBuf,
+    key: String,
+    lower: PathBuf,
+    image: String,
+    plain_http: bool,
 }
 
 fn images_dir(root: &Path) -> PathBuf {
@@ -274,21 +295,123 @@ impl Daemon {
 
     /// A spare container folder for the image of `m`, if one is ready; another is prepared for
     /// the next container in the background (at the lowest priority: it waits for idle CPU).
-    fn take_spare(&self, m: &ImageMount) -> Option<PathBuf> {
+    fn take_spare(&self, m: &ImageMount, image: &str, plain_http: bool) -> Option<PathBuf> {
         let key = m.key();
-        let spare = self.spares.lock().expect("spares lock").get_mut(&key).and_then(Vec::pop);
-        if let Some(s) = &spare {
+        let spare = loop {
+            let Some(s) = self.spares.lock().expect("spares lock").get_mut(&key).and_then(Vec::pop) else { break None };
+            // Handed out either way: to this caller, or to the `hb run` that claimed it first.
             self.handed.lock().expect("handed lock").push((s.clone(), Instant::now()));
-        }
-        if self.refilling.lock().expect("refilling lock").insert(key.clone()) {
-            let _ = self.refill.send((key, m.path.clone()));
-        }
+            if self.withdraw(&s) {
+                break Some(s);
+            }
+        };
+        self.refill(Refill { key, lower: m.path.clone(), image: image.to_string(), plain_http });
         spare
+    }
+
+    /// Has a spare prepared for `r`'s image mount unless one is being prepared already.
+    fn refill(&self, r: Refill) {
+        if self.refilling.lock().expect("refilling lock").insert(r.key.clone()) {
+            let _ = self.refill.send(r);
+        }
+    }
+
+    /// Advertises spare `dir` of image mount `r.key` to `hb run r.image` (`api::ready_file`),
+    /// unless a spare is advertised for that already.
+    fn advertise(&self, dir: &Path, r: &Refill) {
+        let Some(mut m) = self.mounts.lock().expect("mounts lock").get(&r.key).cloned() else { return };
+        m.spare = Some(dir.to_path_buf());
+        let file = api::ready_file(&self.root, &r.image, r.plain_http);
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        let written = serde_json::to_vec(&api::Ready { daemon: std::process::id(), mount: m })
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|_| {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &tmp,
+                    rustix::fs::CWD,
+                    &file,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+                .map_err(std::io::Error::from)
+            });
+        match written {
+            Ok(()) => {
+                let advert = Advert {
+                    file,
+                    key: r.key.clone(),
+                    lower: r.lower.clone(),
+                    image: r.image.clone(),
+                    plain_http: r.plain_http,
+                };
+                self.advertised.lock().expect("advertised lock").insert(dir.to_path_buf(), advert);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    tracing::warn!(error = %e, file = %file.display(), "advertising a spare container folder failed");
+                }
+            }
+        }
+    }
+
+    /// Withdraws spare `dir`'s advertisement, if it has one: true when the spare is still the
+    /// daemon's, false when an `hb run` claimed it first (it is that run's container now).
+    fn withdraw(&self, dir: &Path) -> bool {
+        let Some(advert) = self.advertised.lock().expect("advertised lock").remove(dir) else { return true };
+        let tmp = advert.file.with_extension("withdrawn");
+        match std::fs::rename(&advert.file, &tmp) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&tmp);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Withdraws every advertisement (image references may name other images now); the spares
+    /// stay, handed out through the API.
+    fn withdraw_all(&self) {
+        let dirs: Vec<PathBuf> = self.advertised.lock().expect("advertised lock").keys().cloned().collect();
+        for dir in dirs {
+            if !self.withdraw(&dir) {
+                self.forget_spare(&dir);
+                self.handed.lock().expect("handed lock").push((dir, Instant::now()));
+            }
+        }
+    }
+
+    /// Takes `dir` off the spares (claimed by an `hb run`); whether it was one.
+    fn forget_spare(&self, dir: &Path) -> bool {
+        let mut spares = self.spares.lock().expect("spares lock");
+        for v in spares.values_mut() {
+            if let Some(i) = v.iter().position(|s| s == dir) {
+                v.swap_remove(i);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A hand-over of `dir`: if it is an advertised spare an `hb run` claimed without asking
+    /// (`api::claim_ready`), it is off the spares now, and the next is prepared.
+    fn spare_claimed(&self, dir: &Path) {
+        let Some(advert) = self.advertised.lock().expect("advertised lock").remove(dir) else { return };
+        self.forget_spare(dir);
+        self.last_used.lock().expect("lock").insert(advert.key.clone(), Instant::now());
+        self.refill(Refill {
+            key: advert.key,
+            lower: advert.lower,
+            image: advert.image,
+            plain_http: advert.plain_http,
+        });
     }
 
     /// Prepares a spare container folder over image mount `lower` (key `key`): on the daemon's
     /// `hb-spares` thread, which runs at the lowest priority.
-    fn prepare_spare(&self, key: String, lower: &Path) {
+    fn prepare_spare(&self, r: Refill) {
+        let (key, lower) = (r.key.clone(), r.lower.as_path());
         let dir = crate::container::containers_dir(&self.root).join(crate::container::new_id());
         let made = std::fs::create_dir_all(&dir)
             .map_err(anyhow::Error::from)
@@ -296,7 +419,10 @@ impl Daemon {
             .and_then(|_| crate::rootfs::prepare(lower, &dir, &crate::rootfs::MOUNT_POINTS));
         let live = self.mounts.lock().expect("mounts lock").contains_key(&key);
         match made {
-            Ok(()) if live => self.spares.lock().expect("spares lock").entry(key.clone()).or_default().push(dir),
+            Ok(()) if live => {
+                self.spares.lock().expect("spares lock").entry(key.clone()).or_default().push(dir.clone());
+                self.advertise(&dir, &r);
+            }
             // Failed, or its image mount went meanwhile.
             other => {
                 if let Err(e) = other {
@@ -318,7 +444,11 @@ impl Daemon {
             }
         };
         for dir in gone {
-            crate::run::cleanup(&dir, true);
+            if self.withdraw(&dir) {
+                crate::run::cleanup(&dir, true);
+            } else {
+                self.handed.lock().expect("handed lock").push((dir, Instant::now()));
+            }
         }
     }
 
@@ -375,6 +505,10 @@ impl Daemon {
     /// died before writing one): unmounted and removed.
     fn sweep_spares(&self) {
         let Ok(_lock) = crate::run::lock_containers(&self.root) else { return };
+        // An earlier daemon's advertisements (`hb run` ignores them: their daemon is gone).
+        let ready = api::ready_dir(&self.root);
+        let _ = std::fs::remove_dir_all(&ready);
+        let _ = std::fs::create_dir_all(&ready);
         let Ok(entries) = std::fs::read_dir(crate::container::containers_dir(&self.root)) else { return };
         for e in entries.flatten() {
             let p = e.path();
@@ -411,6 +545,7 @@ impl Daemon {
                 dir.display()
             )));
         }
+        self.spare_claimed(&dir);
         self.exits.watch(pidfd, dir);
         Ok(())
     }
@@ -562,6 +697,8 @@ impl Daemon {
     fn unmount(&self, digest: &str, force: bool) -> anyhow::Result<()> {
         let m = self.mounts.lock().expect("mounts lock").get(digest).cloned();
         let Some(m) = m else { bail!("no image mount {digest}") };
+        // A spare an `hb run` claimed is a user: known once its advertisement is withdrawn.
+        self.withdraw_all();
         let users = self.users(&m);
         if users > 0 && !force {
             bail!("image mount of {} is used by {users} containers", m.image);
@@ -956,6 +1093,13 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let method = req.method().clone();
+    // What may change which image a reference names: no spare stays advertised under one
+    // (before, and after, as a spare may be made meanwhile).
+    let renames = matches!((&method, path.as_str()), (&Method::POST, "/v1/pull" | "/v1/images/remove" | "/v1/gc"))
+        || (method == Method::DELETE && path.starts_with("/v1/mounts/"));
+    if renames {
+        d.withdraw_all();
+    }
     let resp = match (&method, path.as_str()) {
         (&Method::GET, "/v1/health") => json(StatusCode::OK, &d.health()),
         (&Method::GET, "/metrics") => Response::builder()
@@ -974,6 +1118,7 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
             ),
             Ok(m) => {
                 let spare = m.spare && m.layers.is_none();
+                let (image, plain_http) = (m.image.clone(), m.plain_http);
                 let mount = match d.existing_mount(&m) {
                     Ok(Some(mount)) => Ok(mount),
                     _ => blocking_value(&d, "mount", move |d| d.image_mount(&m)).await,
@@ -981,7 +1126,7 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
                 match mount {
                     Ok(mut mount) => {
                         if spare {
-                            mount.spare = d.take_spare(&mount);
+                            mount.spare = d.take_spare(&mount, &image, plain_http);
                         }
                         json(StatusCode::OK, &mount)
                     }
@@ -1029,6 +1174,9 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
         }
         _ => error(StatusCode::NOT_FOUND, &anyhow::anyhow!("no endpoint {method} {path} (see docs/api.md)")),
     };
+    if renames {
+        d.withdraw_all();
+    }
     let took = started.elapsed();
     let label = if path.starts_with("/v1/mounts/") { "/v1/mounts/{digest}".to_string() } else { path };
     *d.metrics.requests.lock().expect("metrics lock").entry((label, resp.status().as_u16())).or_default() += 1;
@@ -1056,7 +1204,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         }
         other => Arc::new(other?),
     };
-    let (refill, refills) = std::sync::mpsc::channel::<(String, PathBuf)>();
+    let (refill, refills) = std::sync::mpsc::channel::<Refill>();
     let d = Arc::new(Daemon {
         g: g.clone(),
         root: root.clone(),
@@ -1075,13 +1223,14 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         refilling: Mutex::new(std::collections::HashSet::new()),
         handed: Mutex::new(Vec::new()),
         refill,
+        advertised: Mutex::new(HashMap::new()),
         dead_since: Mutex::new(HashMap::new()),
     });
     let sd = d.clone();
     std::thread::Builder::new().name("hb-spares".into()).spawn(move || {
         crate::rootfs::background_priority();
-        for (key, lower) in refills {
-            sd.prepare_spare(key, &lower);
+        for r in refills {
+            sd.prepare_spare(r);
         }
     })?;
     d.adopt()?;

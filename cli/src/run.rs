@@ -236,7 +236,14 @@ pub fn run(
     let runtime = detect_runtime(req.runtime.as_deref())?;
     tracing::debug!(us = t0.elapsed().as_micros() as u64, "runtime found");
     // A detached monitor asks the daemon itself.
-    let shared = if req.detach { None } else { daemon_mount(g, &req, out.quiet || out.json)? };
+    // A foreground `--rm` container takes the spare the daemon advertised for the image, if
+    // there is one: no request (its hand-over tells the daemon).
+    let claimed = (req.rm && !req.detach).then(|| crate::api::claim_ready(root, &req.image, req.plain_http)).flatten();
+    let shared = match claimed {
+        Some(m) => Some(m),
+        None if req.detach => None,
+        None => daemon_mount(g, &req, out.quiet || out.json)?,
+    };
     tracing::debug!(us = t0.elapsed().as_micros() as u64, daemon = shared.is_some(), "image ready");
     if shared.is_none() && !(req.detach && crate::daemon_client(g).is_some()) {
         match local {

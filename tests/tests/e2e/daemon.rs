@@ -456,6 +456,104 @@ fn the_daemon_keeps_a_spare_container_folder_ready_and_never_leaves_one_behind()
     hb.fsck_clean();
 }
 
+/// The daemon's advertisements of spares (`<store>/containers/.ready/*.json`).
+fn adverts(hb: &Hb) -> Vec<serde_json::Value> {
+    std::fs::read_dir(hb.root.join("containers").join(".ready")).map_or(Vec::new(), |d| {
+        d.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect()
+    })
+}
+
+fn mount_requests(d: &Daemon) -> usize {
+    let m = d.get("/metrics").unwrap();
+    m.lines()
+        .filter(|l| l.starts_with("hb_api_requests_total{path=\"/v1/images/mount\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+        .sum()
+}
+
+#[test]
+fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    let mut d = Daemon::start(&hb);
+    ok(&hb, &["pull", &image]);
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "true"]), "");
+    // The next spare is advertised for this image reference, by this daemon.
+    wait_for("an advertised spare", || adverts(&hb).len() == 1 && spares(&hb).len() == 1);
+    let ad = adverts(&hb).remove(0);
+    let spare = spares(&hb).remove(0);
+    assert_eq!(ad["daemon"].as_u64(), Some(d.child.as_ref().unwrap().id() as u64), "{ad}");
+    assert_eq!(ad["mount"]["spare"].as_str(), spare.to_str(), "{ad}");
+    // `hb run --rm` takes it without a mount request; the daemon learns it from the hand-over
+    // and advertises the next one.
+    let asked = mount_requests(&d);
+    let id = spare.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "hostname"]), format!("{}\n", &id[..12]));
+    assert_eq!(mount_requests(&d), asked, "the claimed run asked the daemon anyway");
+    wait_for("the next advertised spare", || {
+        adverts(&hb).len() == 1
+            && adverts(&hb)[0]["mount"]["spare"].as_str() != spare.to_str()
+            && containers_gone(&hb, &[])
+    });
+    // Runs at once: each its own container, whoever gets the advertised one; all cleaned up.
+    let children: Vec<Child> = (0..4)
+        .map(|_| {
+            hb.command(
+                &with_socket(&hb, &["run", "--rm", &image, "hostname"]).iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let mut names: Vec<String> = children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "{o:?}");
+            String::from_utf8(o.stdout).unwrap()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 4, "two runs shared a container: {names:?}");
+    wait_for("the concurrent runs' cleanup and the next spare", || {
+        containers_gone(&hb, &[]) && adverts(&hb).len() == 1 && spares(&hb).len() == 1
+    });
+    // A pull may point the reference at another image: nothing stays advertised; the spare is
+    // handed out through the API then.
+    ok(&hb, &["pull", &image]);
+    assert!(adverts(&hb).is_empty(), "an advertisement outlived a pull");
+    let spare = spares(&hb).remove(0);
+    let asked = mount_requests(&d);
+    let id = spare.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "hostname"]), format!("{}\n", &id[..12]));
+    assert_eq!(mount_requests(&d), asked + 1);
+    wait_for("the next advertised spare", || adverts(&hb).len() == 1 && containers_gone(&hb, &[]));
+    // A killed daemon's advertisement is not used (hb runs without it, on its own), and the next
+    // daemon removes it with the spare.
+    let left = spares(&hb).remove(0);
+    d.kill9();
+    let out = ok(&hb, &["run", "--rm", &image, "hostname"]);
+    assert_ne!(out.trim(), &left.file_name().unwrap().to_string_lossy()[..12], "a dead daemon's spare was used");
+    assert!(left.join("rootfs").join("bin").exists(), "the dead daemon's spare was touched");
+    let mut d = Daemon::start(&hb);
+    assert!(adverts(&hb).is_empty() && !left.exists(), "a killed daemon's advertisement or spare was left");
+    // Unmounting withdraws them too, and takes the spare along.
+    assert_eq!(ok(&hb, &["run", "--rm", &image, "true"]), "");
+    wait_for("an advertised spare", || adverts(&hb).len() == 1);
+    let mounts: serde_json::Value = serde_json::from_str(&d.get("/v1/mounts").unwrap()).unwrap();
+    let digest = mounts[0]["digest"].as_str().unwrap().to_string();
+    assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some(), "unmounting refused");
+    assert!(adverts(&hb).is_empty() && spares(&hb).is_empty(), "an advertisement outlived its image mount");
+    d.stop();
+    unmount_all(&hb);
+    hb.fsck_clean();
+}
+
 #[test]
 fn a_lazy_image_through_the_daemon_keeps_what_its_mount_fetched() {
     let image = format!("{}/debian-app:v1", open_registry());
