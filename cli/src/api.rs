@@ -430,6 +430,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_advertised_spare_is_claimed_once_and_only_when_sound() {
+        let root = tempfile::tempdir().unwrap();
+        let file = ready_file(root.path(), "r/busybox:latest", false);
+        assert_eq!(file.parent(), Some(ready_dir(root.path()).as_path()));
+        assert_ne!(file, ready_file(root.path(), "r/busybox:latest", true), "--plain-http names another");
+        assert_ne!(file, ready_file(root.path(), "r/busybox:1", false));
+        assert!(claim_ready(root.path(), "r/busybox:latest", false).is_none(), "nothing advertised");
+        // Its daemon and mount server (pid 1 here) alive, but its overlay not mounted.
+        std::fs::create_dir_all(ready_dir(root.path())).unwrap();
+        let spare = root.path().join("containers").join("ab".repeat(32));
+        std::fs::create_dir_all(spare.join("rootfs")).unwrap();
+        let mount = ImageMount {
+            image: "r/busybox:latest".into(),
+            digest: "sha256:00".into(),
+            path: "/".into(),
+            pid: 1,
+            config: "{}".into(),
+            users: 0,
+            layers: None,
+            spare: Some(spare.clone()),
+        };
+        std::fs::write(&file, serde_json::to_vec(&Ready { daemon: 1, mount: mount.clone() }).unwrap()).unwrap();
+        assert!(claim_ready(root.path(), "r/busybox:latest", false).is_none(), "an unmounted spare was used");
+        assert!(!file.exists(), "the claimed advertisement stayed");
+        // A dead daemon's is not used either.
+        let dead = Ready { daemon: u32::MAX, mount };
+        std::fs::write(&file, serde_json::to_vec(&dead).unwrap()).unwrap();
+        assert!(claim_ready(root.path(), "r/busybox:latest", false).is_none());
+        assert_eq!(std::fs::read_dir(ready_dir(root.path())).unwrap().count(), 0, "a claim left a file behind");
+    }
+
+    #[test]
     fn a_slow_answer_is_noted_once_and_still_read() {
         use std::io::{Read, Write};
         let dir = tempfile::tempdir().unwrap();

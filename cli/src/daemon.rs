@@ -323,6 +323,9 @@ impl Daemon {
         m.spare = Some(dir.to_path_buf());
         let file = api::ready_file(&self.root, &r.image, r.plain_http);
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        // Held until it is recorded: a withdrawal, or the hand-over of an `hb run` that claimed
+        // it the moment it was in place, waits for that.
+        let mut advertised = self.advertised.lock().expect("advertised lock");
         let written = serde_json::to_vec(&api::Ready { daemon: std::process::id(), mount: m })
             .map_err(std::io::Error::other)
             .and_then(|bytes| std::fs::write(&tmp, bytes))
@@ -345,7 +348,7 @@ impl Daemon {
                     image: r.image.clone(),
                     plain_http: r.plain_http,
                 };
-                self.advertised.lock().expect("advertised lock").insert(dir.to_path_buf(), advert);
+                advertised.insert(dir.to_path_buf(), advert);
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -359,7 +362,9 @@ impl Daemon {
     /// Withdraws spare `dir`'s advertisement, if it has one: true when the spare is still the
     /// daemon's, false when an `hb run` claimed it first (it is that run's container now).
     fn withdraw(&self, dir: &Path) -> bool {
-        let Some(advert) = self.advertised.lock().expect("advertised lock").remove(dir) else { return true };
+        // Held through the rename: no new advertisement can take the file's name meanwhile.
+        let mut advertised = self.advertised.lock().expect("advertised lock");
+        let Some(advert) = advertised.remove(dir) else { return true };
         let tmp = advert.file.with_extension("withdrawn");
         match std::fs::rename(&advert.file, &tmp) {
             Ok(()) => {
@@ -397,8 +402,14 @@ impl Daemon {
     /// A hand-over of `dir`: if it is an advertised spare an `hb run` claimed without asking
     /// (`api::claim_ready`), it is off the spares now, and the next is prepared.
     fn spare_claimed(&self, dir: &Path) {
-        let Some(advert) = self.advertised.lock().expect("advertised lock").remove(dir) else { return };
-        self.forget_spare(dir);
+        // By id: `dir` is canonical, the daemon's own paths need not be.
+        let advert = {
+            let mut advertised = self.advertised.lock().expect("advertised lock");
+            let mine = advertised.keys().find(|k| k.file_name() == dir.file_name()).cloned();
+            mine.and_then(|k| advertised.remove(&k).map(|a| (k, a)))
+        };
+        let Some((dir, advert)) = advert else { return };
+        self.forget_spare(&dir);
         self.last_used.lock().expect("lock").insert(advert.key.clone(), Instant::now());
         self.refill(Refill {
             key: advert.key,
