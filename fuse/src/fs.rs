@@ -55,6 +55,10 @@ pub struct ImageFs {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     backing: Mutex<HashMap<u32, Weak<BackingId>>>,
+    /// One backing file set up at a time per inode: the kernel refuses (EIO) an open whose
+    /// backing differs from the one already open for that inode, so concurrent first opens must
+    /// share one.
+    backing_setup: Mutex<HashMap<u32, Arc<Mutex<()>>>>,
     /// How each inode was first opened (true: passthrough). The kernel refuses to mix cached and
     /// passthrough opens of one inode, so the first open decides for the life of the mount.
     io_mode: Mutex<HashMap<u32, bool>>,
@@ -90,6 +94,7 @@ impl ImageFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             backing: Mutex::new(HashMap::new()),
+            backing_setup: Mutex::new(HashMap::new()),
             has_xattrs,
             io_mode: Mutex::new(HashMap::new()),
             passthrough_ok,
@@ -191,6 +196,18 @@ impl ImageFs {
         if !self.opts.passthrough || size < self.opts.passthrough_min || !self.passthrough_ok.load(Ordering::Relaxed) {
             return None;
         }
+        if let Some(b) = self.backing.lock().expect("backing lock").get(&i).and_then(Weak::upgrade) {
+            return Some(b);
+        }
+        let setup = self.backing_setup.lock().expect("backing setup lock").entry(i).or_default().clone();
+        let _one = setup.lock().expect("backing setup lock");
+        // (The lock stays in the map: one per file opened, and no two can ever be in use.)
+        self.make_backing(i, chunks, reply)
+    }
+
+    /// [`Self::backing_for`] under the inode's setup lock: the backing another open made
+    /// meanwhile, or a new one.
+    fn make_backing(&self, i: u32, chunks: &[ChunkRef], reply: &ReplyOpen) -> Option<Arc<BackingId>> {
         if let Some(b) = self.backing.lock().expect("backing lock").get(&i).and_then(Weak::upgrade) {
             return Some(b);
         }

@@ -555,6 +555,42 @@ fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it(
 }
 
 #[test]
+fn concurrent_first_runs_of_an_image_all_start() {
+    // Regression: the first opens of a file by several containers at once each set up a
+    // passthrough backing file of their own; the kernel refuses all but one per inode, and a
+    // container's exec failed with EIO.
+    let image = format!("{}/busybox:latest", open_registry());
+    for _ in 0..3 {
+        let hb = Hb::new();
+        let mut d = Daemon::start(&hb);
+        ok(&hb, &["pull", &image]);
+        let children: Vec<Child> = (0..6)
+            .map(|_| {
+                hb.command(
+                    &with_socket(&hb, &["run", "--rm", &image, "hostname"])
+                        .iter()
+                        .map(String::as_str)
+                        .collect::<Vec<_>>(),
+                )
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+            })
+            .collect();
+        for c in children {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(o.stdout.len(), 13, "{o:?}");
+        }
+        wait_for("the runs' cleanup", || containers_gone(&hb, &[]));
+        d.stop();
+        unmount_all(&hb);
+        hb.fsck_clean();
+    }
+}
+
+#[test]
 fn a_lazy_image_through_the_daemon_keeps_what_its_mount_fetched() {
     let image = format!("{}/debian-app:v1", open_registry());
     let lazy = super::lazy::convert(&image, "daemon");
