@@ -482,11 +482,17 @@ fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it(
     ok(&hb, &["pull", &image]);
     assert_eq!(ok(&hb, &["run", "--rm", &image, "true"]), "");
     // The next spare is advertised for this image reference, by this daemon.
-    wait_for("an advertised spare", || adverts(&hb).len() == 1 && spares(&hb).len() == 1);
+    // (Compared once the first container's folder is gone: while it is being removed, it has no
+    // state either.)
+    wait_for("an advertised spare", || {
+        let ads = adverts(&hb);
+        ads.len() == 1
+            && spares(&hb).iter().map(|p| p.to_str()).collect::<Vec<_>>() == [ads[0]["mount"]["spare"].as_str()]
+    });
     let ad = adverts(&hb).remove(0);
-    let spare = spares(&hb).remove(0);
+    let spare = std::path::PathBuf::from(ad["mount"]["spare"].as_str().unwrap());
     assert_eq!(ad["daemon"].as_u64(), Some(d.child.as_ref().unwrap().id() as u64), "{ad}");
-    assert_eq!(ad["mount"]["spare"].as_str(), spare.to_str(), "{ad}");
+    assert!(spare.join("rootfs").join("bin").exists(), "the advertised spare's overlay is not mounted");
     // `hb run --rm` takes it without a mount request; the daemon learns it from the hand-over
     // and advertises the next one.
     let asked = mount_requests(&d);
@@ -527,6 +533,7 @@ fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it(
     // handed out through the API then.
     ok(&hb, &["pull", &image]);
     assert!(adverts(&hb).is_empty(), "an advertisement outlived a pull");
+    wait_for("one spare", || spares(&hb).len() == 1);
     let spare = spares(&hb).remove(0);
     let asked = mount_requests(&d);
     let id = spare.file_name().unwrap().to_string_lossy().into_owned();
@@ -535,7 +542,7 @@ fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it(
     wait_for("the next advertised spare", || adverts(&hb).len() == 1 && containers_gone(&hb, &[]));
     // A killed daemon's advertisement is not used (hb runs without it, on its own), and the next
     // daemon removes it with the spare.
-    let left = spares(&hb).remove(0);
+    let left = std::path::PathBuf::from(adverts(&hb)[0]["mount"]["spare"].as_str().unwrap());
     d.kill9();
     let out = ok(&hb, &["run", "--rm", &image, "hostname"]);
     assert_ne!(out.trim(), &left.file_name().unwrap().to_string_lossy()[..12], "a dead daemon's spare was used");
