@@ -82,6 +82,7 @@ struct Daemon {
 
 /// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,
 /// `plain_http` as asked).
+#[derive(Clone)]
 struct Refill {
     key: String,
     lower: PathBuf,
@@ -89,13 +90,11 @@ struct Refill {
     plain_http: bool,
 }
 
-/// A spare's advertisement: its ready file, and what it was made for.
+/// A spare's advertisement: its ready file, and what the spare was made for (the next one is
+/// made for the same when it is claimed).
 struct Advert {
     file: PathBuf,
-    key: String,
-    lower: PathBuf,
-    image: String,
-    plain_http: bool,
+    made_for: Refill,
 }
 
 fn images_dir(root: &Path) -> PathBuf {
@@ -341,14 +340,7 @@ impl Daemon {
             });
         match written {
             Ok(()) => {
-                let advert = Advert {
-                    file,
-                    key: r.key.clone(),
-                    lower: r.lower.clone(),
-                    image: r.image.clone(),
-                    plain_http: r.plain_http,
-                };
-                advertised.insert(dir.to_path_buf(), advert);
+                advertised.insert(dir.to_path_buf(), Advert { file, made_for: r.clone() });
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -387,16 +379,11 @@ impl Daemon {
         }
     }
 
-    /// Takes `dir` off the spares (claimed by an `hb run`); whether it was one.
-    fn forget_spare(&self, dir: &Path) -> bool {
-        let mut spares = self.spares.lock().expect("spares lock");
-        for v in spares.values_mut() {
-            if let Some(i) = v.iter().position(|s| s == dir) {
-                v.swap_remove(i);
-                return true;
-            }
+    /// Takes `dir` off the spares (claimed by an `hb run`).
+    fn forget_spare(&self, dir: &Path) {
+        for v in self.spares.lock().expect("spares lock").values_mut() {
+            v.retain(|s| s != dir);
         }
-        false
     }
 
     /// A hand-over of `dir`: if it is an advertised spare an `hb run` claimed without asking
@@ -410,13 +397,8 @@ impl Daemon {
         };
         let Some((dir, advert)) = advert else { return };
         self.forget_spare(&dir);
-        self.last_used.lock().expect("lock").insert(advert.key.clone(), Instant::now());
-        self.refill(Refill {
-            key: advert.key,
-            lower: advert.lower,
-            image: advert.image,
-            plain_http: advert.plain_http,
-        });
+        self.last_used.lock().expect("lock").insert(advert.made_for.key.clone(), Instant::now());
+        self.refill(advert.made_for);
     }
 
     /// Prepares a spare container folder over image mount `lower` (key `key`): on the daemon's
