@@ -482,8 +482,8 @@ fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it(
     ok(&hb, &["pull", &image]);
     assert_eq!(ok(&hb, &["run", "--rm", &image, "true"]), "");
     // The next spare is advertised for this image reference, by this daemon.
-    // (Compared once the first container's folder is gone: while it is being removed, it has no
-    // state either.)
+    // (Waited for until the only folder without a state is the one it names: the listing may
+    // briefly hold another, seen once under CI load and not explained, see the closing notes.)
     wait_for("an advertised spare", || {
         let ads = adverts(&hb);
         ads.len() == 1
