@@ -70,7 +70,7 @@ pub fn claim_ready(root: &Path, image: &str, plain_http: bool) -> Option<ImageMo
     let raw = std::fs::read(&mine);
     let _ = std::fs::remove_file(&mine);
     let ready: Ready = serde_json::from_slice(&raw.ok()?).ok()?;
-    let alive = |pid: u32| Path::new("/proc").join(pid.to_string()).exists();
+    let alive = |pid: u32| crate::container::process_start(pid).is_some();
     // A mount point is on another device than the folder it is in.
     let mounted = |p: &Path| {
         use std::os::unix::fs::MetadataExt;

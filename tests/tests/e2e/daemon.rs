@@ -466,6 +466,22 @@ fn adverts(hb: &Hb) -> Vec<serde_json::Value> {
     })
 }
 
+/// `n` of `hb run --rm IMAGE hostname` started at once: what each printed (each must succeed).
+fn hostnames_at_once(hb: &Hb, image: &str, n: usize) -> Vec<String> {
+    let args = with_socket(hb, &["run", "--rm", image, "hostname"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let children: Vec<Child> =
+        (0..n).map(|_| hb.command(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()).collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8(o.stdout).unwrap()
+        })
+        .collect()
+}
+
 fn mount_requests(d: &Daemon) -> usize {
     let m = d.get("/metrics").unwrap();
     m.lines()
@@ -505,24 +521,7 @@ fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it(
             && containers_gone(&hb, &[])
     });
     // Runs at once: each its own container, whoever gets the advertised one; all cleaned up.
-    let children: Vec<Child> = (0..4)
-        .map(|_| {
-            hb.command(
-                &with_socket(&hb, &["run", "--rm", &image, "hostname"]).iter().map(String::as_str).collect::<Vec<_>>(),
-            )
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
-        })
-        .collect();
-    let mut names: Vec<String> = children
-        .into_iter()
-        .map(|c| {
-            let o = c.wait_with_output().unwrap();
-            assert!(o.status.success(), "{o:?}");
-            String::from_utf8(o.stdout).unwrap()
-        })
-        .collect();
+    let mut names = hostnames_at_once(&hb, &image, 4);
     names.sort();
     names.dedup();
     assert_eq!(names.len(), 4, "two runs shared a container: {names:?}");
@@ -571,24 +570,8 @@ fn concurrent_first_runs_of_an_image_all_start() {
         let hb = Hb::new();
         let mut d = Daemon::start(&hb);
         ok(&hb, &["pull", &image]);
-        let children: Vec<Child> = (0..6)
-            .map(|_| {
-                hb.command(
-                    &with_socket(&hb, &["run", "--rm", &image, "hostname"])
-                        .iter()
-                        .map(String::as_str)
-                        .collect::<Vec<_>>(),
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-            })
-            .collect();
-        for c in children {
-            let o = c.wait_with_output().unwrap();
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            assert_eq!(o.stdout.len(), 13, "{o:?}");
+        for name in hostnames_at_once(&hb, &image, 6) {
+            assert_eq!(name.len(), 13, "{name:?}");
         }
         wait_for("the runs' cleanup", || containers_gone(&hb, &[]));
         d.stop();
