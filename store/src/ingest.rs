@@ -322,7 +322,8 @@ impl Store {
                 None if e.kind() == io::ErrorKind::UnexpectedEof || e.to_string().contains("unexpected EOF") => {
                     StoreError::BadStream(format!("the tar stream is truncated{at}"))
                 }
-                None => StoreError::BadStream(format!("not a valid tar stream: {e}{at}")),
+                // The tar crate quotes the bad header bytes as they are: escaped, to keep one line.
+                None => StoreError::BadStream(format!("not a valid tar stream: {}{at}", e.to_string().escape_debug())),
             }
         };
         let in_entry = |p: &[u8]| format!(" (in entry {:?})", String::from_utf8_lossy(p));

@@ -89,6 +89,23 @@ fn a_blob_with_the_wrong_digest_stores_nothing() {
 }
 
 #[test]
+fn a_garbled_tar_header_is_reported_on_one_printable_line() {
+    // Regression: the tar crate quotes a bad checksum field's bytes raw (a newline and control
+    // characters reached the terminal).
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let mut l = layer(&[("f", b"data")]);
+    l[148..156].copy_from_slice(b"\x12\n\xff,[\x01\x02\x03");
+    let err = store.import_layer(&l[..], &NoProgress).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::BadStream(_)), "{msg}");
+    assert!(msg.contains("not a valid tar stream"), "{msg}");
+    assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    assert!(msg.contains("\\u{12}"), "the bad bytes are shown escaped: {msg}");
+    assert_eq!(store.usage().unwrap().chunks, 0);
+}
+
+#[test]
 fn named_images_keep_their_layers_until_unnamed() {
     use hb_store::{ImageLayer, ImageRecord};
     let dir = tempfile::tempdir().unwrap();

@@ -225,7 +225,11 @@ fn wrong_bytes_from_the_registry_are_refused_and_nothing_is_stored() {
         let err = hb.fails(&["pull", &image], 1);
         assert!(err.contains(&layer[..12]), "{err}");
         assert!(err.contains("digest") || err.contains("corrupt") || err.contains("bad layer"), "{err}");
-        assert!(!err.contains("resuming") && !err.contains("416"), "a refused layer is not downloaded again: {err}");
+        // (Not a bare "416": digests in the message may hold those digits.)
+        assert!(
+            !err.contains("resuming") && !err.contains("HTTP 416"),
+            "a refused layer is not downloaded again: {err}"
+        );
         assert_eq!(hb.state(), before, "a refused pull changed the store");
     }
     assert!(hb.json(&["images"]).as_array().unwrap().iter().all(|i| !i["name"].as_str().unwrap().contains("unique")));
