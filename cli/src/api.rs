@@ -78,8 +78,12 @@ pub fn claim_ready(root: &Path, image: &str, plain_http: bool) -> Option<ImageMo
         p.parent().is_some_and(|parent| dev(p).is_some() && dev(p) != dev(parent))
     };
     let spare = ready.mount.spare.as_deref()?;
-    let sound =
-        alive(ready.daemon) && alive(ready.mount.pid) && mounted(&spare.join("rootfs")) && mounted(&ready.mount.path);
+    // (A state makes a folder a container: never claimed, whatever the advertisement says.)
+    let sound = alive(ready.daemon)
+        && alive(ready.mount.pid)
+        && mounted(&spare.join("rootfs"))
+        && mounted(&ready.mount.path)
+        && !spare.join("state.json").exists();
     if !sound {
         tracing::debug!(file = %file.display(), "an advertised spare is not sound; asking the daemon");
     }
@@ -459,6 +463,27 @@ mod tests {
         std::fs::write(&file, serde_json::to_vec(&dead).unwrap()).unwrap();
         assert!(claim_ready(root.path(), "r/busybox:latest", false).is_none());
         assert_eq!(std::fs::read_dir(ready_dir(root.path())).unwrap().count(), 0, "a claim left a file behind");
+        // Mounted (tmpfs for the overlay and the image mount): claimed, once.
+        let image = root.path().join("image");
+        std::fs::create_dir_all(&image).unwrap();
+        let tmpfs = |p: &Path| {
+            rustix::mount::mount("tmpfs", p, "tmpfs", rustix::mount::MountFlags::empty(), None).unwrap();
+        };
+        tmpfs(&spare.join("rootfs"));
+        tmpfs(&image);
+        let sound = Ready { daemon: 1, mount: ImageMount { path: image.clone(), ..dead.mount } };
+        std::fs::write(&file, serde_json::to_vec(&sound).unwrap()).unwrap();
+        let claimed = claim_ready(root.path(), "r/busybox:latest", false);
+        assert_eq!(claimed.and_then(|m| m.spare), Some(spare.clone()));
+        assert!(claim_ready(root.path(), "r/busybox:latest", false).is_none(), "claimed twice");
+        // A folder with a state is a container already: an advertisement naming it is not used.
+        std::fs::write(spare.join("state.json"), b"{}").unwrap();
+        std::fs::write(&file, serde_json::to_vec(&sound).unwrap()).unwrap();
+        let used = claim_ready(root.path(), "r/busybox:latest", false);
+        for p in [spare.join("rootfs"), image] {
+            rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH).unwrap();
+        }
+        assert!(used.is_none(), "a running container's folder was claimed as a spare");
     }
 
     #[test]

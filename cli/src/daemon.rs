@@ -315,40 +315,45 @@ impl Daemon {
         }
     }
 
-    /// Advertises spare `dir` of image mount `r.key` to `hb run r.image` (`api::ready_file`),
-    /// unless a spare is advertised for that already.
-    fn advertise(&self, dir: &Path, r: &Refill) {
+    /// Makes spare `dir` of image mount `r.key` the daemon's: on the spares (for `take_spare`),
+    /// and advertised to `hb run r.image` (`api::ready_file`) unless a spare is advertised for
+    /// that already or the reference names another image now.
+    fn publish(&self, dir: &Path, r: &Refill) {
         let Some(mut m) = self.mounts.lock().expect("mounts lock").get(&r.key).cloned() else { return };
         m.spare = Some(dir.to_path_buf());
         let file = api::ready_file(&self.root, &r.image, r.plain_http);
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-        // Held until it is recorded: a withdrawal, or the hand-over of an `hb run` that claimed
-        // it the moment it was in place, waits for that.
-        let mut advertised = self.advertised.lock().expect("advertised lock");
         let written = serde_json::to_vec(&api::Ready { daemon: std::process::id(), mount: m })
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|_| {
-                rustix::fs::renameat_with(
-                    rustix::fs::CWD,
-                    &tmp,
-                    rustix::fs::CWD,
-                    &file,
-                    rustix::fs::RenameFlags::NOREPLACE,
-                )
+            .and_then(|bytes| std::fs::write(&tmp, bytes));
+        // Held until the spare is both advertised and on the spares: whoever takes it either
+        // way (`take_spare`, or the hand-over of an `hb run` that claimed it the moment it was
+        // in place) finds it recorded both ways, and withdraws it or learns it was claimed.
+        let mut advertised = self.advertised.lock().expect("advertised lock");
+        // Checked under the lock: a pull withdraws all advertisements after it tagged.
+        let names_it = crate::find_image(&self.store, &r.image)
+            .ok()
+            .flatten()
+            .is_some_and(|(_, digest)| digest.to_string() == r.key);
+        let advertised_now = written.and_then(|_| {
+            if !names_it {
+                return Err(std::io::Error::other(format!("{} names another image now", r.image)));
+            }
+            rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, &file, rustix::fs::RenameFlags::NOREPLACE)
                 .map_err(std::io::Error::from)
-            });
-        match written {
+        });
+        match advertised_now {
             Ok(()) => {
-                advertised.insert(dir.to_path_buf(), Advert { file, made_for: r.clone() });
+                advertised.insert(dir.to_path_buf(), Advert { file: file.clone(), made_for: r.clone() });
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                if e.kind() != std::io::ErrorKind::AlreadyExists && names_it {
                     tracing::warn!(error = %e, file = %file.display(), "advertising a spare container folder failed");
                 }
             }
         }
+        self.spares.lock().expect("spares lock").entry(r.key.clone()).or_default().push(dir.to_path_buf());
     }
 
     /// Withdraws spare `dir`'s advertisement, if it has one: true when the spare is still the
@@ -412,19 +417,24 @@ impl Daemon {
             .and_then(|_| crate::rootfs::prepare(lower, &dir, &crate::rootfs::MOUNT_POINTS));
         let live = self.mounts.lock().expect("mounts lock").contains_key(&key);
         match made {
-            Ok(()) if live => {
-                self.spares.lock().expect("spares lock").entry(key.clone()).or_default().push(dir.clone());
-                self.advertise(&dir, &r);
-            }
+            Ok(()) if live => self.publish(&dir, &r),
             // Failed, or its image mount went meanwhile.
             other => {
                 if let Err(e) = other {
                     tracing::warn!(error = %crate::error_chain(&e), "preparing a spare container folder failed");
                 }
                 crate::run::cleanup(&dir, true);
+                self.refilling.lock().expect("refilling lock").remove(&key);
+                return;
             }
         }
         self.refilling.lock().expect("refilling lock").remove(&key);
+        // Taken already (handed out, or claimed the moment it was advertised): whoever took it
+        // asked for the next while this one still counted as being prepared, and was not heard.
+        let taken = !self.spares.lock().expect("spares lock").get(&key).is_some_and(|v| v.contains(&dir));
+        if taken && self.mounts.lock().expect("mounts lock").contains_key(&key) {
+            self.refill(r);
+        }
     }
 
     /// Unmounts and removes the spares of image mount `key` (all keys: `None`).

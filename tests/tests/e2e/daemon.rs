@@ -56,6 +56,7 @@ impl Drop for Daemon<'_> {
             let tail: Vec<&str> = log.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
             eprintln!("--- the daemon's log (last 60 lines) ---\n{}", tail.join("\n"));
             eprintln!("--- container folders: {:?}", folders(self.hb));
+            eprintln!("--- advertised spares: {:?}", adverts(self.hb));
             eprintln!(
                 "--- /run/runc: {:?}",
                 std::fs::read_dir("/run/runc").map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
@@ -217,7 +218,6 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
     assert!(!mounts.contains(hb.dir.path().to_str().unwrap()), "a mount of this test is left:\n{mounts}");
 }
 
-/// The ids of the store's containers (hb's own dot entries left out).
 /// The store's container folders (not hb's dot entries): containers (with a state) and the
 /// daemon's spares (without one yet).
 fn folders(hb: &Hb) -> Vec<std::path::PathBuf> {
