@@ -214,6 +214,39 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 impl Daemon {
+    /// A daemon for store `store` at `root`, and the receiving end of its spare refills (for
+    /// the `hb-spares` thread).
+    fn new(
+        g: &Global,
+        root: PathBuf,
+        store: Arc<hb_store::Store>,
+        idle: Duration,
+    ) -> anyhow::Result<(Arc<Daemon>, std::sync::mpsc::Receiver<Refill>)> {
+        let (refill, refills) = std::sync::mpsc::channel::<Refill>();
+        let d = Arc::new(Daemon {
+            g: g.clone(),
+            root,
+            store,
+            work: crate::runtime()?,
+            started: Instant::now(),
+            mounts: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(()),
+            last_used: Mutex::new(HashMap::new()),
+            idle,
+            metrics: Metrics::default(),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            for_containerd: Mutex::new(std::collections::HashSet::new()),
+            exits: ExitWatcher::start().context("starting the container exit watcher")?,
+            spares: Mutex::new(HashMap::new()),
+            refilling: Mutex::new(std::collections::HashSet::new()),
+            handed: Mutex::new(Vec::new()),
+            refill,
+            advertised: Mutex::new(HashMap::new()),
+            dead_since: Mutex::new(HashMap::new()),
+        });
+        Ok((d, refills))
+    }
+
     /// Flushes metadata written since the last call: frees the memtables a burst of writes (a
     /// pull) filled, and spares mount servers replaying it into their read-only views.
     fn settle(&self) {
@@ -417,7 +450,10 @@ impl Daemon {
             .and_then(|_| crate::rootfs::prepare(lower, &dir, &crate::rootfs::MOUNT_POINTS));
         let live = self.mounts.lock().expect("mounts lock").contains_key(&key);
         match made {
-            Ok(()) if live => self.publish(&dir, &r),
+            Ok(()) if live => {
+                self.publish(&dir, &r);
+                self.prepared(&dir, r);
+            }
             // Failed, or its image mount went meanwhile.
             other => {
                 if let Err(e) = other {
@@ -425,14 +461,18 @@ impl Daemon {
                 }
                 crate::run::cleanup(&dir, true);
                 self.refilling.lock().expect("refilling lock").remove(&key);
-                return;
             }
         }
-        self.refilling.lock().expect("refilling lock").remove(&key);
-        // Taken already (handed out, or claimed the moment it was advertised): whoever took it
-        // asked for the next while this one still counted as being prepared, and was not heard.
-        let taken = !self.spares.lock().expect("spares lock").get(&key).is_some_and(|v| v.contains(&dir));
-        if taken && self.mounts.lock().expect("mounts lock").contains_key(&key) {
+    }
+
+    /// Spare `dir`, made for `r` and published, is no longer being prepared; if it was taken
+    /// already (handed out, or claimed the moment it was advertised), whoever took it asked for
+    /// the next while this one still counted as being prepared, and was not heard: the next is
+    /// asked for here.
+    fn prepared(&self, dir: &Path, r: Refill) {
+        self.refilling.lock().expect("refilling lock").remove(&r.key);
+        let taken = !self.spares.lock().expect("spares lock").get(&r.key).is_some_and(|v| v.iter().any(|s| s == dir));
+        if taken && self.mounts.lock().expect("mounts lock").contains_key(&r.key) {
             self.refill(r);
         }
     }
@@ -1207,28 +1247,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         }
         other => Arc::new(other?),
     };
-    let (refill, refills) = std::sync::mpsc::channel::<Refill>();
-    let d = Arc::new(Daemon {
-        g: g.clone(),
-        root: root.clone(),
-        store,
-        work: crate::runtime()?,
-        started: Instant::now(),
-        mounts: Mutex::new(HashMap::new()),
-        preparing: Mutex::new(()),
-        last_used: Mutex::new(HashMap::new()),
-        idle,
-        metrics: Metrics::default(),
-        dirty: std::sync::atomic::AtomicBool::new(false),
-        for_containerd: Mutex::new(std::collections::HashSet::new()),
-        exits: ExitWatcher::start().context("starting the container exit watcher")?,
-        spares: Mutex::new(HashMap::new()),
-        refilling: Mutex::new(std::collections::HashSet::new()),
-        handed: Mutex::new(Vec::new()),
-        refill,
-        advertised: Mutex::new(HashMap::new()),
-        dead_since: Mutex::new(HashMap::new()),
-    });
+    let (d, refills) = Daemon::new(g, root.clone(), store, idle)?;
     let sd = d.clone();
     std::thread::Builder::new().name("hb-spares".into()).spawn(move || {
         crate::rootfs::background_priority();
@@ -1367,4 +1386,97 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         d.mounts.lock().expect("mounts lock").len()
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon on a fresh store with one (pretend) image mount, and a spare's request for it.
+    fn daemon(dir: &Path) -> (Arc<Daemon>, std::sync::mpsc::Receiver<Refill>, Refill) {
+        let root = dir.join("store");
+        let store = Arc::new(hb_store::Store::open(&root, hb_store::StoreOptions::default()).unwrap());
+        let g = Global {
+            root: Some(root.clone()),
+            config: None,
+            hosts_dir: None,
+            socket: None,
+            json: false,
+            quiet: true,
+            verbose: 0,
+        };
+        let (d, refills) = Daemon::new(&g, root.clone(), store, Duration::from_secs(600)).unwrap();
+        let key = format!("sha256:{}", "ab".repeat(32));
+        let lower = dir.join("image");
+        std::fs::create_dir_all(&lower).unwrap();
+        let m = ImageMount {
+            image: "r/busybox:latest".into(),
+            digest: key.clone(),
+            path: lower.clone(),
+            pid: std::process::id(),
+            config: "{}".into(),
+            users: 0,
+            layers: None,
+            spare: None,
+        };
+        d.mounts.lock().unwrap().insert(key.clone(), m);
+        let r = Refill { key, lower, image: "r/busybox:latest".into(), plain_http: false };
+        (d, refills, r)
+    }
+
+    fn spare_folder(d: &Daemon) -> PathBuf {
+        let dir = crate::container::containers_dir(&d.root).join(crate::container::new_id());
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn listed(d: &Daemon, r: &Refill, dir: &Path) -> bool {
+        d.spares.lock().unwrap().get(&r.key).is_some_and(|v| v.iter().any(|s| s == dir))
+    }
+
+    #[test]
+    fn a_new_spare_is_listed_no_sooner_than_its_advertisement_is_settled() {
+        // Regression: a spare went on the list before it was advertised; handed out in between,
+        // its withdrawal found no advertisement ("still the daemon's"), and the advertisement
+        // then written named a folder another container was using.
+        let tmp = tempfile::tempdir().unwrap();
+        let (d, _refills, r) = daemon(tmp.path());
+        let dir = spare_folder(&d);
+        let held = d.advertised.lock().unwrap();
+        std::thread::scope(|s| {
+            let publishing = s.spawn(|| d.publish(&dir, &r));
+            // (Time for the other thread to get as far as it can; a test on the old code fails
+            // if it got that far meanwhile.)
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!listed(&d, &r, &dir), "listed while its advertisement was not settled");
+            drop(held);
+            publishing.join().unwrap();
+        });
+        assert!(listed(&d, &r, &dir));
+        // The reference names no image in this store: listed, not advertised.
+        assert!(d.advertised.lock().unwrap().is_empty());
+        assert!(!api::ready_file(&d.root, &r.image, r.plain_http).exists());
+    }
+
+    #[test]
+    fn a_spare_taken_while_it_still_counts_as_being_prepared_is_replaced() {
+        // Regression: the refill asked for by whoever took the spare was dropped (one was being
+        // prepared), and no spare was made again.
+        let tmp = tempfile::tempdir().unwrap();
+        let (d, refills, r) = daemon(tmp.path());
+        d.refill(r.clone());
+        assert_eq!(refills.try_recv().map(|x| x.key).ok(), Some(r.key.clone()));
+        let dir = spare_folder(&d);
+        d.publish(&dir, &r);
+        let m = d.mounts.lock().unwrap().get(&r.key).cloned().unwrap();
+        assert_eq!(d.take_spare(&m, &r.image, r.plain_http), Some(dir.clone()));
+        assert!(refills.try_recv().is_err(), "asked again while one is being prepared");
+        d.prepared(&dir, r.clone());
+        assert_eq!(refills.try_recv().map(|x| x.key).ok(), Some(r.key.clone()), "the taken spare was not replaced");
+        // One not taken is not replaced.
+        let next = spare_folder(&d);
+        d.publish(&next, &r);
+        d.prepared(&next, r.clone());
+        assert!(refills.try_recv().is_err(), "a spare nobody took was replaced");
+    }
 }
