@@ -350,14 +350,19 @@ impl Daemon {
 
     /// Makes spare `dir` of image mount `r.key` the daemon's: on the spares (for `take_spare`),
     /// and advertised to `hb run r.image` (`api::ready_file`) unless a spare is advertised for
-    /// that already or the reference names another image now.
+    /// that already or the reference names another image now. Listed even when its image mount
+    /// went meanwhile: `reap_spares` releases it then.
     fn publish(&self, dir: &Path, r: &Refill) {
-        let Some(mut m) = self.mounts.lock().expect("mounts lock").get(&r.key).cloned() else { return };
-        m.spare = Some(dir.to_path_buf());
+        let mount = self.mounts.lock().expect("mounts lock").get(&r.key).cloned();
+        let live = mount.is_some();
         let file = api::ready_file(&self.root, &r.image, r.plain_http);
         let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-        let written = serde_json::to_vec(&api::Ready { daemon: std::process::id(), mount: m })
-            .map_err(std::io::Error::other)
+        let written = mount
+            .ok_or_else(|| std::io::Error::other("its image mount is gone"))
+            .and_then(|mut m| {
+                m.spare = Some(dir.to_path_buf());
+                serde_json::to_vec(&api::Ready { daemon: std::process::id(), mount: m }).map_err(std::io::Error::other)
+            })
             .and_then(|bytes| std::fs::write(&tmp, bytes));
         // Held until the spare is both advertised and on the spares: whoever takes it either
         // way (`take_spare`, or the hand-over of an `hb run` that claimed it the moment it was
@@ -381,7 +386,7 @@ impl Daemon {
             }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                if e.kind() != std::io::ErrorKind::AlreadyExists && names_it {
+                if e.kind() != std::io::ErrorKind::AlreadyExists && names_it && live {
                     tracing::warn!(error = %e, file = %file.display(), "advertising a spare container folder failed");
                 }
             }
@@ -1478,5 +1483,15 @@ mod tests {
         d.publish(&next, &r);
         d.prepared(&next, r.clone());
         assert!(refills.try_recv().is_err(), "a spare nobody took was replaced");
+        // Made while its image mount went: listed all the same, and released with the others.
+        d.mounts.lock().unwrap().clear();
+        let late = spare_folder(&d);
+        d.publish(&late, &r);
+        assert!(listed(&d, &r, &late), "a spare of a gone image mount was lost track of");
+        d.prepared(&late, r.clone());
+        assert!(refills.try_recv().is_err(), "a spare was asked for a gone image mount");
+        d.reap_spares();
+        assert!(!late.exists() && !next.exists(), "the spares of a gone image mount stayed");
+        assert!(d.spares.lock().unwrap().is_empty());
     }
 }
