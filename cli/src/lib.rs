@@ -44,9 +44,16 @@ pub fn container_command(
     let out = Out::new(g.json, g.quiet);
     let done = |code| Ok(Outcome::Done(code));
     match cmd {
+        // As `docker run`: 125 when hb failed, 126/127 when the container's command cannot be
+        // run or is not there; else the container's own exit code.
         ContainerCmd::Run(r) => {
-            let root = store_root(g)?;
-            run::run(g, &root, run::RunRequest::from_cli(*r), &out, local)
+            match store_root(g).and_then(|root| run::run(g, &root, run::RunRequest::from_cli(*r), &out, local)) {
+                Err(e) => {
+                    eprintln!("hb: error: {}", error_chain(&e));
+                    done(ExitCode::from(run::failure_code(&e)))
+                }
+                ok => ok,
+            }
         }
         ContainerCmd::ContainerMonitor { id } => {
             let dir = container::containers_dir(&store_root(g)?).join(&id);

@@ -253,7 +253,16 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            if !e.use_stderr() {
+                return ExitCode::SUCCESS;
+            }
+            // `hb run`'s usage errors are its own failures: 125, as docker's.
+            use clap::CommandFactory;
+            let run = Cli::command()
+                .ignore_errors(true)
+                .try_get_matches_from(std::env::args_os())
+                .is_ok_and(|m| m.subcommand_name() == Some("run"));
+            return ExitCode::from(if run { 125 } else { 2 });
         }
     };
     output::init_logging(cli.global.verbose);

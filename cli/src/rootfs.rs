@@ -140,6 +140,107 @@ pub fn background_priority() {
     let _ = rustix::process::setpriority_process(None, 19);
 }
 
+/// Why a container's command cannot start, found before the runtime runs, with the exit code
+/// `docker run` gives it: 127 when there is no such command, 126 when it cannot be run.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CommandError {
+    fn not_found(program: &str) -> Self {
+        let message = if program.contains('/') {
+            format!("exec: {program:?}: no such file or directory")
+        } else {
+            format!("exec: {program:?}: executable file not found in $PATH")
+        };
+        CommandError { code: 127, message }
+    }
+
+    fn not_runnable(program: &str, why: &str) -> Self {
+        CommandError { code: 126, message: format!("exec: {program:?}: permission denied ({why})") }
+    }
+}
+
+/// What a path in the rootfs is, for running it.
+#[derive(Debug, PartialEq)]
+enum Found {
+    Runnable,
+    /// A directory, or a file without an execute bit.
+    NotRunnable(&'static str),
+    Missing,
+    /// Under a mount, or the lookup failed otherwise: for the runtime to find out.
+    Unknown,
+}
+
+/// Looks the container's command up in `rootfs` as the runtime will: a name with a `/` as is
+/// (relative to `cwd`), else in each directory of the `PATH` in `env`, symlinks resolved inside
+/// the rootfs. What lies under `mounts` (the spec's mount destinations: `/proc`, `/dev`, ...) is
+/// not in the rootfs yet and is not judged; neither is anything when `volumes` were asked for (a
+/// symlink in the image may point into one).
+pub fn check_command(
+    rootfs: &Path,
+    program: &str,
+    env: &[String],
+    cwd: &str,
+    mounts: &[PathBuf],
+    volumes: bool,
+) -> Result<(), CommandError> {
+    use rustix::fs::{Mode, OFlags};
+    if volumes || program.is_empty() {
+        return Ok(());
+    }
+    let Ok(root) = rustix::fs::open(rootfs, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) else {
+        return Ok(());
+    };
+    let look = |path: &Path| -> Found {
+        let path = Path::new("/").join(path);
+        if mounts.iter().any(|m| path.starts_with(m)) {
+            return Found::Unknown;
+        }
+        let rel = path.strip_prefix("/").unwrap_or(&path);
+        let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        let flags = OFlags::PATH | OFlags::CLOEXEC;
+        match rustix::fs::openat2(&root, rel, flags, Mode::empty(), rustix::fs::ResolveFlags::IN_ROOT) {
+            Ok(fd) => match rustix::fs::fstat(&fd) {
+                Ok(st) => match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                    rustix::fs::FileType::RegularFile if st.st_mode & 0o111 != 0 => Found::Runnable,
+                    rustix::fs::FileType::RegularFile => Found::NotRunnable("not executable"),
+                    rustix::fs::FileType::Directory => Found::NotRunnable("a directory"),
+                    _ => Found::NotRunnable("not a regular file"),
+                },
+                Err(_) => Found::Unknown,
+            },
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Found::Missing,
+            // ENOSYS (a kernel before 5.6), ELOOP, EIO, ...
+            Err(_) => Found::Unknown,
+        }
+    };
+    let cwd = Path::new(cwd);
+    if program.contains('/') {
+        return match look(&cwd.join(program)) {
+            Found::Missing => Err(CommandError::not_found(program)),
+            Found::NotRunnable(why) => Err(CommandError::not_runnable(program, why)),
+            Found::Runnable | Found::Unknown => Ok(()),
+        };
+    }
+    let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+    for dir in path.split(':') {
+        // An empty entry is the working directory (as Go's `exec.LookPath` reads it, in runc).
+        let dir = if dir.is_empty() { cwd } else { Path::new(dir) };
+        match look(&cwd.join(dir).join(program)) {
+            Found::Runnable | Found::Unknown => return Ok(()),
+            Found::NotRunnable(_) | Found::Missing => {}
+        }
+    }
+    Err(CommandError::not_found(program))
+}
+
+/// The `PATH` docker gives a container whose image sets none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +291,49 @@ mod tests {
             out.push(name);
         }
         out
+    }
+
+    #[test]
+    fn commands_are_looked_up_as_the_runtime_will() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        for d in ["bin", "usr/bin", "app", "proc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let file = |p: &str, mode: u32| {
+            std::fs::write(root.join(p), b"#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        file("bin/busybox", 0o755);
+        file("usr/bin/notes", 0o644);
+        file("app/run.sh", 0o700);
+        // Absolute symlinks resolve inside the rootfs, not on the host.
+        symlink("/bin/busybox", root.join("bin/sh")).unwrap();
+        symlink("/nowhere/at/all", root.join("bin/dangling")).unwrap();
+        let env = vec!["PATH=/usr/local/bin:/usr/bin:/bin".to_string()];
+        let mounts = vec![PathBuf::from("/proc"), PathBuf::from("/dev")];
+        let check =
+            |program: &str, cwd: &str| check_command(root, program, &env, cwd, &mounts, false).map_err(|e| e.code);
+        assert_eq!(check("sh", "/"), Ok(()));
+        assert_eq!(check("/bin/sh", "/"), Ok(()));
+        assert_eq!(check("./run.sh", "/app"), Ok(()));
+        assert_eq!(check("../bin/busybox", "/app"), Ok(()));
+        assert_eq!(check("nosuch", "/"), Err(127));
+        assert_eq!(check("/bin/nosuch", "/"), Err(127));
+        assert_eq!(check("/bin/dangling", "/"), Err(127));
+        assert_eq!(check("/bin/busybox/x", "/"), Err(127), "a file on the way");
+        // Found, but not runnable: 126 for a path; in PATH it is skipped (not found: 127).
+        assert_eq!(check("/usr/bin/notes", "/"), Err(126));
+        assert_eq!(check("/app", "/"), Err(126));
+        assert_eq!(check("notes", "/"), Err(127));
+        // Not judged: under a mount, or with volumes.
+        assert_eq!(check("/proc/self/exe", "/"), Ok(()));
+        assert_eq!(check_command(root, "nosuch", &env, "/", &mounts, true).map_err(|e| e.code), Ok(()));
+        // The messages say which command, as docker does.
+        let e = check_command(root, "nosuch", &env, "/", &mounts, false).unwrap_err();
+        assert_eq!(e.to_string(), "exec: \"nosuch\": executable file not found in $PATH");
+        // Without a PATH, docker's default.
+        assert_eq!(check_command(root, "busybox", &[], "/", &mounts, false).map_err(|e| e.code), Ok(()));
     }
 }

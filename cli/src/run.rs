@@ -332,6 +332,12 @@ pub fn run(
     }
 }
 
+/// The exit code of an `hb run` that failed, as docker's: 127 or 126 when the container's
+/// command is not there or cannot be run (`rootfs::CommandError`), 125 when hb itself failed.
+pub fn failure_code(e: &anyhow::Error) -> u8 {
+    e.chain().find_map(|c| c.downcast_ref::<crate::rootfs::CommandError>()).map_or(125, |c| c.code)
+}
+
 /// The daemon's mount of the container's image (it pulls the image first when missing), or
 /// `Ok(None)` when no daemon serves this store. Says so when the daemon takes a while.
 fn daemon_mount(g: &Global, req: &RunRequest, quiet: bool) -> anyhow::Result<Option<ImageMount>> {
@@ -362,7 +368,11 @@ fn start_detached(g: &Global, root: &Path, dir: &Path, state: &State, out: &Out)
         match s {
             Ok(s) if s.error.is_some() && s.started.is_none() => {
                 let _ = std::fs::remove_dir_all(dir);
-                bail!("{}", s.error.unwrap_or_default())
+                let message = s.error.unwrap_or_default();
+                return Err(match s.exit_code {
+                    Some(code @ (126 | 127)) => crate::rootfs::CommandError { code: code as u8, message }.into(),
+                    _ => anyhow::anyhow!(message),
+                });
             }
             Ok(s) if s.error.is_some() => bail!("{}", s.error.unwrap_or_default()),
             // The runtime gave up before it made the container (no pid file): say why, as
@@ -504,6 +514,15 @@ fn monitor_loaded(
         std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&spec)?)?;
         state.command = hb_runtime::process_args(&image, &req.opts)?;
         tracing::debug!("bundle written");
+        // A command that is not there, or cannot be run, fails as `docker run` reports it (127,
+        // 126), not as whatever the runtime makes of it.
+        if let Some(p) = spec.process() {
+            let program = p.args().as_ref().and_then(|a| a.first()).map_or("", String::as_str);
+            let mounts: Vec<PathBuf> = spec.mounts().iter().flatten().map(|m| m.destination().clone()).collect();
+            let cwd = p.cwd().to_string_lossy();
+            let env = p.env().clone().unwrap_or_default();
+            crate::rootfs::check_command(&rootfs, program, &env, &cwd, &mounts, !req.opts.volumes.is_empty())?;
+        }
         if req.rm && !req.detach && mount.is_none() {
             // Nothing is left to do here once the container ends but to report its exit code
             // and have it cleaned up: the daemon takes the cleanup, and this process becomes
@@ -523,7 +542,11 @@ fn monitor_loaded(
     state.finished = Some(container::now());
     match &result {
         Ok(code) => state.exit_code = Some(*code),
-        Err(e) => state.error = Some(crate::error_chain(e)),
+        Err(e) => {
+            state.error = Some(crate::error_chain(e));
+            // (Read back by `hb run -d`, which reports it as its own exit code.)
+            state.exit_code = e.downcast_ref::<crate::rootfs::CommandError>().map(|c| c.code.into());
+        }
     }
     // A container that never started goes; a detached one's folder stays for `hb run` to read
     // the error from (it removes it then).

@@ -105,9 +105,9 @@ fn ok(hb: &Hb, args: &[&str]) -> String {
     hb.ok(&v.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-fn fails(hb: &Hb, args: &[&str]) -> String {
+fn fails(hb: &Hb, args: &[&str], code: i32) -> String {
     let v = with_socket(hb, args);
-    hb.fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), 1)
+    hb.fails(&v.iter().map(String::as_str).collect::<Vec<_>>(), code)
 }
 
 pub(crate) fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -154,7 +154,7 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
     let mounts: serde_json::Value = serde_json::from_str(&d.get("/v1/mounts").unwrap()).unwrap();
     assert_eq!(mounts.as_array().unwrap().len(), 1, "one shared image mount: {mounts}");
     // A writing command that does not go through the daemon says so.
-    let err = fails(&hb, &["layer", "rm", "sha256:00"]);
+    let err = fails(&hb, &["layer", "rm", "sha256:00"], 1);
     assert!(err.contains("owned by the hb daemon"), "{err}");
     // A container that keeps reading files, across a kill -9 and a restart of the daemon.
     let script = "while true; do if md5sum /bin/busybox /etc/passwd >/dev/null; then echo ok; else echo FAIL; fi; sleep 0.05; done";
@@ -324,7 +324,7 @@ fn a_foreground_rm_container_is_handed_to_the_daemon_which_cleans_up_after_it_wh
     let comm = std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap();
     assert_eq!(comm.trim(), "runc", "hb did not become the runtime");
     assert!(ok(&hb, &["ps"]).contains(&id[..12]));
-    let err = fails(&hb, &["logs", &id]);
+    let err = fails(&hb, &["logs", &id], 1);
     assert!(err.contains("passes the output straight through"), "{err}");
     // kill -9 of it: the runtime cannot stop the container; the daemon does, and cleans up.
     child.kill().unwrap();
@@ -555,6 +555,11 @@ fn a_foreground_rm_run_claims_the_spare_the_daemon_advertised_without_asking_it(
     let digest = mounts[0]["digest"].as_str().unwrap().to_string();
     assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some(), "unmounting refused");
     assert!(adverts(&hb).is_empty() && spares(&hb).is_empty(), "an advertisement outlived its image mount");
+    // A command that is not there fails as docker's does (127) with the daemon's mount too, and
+    // leaves no container.
+    let err = fails(&hb, &["run", "--rm", &image, "nosuch"], 127);
+    assert!(err.contains("exec: \"nosuch\": executable file not found in $PATH"), "{err}");
+    assert_eq!(ok(&hb, &["-q", "ps", "-a"]), "");
     d.stop();
     unmount_all(&hb);
     hb.fsck_clean();

@@ -44,6 +44,31 @@ fn busybox_runs_with_docker_semantics_for_output_exit_codes_env_and_user() {
     assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()), (Some(0), "relative\n"), "{o:?}");
     let (code, out, err) = hb_run(&hb, &[&image, "sh", "-c", "echo out; echo err >&2; exit 3"]);
     assert_eq!((code, out.as_str(), err.as_str()), (3, "out\n", "err\n"));
+    // docker's codes for what is not the container's own exit: 127 no such command, 126 not
+    // runnable, 125 hb failed; each says what was wrong, and no container is left behind.
+    let cases: [(&[&str], &[&str], i32, &str); 6] = [
+        (&[], &["nosuch"], 127, "exec: \"nosuch\": executable file not found in $PATH"),
+        (&[], &["/bin/nosuch"], 127, "exec: \"/bin/nosuch\": no such file or directory"),
+        (&["-w", "/bin"], &["./nosuch"], 127, "no such file or directory"),
+        (&[], &["/etc/passwd"], 126, "exec: \"/etc/passwd\": permission denied"),
+        (&[], &["/etc"], 126, "permission denied"),
+        (&["--entrypoint", "/etc/group"], &[], 126, "permission denied"),
+    ];
+    for (flags, command, code, says) in cases {
+        let all: Vec<&str> =
+            ["run", "--rm"].iter().chain(flags).chain([&image.as_str()]).chain(command).copied().collect();
+        let err = hb.fails(&all, code);
+        assert!(err.contains(says), "{all:?}: {err}");
+    }
+    let err = hb.fails(&["run", "--rm", &image.replace("busybox", "nosuch-image"), "true"], 125);
+    assert!(err.contains("nosuch-image"), "{err}");
+    // A command in a volume is not in the image: not judged before it is mounted.
+    let tools = hb.path("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    std::fs::write(tools.join("hello"), "#!/bin/sh\necho from a volume\n").unwrap();
+    std::fs::set_permissions(tools.join("hello"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let volume = format!("{}:/tools", tools.display());
+    assert_eq!(hb_run(&hb, &["-v", &volume, &image, "/tools/hello"]), (0, "from a volume\n".into(), String::new()));
     let (code, out, _) = hb_run(
         &hb,
         &[
@@ -82,7 +107,7 @@ fn busybox_runs_with_docker_semantics_for_output_exit_codes_env_and_user() {
     run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
     assert_eq!(child.wait().unwrap().code(), Some(42), "the container's exit code after SIGTERM");
     // Bad flags are refused before anything runs.
-    let err = hb.fails(&["run", "--memory", "lots", &image, "true"], 2);
+    let err = hb.fails(&["run", "--memory", "lots", &image, "true"], 125);
     assert!(err.contains("--memory"), "{err}");
     assert_cleaned_up(&hb);
 }
@@ -190,7 +215,7 @@ fn detached_containers_outlive_hb_and_have_a_docker_lifecycle() {
     assert_eq!(hb.ok(&["exec", "-u", "1000", "web", "id", "-u"]), "1000\n");
     assert_eq!(hb.ok(&["exec", "-e", "X=y", "web", "sh", "-c", "echo $X"]), "y\n");
     // Names are unique; a running container is not removed without -f.
-    let err = hb.fails(&["run", "-d", "--name", "web", &image, "true"], 1);
+    let err = hb.fails(&["run", "-d", "--name", "web", &image, "true"], 125);
     assert!(err.contains("already in use by container"), "{err}");
     let err = hb.fails(&["rm", "web"], 1);
     assert!(err.contains("is running"), "{err}");
@@ -217,14 +242,14 @@ fn detached_containers_outlive_hb_and_have_a_docker_lifecycle() {
     let err = hb.fails(&["logs", "web"], 1);
     assert!(err.contains("no such container: web"), "{err}");
     // Start failures are errors of `hb run -d`, not ids of containers that never ran.
-    let err = hb.fails(&["run", "-d", "-t", &image, "true"], 1);
+    let err = hb.fails(&["run", "-d", "-t", &image, "true"], 125);
     assert!(err.contains("-d with -t is not supported"), "{err}");
-    let err = hb.fails(&["run", "-d", "--user", "nosuch", &image, "true"], 1);
+    let err = hb.fails(&["run", "-d", "--user", "nosuch", &image, "true"], 125);
     assert!(err.contains("unknown user \"nosuch\""), "{err}");
     assert!(ps_json(&hb).is_empty(), "a container that could not be made is not kept");
-    let err = hb.fails(&["run", "-d", "--name", "bad", &image, "/nonexistent"], 1);
-    assert!(err.contains("did not start") && err.contains("/nonexistent"), "{err}");
-    hb.ok(&["rm", "bad"]);
+    let err = hb.fails(&["run", "-d", "--name", "bad", &image, "/nonexistent"], 127);
+    assert!(err.contains("exec: \"/nonexistent\": no such file or directory"), "{err}");
+    assert!(ps_json(&hb).is_empty(), "a container whose command is not there is not kept");
     // --rm -d: gone by itself once it ends.
     hb.ok(&["-q", "run", "-d", "--rm", "--name", "brief", &image, "sh", "-c", "sleep 0.3"]);
     eventually("an --rm container to remove itself", || container(&ps_json(&hb), "brief").is_none());
