@@ -522,6 +522,7 @@ fn monitor_loaded(
             let cwd = p.cwd().to_string_lossy();
             let env = p.env().clone().unwrap_or_default();
             crate::rootfs::check_command(&rootfs, program, &env, &cwd, &mounts, !req.opts.volumes.is_empty())?;
+            tracing::debug!("command found");
         }
         if req.rm && !req.detach && mount.is_none() {
             // Nothing is left to do here once the container ends but to report its exit code
