@@ -167,7 +167,12 @@ impl CommandError {
 /// What a path in the rootfs is, for running it.
 #[derive(Debug, PartialEq)]
 enum Found {
-    Runnable,
+    /// A regular file with an execute bit, its mode and owner.
+    Runnable {
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
     /// A directory, or a file without an execute bit.
     NotRunnable(&'static str),
     Missing,
@@ -179,7 +184,9 @@ enum Found {
 /// (relative to `cwd`), else in each directory of the `PATH` in `env`, symlinks resolved inside
 /// the rootfs. What lies under `mounts` (the spec's mount destinations: `/proc`, `/dev`, ...) is
 /// not in the rootfs yet and is not judged; neither is anything when `volumes` were asked for (a
-/// symlink in the image may point into one).
+/// symlink in the image may point into one). A file found must be executable by `user` (root:
+/// any execute bit, as with docker's default capabilities; else the owner's, group's or others'
+/// bit, whichever class the user is in).
 pub fn check_command(
     rootfs: &Path,
     program: &str,
@@ -187,6 +194,7 @@ pub fn check_command(
     cwd: &str,
     mounts: &[PathBuf],
     volumes: bool,
+    user: &hb_runtime::UserIds,
 ) -> Result<(), CommandError> {
     use rustix::fs::{Mode, OFlags};
     if volumes || program.is_empty() {
@@ -206,7 +214,9 @@ pub fn check_command(
         match rustix::fs::openat2(&root, rel, flags, Mode::empty(), rustix::fs::ResolveFlags::IN_ROOT) {
             Ok(fd) => match rustix::fs::fstat(&fd) {
                 Ok(st) => match rustix::fs::FileType::from_raw_mode(st.st_mode) {
-                    rustix::fs::FileType::RegularFile if st.st_mode & 0o111 != 0 => Found::Runnable,
+                    rustix::fs::FileType::RegularFile if st.st_mode & 0o111 != 0 => {
+                        Found::Runnable { mode: st.st_mode, uid: st.st_uid, gid: st.st_gid }
+                    }
                     rustix::fs::FileType::RegularFile => Found::NotRunnable("not executable"),
                     rustix::fs::FileType::Directory => Found::NotRunnable("a directory"),
                     _ => Found::NotRunnable("not a regular file"),
@@ -218,24 +228,41 @@ pub fn check_command(
             Err(_) => Found::Unknown,
         }
     };
-    let cwd = Path::new(cwd);
-    if program.contains('/') {
-        return match look(&cwd.join(program)) {
-            Found::Missing => Err(CommandError::not_found(program)),
-            Found::NotRunnable(why) => Err(CommandError::not_runnable(program, why)),
-            Found::Runnable | Found::Unknown => Ok(()),
+    // The runtime picks a file with any execute bit (Go's `exec.LookPath`); the kernel then
+    // checks the user's.
+    let runnable = |mode: u32, uid: u32, gid: u32| {
+        let bit = if user.uid == 0 {
+            0o111
+        } else if uid == user.uid {
+            0o100
+        } else if gid == user.gid || user.additional_gids.contains(&gid) {
+            0o010
+        } else {
+            0o001
         };
-    }
-    let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
-    for dir in path.split(':') {
-        // An empty entry is the working directory (as Go's `exec.LookPath` reads it, in runc).
-        let dir = if dir.is_empty() { cwd } else { Path::new(dir) };
-        match look(&cwd.join(dir).join(program)) {
-            Found::Runnable | Found::Unknown => return Ok(()),
-            Found::NotRunnable(_) | Found::Missing => {}
+        if mode & bit != 0 {
+            Ok(())
+        } else {
+            Err(CommandError::not_runnable(program, &format!("not executable by uid {}", user.uid)))
         }
+    };
+    let cwd = Path::new(cwd);
+    let found = if program.contains('/') {
+        look(&cwd.join(program))
+    } else {
+        let path = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
+        // An empty entry is the working directory (as Go's `exec.LookPath` reads it, in runc).
+        let dirs = path.split(':').map(|d| if d.is_empty() { cwd } else { Path::new(d) });
+        dirs.map(|d| look(&cwd.join(d).join(program)))
+            .find(|f| matches!(f, Found::Runnable { .. } | Found::Unknown))
+            .unwrap_or(Found::Missing)
+    };
+    match found {
+        Found::Runnable { mode, uid, gid } => runnable(mode, uid, gid),
+        Found::Unknown => Ok(()),
+        Found::Missing => Err(CommandError::not_found(program)),
+        Found::NotRunnable(why) => Err(CommandError::not_runnable(program, why)),
     }
-    Err(CommandError::not_found(program))
 }
 
 /// The `PATH` docker gives a container whose image sets none.
@@ -313,8 +340,10 @@ mod tests {
         symlink("/nowhere/at/all", root.join("bin/dangling")).unwrap();
         let env = vec!["PATH=/usr/local/bin:/usr/bin:/bin".to_string()];
         let mounts = vec![PathBuf::from("/proc"), PathBuf::from("/dev")];
-        let check =
-            |program: &str, cwd: &str| check_command(root, program, &env, cwd, &mounts, false).map_err(|e| e.code);
+        let root_user = hb_runtime::UserIds::default();
+        let check = |program: &str, cwd: &str| {
+            check_command(root, program, &env, cwd, &mounts, false, &root_user).map_err(|e| e.code)
+        };
         assert_eq!(check("sh", "/"), Ok(()));
         assert_eq!(check("/bin/sh", "/"), Ok(()));
         assert_eq!(check("./run.sh", "/app"), Ok(()));
@@ -329,11 +358,27 @@ mod tests {
         assert_eq!(check("notes", "/"), Err(127));
         // Not judged: under a mount, or with volumes.
         assert_eq!(check("/proc/self/exe", "/"), Ok(()));
-        assert_eq!(check_command(root, "nosuch", &env, "/", &mounts, true).map_err(|e| e.code), Ok(()));
+        assert_eq!(check_command(root, "nosuch", &env, "/", &mounts, true, &root_user).map_err(|e| e.code), Ok(()));
         // The messages say which command, as docker does.
-        let e = check_command(root, "nosuch", &env, "/", &mounts, false).unwrap_err();
+        let e = check_command(root, "nosuch", &env, "/", &mounts, false, &root_user).unwrap_err();
         assert_eq!(e.to_string(), "exec: \"nosuch\": executable file not found in $PATH");
         // Without a PATH, docker's default.
-        assert_eq!(check_command(root, "busybox", &[], "/", &mounts, false).map_err(|e| e.code), Ok(()));
+        assert_eq!(check_command(root, "busybox", &[], "/", &mounts, false, &root_user).map_err(|e| e.code), Ok(()));
+        // Another user needs the bit of their class: the owner's, the group's, else others'.
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(root.join("app/run.sh")).unwrap();
+        let (file_uid, file_gid) = (owner.uid(), owner.gid());
+        let as_user = |uid: u32, gid: u32, additional_gids: Vec<u32>| {
+            let u = hb_runtime::UserIds { uid, gid, additional_gids };
+            check_command(root, "/app/run.sh", &env, "/", &mounts, false, &u).map_err(|e| e.to_string())
+        };
+        assert_eq!(as_user(file_uid, file_gid, vec![]), Ok(()), "the owner may run a 0700 file");
+        assert_eq!(
+            as_user(4242, 4242, vec![]),
+            Err("exec: \"/app/run.sh\": permission denied (not executable by uid 4242)".into())
+        );
+        std::fs::set_permissions(root.join("app/run.sh"), std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert_eq!(as_user(4242, 4242, vec![file_gid]), Ok(()), "a supplementary group's bit counts");
+        assert!(as_user(4242, 4242, vec![]).is_err());
     }
 }

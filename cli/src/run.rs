@@ -521,7 +521,8 @@ fn monitor_loaded(
             let mounts: Vec<PathBuf> = spec.mounts().iter().flatten().map(|m| m.destination().clone()).collect();
             let cwd = p.cwd().to_string_lossy();
             let env = p.env().clone().unwrap_or_default();
-            crate::rootfs::check_command(&rootfs, program, &env, &cwd, &mounts, !req.opts.volumes.is_empty())?;
+            let volumes = !req.opts.volumes.is_empty();
+            crate::rootfs::check_command(&rootfs, program, &env, &cwd, &mounts, volumes, &user)?;
             tracing::debug!("command found");
         }
         if req.rm && !req.detach && mount.is_none() {
