@@ -314,6 +314,8 @@ impl Daemon {
     /// background: only folders of this store's containers, by their canonical path.
     fn start_cleanup(&self, c: &api::CleanupRequest) -> Result<(), CleanupRefused> {
         let dir = self.container_folder(&c.dir)?;
+        // An advertised spare's `hb run` that failed before its hand-over: claimed all the same.
+        self.spare_claimed(&dir);
         let remove = c.remove;
         housekeeping(move || crate::run::cleanup(&dir, remove));
         Ok(())
