@@ -78,6 +78,9 @@ struct Daemon {
     advertised: Mutex<HashMap<PathBuf, Advert>>,
     /// Handed-over containers seen with their process gone, and since when (`reap_handed_over`).
     dead_since: Mutex<HashMap<PathBuf, Instant>>,
+    /// Set when the daemon stops (`stop_spares`); held while a spare is prepared, so stopping
+    /// waits for one under way rather than leave it mounted.
+    stopping: Mutex<bool>,
 }
 
 /// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,
@@ -243,6 +246,7 @@ impl Daemon {
             refill,
             advertised: Mutex::new(HashMap::new()),
             dead_since: Mutex::new(HashMap::new()),
+            stopping: Mutex::new(false),
         });
         Ok((d, refills))
     }
@@ -449,6 +453,11 @@ impl Daemon {
     /// Prepares a spare container folder over image mount `lower` (key `key`): on the daemon's
     /// `hb-spares` thread, which runs at the lowest priority.
     fn prepare_spare(&self, r: Refill) {
+        let stopping = self.stopping.lock().expect("stopping lock");
+        if *stopping {
+            self.refilling.lock().expect("refilling lock").remove(&r.key);
+            return;
+        }
         let (key, lower) = (r.key.clone(), r.lower.as_path());
         let dir = crate::container::containers_dir(&self.root).join(crate::container::new_id());
         let made = std::fs::create_dir_all(&dir)
@@ -482,6 +491,13 @@ impl Daemon {
         if taken && self.mounts.lock().expect("mounts lock").contains_key(&r.key) {
             self.refill(r);
         }
+    }
+
+    /// The daemon stops: no spare is made from now on (one under way is waited for), and all
+    /// are released.
+    fn stop_spares(&self) {
+        *self.stopping.lock().expect("stopping lock") = true;
+        self.release_spares(None);
     }
 
     /// Unmounts and removes the spares of image mount `key` (all keys: `None`).
@@ -1387,7 +1403,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_file(&cleanups_path);
     let _ = std::fs::remove_file(snapshotter);
-    d.release_spares(None);
+    d.stop_spares();
     out.note(format!(
         "hb daemon stopped; {} image mounts keep serving (the next daemon adopts them)",
         d.mounts.lock().expect("mounts lock").len()
@@ -1495,5 +1511,36 @@ mod tests {
         d.reap_spares();
         assert!(!late.exists() && !next.exists(), "the spares of a gone image mount stayed");
         assert!(d.spares.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_stopping_daemon_makes_no_spare_and_releases_all() {
+        // Regression: a spare the `hb-spares` thread finished while the daemon stopped was
+        // listed after the daemon released its spares, and stayed mounted.
+        let tmp = tempfile::tempdir().unwrap();
+        let (d, _refills, r) = daemon(tmp.path());
+        let dir = spare_folder(&d);
+        d.publish(&dir, &r);
+        d.prepared(&dir, r.clone());
+        // A preparation under way holds the stop back until it is done.
+        let held = d.stopping.lock().unwrap();
+        std::thread::scope(|s| {
+            let stopping = s.spawn(|| d.stop_spares());
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(dir.exists(), "spares released while one was being prepared");
+            drop(held);
+            stopping.join().unwrap();
+        });
+        assert!(!dir.exists() && d.spares.lock().unwrap().is_empty(), "a spare outlived the daemon");
+        // Asked for after the stop: nothing is made.
+        d.refill(r.clone());
+        d.prepare_spare(r.clone());
+        let left: Vec<_> = std::fs::read_dir(crate::container::containers_dir(&d.root))
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "a spare was made after the stop: {left:?}");
+        assert!(d.refilling.lock().unwrap().is_empty());
     }
 }

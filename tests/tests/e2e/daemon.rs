@@ -42,6 +42,8 @@ impl<'a> Daemon<'a> {
         if let Some(mut c) = self.child.take() {
             run(Command::new("kill").args(["-TERM", &c.id().to_string()]));
             assert!(c.wait().unwrap().success(), "the daemon exits cleanly on SIGTERM");
+            // Its spares went with it (regression: one finished as it stopped stayed mounted).
+            assert_eq!(spares(self.hb), Vec::<std::path::PathBuf>::new(), "a stopped daemon left spares");
         }
     }
 }
