@@ -487,10 +487,14 @@ impl Daemon {
     /// asked for here.
     fn prepared(&self, dir: &Path, r: Refill) {
         self.refilling.lock().expect("refilling lock").remove(&r.key);
-        let taken = !self.spares.lock().expect("spares lock").get(&r.key).is_some_and(|v| v.iter().any(|s| s == dir));
-        if taken && self.mounts.lock().expect("mounts lock").contains_key(&r.key) {
+        if !self.is_spare(&r.key, dir) && self.mounts.lock().expect("mounts lock").contains_key(&r.key) {
             self.refill(r);
         }
+    }
+
+    /// Whether `dir` is on the spares of image mount `key` (not handed out or claimed).
+    fn is_spare(&self, key: &str, dir: &Path) -> bool {
+        self.spares.lock().expect("spares lock").get(key).is_some_and(|v| v.iter().any(|s| s == dir))
     }
 
     /// The daemon stops: no spare is made from now on (one under way is waited for), and all
@@ -1453,10 +1457,6 @@ mod tests {
         dir
     }
 
-    fn listed(d: &Daemon, r: &Refill, dir: &Path) -> bool {
-        d.spares.lock().unwrap().get(&r.key).is_some_and(|v| v.iter().any(|s| s == dir))
-    }
-
     #[test]
     fn a_new_spare_is_listed_no_sooner_than_its_advertisement_is_settled() {
         // Regression: a spare went on the list before it was advertised; handed out in between,
@@ -1471,11 +1471,11 @@ mod tests {
             // (Time for the other thread to get as far as it can; a test on the old code fails
             // if it got that far meanwhile.)
             std::thread::sleep(Duration::from_millis(200));
-            assert!(!listed(&d, &r, &dir), "listed while its advertisement was not settled");
+            assert!(!d.is_spare(&r.key, &dir), "listed while its advertisement was not settled");
             drop(held);
             publishing.join().unwrap();
         });
-        assert!(listed(&d, &r, &dir));
+        assert!(d.is_spare(&r.key, &dir));
         // The reference names no image in this store: listed, not advertised.
         assert!(d.advertised.lock().unwrap().is_empty());
         assert!(!api::ready_file(&d.root, &r.image, r.plain_http).exists());
@@ -1505,7 +1505,7 @@ mod tests {
         d.mounts.lock().unwrap().clear();
         let late = spare_folder(&d);
         d.publish(&late, &r);
-        assert!(listed(&d, &r, &late), "a spare of a gone image mount was lost track of");
+        assert!(d.is_spare(&r.key, &late), "a spare of a gone image mount was lost track of");
         d.prepared(&late, r.clone());
         assert!(refills.try_recv().is_err(), "a spare was asked for a gone image mount");
         d.reap_spares();
