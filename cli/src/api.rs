@@ -230,12 +230,17 @@ impl Client {
                 if same(&h.root, root) {
                     Some(c)
                 } else {
-                    tracing::debug!(daemon_root = %h.root.display(), "the daemon on the socket serves another store");
+                    tracing::warn!(
+                        socket = %socket.display(),
+                        "the hb daemon on the socket serves store {}, not {}; going without it",
+                        h.root.display(),
+                        root.display()
+                    );
                     None
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, socket = %socket.display(), "no daemon answers");
+                c.going_without(&e);
                 None
             }
         }
@@ -261,11 +266,30 @@ impl Client {
         let slow = (std::time::Duration::from_secs(1), Box::new(slow) as Box<dyn FnOnce()>);
         match self.exchange("POST", "/v1/images/mount", &serde_json::to_vec(&req)?, Some(slow)) {
             Err(e) => {
-                tracing::debug!(error = %e, socket = %self.socket.display(), "no daemon answers");
+                self.going_without(&e);
                 Ok(None)
             }
-            Ok((409, _)) => Ok(None),
+            Ok((409, bytes)) => {
+                let why = Self::check(409, bytes).expect_err("409 is an error");
+                tracing::warn!(socket = %self.socket.display(), "{why:#}; going without the daemon (this process serves the image from store {})", root.display());
+                Ok(None)
+            }
             Ok((status, bytes)) => Ok(Some(serde_json::from_slice(&Self::check(status, bytes)?)?)),
+        }
+    }
+
+    /// Says why a request found no daemon to take it: nothing when nobody listens on the socket
+    /// (a daemon that stopped leaves none, a killed one a stale file), a warning when a daemon
+    /// is there but failed to answer (the caller then goes the slow way, on its own).
+    fn going_without(&self, e: &anyhow::Error) {
+        let nobody = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<std::io::Error>())
+            .any(|io| matches!(io.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound));
+        if nobody {
+            tracing::debug!(error = %e, socket = %self.socket.display(), "no daemon listens");
+        } else {
+            tracing::warn!(socket = %self.socket.display(), "the hb daemon did not answer ({e:#}); going without it");
         }
     }
 

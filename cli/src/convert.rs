@@ -226,7 +226,7 @@ pub fn optimize(
         plain_http,
         layers: None,
     };
-    let m = crate::mount::mount_image(g, rt, store.clone(), &args, out)?;
+    let m = crate::mount::mount_image(g, rt, store.clone(), &args, None, out)?;
     m.mounted.fetcher().start_recording();
     out.note(format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
     let mut run = std::process::Command::new("chroot");

@@ -1261,6 +1261,8 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
+    // Caught from here on: a signal while starting stops the daemon as soon as it serves, cleanly.
+    let stopped = crate::shutdown::Shutdown::install()?.signalled();
     crate::memory::limit_malloc_arenas();
     // The first pull should not wait for the system's certificates to be read.
     std::thread::spawn(hb_registry::preload_trust_roots);
@@ -1373,9 +1375,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         crate::memory::release_free_memory();
     });
     server.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
@@ -1394,8 +1394,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
                         }
                     });
                 }
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = &mut stopped => break,
             }
         }
         anyhow::Ok(())

@@ -12,6 +12,7 @@ mod mount;
 mod progress;
 mod proxy;
 mod pull;
+mod shutdown;
 
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -174,8 +175,14 @@ enum Cmd {
     Du,
     /// Free layers nothing pins and chunks no layer uses; compact pack files
     Gc,
-    /// Verify every chunk, index and reference; exit 0 only when the store is clean
-    Fsck,
+    /// Verify every chunk, index, reference and passthrough backing file; exit 0 only when the
+    /// store is clean
+    Fsck {
+        /// Mend what can be mended without loss (damaged backing files are removed: they are
+        /// written again from verified chunks when next used), then check again
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Args)]
@@ -615,15 +622,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Gc if daemon.is_some() => {
-            let r: serde_json::Value = daemon.expect("checked").call("POST", "/v1/gc", None::<&()>)?;
-            out.note(format!(
-                "removed {} layers and {} chunks; compacted {} and deleted {} packs; freed {}",
-                r["layers_removed"],
-                r["chunks_removed"],
-                r["packs_compacted"],
-                r["packs_deleted"],
-                HumanBytes(r["bytes_freed"].as_u64().unwrap_or(0))
-            ));
+            let r: hb_store::GcReport = daemon.expect("checked").call("POST", "/v1/gc", None::<&()>)?;
+            out.note(gc_summary(&r));
             out.json_value(&r)?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -641,9 +641,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             | Cmd::Layer(LayerCmd::Ls)
             | Cmd::Layer(LayerCmd::Export { .. })
     );
+    let mut shutdown = None;
     if matches!(cmd, Cmd::Mount { .. }) {
         // A mount serves for long, mostly waiting (before any thread is started).
         memory::limit_malloc_arenas();
+        shutdown = Some(shutdown::Shutdown::install()?);
     }
     let store = std::sync::Arc::new(open_store_for(g, reads_only, &out)?);
     match cmd {
@@ -668,8 +670,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 layers,
             };
             let rt = runtime()?;
-            let m = mount::mount_image(g, &rt, store.clone(), &args, &out)?;
-            mount::serve(&rt, &store, m, &out)?;
+            let m = mount::mount_image(g, &rt, store.clone(), &args, shutdown.as_ref(), &out)?;
+            mount::serve(&store, m, &out)?;
         }
         Cmd::Convert { src, dst, plain_http, platform } => {
             let platform = match platform {
@@ -960,6 +962,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     HumanBytes(u.live_pack_bytes),
                     HumanBytes(u.metadata_bytes)
                 )?;
+                writeln!(
+                    w,
+                    "backing:      {} in {} passthrough files (`hb gc` frees those no layer needs)",
+                    HumanBytes(u.backing_bytes),
+                    u.backing_files
+                )?;
                 writeln!(w, "saving:       {:.2}x logical/stored", u.total_ratio)?;
             }
         }
@@ -967,20 +975,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bar = Bar::bytes(&out, "compacting", None);
             let r = store.gc(&bar)?;
             bar.finish();
-            out.note(format!(
-                "removed {} layers and {} chunks; compacted {} and deleted {} packs; freed {}",
-                r.layers_removed,
-                r.chunks_removed,
-                r.packs_compacted,
-                r.packs_deleted,
-                HumanBytes(r.bytes_freed)
-            ));
+            out.note(gc_summary(&r));
             out.json_value(&r)?;
         }
-        Cmd::Fsck => {
+        Cmd::Fsck { repair } => {
             let bar = Bar::bytes(&out, "verifying", None);
-            let r = store.fsck(&bar)?;
+            let mut r = store.fsck(&bar)?;
             bar.finish();
+            if repair && !r.is_clean() {
+                let done = store.repair(&r)?;
+                out.note(format!("repair: removed {} damaged backing files; checking again", done.backing_removed));
+                let bar = Bar::bytes(&out, "verifying", None);
+                r = store.fsck(&bar)?;
+                bar.finish();
+            }
             if out.json {
                 out.json_value(&r)?;
             } else {
@@ -988,13 +996,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}: {}: {}", i.kind, i.subject, i.detail);
                 }
                 out.note(format!(
-                    "checked {} packs, {} chunks ({} verified), {} layers, {} blobs, {} refs: {}",
+                    "checked {} packs, {} chunks ({} verified), {} layers, {} blobs, {} refs, {} backing files: {}",
                     r.packs,
                     r.chunks,
                     HumanBytes(r.verified_bytes),
                     r.layers,
                     r.blobs,
                     r.refs,
+                    r.backing_files,
                     if r.is_clean() { "clean".to_string() } else { format!("{} problems", r.issues.len()) }
                 ));
             }
@@ -1004,6 +1013,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `hb gc`'s one-line summary, the same with or without a daemon.
+fn gc_summary(r: &hb_store::GcReport) -> String {
+    format!(
+        "removed {} layers and {} chunks; compacted {} and deleted {} packs; freed {}; removed {} unused backing files ({})",
+        r.layers_removed,
+        r.chunks_removed,
+        r.packs_compacted,
+        r.packs_deleted,
+        HumanBytes(r.bytes_freed),
+        r.backing_removed,
+        HumanBytes(r.backing_bytes_freed)
+    )
 }
 
 #[cfg(test)]

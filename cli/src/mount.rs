@@ -180,6 +180,7 @@ pub fn mount_image(
     rt: &tokio::runtime::Runtime,
     store: Arc<Store>,
     args: &MountArgs,
+    shutdown: Option<&crate::shutdown::Shutdown>,
     out: &Out,
 ) -> anyhow::Result<Mount> {
     let known = if crate::find_image(&store, &args.image)?.is_none() {
@@ -226,19 +227,26 @@ pub fn mount_image(
         ),
     };
     let opts = MountOptions {
-        fs: FsOptions {
-            passthrough: args.passthrough,
-            passthrough_min: 1 << 20,
-            files_dir: store.root().join("files"),
-            image: name.clone(),
-        },
+        fs: FsOptions { passthrough: args.passthrough, passthrough_min: 1 << 20, image: name.clone() },
         threads: args.threads,
         prefetch: args.prefetch,
         startup,
         all,
         bandwidth: args.bandwidth,
     };
-    let mounted = hb_fuse::mount(merged, fetcher, &args.dir, opts)?;
+    let mount = || hb_fuse::mount(merged, fetcher, &args.dir, opts);
+    let mounted = match shutdown {
+        // The mount and its unmount on a signal are one step: no signal finds the one without the other.
+        Some(s) => s.starting(mount, |m| {
+            let dir = m.mountpoint().to_path_buf();
+            Box::new(move |_| {
+                if let Err(e) = hb_fuse::unmount(&dir) {
+                    tracing::error!(dir = %dir.display(), error = %e, "unmount on signal failed");
+                }
+            })
+        })?,
+        None => mount()?,
+    };
     Ok(Mount { name, mounted, remote, layers })
 }
 
@@ -294,7 +302,7 @@ impl hb_cli::run::LocalImages for StoreImages {
             plain_http,
             layers: None,
         };
-        let mount = mount_image(g, &rt, store.clone(), &args, out)?;
+        let mount = mount_image(g, &rt, store.clone(), &args, None, out)?;
         let (_, _, rec) = crate::require_image(&store, image)?;
         Ok((rec.config, Box::new(OwnMount { mount, _rt: rt, dir: dir.to_path_buf() })))
     }
@@ -319,30 +327,15 @@ impl hb_cli::run::LocalMount for OwnMount {
     }
 }
 
-/// Serves a mount until it is unmounted (`hb umount`, SIGINT or SIGTERM), then stores what was
-/// fetched and reports.
-pub fn serve(rt: &tokio::runtime::Runtime, store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
+/// Serves a mount until it is unmounted (`hb umount`, or SIGINT or SIGTERM through the
+/// [`crate::shutdown::Shutdown`] it was mounted with), then stores what was fetched and reports.
+pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
     let dir = m.mounted.mountpoint().to_path_buf();
     let pid_file = run_file(store.root(), &dir, "pid");
     if let Some(parent) = pid_file.parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&pid_file, std::process::id().to_string())?;
-    let signal_dir = dir.clone();
-    rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!(dir = %signal_dir.display(), "signal received; unmounting");
-        if let Err(e) = hb_fuse::unmount(&signal_dir) {
-            tracing::error!(error = %e, "unmount on signal failed");
-        }
-    });
     out.note(format!(
         "mounted {} at {} ({} lazy layers; passthrough {})",
         m.name,

@@ -232,6 +232,7 @@ pub fn run(
     cfg: MirrorConfig,
     tls: Option<Arc<mirror::TlsServerConfig>>,
 ) -> anyhow::Result<()> {
+    let stopped = crate::shutdown::Shutdown::install()?.signalled();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let root = store.root().to_path_buf();
     let store = Arc::new(store);
@@ -249,14 +250,7 @@ pub fn run(
             indicatif::HumanBytes(bytes),
             hosts.join(", ")
         );
-        let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-        };
-        mirror::serve(listener, m, tls, shutdown).await?;
+        mirror::serve(listener, m, tls, stopped).await?;
         store.flush_metadata()?;
         eprintln!("hb proxy: stopped");
         anyhow::Ok(())

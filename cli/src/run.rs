@@ -801,6 +801,8 @@ fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Resul
             for (mut s, r) in streams.into_iter().zip(ready) {
                 if !r || s.pump(&mut log, !req.detach) {
                     open.push(s);
+                } else {
+                    s.report(&dir.join("log.json"));
                 }
             }
             streams = open;
@@ -820,13 +822,16 @@ struct Stream {
     fd: std::os::fd::OwnedFd,
     name: &'static str,
     pending: Vec<u8>,
+    /// Lines `log.json` did not take (a full disk ...), and the first reason.
+    log_errors: u64,
+    first_log_error: Option<std::io::Error>,
 }
 
 impl Stream {
     const MAX_LINE: usize = 16 << 10;
 
     fn new(fd: std::os::fd::OwnedFd, name: &'static str) -> Self {
-        Stream { fd, name, pending: Vec::new() }
+        Stream { fd, name, pending: Vec::new(), log_errors: 0, first_log_error: None }
     }
 
     /// Reads what is there and writes the complete lines; false at the end of the stream (the
@@ -852,7 +857,7 @@ impl Stream {
         n > 0
     }
 
-    fn write(&self, line: &[u8], log: &mut std::fs::File, echo: bool) {
+    fn write(&mut self, line: &[u8], log: &mut std::fs::File, echo: bool) {
         if echo {
             let _ = if self.name == "stderr" {
                 std::io::stderr().lock().write_all(line)
@@ -866,9 +871,50 @@ impl Stream {
             stream: self.name.into(),
             time: container::timestamp(),
         };
-        if let Ok(mut text) = serde_json::to_vec(&rec) {
-            text.push(b'\n');
-            let _ = log.write_all(&text);
+        let mut text = serde_json::to_vec(&rec).expect("a log line serialises");
+        text.push(b'\n');
+        if let Err(e) = log.write_all(&text) {
+            self.log_errors += 1;
+            self.first_log_error.get_or_insert(e);
         }
+    }
+
+    /// Says how many lines of this stream `log.json` did not take, if any.
+    fn report(&self, log: &Path) {
+        if let Some(e) = &self.first_log_error {
+            tracing::warn!(
+                "{} lines of the container's {} could not be written to {} (first: {e}); `hb logs` lacks them",
+                self.log_errors,
+                self.name,
+                log.display()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (hardening issue): a log line `log.json` did not take was dropped silently.
+    #[test]
+    fn log_lines_that_cannot_be_written_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.json");
+        std::fs::write(&path, b"").unwrap();
+        // Opened read-only: every write fails, as on a full disk.
+        let mut log = std::fs::File::open(&path).unwrap();
+        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut s = Stream::new(r.into(), "stdout");
+        s.write(b"one\n", &mut log, false);
+        s.write(b"two\n", &mut log, false);
+        assert_eq!(s.log_errors, 2);
+        assert!(s.first_log_error.is_some());
+        let mut ok = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut good = Stream::new(r.into(), "stdout");
+        good.write(b"three\n", &mut ok, false);
+        assert_eq!(good.log_errors, 0);
+        assert!(std::fs::read_to_string(&path).unwrap().contains("three"));
     }
 }

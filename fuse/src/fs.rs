@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, UNIX_EPOCH};
@@ -17,7 +16,6 @@ use fuser::{
 use hb_core::{ChunkId, ChunkRef, Kind, LayerIndex};
 
 use crate::fetch::Fetcher;
-use crate::materialize;
 
 /// The image never changes under a mount: the kernel may cache everything for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -30,8 +28,6 @@ pub struct FsOptions {
     /// Try FUSE passthrough for fully-local files of at least `passthrough_min` bytes.
     pub passthrough: bool,
     pub passthrough_min: u64,
-    /// Where fully-local files are materialised as passthrough backing files.
-    pub files_dir: PathBuf,
     /// Names the image in logs.
     pub image: String,
 }
@@ -211,7 +207,7 @@ impl ImageFs {
         if let Some(b) = self.backing.lock().expect("backing lock").get(&i).and_then(Weak::upgrade) {
             return Some(b);
         }
-        let path = match materialize::materialize(self.fetcher.store(), &self.opts.files_dir, chunks) {
+        let path = match self.fetcher.store().backing_file(chunks) {
             Ok(Some(p)) => p,
             Ok(None) => return None,
             Err(e) => {

@@ -11,7 +11,6 @@
 
 mod fetch;
 mod fs;
-mod materialize;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

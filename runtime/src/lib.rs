@@ -1,14 +1,17 @@
 //! What `hb run` hands an OCI runtime: a runtime spec built from the image's config and
 //! docker-style options (entrypoint and cmd, env, workdir, user, volumes, limits, read-only root,
 //! network), with runc-style defaults for mounts, masked and read-only paths, docker's default
-//! capabilities and a default seccomp profile.
+//! capabilities and docker's default seccomp profile (an allow list).
 //!
 //! No I/O here: the caller reads the image's /etc/passwd and /etc/group for [`resolve_user`]
 //! and runs the runtime; [`exec_process`] derives `hb exec`'s process from a running container's.
 
+mod seccomp;
 mod spec;
 
+pub use seccomp::{default_seccomp, ALLOWED as SECCOMP_ALLOWED, CLONE_NAMESPACE_FLAGS};
+
 pub use spec::{
-    build_spec, default_capabilities, default_seccomp, exec_process, parse_cpus, parse_memory, process_args,
-    resolve_user, ExecOptions, ImageConfig, Network, RunOptions, SpecError, UserIds, Volume,
+    build_spec, default_capabilities, exec_process, parse_cpus, parse_memory, process_args, resolve_user, ExecOptions,
+    ImageConfig, Network, RunOptions, SpecError, UserIds, Volume,
 };

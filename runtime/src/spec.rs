@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceType,
-    LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
-    LinuxSyscallBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
-    UserBuilder,
+    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder,
+    RootBuilder, Spec, UserBuilder,
 };
 
 /// Why a spec could not be built. Messages name the flag or image field.
@@ -29,7 +28,7 @@ pub enum SpecError {
     Oci(String),
 }
 
-fn oci(e: impl std::fmt::Display) -> SpecError {
+pub(crate) fn oci(e: impl std::fmt::Display) -> SpecError {
     SpecError::Oci(e.to_string())
 }
 
@@ -322,82 +321,6 @@ pub fn default_capabilities() -> Vec<Capability> {
     ]
 }
 
-/// Syscalls a container must not make even as root (kernel modules, kexec, clocks, swap,
-/// accounting, keyrings, BPF, perf, ptrace of other processes' memory ...): they fail with EPERM.
-/// A deny list, so ordinary programs (including new syscalls) keep working; docker's profile is an
-/// allow list with the same effect on this set.
-const DENIED_SYSCALLS: &[&str] = &[
-    "acct",
-    "add_key",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "create_module",
-    "delete_module",
-    "finit_module",
-    "get_kernel_syms",
-    "get_mempolicy",
-    "init_module",
-    "ioperm",
-    "iopl",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mbind",
-    "mount",
-    "move_pages",
-    "name_to_handle_at",
-    "nfsservctl",
-    "open_by_handle_at",
-    "perf_event_open",
-    "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "query_module",
-    "quotactl",
-    "reboot",
-    "request_key",
-    "set_mempolicy",
-    "setns",
-    "settimeofday",
-    "stime",
-    "swapoff",
-    "swapon",
-    "sysfs",
-    "syslog",
-    "umount",
-    "umount2",
-    "unshare",
-    "uselib",
-    "userfaultfd",
-    "ustat",
-    "vm86",
-    "vm86old",
-    "fsopen",
-    "fsmount",
-    "fsconfig",
-    "fspick",
-    "move_mount",
-    "open_tree",
-];
-
-/// The default seccomp profile: allow, except [`DENIED_SYSCALLS`] (EPERM).
-pub fn default_seccomp() -> Result<LinuxSeccomp, SpecError> {
-    let deny = LinuxSyscallBuilder::default()
-        .names(DENIED_SYSCALLS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .action(LinuxSeccompAction::ScmpActErrno)
-        .errno_ret(1u32)
-        .build()
-        .map_err(oci)?;
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActAllow)
-        .syscalls(vec![deny])
-        .build()
-        .map_err(oci)
-}
-
 fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount, SpecError> {
     MountBuilder::default()
         .destination(dest)
@@ -410,7 +333,7 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Result<Mount,
 
 /// The runtime spec: `rootfs` as the root (read-only with `--read-only`), the process from
 /// [`process_args`], [`environment`] and `user`, runc's default mounts plus volumes, runc's masked
-/// and read-only paths, docker's default capabilities, [`default_seccomp`], limits, namespaces
+/// and read-only paths, docker's default capabilities, docker's default seccomp profile, limits, namespaces
 /// (no network namespace with `--network host`), cgroup `cgroups_path`.
 pub fn build_spec(
     image: &ImageConfig,
@@ -508,7 +431,7 @@ pub fn build_spec(
         .masked_paths(defaults.masked_paths().clone().unwrap_or_default())
         .readonly_paths(defaults.readonly_paths().clone().unwrap_or_default())
         .resources(resources.build().map_err(oci)?)
-        .seccomp(default_seccomp()?);
+        .seccomp(crate::seccomp::default_seccomp(std::env::consts::ARCH, &caps)?);
     if let Some(cg) = cgroups_path {
         linux = linux.cgroups_path(cg);
     }
@@ -649,7 +572,8 @@ mod tests {
         assert!(json["linux"]["readonlyPaths"].as_array().unwrap().iter().any(|p| p == "/proc/sys"));
         let mounts = json["mounts"].as_array().unwrap();
         assert!(mounts.iter().any(|m| m["destination"] == "/data" && m["source"] == "/srv"));
-        assert!(json["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap().iter().any(|n| n == "kexec_load"));
+        assert_eq!(json["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO", "an allow list");
+        assert!(json["linux"]["seccomp"]["syscalls"][0]["names"].as_array().unwrap().iter().any(|n| n == "execve"));
         // A non-root user gets no effective capabilities; root gets docker's set.
         assert!(json["process"]["capabilities"]["effective"].as_array().is_none_or(|a| a.is_empty()));
         let host = RunOptions { network: Network::Host, ..Default::default() };

@@ -15,6 +15,7 @@
 //! What it must not do: network I/O, async runtimes, printing. Progress goes through
 //! [`Progress`]; logs through `tracing`.
 
+mod backing;
 mod bloom;
 mod error;
 mod export;
@@ -34,13 +35,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use hb_core::{ChunkId, ChunkSource, ChunkerParams, Digest, LayerIndex, SourceError};
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 
+pub use backing::{backing_name, check_backing, BackingFault, BACKING_DIR};
 pub use bloom::{ChunkFilter, FP_RATE};
 pub use error::{Result, StoreError};
 pub use export::ExportReport;
 pub use images::{ImageSize, NamedImage};
 pub use ingest::{ImportOptions, ImportReport};
 pub use lazy::{FillReport, LazyImport, StoredChunk};
-pub use maint::{FsckIssue, FsckReport, GcReport, Usage};
+pub use maint::{FsckIssue, FsckReport, GcReport, RepairReport, Usage};
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};
 pub use raw::{RawRecord, RawReport};
 

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use hb_core::{ChunkId, Digest, LayerIndex};
 use rocksdb::{IteratorMode, WriteBatch};
 
+use crate::backing::{check_backing, names_of, BackingEntry};
 use crate::error::{Result, StoreError};
 use crate::meta::*;
 use crate::pack::{self, PackWriter};
@@ -36,6 +37,10 @@ pub struct FsckReport {
     pub raw_objects: usize,
     /// Uncompressed bytes read back and verified against their ids.
     pub verified_bytes: u64,
+    /// Passthrough backing files a stored layer names, checked against their chunk lists.
+    pub backing_files: usize,
+    /// Backing files no stored layer names (`gc` removes them).
+    pub backing_unused: usize,
     pub issues: Vec<FsckIssue>,
 }
 
@@ -48,7 +53,7 @@ impl FsckReport {
     }
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct GcReport {
     pub images_removed: usize,
     pub layers_removed: usize,
@@ -57,6 +62,17 @@ pub struct GcReport {
     pub packs_deleted: usize,
     /// Bytes of pack files returned to the filesystem.
     pub bytes_freed: u64,
+    /// Passthrough backing files no stored layer names (and dead writers' temporary files)
+    /// removed, and their bytes (not in `bytes_freed`).
+    pub backing_removed: usize,
+    pub backing_bytes_freed: u64,
+}
+
+/// What `fsck --repair` did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RepairReport {
+    /// Damaged backing files removed (each is written again from verified chunks on its next use).
+    pub backing_removed: usize,
 }
 
 /// Logical vs stored size of everything in the store.
@@ -79,6 +95,9 @@ pub struct Usage {
     pub live_pack_bytes: u64,
     /// Size of the metadata database and Bloom filter on disk.
     pub metadata_bytes: u64,
+    /// Passthrough backing files (`files/`: whole copies of fully-local files) and their bytes.
+    pub backing_files: usize,
+    pub backing_bytes: u64,
     /// logical / unique: what chunk dedup saves.
     pub dedup_ratio: f64,
     /// logical / (pack + metadata): what the whole store saves.
@@ -193,6 +212,8 @@ impl Store {
         }
         let mut expected: HashMap<ChunkId, u32> = HashMap::new();
         let mut layers: HashSet<Digest> = HashSet::new();
+        // Backing-file name -> the chunk list it must hold.
+        let mut backing: HashMap<String, Vec<hb_core::ChunkRef>> = HashMap::new();
         for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {
             let (k, v) = item?;
             r.layers += 1;
@@ -210,6 +231,12 @@ impl Store {
             }
             if !idx.verify_merkle() {
                 r.issue("corrupt-index", diff_id, "Merkle hashes do not match the tree");
+            }
+            for (i, e) in idx.entries.iter().enumerate() {
+                if matches!(e.kind, hb_core::Kind::File { .. }) && idx.file_chunks(i as u32).next().is_some() {
+                    let list: Vec<_> = idx.file_chunks(i as u32).copied().collect();
+                    backing.entry(crate::backing_name(&list)).or_insert(list);
+                }
             }
             for c in &idx.chunks {
                 *expected.entry(c.id).or_default() += 1;
@@ -304,7 +331,74 @@ impl Store {
                 _ => r.issue("dangling-ref", name, format!("points to a missing {what}")),
             }
         }
+        self.fsck_backing(&backing, &mut r)?;
         Ok(r)
+    }
+
+    /// Checks every backing file a stored layer names against its chunk list (`backing`).
+    fn fsck_backing(&self, backing: &HashMap<String, Vec<hb_core::ChunkRef>>, r: &mut FsckReport) -> Result<()> {
+        for e in self.backing_entries()? {
+            let BackingEntry::File { name, path, .. } = e else { continue };
+            let Some(chunks) = backing.get(&name) else {
+                r.backing_unused += 1;
+                continue;
+            };
+            r.backing_files += 1;
+            match check_backing(&path, chunks) {
+                Ok(None) => {}
+                Ok(Some(fault)) => r.issue("corrupt-backing", path.display(), fault),
+                Err(e) => r.issue("corrupt-backing", path.display(), format!("cannot be read: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Mends what `report` found that can be mended without loss: damaged backing files are
+    /// removed (they are caches, written again from verified chunks on their next use).
+    /// Everything else needs a pull or an import again, and stays reported.
+    pub fn repair(&self, report: &FsckReport) -> Result<RepairReport> {
+        let mut done = RepairReport::default();
+        let dir = self.backing_dir();
+        for i in report.issues.iter().filter(|i| i.kind == "corrupt-backing") {
+            let path = std::path::Path::new(&i.subject);
+            // Only ever a file directly in the backing folder.
+            if path.parent() != Some(dir.as_path()) {
+                continue;
+            }
+            match std::fs::remove_file(path) {
+                Ok(()) => done.backing_removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::Io { context: format!("removing {}", path.display()), source: e }),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Removes backing files no stored layer names, and dead writers' temporary files.
+    fn gc_backing(&self, report: &mut GcReport) -> Result<()> {
+        let mut indexes = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let diff_id = digest_from_key(&k)?;
+            indexes.push(LayerIndex::decode(&v).map_err(|source| StoreError::Index { diff_id, source })?);
+        }
+        let needed = names_of(&indexes);
+        for e in self.backing_entries()? {
+            let (path, len) = match e {
+                BackingEntry::File { name, path, len } if !needed.contains(&name) => (path, len),
+                BackingEntry::Temp { path, len, stale: true } => (path, len),
+                _ => continue,
+            };
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    report.backing_removed += 1;
+                    report.backing_bytes_freed += len;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::Io { context: format!("removing {}", path.display()), source: e }),
+            }
+        }
+        Ok(())
     }
 
     /// Removes layers no ref pins, frees chunks no layer uses, and rewrites packs whose live
@@ -440,6 +534,8 @@ impl Store {
         // 3. A fresh filter: removed chunks would otherwise stay as false positives.
         let fresh: ChunkFilter = self.rebuild_bloom()?;
         *self.bloom.write().expect("bloom lock") = fresh;
+        // 4. Backing files of files no stored layer has.
+        self.gc_backing(&mut report)?;
         Ok(report)
     }
 
@@ -475,7 +571,12 @@ impl Store {
         u.metadata_bytes = dir_size(&self.root.join("meta"))
             + std::fs::metadata(self.root.join("bloom.bin")).map(|m| m.len()).unwrap_or(0);
         u.dedup_ratio = ratio(u.logical_bytes, u.unique_bytes);
-        u.total_ratio = ratio(u.logical_bytes, u.pack_bytes + u.metadata_bytes);
+        for e in self.backing_entries()? {
+            let (BackingEntry::File { len, .. } | BackingEntry::Temp { len, .. }) = e;
+            u.backing_files += 1;
+            u.backing_bytes += len;
+        }
+        u.total_ratio = ratio(u.logical_bytes, u.pack_bytes + u.metadata_bytes + u.backing_bytes);
         Ok(u)
     }
 }

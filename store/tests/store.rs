@@ -334,3 +334,76 @@ fn raw_objects_are_verified_deduplicated_and_freed_by_gc() {
     let report = store.fsck(&NoProgress).unwrap();
     assert_eq!((report.chunks, report.raw_objects), (0, 0));
 }
+
+/// The chunk list of `name` in the stored layer `diff_id`.
+fn chunks_of(store: &Store, diff_id: &Digest, name: &str) -> Vec<hb_core::ChunkRef> {
+    let idx = store.layer(diff_id).unwrap().unwrap();
+    let i = idx.lookup(name.as_bytes()).unwrap();
+    idx.file_chunks(i).copied().collect()
+}
+
+/// Regression (hardening issue): a backing file was reused when its length matched, so 4
+/// overwritten bytes went to every later mount, and fsck said "clean".
+#[test]
+fn a_damaged_backing_file_is_never_reused_and_fsck_finds_and_repairs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let data = pseudo_random(7, 8 << 20);
+    let r = store.import_layer(&layer(&[("big", &data)])[..], &NoProgress).unwrap();
+    let chunks = chunks_of(&store, &r.diff_id, "big");
+    assert!(chunks.len() > 4, "the file spans several chunks");
+    let path = store.backing_file(&chunks).unwrap().expect("all chunks are local");
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+    let fsck = store.fsck(&NoProgress).unwrap();
+    assert!(fsck.is_clean(), "{:?}", fsck.issues);
+    assert_eq!((fsck.backing_files, fsck.backing_unused), (1, 0));
+    assert_eq!(store.usage().unwrap().backing_bytes, data.len() as u64);
+
+    // 4 bytes overwritten in the middle, the length unchanged.
+    let damage = |p: &std::path::Path| {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new().write(true).open(p).unwrap().write_all_at(b"EVIL", 5 << 20).unwrap();
+    };
+    damage(&path);
+    let fsck = store.fsck(&NoProgress).unwrap();
+    assert_eq!(fsck.issues.len(), 1, "{:?}", fsck.issues);
+    assert_eq!(fsck.issues[0].kind, "corrupt-backing");
+    assert!(fsck.issues[0].detail.contains("does not match its id"), "{:?}", fsck.issues[0]);
+    let fixed = store.repair(&fsck).unwrap();
+    assert_eq!(fixed.backing_removed, 1);
+    assert!(!path.exists());
+    assert!(store.fsck(&NoProgress).unwrap().is_clean());
+
+    // The next use writes it again; a damaged one found at use is written again, not served.
+    let again = store.backing_file(&chunks).unwrap().unwrap();
+    assert_eq!(again, path);
+    damage(&path);
+    let used = store.backing_file(&chunks).unwrap().unwrap();
+    assert_eq!(std::fs::read(&used).unwrap(), data, "the bytes a mount gets are the file's own");
+    // A shorter file is refused as well.
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(1 << 20).unwrap();
+    assert_eq!(std::fs::read(store.backing_file(&chunks).unwrap().unwrap()).unwrap(), data);
+}
+
+#[test]
+fn gc_removes_the_backing_files_no_stored_layer_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let (a, b) = (pseudo_random(8, 2 << 20), pseudo_random(9, 2 << 20));
+    let kept = store.import_layer(&layer(&[("a", &a)])[..], &NoProgress).unwrap();
+    let gone = store.import_layer(&layer(&[("b", &b)])[..], &NoProgress).unwrap();
+    let pa = store.backing_file(&chunks_of(&store, &kept.diff_id, "a")).unwrap().unwrap();
+    let pb = store.backing_file(&chunks_of(&store, &gone.diff_id, "b")).unwrap().unwrap();
+    // A dead writer's temporary file, old enough to be one.
+    let tmp = store.backing_dir().join(".tmpDEAD");
+    std::fs::write(&tmp, b"half").unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(old).unwrap();
+    assert!(store.unpin_layer(&gone.diff_id).unwrap());
+    let r = store.gc(&NoProgress).unwrap();
+    assert_eq!(r.layers_removed, 1);
+    assert_eq!(r.backing_removed, 2, "{r:?}");
+    assert_eq!(r.backing_bytes_freed, b.len() as u64 + 4);
+    assert!(pa.exists() && !pb.exists() && !tmp.exists());
+    assert!(store.fsck(&NoProgress).unwrap().is_clean());
+}

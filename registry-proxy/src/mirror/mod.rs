@@ -743,6 +743,19 @@ impl Mirror {
         } else {
             media_type
         };
+        // It becomes our Content-Type header: only a well-formed media type is kept or served.
+        if !valid_media_type(&media_type) {
+            stats.error("manifest");
+            tracing::error!(upstream = %up.cfg.host, repo = %route.repo, reference, media_type = %media_type.escape_debug(), "the upstream sent a manifest with an invalid media type; not kept");
+            return Err(oci_error(
+                StatusCode::BAD_GATEWAY,
+                "MANIFEST_INVALID",
+                &format!(
+                    "the upstream's manifest {reference} has an invalid media type {:?}; not kept",
+                    media_type.escape_debug().to_string()
+                ),
+            ));
+        }
         let b = body.clone();
         let (d, mt) = (actual, media_type.clone());
         let kept = self
@@ -1208,12 +1221,48 @@ impl Mirror {
     }
 }
 
+/// Whether `s` is a media type as RFC 6838 names them (`type/subtype`, restricted name characters,
+/// optional `; parameter=value` parts of visible ASCII): what may go into a Content-Type header.
+pub fn valid_media_type(s: &str) -> bool {
+    let restricted = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 127
+            && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+            && t.as_bytes()[0].is_ascii_alphanumeric()
+    };
+    let mut parts = s.split(';');
+    let essence = parts.next().unwrap_or("").trim();
+    let essence_ok = essence.split_once('/').is_some_and(|(t, sub)| restricted(t) && restricted(sub));
+    essence_ok
+        && parts.all(|p| {
+            p.trim().split_once('=').is_some_and(|(k, v)| {
+                restricted(k.trim()) && !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            })
+        })
+}
+
 fn manifest_response(d: &Digest, media_type: &str, body: Bytes, head: bool, stats: &UpstreamStats) -> Response<Body> {
+    // Checked when kept; a record from an older version may still hold anything.
+    let Ok(content_type) = HeaderValue::from_str(media_type).map_err(drop).and_then(|v| {
+        if valid_media_type(media_type) {
+            Ok(v)
+        } else {
+            Err(())
+        }
+    }) else {
+        stats.error("manifest");
+        tracing::error!(digest = %d, media_type = %media_type.escape_debug(), "a kept manifest has an invalid media type; not served");
+        return oci_error(
+            StatusCode::BAD_GATEWAY,
+            "MANIFEST_INVALID",
+            &format!("manifest {d} has an invalid media type {:?}", media_type.escape_debug().to_string()),
+        );
+    };
     if !head {
         stats.bytes_served.add(body.len() as u64);
     }
     Response::builder()
-        .header(CONTENT_TYPE, media_type)
+        .header(CONTENT_TYPE, content_type)
         .header(DIGEST_HEADER, d.to_string())
         .header(CONTENT_LENGTH, body.len())
         .body(if head { empty() } else { full(body) })

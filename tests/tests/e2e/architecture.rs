@@ -91,3 +91,18 @@ fn the_front_binary_links_no_store() {
         }
     }
 }
+
+/// Regression (hardening issue): the release `hb`, a root-run binary, was linked at a fixed
+/// address (`relocation-model=static`), so its own image had no ASLR. The script must link it
+/// position-independent and refuse an executable that is not.
+#[test]
+fn the_release_hb_keeps_aslr() {
+    let script = std::fs::read_to_string(workspace().join("scripts/build-release.sh")).unwrap();
+    let flags: Vec<&str> =
+        script.lines().filter(|l| l.contains("cargo rustc") && !l.trim_start().starts_with('#')).collect();
+    assert!(!flags.is_empty(), "build-release.sh links hb with `cargo rustc`");
+    for l in flags {
+        assert!(!l.contains("relocation-model=static"), "hb linked at a fixed address: {l}");
+    }
+    assert!(script.contains("readelf -h") && script.contains("DYN"), "build-release.sh checks that hb is PIE");
+}

@@ -93,9 +93,21 @@ fn kill_9_during_ingest_leaves_a_consistent_store() {
         killer.attempt(&hb, &["layer", "import", layers[which].to_str().unwrap()]);
         hb.fsck_clean();
         // Whether or not the kill landed first, the layer is either fully there or absent.
-        let listed = hb.json(&["layer", "ls"]);
-        for l in listed.as_array().unwrap() {
-            let d = l["diff_id"].as_str().unwrap().to_string();
+        let listed: Vec<String> = hb
+            .json(&["layer", "ls"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["diff_id"].as_str().unwrap().to_string())
+            .collect();
+        // Nothing committed before this kill was lost by it.
+        for (c, from) in &committed {
+            assert!(
+                listed.contains(c),
+                "round {round}: layer {c} (from layer file {from}) was committed and is gone (seed {seed})"
+            );
+        }
+        for d in listed {
             if !committed.iter().any(|(c, _)| *c == d) {
                 committed.push((d, which));
             }
@@ -152,6 +164,12 @@ fn kill_9_during_gc_and_compaction_leaves_a_consistent_store() {
         round(&hb);
         killer.attempt(&hb, &["gc"]);
         hb.fsck_clean();
+        // The kept layer survives every killed gc, whole.
+        let listed = hb.json(&["layer", "ls"]);
+        assert!(
+            listed.as_array().unwrap().iter().any(|l| l["diff_id"] == keep_id.as_str() && l["pinned"] == true),
+            "the kept layer was lost by a killed gc (seed {seed}): {listed:#}"
+        );
     }
     println!("gc: {} killed, {} finished", killer.killed, killer.finished);
     assert!(killer.killed > 0, "no kill landed during a gc (seed {seed})");

@@ -317,14 +317,48 @@ fn mounted_at(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
 }
 
+/// Whether process `pid` catches signal `sig` (its `SigCgt` mask in /proc).
+fn catches(pid: u32, sig: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+/// Regression (hardening issue): `hb mount` caught SIGTERM only after its mount appeared, so a
+/// SIGTERM just then killed it by the signal and left a stale mount ("signal: 15" in a CI run).
+/// Now it catches signals before it mounts, and one that comes while it starts (here: while it
+/// pulls the image) ends it at once, leaving no mount.
 #[test]
 fn a_foreground_mount_unmounts_cleanly_on_sigterm() {
     let reg = open_registry();
     let image = format!("{reg}/busybox:latest");
     let hb = Hb::new();
-    hb.ok(&["pull", &image]);
     let dir = hb.path("mnt");
     std::fs::create_dir_all(&dir).unwrap();
+    // The image is not pulled: the mount pulls it first. SIGTERM is caught before the mount.
+    let mut child = hb.command(&["mount", &image, dir.to_str().unwrap()]).spawn().unwrap();
+    let t = Instant::now();
+    loop {
+        let mounted = mounted_at(&dir);
+        if catches(child.id(), 15) {
+            break;
+        }
+        assert!(!mounted, "the mount appeared before hb mount caught SIGTERM");
+        assert!(t.elapsed() < Duration::from_secs(60), "hb mount never caught SIGTERM");
+        assert!(child.try_wait().unwrap().is_none(), "hb mount exited early");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A SIGTERM right away (still starting, or just mounted): no mount is left either way.
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let status = child.wait().unwrap();
+    assert!(status.code().is_some(), "hb mount died by the signal: {status}");
+    assert!(!mounted_at(&dir), "a SIGTERM while starting left a mount");
+    hb.fsck_clean();
+
+    hb.ok(&["pull", &image]);
     let mut child = hb.command(&["mount", &image, dir.to_str().unwrap()]).spawn().unwrap();
     let t = Instant::now();
     while !mounted_at(&dir) {
@@ -439,4 +473,49 @@ fn while_a_mount_holds_the_store_reading_commands_get_a_read_only_view() {
     assert!(err.contains("in use"), "{err}");
     m.unmount();
     hb.fsck_clean();
+}
+
+/// Regression (hardening issue): a passthrough backing file was trusted by its length: 4 bytes
+/// overwritten in `<store>/files/`, the image mounted again, and the file read through the mount
+/// changed while `hb fsck` said "clean". Now fsck finds it, `--repair` mends it, and a mount
+/// checks a backing file before its first use.
+#[test]
+fn a_damaged_passthrough_backing_file_never_reaches_a_reader() {
+    let reg = open_registry();
+    let image = format!("{reg}/busybox:latest");
+    let hb = Hb::new();
+    hb.ok(&["pull", &image]);
+    let read = |hb: &Hb| {
+        let m = Mounted::new(hb, &image, "mnt", &[]);
+        let bytes = std::fs::read(m.dir.join("bin/busybox")).unwrap();
+        m.unmount();
+        bytes
+    };
+    let want = read(&hb);
+    assert!(want.len() >= 1 << 20, "busybox is large enough for passthrough ({} bytes)", want.len());
+    let files: Vec<PathBuf> = std::fs::read_dir(hb.root.join("files")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(files.len(), 1, "one backing file: {files:?}");
+    let damage = || {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new().write(true).open(&files[0]).unwrap().write_all_at(b"EVIL", 4096).unwrap();
+    };
+    damage();
+    let o = hb.run(&["fsck"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "fsck finds the damage: {text}");
+    assert!(text.contains("corrupt-backing"), "{text}");
+    assert!(hb.run(&["fsck", "--repair"]).status.success(), "--repair mends it");
+    hb.fsck_clean();
+    assert_eq!(read(&hb), want);
+
+    // Damaged again, and mounted without a repair: the mount's reader still gets the image's bytes.
+    damage();
+    assert_eq!(read(&hb), want, "a damaged backing file reached a reader");
+    hb.fsck_clean();
+    // du counts backing files; gc frees them once no image needs them.
+    assert!(hb.json(&["du"])["backing_bytes"].as_u64().unwrap() >= want.len() as u64);
+    hb.ok(&["rmi", &image]);
+    let gc = hb.json(&["gc"]);
+    assert_eq!(gc["backing_removed"], 1, "{gc}");
+    assert_eq!(hb.json(&["du"])["backing_files"], 0);
 }

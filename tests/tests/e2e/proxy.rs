@@ -424,6 +424,16 @@ impl Scripted {
                     }
                     let mut w = conn;
                     let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    if path == "/v2/fake/manifests/bad-type" {
+                        // A control character in the media type the manifest declares.
+                        let body = BAD_TYPE_MANIFEST.as_bytes();
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = w.write_all(head.as_bytes()).and_then(|_| w.write_all(body));
+                        return;
+                    }
                     if path != format!("/v2/fake/blobs/{digest}") {
                         let _ =
                             w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -468,6 +478,9 @@ impl Scripted {
     }
 }
 
+/// A manifest whose `mediaType` holds a BEL character.
+const BAD_TYPE_MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json\u0007","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#;
+
 fn scripted_proxy(s: &Scripted) -> Proxy {
     Proxy::start(&format!("[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\n", s.addr))
 }
@@ -506,6 +519,29 @@ fn upstream_faults_never_reach_clients_as_good_bytes() {
     let (_, body) = curl(&["--max-time", "60", &s.url(&proxy)]);
     assert!(body.len() < s.blob.len());
     assert_eq!(proxy.hb.json(&["proxy", "stats", "--url", &format!("http://{}", proxy.addr)])["objects"], 0);
+}
+
+/// Regression (hardening issue): a control character in an upstream manifest's media type went
+/// into a Content-Type header with `expect`, and the handler panicked.
+#[test]
+fn a_manifest_with_an_invalid_media_type_is_refused_with_an_oci_error() {
+    let s = Scripted::start(Fault::WrongBytes, 1 << 10);
+    let proxy = scripted_proxy(&s);
+    let url = format!("http://{}/v2/fake/manifests/bad-type", proxy.addr);
+    for _ in 0..2 {
+        let (code, body) = curl(&[&url]);
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(code, 502, "{text}");
+        let err: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(err["errors"][0]["code"], "MANIFEST_INVALID", "{err}");
+        assert!(err["errors"][0]["message"].as_str().unwrap().contains("invalid media type"), "{err}");
+    }
+    assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
+    assert_eq!(
+        proxy.hb.json(&["proxy", "stats", "--url", &format!("http://{}", proxy.addr)])["objects"],
+        0,
+        "nothing kept"
+    );
 }
 
 #[test]

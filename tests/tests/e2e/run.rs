@@ -154,6 +154,14 @@ fn the_large_image_runs_python_and_gcc_from_a_cold_lazy_mount() {
     assert_eq!((code, out.as_str()), (0, "1\n"), "{err}");
     let du = hb.json(&["du"]);
     assert!(du["absent_chunks"].as_u64().unwrap() > 0, "the image was pulled lazily: {du}");
+    // Regression (hardening issue): docker's seccomp profile, an allow list. io_uring_setup (425)
+    // is refused with EPERM (the old deny list let it through: EFAULT here), clone3 (435) answers
+    // ENOSYS so libc falls back to a checked clone (EINVAL before).
+    let probe = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n\
+        def errno(n, *a):\n    return 0 if libc.syscall(n, *a) >= 0 else ctypes.get_errno()\n\
+        print(errno(425, 1, None), errno(435, None, 0))";
+    let (code, out, err) = hb_run(&hb, &[&lazy, "python3", "-c", probe]);
+    assert_eq!((code, out.as_str()), (0, "1 38\n"), "io_uring_setup must fail with EPERM, clone3 with ENOSYS: {err}");
     let (code, out, err) = hb_run(
         &hb,
         &[&lazy, "sh", "-c", "printf '#include <stdio.h>\\nint main(void){puts(\"built\");return 0;}\\n' > /tmp/h.c && gcc -o /tmp/h /tmp/h.c && /tmp/h"],
