@@ -1450,6 +1450,32 @@ mod tests {
         (d, refills, r)
     }
 
+    /// Runs `f` on a thread of `s` and returns once that thread waits on a lock (a futex, as its
+    /// `wchan` in /proc says): it has gone as far as it can, however loaded the machine is.
+    fn spawn_until_blocked<'scope, T: Send + 'scope>(
+        s: &'scope std::thread::Scope<'scope, '_>,
+        f: impl FnOnce() -> T + Send + 'scope,
+    ) -> std::thread::ScopedJoinHandle<'scope, T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = s.spawn(move || {
+            // "/proc/thread-self" is "<pid>/task/<tid>".
+            let me = std::fs::read_link("/proc/thread-self").unwrap();
+            tx.send(me.file_name().unwrap().to_string_lossy().into_owned()).unwrap();
+            f()
+        });
+        let tid = rx.recv().unwrap();
+        let t = std::time::Instant::now();
+        loop {
+            let wchan = std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default();
+            if wchan.starts_with("futex") {
+                return h;
+            }
+            assert!(!h.is_finished(), "the thread finished without waiting on the lock");
+            assert!(t.elapsed() < Duration::from_secs(30), "the thread never waited on a lock (wchan {wchan:?})");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn spare_folder(d: &Daemon) -> PathBuf {
         let dir = crate::container::containers_dir(&d.root).join(crate::container::new_id());
         std::fs::create_dir_all(&dir).unwrap();
@@ -1466,10 +1492,8 @@ mod tests {
         let dir = spare_folder(&d);
         let held = d.advertised.lock().unwrap();
         std::thread::scope(|s| {
-            let publishing = s.spawn(|| d.publish(&dir, &r));
-            // (Time for the other thread to get as far as it can; a test on the old code fails
-            // if it got that far meanwhile.)
-            std::thread::sleep(Duration::from_millis(200));
+            // Once it waits on the advertisements lock it has gone as far as it can.
+            let publishing = spawn_until_blocked(s, || d.publish(&dir, &r));
             assert!(!d.is_spare(&r.key, &dir), "listed while its advertisement was not settled");
             drop(held);
             publishing.join().unwrap();
@@ -1524,8 +1548,7 @@ mod tests {
         // A preparation under way holds the stop back until it is done.
         let held = d.stopping.lock().unwrap();
         std::thread::scope(|s| {
-            let stopping = s.spawn(|| d.stop_spares());
-            std::thread::sleep(Duration::from_millis(200));
+            let stopping = spawn_until_blocked(s, || d.stop_spares());
             assert!(dir.exists(), "spares released while one was being prepared");
             drop(held);
             stopping.join().unwrap();

@@ -317,6 +317,19 @@ fn mounted_at(dir: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(canon.to_str().unwrap()))
 }
 
+/// A failed test leaves no mount process behind (it would hold the test run's output open):
+/// SIGKILL to `pid` if it still runs, and a lazy unmount of the folder.
+struct KillOnDrop(u32, PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::path::Path::new(&format!("/proc/{}", self.0)).exists() {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+            let _ = Command::new("umount").arg("-l").arg(&self.1).status();
+        }
+    }
+}
+
 /// Whether process `pid` catches signal `sig` (its `SigCgt` mask in /proc).
 fn catches(pid: u32, sig: u32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -340,6 +353,7 @@ fn a_foreground_mount_unmounts_cleanly_on_sigterm() {
     std::fs::create_dir_all(&dir).unwrap();
     // The image is not pulled: the mount pulls it first. SIGTERM is caught before the mount.
     let mut child = hb.command(&["mount", &image, dir.to_str().unwrap()]).spawn().unwrap();
+    let _cleanup = KillOnDrop(child.id(), dir.clone());
     let t = Instant::now();
     loop {
         let mounted = mounted_at(&dir);
@@ -360,6 +374,7 @@ fn a_foreground_mount_unmounts_cleanly_on_sigterm() {
 
     hb.ok(&["pull", &image]);
     let mut child = hb.command(&["mount", &image, dir.to_str().unwrap()]).spawn().unwrap();
+    let _cleanup = KillOnDrop(child.id(), dir.clone());
     let t = Instant::now();
     while !mounted_at(&dir) {
         assert!(t.elapsed() < Duration::from_secs(60), "not mounted");
