@@ -224,6 +224,9 @@ impl Table {
         let mut s = self.snapshots.remove(key).expect("checked above");
         s.name = name.into();
         s.kind = Kind::Committed;
+        // A commit makes a new snapshot: created and updated now (containerd's
+        // `storage.CommitActive`; its conformance suite's Update test checks it).
+        s.created = now;
         s.updated = now;
         s.usage = Some(usage);
         // The committed snapshot carries the labels given at commit, not the active one's
@@ -388,7 +391,10 @@ mod tests {
         assert_eq!(t.create(Kind::Active, "a", "", labels(&[]), now), Err(SnapError::AlreadyExists("a".into())));
         assert!(matches!(t.create(Kind::Active, "b", "a", labels(&[]), now), Err(SnapError::InvalidArgument(_))));
         assert_eq!(t.create(Kind::Active, "b", "nope", labels(&[]), now), Err(SnapError::NotFound("nope".into())));
-        let c = t.commit("layer1", "a", labels(&[("x", "1")]), (10, 1), now).unwrap();
+        let later = (5, 0);
+        let c = t.commit("layer1", "a", labels(&[("x", "1")]), (10, 1), later).unwrap();
+        // Regression (containerd's conformance suite, Update): the Prepare time was kept.
+        assert_eq!((c.created, c.updated), (later, later), "a commit is created when committed");
         assert_eq!((c.kind, c.labels.get("x").map(String::as_str)), (Kind::Committed, Some("1")));
         assert!(!t.snapshots.contains_key("a"), "the active key is gone after commit");
         assert_eq!(t.commit("layer2", "a", labels(&[]), (0, 0), now), Err(SnapError::NotFound("a".into())));
