@@ -14,6 +14,7 @@ PACKAGES=(
   crun                         # a second OCI runtime: hb run probes it (it refuses hybrid cgroups)
   protobuf-compiler libprotobuf-dev  # protoc + well-known types: the snapshotter's gRPC code is generated
   stargz-snapshotter           # ctr-remote: a real containerd client that asks for remote snapshots
+  golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite (scripts/snapshotter-conformance.sh)
   ca-certificates
 )
 

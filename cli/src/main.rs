@@ -326,6 +326,15 @@ fn open_store_for(g: &Global, read_only_ok: bool, out: &Out) -> anyhow::Result<S
             Store::open_read_only(&root, StoreOptions::default())
                 .with_context(|| format!("opening store {} read-only", root.display()))
         }
+        Err(e)
+            if read_only_ok
+                && matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Full { .. })) =>
+        {
+            let root = store_root(g)?;
+            out.note(format!("{e:#}; reading from a read-only view: what is fetched is not kept"));
+            Store::open_read_only(&root, StoreOptions::default())
+                .with_context(|| format!("opening store {} read-only", root.display()))
+        }
         other => other,
     }
 }

@@ -332,10 +332,15 @@ impl hb_cli::run::LocalMount for OwnMount {
 pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
     let dir = m.mounted.mountpoint().to_path_buf();
     let pid_file = run_file(store.root(), &dir, "pid");
-    if let Some(parent) = pid_file.parent() {
-        std::fs::create_dir_all(parent)?;
+    // For `hb umount`, which waits for this process to store what it fetched. The mount is up:
+    // a full disk must not stop it from serving, so a pid file that cannot be written is said.
+    if let Err(e) = pid_file
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(&pid_file, std::process::id().to_string()))
+    {
+        tracing::warn!(file = %pid_file.display(), error = %e, "cannot write the mount's pid file; `hb umount` will not wait for this process");
     }
-    std::fs::write(&pid_file, std::process::id().to_string())?;
     out.note(format!(
         "mounted {} at {} ({} lazy layers; passthrough {})",
         m.name,
@@ -357,7 +362,9 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch_stop = stop.clone();
     // Reports the end of prefetching, and keeps the figures file current for `hb daemon`'s metrics.
+    let watch_out = *out;
     let watcher = std::thread::spawn(move || {
+        let out = watch_out;
         let mut reported = false;
         let mut last = None;
         let mut ticks = 0u32;
@@ -370,7 +377,11 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
                 reported = true;
                 if !quiet {
                     let s = watch_stats.snapshot();
-                    eprintln!("prefetch finished: {} chunks, {}", s.prefetched_chunks, HumanBytes(s.remote_bytes));
+                    out.note(format!(
+                        "prefetch finished: {} chunks, {}",
+                        s.prefetched_chunks,
+                        HumanBytes(s.remote_bytes)
+                    ));
                 }
             }
             let s = watch_stats.snapshot();

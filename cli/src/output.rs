@@ -4,6 +4,7 @@
 use std::io;
 
 /// Output settings shared by every command.
+#[derive(Clone, Copy)]
 pub struct Out {
     pub json: bool,
     pub quiet: bool,
@@ -14,10 +15,12 @@ impl Out {
         Out { json, quiet }
     }
 
-    /// A message for people (stderr), unless quiet or printing JSON.
+    /// A message for people (stderr), unless quiet or printing JSON. A stderr that takes no more
+    /// (a log file on a full disk, a closed pipe) loses the message, never the process.
     pub fn note(&self, msg: impl AsRef<str>) {
         if !self.quiet && !self.json {
-            eprintln!("{}", msg.as_ref());
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "{}", msg.as_ref());
         }
     }
 
@@ -43,6 +46,9 @@ pub fn init_logging(verbose: u8) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default.into()))
         .with_writer(io::stderr)
+        // A stderr that takes no more (a mount server's log on a full disk) loses the event;
+        // reporting that on the same stderr would panic and end the process.
+        .log_internal_errors(false)
         .with_target(false);
     // One JSON object per event (time, level, message, fields): for the journal and log shippers.
     if std::env::var(crate::config::env::LOG_FORMAT).is_ok_and(|f| f == "json") {

@@ -6,7 +6,7 @@ use hb_core::{BuildError, ChunkId, Digest, IndexError};
 /// Everything the store can fail with. Messages name the store path, layer, entry or chunk.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{context}: {source}")]
+    #[error("{context}: {source}{}", full_hint(source))]
     Io {
         context: String,
         #[source]
@@ -18,6 +18,8 @@ pub enum StoreError {
     Locked(PathBuf),
     #[error("store {0} is open read-only (another hb process holds it); this needs write access")]
     ReadOnly(PathBuf),
+    #[error("store {root} cannot be opened for writing: its filesystem has {free} bytes free (the store's metadata needs room to open); free space (e.g. remove other files, or `hb rmi` and `hb gc` once there is a little room) and try again")]
+    Full { root: PathBuf, free: u64 },
     #[error("no store at {0}")]
     NoStore(PathBuf),
     #[error("store {root} was created with chunker {stored}, which this build cannot use: {why}")]
@@ -52,6 +54,15 @@ pub enum StoreError {
     CorruptMeta(String),
     #[error("export target {0} exists and is not an empty directory")]
     TargetNotEmpty(PathBuf),
+}
+
+/// What to do about a full filesystem, after the error that said so.
+fn full_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(28) => " (the filesystem holding the store is full; nothing was committed: free space, e.g. `hb rmi` and `hb gc`, or move the store with --root, and try again)",
+        Some(122) => " (disk quota exceeded; nothing was committed)",
+        _ => "",
+    }
 }
 
 impl StoreError {

@@ -152,6 +152,9 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
         .collect()
 }
 
+/// Free space [`Store::open`] needs on the store's filesystem (RocksDB writes as it opens).
+const OPEN_RESERVE: u64 = 1 << 20;
+
 /// The metadata block cache, shared by all column families.
 const BLOCK_CACHE_BYTES: usize = 8 << 20;
 
@@ -169,6 +172,10 @@ impl Store {
             .map_err(StoreError::io(format!("opening {}/LOCK", root.display())))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .map_err(|_| StoreError::Locked(root.to_path_buf()))?;
+        // RocksDB writes as it opens (a new log and manifest), and must not meet a full disk.
+        if let Some(free) = pack::free_bytes(&lock).filter(|f| *f < OPEN_RESERVE) {
+            return Err(StoreError::Full { root: root.to_path_buf(), free });
+        }
 
         let mut dbo = Options::default();
         dbo.create_if_missing(true);

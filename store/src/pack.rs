@@ -148,6 +148,19 @@ pub struct PackWriter {
     out: BufWriter<File>,
     /// Length of the file including buffered bytes.
     len: u64,
+    /// Bytes appended since the free space was last checked.
+    unchecked: u64,
+}
+
+/// Free space a pack append leaves on the store's filesystem for the metadata database: RocksDB
+/// must never meet a full disk (its commit could fail half-way; Debian's build even aborts).
+pub const WRITE_RESERVE: u64 = 8 << 20;
+/// How often (in appended bytes) an append checks the free space.
+const CHECK_EVERY: u64 = 1 << 20;
+
+/// Bytes available to hb on the filesystem of `fd`, if it says.
+pub fn free_bytes(fd: impl std::os::fd::AsFd) -> Option<u64> {
+    rustix::fs::fstatvfs(fd).ok().map(|v| v.f_bavail.saturating_mul(v.f_frsize))
 }
 
 impl PackWriter {
@@ -177,7 +190,7 @@ impl PackWriter {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(len))
             .map_err(StoreError::io(format!("seeking {}", path.display())))?;
-        Ok(PackWriter { id, path, out, len })
+        Ok(PackWriter { id, path, out, len, unchecked: CHECK_EVERY })
     }
 
     pub fn len(&self) -> u64 {
@@ -197,6 +210,20 @@ impl PackWriter {
         hdr[33..37].copy_from_slice(&raw_len.to_le_bytes());
         hdr[37..41].copy_from_slice(&(stored.len() as u32).to_le_bytes());
         let ctx = || format!("appending to {}", self.path.display());
+        self.unchecked += (RECORD_HEADER_LEN + stored.len()) as u64;
+        if self.unchecked >= CHECK_EVERY {
+            self.unchecked = 0;
+            if free_bytes(self.out.get_ref()).is_some_and(|free| free < WRITE_RESERVE) {
+                return Err(StoreError::Io {
+                    context: format!(
+                        "appending to {}: fewer than {} MiB free (kept for the store's metadata)",
+                        self.path.display(),
+                        WRITE_RESERVE >> 20
+                    ),
+                    source: std::io::Error::from_raw_os_error(28),
+                });
+            }
+        }
         self.out.write_all(&hdr).map_err(StoreError::io(ctx()))?;
         self.out.write_all(stored).map_err(StoreError::io(ctx()))?;
         self.len += (RECORD_HEADER_LEN + stored.len()) as u64;

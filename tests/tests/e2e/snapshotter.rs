@@ -213,3 +213,21 @@ fn curl_metrics(hb: &Hb) -> String {
         .unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// containerd 1.6's own snapshotter conformance suite (Go, `snapshots/testsuite` from Debian's
+/// golang-github-containerd-containerd-dev) against hb, through containerd's `snapshots/proxy`
+/// client as containerd reaches a proxy plugin: scripts/snapshotter-conformance.sh builds it once
+/// (cached under /var/tmp/hb-conformance) and runs it; tests/conformance/hb_snapshotter_test.go
+/// starts a fresh `hb daemon` for each suite test and stops it with SIGTERM.
+#[test]
+fn containerds_snapshotter_conformance_suite_passes_against_hb() {
+    let script = containerd_script().with_file_name("snapshotter-conformance.sh");
+    let o = Command::new(&script).env("HB_BIN", hb_bin()).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let shown = format!("{out}\n--- stderr ---\n{err}");
+    assert!(o.status.success(), "the conformance suite failed ({}):\n{shown}", o.status);
+    let passed = out.lines().filter(|l| l.trim_start().starts_with("--- PASS: TestHbSnapshotter/")).count();
+    assert!(passed >= 15, "only {passed} suite tests passed:\n{shown}");
+    assert!(!out.contains("--- FAIL"), "a suite test failed:\n{shown}");
+    assert!(out.lines().any(|l| l.starts_with("conformance: ") && l.contains(" passed, 0 failed")), "{shown}");
+}
