@@ -27,6 +27,11 @@ impl<'a> Daemon<'a> {
         d
     }
 
+    /// The daemon's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// `curl --unix-socket` GET; None when nothing answers.
     fn get(&self, path: &str) -> Option<String> {
         curl(self.hb, "GET", path)
@@ -78,7 +83,7 @@ impl Drop for Daemon<'_> {
     }
 }
 
-fn socket(hb: &Hb) -> String {
+pub(crate) fn socket(hb: &Hb) -> String {
     hb.path("hb.sock").to_str().unwrap().to_string()
 }
 
@@ -96,7 +101,7 @@ fn curl(hb: &Hb, method: &str, path: &str) -> Option<String> {
 }
 
 /// `hb --socket <the test daemon's> ARGS`.
-fn with_socket(hb: &Hb, args: &[&str]) -> Vec<String> {
+pub(crate) fn with_socket(hb: &Hb, args: &[&str]) -> Vec<String> {
     let mut v = vec!["--socket".to_string(), socket(hb)];
     v.extend(args.iter().map(|s| s.to_string()));
     v
@@ -222,7 +227,7 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
 
 /// The store's container folders (not hb's dot entries): containers (with a state) and the
 /// daemon's spares (without one yet).
-fn folders(hb: &Hb) -> Vec<std::path::PathBuf> {
+pub(crate) fn folders(hb: &Hb) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(hb.root.join("containers")).map_or(Vec::new(), |d| {
         d.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).map(|e| e.path()).collect()
     })
@@ -242,7 +247,7 @@ pub(crate) fn spares(hb: &Hb) -> Vec<std::path::PathBuf> {
 }
 
 /// Mount points (from the mount table) under the store's containers folder.
-fn container_mounts(hb: &Hb) -> Vec<String> {
+pub(crate) fn container_mounts(hb: &Hb) -> Vec<String> {
     let c = hb.root.join("containers");
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()

@@ -14,3 +14,4 @@ mod pull;
 mod roundtrip;
 mod run;
 mod snapshotter;
+mod soak;
