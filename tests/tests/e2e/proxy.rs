@@ -19,23 +19,28 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn sha256(b: &[u8]) -> String {
+pub(crate) fn sha256(b: &[u8]) -> String {
     format!("sha256:{}", sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect::<String>())
 }
 
 /// `hb proxy` on its own store and port; killed on drop.
-struct Proxy {
-    hb: Hb,
+pub(crate) struct Proxy {
+    pub(crate) hb: Hb,
     child: Option<Child>,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Proxy {
-    fn start(proxy_toml: &str) -> Proxy {
+    pub(crate) fn start(proxy_toml: &str) -> Proxy {
         let hb = Hb::with_config(proxy_toml);
         let mut p = Proxy { hb, child: None, addr: format!("127.0.0.1:{}", free_port()) };
         p.restart();
         p
+    }
+
+    /// The proxy's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     fn restart(&mut self) {
@@ -63,7 +68,7 @@ impl Proxy {
         s["upstreams"][0].clone()
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.hb.path("proxy.log")).unwrap_or_default()
     }
 }

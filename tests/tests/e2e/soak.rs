@@ -127,3 +127,193 @@ fn the_daemon_starts_and_stops_many_containers_across_five_images_and_leaks_noth
     assert!(folders(&hb).is_empty(), "container folders left: {:?}", folders(&hb));
     hb.fsck_clean();
 }
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A small xorshift generator (seeded, printed: a failure can be replayed).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// An upstream registry serving `blobs` at `/v2/soak/blobs/<digest>` that misbehaves at random on
+/// half the GETs: a cut halfway, one wrong byte, a stall of 3 s before the body, a 500 or a 503.
+/// Returns its address.
+fn faulty_upstream(blobs: Vec<(String, Vec<u8>)>, seed: u64) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let blobs = std::sync::Arc::new(blobs);
+    let rng = std::sync::Arc::new(std::sync::Mutex::new(Rng(seed)));
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let (blobs, rng) = (blobs.clone(), rng.clone());
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap_or(0);
+                let mut start = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_lowercase().strip_prefix("range: bytes=") {
+                        start = v.trim().split('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    }
+                }
+                let mut w = conn;
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let Some((_, data)) = blobs.iter().find(|(d, _)| path == format!("/v2/soak/blobs/{d}")) else {
+                    let _ = w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    return;
+                };
+                let size = data.len();
+                if method == "HEAD" {
+                    let _ = w.write_all(
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n").as_bytes(),
+                    );
+                    return;
+                }
+                let fault = rng.lock().unwrap().next() % 10;
+                if fault == 5 || fault == 6 {
+                    let code = if fault == 5 { "500 Internal Server Error" } else { "503 Service Unavailable" };
+                    let _ = w.write_all(
+                        format!("HTTP/1.1 {code}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
+                    );
+                    return;
+                }
+                let start = start.min(size);
+                let head = if start > 0 {
+                    format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{size}\r\nConnection: close\r\n\r\n", size - start, size - 1)
+                } else {
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n")
+                };
+                if w.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let mut body = data[start..].to_vec();
+                match fault {
+                    7 => body.truncate(body.len() / 2),
+                    8 if !body.is_empty() => {
+                        let mid = body.len() / 2;
+                        body[mid] ^= 0x40;
+                    }
+                    9 => std::thread::sleep(std::time::Duration::from_secs(3)),
+                    _ => {}
+                }
+                let _ = w.write_all(&body);
+                let _ = w.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+/// One GET through the proxy: (status, body, declared length), or None when the connection broke
+/// before the headers.
+fn get(addr: &str, path: &str, range: Option<(usize, usize)>) -> Option<(u16, Vec<u8>, Option<usize>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).ok()?;
+    let range = range.map_or(String::new(), |(a, b)| format!("Range: bytes={a}-{}\r\n", b - 1));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{range}Connection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let len = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok());
+    Some((status, raw[split + 4..].to_vec(), len))
+}
+
+/// `hb proxy` under 64 concurrent clients while its upstream fails half the requests at random,
+/// with a size cap that keeps evicting (so faults keep reaching the fills): no client ever gets
+/// a whole body with a wrong byte, and memory and open files stay flat after the warm-up.
+/// `HB_SOAK_SECONDS` (default 20) bounds it.
+#[test]
+fn the_mirror_under_64_clients_and_a_faulty_upstream_never_serves_a_wrong_byte_and_stays_flat() {
+    let secs = env_count("HB_SOAK_SECONDS", 20) as u64;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("mirror soak: {secs} s, seed {seed}");
+    let blobs: Vec<(String, Vec<u8>)> = (0..12u64)
+        .map(|i| {
+            let data = pseudo_random(1000 + i, (256 << 10) + (i as usize * 97_000));
+            (super::proxy::sha256(&data), data)
+        })
+        .collect();
+    let upstream = faulty_upstream(blobs.clone(), seed);
+    let proxy =
+        super::proxy::Proxy::start(&format!("[proxy]\nmax_size = \"4M\"\n[[proxy.upstream]]\nhost = \"{upstream}\"\n"));
+    let pid = proxy.pid();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let warm_at = std::time::Instant::now() + std::time::Duration::from_secs(secs / 4);
+    let warm = std::sync::Mutex::new(None::<(u64, usize)>);
+    let tally = std::sync::Mutex::new([0u64; 4]); // whole and right, short, errors, ranges right
+    std::thread::scope(|s| {
+        for c in 0..64u64 {
+            let (blobs, proxy, tally, warm) = (&blobs, &proxy, &tally, &warm);
+            s.spawn(move || {
+                let mut rng = Rng(seed ^ (c + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                while std::time::Instant::now() < deadline {
+                    if c == 0 && std::time::Instant::now() >= warm_at {
+                        warm.lock().unwrap().get_or_insert((rss_kib(pid), fds(pid)));
+                    }
+                    let (digest, data) = &blobs[(rng.next() % blobs.len() as u64) as usize];
+                    let path = format!("/v2/soak/blobs/{digest}");
+                    let ranged = rng.next() % 4 == 0;
+                    let range = ranged.then(|| {
+                        let a = (rng.next() % data.len() as u64) as usize;
+                        (a, (a + 1 + (rng.next() % 100_000) as usize).min(data.len()))
+                    });
+                    let got = get(&proxy.addr, &path, range);
+                    let mut t = tally.lock().unwrap();
+                    match got {
+                        Some((200, body, Some(len))) if body.len() == len && len == data.len() => {
+                            assert_eq!(
+                                super::proxy::sha256(&body),
+                                *digest,
+                                "a whole body with wrong bytes (seed {seed})"
+                            );
+                            t[0] += 1;
+                        }
+                        Some((206, body, Some(len))) if body.len() == len => {
+                            let (a, b) = range.expect("asked for a range");
+                            assert_eq!(body, data[a..b], "a range with wrong bytes (seed {seed})");
+                            t[3] += 1;
+                        }
+                        Some((200 | 206, _, _)) => t[1] += 1,
+                        _ => t[2] += 1,
+                    }
+                }
+            });
+        }
+    });
+    let t = *tally.lock().unwrap();
+    let (rss_warm, fds_warm) = warm.lock().unwrap().expect("measured after the warm-up");
+    let (rss_end, fds_end) = (rss_kib(pid), fds(pid));
+    println!(
+        "mirror soak: {} whole and right, {} ranges right, {} cut short, {} errors; RSS {rss_warm} -> {rss_end} KiB, fds {fds_warm} -> {fds_end}",
+        t[0], t[3], t[1], t[2]
+    );
+    assert!(t[0] > 64 && t[3] > 0, "too little got through to judge: {t:?}");
+    assert!(t[1] + t[2] > 0, "the upstream's faults never showed");
+    assert!(rss_end <= rss_warm + rss_warm / 2 + 32 * 1024, "the proxy's memory grew: {rss_warm} -> {rss_end} KiB");
+    assert!(fds_end <= fds_warm + 16, "the proxy's open files grew: {fds_warm} -> {fds_end}");
+    assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
+}
