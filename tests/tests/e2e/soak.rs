@@ -276,7 +276,7 @@ fn the_mirror_under_64_clients_and_a_faulty_upstream_never_serves_a_wrong_byte_a
                     }
                     let (digest, data) = &blobs[(rng.next() % blobs.len() as u64) as usize];
                     let path = format!("/v2/soak/blobs/{digest}");
-                    let ranged = rng.next() % 4 == 0;
+                    let ranged = rng.next().is_multiple_of(4);
                     let range = ranged.then(|| {
                         let a = (rng.next() % data.len() as u64) as usize;
                         (a, (a + 1 + (rng.next() % 100_000) as usize).min(data.len()))
