@@ -13,6 +13,7 @@ PACKAGES=(
   docker-registry skopeo umoci runc apache2-utils  # real registries, a real client, an independent extractor
   crun                         # a second OCI runtime: hb run probes it (it refuses hybrid cgroups)
   protobuf-compiler libprotobuf-dev  # protoc + well-known types: the snapshotter's gRPC code is generated
+  containerd                   # a private containerd for baselines and the snapshotter tests (scripts/containerd.sh)
   stargz-snapshotter           # ctr-remote: a real containerd client that asks for remote snapshots
   golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite (scripts/snapshotter-conformance.sh)
   ca-certificates
