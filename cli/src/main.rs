@@ -464,20 +464,12 @@ fn registry_options(
     })
 }
 
-/// `10M` -> 10 * 2^20 (K, M, G binary suffixes; plain numbers are bytes).
+/// A size or rate as people write it (`10M`, `2T`: [`hb_core::parse_size`]); zero is refused.
 fn parse_rate(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: f64 = num.parse().with_context(|| format!("bad rate {s:?} (e.g. 500K, 10M)"))?;
-    if n.is_nan() || n <= 0.0 {
-        bail!("bad rate {s:?}: must be positive");
+    match hb_core::parse_size(s)? {
+        0 => bail!("{s:?} must be more than zero"),
+        n => Ok(n),
     }
-    Ok((n * mult as f64) as u64)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -1046,5 +1038,14 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    /// Regression (one-house issue): `--max-size 2T` was refused by a rate parser that knew K, M
+    /// and G only; sizes and rates now share one parser.
+    #[test]
+    fn sizes_and_rates_take_every_suffix() {
+        assert_eq!(super::parse_rate("2T").unwrap(), 2 << 40);
+        assert_eq!(super::parse_rate("10MiB").unwrap(), 10 << 20);
+        assert!(super::parse_rate("0").is_err() && super::parse_rate("fast").is_err());
     }
 }

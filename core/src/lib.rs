@@ -1,6 +1,7 @@
 //! HyperBox's shared vocabulary: content ids and digests, the pinned chunker parameters, the
 //! layer index (a layer's file tree whose regular files are lists of chunk refs) with its binary
-//! format, the Merkle diff between two trees, and the [`ChunkSource`] trait every reader uses.
+//! format, the Merkle diff between two trees, the [`ChunkSource`] trait every reader uses, and
+//! the one parser of sizes people write ([`parse_size`]).
 //!
 //! This crate does no I/O: no files, no network, no clocks. It is what the store, the mounts,
 //! the proxy and the peers agree on, so none of them needs to depend on another's internals.
@@ -11,6 +12,7 @@ pub mod digest;
 pub mod index;
 pub mod lazy;
 pub mod path;
+pub mod size;
 pub mod source;
 pub mod tree;
 
@@ -20,5 +22,6 @@ pub use digest::{ChunkId, Digest, DigestError, DigestHasher};
 pub use index::{ChunkRef, Entry, IndexError, Kind, LayerIndex, Meta};
 pub use lazy::{AccelConfig, AccelLayer, ChunkTable, LazyFormatError, LazySource, StartupOrder, TableEntry};
 pub use path::PathError;
+pub use size::{parse_size, SizeError};
 pub use source::{ChunkSource, SourceError};
 pub use tree::{merge_layers, BuildError, NewEntry, TreeBuilder};

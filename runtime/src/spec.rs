@@ -273,19 +273,14 @@ pub fn resolve_user(spec: Option<&str>, passwd: Option<&str>, group: Option<&str
     Ok(UserIds { uid, gid, additional_gids })
 }
 
-/// `--memory` values: bytes, or with a b/k/m/g suffix (binary, as docker).
+/// `--memory` values: bytes, or with a suffix (binary, as docker: `512m`, `1.5g`;
+/// [`hb_core::parse_size`]); at least 6 MiB, as docker.
 pub fn parse_memory(s: &str) -> Result<u64, SpecError> {
     let bad = |why| SpecError::BadValue { flag: "--memory", value: s.to_string(), why };
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = match t.chars().last() {
-        Some('b') => (&t[..t.len() - 1], 1u64),
-        Some('k') => (&t[..t.len() - 1], 1 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (&t[..], 1),
-    };
-    let n: u64 = num.parse().map_err(|_| bad("a number with an optional b, k, m or g suffix"))?;
-    let bytes = n.checked_mul(mult).ok_or_else(|| bad("too large"))?;
+    let bytes = hb_core::parse_size(s).map_err(|e| match e {
+        hb_core::SizeError::TooLarge(_) => bad("too large"),
+        hb_core::SizeError::Malformed(_) => bad("a number with an optional b, k, m or g suffix"),
+    })?;
     if bytes < 6 << 20 {
         return Err(bad("the minimum is 6m"));
     }
