@@ -671,6 +671,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 layers,
             };
             let rt = runtime()?;
+            let _pid = mount::PidFile::create(store.root(), &args.dir);
             let m = mount::mount_image(g, &rt, store.clone(), &args, shutdown.as_ref(), &out)?;
             mount::serve(&store, m, &out)?;
         }

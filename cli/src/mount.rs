@@ -327,20 +327,42 @@ impl hb_cli::run::LocalMount for OwnMount {
     }
 }
 
+/// The pid file of a mount's serving process, for `hb umount`, which waits for that process to
+/// store what it fetched and exit. Written before the mount appears (so `hb umount` never finds
+/// the mount without it), removed on drop, after the serving ended. Best effort: on a full disk
+/// the mount serves without one, and says so.
+pub struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    pub fn create(root: &Path, dir: &Path) -> PidFile {
+        let path = run_file(root, dir, "pid");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| std::fs::write(&path, std::process::id().to_string()));
+        match written {
+            Ok(()) => PidFile(Some(path)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the mount's pid file; `hb umount` will not wait for this process");
+                PidFile(None)
+            }
+        }
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Serves a mount until it is unmounted (`hb umount`, or SIGINT or SIGTERM through the
 /// [`crate::shutdown::Shutdown`] it was mounted with), then stores what was fetched and reports.
 pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
     let dir = m.mounted.mountpoint().to_path_buf();
-    let pid_file = run_file(store.root(), &dir, "pid");
-    // For `hb umount`, which waits for this process to store what it fetched. The mount is up:
-    // a full disk must not stop it from serving, so a pid file that cannot be written is said.
-    if let Err(e) = pid_file
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|_| std::fs::write(&pid_file, std::process::id().to_string()))
-    {
-        tracing::warn!(file = %pid_file.display(), error = %e, "cannot write the mount's pid file; `hb umount` will not wait for this process");
-    }
     out.note(format!(
         "mounted {} at {} ({} lazy layers; passthrough {})",
         m.name,
@@ -420,8 +442,7 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
     ));
     // For scripts, benchmarks and the daemon's metrics: the figures above beside the pid file.
     write_stats(&run_file(store.root(), &dir, "stats.json"), &s, m.remote.as_deref(), passthrough);
-    // Last: `hb umount` waits for this file's process to finish the above.
-    let _ = std::fs::remove_file(&pid_file);
+    // Last (the caller's `PidFile` goes after this): `hb umount` waits for this process.
     result?;
     Ok(())
 }

@@ -47,6 +47,27 @@ impl Drop for SmallFs {
     }
 }
 
+/// Fills it but for `mib` MiB.
+impl SmallFs {
+    fn fill_but(&self, mib: u64) {
+        let st = rustix_free(&self.0);
+        let keep = mib << 20;
+        if st > keep {
+            let f = std::fs::File::create(self.0.join("filler")).unwrap();
+            f.set_len(0).unwrap();
+            let ok =
+                Command::new("fallocate").args(["-l", &(st - keep).to_string()]).arg(self.0.join("filler")).status();
+            assert!(ok.unwrap().success());
+        }
+    }
+}
+
+/// Bytes free on the filesystem of `p` (df).
+fn rustix_free(p: &Path) -> u64 {
+    let o = Command::new("df").args(["-B1", "--output=avail"]).arg(p).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
 /// An hb whose store lives on a small filesystem.
 fn hb_on(mib: u64) -> (Hb, SmallFs) {
     let mut hb = Hb::new();
@@ -113,4 +134,93 @@ fn a_lazy_mount_on_a_full_store_still_serves_verified_bytes_and_keeps_them_once_
     hb.ok(&["umount", dir.to_str().unwrap()]);
     assert!(hb.json(&["du"])["absent_chunks"].as_u64().unwrap() < absent, "kept once there was space");
     hb.fsck_clean();
+}
+
+/// A plain tar with one pseudo-random file of `mib` MiB.
+fn layer_tar(dir: &Path, seed: u64, mib: usize) -> PathBuf {
+    let mut b = tar::Builder::new(Vec::new());
+    let data = pseudo_random(seed, mib << 20);
+    let mut h = file_header(data.len() as u64, 0o644);
+    b.append_data(&mut h, format!("data-{seed}"), &data[..]).unwrap();
+    let p = dir.join(format!("layer-{seed}.tar"));
+    std::fs::write(&p, b.into_inner().unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn gc_compaction_on_a_full_store_stops_cleanly_and_finishes_once_there_is_space() {
+    let (hb, fs) = hb_on(96);
+    let keep = layer_tar(&hb.path(""), 60, 12);
+    let garbage = layer_tar(&hb.path(""), 61, 30);
+    let keep_id = hb.import(&keep)["diff_id"].as_str().unwrap().to_string();
+    let gone = hb.import(&garbage)["diff_id"].as_str().unwrap().to_string();
+    hb.ok(&["layer", "rm", &gone]);
+    // Room to open and to commit, not to copy the kept layer's 12 MiB into a new pack.
+    fs.fill_but(12);
+    let o = hb.run(&["gc"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device") && err.contains("filesystem holding the store is full"), "{err}");
+    hb.fsck_clean();
+    fs.drain();
+    let r = hb.json(&["gc"]);
+    assert!(r["packs_compacted"].as_u64().unwrap() + r["packs_deleted"].as_u64().unwrap() >= 1, "{r}");
+    hb.fsck_clean();
+    let out = hb.path("keep.tar");
+    hb.ok(&["layer", "export", &keep_id, "-o", out.to_str().unwrap()]);
+    assert_eq!(fingerprint_tar(&std::fs::read(&out).unwrap()), fingerprint_tar(&std::fs::read(&keep).unwrap()));
+}
+
+#[test]
+fn hb_run_on_a_full_disk_fails_with_125_and_leaves_no_container() {
+    let reg = open_registry();
+    let image = format!("{reg}/busybox:latest");
+    let (hb, fs) = hb_on(64);
+    hb.ok(&["pull", &image]);
+    fs.fill();
+    let o = hb.run(&["run", "--rm", &image, "echo", "hi"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(hb.root.join("containers"))
+        .map(|d| d.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a container folder was left: {left:?}");
+    fs.drain();
+    assert_eq!(hb.ok(&["run", "--rm", &image, "echo", "hi"]), "hi\n");
+    hb.fsck_clean();
+}
+
+#[test]
+fn the_mirror_on_a_full_disk_keeps_serving_what_it_has_and_recovers() {
+    use super::proxy::{curl, sha256, Fault, Proxy, Scripted};
+    let small = Scripted::start(Fault::Clean, 1 << 20);
+    let big = Scripted::start(Fault::Clean, 6 << 20);
+    let fs_dir = std::sync::Mutex::new(None);
+    let toml = format!(
+        "[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\n[[proxy.upstream]]\nhost = \"{}\"\n",
+        small.addr, big.addr
+    );
+    let proxy = Proxy::start_with(&toml, |hb| {
+        let fs = SmallFs::new(&hb.path("small"), 48);
+        hb.root = fs.0.join("store");
+        *fs_dir.lock().unwrap() = Some(fs);
+    });
+    let fs = fs_dir.lock().unwrap().take().unwrap();
+    let url = |s: &Scripted| format!("http://{}/v2/{}/fake/blobs/{}", proxy.addr, s.addr, s.digest);
+    let (code, body) = curl(&[&url(&small)]);
+    assert_eq!((code, sha256(&body)), (200, small.digest.clone()));
+    fs.fill();
+    // The big blob cannot be kept: the client never gets a whole wrong body, the proxy lives on.
+    let (code, body) = curl(&["--max-time", "60", &url(&big)]);
+    assert!(code != 200 || body.len() < big.blob.len(), "a blob the proxy could not keep was served whole? {code}");
+    assert!(code == 0 || code >= 400 || body.len() < big.blob.len());
+    let (code, body) = curl(&[&url(&small)]);
+    assert_eq!((code, sha256(&body)), (200, small.digest.clone()), "what it has is still served");
+    fs.drain();
+    let (code, body) = curl(&[&url(&big)]);
+    assert_eq!((code, sha256(&body)), (200, big.digest.clone()), "recovered once there is space");
+    assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
+    drop(proxy);
+    drop(fs);
 }

@@ -32,7 +32,13 @@ pub(crate) struct Proxy {
 
 impl Proxy {
     pub(crate) fn start(proxy_toml: &str) -> Proxy {
-        let hb = Hb::with_config(proxy_toml);
+        Self::start_with(proxy_toml, |_| {})
+    }
+
+    /// [`Proxy::start`] after `prepare` had the store's settings (e.g. its root) to change.
+    pub(crate) fn start_with(proxy_toml: &str, prepare: impl FnOnce(&mut Hb)) -> Proxy {
+        let mut hb = Hb::with_config(proxy_toml);
+        prepare(&mut hb);
         let mut p = Proxy { hb, child: None, addr: format!("127.0.0.1:{}", free_port()) };
         p.restart();
         p
@@ -162,7 +168,7 @@ fn skopeo(args: &[&str]) -> (bool, String) {
 }
 
 /// `curl -s` with extra arguments: (HTTP status, body).
-fn curl(args: &[&str]) -> (u16, Vec<u8>) {
+pub(crate) fn curl(args: &[&str]) -> (u16, Vec<u8>) {
     let o = Command::new("curl").args(["-s", "-o", "-", "-w", "\n%{http_code}"]).args(args).output().unwrap();
     let mut out = o.stdout;
     let split = out.iter().rposition(|&b| b == b'\n').unwrap();
@@ -379,7 +385,7 @@ fn private_content_is_served_only_to_clients_the_upstream_lets_in() {
 
 /// What the scripted upstream does with blob GETs.
 #[derive(Clone, Copy, PartialEq)]
-enum Fault {
+pub(crate) enum Fault {
     /// Closes the first response halfway, then serves Range requests properly.
     TruncateOnce,
     /// Same length, one byte changed.
@@ -388,19 +394,21 @@ enum Fault {
     Slow,
     /// Closes every response halfway.
     DiesMidBlob,
+    /// Serves the blob as it is.
+    Clean,
 }
 
 /// A minimal registry that serves one blob at `/v2/fake/blobs/<digest>` and misbehaves as told.
-struct Scripted {
-    addr: String,
-    blob: Arc<Vec<u8>>,
-    digest: String,
+pub(crate) struct Scripted {
+    pub(crate) addr: String,
+    pub(crate) blob: Arc<Vec<u8>>,
+    pub(crate) digest: String,
     gets: Arc<AtomicUsize>,
     ranges: Arc<Mutex<Vec<String>>>,
 }
 
 impl Scripted {
-    fn start(fault: Fault, size: usize) -> Scripted {
+    pub(crate) fn start(fault: Fault, size: usize) -> Scripted {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let blob = Arc::new(pseudo_random(7, size));
@@ -478,7 +486,7 @@ impl Scripted {
         s
     }
 
-    fn url(&self, proxy: &Proxy) -> String {
+    pub(crate) fn url(&self, proxy: &Proxy) -> String {
         format!("http://{}/v2/fake/blobs/{}", proxy.addr, self.digest)
     }
 }
@@ -486,7 +494,7 @@ impl Scripted {
 /// A manifest whose `mediaType` holds a BEL character.
 const BAD_TYPE_MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json\u0007","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#;
 
-fn scripted_proxy(s: &Scripted) -> Proxy {
+pub(crate) fn scripted_proxy(s: &Scripted) -> Proxy {
     Proxy::start(&format!("[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\n", s.addr))
 }
 
