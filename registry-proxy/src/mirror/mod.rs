@@ -266,7 +266,8 @@ pub fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Uns
     let Some((a, b)) = spec.split_once('-') else { return Ok(None) };
     let (a, b) = (a.trim(), b.trim());
     let (start, end) = match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
-        (Some(s), Some(e)) if s <= e => (s, (e + 1).min(size)),
+        // A last position past the end means the end (RFC 9110 14.1.2), u64::MAX included.
+        (Some(s), Some(e)) if s <= e => (s, e.saturating_add(1).min(size)),
         (Some(s), None) if b.is_empty() => (s, size),
         (None, Some(n)) if a.is_empty() && n > 0 => (size.saturating_sub(n), size),
         _ => return Ok(None),
@@ -1411,6 +1412,17 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
         assert_eq!(parse_range(Some("bytes=1-2,4-5"), 10), Ok(None));
         assert_eq!(parse_range(Some("bytes=4-2"), 10), Ok(None));
+    }
+
+    /// Regression (found by fuzzing, `fuzz/` target `range_header`): a last position of
+    /// u64::MAX overflowed `e + 1` (a panic with overflow checks; without them the range
+    /// (100, 0) and a 206 whose Content-Length and Content-Range wrapped around).
+    #[test]
+    fn a_range_ending_at_u64_max_means_the_end_of_the_blob() {
+        assert_eq!(parse_range(Some("bytes=100-18446744073709551615"), 1000), Ok(Some((100, 1000))));
+        assert_eq!(parse_range(Some("bytes=0-18446744073709551615"), u64::MAX), Ok(Some((0, u64::MAX))));
+        assert_eq!(parse_range(Some("bytes=18446744073709551615-18446744073709551615"), 10), Err(Unsatisfiable));
+        assert_eq!(parse_range(Some("bytes=0-18446744073709551616"), 10), Ok(None), "not a u64: ignored");
     }
 
     #[test]
