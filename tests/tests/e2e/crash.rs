@@ -48,16 +48,6 @@ impl Killer {
     }
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Runs `args`, killing it with SIGKILL after `delay` unless it finished; true when it finished.
 fn run_and_kill(hb: &Hb, args: &[&str], delay: Duration) -> bool {
     let mut child = hb.command(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();

@@ -138,17 +138,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A small xorshift generator (seeded, printed: a failure can be replayed).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// An upstream registry serving `blobs` at `/v2/soak/blobs/<digest>` that misbehaves at random on
 /// half the GETs: a cut halfway, one wrong byte, a stall of 3 s before the body, a 500 or a 503.
 /// Returns its address.
