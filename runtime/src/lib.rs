@@ -9,7 +9,7 @@
 mod seccomp;
 mod spec;
 
-pub use seccomp::{default_seccomp, ALLOWED as SECCOMP_ALLOWED, CLONE_NAMESPACE_FLAGS};
+pub use seccomp::default_seccomp;
 
 pub use spec::{
     build_spec, default_capabilities, exec_process, parse_cpus, parse_memory, process_args, resolve_user, ExecOptions,

@@ -8,7 +8,7 @@
 //! anything may have written to it since. `fsck` checks every backing file a stored layer names,
 //! `gc` removes those no stored layer names, `usage` counts them.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,17 +75,14 @@ pub fn check_backing(path: &Path, chunks: &[ChunkRef]) -> std::io::Result<Option
     Ok(None)
 }
 
-/// The backing-file names every regular file of `layers` would have.
-pub(crate) fn names_of<'a>(layers: impl IntoIterator<Item = &'a LayerIndex>) -> HashSet<String> {
-    let mut names = HashSet::new();
-    for idx in layers {
-        for (i, e) in idx.entries.iter().enumerate() {
-            if matches!(e.kind, Kind::File { .. }) && idx.file_chunks(i as u32).next().is_some() {
-                names.insert(backing_name(idx.file_chunks(i as u32)));
-            }
+/// Adds the backing file every regular file of `idx` would have: its name and chunk list.
+pub(crate) fn add_backing_lists(idx: &LayerIndex, into: &mut HashMap<String, Vec<ChunkRef>>) {
+    for (i, e) in idx.entries.iter().enumerate() {
+        if matches!(e.kind, Kind::File { .. }) && idx.file_chunks(i as u32).next().is_some() {
+            let list: Vec<ChunkRef> = idx.file_chunks(i as u32).copied().collect();
+            into.entry(backing_name(&list)).or_insert(list);
         }
     }
-    names
 }
 
 /// One entry of the backing folder.

@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use hb_core::{ChunkId, ChunkSource, ChunkerParams, Digest, LayerIndex, SourceError};
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, DB};
 
-pub use backing::{backing_name, check_backing, BackingFault, BACKING_DIR};
 pub use bloom::{ChunkFilter, FP_RATE};
 pub use error::{Result, StoreError};
 pub use export::ExportReport;

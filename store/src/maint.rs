@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use hb_core::{ChunkId, Digest, LayerIndex};
 use rocksdb::{IteratorMode, WriteBatch};
 
-use crate::backing::{check_backing, names_of, BackingEntry};
+use crate::backing::{add_backing_lists, check_backing, BackingEntry};
 use crate::error::{Result, StoreError};
 use crate::meta::*;
 use crate::pack::{self, PackWriter};
@@ -232,12 +232,7 @@ impl Store {
             if !idx.verify_merkle() {
                 r.issue("corrupt-index", diff_id, "Merkle hashes do not match the tree");
             }
-            for (i, e) in idx.entries.iter().enumerate() {
-                if matches!(e.kind, hb_core::Kind::File { .. }) && idx.file_chunks(i as u32).next().is_some() {
-                    let list: Vec<_> = idx.file_chunks(i as u32).copied().collect();
-                    backing.entry(crate::backing_name(&list)).or_insert(list);
-                }
-            }
+            add_backing_lists(&idx, &mut backing);
             for c in &idx.chunks {
                 *expected.entry(c.id).or_default() += 1;
                 match stored_refs.get(&c.id) {
@@ -376,16 +371,18 @@ impl Store {
 
     /// Removes backing files no stored layer names, and dead writers' temporary files.
     fn gc_backing(&self, report: &mut GcReport) -> Result<()> {
-        let mut indexes = Vec::new();
+        let mut needed = HashMap::new();
         for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {
             let (k, v) = item?;
             let diff_id = digest_from_key(&k)?;
-            indexes.push(LayerIndex::decode(&v).map_err(|source| StoreError::Index { diff_id, source })?);
+            add_backing_lists(
+                &LayerIndex::decode(&v).map_err(|source| StoreError::Index { diff_id, source })?,
+                &mut needed,
+            );
         }
-        let needed = names_of(&indexes);
         for e in self.backing_entries()? {
             let (path, len) = match e {
-                BackingEntry::File { name, path, len } if !needed.contains(&name) => (path, len),
+                BackingEntry::File { name, path, len } if !needed.contains_key(&name) => (path, len),
                 BackingEntry::Temp { path, len, stale: true } => (path, len),
                 _ => continue,
             };

@@ -154,12 +154,12 @@ pub struct PackWriter {
 
 /// Free space a pack append leaves on the store's filesystem for the metadata database: RocksDB
 /// must never meet a full disk (its commit could fail half-way; Debian's build even aborts).
-pub const WRITE_RESERVE: u64 = 8 << 20;
+const WRITE_RESERVE: u64 = 8 << 20;
 /// How often (in appended bytes) an append checks the free space.
 const CHECK_EVERY: u64 = 1 << 20;
 
 /// Bytes available to hb on the filesystem of `fd`, if it says.
-pub fn free_bytes(fd: impl std::os::fd::AsFd) -> Option<u64> {
+pub(crate) fn free_bytes(fd: impl std::os::fd::AsFd) -> Option<u64> {
     rustix::fs::fstatvfs(fd).ok().map(|v| v.f_bavail.saturating_mul(v.f_frsize))
 }
 
