@@ -33,12 +33,27 @@ pub struct HostSettings {
     /// PEM bytes of every `ca` file named.
     pub ca_pem: Vec<Vec<u8>>,
     pub skip_verify: bool,
+    /// Mirrors (`[host]` entries for other hosts) that may serve pulls, in the file's order:
+    /// asked before the registry, as containerd does.
+    pub mirrors: Vec<MirrorHost>,
     /// The file read, if any.
     pub source: Option<PathBuf>,
 }
 
-/// Reads `<dir>/<registry>/hosts.toml` from `dir` (or the default folders). Mirrors (`[host]`
-/// entries for other hosts) are reported and not used yet.
+/// One mirror of a registry, from a `[host."<url>"]` entry of its hosts.toml.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MirrorHost {
+    /// `host[:port]`.
+    pub host: String,
+    pub plain_http: bool,
+    pub ca_pem: Vec<Vec<u8>>,
+    pub skip_verify: bool,
+    /// Its `capabilities` include `resolve`: tags may be resolved there (else only content by
+    /// digest is read there: blobs and lazy reads).
+    pub resolve: bool,
+}
+
+/// Reads `<dir>/<registry>/hosts.toml` from `dir` (or the default folders).
 pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostSettings> {
     let dirs: Vec<PathBuf> = match dir {
         Some(d) => vec![d.to_path_buf()],
@@ -50,7 +65,7 @@ pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostS
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let doc: toml::Table = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let base = path.parent().expect("file in a folder");
-    let authority = |url: &str| url.split_once("://").map(|(_, rest)| rest.trim_end_matches('/').to_string());
+    let authority = |url: &str| url.split_once("://").map(|(_, rest)| rest.split('/').next().unwrap_or("").to_string());
     let scheme_of = |url: &str| url.split_once("://").map(|(s, _)| s == "http");
     let mut out = HostSettings { source: Some(path.clone()), ..Default::default() };
     if let Some(server) = doc.get("server").and_then(|v| v.as_str()) {
@@ -58,17 +73,16 @@ pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostS
     }
     if let Some(hosts) = doc.get("host").and_then(|v| v.as_table()) {
         for (url, entry) in hosts {
-            if authority(url).as_deref() != Some(registry) {
-                tracing::warn!(file = %path.display(), mirror = %url, "registry mirrors in hosts.toml are not used yet");
-                continue;
-            }
-            out.plain_http = out.plain_http.or(scheme_of(url));
-            out.skip_verify = entry.get("skip_verify").and_then(|v| v.as_bool()).unwrap_or(false);
+            let Some(host) = authority(url).filter(|h| !h.is_empty()) else {
+                bail!("{}: host {url:?} is not a URL (http://host[:port] or https://host[:port])", path.display());
+            };
+            let skip_verify = entry.get("skip_verify").and_then(|v| v.as_bool()).unwrap_or(false);
             let cas: Vec<&str> = match entry.get("ca") {
                 Some(toml::Value::String(s)) => vec![s.as_str()],
                 Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
                 _ => vec![],
             };
+            let mut ca_pem = Vec::new();
             for ca in cas {
                 let p = base.join(ca);
                 let pem = std::fs::read(&p)
@@ -76,8 +90,30 @@ pub fn host_settings(dir: Option<&Path>, registry: &str) -> anyhow::Result<HostS
                 if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
                     bail!("CA {} named in {} holds no PEM certificate", p.display(), path.display());
                 }
-                out.ca_pem.push(pem);
+                ca_pem.push(pem);
             }
+            if host == registry {
+                out.plain_http = out.plain_http.or(scheme_of(url));
+                out.skip_verify = skip_verify;
+                out.ca_pem.extend(ca_pem);
+                continue;
+            }
+            // containerd's default: pull, resolve and push.
+            let caps: Vec<String> = match entry.get("capabilities") {
+                Some(toml::Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+                _ => vec!["pull".into(), "resolve".into(), "push".into()],
+            };
+            if !caps.iter().any(|c| c == "pull") {
+                tracing::debug!(file = %path.display(), mirror = %url, "mirror without the pull capability; not read from");
+                continue;
+            }
+            out.mirrors.push(MirrorHost {
+                host,
+                plain_http: scheme_of(url) == Some(true),
+                ca_pem,
+                skip_verify,
+                resolve: caps.iter().any(|c| c == "resolve"),
+            });
         }
     }
     Ok(out)
@@ -396,5 +432,42 @@ mod tests {
         assert!(load(Some(&p)).unwrap_err().to_string().contains("version 9"));
         assert!(load(Some(&dir.join("absent.toml"))).is_err(), "a named config must exist");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hosts_toml_mirrors_keep_the_files_order_and_capabilities() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = dir.path().join("registry.example:5000");
+        std::fs::create_dir_all(&reg).unwrap();
+        std::fs::write(
+            reg.join("hosts.toml"),
+            r#"server = "https://registry.example:5000"
+
+[host."http://zz-mirror:5000"]
+capabilities = ["pull", "resolve"]
+
+[host."https://aa-mirror/v2"]
+capabilities = ["pull"]
+skip_verify = true
+
+[host."https://push-only"]
+capabilities = ["push"]
+
+[host."https://registry.example:5000"]
+skip_verify = true
+"#,
+        )
+        .unwrap();
+        let h = host_settings(Some(dir.path()), "registry.example:5000").unwrap();
+        assert_eq!((h.plain_http, h.skip_verify), (Some(false), true));
+        let m: Vec<(&str, bool, bool, bool)> =
+            h.mirrors.iter().map(|m| (m.host.as_str(), m.plain_http, m.skip_verify, m.resolve)).collect();
+        // In the file's order (not sorted), a push-only host left out, the registry not a mirror.
+        assert_eq!(m, vec![("zz-mirror:5000", true, false, true), ("aa-mirror", false, true, false)]);
+        std::fs::write(reg.join("hosts.toml"), "[host.\"not a url\"]\n").unwrap();
+        let e = host_settings(Some(dir.path()), "registry.example:5000").unwrap_err();
+        assert!(format!("{e:#}").contains("not a URL"), "{e:#}");
+        // No file: no mirrors.
+        assert!(host_settings(Some(dir.path()), "other").unwrap().mirrors.is_empty());
     }
 }

@@ -86,9 +86,9 @@ pub fn convert(
     if dref.digest().is_some() {
         bail!("the destination {dst} must be a tag, not a digest");
     }
-    let (sreg, resolved) = crate::pull::resolve(rt, &sref, {
+    let (sreg, resolved) = crate::pull::resolve(rt, {
         let creds = crate::config::docker_credentials(sref.registry())?;
-        crate::registry_options(g, &sref, plain_http, creds, platform.clone())?
+        crate::endpoints(g, &sref, plain_http, creds, platform.clone())?
     })?;
     if resolved.layers.iter().any(|l| !store.has_layer(&l.diff_id).unwrap_or(false)) {
         out.note(format!("pulling {src} to convert it"));

@@ -705,8 +705,8 @@ impl Daemon {
         if crate::find_image(&self.store, &image)?.is_none() {
             let r = hb_registry::ImageRef::parse(&image)?;
             let creds = crate::config::docker_credentials(r.registry())?;
-            let opts = crate::registry_options(&self.g, &r, false, creds, hb_registry::Platform::default())?;
-            let (registry, resolved) = crate::pull::resolve(&self.work, &r, opts)?;
+            let eps = crate::endpoints(&self.g, &r, false, creds, hb_registry::Platform::default())?;
+            let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
             if resolved.accelerated.is_none() {
                 tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
                 return Ok(None);
@@ -812,8 +812,8 @@ impl Daemon {
             Some(p) => p.parse().map_err(anyhow::Error::msg)?,
             None => hb_registry::Platform::default(),
         };
-        let opts = crate::registry_options(&self.g, &r, req.plain_http, creds, platform)?;
-        let (registry, resolved) = crate::pull::resolve(&self.work, &r, opts)?;
+        let eps = crate::endpoints(&self.g, &r, req.plain_http, creds, platform)?;
+        let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
         self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::SeqCst);
         let out = Out::new(false, true);
@@ -858,11 +858,11 @@ impl Daemon {
     }
 
     /// Keeps chunks a mount server fetched (the store verifies each against its id).
-    fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+    fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<api::FillResponse> {
         let chunks = api::decode_chunks(body)?;
         let r = self.store.fill_chunks(&chunks)?;
         self.dirty.store(true, Ordering::SeqCst);
-        Ok(serde_json::json!({ "filled": r.filled, "skipped": r.skipped }))
+        Ok(api::FillResponse { filled: r.filled, skipped: r.skipped })
     }
 
     fn remove_images(&self, req: &RemoveRequest) -> anyhow::Result<Vec<String>> {
@@ -906,40 +906,69 @@ impl Daemon {
             vec![(String::new(), mounts.iter().map(|m| m.users).sum::<usize>() as f64)],
         );
         // What the mount servers report (each writes its figures beside its pid file).
-        let mut sum: HashMap<&str, f64> = HashMap::new();
+        let mut sum = api::MountStats::default();
         let mut hist = [0f64; hb_fuse::LATENCY_BUCKETS_MS.len() + 1];
         let mut hist_sum = 0f64;
+        // Chunks by tier name (the daemon, mirrors, registries): a bounded set, one per configured host.
+        let mut by_source: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
         for m in &mounts {
             let Ok(raw) = std::fs::read(crate::mount::run_file(&self.root, &m.path, "stats.json")) else { continue };
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&raw) else { continue };
-            for k in
-                ["local_chunks", "remote_chunks", "remote_bytes", "local_bytes", "wire_bytes", "errors", "fill_errors"]
-            {
-                *sum.entry(k).or_default() += v[k].as_f64().unwrap_or(0.0);
+            let Ok(v) = serde_json::from_slice::<api::MountStats>(&raw) else { continue };
+            sum.local_chunks += v.local_chunks;
+            sum.remote_chunks += v.remote_chunks;
+            sum.remote_bytes += v.remote_bytes;
+            sum.local_bytes += v.local_bytes;
+            sum.wire_bytes += v.wire_bytes;
+            sum.errors += v.errors;
+            sum.fill_errors += v.fill_errors;
+            for (h, x) in hist.iter_mut().zip(&v.fetch_latency_ms) {
+                *h += *x as f64;
             }
-            if let Some(b) = v["fetch_latency_ms"].as_array() {
-                for (h, x) in hist.iter_mut().zip(b) {
-                    *h += x.as_f64().unwrap_or(0.0);
-                }
+            hist_sum += v.fetch_latency_sum_ms as f64 / 1000.0;
+            for t in &v.sources {
+                let e = by_source.entry(t.name.clone()).or_default();
+                e.0 += t.chunks;
+                e.1 += t.bytes;
+                e.2 += t.errors + t.corrupt;
             }
-            hist_sum += v["fetch_latency_sum_ms"].as_f64().unwrap_or(0.0) / 1000.0;
         }
-        let s = |k: &str| sum.get(k).copied().unwrap_or(0.0);
         metric(
             "hb_fetched_bytes_total",
             "counter",
             "File data bytes read by image mounts, by source.",
             vec![
-                ("{source=\"local\"}".into(), s("local_bytes")),
-                ("{source=\"remote\"}".into(), s("remote_bytes")),
-                ("{source=\"wire\"}".into(), s("wire_bytes")),
+                ("{source=\"local\"}".into(), sum.local_bytes as f64),
+                ("{source=\"remote\"}".into(), sum.remote_bytes as f64),
+                ("{source=\"wire\"}".into(), sum.wire_bytes as f64),
             ],
         );
         metric(
             "hb_chunk_lookups_total",
             "counter",
             "Chunks image mounts needed: hits in the store, misses fetched remotely.",
-            vec![("{result=\"hit\"}".into(), s("local_chunks")), ("{result=\"miss\"}".into(), s("remote_chunks"))],
+            vec![
+                ("{result=\"hit\"}".into(), sum.local_chunks as f64),
+                ("{result=\"miss\"}".into(), sum.remote_chunks as f64),
+            ],
+        );
+        let label = |name: &str| format!("{{tier=\"{}\"}}", name.replace(['"', '\\', '\n'], "_"));
+        metric(
+            "hb_tier_chunks_total",
+            "counter",
+            "Chunks image mounts fetched, by remote tier (daemon, mirror, registry).",
+            by_source.iter().map(|(n, v)| (label(n), v.0 as f64)).collect(),
+        );
+        metric(
+            "hb_tier_bytes_total",
+            "counter",
+            "Uncompressed bytes image mounts fetched, by remote tier.",
+            by_source.iter().map(|(n, v)| (label(n), v.1 as f64)).collect(),
+        );
+        metric(
+            "hb_tier_errors_total",
+            "counter",
+            "Failed requests and corrupt chunks, by remote tier.",
+            by_source.iter().map(|(n, v)| (label(n), v.2 as f64)).collect(),
         );
         let mut cumulative = 0.0;
         let mut samples = Vec::new();
@@ -958,8 +987,10 @@ impl Daemon {
         for (suffix, v) in samples {
             let _ = writeln!(t, "hb_remote_fetch_seconds{suffix} {v}");
         }
-        let mut errors: Vec<(String, f64)> =
-            vec![("{kind=\"fetch\"}".into(), s("errors")), ("{kind=\"store_fill\"}".into(), s("fill_errors"))];
+        let mut errors: Vec<(String, f64)> = vec![
+            ("{kind=\"fetch\"}".into(), sum.errors as f64),
+            ("{kind=\"store_fill\"}".into(), sum.fill_errors as f64),
+        ];
         for (k, v) in self.metrics.errors.lock().expect("metrics lock").iter() {
             errors.push((format!("{{kind=\"{k}\"}}"), *v as f64));
         }
@@ -1248,7 +1279,7 @@ async fn handle(d: Arc<Daemon>, req: Request<hyper::body::Incoming>) -> Result<R
         d.withdraw_all();
     }
     let took = started.elapsed();
-    let label = if path.starts_with("/v1/mounts/") { "/v1/mounts/{digest}".to_string() } else { path };
+    let label = metric_path(&path).to_string();
     *d.metrics.requests.lock().expect("metrics lock").entry((label, resp.status().as_u16())).or_default() += 1;
     {
         let mut l = d.metrics.latency.lock().expect("metrics lock");
@@ -1414,8 +1445,37 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     Ok(())
 }
 
+/// The `path` label of a request: one of the API's routes, or `other` (a label copied from
+/// whatever path a client sent would grow the series without bound).
+fn metric_path(path: &str) -> &'static str {
+    const ROUTES: [&str; 10] = [
+        "/metrics",
+        "/v1/health",
+        "/v1/mounts",
+        "/v1/chunks/fill",
+        "/v1/chunks/get",
+        "/v1/containers/cleanup",
+        "/v1/gc",
+        "/v1/images/mount",
+        "/v1/images/remove",
+        "/v1/pull",
+    ];
+    if path.starts_with("/v1/mounts/") {
+        return "/v1/mounts/{digest}";
+    }
+    ROUTES.iter().find(|r| **r == path).copied().unwrap_or("other")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn metric_paths_are_a_bounded_set() {
+        assert_eq!(super::metric_path("/v1/pull"), "/v1/pull");
+        assert_eq!(super::metric_path("/v1/mounts/sha256:abc"), "/v1/mounts/{digest}");
+        assert_eq!(super::metric_path("/v1/no-such/../thing?x=1"), "other");
+        assert_eq!(super::metric_path("/random-1234"), "other");
+    }
+
     use super::*;
 
     /// A daemon on a fresh store with one (pretend) image mount, and a spare's request for it.

@@ -464,6 +464,41 @@ fn registry_options(
     })
 }
 
+/// Where `r` is read from, in order: the mirrors its hosts.toml names, then its registry.
+fn endpoints(
+    g: &Global,
+    r: &hb_registry::ImageRef,
+    plain_http: bool,
+    credentials: Option<(String, String)>,
+    platform: hb_registry::Platform,
+) -> anyhow::Result<Vec<pull::Endpoint>> {
+    let host = config::host_settings(g.hosts_dir.as_deref(), r.registry())?;
+    let mut out = Vec::with_capacity(host.mirrors.len() + 1);
+    for m in &host.mirrors {
+        out.push(pull::Endpoint {
+            name: format!("mirror {}", m.host),
+            reference: r.via_mirror(&m.host),
+            opts: hb_registry::RegistryOptions {
+                scheme: if m.plain_http { hb_registry::Scheme::Http } else { hb_registry::Scheme::Https },
+                ca_pem: m.ca_pem.clone(),
+                skip_verify: m.skip_verify,
+                credentials: config::docker_credentials(&m.host)?,
+                platform: platform.clone(),
+                // A mirror that fails is passed over at once: the registry after it retries.
+                attempts: 1,
+            },
+            resolve: m.resolve,
+        });
+    }
+    out.push(pull::Endpoint {
+        name: format!("registry {}", r.registry()),
+        reference: r.clone(),
+        opts: registry_options(g, r, plain_http, credentials, platform)?,
+        resolve: true,
+    });
+    Ok(out)
+}
+
 /// A size or rate as people write it (`10M`, `2T`: [`hb_core::parse_size`]); zero is refused.
 fn parse_rate(s: &str) -> anyhow::Result<u64> {
     match hb_core::parse_size(s)? {
@@ -706,9 +741,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(p) => p.parse().map_err(anyhow::Error::msg)?,
                 None => hb_registry::Platform::default(),
             };
-            let opts = registry_options(g, &r, plain_http, credentials, platform)?;
             let rt = runtime()?;
-            let (registry, resolved) = pull::resolve(&rt, &r, opts)?;
+            let (registry, resolved) = pull::resolve(&rt, endpoints(g, &r, plain_http, credentials, platform)?)?;
             if plan {
                 let p = pull::plan(&store, &resolved)?;
                 if out.json {

@@ -39,37 +39,89 @@ pub fn run_file(root: &Path, dir: &Path, ext: &str) -> PathBuf {
     root.join("run").join(format!("mount-{}.{ext}", &h[..16]))
 }
 
-/// A chunk source over the lazy layers among `layers`, or None when all are local.
-pub fn remote_source(
+/// The remote tiers of a mount, assembled in one place: the daemon (when this process reads a
+/// store the daemon owns), each mirror hosts.toml names for the layers' registries, then the
+/// registries themselves. New tiers (LAN peers) go in here.
+pub struct Sources {
+    pub chain: hb_core::SourceChain,
+    /// The Range readers among the tiers (mirrors and registries), for wire figures.
+    pub ranges: Vec<Arc<hb_registry::RangeSource>>,
+    /// Layers with chunks to fetch.
+    pub lazy_layers: usize,
+}
+
+/// Compressed bytes received and Range requests made by `ranges`.
+pub fn wire(ranges: &[Arc<hb_registry::RangeSource>]) -> (u64, u64) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    ranges.iter().fold((0, 0), |(b, r), s| (b + load(&s.bytes), r + load(&s.requests)))
+}
+
+impl Sources {
+    /// Every chunk the lazy layers name, blob by blob (for a full prefetch).
+    pub fn all_chunks(&self) -> Vec<ChunkId> {
+        self.ranges.last().map(|r| r.all_chunks()).unwrap_or_default()
+    }
+}
+
+/// A client already connected to `host/repository`, reused for that repository's reads.
+pub type Known = Option<(String, Arc<hb_registry::Registry>)>;
+
+/// Assembles the chunk sources of a mount of `layers` (see [`Sources`]).
+pub fn sources(
     g: &Global,
     rt: &tokio::runtime::Runtime,
     store: &Store,
     layers: &[Digest],
-    known: Option<(String, Arc<hb_registry::Registry>)>,
+    known: Known,
     plain_http: bool,
-) -> anyhow::Result<Option<Arc<hb_registry::RangeSource>>> {
-    let mut sources = Vec::new();
+    daemon: Option<Arc<crate::api::Client>>,
+) -> anyhow::Result<Sources> {
+    let mut lazy = Vec::new();
     for l in layers {
         if let Some(s) = store.lazy_source(l)? {
-            sources.push(s);
+            lazy.push(s);
         }
     }
-    if sources.is_empty() {
-        return Ok(None);
+    let mut chain = hb_core::SourceChain::new();
+    if let Some(client) = daemon {
+        chain.push("hb daemon", Arc::new(DaemonSource { client }));
     }
-    let src = hb_registry::RangeSource::new(rt.handle().clone(), &sources, |r| {
-        if let Some((repo, reg)) = &known {
-            if *repo == format!("{}/{}", r.registry(), r.repository()) {
-                return Ok(reg.clone());
+    let mut ranges = Vec::new();
+    if !lazy.is_empty() {
+        // Each layer's endpoints: its registry's mirrors, then the registry.
+        let mut tiers: Vec<(String, Vec<hb_core::LazySource>)> = Vec::new();
+        let mut endpoints: std::collections::HashMap<String, crate::pull::Endpoint> = Default::default();
+        for l in &lazy {
+            let r = hb_registry::ImageRef::parse(&l.repository)?;
+            let creds = crate::config::docker_credentials(r.registry()).unwrap_or(None);
+            for ep in crate::endpoints(g, &r, plain_http, creds, hb_registry::Platform::default())? {
+                match tiers.iter_mut().find(|(n, _)| *n == ep.name) {
+                    Some((_, ls)) => ls.push(l.clone()),
+                    None => tiers.push((ep.name.clone(), vec![l.clone()])),
+                }
+                endpoints.entry(format!("{}|{}", ep.name, l.repository)).or_insert(ep);
             }
         }
-        let creds = crate::config::docker_credentials(r.registry()).unwrap_or(None);
-        let opts = crate::registry_options(g, r, plain_http, creds, hb_registry::Platform::default()).map_err(|e| {
-            hb_registry::RegistryError::BadReference { reference: r.canonical(), reason: e.to_string() }
-        })?;
-        hb_registry::Registry::new(r, opts).map(Arc::new)
-    })?;
-    Ok(Some(Arc::new(src)))
+        // Mirrors above registries, each in the order first named.
+        tiers.sort_by_key(|(n, _)| !n.starts_with("mirror "));
+        for (name, ls) in tiers {
+            let src = hb_registry::RangeSource::new(rt.handle().clone(), &ls, |r| {
+                let repo = format!("{}/{}", r.registry(), r.repository());
+                let ep = endpoints.remove(&format!("{name}|{repo}")).expect("an endpoint per tier and repository");
+                let reference = ep.reference;
+                if let Some((known_repo, reg)) = &known {
+                    if *known_repo == format!("{}/{}", reference.host(), r.repository()) {
+                        return Ok((reg.clone(), reference));
+                    }
+                }
+                hb_registry::Registry::new(&reference, ep.opts).map(|reg| (Arc::new(reg), reference))
+            })?;
+            let src = Arc::new(src);
+            chain.push(name, src.clone());
+            ranges.push(src);
+        }
+    }
+    Ok(Sources { chain, ranges, lazy_layers: lazy.len() })
 }
 
 /// Pulls an image `hb mount` was asked for and the store lacks: lazily when it has an
@@ -82,16 +134,17 @@ pub(crate) fn pull_for_mount(
     image: &str,
     plain_http: bool,
     out: &Out,
-) -> anyhow::Result<Option<(String, Arc<hb_registry::Registry>)>> {
+) -> anyhow::Result<Known> {
     let r = hb_registry::ImageRef::parse(image)?;
     let creds = crate::config::docker_credentials(r.registry())?;
-    let opts = crate::registry_options(g, &r, plain_http, creds, hb_registry::Platform::default())?;
-    let (registry, resolved) = crate::pull::resolve(rt, &r, opts)?;
+    let eps = crate::endpoints(g, &r, plain_http, creds, hb_registry::Platform::default())?;
+    let (registry, resolved) = crate::pull::resolve(rt, eps)?;
     if resolved.accelerated.is_some() {
         let registry = Arc::new(registry);
+        let key = format!("{}/{}", resolved.reference.host(), resolved.reference.repository());
         let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved)?;
         crate::pull::print_lazy_report(out, &report);
-        return Ok(Some((format!("{}/{}", r.registry(), r.repository()), registry)));
+        return Ok(Some((key, registry)));
     } else {
         out.note(format!("{image} has no accelerated form (`hb convert` makes one); pulling it whole"));
         let report = crate::pull::pull(rt, store.clone(), registry, resolved, out)?;
@@ -100,48 +153,35 @@ pub(crate) fn pull_for_mount(
     Ok(None)
 }
 
-/// Chunks through the daemon that owns the store: it is asked first (it has what other mounts
-/// fetched since this one opened its read-only view), then the registry; what the registry sends
-/// is handed to the daemon to keep.
-struct ViaDaemon {
+/// The daemon that owns the store, as a tier: it has what other mounts fetched since this
+/// process opened its read-only view, and keeps what the tiers below it return.
+struct DaemonSource {
     client: Arc<crate::api::Client>,
-    remote: Option<Arc<hb_registry::RangeSource>>,
 }
 
-impl ViaDaemon {
+impl DaemonSource {
     fn unavailable(e: anyhow::Error) -> hb_core::SourceError {
         hb_core::SourceError::Unavailable { source_name: "hb daemon".into(), reason: crate::error_chain(&e) }
     }
 }
 
-impl ChunkSource for ViaDaemon {
+impl ChunkSource for DaemonSource {
     fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, hb_core::SourceError> {
         Ok(self.fetch_many(std::slice::from_ref(id))?.into_iter().find(|(i, _)| i == id).map(|(_, b)| b))
     }
 
     fn fetch_many(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, hb_core::SourceError> {
         let body = ids.iter().flat_map(|i| i.as_bytes().iter().copied()).collect::<Vec<u8>>();
-        let mut got = match self.client.call_raw("POST", "/v1/chunks/get", &body) {
-            Ok(b) => crate::api::decode_chunks(&b).map_err(Self::unavailable)?,
-            Err(e) => {
-                // The daemon may be restarting: the registry still serves.
-                tracing::debug!(error = %e, "the hb daemon did not answer for chunks");
-                Vec::new()
-            }
-        };
-        let have: std::collections::HashSet<ChunkId> = got.iter().map(|(i, _)| *i).collect();
-        let rest: Vec<ChunkId> = ids.iter().filter(|i| !have.contains(i)).copied().collect();
-        if !rest.is_empty() {
-            if let Some(r) = &self.remote {
-                got.extend(r.fetch_many(&rest)?);
-            }
-        }
-        Ok(got)
+        // A daemon that is restarting fails here: the chain asks the tiers below it.
+        let b = self.client.call_raw("POST", "/v1/chunks/get", &body).map_err(Self::unavailable)?;
+        crate::api::decode_chunks(&b).map_err(Self::unavailable)
     }
-}
 
-impl hb_fuse::ChunkSink for ViaDaemon {
-    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, String> {
+    fn keeps(&self) -> bool {
+        true
+    }
+
+    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, hb_core::SourceError> {
         let mut kept = 0;
         // Bodies under the daemon's limit.
         let mut start = 0;
@@ -154,12 +194,12 @@ impl hb_fuse::ChunkSink for ViaDaemon {
                 end += 1;
             }
             let body = crate::api::encode_chunks(chunks[start..end].iter().map(|(i, b)| (i, b.as_slice())));
-            let r: serde_json::Value = self
+            let r: crate::api::FillResponse = self
                 .client
                 .call_raw("POST", "/v1/chunks/fill", &body)
                 .and_then(|b| Ok(serde_json::from_slice(&b)?))
-                .map_err(|e| crate::error_chain(&e))?;
-            kept += r["filled"].as_u64().unwrap_or(0) as usize;
+                .map_err(Self::unavailable)?;
+            kept += r.filled;
             start = end;
         }
         Ok(kept)
@@ -170,7 +210,8 @@ impl hb_fuse::ChunkSink for ViaDaemon {
 pub struct Mount {
     pub name: String,
     pub mounted: hb_fuse::Mounted,
-    pub remote: Option<Arc<hb_registry::RangeSource>>,
+    pub ranges: Vec<Arc<hb_registry::RangeSource>>,
+    pub lazy_layers: usize,
     pub layers: Vec<Digest>,
 }
 
@@ -201,31 +242,17 @@ pub fn mount_image(
         .map(|d| store.layer(d)?.with_context(|| format!("layer {d} is missing")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let merged = hb_core::merge_layers(store.chunker(), indexes.iter());
-    let remote = remote_source(g, rt, &store, &layers, known, args.plain_http)?;
+    // On a read-only view of a store the daemon owns, the daemon is asked first and keeps what
+    // comes from below it.
+    let daemon = if store.is_writable() { None } else { crate::daemon_client(g).map(Arc::new) };
+    let sources = sources(g, rt, &store, &layers, known, args.plain_http, daemon)?;
     let startup = match store.aux(&startup_key(&digest))? {
         Some(raw) => StartupOrder::decode(&raw).context("the stored start-up order is corrupt")?.chunks,
         None => Vec::new(),
     };
-    let all: Vec<ChunkId> = remote.as_ref().map(|r| r.all_chunks()).unwrap_or_default();
-    // On a read-only view of a store the daemon owns, the daemon is asked first and keeps what
-    // comes from the registry.
-    let daemon = if store.is_writable() { None } else { crate::daemon_client(g).map(Arc::new) };
-    let fetcher = match daemon {
-        Some(client) => {
-            let via = Arc::new(ViaDaemon { client, remote: remote.clone() });
-            hb_fuse::Fetcher::with_sink(
-                store.clone(),
-                Some(via.clone() as Arc<dyn ChunkSource>),
-                Some(via as Arc<dyn hb_fuse::ChunkSink>),
-                Duration::from_secs(120),
-            )
-        }
-        None => hb_fuse::Fetcher::new(
-            store.clone(),
-            remote.clone().map(|r| r as Arc<dyn ChunkSource>),
-            Duration::from_secs(120),
-        ),
-    };
+    let all = sources.all_chunks();
+    let Sources { chain, ranges, lazy_layers } = sources;
+    let fetcher = hb_fuse::Fetcher::new(store.clone(), chain, Duration::from_secs(120));
     let opts = MountOptions {
         fs: FsOptions { passthrough: args.passthrough, passthrough_min: 1 << 20, image: name.clone() },
         threads: args.threads,
@@ -247,7 +274,7 @@ pub fn mount_image(
         })?,
         None => mount()?,
     };
-    Ok(Mount { name, mounted, remote, layers })
+    Ok(Mount { name, mounted, ranges, lazy_layers, layers })
 }
 
 /// `hb run`'s images without a daemon: this process's store (opened on first use, kept for the
@@ -367,11 +394,7 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
         "mounted {} at {} ({} lazy layers; passthrough {})",
         m.name,
         dir.display(),
-        m.remote.as_ref().map_or(0, |_| m
-            .layers
-            .iter()
-            .filter(|l| store.lazy_source(l).ok().flatten().is_some())
-            .count()),
+        m.lazy_layers,
         if m.mounted.passthrough() { "on" } else { "off: reads go through FUSE" }
     ));
     let stats = m.mounted.fetcher().stats.clone();
@@ -380,7 +403,8 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
     let watch_stats = stats.clone();
     let quiet = out.quiet || out.json;
     let stats_file = run_file(store.root(), &dir, "stats.json");
-    let watch_remote = m.remote.clone();
+    let watch_ranges = m.ranges.clone();
+    let watch_fetcher = m.mounted.fetcher().clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch_stop = stop.clone();
     // Reports the end of prefetching, and keeps the figures file current for `hb daemon`'s metrics.
@@ -408,12 +432,13 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
             }
             let s = watch_stats.snapshot();
             if last != Some(s) {
-                write_stats(&stats_file, &s, watch_remote.as_deref(), passthrough);
+                write_stats(&stats_file, &s, &watch_fetcher.sources(), &watch_ranges, passthrough);
                 last = Some(s);
             }
             std::thread::sleep(Duration::from_millis(500));
         }
     });
+    let fetcher = m.mounted.fetcher().clone();
     let result = m.mounted.wait();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = watcher.join();
@@ -425,10 +450,18 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
         }
     }
     let s = stats.snapshot();
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let (wire, http) = m.remote.as_ref().map_or((0, 0), |r| (load(&r.bytes), load(&r.requests)));
+    let (wire, http) = wire(&m.ranges);
+    let tiers = fetcher.sources();
+    drop(fetcher);
+    // Where fetched chunks came from, when more than one tier could serve them.
+    let from = if tiers.len() > 1 {
+        let parts: Vec<String> = tiers.iter().map(|t| format!("{} {}", t.name, t.chunks)).collect();
+        format!("; from {}", parts.join(", "))
+    } else {
+        String::new()
+    };
     out.note(format!(
-        "unmounted {}: {} chunks local, {} fetched ({} on demand, {} prefetched; {} of file data, {} over the wire in {} requests), {} errors{}",
+        "unmounted {}: {} chunks local, {} fetched ({} on demand, {} prefetched; {} of file data, {} over the wire in {} requests{from}), {} errors{}",
         dir.display(),
         s.local_chunks,
         s.remote_chunks,
@@ -441,25 +474,38 @@ pub fn serve(store: &Store, m: Mount, out: &Out) -> anyhow::Result<()> {
         if complete > 0 { format!("; {complete} layers now complete") } else { String::new() }
     ));
     // For scripts, benchmarks and the daemon's metrics: the figures above beside the pid file.
-    write_stats(&run_file(store.root(), &dir, "stats.json"), &s, m.remote.as_deref(), passthrough);
+    write_stats(&run_file(store.root(), &dir, "stats.json"), &s, &tiers, &m.ranges, passthrough);
     // Last (the caller's `PidFile` goes after this): `hb umount` waits for this process.
     result?;
     Ok(())
 }
 
 /// Writes a mount's figures as JSON (atomically: temp file + rename).
-fn write_stats(path: &Path, s: &hb_fuse::StatsSnapshot, remote: Option<&hb_registry::RangeSource>, passthrough: bool) {
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    let (wire, http) = remote.map_or((0, 0), |r| (load(&r.bytes), load(&r.requests)));
-    let v = serde_json::json!({
-        "local_chunks": s.local_chunks, "remote_chunks": s.remote_chunks, "local_bytes": s.local_bytes,
-        "prefetched_chunks": s.prefetched_chunks, "remote_bytes": s.remote_bytes,
-        "wire_bytes": wire, "requests": http, "errors": s.errors, "fill_errors": s.fill_errors,
-        "fetch_latency_ms": s.fetch_latency, "fetch_latency_sum_ms": s.fetch_latency_sum_ms,
-        "passthrough": passthrough,
-    });
+fn write_stats(
+    path: &Path,
+    s: &hb_fuse::StatsSnapshot,
+    sources: &[hb_core::TierStats],
+    ranges: &[Arc<hb_registry::RangeSource>],
+    passthrough: bool,
+) {
+    let (wire_bytes, requests) = wire(ranges);
+    let v = crate::api::MountStats {
+        local_chunks: s.local_chunks,
+        remote_chunks: s.remote_chunks,
+        local_bytes: s.local_bytes,
+        prefetched_chunks: s.prefetched_chunks,
+        remote_bytes: s.remote_bytes,
+        wire_bytes,
+        requests,
+        errors: s.errors,
+        fill_errors: s.fill_errors,
+        fetch_latency_ms: s.fetch_latency.to_vec(),
+        fetch_latency_sum_ms: s.fetch_latency_sum_ms,
+        passthrough,
+        sources: sources.to_vec(),
+    };
     let tmp = path.with_extension("json.tmp");
-    if std::fs::write(&tmp, v.to_string()).is_ok() {
+    if serde_json::to_vec(&v).is_ok_and(|b| std::fs::write(&tmp, b).is_ok()) {
         let _ = std::fs::rename(&tmp, path);
     }
 }

@@ -119,14 +119,45 @@ pub fn plan(store: &Store, resolved: &ResolvedImage) -> anyhow::Result<PullPlan>
     Ok(p)
 }
 
-pub fn resolve(
-    rt: &tokio::runtime::Runtime,
-    r: &ImageRef,
-    opts: RegistryOptions,
-) -> anyhow::Result<(Registry, ResolvedImage)> {
-    let registry = Registry::new(r, opts)?;
-    let resolved = rt.block_on(registry.resolve(r))?;
-    Ok((registry, resolved))
+/// One place an image can be resolved and read from: a mirror from hosts.toml, or the registry.
+pub struct Endpoint {
+    /// `mirror <host>` or `registry <host>`, for logs and stats.
+    pub name: String,
+    /// The reference as asked of this endpoint ([`ImageRef::via_mirror`] for a mirror).
+    pub reference: ImageRef,
+    pub opts: RegistryOptions,
+    /// Tags may be resolved here (hosts.toml `resolve` capability).
+    pub resolve: bool,
+}
+
+/// Resolves the reference at the first endpoint that answers, in order (mirrors first, as
+/// containerd does; a mirror that fails or lacks the image is passed over with a log line).
+/// Returns the client of the endpoint that answered: the blobs are read there too.
+pub fn resolve(rt: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> anyhow::Result<(Registry, ResolvedImage)> {
+    let count = endpoints.len();
+    let mut last = None;
+    for (i, ep) in endpoints.into_iter().enumerate() {
+        if !ep.resolve && ep.reference.digest().is_none() && i + 1 < count {
+            continue;
+        }
+        let attempt = Registry::new(&ep.reference, ep.opts)
+            .map_err(anyhow::Error::from)
+            .and_then(|registry| Ok((rt.block_on(registry.resolve(&ep.reference))?, registry)));
+        match attempt {
+            Ok((resolved, registry)) => {
+                if ep.reference.mirror().is_some() {
+                    tracing::info!(endpoint = %ep.name, reference = %ep.reference, "resolved through a mirror");
+                }
+                return Ok((registry, resolved));
+            }
+            Err(e) if i + 1 < count => {
+                tracing::warn!(endpoint = %ep.name, error = %crate::error_chain(&e), "a mirror failed; trying the next host");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no registry to resolve from")))
 }
 
 /// Downloads what the store lacks, layers concurrently, each streamed into its own ingest, then

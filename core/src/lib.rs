@@ -23,5 +23,5 @@ pub use index::{ChunkRef, Entry, IndexError, Kind, LayerIndex, Meta};
 pub use lazy::{AccelConfig, AccelLayer, ChunkTable, LazyFormatError, LazySource, StartupOrder, TableEntry};
 pub use path::PathError;
 pub use size::{parse_size, SizeError};
-pub use source::{ChunkSource, SourceError};
+pub use source::{ChunkSource, SourceChain, SourceError, TierStats};
 pub use tree::{merge_layers, BuildError, NewEntry, TreeBuilder};

@@ -1,7 +1,9 @@
 //! Where a mount's chunk bytes come from: a small cache of decoded chunks, the local store, then
-//! a remote source. Remote chunks are verified before use, handed to the reader at once and
-//! written to the store in the background (batched: one fsync per batch), so a second read is
-//! local. Concurrent reads of one chunk fetch it once.
+//! the remote tiers of a [`SourceChain`] (the daemon, a mirror, the registry; peers next).
+//! Remote chunks are verified before use (by the chain), handed to the reader at once and
+//! written in the background (batched: one fsync per batch) to the store, or when the store is a
+//! read-only view to the first tier that keeps them (the daemon), so a second read is local.
+//! Concurrent reads of one chunk fetch it once.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
@@ -10,7 +12,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use hb_core::{ChunkId, ChunkSource, SourceError};
+use hb_core::{ChunkId, ChunkSource, SourceChain, SourceError, TierStats};
 use hb_store::{Store, StoreError};
 
 /// Why a chunk could not be had.
@@ -111,17 +113,10 @@ struct Recorder {
     seen: HashSet<ChunkId>,
 }
 
-/// Keeps fetched chunks for a fetcher whose store is a read-only view: the process that owns the
-/// store writes them (it verifies them again).
-pub trait ChunkSink: Send + Sync {
-    /// Returns how many were new to the store.
-    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, String>;
-}
-
 pub struct Fetcher {
     store: Arc<Store>,
-    remote: Option<Arc<dyn ChunkSource>>,
-    sink: Option<Arc<dyn ChunkSink>>,
+    /// The tiers below the store; empty when everything is local.
+    remote: SourceChain,
     inflight: Mutex<HashMap<ChunkId, Arc<Pending>>>,
     memory: Mutex<Memory>,
     fill_tx: Mutex<Option<Sender<FillBatch>>>,
@@ -139,24 +134,15 @@ const CACHE_CHUNKS: usize = 1024;
 const FILL_BATCH_BYTES: usize = 16 << 20;
 
 impl Fetcher {
-    /// A fetcher reading `store`, then `remote` (if any). `timeout` bounds every wait for a chunk.
-    pub fn new(store: Arc<Store>, remote: Option<Arc<dyn ChunkSource>>, timeout: Duration) -> Arc<Fetcher> {
-        Self::with_sink(store, remote, None, timeout)
-    }
-
-    /// As [`Fetcher::new`]; with a read-only store, what is fetched goes to `sink` to be kept.
-    pub fn with_sink(
-        store: Arc<Store>,
-        remote: Option<Arc<dyn ChunkSource>>,
-        sink: Option<Arc<dyn ChunkSink>>,
-        timeout: Duration,
-    ) -> Arc<Fetcher> {
+    /// A fetcher reading `store`, then the tiers of `remote` in order. `timeout` bounds every
+    /// wait for a chunk. With a read-only store, what is fetched is offered to `remote`'s first
+    /// tier that keeps chunks.
+    pub fn new(store: Arc<Store>, remote: SourceChain, timeout: Duration) -> Arc<Fetcher> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(FetchStats::default());
         let f = Arc::new(Fetcher {
             store,
             remote,
-            sink,
             inflight: Mutex::new(HashMap::new()),
             memory: Mutex::new(Memory {
                 cache: lru::LruCache::new(NonZeroUsize::new(CACHE_CHUNKS).expect("non-zero")),
@@ -183,7 +169,12 @@ impl Fetcher {
     }
 
     pub fn has_remote(&self) -> bool {
-        self.remote.is_some()
+        !self.remote.is_empty()
+    }
+
+    /// The remote tiers' counters, top first.
+    pub fn sources(&self) -> Vec<TierStats> {
+        self.remote.stats()
     }
 
     /// Starts recording the order in which chunks are first read.
@@ -244,12 +235,12 @@ impl Fetcher {
                 Err(StoreError::MissingChunk(_)) => {}
                 // A read-only view is a snapshot: the owner may have moved the chunk since (gc
                 // compacts packs). The remote side (the owner first, when there is one) has it.
-                Err(e) if !self.store.is_writable() && self.remote.is_some() => {
+                Err(e) if !self.store.is_writable() && self.has_remote() => {
                     tracing::debug!(chunk = %id, error = %e, "read-only store view missed; asking the remote side");
                 }
                 Err(e) => return Err(e.into()),
             }
-            if self.remote.is_none() {
+            if !self.has_remote() {
                 return Err(FetchError::NotFound(*id));
             }
             // Claim the chunk (and read-ahead that nobody fetches), or wait for whoever has it.
@@ -290,7 +281,7 @@ impl Fetcher {
                     let got = self.fetch_remote(&mine, true);
                     let out = match &got {
                         Ok(map) => map.get(id).cloned().ok_or(FetchError::NotFound(*id)),
-                        Err(e) => Err(FetchError::Source(clone_source_error(e))),
+                        Err(e) => Err(FetchError::Source(e.clone())),
                     };
                     self.release(&mine, got.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                     return out;
@@ -299,9 +290,10 @@ impl Fetcher {
         }
     }
 
-    /// Fetches `ids` remotely; keeps what came (verified) in memory and queues it for the store.
+    /// Fetches `ids` remotely; keeps what came (verified by the chain) in memory and queues it
+    /// for the store.
     fn fetch_remote(&self, ids: &[ChunkId], cache: bool) -> Result<HashMap<ChunkId, Chunk>, SourceError> {
-        let remote = self.remote.as_ref().expect("checked by the caller");
+        let remote = &self.remote;
         self.stats.remote_requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let got = remote.fetch_many(ids);
@@ -313,14 +305,6 @@ impl Fetcher {
         let mut map = HashMap::with_capacity(got.len());
         let mut batch = Vec::with_capacity(got.len());
         for (cid, bytes) in got {
-            // The source promised verified bytes; check anyway: never serve what does not hash.
-            if ChunkId::of(&bytes) != cid {
-                return Err(SourceError::Corrupt {
-                    id: cid,
-                    source_name: "remote".into(),
-                    reason: "bytes do not hash to the chunk id".into(),
-                });
-            }
             self.stats.remote_chunks.fetch_add(1, Ordering::Relaxed);
             self.stats.remote_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             let c = Arc::new(bytes);
@@ -329,7 +313,7 @@ impl Fetcher {
         }
         // A read-only view of the store (another process holds it) cannot keep what was fetched:
         // the read cache serves it while it lasts.
-        let keep = self.store.is_writable() || self.sink.is_some();
+        let keep = self.store.is_writable() || self.remote.keeps();
         {
             let mut m = self.memory.lock().expect("memory lock");
             for (cid, c) in &batch {
@@ -362,7 +346,7 @@ impl Fetcher {
     /// Background fetch of `ids` that are neither local nor being fetched; returns how many
     /// chunks and bytes arrived. Does not fill the read cache.
     pub fn prefetch(&self, ids: &[ChunkId]) -> Result<(usize, u64), FetchError> {
-        if self.remote.is_none() {
+        if !self.has_remote() {
             return Ok((0, 0));
         }
         let mine: Vec<ChunkId> = {
@@ -423,9 +407,10 @@ fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
         }
         let Some(f) = fetcher.upgrade() else { return };
         let owned: Vec<(ChunkId, Vec<u8>)> = batch.iter().map(|(id, c)| (*id, c.as_ref().clone())).collect();
-        let kept = match &f.sink {
-            Some(sink) if !f.store.is_writable() => sink.keep(&owned),
-            _ => f.store.fill_chunks(&owned).map(|r| r.filled).map_err(|e| e.to_string()),
+        let kept = if f.store.is_writable() {
+            f.store.fill_chunks(&owned).map(|r| r.filled).map_err(|e| e.to_string())
+        } else {
+            f.remote.keep(&owned).map_err(|e| e.to_string())
         };
         match kept {
             Ok(n) => tracing::debug!(filled = n, chunks = owned.len(), "stored fetched chunks"),
@@ -437,17 +422,6 @@ fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
         let mut m = f.memory.lock().expect("memory lock");
         for (id, _) in &batch {
             m.unfilled.remove(id);
-        }
-    }
-}
-
-fn clone_source_error(e: &SourceError) -> SourceError {
-    match e {
-        SourceError::Unavailable { source_name, reason } => {
-            SourceError::Unavailable { source_name: source_name.clone(), reason: reason.clone() }
-        }
-        SourceError::Corrupt { id, source_name, reason } => {
-            SourceError::Corrupt { id: *id, source_name: source_name.clone(), reason: reason.clone() }
         }
     }
 }
@@ -507,7 +481,8 @@ mod tests {
     #[test]
     fn concurrent_reads_of_one_chunk_fetch_it_once_and_it_is_stored() {
         let (_d, store, index, remote) = setup(false);
-        let f = Fetcher::new(store.clone(), Some(remote.clone() as Arc<dyn ChunkSource>), Duration::from_secs(30));
+        let f =
+            Fetcher::new(store.clone(), SourceChain::new().with("registry", remote.clone()), Duration::from_secs(30));
         let id = index.chunks[0].id;
         std::thread::scope(|s| {
             for _ in 0..8 {
@@ -519,7 +494,8 @@ mod tests {
         assert!(store.has_chunk(&id).unwrap(), "the fetched chunk was written to the store");
         assert!(store.fsck(&hb_store::NoProgress).unwrap().is_clean());
         // A second fetcher reads it locally.
-        let g = Fetcher::new(store.clone(), Some(remote.clone() as Arc<dyn ChunkSource>), Duration::from_secs(30));
+        let g =
+            Fetcher::new(store.clone(), SourceChain::new().with("registry", remote.clone()), Duration::from_secs(30));
         g.read(&id, &[]).unwrap();
         assert_eq!(remote.calls.load(Ordering::SeqCst), 1);
         assert_eq!(g.stats.snapshot().local_chunks, 1);
@@ -528,7 +504,7 @@ mod tests {
     #[test]
     fn wrong_bytes_from_a_remote_are_an_error_and_never_stored() {
         let (_d, store, index, remote) = setup(true);
-        let f = Fetcher::new(store.clone(), Some(remote as Arc<dyn ChunkSource>), Duration::from_secs(30));
+        let f = Fetcher::new(store.clone(), SourceChain::new().with("registry", remote), Duration::from_secs(30));
         let id = index.chunks[0].id;
         assert!(matches!(f.read(&id, &[]), Err(FetchError::Source(SourceError::Corrupt { .. }))));
         f.shutdown();
@@ -539,7 +515,7 @@ mod tests {
     #[test]
     fn without_a_remote_a_missing_chunk_is_not_found() {
         let (_d, store, index, _) = setup(false);
-        let f = Fetcher::new(store, None, Duration::from_secs(1));
+        let f = Fetcher::new(store, SourceChain::new(), Duration::from_secs(1));
         assert!(matches!(f.read(&index.chunks[0].id, &[]), Err(FetchError::NotFound(_))));
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use hb_core::{ChunkId, LayerIndex};
 
-pub use fetch::{ChunkSink, FetchError, FetchStats, Fetcher, StatsSnapshot, LATENCY_BUCKETS_MS};
+pub use fetch::{FetchError, FetchStats, Fetcher, StatsSnapshot, LATENCY_BUCKETS_MS};
 pub use fs::FsOptions;
 
 /// What to fetch in the background after mounting.

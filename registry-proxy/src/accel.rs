@@ -1,8 +1,6 @@
 //! What lazy pulls and `hb convert` need beyond a pull: byte ranges of blobs, small verified
 //! blobs, the accelerated form bound to an image, and pushes.
 
-use std::time::Duration;
-
 use hb_core::lazy::{AccelConfig, MEDIA_TYPE_CONFIG};
 use hb_core::Digest;
 use oci_client::RegistryOperation;
@@ -83,7 +81,7 @@ struct AccelDesc {
 impl Registry {
     fn blob_url(&self, r: &ImageRef, digest: &Digest) -> String {
         let scheme = self.schemes[self.chosen.load(std::sync::atomic::Ordering::Relaxed)];
-        format!("{scheme}://{}/v2/{}/blobs/{digest}", r.inner.resolve_registry(), r.repository())
+        r.blob_url(scheme, digest)
     }
 
     /// Makes sure a scheme and an authorization were chosen (a lazy mount starts without a pull).
@@ -156,13 +154,8 @@ impl Registry {
                 }
                 Err(e) if e.is_transient() && failures + 1 < attempts => {
                     failures += 1;
-                    let backoff = Duration::from_millis(200 * (1 << failures.min(5)));
-                    let wait = match &e {
-                        RegistryError::Busy { retry_after: Some(a), .. } if *a <= crate::blob::MAX_RETRY_AFTER => {
-                            backoff.max(*a)
-                        }
-                        _ => backoff,
-                    };
+                    let after = e.retry_after().filter(|a| *a <= crate::retry::MAX_RETRY_AFTER);
+                    let wait = crate::retry::delay(failures, after);
                     tracing::warn!(blob = %digest, start, len, attempt = failures + 1, error = %e, "range read failed; retrying");
                     tokio::time::sleep(wait).await;
                 }

@@ -7,9 +7,6 @@ use std::time::Duration;
 use crate::client::RegistryOptions;
 use crate::error::RegistryError;
 
-/// The longest `Retry-After` honoured; a registry asking for more is reported instead.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
-
 pub(crate) struct BlobHttp {
     http: reqwest::Client,
 }
@@ -95,23 +92,7 @@ impl BlobHttp {
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare for registries and ignored).
+/// The response's `Retry-After`, if readable ([`crate::retry::parse_retry_after`]).
 pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let secs: u64 = h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_seconds() {
-        let mut h = reqwest::header::HeaderMap::new();
-        assert_eq!(retry_after(&h), None);
-        h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
-        h.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
-        assert_eq!(retry_after(&h), None);
-    }
+    crate::retry::parse_retry_after(h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?, std::time::SystemTime::now())
 }

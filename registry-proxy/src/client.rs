@@ -191,7 +191,7 @@ impl Registry {
                 ..ClientConfig::default()
             })
         };
-        let http = || make(ClientProtocol::HttpsExcept(vec![r.registry().to_string()]));
+        let http = || make(ClientProtocol::HttpsExcept(vec![r.host().to_string()]));
         let (clients, schemes) = match opts.scheme {
             Scheme::Http => (vec![http()], vec!["http"]),
             Scheme::Https => (vec![make(ClientProtocol::Https)], vec!["https"]),
@@ -202,7 +202,7 @@ impl Registry {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
         };
-        let blobs = crate::blob::BlobHttp::new(r.registry(), &opts)?;
+        let blobs = crate::blob::BlobHttp::new(r.host(), &opts)?;
         Ok(Registry {
             clients,
             schemes,
@@ -211,7 +211,7 @@ impl Registry {
             authorization: Default::default(),
             auth,
             opts,
-            registry: r.registry().to_string(),
+            registry: r.host().to_string(),
             connected: Default::default(),
         })
     }
@@ -297,9 +297,14 @@ impl Registry {
                     reauthorized = true;
                     tracing::info!(reference = %r, "authorization refused; renewing it once");
                 }
-                Err(e) if e.is_transient() && tried < attempts => {
-                    tracing::warn!(reference = %r, attempt = tried + 1, error = %e, "retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * (1 << tried.min(5)))).await;
+                Err(e)
+                    if e.is_transient()
+                        && tried < attempts
+                        && e.retry_after().is_none_or(|a| a <= crate::retry::MAX_RETRY_AFTER) =>
+                {
+                    let wait = crate::retry::delay(tried, e.retry_after());
+                    tracing::warn!(reference = %r, attempt = tried + 1, wait_ms = wait.as_millis() as u64, error = %e, "retrying");
+                    tokio::time::sleep(wait).await;
                 }
                 other => return other,
             }
@@ -447,7 +452,7 @@ impl Registry {
         out: mpsc::Sender<Result<Vec<u8>, String>>,
     ) -> Result<u64, RegistryError> {
         let scheme = self.schemes[self.chosen.load(std::sync::atomic::Ordering::Relaxed)];
-        let url = format!("{scheme}://{}/v2/{}/blobs/{}", r.inner.resolve_registry(), r.repository(), layer.digest);
+        let url = r.blob_url(scheme, &layer.digest);
         let attempts = self.opts.attempts.max(1);
         let mut hasher = DigestHasher::new();
         let mut offset = 0u64;
@@ -499,7 +504,7 @@ impl Registry {
                     tracing::info!(blob = %layer.digest, offset, "authorization expired; fetching a new token");
                     self.connect(r).await?;
                 }
-                Err(RegistryError::Busy { retry_after: Some(wait), .. }) if wait > crate::blob::MAX_RETRY_AFTER => {
+                Err(RegistryError::Busy { retry_after: Some(wait), .. }) if wait > crate::retry::MAX_RETRY_AFTER => {
                     let e =
                         RegistryError::Busy { registry: self.registry.clone(), status: 429, retry_after: Some(wait) };
                     let _ = out.send(Err(e.to_string())).await;
@@ -509,12 +514,9 @@ impl Registry {
                     if failures + 1 < attempts =>
                 {
                     failures += 1;
-                    let backoff = Duration::from_millis(200 * (1 << failures.min(5)));
                     // The registry's own Retry-After, when it gave one, is the least we wait.
-                    let wait = match &step {
-                        Err(RegistryError::Busy { retry_after: Some(after), .. }) => backoff.max(*after),
-                        _ => backoff,
-                    };
+                    let after = step.as_ref().err().and_then(RegistryError::retry_after);
+                    let wait = crate::retry::delay(failures, after);
                     tracing::warn!(blob = %layer.digest, offset, attempt = failures + 1, wait_ms = wait.as_millis() as u64, "blob download interrupted; resuming");
                     tokio::time::sleep(wait).await;
                 }

@@ -51,6 +51,14 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl RegistryError {
+    /// How long the server asked us to wait (`Retry-After` on a 429 or 503), if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            RegistryError::Busy { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Translates the OCI client's error once, at this boundary.
     pub(crate) fn from_oci(registry: &str, reference: &str, e: oci_client::errors::OciDistributionError) -> Self {
         use oci_client::errors::OciDistributionError as E;

@@ -16,6 +16,7 @@ pub mod mirror;
 mod platform;
 mod reference;
 mod remote;
+pub mod retry;
 
 pub use accel::{accel_manifest, binding_index, platform_json, MAX_META_BLOB};
 pub use client::{

@@ -46,11 +46,12 @@ pub struct RangeSource {
 
 impl RangeSource {
     /// A source over `layers`, with a registry client for each repository they name
-    /// (`registry_for` builds one). Blocking calls run on `rt`.
+    /// (`registry_for` builds one, with the reference to ask it: the repository's own, or
+    /// [`ImageRef::via_mirror`] for a mirror). Blocking calls run on `rt`.
     pub fn new(
         rt: tokio::runtime::Handle,
         layers: &[LazySource],
-        mut registry_for: impl FnMut(&ImageRef) -> Result<Arc<Registry>, crate::RegistryError>,
+        mut registry_for: impl FnMut(&ImageRef) -> Result<(Arc<Registry>, ImageRef), crate::RegistryError>,
     ) -> Result<Self, crate::RegistryError> {
         let mut repos: Vec<(Arc<Registry>, ImageRef)> = Vec::new();
         let mut by_name: HashMap<String, usize> = HashMap::new();
@@ -62,7 +63,7 @@ impl RangeSource {
                 Some(&i) => i,
                 None => {
                     let r = ImageRef::parse(&l.repository)?;
-                    repos.push((registry_for(&r)?, r));
+                    repos.push(registry_for(&r)?);
                     by_name.insert(l.repository.clone(), repos.len() - 1);
                     repos.len() - 1
                 }

@@ -143,6 +143,14 @@ impl Upstream {
         assert!(o.status.success(), "seeding {image}: {}", String::from_utf8_lossy(&o.stderr));
     }
 
+    /// Completed requests from clients whose User-Agent starts with `agent` (`hb/` for hb's
+    /// own reads, `hb-mirror/` for an `hb proxy`'s), from its log.
+    fn requests_from(&self, agent: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
+        let field = format!(r#""http.request.useragent":"{agent}"#);
+        log.lines().filter(|l| l.contains("response completed") && l.contains(&field)).count()
+    }
+
     /// Completed GETs of `digest`'s blob the registry answered, from its log.
     fn blob_gets(&self, digest: &str) -> usize {
         let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
@@ -713,4 +721,89 @@ fn a_proxy_with_its_own_users_refuses_everyone_else() {
     // `hb config show` does not print the password.
     let shown = proxy.hb.ok(&["config", "show"]);
     assert!(shown.contains("name = \"ci\"") && !shown.contains("s3cret"), "{shown}");
+}
+
+/// The per-tier figures of the mounts `hb` served (`<root>/run/*.stats.json`), summed by tier:
+/// name -> (chunks, errors).
+fn tier_figures(hb: &Hb) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(hb.root.join("run")).unwrap().flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".stats.json") {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+        for t in v["sources"].as_array().unwrap() {
+            let f: &mut (u64, u64) = out.entry(t["name"].as_str().unwrap().to_string()).or_default();
+            f.0 += t["chunks"].as_u64().unwrap();
+            f.1 += t["errors"].as_u64().unwrap() + t["corrupt"].as_u64().unwrap();
+        }
+    }
+    out
+}
+
+/// Mounts `image` lazily with `hosts` as the hosts.toml folder, reads a large file through the
+/// mount, unmounts; returns the file's bytes.
+fn read_through_mount(hb: &Hb, hosts: &std::path::Path, image: &str) -> Vec<u8> {
+    let dir = hb.path("mnt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let h = hosts.to_str().unwrap();
+    hb.ok(&["--hosts-dir", h, "mount", "-d", image, dir.to_str().unwrap()]);
+    let bytes = std::fs::read(dir.join("usr/bin/perl")).unwrap();
+    hb.ok(&["umount", dir.to_str().unwrap()]);
+    bytes
+}
+
+#[test]
+fn a_hosts_toml_mirror_serves_hbs_pulls_and_lazy_reads_and_the_registry_takes_over_when_it_is_down() {
+    let up = Upstream::start();
+    up.seed("debian-app:v1");
+    let plain = format!("{}/debian-app:v1", up.addr);
+    let lazy = format!("{}/debian-app:lazy", up.addr);
+    // An accelerated form in the registry itself, so a lazy start works without the mirror too.
+    Hb::new().ok(&["convert", &plain, &lazy]);
+    let mut proxy = Proxy::start(&format!("[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\n", up.addr));
+    // containerd's layout: <dir>/<registry host>/hosts.toml, the mirror first.
+    let hosts = scratch();
+    std::fs::create_dir_all(hosts.path().join(&up.addr)).unwrap();
+    std::fs::write(
+        hosts.path().join(&up.addr).join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n\n[host.\"http://{}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+            up.addr, proxy.addr
+        ),
+    )
+    .unwrap();
+    let h = hosts.path().to_str().unwrap();
+    let direct_before = up.requests_from("hb/");
+
+    // The mirror is up: a lazy start and a whole pull read through it; hb never asks the registry.
+    let a = Hb::new();
+    let want = read_through_mount(&a, hosts.path(), &lazy);
+    let tiers = tier_figures(&a);
+    let mirror = tiers.iter().find(|(n, _)| n.starts_with("mirror ")).map(|(_, f)| *f);
+    let registry = tiers.iter().find(|(n, _)| n.starts_with("registry ")).map(|(_, f)| *f);
+    assert!(mirror.is_some_and(|(chunks, errors)| chunks > 0 && errors == 0), "{tiers:?}");
+    assert_eq!(registry.map(|f| f.0), Some(0), "{tiers:?}");
+    let c = Hb::new();
+    c.ok(&["--hosts-dir", h, "pull", &plain]);
+    assert_eq!(up.requests_from("hb/"), direct_before, "every read went through the mirror");
+    assert!(up.requests_from("hb-mirror/") > 0);
+    let o = c.run(&["run", "--rm", &plain, "python3", "-c", "print(6*7)"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "42\n", "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The mirror is down: the same commands fall back to the registry.
+    proxy.kill9();
+    let b = Hb::new();
+    let got = read_through_mount(&b, hosts.path(), &lazy);
+    assert!(got == want, "the same file through the registry");
+    let tiers = tier_figures(&b);
+    let mirror = tiers.iter().find(|(n, _)| n.starts_with("mirror ")).map(|(_, f)| *f);
+    let registry = tiers.iter().find(|(n, _)| n.starts_with("registry ")).map(|(_, f)| *f);
+    assert!(mirror.is_some_and(|(chunks, errors)| chunks == 0 && errors > 0), "{tiers:?}");
+    assert!(registry.is_some_and(|(chunks, _)| chunks > 0), "{tiers:?}");
+    let d = Hb::new();
+    d.ok(&["--hosts-dir", h, "pull", &plain]);
+    assert!(up.requests_from("hb/") > direct_before, "read from the registry itself");
+    a.fsck_clean();
+    d.fsck_clean();
 }

@@ -1,0 +1,68 @@
+//! Who may read what: anonymous clients with the mirror's own credentials, others as the
+//! upstream answers for them (remembered for `auth_ttl`).
+
+use super::*;
+
+impl Mirror {
+    /// Whether `who` may read `route.repo`'s cached content: the mirror's own credentials
+    /// count for anonymous clients; otherwise the upstream is asked (HEAD of `probe`) and its
+    /// answer remembered for `auth_ttl`. A repository that answered anonymous clients before
+    /// stays open to them while the upstream is down.
+    pub(super) async fn authorize(&self, route: &Route, who: &Principal, probe: &str) -> Result<(), Response<Body>> {
+        let up = &self.upstreams[route.upstream];
+        if who.is_anonymous() && up.cfg.credentials.is_some() {
+            return Ok(());
+        }
+        let key = (route.upstream, route.repo.clone(), who.clone());
+        if let Some((ok, at)) = self.auth.lock().expect("auth lock").get(&key) {
+            if at.elapsed() < self.cfg.auth_ttl {
+                return if *ok { Ok(()) } else { Err(unauthorized("the upstream refuses these credentials")) };
+            }
+        }
+        let pq = format!("/v2/{}/{probe}", route.repo);
+        let ok = match up.send(Method::HEAD, &route.repo, &pq, Default::default(), who).await {
+            Ok(r) => !matches!(r.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN),
+            Err(e) => {
+                let public = who.is_anonymous() && self.is_public(route);
+                tracing::warn!(upstream = %up.cfg.host, repo = %route.repo, error = %e, public, "cannot ask the upstream who may read; serving only what was public");
+                if public {
+                    return Ok(());
+                }
+                return Err(oci_error(
+                    StatusCode::BAD_GATEWAY,
+                    "UNAVAILABLE",
+                    &format!("cannot check access to {} with the upstream: {e}", route.repo),
+                ));
+            }
+        };
+        self.remember(route, who, ok);
+        if ok {
+            Ok(())
+        } else {
+            Err(unauthorized("the upstream refuses access to this repository"))
+        }
+    }
+
+    pub(super) fn remember(&self, route: &Route, who: &Principal, ok: bool) {
+        {
+            let mut auth = self.auth.lock().expect("auth lock");
+            if auth.len() >= 4096 {
+                // Expired answers are worth nothing: keep the map to the live ones.
+                let ttl = self.cfg.auth_ttl;
+                auth.retain(|_, (_, at)| at.elapsed() < ttl);
+            }
+            auth.insert((route.upstream, route.repo.clone(), who.clone()), (ok, Instant::now()));
+        }
+        if ok && who.is_anonymous() && !self.is_public(route) {
+            let _ = self.store.put_meta(&self.public_key(route), b"1");
+        }
+    }
+
+    pub(super) fn public_key(&self, route: &Route) -> String {
+        format!("mirror/public/{}/{}", self.cfg.upstreams[route.upstream].host, route.repo)
+    }
+
+    pub(super) fn is_public(&self, route: &Route) -> bool {
+        matches!(self.store.meta(&self.public_key(route)), Ok(Some(_)))
+    }
+}
