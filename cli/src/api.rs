@@ -437,7 +437,7 @@ pub struct MountStats {
     pub requests: u64,
     pub errors: u64,
     pub fill_errors: u64,
-    /// Remote fetches by latency (`hb_fuse::LATENCY_BUCKETS_MS`, then the rest).
+    /// Remote fetches by latency: one count per bucket of the mount's latency buckets, then the rest.
     pub fetch_latency_ms: Vec<u64>,
     pub fetch_latency_sum_ms: u64,
     pub passthrough: bool,

@@ -1,4 +1,4 @@
-//! `hb proxy`: the pull-through mirror (`hb_registry::mirror`) over the hb store, and
+//! `hb proxy`: the pull-through mirror (`hb_mirror`) over the hb store, and
 //! `hb proxy stats`.
 
 use std::io::{self, Read};
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use hb_core::lazy::AccelLayer;
 use hb_core::{ChunkId, ChunkRef, Digest};
-use hb_registry::mirror::{self, MirrorConfig, MirrorStore, UpstreamConfig};
+use hb_mirror::{self as mirror, MirrorConfig, MirrorStore, UpstreamConfig};
 use hb_store::{NoProgress, Store};
 
 use crate::config::{FileConfig, ProxySection, UpstreamSection};

@@ -2,7 +2,7 @@
 //! client sends it, against a fixed set of upstreams (one with an alias, Docker Hub as default).
 #![no_main]
 
-use hb_registry::mirror::route::{route, valid_name, valid_tag};
+use hb_mirror::route::{route, valid_name, valid_tag};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,7 +4,7 @@
 //! value; its first 8 bytes (little endian) also give one more blob size.
 #![no_main]
 
-use hb_registry::mirror::{acceptable, parse_range, valid_media_type};
+use hb_mirror::{acceptable, parse_range, valid_media_type};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

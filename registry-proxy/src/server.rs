@@ -4,10 +4,10 @@ use super::*;
 
 /// A running mirror's figures, from its `/_hb/stats` (for `hb proxy stats`).
 pub async fn fetch_stats(base_url: &str) -> Result<StatsReport, MirrorError> {
-    crate::client::install_crypto_provider();
+    hb_registry::http::install_crypto_provider();
     let url = format!("{}/_hb/stats", base_url.trim_end_matches('/'));
     let err = |reason: String| MirrorError::Upstream { host: url.clone(), reason };
-    let resp = reqwest::get(&url).await.map_err(|e| err(crate::error::chain(&e)))?;
+    let resp = reqwest::get(&url).await.map_err(|e| err(hb_registry::error_chain(&e)))?;
     if !resp.status().is_success() {
         return Err(err(format!("answered {}", resp.status())));
     }
@@ -18,7 +18,7 @@ pub async fn fetch_stats(base_url: &str) -> Result<StatsReport, MirrorError> {
 pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, MirrorError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    crate::client::install_crypto_provider();
+    hb_registry::http::install_crypto_provider();
     let certs = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| MirrorError::Config(format!("TLS certificate: {e}")))?;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::client::RegistryOptions;
+use crate::options::RegistryOptions;
 use crate::error::RegistryError;
 
 pub(crate) struct BlobHttp {
@@ -20,30 +20,10 @@ pub(crate) enum BlobBody {
 
 impl BlobHttp {
     pub fn new(registry: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
-        let mut b = reqwest::Client::builder()
-            .danger_accept_invalid_certs(opts.skip_verify)
-            .connect_timeout(Duration::from_secs(15))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("hb/", env!("CARGO_PKG_VERSION")));
-        // The system's roots as read once per process (see `client::system_roots`).
-        let roots: Vec<reqwest::Certificate> =
-            crate::client::system_roots().iter().filter_map(|c| reqwest::Certificate::from_der(&c.data).ok()).collect();
-        if !roots.is_empty() {
-            b = b.tls_certs_only(roots);
-        }
-        let mut certs = Vec::new();
-        for pem in &opts.ca_pem {
-            certs.push(reqwest::Certificate::from_pem(pem).map_err(|e| RegistryError::Certificate {
-                registry: registry.to_string(),
-                reason: format!("a configured CA is not valid PEM: {e}"),
-            })?);
-        }
-        if !certs.is_empty() {
-            b = b.tls_certs_merge(certs);
-        }
-        let http = b.build().map_err(|e| RegistryError::Transport {
-            registry: registry.to_string(),
-            reason: crate::error::chain(&e),
+        let http = crate::http::http_client(&crate::http::HttpSettings {
+            ca_pem: &opts.ca_pem,
+            skip_verify: opts.skip_verify,
+            ..crate::http::HttpSettings::new(registry)
         })?;
         Ok(BlobHttp { http })
     }

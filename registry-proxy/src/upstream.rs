@@ -75,24 +75,15 @@ fn bearer_challenge(h: &str) -> Option<(String, Option<String>)> {
 
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Result<Upstream, MirrorError> {
-        crate::client::install_crypto_provider();
-        let mut b = reqwest::Client::builder()
-            .danger_accept_invalid_certs(cfg.skip_verify)
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
-            .user_agent(concat!("hb-mirror/", env!("CARGO_PKG_VERSION")));
-        let roots: Vec<reqwest::Certificate> =
-            crate::client::system_roots().iter().filter_map(|c| reqwest::Certificate::from_der(&c.data).ok()).collect();
-        if !roots.is_empty() {
-            b = b.tls_certs_only(roots);
-        }
-        for pem in &cfg.ca_pem {
-            let c = reqwest::Certificate::from_pem(pem)
-                .map_err(|e| MirrorError::Config(format!("upstream {}: a CA is not valid PEM: {e}", cfg.host)))?;
-            b = b.tls_certs_merge([c]);
-        }
-        let http = b.build().map_err(|e| MirrorError::Config(format!("upstream {}: {e}", cfg.host)))?;
+        let http = hb_registry::http::http_client(&hb_registry::http::HttpSettings {
+            ca_pem: &cfg.ca_pem,
+            skip_verify: cfg.skip_verify,
+            user_agent: concat!("hb-mirror/", env!("CARGO_PKG_VERSION")),
+            connect_timeout: Duration::from_secs(10),
+            pool_max_idle_per_host: Some(64),
+            ..hb_registry::http::HttpSettings::new(&cfg.host)
+        })
+        .map_err(|e| MirrorError::Config(format!("upstream {}: {e}", cfg.host)))?;
         Ok(Upstream { cfg, http, tokens: Mutex::new(HashMap::new()) })
     }
 
@@ -164,7 +155,7 @@ impl Upstream {
         }
         req.send()
             .await
-            .map_err(|e| MirrorError::Upstream { host: self.cfg.host.clone(), reason: crate::error::chain(&e) })
+            .map_err(|e| MirrorError::Upstream { host: self.cfg.host.clone(), reason: hb_registry::error_chain(&e) })
     }
 
     /// A pull token for `repo` from the upstream's token service; `None` when it refuses.
@@ -184,7 +175,7 @@ impl Upstream {
         }
         let resp = req.send().await.map_err(|e| MirrorError::Upstream {
             host: self.cfg.host.clone(),
-            reason: format!("token service {realm}: {}", crate::error::chain(&e)),
+            reason: format!("token service {realm}: {}", hb_registry::error_chain(&e)),
         })?;
         if matches!(resp.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             return Ok(None);

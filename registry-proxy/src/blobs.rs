@@ -401,7 +401,7 @@ impl Mirror {
                 let total = size.expect("set above");
                 let mut body = r.bytes_stream();
                 while let Some(item) = body.next().await {
-                    let bytes = item.map_err(|e| fail(502, "UNAVAILABLE", crate::error::chain(&e)))?;
+                    let bytes = item.map_err(|e| fail(502, "UNAVAILABLE", hb_registry::error_chain(&e)))?;
                     let drop = skip.min(bytes.len() as u64) as usize;
                     skip -= drop as u64;
                     let b = &bytes[drop..];
@@ -438,7 +438,7 @@ impl Mirror {
                 }
                 other => {
                     failures += 1;
-                    let wait = crate::retry::delay(failures, None);
+                    let wait = hb_registry::retry::delay(failures, None);
                     let reason = match other {
                         Err(e) => e.message,
                         Ok(()) => format!("closed after {offset} of {total} bytes"),

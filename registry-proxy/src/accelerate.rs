@@ -149,10 +149,10 @@ impl Mirror {
                 )
             }
             None => {
-                let media_type = m["mediaType"].as_str().unwrap_or(crate::OCI_MANIFEST).to_string();
+                let media_type = m["mediaType"].as_str().unwrap_or(hb_registry::OCI_MANIFEST).to_string();
                 let entry = serde_json::json!({
                     "mediaType": media_type, "digest": digest.to_string(), "size": body.len(),
-                    "platform": crate::platform_json(platform),
+                    "platform": hb_registry::platform_json(platform),
                 });
                 (m.clone(), vec![entry])
             }
@@ -200,16 +200,16 @@ impl Mirror {
         self.save_virtuals();
         let accel_cfg = AccelConfig { version: 1, manifest: image_digest, config, layers: accel_layers, startup: None };
         let cfg_bytes = serde_json::to_vec(&accel_cfg).expect("serialisable");
-        let manifest = crate::accel_manifest(&accel_cfg, &cfg_bytes);
+        let manifest = hb_registry::accel_manifest(&accel_cfg, &cfg_bytes);
         let manifest_digest = Digest::of(&manifest);
-        let index = crate::binding_index(entries, (&manifest_digest, manifest.len() as u64), platform);
+        let index = hb_registry::binding_index(entries, (&manifest_digest, manifest.len() as u64), platform);
         let index_digest = Digest::of(&index);
         let mut needs: Vec<String> = vec![Digest::of(&cfg_bytes).to_string(), manifest_digest.to_string()];
         for l in &accel_cfg.layers {
             needs.extend([l.index.to_string(), l.table.to_string(), l.data.to_string()]);
         }
         for (bytes, media_type) in
-            [(cfg_bytes, None), (manifest, Some(crate::OCI_MANIFEST)), (index.clone(), Some(crate::OCI_INDEX))]
+            [(cfg_bytes, None), (manifest, Some(hb_registry::OCI_MANIFEST)), (index.clone(), Some(hb_registry::OCI_INDEX))]
         {
             let d = Digest::of(&bytes);
             let size = bytes.len() as u64;

@@ -50,7 +50,7 @@ impl Mirror {
         // needed); anything going wrong there leaves it the plain manifest, pulled whole.
         if let (Reference::Tag(_), Some(platform)) = (&reference, accelerate::wanted_platform(accept.as_deref())) {
             match self.derived_index(route, &d, &body, &platform, who).await {
-                Ok((di, index)) => return manifest_response(&di, crate::OCI_INDEX, index, head, stats),
+                Ok((di, index)) => return manifest_response(&di, hb_registry::OCI_INDEX, index, head, stats),
                 Err(e) => {
                     stats.error("convert");
                     tracing::warn!(digest = %d, %platform, error = %e, "no accelerated form for an hb client; serving the manifest as is");
@@ -201,7 +201,7 @@ impl Mirror {
         let body = r.bytes().await.map_err(|e| {
             self.upstream_down(
                 route,
-                &MirrorError::Upstream { host: up.cfg.host.clone(), reason: crate::error::chain(&e) },
+                &MirrorError::Upstream { host: up.cfg.host.clone(), reason: hb_registry::error_chain(&e) },
             )
         })?;
         stats.bytes_upstream.add(body.len() as u64);

@@ -12,6 +12,8 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::error::RegistryError;
+use crate::http::{install_crypto_provider, system_roots};
+pub use crate::options::{RegistryOptions, Scheme};
 use crate::platform::Platform;
 use crate::reference::ImageRef;
 
@@ -28,30 +30,6 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar+zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
 ];
-
-/// Which protocol to speak.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Scheme {
-    /// HTTPS; for loopback registries HTTPS first, then plain HTTP (as docker treats them).
-    #[default]
-    Auto,
-    Https,
-    Http,
-}
-
-/// How to reach and authenticate to a registry.
-#[derive(Clone, Debug, Default)]
-pub struct RegistryOptions {
-    pub scheme: Scheme,
-    /// Extra root certificates (PEM) to trust for this registry, beside the system's.
-    pub ca_pem: Vec<Vec<u8>>,
-    /// Accept any certificate (hosts.toml `skip_verify`).
-    pub skip_verify: bool,
-    pub credentials: Option<(String, String)>,
-    pub platform: Platform,
-    /// Tries per blob request (the first included) before giving up.
-    pub attempts: u32,
-}
 
 /// One layer as the manifest describes it, with the diff_id its config promises.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,36 +113,6 @@ pub struct Registry {
     pub(crate) registry: String,
     /// Set once a protocol and an authorization were chosen.
     pub(crate) connected: std::sync::atomic::AtomicBool,
-}
-
-/// The system's trust roots, read once per process and deduplicated. Every client would read them
-/// again otherwise: tens of milliseconds where `SSL_CERT_DIR` names a folder of certificate files
-/// (twice for a loopback registry, tried over HTTPS and HTTP). Empty when none could be read:
-/// clients then look for them themselves (and fail the same way).
-pub(crate) fn system_roots() -> &'static [oci_client::client::Certificate] {
-    static ROOTS: std::sync::OnceLock<Vec<oci_client::client::Certificate>> = std::sync::OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let found = rustls_native_certs::load_native_certs();
-        for e in &found.errors {
-            tracing::debug!(error = %e, "a system certificate could not be read");
-        }
-        let mut seen = std::collections::HashSet::new();
-        found
-            .certs
-            .into_iter()
-            .filter(|c| seen.insert(c.as_ref().to_vec()))
-            .map(|c| oci_client::client::Certificate {
-                encoding: oci_client::client::CertificateEncoding::Der,
-                data: c.as_ref().to_vec(),
-            })
-            .collect()
-    })
-}
-
-/// Reads the system's trust roots now (a long-lived process does it at start, off its first
-/// pull's path).
-pub fn preload_trust_roots() {
-    let _ = system_roots();
 }
 
 impl Registry {
@@ -547,9 +495,3 @@ impl Registry {
     }
 }
 
-pub(crate) fn install_crypto_provider() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-}

@@ -36,7 +36,7 @@ pub enum RegistryError {
 }
 
 /// An error with every cause it wraps, `a: b: c` (reqwest hides the interesting part deep down).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
