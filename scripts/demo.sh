@@ -11,7 +11,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 [ "$(id -u)" = 0 ] || { echo "scripts/demo.sh: run as root (it starts a registry and runs a chroot)" >&2; exit 1; }
 scripts/setup.sh
 scripts/images.sh
-cargo build --quiet -p hb-cli
+cargo build --quiet -p hb-cli -p hb-engine
 HB="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug/hb"
 REG=127.0.0.1:${HB_REGISTRY_PORT:-15000}
 WORK=${HB_DEMO_DIR:-/dev/shm/hb-demo}

@@ -360,7 +360,7 @@ pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
 }
 
-/// The `hb` binary built beside this one (`cargo build --release -p hb-cli -p hb-bench`).
+/// The `hb` binary built beside this one (`cargo build --release -p hb-cli -p hb-engine -p hb-bench`).
 pub(crate) fn hb_binary() -> anyhow::Result<PathBuf> {
     let p = std::env::current_exe()?.with_file_name("hb");
     if !p.exists() {

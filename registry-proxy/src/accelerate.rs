@@ -208,9 +208,11 @@ impl Mirror {
         for l in &accel_cfg.layers {
             needs.extend([l.index.to_string(), l.table.to_string(), l.data.to_string()]);
         }
-        for (bytes, media_type) in
-            [(cfg_bytes, None), (manifest, Some(hb_registry::OCI_MANIFEST)), (index.clone(), Some(hb_registry::OCI_INDEX))]
-        {
+        for (bytes, media_type) in [
+            (cfg_bytes, None),
+            (manifest, Some(hb_registry::OCI_MANIFEST)),
+            (index.clone(), Some(hb_registry::OCI_INDEX)),
+        ] {
             let d = Digest::of(&bytes);
             let size = bytes.len() as u64;
             self.blocking(move |s| {

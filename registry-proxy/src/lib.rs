@@ -331,7 +331,10 @@ mod tests {
         assert!(acceptable(None, oci) && acceptable(Some("*/*"), oci));
         assert!(acceptable(Some(&format!("{}, {oci}", hb_registry::DOCKER_MANIFEST)), oci));
         assert!(!acceptable(Some(hb_registry::DOCKER_MANIFEST), oci));
-        assert!(acceptable(Some(hb_registry::OCI_MANIFEST), hb_registry::DOCKER_LIST), "docker types are always served");
+        assert!(
+            acceptable(Some(hb_registry::OCI_MANIFEST), hb_registry::DOCKER_LIST),
+            "docker types are always served"
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::options::RegistryOptions;
 use crate::error::RegistryError;
+use crate::options::RegistryOptions;
 
 pub(crate) struct BlobHttp {
     http: reqwest::Client,

@@ -494,4 +494,3 @@ impl Registry {
         Ok(offset)
     }
 }
-

@@ -20,12 +20,11 @@ mod remote;
 pub mod retry;
 
 pub use accel::{accel_manifest, binding_index, platform_json, MAX_META_BLOB};
-pub use http::preload_trust_roots;
 pub use client::{
-    LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST,
-    OCI_INDEX, OCI_MANIFEST,
+    LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 pub use error::{chain as error_chain, RegistryError};
+pub use http::preload_trust_roots;
 pub use platform::Platform;
 pub use reference::ImageRef;
 pub use remote::RangeSource;

@@ -11,7 +11,8 @@ use std::process::{Command, Output};
 
 /// The `hb` binary under test: `HB_BIN`, or the workspace's debug `hb`, (re)built once per test
 /// process so a test never runs a stale binary (this crate cannot depend on a binary crate).
-/// Both of hb-cli's binaries are built: `hb` hands most commands to `hb-engine` beside it.
+/// Both binaries are built (`hb` of hb-cli, `hb-engine` of hb-engine): `hb` hands most commands
+/// to `hb-engine` beside it.
 pub fn hb_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
@@ -21,7 +22,7 @@ pub fn hb_bin() -> PathBuf {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "hb-cli", "--bins", "--manifest-path"])
+            .args(["build", "--quiet", "-p", "hb-cli", "-p", "hb-engine", "--bins", "--manifest-path"])
             .arg(workspace.join("Cargo.toml"))
             .output()
             .expect("running cargo build");

@@ -92,6 +92,36 @@ fn the_front_binary_links_no_store() {
     }
 }
 
+/// `hb` is its own package's only binary (`hb-cli`): what `cargo tree` shows for it is all it can
+/// link. The engine's crates (the store with RocksDB, FUSE, HTTP, async runtimes) stay out.
+#[test]
+fn cargo_tree_of_the_front_binary_shows_no_store_fuse_http_or_tokio() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["tree", "--offline", "-p", "hb-cli", "-e", "normal,build", "--prefix", "none", "--manifest-path"])
+        .arg(workspace().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let names: BTreeSet<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(names.contains("hb-runtime"), "cargo tree listed hb-cli's dependencies: {names:?}");
+    for banned in [
+        "rocksdb",
+        "librocksdb-sys",
+        "fuser",
+        "hyper",
+        "tokio",
+        "reqwest",
+        "hb-store",
+        "hb-fuse",
+        "hb-registry",
+        "hb-mirror",
+    ] {
+        assert!(!names.contains(banned), "the `hb` front binary's package depends on {banned}");
+    }
+}
+
 /// Regression (hardening issue): the release `hb`, a root-run binary, was linked at a fixed
 /// address (`relocation-model=static`), so its own image had no ASLR. The script must link it
 /// position-independent and refuse an executable that is not.
