@@ -421,30 +421,6 @@ pub struct FillResponse {
     pub skipped: usize,
 }
 
-/// A mount server's figures, written beside its pid file (`<root>/run/mount-<hash>.stats.json`)
-/// and read by the daemon's metrics and by benchmarks.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct MountStats {
-    pub local_chunks: u64,
-    pub remote_chunks: u64,
-    pub local_bytes: u64,
-    pub prefetched_chunks: u64,
-    /// Uncompressed bytes of chunks fetched from the remote tiers.
-    pub remote_bytes: u64,
-    /// Compressed bytes received by Range requests, and the requests.
-    pub wire_bytes: u64,
-    pub requests: u64,
-    pub errors: u64,
-    pub fill_errors: u64,
-    /// Remote fetches by latency: one count per bucket of the mount's latency buckets, then the rest.
-    pub fetch_latency_ms: Vec<u64>,
-    pub fetch_latency_sum_ms: u64,
-    pub passthrough: bool,
-    /// Each remote tier (daemon, mirrors, registry), top first.
-    pub sources: Vec<hb_core::TierStats>,
-}
-
 /// Largest body of a chunk request or answer.
 pub const MAX_CHUNK_BODY: usize = 64 << 20;
 

@@ -6,6 +6,8 @@
 //! has used it for `daemon.mount_idle_seconds`. So a daemon killed with -9 takes no running
 //! container's files with it.
 
+use crate::hosts::Hosts;
+use hb_images::{Registries, Silent};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -641,9 +643,15 @@ impl Daemon {
 
     fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
         let _one = self.preparing.lock().expect("preparing lock");
-        let out = Out::new(false, true);
         if crate::find_image(&self.store, &req.image)?.is_none() {
-            crate::mount::pull_for_mount(&self.g, &self.work, &self.store, &req.image, req.plain_http, &out)?;
+            crate::mount::pull_for_mount(
+                &Hosts::of(&self.g),
+                &self.work,
+                &self.store,
+                &req.image,
+                req.plain_http,
+                &Silent,
+            )?;
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
             self.dirty.store(true, Ordering::SeqCst);
         }
@@ -705,7 +713,7 @@ impl Daemon {
         if crate::find_image(&self.store, &image)?.is_none() {
             let r = hb_registry::ImageRef::parse(&image)?;
             let creds = crate::config::docker_credentials(r.registry())?;
-            let eps = crate::endpoints(&self.g, &r, false, creds, hb_registry::Platform::default())?;
+            let eps = Hosts::of(&self.g).endpoints(&r, false, creds, hb_registry::Platform::default())?;
             let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
             if resolved.accelerated.is_none() {
                 tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
@@ -774,7 +782,7 @@ impl Daemon {
             bail!("image mount of {} is used by {users} containers", m.image);
         }
         self.release_spares(Some(digest));
-        crate::mount::umount(&self.root, &m.path, &Out::new(false, true))?;
+        crate::mount::umount(&self.root, &m.path, &Silent)?;
         let _ = std::fs::remove_dir(&m.path);
         let _ = std::fs::remove_file(m.path.with_extension("json"));
         self.mounts.lock().expect("mounts lock").remove(digest);
@@ -812,11 +820,10 @@ impl Daemon {
             Some(p) => p.parse().map_err(anyhow::Error::msg)?,
             None => hb_registry::Platform::default(),
         };
-        let eps = crate::endpoints(&self.g, &r, req.plain_http, creds, platform)?;
+        let eps = Hosts::of(&self.g).endpoints(&r, req.plain_http, creds, platform)?;
         let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
         self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::SeqCst);
-        let out = Out::new(false, true);
         if req.lazy && resolved.accelerated.is_some() {
             let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved)?;
             self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
@@ -826,7 +833,7 @@ impl Daemon {
                 report: serde_json::to_value(&report)?,
             })
         } else {
-            let report = crate::pull::pull(&self.work, self.store.clone(), registry, resolved, &out)?;
+            let report = crate::pull::pull(&self.work, self.store.clone(), registry, resolved, &Silent)?;
             self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
             Ok(PullResponse {
                 digest: report.digest.to_string(),
@@ -906,14 +913,14 @@ impl Daemon {
             vec![(String::new(), mounts.iter().map(|m| m.users).sum::<usize>() as f64)],
         );
         // What the mount servers report (each writes its figures beside its pid file).
-        let mut sum = api::MountStats::default();
+        let mut sum = hb_images::mount::MountStats::default();
         let mut hist = [0f64; hb_fuse::LATENCY_BUCKETS_MS.len() + 1];
         let mut hist_sum = 0f64;
         // Chunks by tier name (the daemon, mirrors, registries): a bounded set, one per configured host.
         let mut by_source: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
         for m in &mounts {
             let Ok(raw) = std::fs::read(crate::mount::run_file(&self.root, &m.path, "stats.json")) else { continue };
-            let Ok(v) = serde_json::from_slice::<api::MountStats>(&raw) else { continue };
+            let Ok(v) = serde_json::from_slice::<hb_images::mount::MountStats>(&raw) else { continue };
             sum.local_chunks += v.local_chunks;
             sum.remote_chunks += v.remote_chunks;
             sum.remote_bytes += v.remote_bytes;

@@ -5,14 +5,11 @@
 //!
 //! Exit codes: 0 success, 1 the operation failed (or `fsck` found problems), 2 usage error.
 
-mod convert;
 mod daemon;
-mod memory;
-mod mount;
+mod hosts;
+mod mounts;
 mod progress;
 mod proxy;
-mod pull;
-mod shutdown;
 
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -30,7 +27,9 @@ use hb_cli::{
     api, config, container, daemon_client, error_chain, pass_globals, rootfs, run, self_exe, store_root, ContainerCmd,
     Global,
 };
-use progress::Bar;
+use hb_images::{convert, find_image, memory, mount, pull, require_image, shutdown, tree_of};
+use hosts::Hosts;
+use progress::{Bar, Report};
 
 #[derive(Parser)]
 #[command(name = "hb", version, about = "HyperBox: content-addressed image storage with chunk-level dedup")]
@@ -386,117 +385,9 @@ fn remove_partial_tree(dir: &Path, keep_dir: bool) {
     }
 }
 
-fn resolve(store: &Store, q: &str) -> anyhow::Result<Digest> {
-    Ok(store.resolve_layer(q)?)
-}
-
-/// An image in the store by name (normalised as docker does) or manifest digest (prefix).
-fn find_image(store: &Store, q: &str) -> anyhow::Result<Option<(String, Digest)>> {
-    if let Ok(r) = hb_registry::ImageRef::parse(q) {
-        let name = pull::image_name(&r);
-        if let Some(d) = store.image_by_name(&name)? {
-            return Ok(Some((name, d)));
-        }
-    }
-    let hex = q.strip_prefix("sha256:").unwrap_or(q);
-    if hex.len() >= 6 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        let found: Vec<_> = store.image_names()?.into_iter().filter(|n| n.digest.hex().starts_with(hex)).collect();
-        if let Some(n) = found.first() {
-            return Ok(Some((n.name.clone(), n.digest)));
-        }
-    }
-    Ok(None)
-}
-
-fn require_image(store: &Store, q: &str) -> anyhow::Result<(String, Digest, hb_store::ImageRecord)> {
-    let Some((name, d)) = find_image(store, q)? else {
-        bail!("no image {q:?} in the store (see `hb images`; `hb pull {q}` fetches it)");
-    };
-    let rec = store.image(&d)?.with_context(|| format!("image {d} named {name} is missing"))?;
-    Ok((name, d, rec))
-}
-
-/// The tree `q` names: an image's merged rootfs, or one layer.
-fn tree_of(store: &Store, q: &str) -> anyhow::Result<(String, hb_core::LayerIndex)> {
-    if let Some((name, digest)) = find_image(store, q)? {
-        let rec = store.image(&digest)?.with_context(|| format!("image {digest} named {name} is missing"))?;
-        let layers = rec
-            .layers
-            .iter()
-            .map(|l| store.layer(&l.diff_id)?.with_context(|| format!("layer {} is missing", l.diff_id)))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        return Ok((name, hb_core::merge_layers(store.chunker(), layers.iter())));
-    }
-    let d = resolve(store, q)?;
-    Ok((d.to_string(), store.layer(&d)?.context("layer vanished")?))
-}
-
 /// `sha256:<12 hex>` labels shortened as docker shows ids; image names as they are.
 fn short_label(label: &str) -> &str {
     label.strip_prefix("sha256:").map(|h| &h[..12]).unwrap_or(label)
-}
-
-/// Registry options from flags, `hosts.toml` and defaults: `--plain-http` wins, then the file's
-/// scheme, else HTTPS (loopback: HTTPS, then plain HTTP).
-fn registry_options(
-    g: &Global,
-    r: &hb_registry::ImageRef,
-    plain_http: bool,
-    credentials: Option<(String, String)>,
-    platform: hb_registry::Platform,
-) -> anyhow::Result<hb_registry::RegistryOptions> {
-    let host = config::host_settings(g.hosts_dir.as_deref(), r.registry())?;
-    if let Some(src) = &host.source {
-        tracing::info!(file = %src.display(), registry = r.registry(), "using hosts.toml");
-    }
-    let scheme = match (plain_http, host.plain_http) {
-        (true, _) | (false, Some(true)) => hb_registry::Scheme::Http,
-        (false, Some(false)) => hb_registry::Scheme::Https,
-        (false, None) => hb_registry::Scheme::Auto,
-    };
-    Ok(hb_registry::RegistryOptions {
-        scheme,
-        ca_pem: host.ca_pem,
-        skip_verify: host.skip_verify,
-        credentials,
-        platform,
-        attempts: 5,
-    })
-}
-
-/// Where `r` is read from, in order: the mirrors its hosts.toml names, then its registry.
-fn endpoints(
-    g: &Global,
-    r: &hb_registry::ImageRef,
-    plain_http: bool,
-    credentials: Option<(String, String)>,
-    platform: hb_registry::Platform,
-) -> anyhow::Result<Vec<pull::Endpoint>> {
-    let host = config::host_settings(g.hosts_dir.as_deref(), r.registry())?;
-    let mut out = Vec::with_capacity(host.mirrors.len() + 1);
-    for m in &host.mirrors {
-        out.push(pull::Endpoint {
-            name: format!("mirror {}", m.host),
-            reference: r.via_mirror(&m.host),
-            opts: hb_registry::RegistryOptions {
-                scheme: if m.plain_http { hb_registry::Scheme::Http } else { hb_registry::Scheme::Https },
-                ca_pem: m.ca_pem.clone(),
-                skip_verify: m.skip_verify,
-                credentials: config::docker_credentials(&m.host)?,
-                platform: platform.clone(),
-                // A mirror that fails is passed over at once: the registry after it retries.
-                attempts: 1,
-            },
-            resolve: m.resolve,
-        });
-    }
-    out.push(pull::Endpoint {
-        name: format!("registry {}", r.registry()),
-        reference: r.clone(),
-        opts: registry_options(g, r, plain_http, credentials, platform)?,
-        resolve: true,
-    });
-    Ok(out)
 }
 
 /// A size or rate as people write it (`10M`, `2T`: [`hb_core::parse_size`]); zero is refused.
@@ -534,8 +425,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             // Any repository will do: the registry answers for the credentials, not the name.
             let probe = hb_registry::ImageRef::parse(&format!("{registry}/hb-login-check/probe:latest"))?;
-            let mut opts = registry_options(
-                g,
+            let mut opts = hb_images::Registries::options(
+                &Hosts::of(g),
                 &probe,
                 plain_http,
                 Some((username.clone(), password.clone())),
@@ -558,15 +449,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Umount { dir } => {
-            mount::umount(&store_root(g)?, &dir, &out)?;
+            mount::umount(&store_root(g)?, &dir, &Report::new(&out))?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Mount { background: true, dir, .. } => {
-            mount::background(&store_root(g)?, &dir, &out)?;
+            mounts::background(&store_root(g)?, &dir, &out)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Container(c) => {
-            let local = mount::StoreImages::default();
+            let local = mounts::StoreImages::default();
             return match hb_cli::container_command(g, c, Some(&local))? {
                 hb_cli::Outcome::Done(code) => Ok(code),
                 hb_cli::Outcome::Engine => unreachable!("the engine serves images itself"),
@@ -707,8 +598,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let rt = runtime()?;
             let _pid = mount::PidFile::create(store.root(), &args.dir);
-            let m = mount::mount_image(g, &rt, store.clone(), &args, shutdown.as_ref(), &out)?;
-            mount::serve(&store, m, &out)?;
+            let report = Report::new(&out);
+            let daemon = mounts::DaemonSource::for_view(g, &store);
+            let m = mount::mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, shutdown.as_ref(), &report)?;
+            mount::serve(&store, m, &report)?;
         }
         Cmd::Convert { src, dst, plain_http, platform } => {
             let platform = match platform {
@@ -716,7 +609,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => hb_registry::Platform::default(),
             };
             let rt = runtime()?;
-            let report = convert::convert(g, &rt, store.clone(), &src, &dst, plain_http, platform, &out)?;
+            let report = convert::convert(
+                &Hosts::of(g),
+                &rt,
+                store.clone(),
+                &src,
+                &dst,
+                plain_http,
+                platform,
+                &Report::new(&out),
+            )?;
             if out.json {
                 out.json_value(&report)?;
             } else {
@@ -725,7 +627,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Optimize { reference, command, seconds, plain_http } => {
             let rt = runtime()?;
-            let report = convert::optimize(g, &rt, store.clone(), &reference, &command, seconds, plain_http, &out)?;
+            let report = convert::optimize(
+                &Hosts::of(g),
+                &rt,
+                store.clone(),
+                &reference,
+                &command,
+                seconds,
+                plain_http,
+                &Report::new(&out),
+            )?;
             out.json_value(&report)?;
         }
         Cmd::Pull { reference, platform, plain_http, creds, plan, lazy } => {
@@ -742,7 +653,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => hb_registry::Platform::default(),
             };
             let rt = runtime()?;
-            let (registry, resolved) = pull::resolve(&rt, endpoints(g, &r, plain_http, credentials, platform)?)?;
+            let eps = hb_images::Registries::endpoints(&Hosts::of(g), &r, plain_http, credentials, platform)?;
+            let (registry, resolved) = pull::resolve(&rt, eps)?;
             if plan {
                 let p = pull::plan(&store, &resolved)?;
                 if out.json {
@@ -769,18 +681,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     out.json_value(&report)?;
                 } else {
                     println!("{}", report.digest);
-                    pull::print_lazy_report(&out, &report);
+                    out.note(pull::lazy_summary(&report));
                 }
             } else {
                 if lazy {
                     out.note(format!("{reference} has no accelerated form (`hb convert` makes one); pulling it whole"));
                 }
-                let report = pull::pull(&rt, store.clone(), registry, resolved, &out)?;
+                let report = pull::pull(&rt, store.clone(), registry, resolved, &Report::new(&out))?;
                 if out.json {
                     out.json_value(&report)?;
                 } else {
                     println!("{}", report.digest);
-                    pull::print_report(&out, &report);
+                    out.note(pull::summary(&report));
                 }
             }
         }
@@ -873,7 +785,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             out.json_value(&reports)?;
         }
         Cmd::Layer(LayerCmd::Export { layers, output, dir }) => {
-            let digests = layers.iter().map(|l| resolve(&store, l)).collect::<anyhow::Result<Vec<_>>>()?;
+            let digests = layers.iter().map(|l| store.resolve_layer(l)).collect::<Result<Vec<_>, _>>()?;
             if let Some(dir) = dir {
                 let r = export_rootfs(&store, &digests, &dir, &out)?;
                 out.note(format!("{}: {} entries, {}", dir.display(), r.entries, HumanBytes(r.bytes)));
@@ -933,7 +845,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Layer(LayerCmd::Rm { layers }) => {
             for l in &layers {
-                let d = resolve(&store, l)?;
+                let d = store.resolve_layer(l)?;
                 if store.unpin_layer(&d)? {
                     out.note(format!("unpinned {d}; run `hb gc` to free its space"));
                 } else {

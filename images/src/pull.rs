@@ -4,15 +4,14 @@
 use std::io::{self, Read};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
 use futures_util::{stream, StreamExt, TryStreamExt};
 use hb_core::Digest;
 use hb_registry::{ImageRef, LayerDesc, Registry, RegistryOptions, ResolvedImage};
 use hb_store::{ImageLayer, ImageRecord, ImportOptions, Store};
-use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::HumanBytes;
 use tokio::sync::mpsc;
 
-use crate::output::Out;
+use crate::{image_name, ImagesError, Reporter, Result, Within};
 
 /// Layers downloaded at once.
 pub const CONCURRENT_LAYERS: usize = 3;
@@ -55,7 +54,7 @@ struct ChannelReader {
     rx: mpsc::Receiver<Result<Vec<u8>, String>>,
     buf: Vec<u8>,
     pos: usize,
-    bar: ProgressBar,
+    bar: Box<dyn hb_store::Progress + Send + Sync>,
 }
 
 impl Read for ChannelReader {
@@ -63,7 +62,7 @@ impl Read for ChannelReader {
         while self.pos == self.buf.len() {
             match self.rx.blocking_recv() {
                 Some(Ok(b)) => {
-                    self.bar.inc(b.len() as u64);
+                    self.bar.advance(b.len() as u64);
                     self.buf = b;
                     self.pos = 0;
                 }
@@ -78,25 +77,8 @@ impl Read for ChannelReader {
     }
 }
 
-fn layer_bar(multi: &MultiProgress, out: &Out, layer: &LayerDesc) -> ProgressBar {
-    if out.quiet || out.json {
-        return ProgressBar::hidden();
-    }
-    let pb = multi.add(ProgressBar::new(layer.size));
-    pb.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec}").expect("template"),
-    );
-    pb.set_message(layer.digest.short());
-    pb
-}
-
-/// The store's name for an image: the canonical reference.
-pub fn image_name(r: &ImageRef) -> String {
-    r.canonical()
-}
-
 /// Resolves `r` and compares with the store: which layer blobs a pull would download.
-pub fn plan(store: &Store, resolved: &ResolvedImage) -> anyhow::Result<PullPlan> {
+pub fn plan(store: &Store, resolved: &ResolvedImage) -> Result<PullPlan> {
     let mut p = PullPlan {
         name: image_name(&resolved.reference),
         digest: resolved.manifest_digest,
@@ -133,7 +115,7 @@ pub struct Endpoint {
 /// Resolves the reference at the first endpoint that answers, in order (mirrors first, as
 /// containerd does; a mirror that fails or lacks the image is passed over with a log line).
 /// Returns the client of the endpoint that answered: the blobs are read there too.
-pub fn resolve(rt: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> anyhow::Result<(Registry, ResolvedImage)> {
+pub fn resolve(rt: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> Result<(Registry, ResolvedImage)> {
     let count = endpoints.len();
     let mut last = None;
     for (i, ep) in endpoints.into_iter().enumerate() {
@@ -141,7 +123,6 @@ pub fn resolve(rt: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> anyhow
             continue;
         }
         let attempt = Registry::new(&ep.reference, ep.opts)
-            .map_err(anyhow::Error::from)
             .and_then(|registry| Ok((rt.block_on(registry.resolve(&ep.reference))?, registry)));
         match attempt {
             Ok((resolved, registry)) => {
@@ -151,13 +132,13 @@ pub fn resolve(rt: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> anyhow
                 return Ok((registry, resolved));
             }
             Err(e) if i + 1 < count => {
-                tracing::warn!(endpoint = %ep.name, error = %crate::error_chain(&e), "a mirror failed; trying the next host");
+                tracing::warn!(endpoint = %ep.name, error = %e, "a mirror failed; trying the next host");
                 last = Some(e);
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no registry to resolve from")))
+    Err(last.map_or_else(|| ImagesError::Invalid("no registry to resolve from".into()), ImagesError::from))
 }
 
 /// Downloads what the store lacks, layers concurrently, each streamed into its own ingest, then
@@ -167,10 +148,9 @@ pub fn pull(
     store: Arc<Store>,
     registry: Registry,
     resolved: ResolvedImage,
-    out: &Out,
-) -> anyhow::Result<PullReport> {
+    reporter: &dyn Reporter,
+) -> Result<PullReport> {
     let name = image_name(&resolved.reference);
-    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
     let planned = plan(&store, &resolved)?;
     let mut report = PullReport {
         name: name.clone(),
@@ -193,36 +173,34 @@ pub fn pull(
                 let store = store.clone();
                 let registry = registry.clone();
                 let reference = reference.clone();
-                let bar = layer_bar(&multi, out, &layer);
+                let bar = reporter.transfer(&layer.digest.short(), layer.size);
                 async move {
                     let (tx, rx) = mpsc::channel(16);
-                    let reader = ChannelReader { rx, buf: Vec::new(), pos: 0, bar: bar.clone() };
+                    let reader = ChannelReader { rx, buf: Vec::new(), pos: 0, bar };
                     let expect = layer.digest;
                     let ingest = tokio::task::spawn_blocking(move || {
                         let opts = ImportOptions { expect_digest: Some(expect), pin: false };
                         store.import_blob(reader, &opts, &hb_store::NoProgress)
                     });
                     let fetched = registry.fetch_blob(&reference, &layer, tx).await;
-                    let imported = ingest.await.context("ingest task panicked")?;
-                    bar.finish_and_clear();
+                    let imported =
+                        ingest.await.map_err(|e| ImagesError::Invalid(format!("the ingest task panicked: {e}")))?;
                     // When the store stopped reading (bad layer), its error is the cause to report.
                     let imported = match (&fetched, imported) {
                         (Err(hb_registry::RegistryError::ReceiverGone { .. }), Err(e)) => {
-                            return Err(anyhow::Error::new(e).context(format!("storing layer {}", layer.digest)))
+                            return Err(e).within(|| format!("storing layer {}", layer.digest));
                         }
                         (_, i) => i,
                     };
-                    let bytes = fetched.with_context(|| format!("downloading layer {}", layer.digest))?;
-                    let r = imported.with_context(|| format!("storing layer {}", layer.digest))?;
+                    let bytes = fetched.within(|| format!("downloading layer {}", layer.digest))?;
+                    let r = imported.within(|| format!("storing layer {}", layer.digest))?;
                     if r.diff_id != layer.diff_id {
-                        bail!(
+                        return Err(ImagesError::Invalid(format!(
                             "layer {} decompresses to {}, but the image config says {}",
-                            layer.digest,
-                            r.diff_id,
-                            layer.diff_id
-                        );
+                            layer.digest, r.diff_id, layer.diff_id
+                        )));
                     }
-                    anyhow::Ok((bytes, r))
+                    Ok::<_, ImagesError>((bytes, r))
                 }
             })
             .buffer_unordered(CONCURRENT_LAYERS)
@@ -239,12 +217,14 @@ pub fn pull(
 }
 
 /// The store's record of a resolved image.
-pub fn image_record(resolved: &ResolvedImage) -> anyhow::Result<ImageRecord> {
+pub fn image_record(resolved: &ResolvedImage) -> Result<ImageRecord> {
     Ok(ImageRecord {
         manifest_media_type: resolved.manifest_media_type.clone(),
-        manifest: String::from_utf8(resolved.manifest.clone()).context("manifest is not UTF-8")?,
+        manifest: String::from_utf8(resolved.manifest.clone())
+            .map_err(|_| ImagesError::Invalid("the manifest is not UTF-8".into()))?,
         config_digest: resolved.config_digest,
-        config: String::from_utf8(resolved.config.clone()).context("config is not UTF-8")?,
+        config: String::from_utf8(resolved.config.clone())
+            .map_err(|_| ImagesError::Invalid("the config is not UTF-8".into()))?,
         layers: resolved
             .layers
             .iter()
@@ -257,10 +237,6 @@ pub fn image_record(resolved: &ResolvedImage) -> anyhow::Result<ImageRecord> {
             .collect(),
         platform: resolved.platform.clone(),
     })
-}
-
-pub fn print_report(out: &Out, r: &PullReport) {
-    out.note(summary(r));
 }
 
 /// One line for people about a pull.
@@ -311,15 +287,15 @@ pub fn pull_lazy(
     store: Arc<Store>,
     registry: Arc<Registry>,
     resolved: ResolvedImage,
-) -> anyhow::Result<LazyPullReport> {
-    let accel = resolved.accelerated.context("the image has no accelerated form")?;
+) -> Result<LazyPullReport> {
+    let accel = resolved.accelerated.ok_or_else(|| ImagesError::Invalid("the image has no accelerated form".into()))?;
     let r = &resolved.reference;
     let name = image_name(r);
     let cfg = rt.block_on(registry.fetch_accel_config(r, &accel, &resolved.manifest_digest))?;
     if cfg.layers.len() != resolved.layers.len()
         || cfg.layers.iter().zip(&resolved.layers).any(|(a, l)| a.blob != l.digest || a.diff_id != l.diff_id)
     {
-        bail!("{name}: the accelerated form's layers do not match the image's");
+        return Err(ImagesError::Invalid(format!("{name}: the accelerated form's layers do not match the image's")));
     }
     let repository = format!("{}/{}", r.registry(), r.repository());
     let mut report = LazyPullReport {
@@ -348,15 +324,21 @@ pub fn pull_lazy(
                 async move {
                     let index_raw = registry.fetch_bytes(&r, &a.index, a.index_size).await?;
                     let table_raw = registry.fetch_bytes(&r, &a.table, a.table_size).await?;
-                    let index = hb_core::LayerIndex::decode(&index_raw)
-                        .with_context(|| format!("index of layer {}", a.diff_id))?;
+                    let index =
+                        hb_core::LayerIndex::decode(&index_raw).within(|| format!("index of layer {}", a.diff_id))?;
                     if index.diff_id != a.diff_id {
-                        bail!("the index of layer {} names layer {}", a.diff_id, index.diff_id);
+                        return Err(ImagesError::Invalid(format!(
+                            "the index of layer {} names layer {}",
+                            a.diff_id, index.diff_id
+                        )));
                     }
                     let table = hb_core::ChunkTable::decode(&table_raw)
-                        .with_context(|| format!("chunk table of layer {}", a.diff_id))?;
+                        .within(|| format!("chunk table of layer {}", a.diff_id))?;
                     if table.data_size() != a.data_size {
-                        bail!("the chunk table of layer {} does not describe its data blob", a.diff_id);
+                        return Err(ImagesError::Invalid(format!(
+                            "the chunk table of layer {} does not describe its data blob",
+                            a.diff_id
+                        )));
                     }
                     let source = hb_core::LazySource { repository, data: a.data, table };
                     let imported = tokio::task::spawn_blocking(move || {
@@ -370,8 +352,8 @@ pub fn pull_lazy(
                         )
                     })
                     .await
-                    .context("lazy import task panicked")??;
-                    anyhow::Ok((index_raw.len() as u64 + table_raw.len() as u64, imported))
+                    .map_err(|e| ImagesError::Invalid(format!("the lazy import task panicked: {e}")))??;
+                    Ok::<_, ImagesError>((index_raw.len() as u64 + table_raw.len() as u64, imported))
                 }
             })
             .buffer_unordered(4)
@@ -387,17 +369,13 @@ pub fn pull_lazy(
     }
     if let Some((d, size)) = cfg.startup {
         let raw = rt.block_on(registry.fetch_bytes(r, &d, size))?;
-        let order = hb_core::StartupOrder::decode(&raw).context("the start-up order")?;
+        let order = hb_core::StartupOrder::decode(&raw).within(|| "the start-up order".to_string())?;
         report.startup_chunks = order.chunks.len();
         report.bytes_downloaded += raw.len() as u64;
         store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
     }
     store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
     Ok(report)
-}
-
-pub fn print_lazy_report(out: &Out, r: &LazyPullReport) {
-    out.note(lazy_summary(r));
 }
 
 /// One line for people about a lazy pull.

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use hb_core::lazy::{AccelConfig, AccelLayer};
 use hb_core::{Digest, StartupOrder};
 use hb_registry::{ImageRef, Registry, ResolvedImage, OCI_INDEX, OCI_MANIFEST};
@@ -13,8 +12,7 @@ use hb_store::Store;
 use indicatif::HumanBytes;
 use serde_json::json;
 
-use crate::output::Out;
-use crate::Global;
+use crate::{ImagesError, Registries, Reporter, Result, Within};
 
 #[derive(Debug, serde::Serialize)]
 pub struct ConvertReport {
@@ -38,13 +36,13 @@ pub struct OptimizeReport {
 }
 
 fn registry_for(
-    g: &Global,
+    registries: &dyn Registries,
     r: &ImageRef,
     plain_http: bool,
     platform: hb_registry::Platform,
-) -> anyhow::Result<Registry> {
-    let creds = crate::config::docker_credentials(r.registry())?;
-    Ok(Registry::new(r, crate::registry_options(g, r, plain_http, creds, platform)?)?)
+) -> Result<Registry> {
+    let creds = registries.credentials(r.registry())?;
+    Ok(Registry::new(r, registries.options(r, plain_http, creds, platform)?)?)
 }
 
 /// Pushes the accelerated manifest for `cfg` and the index binding it to the original image
@@ -55,8 +53,8 @@ fn push_binding(
     dst: &ImageRef,
     resolved: &ResolvedImage,
     cfg: &AccelConfig,
-) -> anyhow::Result<(Digest, Digest)> {
-    let cfg_bytes = serde_json::to_vec(cfg)?;
+) -> Result<(Digest, Digest)> {
+    let cfg_bytes = serde_json::to_vec(cfg).map_err(|e| ImagesError::Invalid(format!("encoding the config: {e}")))?;
     rt.block_on(reg.push_blob(dst, cfg_bytes.clone()))?;
     let manifest = hb_registry::accel_manifest(cfg, &cfg_bytes);
     let accel_digest = Digest::of(&manifest);
@@ -72,30 +70,30 @@ fn push_binding(
 
 #[allow(clippy::too_many_arguments)]
 pub fn convert(
-    g: &Global,
+    registries: &dyn Registries,
     rt: &tokio::runtime::Runtime,
     store: Arc<Store>,
     src: &str,
     dst: &str,
     plain_http: bool,
     platform: hb_registry::Platform,
-    out: &Out,
-) -> anyhow::Result<ConvertReport> {
+    reporter: &dyn Reporter,
+) -> Result<ConvertReport> {
     let sref = ImageRef::parse(src)?;
     let dref = ImageRef::parse(dst)?;
     if dref.digest().is_some() {
-        bail!("the destination {dst} must be a tag, not a digest");
+        return Err(ImagesError::Invalid(format!("the destination {dst} must be a tag, not a digest")));
     }
     let (sreg, resolved) = crate::pull::resolve(rt, {
-        let creds = crate::config::docker_credentials(sref.registry())?;
-        crate::endpoints(g, &sref, plain_http, creds, platform.clone())?
+        let creds = registries.credentials(sref.registry())?;
+        registries.endpoints(&sref, plain_http, creds, platform.clone())?
     })?;
     if resolved.layers.iter().any(|l| !store.has_layer(&l.diff_id).unwrap_or(false)) {
-        out.note(format!("pulling {src} to convert it"));
-        crate::pull::pull(rt, store.clone(), sreg, resolved.clone(), out)?;
+        reporter.note(&format!("pulling {src} to convert it"));
+        crate::pull::pull(rt, store.clone(), sreg, resolved.clone(), reporter)?;
     }
-    let sreg = registry_for(g, &sref, plain_http, platform.clone())?;
-    let dreg = registry_for(g, &dref, plain_http, platform)?;
+    let sreg = registry_for(registries, &sref, plain_http, platform.clone())?;
+    let dreg = registry_for(registries, &dref, plain_http, platform)?;
     rt.block_on(async {
         sreg.ensure_connected(&sref).await?;
         dreg.connect_push(&dref).await
@@ -108,7 +106,7 @@ pub fn convert(
     for (d, size) in &originals {
         let mounted = same_registry && rt.block_on(dreg.mount_blob(&dref, &sref, d))?;
         if !mounted {
-            let bytes = rt.block_on(sreg.fetch_bytes(&sref, d, *size)).with_context(|| format!("copying blob {d}"))?;
+            let bytes = rt.block_on(sreg.fetch_bytes(&sref, d, *size)).within(|| format!("copying blob {d}"))?;
             rt.block_on(dreg.push_blob(&dref, bytes))?;
         }
     }
@@ -132,9 +130,8 @@ pub fn convert(
     let mut layers = Vec::new();
     for l in &resolved.layers {
         let mut data = Vec::new();
-        let (index, table) = store
-            .layer_data(&l.diff_id, |b| data.extend_from_slice(b))
-            .with_context(|| format!("layer {}", l.diff_id))?;
+        let (index, table) =
+            store.layer_data(&l.diff_id, |b| data.extend_from_slice(b)).within(|| format!("layer {}", l.diff_id))?;
         let (index_raw, table_raw) = (index.encode(), table.encode());
         let a = AccelLayer {
             diff_id: l.diff_id,
@@ -165,7 +162,7 @@ pub fn convert(
     let (index_digest, accel) = push_binding(rt, &dreg, &dref, &resolved, &cfg)?;
     report.index_digest = index_digest;
     report.accelerated_digest = accel;
-    out.note(format!(
+    reporter.note(&format!(
         "{} -> {}: {} layers; {} of chunk data, {} of indexes (original layers {})",
         report.src,
         report.dst,
@@ -178,8 +175,9 @@ pub fn convert(
 }
 
 /// The command an image starts with, its environment and working directory, from its config.
-fn image_command(config: &[u8]) -> anyhow::Result<(Vec<String>, Vec<String>, Option<String>)> {
-    let v: serde_json::Value = serde_json::from_slice(config)?;
+fn image_command(config: &[u8]) -> Result<(Vec<String>, Vec<String>, Option<String>)> {
+    let v: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| ImagesError::Invalid(format!("the image config: {e}")))?;
     let c = &v["config"];
     let strings = |x: &serde_json::Value| -> Vec<String> {
         x.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
@@ -192,30 +190,31 @@ fn image_command(config: &[u8]) -> anyhow::Result<(Vec<String>, Vec<String>, Opt
 
 #[allow(clippy::too_many_arguments)]
 pub fn optimize(
-    g: &Global,
+    registries: &dyn Registries,
     rt: &tokio::runtime::Runtime,
     store: Arc<Store>,
     reference: &str,
     command: &[String],
     seconds: u64,
     plain_http: bool,
-    out: &Out,
-) -> anyhow::Result<OptimizeReport> {
+    reporter: &dyn Reporter,
+) -> Result<OptimizeReport> {
     let r = ImageRef::parse(reference)?;
     // One client reads the image, then (authorized for push) writes its new accelerated form.
-    let reg = Arc::new(registry_for(g, &r, plain_http, hb_registry::Platform::default())?);
+    let reg = Arc::new(registry_for(registries, &r, plain_http, hb_registry::Platform::default())?);
     let resolved = rt.block_on(reg.resolve(&r))?;
     let Some(accel) = resolved.accelerated else {
-        bail!("{reference} has no accelerated form; run `hb convert` first");
+        return Err(ImagesError::Invalid(format!("{reference} has no accelerated form; run `hb convert` first")));
     };
     let mut cfg = rt.block_on(reg.fetch_accel_config(&r, &accel, &resolved.manifest_digest))?;
     crate::pull::pull_lazy(rt, store.clone(), reg.clone(), resolved.clone())?;
     let (image_cmd, env, wd) = image_command(&resolved.config)?;
     let cmd = if command.is_empty() { image_cmd } else { command.to_vec() };
     if cmd.is_empty() {
-        bail!("{reference} has no entrypoint or cmd; give a command after --");
+        return Err(ImagesError::Invalid(format!("{reference} has no entrypoint or cmd; give a command after --")));
     }
-    let dir = tempfile::Builder::new().prefix("hb-optimize-").tempdir()?;
+    let dir =
+        tempfile::Builder::new().prefix("hb-optimize-").tempdir().map_err(ImagesError::io("a folder to mount in"))?;
     let args = crate::mount::MountArgs {
         image: reference.to_string(),
         dir: dir.path().to_path_buf(),
@@ -226,9 +225,9 @@ pub fn optimize(
         plain_http,
         layers: None,
     };
-    let m = crate::mount::mount_image(g, rt, store.clone(), &args, None, out)?;
+    let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, reporter)?;
     m.mounted.fetcher().start_recording();
-    out.note(format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
+    reporter.note(&format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
     let mut run = std::process::Command::new("chroot");
     run.arg(dir.path());
     if let Some(wd) = &wd {
@@ -242,9 +241,11 @@ pub fn optimize(
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .context("running the command in the mount")?;
+        .map_err(ImagesError::io("running the command in the mount"))?;
     let started = Instant::now();
-    while child.try_wait()?.is_none() && started.elapsed() < Duration::from_secs(seconds) {
+    while child.try_wait().map_err(ImagesError::io("waiting for the command"))?.is_none()
+        && started.elapsed() < Duration::from_secs(seconds)
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
@@ -269,7 +270,7 @@ pub fn optimize(
     rt.block_on(reg.push_blob(&r, raw.clone()))?;
     store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
     let index_digest = push_binding(rt, &reg, &r, &resolved, &cfg)?.0;
-    out.note(format!(
+    reporter.note(&format!(
         "{reference}: start-up order of {} chunks ({}) stored in the accelerated image",
         startup.chunks.len(),
         HumanBytes(startup_bytes)

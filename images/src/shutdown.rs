@@ -31,7 +31,7 @@ pub struct Shutdown {
 
 impl Shutdown {
     /// Starts catching SIGTERM and SIGINT, on a thread of their own.
-    pub fn install() -> anyhow::Result<Self> {
+    pub fn install() -> std::io::Result<Self> {
         let mut signals = Signals::new([SIGTERM, SIGINT])?;
         let phase = Arc::new(Mutex::new(Phase::Starting));
         let shared = phase.clone();

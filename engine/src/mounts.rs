@@ -1,0 +1,170 @@
+//! The engine's side of image mounts: the daemon as a chunk tier (its API client), `hb run`'s
+//! images without a daemon (this process's store and mount), and `hb mount --background`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hb_core::{ChunkId, ChunkSource};
+use hb_fuse::Prefetch;
+use hb_images::mount::{mount_image, pull_for_mount, start_server, Mount, MountArgs};
+use hb_store::Store;
+
+use crate::hosts::Hosts;
+use crate::output::Out;
+use crate::progress::Report;
+use crate::Global;
+
+/// The daemon that owns the store, as a tier: it has what other mounts fetched since this
+/// process opened its read-only view, and keeps what the tiers below it return.
+pub struct DaemonSource {
+    client: Arc<crate::api::Client>,
+}
+
+impl DaemonSource {
+    /// The daemon as a chunk tier, for a process whose `store` is a read-only view of the store
+    /// the daemon owns (none when this process owns the store or no daemon answers).
+    pub fn for_view(g: &Global, store: &Store) -> Option<Arc<dyn ChunkSource>> {
+        if store.is_writable() {
+            return None;
+        }
+        let client = Arc::new(crate::daemon_client(g)?);
+        Some(Arc::new(DaemonSource { client }) as Arc<dyn ChunkSource>)
+    }
+
+    fn unavailable(e: anyhow::Error) -> hb_core::SourceError {
+        hb_core::SourceError::Unavailable { source_name: "hb daemon".into(), reason: crate::error_chain(&e) }
+    }
+}
+
+impl ChunkSource for DaemonSource {
+    fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, hb_core::SourceError> {
+        Ok(self.fetch_many(std::slice::from_ref(id))?.into_iter().find(|(i, _)| i == id).map(|(_, b)| b))
+    }
+
+    fn fetch_many(&self, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, hb_core::SourceError> {
+        let body = ids.iter().flat_map(|i| i.as_bytes().iter().copied()).collect::<Vec<u8>>();
+        // A daemon that is restarting fails here: the chain asks the tiers below it.
+        let b = self.client.call_raw("POST", "/v1/chunks/get", &body).map_err(Self::unavailable)?;
+        crate::api::decode_chunks(&b).map_err(Self::unavailable)
+    }
+
+    fn keeps(&self) -> bool {
+        true
+    }
+
+    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, hb_core::SourceError> {
+        let mut kept = 0;
+        // Bodies under the daemon's limit.
+        let mut start = 0;
+        while start < chunks.len() {
+            let mut end = start;
+            let mut size = 0;
+            while end < chunks.len() && (end == start || size + chunks[end].1.len() + 36 <= crate::api::MAX_CHUNK_BODY)
+            {
+                size += chunks[end].1.len() + 36;
+                end += 1;
+            }
+            let body = crate::api::encode_chunks(chunks[start..end].iter().map(|(i, b)| (i, b.as_slice())));
+            let r: crate::api::FillResponse = self
+                .client
+                .call_raw("POST", "/v1/chunks/fill", &body)
+                .and_then(|b| Ok(serde_json::from_slice(&b)?))
+                .map_err(Self::unavailable)?;
+            kept += r.filled;
+            start = end;
+        }
+        Ok(kept)
+    }
+}
+
+/// `hb run`'s images without a daemon: this process's store (opened on first use, kept for the
+/// container's mount) and its own FUSE mount of the image.
+#[derive(Default)]
+pub struct StoreImages {
+    store: std::sync::Mutex<Option<Arc<Store>>>,
+}
+
+impl StoreImages {
+    fn store(&self, g: &Global, out: &Out) -> anyhow::Result<Arc<Store>> {
+        let mut s = self.store.lock().expect("store lock");
+        if let Some(store) = &*s {
+            return Ok(store.clone());
+        }
+        let store = Arc::new(crate::open_store_for(g, true, out)?);
+        *s = Some(store.clone());
+        Ok(store)
+    }
+}
+
+impl hb_cli::run::LocalImages for StoreImages {
+    fn ensure(&self, g: &Global, image: &str, plain_http: bool, out: &Out) -> anyhow::Result<()> {
+        let store = self.store(g, out)?;
+        if hb_images::find_image(&store, image)?.is_none() {
+            pull_for_mount(&Hosts::of(g), &crate::runtime()?, &store, image, plain_http, &Report::new(out))?;
+        }
+        Ok(())
+    }
+
+    fn release(&self) {
+        self.store.lock().expect("store lock").take();
+    }
+
+    fn mount(
+        &self,
+        g: &Global,
+        image: &str,
+        plain_http: bool,
+        dir: &Path,
+        out: &Out,
+    ) -> anyhow::Result<(String, Box<dyn hb_cli::run::LocalMount>)> {
+        let store = self.store(g, out)?;
+        let rt = crate::runtime()?;
+        let args = MountArgs {
+            image: image.into(),
+            dir: dir.to_path_buf(),
+            prefetch: Prefetch::Startup,
+            bandwidth: None,
+            passthrough: true,
+            threads: 8,
+            plain_http,
+            layers: None,
+        };
+        let daemon = DaemonSource::for_view(g, &store);
+        let mount = mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, None, &Report::new(out))?;
+        let (_, _, rec) = hb_images::require_image(&store, image)?;
+        Ok((rec.config, Box::new(OwnMount { mount, _rt: rt, dir: dir.to_path_buf() })))
+    }
+}
+
+/// A container's image mount served by its own monitor (no daemon).
+struct OwnMount {
+    mount: Mount,
+    /// Drives the mount's remote fetches; dropped after it.
+    _rt: tokio::runtime::Runtime,
+    dir: PathBuf,
+}
+
+impl hb_cli::run::LocalMount for OwnMount {
+    fn unmount(self: Box<Self>) {
+        let OwnMount { mount, _rt: rt, dir } = *self;
+        let _ = hb_fuse::unmount(&dir);
+        if let Err(e) = mount.mounted.wait() {
+            tracing::warn!(error = %e, "the image mount ended with an error");
+        }
+        drop(rt);
+    }
+}
+
+/// Starts `hb mount` again without `--background` as a detached child and returns once the
+/// mount is up (or the child failed, with its log).
+pub fn background(root: &Path, dir: &Path, out: &Out) -> anyhow::Result<()> {
+    let args: Vec<_> = std::env::args_os().skip(1).filter(|a| a != "-d" && a != "--background").collect();
+    if hb_fuse::clean_stale(dir)? {
+        out.note(format!("detached a stale mount at {} (its process had died)", dir.display()));
+    }
+    let mut cmd = std::process::Command::new(crate::self_exe());
+    cmd.args(args);
+    let (child, log) = start_server(&mut cmd, root, dir)?;
+    out.note(format!("mounted at {} (pid {}, log {})", dir.display(), child.id(), log.display()));
+    Ok(())
+}
