@@ -1,0 +1,373 @@
+//! `hb daemon`: owns the store for writing and serves the API (docs/api.md) on a Unix socket.
+//!
+//! Image mounts are not served by the daemon itself: each is a mount server process (`hb mount`
+//! on `<root>/images/<digest>`, reading the store through a read-only view) that the daemon
+//! starts, shares between containers, adopts again after a restart and unmounts when no container
+//! has used it for `daemon.mount_idle_seconds`. So a daemon killed with -9 takes no running
+//! container's files with it.
+
+mod handover;
+mod http;
+mod layers;
+mod metrics;
+mod mounts;
+mod spares;
+mod store_api;
+#[cfg(test)]
+mod tests;
+
+use crate::hosts::Hosts;
+use handover::*;
+use hb_images::{Registries, Silent};
+use http::*;
+use layers::*;
+use metrics::*;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use crate::api::{self, Health, ImageMount, MountRequest, PullRequest, PullResponse, RemoveRequest};
+use crate::output::Out;
+use crate::Global;
+
+struct Daemon {
+    g: Global,
+    root: PathBuf,
+    store: Arc<hb_store::Store>,
+    /// Runs the registry and mount work that the handlers hand to blocking threads.
+    work: tokio::runtime::Runtime,
+    started: Instant,
+    /// Image mounts by manifest digest.
+    mounts: Mutex<HashMap<String, ImageMount>>,
+    /// One image mount (or pull) prepared at a time: concurrent asks for one image make one mount.
+    preparing: Mutex<()>,
+    /// When each image mount was last seen in use.
+    last_used: Mutex<HashMap<String, Instant>>,
+    idle: Duration,
+    metrics: Metrics,
+    /// Metadata was written since the last flush (see `settle`).
+    dirty: std::sync::atomic::AtomicBool,
+    /// Images pulled for containerd's remote snapshots (released when containerd drops them;
+    /// images pulled by people are left alone).
+    for_containerd: Mutex<std::collections::HashSet<String>>,
+    /// Handed-over containers' processes (`hb run --rm`).
+    exits: ExitWatcher,
+    /// Spare container folders (overlay mounted, no state yet) by image mount key, handed to the
+    /// next `hb run` of that image (`MountRequest::spare`).
+    spares: Mutex<HashMap<String, Vec<PathBuf>>>,
+    /// Keys whose spare is being prepared.
+    refilling: Mutex<std::collections::HashSet<String>>,
+    /// Spares handed out, and when: released if still without a state a minute later.
+    handed: Mutex<Vec<(PathBuf, Instant)>>,
+    /// Spares to prepare, to the `hb-spares` thread.
+    refill: std::sync::mpsc::Sender<Refill>,
+    /// Spares advertised to `hb run` (`api::claim_ready`): by folder, the file that names it and
+    /// the request it answers.
+    advertised: Mutex<HashMap<PathBuf, Advert>>,
+    /// Handed-over containers seen with their process gone, and since when (`reap_handed_over`).
+    dead_since: Mutex<HashMap<PathBuf, Instant>>,
+    /// Set when the daemon stops (`stop_spares`); held while a spare is prepared, so stopping
+    /// waits for one under way rather than leave it mounted.
+    stopping: Mutex<bool>,
+}
+
+/// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,
+/// `plain_http` as asked).
+#[derive(Clone)]
+struct Refill {
+    key: String,
+    lower: PathBuf,
+    image: String,
+    plain_http: bool,
+}
+
+/// A spare's advertisement: its ready file, and what the spare was made for (the next one is
+/// made for the same when it is claimed).
+struct Advert {
+    file: PathBuf,
+    made_for: Refill,
+}
+
+fn images_dir(root: &Path) -> PathBuf {
+    root.join("images")
+}
+
+/// Containers (overlayfs mounts) whose lower layer is `dir`, from the mount table.
+fn overlay_users(dir: &Path) -> usize {
+    let needle = format!("lowerdir={}", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| t.lines().filter(|l| l.contains(" - overlay ") && l.contains(&needle)).count())
+        .unwrap_or(0)
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    a == b || std::fs::canonicalize(a).ok().zip(std::fs::canonicalize(b).ok()).is_some_and(|(a, b)| a == b)
+}
+
+/// Why a cleanup request was refused.
+enum CleanupRefused {
+    NotContainer(anyhow::Error),
+    Missing(anyhow::Error),
+}
+
+/// Runs cleanup work `f` on a thread of its own at the lowest priority (it should not take a CPU
+/// from a starting container); here and now when no thread can be made (the process at its
+/// thread or memory limit): a cleanup is never dropped.
+fn housekeeping(f: impl FnOnce() + Send + 'static) {
+    let f = std::sync::Arc::new(std::sync::Mutex::new(Some(f)));
+    let g = f.clone();
+    let spawned = std::thread::Builder::new().name("hb-cleanup".into()).spawn(move || {
+        crate::rootfs::background_priority();
+        if let Some(f) = g.lock().expect("cleanup lock").take() {
+            f()
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread for a cleanup; doing it now");
+        if let Some(f) = f.lock().expect("cleanup lock").take() {
+            f()
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    crate::container::process_start(pid).is_some()
+}
+
+impl Daemon {
+    /// A daemon for store `store` at `root`, and the receiving end of its spare refills (for
+    /// the `hb-spares` thread).
+    fn new(
+        g: &Global,
+        root: PathBuf,
+        store: Arc<hb_store::Store>,
+        idle: Duration,
+    ) -> anyhow::Result<(Arc<Daemon>, std::sync::mpsc::Receiver<Refill>)> {
+        let (refill, refills) = std::sync::mpsc::channel::<Refill>();
+        let d = Arc::new(Daemon {
+            g: g.clone(),
+            root,
+            store,
+            work: crate::runtime()?,
+            started: Instant::now(),
+            mounts: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(()),
+            last_used: Mutex::new(HashMap::new()),
+            idle,
+            metrics: Metrics::default(),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            for_containerd: Mutex::new(std::collections::HashSet::new()),
+            exits: ExitWatcher::start().context("starting the container exit watcher")?,
+            spares: Mutex::new(HashMap::new()),
+            refilling: Mutex::new(std::collections::HashSet::new()),
+            handed: Mutex::new(Vec::new()),
+            refill,
+            advertised: Mutex::new(HashMap::new()),
+            dead_since: Mutex::new(HashMap::new()),
+            stopping: Mutex::new(false),
+        });
+        Ok((d, refills))
+    }
+
+    /// Flushes metadata written since the last call: frees the memtables a burst of writes (a
+    /// pull) filled, and spares mount servers replaying it into their read-only views.
+    fn settle(&self) {
+        if self.dirty.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.store.flush_metadata() {
+                tracing::warn!(error = %e, "flushing the store's metadata failed");
+                self.metrics.error("store_flush");
+            }
+        }
+    }
+
+    /// Finds the image mounts a previous daemon left running (their servers outlive it).
+    fn adopt(&self) -> anyhow::Result<()> {
+        let dir = images_dir(&self.root);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(raw) = std::fs::read(path.with_extension("json")) else {
+                if path.is_dir() {
+                    if hb_fuse::clean_stale(&path).unwrap_or(false) {
+                        tracing::warn!(dir = %path.display(), "detached a stale image mount");
+                    }
+                    let _ = std::fs::remove_dir(&path);
+                }
+                continue;
+            };
+            let Ok(m) = serde_json::from_slice::<ImageMount>(&raw) else { continue };
+            if pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path) {
+                tracing::info!(image = %m.image, pid = m.pid, "adopted a running image mount");
+                self.mounts.lock().expect("mounts lock").insert(m.key(), m);
+            } else {
+                let _ = hb_fuse::clean_stale(&m.path);
+                let _ = std::fs::remove_file(path.with_extension("json"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
+    // Caught from here on: a signal while starting stops the daemon as soon as it serves, cleanly.
+    let stopped = crate::shutdown::Shutdown::install()?.signalled();
+    crate::memory::limit_malloc_arenas();
+    // The first pull should not wait for the system's certificates to be read.
+    std::thread::spawn(hb_registry::preload_trust_roots);
+    let root = crate::store_root(g)?;
+    if api::Client::find(socket, &root).is_some() {
+        bail!("an hb daemon already serves {} on {}", root.display(), socket.display());
+    }
+    let store = match crate::open_store(g) {
+        Err(e) if matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Locked(_))) => {
+            bail!("store {} is held by another hb process (a mount or a container started without the daemon): stop it first", root.display())
+        }
+        other => Arc::new(other?),
+    };
+    let (d, refills) = Daemon::new(g, root.clone(), store, idle)?;
+    let sd = d.clone();
+    std::thread::Builder::new().name("hb-spares".into()).spawn(move || {
+        crate::rootfs::background_priority();
+        for r in refills {
+            sd.prepare_spare(r);
+        }
+    })?;
+    d.adopt()?;
+    d.adopt_handed_over();
+    d.sweep_spares();
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let server = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let listener = server
+        .block_on(async { tokio::net::UnixListener::bind(socket) })
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    // Finished containers' cleanups, one datagram each: `hb run` sends and goes, no round trip.
+    let cleanups_path = api::cleanup_socket(socket);
+    let _ = std::fs::remove_file(&cleanups_path);
+    let cleanups = server
+        .block_on(async { tokio::net::UnixDatagram::bind(&cleanups_path) })
+        .with_context(|| format!("listening on {}", cleanups_path.display()))?;
+    std::fs::set_permissions(&cleanups_path, std::fs::Permissions::from_mode(0o660))?;
+    let cd = d.clone();
+    server.spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let got = cleanups.async_io(tokio::io::Interest::READABLE, || recv_with_fds(&cleanups, &mut buf)).await;
+            let (n, mut fds) = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the cleanup socket failed");
+                    continue;
+                }
+            };
+            let refused = match serde_json::from_slice::<api::CleanupRequest>(&buf[..n]) {
+                Ok(c) if c.when_exits => match (fds.pop(), fds.is_empty()) {
+                    (Some(pidfd), true) => cd.watch_handed_over(&c.dir, pidfd).err(),
+                    _ => Some(CleanupRefused::NotContainer(anyhow::anyhow!(
+                        "the hand-over of {} must carry one pidfd",
+                        c.dir.display()
+                    ))),
+                },
+                Ok(c) => cd.start_cleanup(&c).err(),
+                Err(e) => Some(CleanupRefused::NotContainer(e.into())),
+            }
+            .map(|r| match r {
+                CleanupRefused::NotContainer(e) | CleanupRefused::Missing(e) => e,
+            });
+            if let Some(e) = refused {
+                cd.metrics.error("cleanup");
+                tracing::warn!(error = %crate::error_chain(&e), "a cleanup request was refused");
+            }
+        }
+    });
+    out.note(format!(
+        "hb daemon {} serving store {} on {} (pid {}; {} image mounts adopted)",
+        env!("CARGO_PKG_VERSION"),
+        root.display(),
+        socket.display(),
+        std::process::id(),
+        d.mounts.lock().expect("mounts lock").len()
+    ));
+    // containerd's remote snapshotter (proxy_plugins.<name>, type "snapshot") on its own socket.
+    let snapshots = Arc::new(
+        hb_snapshotter::Snapshots::open(&root.join("snapshots"))
+            .map_err(|e| anyhow::anyhow!("snapshots: {e}"))?
+            .with_remote(Arc::new(DaemonLayers(d.clone()))),
+    );
+    if let Some(parent) = snapshotter.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(snapshotter);
+    let snap_listener = server
+        .block_on(async { tokio::net::UnixListener::bind(snapshotter) })
+        .with_context(|| format!("listening on {}", snapshotter.display()))?;
+    std::fs::set_permissions(snapshotter, std::fs::Permissions::from_mode(0o660))?;
+    let (stop_snap, snap_stopped) = tokio::sync::oneshot::channel::<()>();
+    let snap_server = server.spawn(hb_snapshotter::service::serve(snapshots, snap_listener, async {
+        let _ = snap_stopped.await;
+    }));
+    out.note(format!("containerd snapshotter on {} (proxy_plugins, type \"snapshot\")", snapshotter.display()));
+    tracing::info!(socket = %socket.display(), root = %root.display(), "daemon ready");
+    let reaper = d.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));
+        reaper.reap_spares();
+        reaper.reap_handed_over();
+        reaper.reap_idle();
+        reaper.settle();
+        // Also after the work's threads ended (their caches are freed then, not before).
+        crate::memory::release_free_memory();
+    });
+    server.block_on(async {
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _) = match accepted {
+                        Ok(s) => s,
+                        Err(e) => { tracing::warn!(error = %e, "accept failed"); continue; }
+                    };
+                    let d = d.clone();
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |req| handle(d.clone(), req));
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                _ = &mut stopped => break,
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let _ = stop_snap.send(());
+    if let Err(e) = server.block_on(snap_server) {
+        tracing::warn!(error = %e, "the snapshotter's server ended badly");
+    }
+    let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_file(&cleanups_path);
+    let _ = std::fs::remove_file(snapshotter);
+    d.stop_spares();
+    out.note(format!(
+        "hb daemon stopped; {} image mounts keep serving (the next daemon adopts them)",
+        d.mounts.lock().expect("mounts lock").len()
+    ));
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Image mounts: one mount server process per image, shared by its containers, adopted again
+//! after a restart, unmounted when idle; remote layers for containerd.
+
+use super::*;
+
+impl Daemon {
+    /// The image's mount, started (and the image pulled) if needed.
+    /// The live mount `req` asks for, if there is one (no pull, no mount: cheap enough to answer
+    /// on the API's own thread, which is what `hb run` asks for most).
+    pub(super) fn existing_mount(&self, req: &MountRequest) -> anyhow::Result<Option<ImageMount>> {
+        let Some((_, digest)) = crate::find_image(&self.store, &req.image)? else { return Ok(None) };
+        let key = match req.layers {
+            Some(n) => format!("{digest}/{n}"),
+            None => digest.to_string(),
+        };
+        // (A request for all N layers of an N-layer image misses here; the slow path keys it as
+        // the whole image.)
+        Ok(self.live_mount(key))
+    }
+
+    /// The mount recorded under `key` if its server is alive and it is still mounted; marked as
+    /// used now.
+    pub(super) fn live_mount(&self, key: String) -> Option<ImageMount> {
+        let m = self.mounts.lock().expect("mounts lock").get(&key).cloned()?;
+        if !(pid_alive(m.pid) && hb_fuse::is_mountpoint(&m.path)) {
+            return None;
+        }
+        self.last_used.lock().expect("lock").insert(key, Instant::now());
+        Some(m)
+    }
+
+    /// Containers using an image mount: overlays over it, its spares not counted.
+    pub(super) fn users(&self, m: &ImageMount) -> usize {
+        let spares = self.spares.lock().expect("spares lock").get(&m.key()).map_or(0, Vec::len);
+        overlay_users(&m.path).saturating_sub(spares)
+    }
+
+    pub(super) fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
+        let _one = self.preparing.lock().expect("preparing lock");
+        if crate::find_image(&self.store, &req.image)?.is_none() {
+            crate::mount::pull_for_mount(
+                &Hosts::of(&self.g),
+                &self.work,
+                &self.store,
+                &req.image,
+                req.plain_http,
+                &Silent,
+            )?;
+            self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::SeqCst);
+        }
+        let (name, digest, rec) = crate::require_image(&self.store, &req.image)?;
+        // The first N layers of an N-layer image are the image.
+        let layers = req.layers.filter(|n| *n < rec.layers.len());
+        if layers == Some(0) {
+            bail!("cannot mount the first 0 layers of {name}");
+        }
+        let key = match layers {
+            Some(n) => format!("{digest}/{n}"),
+            None => digest.to_string(),
+        };
+        if let Some(m) = self.live_mount(key.clone()) {
+            return Ok(m);
+        }
+        self.settle();
+        let dir_name = match layers {
+            Some(n) => format!("{}-{n}", &digest.hex()[..16]),
+            None => digest.hex()[..16].to_string(),
+        };
+        let path = images_dir(&self.root).join(dir_name);
+        let _ = hb_fuse::clean_stale(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let pid = self.start_mount_server(&req.image, &path, req.plain_http, layers)?;
+        let m = ImageMount {
+            image: name,
+            digest: digest.to_string(),
+            path: path.clone(),
+            pid,
+            config: rec.config,
+            users: 0,
+            layers,
+            spare: None,
+        };
+        std::fs::write(path.with_extension("json"), serde_json::to_vec_pretty(&m)?)?;
+        self.mounts.lock().expect("mounts lock").insert(key.clone(), m.clone());
+        self.last_used.lock().expect("lock").insert(key, Instant::now());
+        Ok(m)
+    }
+
+    /// The layer a containerd Prepare describes (image reference and layer digest labels, CRI's
+    /// or the stargz family's), if hb can serve it lazily: the image has an accelerated form
+    /// (its indexes are pulled now) or is in the store already. Also answers the image's layer
+    /// count.
+    pub(super) fn remote_layer(
+        &self,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<Option<(hb_snapshotter::RemoteLayer, usize)>> {
+        let get = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+        let (Some(image), Some(layer)) = (
+            get(&["containerd.io/snapshot/cri.image-ref", "containerd.io/snapshot/remote/stargz.reference"]),
+            get(&["containerd.io/snapshot/cri.layer-digest", "containerd.io/snapshot/remote/stargz.digest"]),
+        ) else {
+            tracing::debug!(?labels, "a remote-snapshot Prepare without image and layer labels");
+            return Ok(None);
+        };
+        let _one = self.preparing.lock().expect("preparing lock");
+        if crate::find_image(&self.store, &image)?.is_none() {
+            let r = hb_registry::ImageRef::parse(&image)?;
+            let creds = crate::config::docker_credentials(r.registry())?;
+            let eps = Hosts::of(&self.g).endpoints(&r, false, creds, hb_registry::Platform::default())?;
+            let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
+            if resolved.accelerated.is_none() {
+                tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
+                return Ok(None);
+            }
+            let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved)?;
+            self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::SeqCst);
+            tracing::info!(%image, summary = %crate::pull::lazy_summary(&report), "pulled lazily for containerd");
+            self.for_containerd.lock().expect("lock").insert(image.clone());
+        }
+        let (_, _, rec) = crate::require_image(&self.store, &image)?;
+        let total = rec.layers.len();
+        Ok(rec
+            .layers
+            .iter()
+            .position(|l| l.digest.to_string() == layer)
+            .map(|index| (hb_snapshotter::RemoteLayer { image, index }, total)))
+    }
+
+    /// Starts `hb mount IMAGE DIR` as a process of its own (not the daemon's child in any way
+    /// that matters: own process group, its own log) and returns once it serves.
+    pub(super) fn start_mount_server(
+        &self,
+        image: &str,
+        dir: &Path,
+        plain_http: bool,
+        layers: Option<usize>,
+    ) -> anyhow::Result<u32> {
+        let mut cmd = std::process::Command::new(crate::self_exe());
+        crate::pass_globals(&mut cmd, &self.g, &self.root);
+        cmd.arg("mount").arg(image).arg(dir);
+        if plain_http {
+            cmd.arg("--plain-http");
+        }
+        if let Some(n) = layers {
+            cmd.arg("--layers").arg(n.to_string());
+        }
+        let (mut child, _) = crate::mount::start_server(&mut cmd, &self.root, dir)
+            .with_context(|| format!("starting the mount server for {image}"))?;
+        // Reaped by a thread of ours when it ends (it normally outlives us).
+        let pid = child.id();
+        std::thread::spawn(move || child.wait());
+        Ok(pid)
+    }
+
+    /// Current image mounts with their users counted.
+    pub(super) fn list_mounts(&self) -> Vec<ImageMount> {
+        let mut v: Vec<ImageMount> = self.mounts.lock().expect("mounts lock").values().cloned().collect();
+        for m in &mut v {
+            m.users = self.users(m);
+        }
+        v.sort_by(|a, b| a.image.cmp(&b.image));
+        v
+    }
+
+    /// Unmounts an image mount (refused while a container uses it, unless `force`).
+    pub(super) fn unmount(&self, digest: &str, force: bool) -> anyhow::Result<()> {
+        let m = self.mounts.lock().expect("mounts lock").get(digest).cloned();
+        let Some(m) = m else { bail!("no image mount {digest}") };
+        // A spare an `hb run` claimed is a user: known once its advertisement is withdrawn.
+        self.withdraw_all();
+        let users = self.users(&m);
+        if users > 0 && !force {
+            bail!("image mount of {} is used by {users} containers", m.image);
+        }
+        self.release_spares(Some(digest));
+        crate::mount::umount(&self.root, &m.path, &Silent)?;
+        let _ = std::fs::remove_dir(&m.path);
+        let _ = std::fs::remove_file(m.path.with_extension("json"));
+        self.mounts.lock().expect("mounts lock").remove(digest);
+        Ok(())
+    }
+
+    /// Unmounts image mounts no container has used for `idle`.
+    pub(super) fn reap_idle(&self) {
+        let now = Instant::now();
+        for m in self.list_mounts() {
+            let mut last = self.last_used.lock().expect("lock");
+            let seen = last.entry(m.key()).or_insert(now);
+            if m.users > 0 {
+                *seen = now;
+                continue;
+            }
+            if now.duration_since(*seen) >= self.idle {
+                drop(last);
+                tracing::info!(image = %m.image, "unmounting an idle image mount");
+                if let Err(e) = self.unmount(&m.key(), false) {
+                    tracing::warn!(image = %m.image, error = %e, "unmounting an idle image mount failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! What the API does with the store: pulls, chunks for mount servers (get and fill), image
+//! removal, health.
+
+use super::*;
+
+impl Daemon {
+    pub(super) fn pull(&self, req: &PullRequest) -> anyhow::Result<PullResponse> {
+        let _one = self.preparing.lock().expect("preparing lock");
+        let r = hb_registry::ImageRef::parse(&req.reference)?;
+        let creds = match &req.credentials {
+            Some(c) => Some(c.clone()),
+            None => crate::config::docker_credentials(r.registry())?,
+        };
+        let platform = match &req.platform {
+            Some(p) => p.parse().map_err(anyhow::Error::msg)?,
+            None => hb_registry::Platform::default(),
+        };
+        let eps = Hosts::of(&self.g).endpoints(&r, req.plain_http, creds, platform)?;
+        let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
+        self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::SeqCst);
+        if req.lazy && resolved.accelerated.is_some() {
+            let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved)?;
+            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            Ok(PullResponse {
+                digest: report.digest.to_string(),
+                summary: crate::pull::lazy_summary(&report),
+                report: serde_json::to_value(&report)?,
+            })
+        } else {
+            let report = crate::pull::pull(&self.work, self.store.clone(), registry, resolved, &Silent)?;
+            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            Ok(PullResponse {
+                digest: report.digest.to_string(),
+                summary: crate::pull::summary(&report),
+                report: serde_json::to_value(&report)?,
+            })
+        }
+    }
+
+    /// The chunks of `ids` the store has (verified on read), framed.
+    pub(super) fn chunks_get(&self, ids: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let ids = api::decode_ids(ids)?;
+        let mut found = Vec::new();
+        let mut size = 0;
+        for id in ids {
+            match self.store.read_chunk(&id) {
+                Ok(b) => {
+                    size += b.len() + 36;
+                    if size > api::MAX_CHUNK_BODY {
+                        break;
+                    }
+                    found.push((id, b));
+                }
+                Err(hb_store::StoreError::MissingChunk(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(api::encode_chunks(found.iter().map(|(i, b)| (i, b.as_slice()))))
+    }
+
+    /// Keeps chunks a mount server fetched (the store verifies each against its id).
+    pub(super) fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<api::FillResponse> {
+        let chunks = api::decode_chunks(body)?;
+        let r = self.store.fill_chunks(&chunks)?;
+        self.dirty.store(true, Ordering::SeqCst);
+        Ok(api::FillResponse { filled: r.filled, skipped: r.skipped })
+    }
+
+    pub(super) fn remove_images(&self, req: &RemoveRequest) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        for q in &req.images {
+            let (name, digest, _) = crate::require_image(&self.store, q)?;
+            self.store.remove_image_name(&name)?;
+            self.dirty.store(true, Ordering::SeqCst);
+            lines.push(format!("untagged {name} ({}); run `hb gc` to free its space", digest.short()));
+        }
+        Ok(lines)
+    }
+
+    pub(super) fn health(&self) -> Health {
+        Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            root: self.root.clone(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            image_mounts: self.mounts.lock().expect("mounts lock").len(),
+        }
+    }
+}
