@@ -16,6 +16,7 @@ pub mod args;
 pub mod config;
 pub mod container;
 pub mod output;
+pub mod probe;
 pub mod rootfs;
 pub mod run;
 

@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// Something an API request names is not there (answered with 404).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct NotFound(pub(super) String);
+
 pub(super) fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     Response::builder()
@@ -39,11 +44,12 @@ pub(super) async fn blocking_value<T: Send + 'static>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             d.metrics.error(kind);
-            let status = if crate::error_chain(&e).contains("no image") || e.to_string().starts_with("no image mount") {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::INTERNAL_SERVER_ERROR
-            };
+            // Decided by the error's type, never by its text.
+            let missing = e.chain().any(|c| {
+                c.is::<NotFound>()
+                    || matches!(c.downcast_ref::<hb_images::ImagesError>(), Some(hb_images::ImagesError::NoSuchImage(_)))
+            });
+            let status = if missing { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
             Err(error(status, &e))
         }
         Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, &anyhow::anyhow!("handler failed: {e}"))),

@@ -168,7 +168,7 @@ impl Daemon {
     /// Unmounts an image mount (refused while a container uses it, unless `force`).
     pub(super) fn unmount(&self, digest: &str, force: bool) -> anyhow::Result<()> {
         let m = self.mounts.lock().expect("mounts lock").get(digest).cloned();
-        let Some(m) = m else { bail!("no image mount {digest}") };
+        let Some(m) = m else { return Err(NotFound(format!("no image mount {digest}")).into()) };
         // A spare an `hb run` claimed is a user: known once its advertisement is withdrawn.
         self.withdraw_all();
         let users = self.users(&m);

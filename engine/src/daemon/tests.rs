@@ -8,7 +8,6 @@ fn metric_paths_are_a_bounded_set() {
     assert_eq!(super::metric_path("/random-1234"), "other");
 }
 
-
 /// A daemon on a fresh store with one (pretend) image mount, and a spare's request for it.
 fn daemon(dir: &Path) -> (Arc<Daemon>, std::sync::mpsc::Receiver<Refill>, Refill) {
     let root = dir.join("store");

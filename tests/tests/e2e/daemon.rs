@@ -218,6 +218,17 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
     let digest = mounts[0]["digest"].as_str().unwrap().to_string();
     assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some());
     assert_eq!(d.get("/v1/mounts").unwrap(), "[]");
+    // What is not there is a 404, decided by the error's type (it was decided by its text).
+    let status = |method: &str, path: &str, body: &str| {
+        let o = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "--unix-socket", &socket(&hb)])
+            .args(["-d", body, &format!("http://hb{path}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(status("DELETE", &format!("/v1/mounts/{digest}"), ""), "404");
+    assert_eq!(status("POST", "/v1/images/remove", r#"{"images":["no-such-image:1"]}"#), "404");
     d.stop();
     unmount_all(&hb);
     hb.fsck_clean();

@@ -1,0 +1,230 @@
+//! `hb-engine`'s command line (clap): every command; the container commands come from
+//! `hb_cli::args`, shared with the lean `hb`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use hb_cli::{ContainerCmd, Global};
+
+#[derive(Parser)]
+#[command(name = "hb", version, about = "HyperBox: content-addressed image storage with chunk-level dedup")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Pull an image from a registry into the store (layers deduplicated by chunk)
+    Pull {
+        /// Image reference, as docker takes it (busybox, ghcr.io/org/app:v1, host:5000/app@sha256:...)
+        reference: String,
+        /// Platform to select from a multi-platform image [default: this machine's]
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+        /// Use plain HTTP for this registry (loopback registries use it without asking)
+        #[arg(long)]
+        plain_http: bool,
+        /// Registry credentials [default: from docker's config.json]
+        #[arg(long, value_name = "USER:PASSWORD")]
+        creds: Option<String>,
+        /// Show which layers a pull would download given what is stored; download nothing
+        #[arg(long)]
+        plan: bool,
+        /// Fetch only the image's indexes (from its accelerated form, see `hb convert`); file data
+        /// comes on first read through `hb mount`. Without an accelerated form, pull it whole.
+        #[arg(long, conflicts_with = "plan")]
+        lazy: bool,
+    },
+    /// Mount an image's rootfs read-only at DIR; lazily pulled data is fetched on first read
+    Mount {
+        image: String,
+        dir: PathBuf,
+        /// Background fetching after mount: the recorded start-up order, everything, or nothing
+        #[arg(long, default_value = "startup", value_name = "none|startup|all")]
+        prefetch: hb_fuse::Prefetch,
+        /// Cap on background fetching, e.g. 10M (bytes per second; K, M, G suffixes)
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
+        /// Never serve local files by FUSE passthrough
+        #[arg(long)]
+        no_passthrough: bool,
+        /// FUSE worker threads
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+        /// Return once mounted, serving from a background process (`hb umount` ends it)
+        #[arg(short = 'd', long)]
+        background: bool,
+        /// Use plain HTTP for the image's registry (for pulling it and reading its chunks)
+        #[arg(long)]
+        plain_http: bool,
+        /// Mount only the image's first N layers merged
+        #[arg(long, value_name = "N")]
+        layers: Option<usize>,
+    },
+    #[command(flatten)]
+    Container(ContainerCmd),
+    /// Own the store and serve the API on a Unix socket (docs/api.md); image mounts it starts
+    /// outlive it
+    Daemon {
+        /// Unmount an image mount no container has used for this many seconds [default: the
+        /// config's daemon.mount_idle_seconds, else 600]
+        #[arg(long, value_name = "SECONDS")]
+        mount_idle: Option<u64>,
+        /// containerd's snapshotter API socket [default: the config's daemon.snapshotter_socket,
+        /// else /run/hb/snapshotter.sock]
+        #[arg(long, value_name = "PATH")]
+        snapshotter_socket: Option<PathBuf>,
+    },
+    /// Serve a pull-through registry mirror for CI farms and teams: each blob crosses the
+    /// upstream link once, is kept deduplicated in the store, and is served to every client
+    Proxy(ProxyCli),
+    /// Show the effective configuration
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Unmount what `hb mount` mounted at DIR (also detaches a stale mount of a dead process)
+    Umount { dir: PathBuf },
+    /// Write an accelerated (lazy-pullable) form of SRC to DST in any OCI registry, bound to the
+    /// original in an OCI index so other clients still pull the original
+    Convert {
+        src: String,
+        dst: String,
+        #[arg(long)]
+        plain_http: bool,
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
+    },
+    /// Record which chunks an image reads at start-up (running its entrypoint or CMD from a lazy
+    /// mount) and store that order in its accelerated form
+    Optimize {
+        /// An accelerated image in a registry (as `hb convert` wrote it)
+        reference: String,
+        /// Command to run instead of the image's entrypoint + cmd
+        #[arg(last = true)]
+        command: Vec<String>,
+        /// How long to let the command run
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// Check credentials with a registry and save them in docker's config.json
+    Login {
+        /// Registry host[:port] (docker.io when omitted)
+        registry: Option<String>,
+        #[arg(short, long)]
+        username: String,
+        /// Read the password from stdin (otherwise HB_PASSWORD, or a prompt-less error)
+        #[arg(long)]
+        password_stdin: bool,
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// Remove saved credentials for a registry
+    Logout { registry: Option<String> },
+    /// List images: name, digest, size, bytes only this image uses vs bytes shared with others
+    Images,
+    /// Print an image's manifest and config
+    Inspect { image: String },
+    /// Remove image names; `hb gc` then frees what no other image uses
+    Rmi {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Materialise an image's rootfs (layers merged, whiteouts applied) into DIR
+    Export { image: String, dir: PathBuf },
+    /// Import, export, list and remove layers
+    #[command(subcommand)]
+    Layer(LayerCmd),
+    /// Show what changed from A to B and what B needs beyond A (images or layers)
+    Diff {
+        /// An image name, or a layer (blob digest or diff_id, or an unambiguous prefix)
+        a: String,
+        /// The same for B
+        b: String,
+    },
+    /// Logical vs stored bytes and the dedup ratio
+    Du,
+    /// Free layers nothing pins and chunks no layer uses; compact pack files
+    Gc,
+    /// Verify every chunk, index, reference and passthrough backing file; exit 0 only when the
+    /// store is clean
+    Fsck {
+        /// Mend what can be mended without loss (damaged backing files are removed: they are
+        /// written again from verified chunks when next used), then check again
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ProxyCli {
+    #[command(subcommand)]
+    pub cmd: Option<ProxyCmd>,
+    /// Address to listen on [default: the config's proxy.listen, else 127.0.0.1:5000]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// An upstream registry, as clients name it (docker.io, ghcr.io, 10.0.0.5:5000), optionally
+    /// with its URL (HOST=https://...); repeatable, added to the config's [[proxy.upstream]]
+    #[arg(long, value_name = "HOST[=URL]")]
+    pub upstream: Vec<String>,
+    /// Keep at most this much (e.g. 50G); least recently used blobs go above it
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<String>,
+    /// The upstream for names without a registry host (Docker's registry-mirrors)
+    /// [default: docker.io when configured, else the first]
+    #[arg(long, value_name = "HOST")]
+    pub default_upstream: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM)
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum ProxyCmd {
+    /// Hit ratio and bytes from upstream vs served, per upstream, of a running hb proxy
+    Stats {
+        /// The proxy's base URL
+        #[arg(long, default_value = "http://127.0.0.1:5000")]
+        url: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCmd {
+    /// Print the configuration in effect (file values and defaults) as TOML
+    Show,
+}
+
+#[derive(Subcommand)]
+pub enum LayerCmd {
+    /// Import layer blobs (tar, tar+gzip, tar+zstd; `-` reads stdin)
+    Import {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Export one layer as a tar (-o), or layers merged bottom-first into a rootfs (--dir)
+    Export {
+        #[arg(required = true, value_name = "DIGEST")]
+        layers: Vec<String>,
+        /// Write the layer as an uncompressed tar to FILE (`-` for stdout)
+        #[arg(short, long, value_name = "FILE", conflicts_with = "dir", required_unless_present = "dir")]
+        output: Option<PathBuf>,
+        /// Materialise the merged rootfs into DIR (missing or empty)
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// List stored layers
+    Ls,
+    /// Unpin layers; `hb gc` then frees what only they used
+    Rm {
+        #[arg(required = true, value_name = "DIGEST")]
+        layers: Vec<String>,
+    },
+}
