@@ -11,6 +11,7 @@ pub mod diff;
 pub mod digest;
 pub mod index;
 pub mod lazy;
+pub mod metrics;
 pub mod path;
 pub mod size;
 pub mod source;

@@ -123,37 +123,48 @@ impl Stats {
     }
 
     pub fn prometheus(&self, objects: usize, kept_bytes: u64, max_bytes: Option<u64>) -> String {
-        use std::fmt::Write;
+        use hb_core::metrics::{Exposition, Kind};
         let r = self.report(objects, kept_bytes, max_bytes);
-        let mut s = String::new();
+        let mut e = Exposition::new();
+        e.build_info("hb proxy", env!("CARGO_PKG_VERSION"));
         type Series = (&'static str, &'static str, fn(&UpstreamReport) -> u64);
         let series: [Series; 8] = [
-            ("hb_mirror_requests_total", "counter", |u| u.requests),
-            ("hb_mirror_hits_total", "counter", |u| u.hits),
-            ("hb_mirror_misses_total", "counter", |u| u.misses),
-            ("hb_mirror_upstream_bytes_total", "counter", |u| u.bytes_from_upstream),
-            ("hb_mirror_served_bytes_total", "counter", |u| u.bytes_served),
-            ("hb_mirror_upstream_blob_gets_total", "counter", |u| u.upstream_blob_gets),
-            ("hb_mirror_stale_served_total", "counter", |u| u.stale_served),
-            ("hb_mirror_revalidated_total", "counter", |u| u.revalidated),
+            ("hb_mirror_requests_total", "Requests by upstream.", |u| u.requests),
+            ("hb_mirror_hits_total", "Requests served from what the mirror keeps.", |u| u.hits),
+            ("hb_mirror_misses_total", "Requests that went to the upstream.", |u| u.misses),
+            ("hb_mirror_upstream_bytes_total", "Bytes received from the upstream.", |u| u.bytes_from_upstream),
+            ("hb_mirror_served_bytes_total", "Bytes served to clients.", |u| u.bytes_served),
+            ("hb_mirror_upstream_blob_gets_total", "Blob downloads from the upstream.", |u| u.upstream_blob_gets),
+            ("hb_mirror_stale_served_total", "Tags served stale while the upstream was down.", |u| u.stale_served),
+            ("hb_mirror_revalidated_total", "Tags checked again with the upstream.", |u| u.revalidated),
         ];
-        for (name, kind, f) in series {
-            let _ = writeln!(s, "# TYPE {name} {kind}");
-            for u in &r.upstreams {
-                let _ = writeln!(s, "{name}{{upstream=\"{}\"}} {}", u.host, f(u));
-            }
+        // Upstreams are configured, error kinds a fixed set: the label sets are bounded.
+        for (name, help, f) in series {
+            let samples = r.upstreams.iter().map(|u| (vec![("upstream", u.host.clone())], f(u) as f64)).collect();
+            e.family(name, Kind::Counter, help, samples);
         }
-        let _ = writeln!(s, "# TYPE hb_mirror_errors_total counter");
-        for u in &r.upstreams {
-            for (kind, n) in &u.errors {
-                let _ = writeln!(s, "hb_mirror_errors_total{{upstream=\"{}\",kind=\"{kind}\"}} {n}", u.host);
-            }
-        }
-        let _ = writeln!(s, "# TYPE hb_mirror_objects gauge\nhb_mirror_objects {objects}");
-        let _ = writeln!(s, "# TYPE hb_mirror_kept_bytes gauge\nhb_mirror_kept_bytes {kept_bytes}");
-        let _ = writeln!(s, "# TYPE hb_mirror_evictions_total counter\nhb_mirror_evictions_total {}", r.evictions);
-        let _ =
-            writeln!(s, "# TYPE hb_mirror_conversions_total counter\nhb_mirror_conversions_total {}", r.conversions);
-        s
+        let errors = r
+            .upstreams
+            .iter()
+            .flat_map(|u| {
+                u.errors.iter().map(|(kind, n)| (vec![("upstream", u.host.clone()), ("kind", kind.clone())], *n as f64))
+            })
+            .collect();
+        e.family("hb_mirror_errors_total", Kind::Counter, "Errors by upstream and kind.", errors);
+        e.single("hb_mirror_objects", Kind::Gauge, "Objects the mirror keeps.", objects as f64);
+        e.single("hb_mirror_kept_bytes", Kind::Gauge, "Bytes of the objects the mirror keeps.", kept_bytes as f64);
+        e.single(
+            "hb_mirror_evictions_total",
+            Kind::Counter,
+            "Objects removed to stay under the size cap.",
+            r.evictions as f64,
+        );
+        e.single(
+            "hb_mirror_conversions_total",
+            Kind::Counter,
+            "Accelerated forms made for hb clients.",
+            r.conversions as f64,
+        );
+        e.finish()
     }
 }

@@ -47,7 +47,10 @@ pub(super) async fn blocking_value<T: Send + 'static>(
             // Decided by the error's type, never by its text.
             let missing = e.chain().any(|c| {
                 c.is::<NotFound>()
-                    || matches!(c.downcast_ref::<hb_images::ImagesError>(), Some(hb_images::ImagesError::NoSuchImage(_)))
+                    || matches!(
+                        c.downcast_ref::<hb_images::ImagesError>(),
+                        Some(hb_images::ImagesError::NoSuchImage(_))
+                    )
             });
             let status = if missing { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
             Err(error(status, &e))

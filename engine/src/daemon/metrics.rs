@@ -46,25 +46,20 @@ pub(super) fn metric_path(path: &str) -> &'static str {
 impl Daemon {
     /// Prometheus text format.
     pub(super) fn metrics_text(&self) -> String {
-        use std::fmt::Write;
-        let mut t = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-            let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(t, "{name}{labels} {v}");
-            }
-        };
+        use hb_core::metrics::{Exposition, Kind};
+        let mut e = Exposition::new();
+        e.build_info("hb daemon", env!("CARGO_PKG_VERSION"));
         let mounts = self.list_mounts();
-        metric("hb_image_mounts", "gauge", "Image mounts served.", vec![(String::new(), mounts.len() as f64)]);
-        metric(
+        e.single("hb_image_mounts", Kind::Gauge, "Image mounts served.", mounts.len() as f64);
+        e.single(
             "hb_containers_on_mounts",
-            "gauge",
+            Kind::Gauge,
             "Containers whose root filesystem sits on an image mount.",
-            vec![(String::new(), mounts.iter().map(|m| m.users).sum::<usize>() as f64)],
+            mounts.iter().map(|m| m.users).sum::<usize>() as f64,
         );
         // What the mount servers report (each writes its figures beside its pid file).
         let mut sum = hb_images::mount::MountStats::default();
-        let mut hist = [0f64; hb_fuse::LATENCY_BUCKETS_MS.len() + 1];
+        let mut hist = [0u64; hb_fuse::LATENCY_BUCKETS_MS.len() + 1];
         let mut hist_sum = 0f64;
         // Chunks by tier name (the daemon, mirrors, registries): a bounded set, one per configured host.
         let mut by_source: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
@@ -79,7 +74,7 @@ impl Daemon {
             sum.errors += v.errors;
             sum.fill_errors += v.fill_errors;
             for (h, x) in hist.iter_mut().zip(&v.fetch_latency_ms) {
-                *h += *x as f64;
+                *h += *x;
             }
             hist_sum += v.fetch_latency_sum_ms as f64 / 1000.0;
             for t in &v.sources {
@@ -89,108 +84,77 @@ impl Daemon {
                 e.2 += t.errors + t.corrupt;
             }
         }
-        metric(
+        let by = |key: &'static str, v: &str, x: u64| (vec![(key, v.to_string())], x as f64);
+        e.family(
             "hb_fetched_bytes_total",
-            "counter",
+            Kind::Counter,
             "File data bytes read by image mounts, by source.",
             vec![
-                ("{source=\"local\"}".into(), sum.local_bytes as f64),
-                ("{source=\"remote\"}".into(), sum.remote_bytes as f64),
-                ("{source=\"wire\"}".into(), sum.wire_bytes as f64),
+                by("source", "local", sum.local_bytes),
+                by("source", "remote", sum.remote_bytes),
+                by("source", "wire", sum.wire_bytes),
             ],
         );
-        metric(
+        e.family(
             "hb_chunk_lookups_total",
-            "counter",
+            Kind::Counter,
             "Chunks image mounts needed: hits in the store, misses fetched remotely.",
-            vec![
-                ("{result=\"hit\"}".into(), sum.local_chunks as f64),
-                ("{result=\"miss\"}".into(), sum.remote_chunks as f64),
-            ],
+            vec![by("result", "hit", sum.local_chunks), by("result", "miss", sum.remote_chunks)],
         );
-        let label = |name: &str| format!("{{tier=\"{}\"}}", name.replace(['"', '\\', '\n'], "_"));
-        metric(
+        e.family(
             "hb_tier_chunks_total",
-            "counter",
+            Kind::Counter,
             "Chunks image mounts fetched, by remote tier (daemon, mirror, registry).",
-            by_source.iter().map(|(n, v)| (label(n), v.0 as f64)).collect(),
+            by_source.iter().map(|(n, v)| by("tier", n, v.0)).collect(),
         );
-        metric(
+        e.family(
             "hb_tier_bytes_total",
-            "counter",
+            Kind::Counter,
             "Uncompressed bytes image mounts fetched, by remote tier.",
-            by_source.iter().map(|(n, v)| (label(n), v.1 as f64)).collect(),
+            by_source.iter().map(|(n, v)| by("tier", n, v.1)).collect(),
         );
-        metric(
+        e.family(
             "hb_tier_errors_total",
-            "counter",
+            Kind::Counter,
             "Failed requests and corrupt chunks, by remote tier.",
-            by_source.iter().map(|(n, v)| (label(n), v.2 as f64)).collect(),
+            by_source.iter().map(|(n, v)| by("tier", n, v.2)).collect(),
         );
-        let mut cumulative = 0.0;
-        let mut samples = Vec::new();
-        for (i, le) in hb_fuse::LATENCY_BUCKETS_MS.iter().enumerate() {
-            cumulative += hist[i];
-            samples.push((format!("_bucket{{le=\"{}\"}}", *le as f64 / 1000.0), cumulative));
-        }
-        cumulative += hist[hist.len() - 1];
-        samples.push(("_bucket{le=\"+Inf\"}".into(), cumulative));
-        samples.push(("_sum".into(), hist_sum));
-        samples.push(("_count".into(), cumulative));
-        let _ = writeln!(
-            t,
-            "# HELP hb_remote_fetch_seconds Latency of remote chunk fetches by image mounts.\n# TYPE hb_remote_fetch_seconds histogram"
+        let bounds: Vec<f64> = hb_fuse::LATENCY_BUCKETS_MS.iter().map(|ms| *ms as f64 / 1000.0).collect();
+        e.histogram(
+            "hb_remote_fetch_seconds",
+            "Latency of remote chunk fetches by image mounts.",
+            &bounds,
+            &hist,
+            hist_sum,
         );
-        for (suffix, v) in samples {
-            let _ = writeln!(t, "hb_remote_fetch_seconds{suffix} {v}");
-        }
-        let mut errors: Vec<(String, f64)> = vec![
-            ("{kind=\"fetch\"}".into(), sum.errors as f64),
-            ("{kind=\"store_fill\"}".into(), sum.fill_errors as f64),
-        ];
+        let mut errors = vec![by("kind", "fetch", sum.errors), by("kind", "store_fill", sum.fill_errors)];
         for (k, v) in self.metrics.errors.lock().expect("metrics lock").iter() {
-            errors.push((format!("{{kind=\"{k}\"}}"), *v as f64));
+            errors.push(by("kind", k, *v));
         }
-        let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-            let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(t, "{name}{labels} {v}");
-            }
-        };
-        metric("hb_errors_total", "counter", "Errors by kind.", errors);
-        metric(
+        e.family("hb_errors_total", Kind::Counter, "Errors by kind.", errors);
+        e.single(
             "hb_pulls_total",
-            "counter",
+            Kind::Counter,
             "Image pulls the daemon made.",
-            vec![(String::new(), self.metrics.pulls.load(Ordering::Relaxed) as f64)],
+            self.metrics.pulls.load(Ordering::Relaxed) as f64,
         );
-        metric(
+        e.single(
             "hb_pulled_bytes_total",
-            "counter",
+            Kind::Counter,
             "Bytes pulls downloaded.",
-            vec![(String::new(), self.metrics.pulled_bytes.load(Ordering::Relaxed) as f64)],
+            self.metrics.pulled_bytes.load(Ordering::Relaxed) as f64,
         );
-        let reqs: Vec<(String, f64)> = self
+        let reqs = self
             .metrics
             .requests
             .lock()
             .expect("metrics lock")
             .iter()
-            .map(|((p, c), n)| (format!("{{path=\"{p}\",code=\"{c}\"}}"), *n as f64))
+            .map(|((p, c), n)| (vec![("path", p.clone()), ("code", c.to_string())], *n as f64))
             .collect();
-        metric("hb_api_requests_total", "counter", "API requests by path and status.", reqs);
+        e.family("hb_api_requests_total", Kind::Counter, "API requests by path and status.", reqs);
         let (buckets, sum_us) = *self.metrics.latency.lock().expect("metrics lock");
-        let _ =
-            writeln!(t, "# HELP hb_api_request_seconds API request latency.\n# TYPE hb_api_request_seconds histogram");
-        let mut c = 0;
-        for (i, le) in BUCKETS.iter().enumerate() {
-            c += buckets[i];
-            let _ = writeln!(t, "hb_api_request_seconds_bucket{{le=\"{le}\"}} {c}");
-        }
-        c += buckets[BUCKETS.len()];
-        let _ = writeln!(t, "hb_api_request_seconds_bucket{{le=\"+Inf\"}} {c}");
-        let _ = writeln!(t, "hb_api_request_seconds_sum {}", sum_us as f64 / 1e6);
-        let _ = writeln!(t, "hb_api_request_seconds_count {c}");
-        t
+        e.histogram("hb_api_request_seconds", "API request latency.", &BUCKETS, &buckets, sum_us as f64 / 1e6);
+        e.finish()
     }
 }

@@ -127,6 +127,27 @@ pub(crate) fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// A `/metrics` answer as Prometheus wants it: `hb_build_info` for `program`, every family with
+/// HELP and TYPE lines before its samples.
+pub(crate) fn assert_exposition(text: &str, program: &str) {
+    assert!(text.contains(&format!("hb_build_info{{program=\"{program}\",version=\"")), "{text}");
+    let mut helped = std::collections::HashSet::new();
+    let mut typed = std::collections::HashSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# HELP ") {
+            helped.insert(rest.split(' ').next().unwrap().to_string());
+        } else if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let name = rest.split(' ').next().unwrap().to_string();
+            assert!(helped.contains(&name), "{name} has no HELP line:\n{text}");
+            typed.insert(name);
+        } else if !l.is_empty() {
+            let name = l.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+            assert!(typed.contains(name) || typed.contains(family), "a sample of an undeclared family: {l}");
+        }
+    }
+}
+
 pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
@@ -193,6 +214,7 @@ fn the_daemon_runs_containers_and_a_kill_9_and_restart_does_not_disturb_a_readin
     assert_eq!(metric(&m, "hb_containers_on_mounts"), 1.0, "{m}");
     assert!(m.contains("hb_api_requests_total{path=\"/v1/images/mount\",code=\"200\"}"), "{m}");
     assert!(m.contains("hb_remote_fetch_seconds_bucket{le=\"+Inf\"}"), "{m}");
+    assert_exposition(&m, "hb daemon");
     ok(&hb, &["rm", "-f", "reader"]);
     // `hb run --rm` hands its cleanup to the daemon: nothing of the container is left.
     wait_for("removed containers' folders to go", || containers_gone(&hb, &[]));

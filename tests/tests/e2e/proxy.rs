@@ -662,6 +662,9 @@ fn hb_pulls_any_image_lazily_through_the_proxy_which_converts_it_once() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "gcc", "{}", String::from_utf8_lossy(&o.stderr));
     let stats = proxy.hb.json(&["proxy", "stats", "--url", &format!("http://{}", proxy.addr)]);
     assert_eq!(stats["conversions"], 1, "{stats}");
+    let (code, metrics) = curl(&[&format!("http://{}/metrics", proxy.addr)]);
+    assert_eq!(code, 200);
+    super::daemon::assert_exposition(&String::from_utf8_lossy(&metrics), "hb proxy");
     let served = stats["upstreams"][0]["bytes_served"].as_u64().unwrap();
     assert!(served < 60 << 20, "lazy clients read a fraction of the 190 MB image: {served}");
     // Other clients see the upstream's manifest byte for byte.
