@@ -268,7 +268,7 @@ pub fn optimize(
     rt.block_on(reg.connect_push(&r))?;
     cfg.startup = Some((Digest::of(&raw), raw.len() as u64));
     rt.block_on(reg.push_blob(&r, raw.clone()))?;
-    store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
+    store.put_aux(&crate::pull::startup_key(&resolved.manifest_digest), &raw)?;
     let index_digest = push_binding(rt, &reg, &r, &resolved, &cfg)?.0;
     reporter.note(&format!(
         "{reference}: start-up order of {} chunks ({}) stored in the accelerated image",

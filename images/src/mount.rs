@@ -26,11 +26,6 @@ pub struct MountArgs {
     pub layers: Option<usize>,
 }
 
-/// Key of an image's recorded start-up order in the store's auxiliary records.
-pub fn startup_key(manifest: &Digest) -> String {
-    format!("startup/{manifest}")
-}
-
 /// Where the process serving `dir` records its pid (and, in the background, its log).
 pub fn run_file(root: &Path, dir: &Path, ext: &str) -> PathBuf {
     let canon = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -194,7 +189,7 @@ pub fn mount_image(
     let indexes = crate::layer_indexes(&store, &layers)?;
     let merged = hb_core::merge_layers(store.chunker(), indexes.iter());
     let sources = sources(registries, rt, &store, &layers, known, args.plain_http, daemon)?;
-    let startup = match store.aux(&startup_key(&digest))? {
+    let startup = match store.aux(&crate::pull::startup_key(&digest))? {
         Some(raw) => StartupOrder::decode(&raw).within(|| "the stored start-up order is corrupt".to_string())?.chunks,
         None => Vec::new(),
     };

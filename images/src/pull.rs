@@ -77,6 +77,11 @@ impl Read for ChannelReader {
     }
 }
 
+/// Key of an image's recorded start-up order in the store's auxiliary records.
+pub fn startup_key(manifest: &Digest) -> String {
+    format!("startup/{manifest}")
+}
+
 /// Resolves `r` and compares with the store: which layer blobs a pull would download.
 pub fn plan(store: &Store, resolved: &ResolvedImage) -> Result<PullPlan> {
     let mut p = PullPlan {
@@ -372,7 +377,7 @@ pub fn pull_lazy(
         let order = hb_core::StartupOrder::decode(&raw).within(|| "the start-up order".to_string())?;
         report.startup_chunks = order.chunks.len();
         report.bytes_downloaded += raw.len() as u64;
-        store.put_aux(&crate::mount::startup_key(&resolved.manifest_digest), &raw)?;
+        store.put_aux(&startup_key(&resolved.manifest_digest), &raw)?;
     }
     store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
     Ok(report)

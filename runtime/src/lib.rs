@@ -6,6 +6,7 @@
 //! No I/O here: the caller reads the image's /etc/passwd and /etc/group for [`resolve_user`]
 //! and runs the runtime; [`exec_process`] derives `hb exec`'s process from a running container's.
 
+mod error;
 mod seccomp;
 mod spec;
 

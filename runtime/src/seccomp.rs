@@ -11,7 +11,7 @@ use oci_spec::runtime::{
     LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder,
 };
 
-use crate::spec::SpecError;
+use crate::error::{oci, SpecError};
 
 /// Syscalls every container may make (docker's unconditional list, in its order).
 pub const ALLOWED: &[&str] = &[
@@ -458,16 +458,11 @@ fn rule(
         b = b.errno_ret(e);
     }
     if let Some((index, value, op)) = arg {
-        let a = LinuxSeccompArgBuilder::default()
-            .index(index)
-            .value(value)
-            .value_two(0u64)
-            .op(op)
-            .build()
-            .map_err(crate::spec::oci)?;
+        let a =
+            LinuxSeccompArgBuilder::default().index(index).value(value).value_two(0u64).op(op).build().map_err(oci)?;
         b = b.args(vec![a]);
     }
-    b.build().map_err(crate::spec::oci)
+    b.build().map_err(oci)
 }
 
 /// Docker's default profile for a container on `arch` whose bounding set is `caps`.
@@ -503,7 +498,7 @@ pub fn default_seccomp(arch: &str, caps: &[Capability]) -> Result<LinuxSeccomp, 
     if !arches.is_empty() {
         b = b.architectures(arches);
     }
-    b.build().map_err(crate::spec::oci)
+    b.build().map_err(oci)
 }
 
 #[cfg(test)]

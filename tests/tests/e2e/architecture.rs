@@ -122,6 +122,79 @@ fn cargo_tree_of_the_front_binary_shows_no_store_fuse_http_or_tokio() {
     }
 }
 
+/// The top-level modules of each crate, and which others each names (`crate::x`), tests left out.
+fn module_edges(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut text: BTreeMap<String, String> = BTreeMap::new();
+    for e in std::fs::read_dir(src).unwrap().flatten() {
+        let p = e.path();
+        let name = p.file_stem().unwrap().to_string_lossy().to_string();
+        let body = if p.is_dir() {
+            std::fs::read_dir(&p)
+                .unwrap()
+                .flatten()
+                .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+                .filter(|t| !t.starts_with("use super::*;\n\n#[test]"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else if ["lib", "main", "front"].contains(&name.as_str()) {
+            continue;
+        } else {
+            std::fs::read_to_string(&p).unwrap()
+        };
+        let code = body.split("#[cfg(test)]").next().unwrap().to_string();
+        text.insert(name, code);
+    }
+    let names: BTreeSet<String> = text.keys().cloned().collect();
+    text.iter()
+        .map(|(m, code)| {
+            let used = code
+                .match_indices("crate::")
+                .map(|(i, _)| {
+                    code[i + 7..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>()
+                })
+                .filter(|r| names.contains(r) && r != m)
+                .collect();
+            (m.clone(), used)
+        })
+        .collect()
+}
+
+/// Regression (one-house issue): `mount.rs` and `pull.rs` named each other, as did the registry
+/// client's `blob.rs` and `client.rs`. Within every crate, modules form no cycle.
+#[test]
+fn no_crate_has_a_cycle_between_its_modules() {
+    let meta = metadata();
+    for p in meta["packages"].as_array().unwrap() {
+        let manifest = Path::new(p["manifest_path"].as_str().unwrap());
+        let src = manifest.parent().unwrap().join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        let edges = module_edges(&src);
+        // Depth-first search for a path back to where it started.
+        fn reaches(
+            edges: &BTreeMap<String, BTreeSet<String>>,
+            from: &str,
+            to: &str,
+            seen: &mut BTreeSet<String>,
+        ) -> bool {
+            edges
+                .get(from)
+                .into_iter()
+                .flatten()
+                .any(|n| n == to || (seen.insert(n.clone()) && reaches(edges, n, to, seen)))
+        }
+        for m in edges.keys() {
+            assert!(
+                !reaches(&edges, m, m, &mut BTreeSet::new()),
+                "{}: module {m} is part of a cycle ({:?})",
+                p["name"],
+                edges
+            );
+        }
+    }
+}
+
 /// Regression (hardening issue): the release `hb`, a root-run binary, was linked at a fixed
 /// address (`relocation-model=static`), so its own image had no ASLR. The script must link it
 /// position-independent and refuse an executable that is not.
