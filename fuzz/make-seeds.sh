@@ -146,5 +146,14 @@ host = "10.0.0.5:5000"
 alias = "builds"
 skip_verify = false
 ''')
+
+# Manifests and indexes (then NUL, then the config), as registries send them.
+d = "sha256:" + "ab" * 32
+cfg = '{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["%s"]}}' % d
+man = '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":123}]}' % (d, len(cfg), d)
+put("manifest", "oci-image", man + "\0" + cfg)
+put("manifest", "docker-image", man.replace("application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json").replace("application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip") + "\0" + cfg)
+idx = '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":500,"platform":{"architecture":"amd64","os":"linux"}},{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":400,"platform":{"architecture":"amd64","os":"linux"},"annotations":{"io.hyperbox.accelerated":"v1"}},{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"%s","size":500,"platform":{"architecture":"arm64","os":"linux","variant":"v8"}}]}' % (d, d, d)
+put("manifest", "index", idx)
 PY
 du -sh "$out"

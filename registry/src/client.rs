@@ -8,13 +8,11 @@ use hb_core::{Digest, DigestHasher};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
-use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::error::RegistryError;
 use crate::http::{install_crypto_provider, system_roots};
 pub use crate::options::{RegistryOptions, Scheme};
-use crate::platform::Platform;
 use crate::reference::ImageRef;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -24,12 +22,6 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 /// Configs larger than this are refused (a real one is a few KiB).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
-const LAYER_TYPES: &[&str] = &[
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-];
 
 /// One layer as the manifest describes it, with the diff_id its config promises.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,49 +45,6 @@ pub struct ResolvedImage {
     pub platform: String,
     /// The hb accelerated manifest (digest, size) bound to this image in its index, if any.
     pub accelerated: Option<(Digest, u64)>,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    platform: Option<PlatformJson>,
-    #[serde(default)]
-    annotations: std::collections::HashMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct PlatformJson {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ManifestJson {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Option<Vec<Descriptor>>,
-}
-
-#[derive(Deserialize)]
-struct ConfigJson {
-    rootfs: RootFs,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    diff_ids: Vec<String>,
 }
 
 /// A client for the registry of one reference.
@@ -264,68 +213,24 @@ impl Registry {
         let malformed =
             |what: &'static str, reason: String| RegistryError::Malformed { reference: r.canonical(), what, reason };
         let (mut bytes, mut digest) = self.manifest(r).await?;
-        let mut m: ManifestJson = serde_json::from_slice(&bytes).map_err(|e| malformed("manifest", e.to_string()))?;
+        let reference = r.canonical();
         let mut platform = self.opts.platform.to_string();
         let mut accelerated = None;
-        if let Some(list) = &m.manifests {
-            let wanted = &self.opts.platform;
-            let for_platform = |d: &&Descriptor| {
-                d.platform.as_ref().is_some_and(|p| wanted.matches(&p.os, &p.architecture, p.variant.as_deref()))
-            };
-            // hb's accelerated manifests sit beside the originals; a pull takes the original.
-            let chosen =
-                list.iter().filter(for_platform).find(|d| !d.annotations.contains_key(hb_core::lazy::ANNOTATION));
-            accelerated = list
-                .iter()
-                .filter(for_platform)
-                .find(|d| d.annotations.get(hb_core::lazy::ANNOTATION).is_some_and(|v| v == "v1"))
-                .and_then(|d| Some((d.digest.parse().ok()?, d.size)));
-            let Some(chosen) = chosen else {
-                let available: Vec<String> = list
-                    .iter()
-                    .filter_map(|d| d.platform.as_ref())
-                    .map(|p| {
-                        Platform { os: p.os.clone(), arch: p.architecture.clone(), variant: p.variant.clone() }
-                            .to_string()
-                    })
-                    .collect();
-                return Err(RegistryError::NoPlatform {
-                    reference: r.canonical(),
-                    wanted: wanted.to_string(),
-                    available: available.join(", "),
-                });
-            };
-            if let Some(p) = &chosen.platform {
-                platform =
-                    Platform { os: p.os.clone(), arch: p.architecture.clone(), variant: p.variant.clone() }.to_string();
-            }
+        let mut parsed = crate::manifest::parse(&reference, &bytes, &self.opts.platform)?;
+        if let crate::manifest::Parsed::Index(chosen) = parsed {
+            platform = chosen.platform;
+            accelerated = chosen.accelerated;
             let child = r.with_digest(&chosen.digest);
             (bytes, digest) = self.manifest(&child).await?;
-            m = serde_json::from_slice(&bytes).map_err(|e| malformed("manifest", e.to_string()))?;
-            if m.manifests.is_some() {
-                return Err(malformed("index", "an index inside an index".into()));
-            }
+            parsed = crate::manifest::parse(&reference, &bytes, &self.opts.platform)?;
         }
-        let media_type = if m.media_type.is_empty() { OCI_MANIFEST.to_string() } else { m.media_type.clone() };
-        if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
-            return Err(RegistryError::Unsupported { reference: r.canonical(), what: "manifest", media_type });
-        }
-        let config_desc = m.config.ok_or_else(|| malformed("manifest", "no config".into()))?;
-        let config_digest: Digest =
-            config_desc.digest.parse().map_err(|e: hb_core::DigestError| malformed("manifest", e.to_string()))?;
-        if config_desc.size > MAX_CONFIG_BYTES {
-            return Err(malformed(
-                "manifest",
-                format!("config of {} bytes (limit {MAX_CONFIG_BYTES})", config_desc.size),
-            ));
-        }
-        // The config is a blob like any other: the same verified, resumable download.
-        let desc = LayerDesc {
-            digest: config_digest,
-            size: config_desc.size,
-            media_type: config_desc.media_type.clone(),
-            diff_id: config_digest,
+        let crate::manifest::Parsed::Image(image) = parsed else {
+            return Err(malformed("index", "an index inside an index".into()));
         };
+        let config_digest = image.config.digest;
+        let media_type = image.media_type.clone();
+        // The config is a blob like any other: the same verified, resumable download.
+        let desc = image.config.clone();
         let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(16);
         let collect = async {
             let mut v = Vec::new();
@@ -341,30 +246,7 @@ impl Registry {
             }
             other => other,
         })?;
-        let cfg: ConfigJson = serde_json::from_slice(&config).map_err(|e| malformed("config", e.to_string()))?;
-        let layers_json = m.layers.unwrap_or_default();
-        if cfg.rootfs.diff_ids.len() != layers_json.len() {
-            return Err(malformed(
-                "image",
-                format!("{} layers but {} diff_ids in the config", layers_json.len(), cfg.rootfs.diff_ids.len()),
-            ));
-        }
-        let mut layers = Vec::new();
-        for (l, diff_id) in layers_json.iter().zip(&cfg.rootfs.diff_ids) {
-            if !LAYER_TYPES.contains(&l.media_type.as_str()) {
-                return Err(RegistryError::Unsupported {
-                    reference: r.canonical(),
-                    what: "layer",
-                    media_type: l.media_type.clone(),
-                });
-            }
-            layers.push(LayerDesc {
-                digest: l.digest.parse().map_err(|e: hb_core::DigestError| malformed("manifest", e.to_string()))?,
-                size: l.size,
-                media_type: l.media_type.clone(),
-                diff_id: diff_id.parse().map_err(|e: hb_core::DigestError| malformed("config", e.to_string()))?,
-            });
-        }
+        let layers = crate::manifest::pair_layers(&reference, &image, &config)?;
         Ok(ResolvedImage {
             reference: r.clone(),
             manifest_digest: digest,

@@ -13,6 +13,7 @@ mod blob;
 mod client;
 mod error;
 pub mod http;
+pub mod manifest;
 mod options;
 mod platform;
 mod reference;
