@@ -12,25 +12,11 @@ use tokio::sync::mpsc;
 
 use crate::error::RegistryError;
 use crate::http::{install_crypto_provider, system_roots};
+pub use crate::manifest::{LayerDesc, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 pub use crate::options::{RegistryOptions, Scheme};
 use crate::reference::ImageRef;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-/// Configs larger than this are refused (a real one is a few KiB).
-pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
-
-/// One layer as the manifest describes it, with the diff_id its config promises.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LayerDesc {
-    pub digest: Digest,
-    pub size: u64,
-    pub media_type: String,
-    pub diff_id: Digest,
-}
 
 /// A reference resolved to one platform's image, manifest and config verified by digest.
 #[derive(Clone, Debug)]

@@ -4,9 +4,24 @@
 use hb_core::Digest;
 use serde::Deserialize;
 
-use crate::client::{LayerDesc, DOCKER_MANIFEST, MAX_CONFIG_BYTES, OCI_MANIFEST};
 use crate::error::RegistryError;
 use crate::platform::Platform;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Configs larger than this are refused (a real one is a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// One layer as the manifest describes it, with the diff_id its config promises.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerDesc {
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+    pub diff_id: Digest,
+}
 
 pub(crate) const LAYER_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar",
