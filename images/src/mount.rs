@@ -53,7 +53,9 @@ pub fn wire(ranges: &[Arc<hb_registry::RangeSource>]) -> (u64, u64) {
 impl Sources {
     /// Every chunk the lazy layers name, blob by blob (for a full prefetch).
     pub fn all_chunks(&self) -> Vec<ChunkId> {
-        self.ranges.last().map(|r| r.all_chunks()).unwrap_or_default()
+        // Every layer has its registry tier (mirrors may cover fewer): the union of them all.
+        let mut seen = std::collections::HashSet::new();
+        self.ranges.iter().flat_map(|r| r.all_chunks()).filter(|id| seen.insert(*id)).collect()
     }
 }
 
