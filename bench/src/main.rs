@@ -356,7 +356,18 @@ fn index(runs: usize, layer: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The repository: `HB_REPO`, else the current directory when it is one (the bench is run from
+/// the clone; a binary built by another clone sharing the target dir carries that clone's path),
+/// else where this binary was built.
 pub(crate) fn repo_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("HB_REPO") {
+        return PathBuf::from(p);
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        if cwd.join("bench/src/main.rs").exists() {
+            return cwd;
+        }
+    }
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
 }
 

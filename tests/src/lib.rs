@@ -19,7 +19,7 @@ pub fn hb_bin() -> PathBuf {
         if let Some(p) = std::env::var_os("HB_BIN") {
             return PathBuf::from(p);
         }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
+        let workspace = workspace();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
             .args(["build", "--quiet", "-p", "hb-cli", "-p", "hb-engine", "--bins", "--manifest-path"])
@@ -33,6 +33,15 @@ pub fn hb_bin() -> PathBuf {
         bin
     })
     .clone()
+}
+
+/// The workspace under test. Read at run time (`cargo test` sets `CARGO_MANIFEST_DIR` for the
+/// test process): a test binary built from another clone sharing the target dir (cargo reuses it,
+/// its hash holds no absolute path) would otherwise carry that clone's path.
+pub fn workspace() -> PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).filter(|d| d.join("Cargo.toml").exists());
+    let dir = dir.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent().expect("workspace").to_path_buf()
 }
 
 /// Where offline test material lives (built by scripts/testdata.sh).

@@ -3,9 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
+use hb_tests::workspace;
 
 /// Edges documented between `<!-- deps:begin -->` and `<!-- deps:end -->` as `crate -> a, b`.
 fn documented() -> BTreeMap<String, BTreeSet<String>> {

@@ -65,7 +65,7 @@ impl Drop for Containerd {
 }
 
 fn containerd_script() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("scripts/containerd.sh")
+    hb_tests::workspace().join("scripts/containerd.sh")
 }
 
 fn snapshot_keys(c: &Containerd) -> Vec<String> {
