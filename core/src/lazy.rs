@@ -72,6 +72,33 @@ impl ChunkTable {
         self.entries.last().map_or(0, |e| e.offset + e.stored_len as u64)
     }
 
+    /// Checks that the table holds every chunk `index` names, at the length the index gives it
+    /// (a table that does not describe its layer is refused before anything is stored).
+    pub fn check_covers(&self, index: &crate::LayerIndex) -> Result<(), LazyFormatError> {
+        let lens: std::collections::HashMap<ChunkId, u32> = self.entries.iter().map(|e| (e.id, e.raw_len)).collect();
+        for c in &index.chunks {
+            match lens.get(&c.id) {
+                Some(&len) if len == c.len => {}
+                Some(&len) => {
+                    return Err(invalid(
+                        "chunk table",
+                        format!(
+                            "chunk {} of layer {} is {} bytes in the index, {len} in the table",
+                            c.id, index.diff_id, c.len
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        "chunk table",
+                        format!("chunk {} of layer {} is not in the table", c.id, index.diff_id),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.entries.len() * TABLE_ENTRY_LEN);
         out.extend_from_slice(TABLE_MAGIC);
@@ -304,6 +331,27 @@ mod tests {
         assert_eq!(d, t);
         assert_eq!(d.entries[1].offset, 10);
         assert_eq!(d.data_size(), 15);
+    }
+
+    /// A table that does not describe its layer (a missing chunk, a wrong length) is refused
+    /// before anything is stored (updates issue: bad input from an accelerated form).
+    #[test]
+    fn a_table_must_cover_its_layers_chunks_at_their_lengths() {
+        use crate::index::{ChunkRef, Meta};
+        use crate::tree::{NewEntry, TreeBuilder};
+        let index = |len: u32| {
+            let mut b = TreeBuilder::new(crate::ChunkerParams::default());
+            let chunks = vec![ChunkRef { id: ChunkId::of(b"a"), len }, ChunkRef { id: ChunkId::of(b"b"), len: 5 }];
+            b.add(b"f", Meta { mode: 0o644, ..Meta::default() }, NewEntry::File { chunks }).unwrap();
+            b.finish(Digest([7; 32]))
+        };
+        assert_eq!(table().check_covers(&index(20)), Ok(()));
+        let wrong_len = table().check_covers(&index(21)).unwrap_err().to_string();
+        assert!(wrong_len.contains("21 bytes in the index, 20 in the table"), "{wrong_len}");
+        let mut short = table();
+        short.entries.pop();
+        let missing = short.check_covers(&index(20)).unwrap_err().to_string();
+        assert!(missing.contains("is not in the table"), "{missing}");
     }
 
     #[test]

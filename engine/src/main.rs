@@ -434,13 +434,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let eps = hb_images::Registries::endpoints(&Hosts::of(g), &r, plain_http, credentials, platform)?;
             let (registry, resolved) = pull::resolve(&rt, eps)?;
             if plan {
-                let p = pull::plan(&store, &resolved)?;
+                let p = pull::plan(&rt, &store, &registry, &resolved)?;
                 if out.json {
                     out.json_value(&p)?;
                 } else {
                     let mut w = io::stdout().lock();
                     for l in &p.fetch {
-                        writeln!(w, "fetch   {} {}", l.digest, HumanBytes(l.size))?;
+                        let how = match &l.via {
+                            hb_images::delta::Via::Chunks { chunks, of, .. } => {
+                                format!("{chunks} of {of} chunks (layer blob {})", HumanBytes(l.size))
+                            }
+                            hb_images::delta::Via::Whole { reason } => format!("whole layer: {reason}"),
+                            hb_images::delta::Via::Present => String::new(),
+                        };
+                        writeln!(w, "fetch   {} {} {how}", l.digest, HumanBytes(l.bytes))?;
                     }
                     for l in &p.present {
                         writeln!(w, "present {} {}", l.digest, HumanBytes(l.size))?;
@@ -465,7 +472,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if lazy {
                     out.note(format!("{reference} has no accelerated form (`hb convert` makes one); pulling it whole"));
                 }
-                let report = pull::pull(&rt, store.clone(), registry, resolved, &Report::new(&out))?;
+                let hosts = Hosts::of(g);
+                let origin = hb_images::delta::Origin {
+                    registries: &hosts,
+                    plain_http,
+                    registry: std::sync::Arc::new(registry),
+                };
+                let report = pull::pull(&rt, store.clone(), origin, resolved, &Report::new(&out))?;
                 if out.json {
                     out.json_value(&report)?;
                 } else {

@@ -90,7 +90,8 @@ pub fn convert(
     })?;
     if resolved.layers.iter().any(|l| !store.has_layer(&l.diff_id).unwrap_or(false)) {
         reporter.note(&format!("pulling {src} to convert it"));
-        crate::pull::pull(rt, store.clone(), sreg, resolved.clone(), reporter)?;
+        let origin = crate::delta::Origin { registries, plain_http, registry: Arc::new(sreg) };
+        crate::pull::pull(rt, store.clone(), origin, resolved.clone(), reporter)?;
     }
     let sreg = registry_for(registries, &sref, plain_http, platform.clone())?;
     let dreg = registry_for(registries, &dref, plain_http, platform)?;

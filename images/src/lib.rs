@@ -7,6 +7,7 @@
 //! [`hb_core::ChunkSource`]). Errors are typed ([`ImagesError`]); nothing here prints.
 
 pub mod convert;
+pub mod delta;
 pub mod memory;
 pub mod mirror_store;
 pub mod mount;

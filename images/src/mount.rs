@@ -143,7 +143,8 @@ pub fn pull_for_mount(
         return Ok(Some((key, registry)));
     } else {
         reporter.note(&format!("{image} has no accelerated form (`hb convert` makes one); pulling it whole"));
-        let report = crate::pull::pull(rt, store.clone(), registry, resolved, reporter)?;
+        let origin = crate::delta::Origin { registries, plain_http, registry: Arc::new(registry) };
+        let report = crate::pull::pull(rt, store.clone(), origin, resolved, reporter)?;
         reporter.note(&crate::pull::summary(&report));
     }
     Ok(None)

@@ -30,15 +30,23 @@ pub struct PullReport {
     /// Uncompressed bytes of chunks the store did not have.
     pub new_chunk_bytes: u64,
     pub deduplicated_bytes: u64,
+    /// Layers that came as only their missing chunks ([`crate::delta`]), the chunks, their
+    /// compressed bytes (in `bytes_downloaded`, with the indexes and tables) and Range requests.
+    pub layers_by_chunks: usize,
+    pub chunks_fetched: u64,
+    pub chunk_bytes: u64,
+    pub range_requests: u64,
 }
 
-/// What a pull would fetch, without fetching.
+/// What a pull would fetch, without fetching (but for the indexes and chunk tables of an
+/// accelerated form, which say which chunks are new).
 #[derive(Debug, serde::Serialize)]
 pub struct PullPlan {
     pub name: String,
     pub digest: Digest,
     pub fetch: Vec<PlannedLayer>,
     pub present: Vec<PlannedLayer>,
+    /// Bytes the pull will download: whole blobs, and new chunks with indexes and tables.
     pub fetch_bytes: u64,
     pub present_bytes: u64,
 }
@@ -46,7 +54,12 @@ pub struct PullPlan {
 #[derive(Debug, serde::Serialize)]
 pub struct PlannedLayer {
     pub digest: Digest,
+    /// The layer blob's size.
     pub size: u64,
+    /// What fetching it downloads.
+    pub bytes: u64,
+    #[serde(flatten)]
+    pub via: crate::delta::Via,
 }
 
 /// A blocking reader over the chunks a download task sends.
@@ -82,8 +95,19 @@ pub fn startup_key(manifest: &Digest) -> String {
     format!("startup/{manifest}")
 }
 
-/// Resolves `r` and compares with the store: which layer blobs a pull would download.
-pub fn plan(store: &Store, resolved: &ResolvedImage) -> Result<PullPlan> {
+/// Compares a resolved image with the store: per layer, whether it is present, comes as its new
+/// chunks, or comes whole ([`crate::delta::prepare`]).
+pub fn plan(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    registry: &Registry,
+    resolved: &ResolvedImage,
+) -> Result<PullPlan> {
+    let layers = crate::delta::prepare(rt, store, registry, resolved)?;
+    Ok(plan_of(resolved, &layers))
+}
+
+fn plan_of(resolved: &ResolvedImage, layers: &[crate::delta::Layer]) -> PullPlan {
     let mut p = PullPlan {
         name: image_name(&resolved.reference),
         digest: resolved.manifest_digest,
@@ -92,18 +116,18 @@ pub fn plan(store: &Store, resolved: &ResolvedImage) -> Result<PullPlan> {
         fetch_bytes: 0,
         present_bytes: 0,
     };
-    for l in &resolved.layers {
-        let entry = PlannedLayer { digest: l.digest, size: l.size };
-        if store.has_layer(&l.diff_id)? {
-            p.present_bytes += l.size;
+    for l in layers {
+        let bytes = l.via.bytes(l.desc.size);
+        let entry = PlannedLayer { digest: l.desc.digest, size: l.desc.size, bytes, via: l.via.clone() };
+        if l.via == crate::delta::Via::Present {
+            p.present_bytes += l.desc.size;
             p.present.push(entry);
-        } else if !p.fetch.iter().any(|f| f.digest == l.digest) {
-            // A blob an image lists twice is downloaded once.
-            p.fetch_bytes += l.size;
+        } else {
+            p.fetch_bytes += bytes;
             p.fetch.push(entry);
         }
     }
-    Ok(p)
+    p
 }
 
 /// One place an image can be resolved and read from: a mirror from hosts.toml, or the registry.
@@ -146,17 +170,19 @@ pub fn resolve(rt: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> Result
     Err(last.map_or_else(|| ImagesError::Invalid("no registry to resolve from".into()), ImagesError::from))
 }
 
-/// Downloads what the store lacks, layers concurrently, each streamed into its own ingest, then
-/// records the image under its canonical name.
+/// Downloads what the store lacks and records the image under its canonical name. Layers of an
+/// image with an accelerated form come as only their new chunks where that is cheaper
+/// ([`crate::delta`]); the rest stream whole, concurrently, each into its own ingest.
 pub fn pull(
     rt: &tokio::runtime::Runtime,
     store: Arc<Store>,
-    registry: Registry,
+    origin: crate::delta::Origin<'_>,
     resolved: ResolvedImage,
     reporter: &dyn Reporter,
 ) -> Result<PullReport> {
     let name = image_name(&resolved.reference);
-    let planned = plan(&store, &resolved)?;
+    let layers = crate::delta::prepare(rt, &store, &origin.registry, &resolved)?;
+    let planned = plan_of(&resolved, &layers);
     let mut report = PullReport {
         name: name.clone(),
         digest: resolved.manifest_digest,
@@ -167,13 +193,60 @@ pub fn pull(
         bytes_downloaded: 0,
         new_chunk_bytes: 0,
         deduplicated_bytes: 0,
+        layers_by_chunks: 0,
+        chunks_fetched: 0,
+        chunk_bytes: 0,
+        range_requests: 0,
     };
-    let missing: Vec<LayerDesc> =
-        planned.fetch.iter().filter_map(|f| resolved.layers.iter().find(|l| l.digest == f.digest).cloned()).collect();
-    let registry = Arc::new(registry);
-    let reference = resolved.reference.clone();
-    let results: Vec<(u64, hb_store::ImportReport)> = rt.block_on(async {
-        stream::iter(missing.iter().cloned())
+    let mut whole: Vec<LayerDesc> = Vec::new();
+    for l in &layers {
+        match &l.via {
+            crate::delta::Via::Whole { reason } => {
+                tracing::debug!(layer = %l.desc.digest, %reason, "downloading the layer whole");
+                whole.push(l.desc.clone());
+            }
+            crate::delta::Via::Chunks { meta_bytes, .. } => report.bytes_downloaded += meta_bytes,
+            crate::delta::Via::Present => {}
+        }
+    }
+    // Whole layers first: chunks they bring are not fetched again by range.
+    for (bytes, r) in fetch_whole(rt, &store, &origin.registry, &resolved.reference, whole, reporter)? {
+        report.bytes_downloaded += bytes;
+        report.new_chunk_bytes += r.new_bytes;
+        report.deduplicated_bytes += r.deduplicated_bytes;
+    }
+    let fetched = crate::delta::fetch_chunks(rt, &store, &origin, &resolved, layers, reporter)?;
+    report.layers_by_chunks = fetched.layers;
+    report.chunks_fetched = fetched.chunks;
+    report.chunk_bytes = fetched.wire_bytes;
+    report.range_requests = fetched.requests;
+    report.bytes_downloaded += fetched.wire_bytes;
+    report.new_chunk_bytes += fetched.raw_bytes;
+    let fallback: Vec<LayerDesc> = fetched.fallback.into_iter().map(|(l, _)| l).collect();
+    for (bytes, r) in fetch_whole(rt, &store, &origin.registry, &resolved.reference, fallback, reporter)? {
+        report.bytes_downloaded += bytes;
+        report.new_chunk_bytes += r.new_bytes;
+        report.deduplicated_bytes += r.deduplicated_bytes;
+    }
+    store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
+    Ok(report)
+}
+
+/// Streams `layers`' blobs, a few at once, each into its own ingest (which completes a lazy
+/// layer of the same content); returns the bytes downloaded and the import of each.
+fn fetch_whole(
+    rt: &tokio::runtime::Runtime,
+    store: &Arc<Store>,
+    registry: &Arc<Registry>,
+    reference: &ImageRef,
+    layers: Vec<LayerDesc>,
+    reporter: &dyn Reporter,
+) -> Result<Vec<(u64, hb_store::ImportReport)>> {
+    if layers.is_empty() {
+        return Ok(vec![]);
+    }
+    rt.block_on(async {
+        stream::iter(layers)
             .map(|layer| {
                 let store = store.clone();
                 let registry = registry.clone();
@@ -211,14 +284,7 @@ pub fn pull(
             .buffer_unordered(CONCURRENT_LAYERS)
             .try_collect()
             .await
-    })?;
-    for (bytes, r) in &results {
-        report.bytes_downloaded += bytes;
-        report.new_chunk_bytes += r.new_bytes;
-        report.deduplicated_bytes += r.deduplicated_bytes;
-    }
-    store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
-    Ok(report)
+    })
 }
 
 /// The store's record of a resolved image.
@@ -247,12 +313,23 @@ pub fn image_record(resolved: &ResolvedImage) -> Result<ImageRecord> {
 /// One line for people about a pull.
 pub fn summary(r: &PullReport) -> String {
     format!(
-        "{}: {} layers ({} already present, {}), downloaded {}; stored {} of new chunks, {} deduplicated",
+        "{}: {} layers ({} already present, {}), downloaded {}{}; stored {} of new chunks, {} deduplicated",
         r.name,
         r.layers,
         r.layers_present,
         HumanBytes(r.bytes_present),
         HumanBytes(r.bytes_downloaded),
+        if r.layers_by_chunks > 0 {
+            format!(
+                " ({} layers as their {} new chunks, {} in {} requests)",
+                r.layers_by_chunks,
+                r.chunks_fetched,
+                HumanBytes(r.chunk_bytes),
+                r.range_requests
+            )
+        } else {
+            String::new()
+        },
         HumanBytes(r.new_chunk_bytes),
         HumanBytes(r.deduplicated_bytes),
     )
@@ -275,7 +352,7 @@ pub struct LazyPullReport {
     pub startup_chunks: usize,
 }
 
-fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
+pub(crate) fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
     if media_type.contains("gzip") {
         hb_store::BlobCompression::Gzip
     } else if media_type.contains("zstd") {
@@ -327,25 +404,7 @@ pub fn pull_lazy(
             .map(|(a, l)| {
                 let (store, registry, r, repository) = (store.clone(), registry.clone(), r.clone(), repository.clone());
                 async move {
-                    let index_raw = registry.fetch_bytes(&r, &a.index, a.index_size).await?;
-                    let table_raw = registry.fetch_bytes(&r, &a.table, a.table_size).await?;
-                    let index =
-                        hb_core::LayerIndex::decode(&index_raw).within(|| format!("index of layer {}", a.diff_id))?;
-                    if index.diff_id != a.diff_id {
-                        return Err(ImagesError::Invalid(format!(
-                            "the index of layer {} names layer {}",
-                            a.diff_id, index.diff_id
-                        )));
-                    }
-                    let table = hb_core::ChunkTable::decode(&table_raw)
-                        .within(|| format!("chunk table of layer {}", a.diff_id))?;
-                    if table.data_size() != a.data_size {
-                        return Err(ImagesError::Invalid(format!(
-                            "the chunk table of layer {} does not describe its data blob",
-                            a.diff_id
-                        )));
-                    }
-                    let source = hb_core::LazySource { repository, data: a.data, table };
+                    let (index, source, bytes) = crate::delta::fetch_layer_form(&registry, &r, &a, repository).await?;
                     let imported = tokio::task::spawn_blocking(move || {
                         store.import_lazy_layer(
                             &index,
@@ -358,7 +417,7 @@ pub fn pull_lazy(
                     })
                     .await
                     .map_err(|e| ImagesError::Invalid(format!("the lazy import task panicked: {e}")))??;
-                    Ok::<_, ImagesError>((index_raw.len() as u64 + table_raw.len() as u64, imported))
+                    Ok::<_, ImagesError>((bytes, imported))
                 }
             })
             .buffer_unordered(4)

@@ -42,6 +42,8 @@ pub struct RangeSource {
     /// HTTP requests made and compressed bytes received.
     pub requests: AtomicU64,
     pub bytes: AtomicU64,
+    /// Gap bridged between wanted chunks in large batches ([`RangeSource::exact`] sets 0).
+    gap: AtomicU64,
 }
 
 impl RangeSource {
@@ -74,7 +76,22 @@ impl RangeSource {
                 chunks.entry(e.id).or_insert((blobs.len() - 1, *e));
             }
         }
-        Ok(RangeSource { rt, repos, blobs, tables, chunks, requests: AtomicU64::new(0), bytes: AtomicU64::new(0) })
+        Ok(RangeSource {
+            rt,
+            repos,
+            blobs,
+            tables,
+            chunks,
+            requests: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            gap: AtomicU64::new(BATCH_GAP_BYTES),
+        })
+    }
+
+    /// Fetches exactly the chunks asked for, never the ones between them (a pull that said
+    /// beforehand what it would download; a mount's prefetch trades those bytes for requests).
+    pub fn exact(&self) {
+        self.gap.store(0, Ordering::Relaxed);
     }
 
     /// The chunks of blob `b` lying within `[start, end)`, in offset order.
@@ -149,7 +166,7 @@ impl ChunkSource for RangeSource {
         let mut wanted: Vec<(usize, TableEntry)> = ids.iter().filter_map(|id| self.chunks.get(id).copied()).collect();
         wanted.sort_unstable_by_key(|(b, e)| (*b, e.offset));
         wanted.dedup_by_key(|(b, e)| (*b, e.offset));
-        let gap = if wanted.len() > BATCH_CHUNKS { BATCH_GAP_BYTES } else { 0 };
+        let gap = if wanted.len() > BATCH_CHUNKS { self.gap.load(Ordering::Relaxed) } else { 0 };
         let mut runs: Vec<(usize, u64, u64)> = Vec::new(); // blob, start, end
         for (b, e) in &wanted {
             let end = e.offset + e.stored_len as u64;
@@ -165,10 +182,22 @@ impl ChunkSource for RangeSource {
         let results: Vec<Result<Chunks, SourceError>> = self.rt.block_on(
             stream::iter(runs).map(|(b, run)| self.fetch_run(b, run)).buffer_unordered(CONCURRENT_RANGES).collect(),
         );
+        // What arrived is kept even when another range of the batch failed (the chain asks the
+        // next tier for the rest); the batch fails only when nothing arrived.
         let mut out = Vec::new();
+        let mut failed = None;
         for r in results {
-            out.extend(r?);
+            match r {
+                Ok(chunks) => out.extend(chunks),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a range read failed; its chunks are asked of the next source");
+                    failed = Some(e);
+                }
+            }
         }
-        Ok(out)
+        match failed {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
     }
 }

@@ -2,7 +2,6 @@
 //! that say "known, not fetched" ([`Location::absent`]), plus where to fetch them
 //! ([`LazySource`]). Fetched chunks are verified and filled in; refcounts never change on a fill.
 
-use std::collections::HashMap;
 use std::io;
 
 use hb_core::{ChunkId, ChunkRef, ChunkTable, Digest, LayerIndex, LazySource};
@@ -54,24 +53,10 @@ impl Store {
                 source: hb_core::IndexError::Malformed("Merkle hashes do not match the tree".into()),
             });
         }
-        let table: HashMap<ChunkId, u32> = source.table.entries.iter().map(|e| (e.id, e.raw_len)).collect();
-        for c in &index.chunks {
-            match table.get(&c.id) {
-                Some(&len) if len == c.len => {}
-                Some(&len) => {
-                    return Err(StoreError::CorruptMeta(format!(
-                        "lazy layer {}: chunk {} is {} bytes in the index, {len} in the chunk table",
-                        index.diff_id, c.id, c.len
-                    )))
-                }
-                None => {
-                    return Err(StoreError::CorruptMeta(format!(
-                        "lazy layer {}: chunk {} is not in the chunk table",
-                        index.diff_id, c.id
-                    )))
-                }
-            }
-        }
+        source
+            .table
+            .check_covers(index)
+            .map_err(|e| StoreError::CorruptMeta(format!("lazy layer {}: {e}", index.diff_id)))?;
         let _w = self.writer.lock().expect("writer lock");
         let mut report = LazyImport {
             diff_id: index.diff_id,

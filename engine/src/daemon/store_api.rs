@@ -28,7 +28,13 @@ impl Daemon {
                 report: serde_json::to_value(&report)?,
             })
         } else {
-            let report = crate::pull::pull(&self.work, self.store.clone(), registry, resolved, &Silent)?;
+            let hosts = Hosts::of(&self.g);
+            let origin = hb_images::delta::Origin {
+                registries: &hosts,
+                plain_http: req.plain_http,
+                registry: Arc::new(registry),
+            };
+            let report = crate::pull::pull(&self.work, self.store.clone(), origin, resolved, &Silent)?;
             self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
             Ok(PullResponse {
                 digest: report.digest.to_string(),

@@ -6,6 +6,7 @@ mod crafted;
 mod crash;
 mod daemon;
 mod dedup_gc;
+mod delta;
 mod full_disk;
 mod integrity;
 mod lazy;

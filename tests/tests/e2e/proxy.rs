@@ -86,14 +86,14 @@ impl Drop for Proxy {
 }
 
 /// A docker-registry of our own (its log counts what reached it); killed on drop.
-struct Upstream {
+pub(crate) struct Upstream {
     child: Option<Child>,
-    addr: String,
+    pub(crate) addr: String,
     dir: tempfile::TempDir,
 }
 
 impl Upstream {
-    fn start() -> Upstream {
+    pub(crate) fn start() -> Upstream {
         let dir = scratch();
         let addr = format!("127.0.0.1:{}", free_port());
         let cfg = dir.path().join("config.yml");
@@ -125,7 +125,7 @@ impl Upstream {
         wait_for("docker-registry to answer", || TcpStream::connect(&addr).is_ok());
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
@@ -133,14 +133,56 @@ impl Upstream {
     }
 
     /// Copies `image` (e.g. `busybox:latest`) from the shared test registry into this one.
-    fn seed(&self, image: &str) {
+    pub(crate) fn seed(&self, image: &str) {
+        self.copy(&format!("{}/{image}", open_registry()), image, false);
+    }
+
+    /// Copies `src` (any reference, every manifest of an index: an accelerated form too) into
+    /// this registry as `dst`.
+    pub(crate) fn seed_as(&self, src: &str, dst: &str) {
+        self.copy(src, dst, true);
+    }
+
+    fn copy(&self, src: &str, dst: &str, all: bool) {
         let o = Command::new("skopeo")
             .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
-            .arg(format!("docker://{}/{image}", open_registry()))
-            .arg(format!("docker://{}/{image}", self.addr))
+            .args(all.then_some("--all"))
+            .arg(format!("docker://{src}"))
+            .arg(format!("docker://{}/{dst}", self.addr))
             .output()
             .unwrap();
-        assert!(o.status.success(), "seeding {image}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "seeding {dst}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// Where this registry keeps blob `digest` (`sha256:...`) on disk.
+    pub(crate) fn blob_file(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.dir.path().join(format!("data/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+
+    /// Body bytes of completed GETs it answered clients whose User-Agent starts with `agent`.
+    pub(crate) fn bytes_to(&self, agent: &str) -> u64 {
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
+        let field = format!(r#""http.request.useragent":"{agent}"#);
+        log.lines()
+            .filter(|l| l.contains("response completed") && l.contains(&field))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["http.response.written"].as_u64())
+            .sum()
+    }
+
+    /// Completed GETs of blob `digest` from clients whose User-Agent starts with `agent`.
+    pub(crate) fn blob_gets_from(&self, digest: &str, agent: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
+        let field = format!(r#""http.request.useragent":"{agent}"#);
+        log.lines()
+            .filter(|l| {
+                l.contains("response completed")
+                    && l.contains(&field)
+                    && l.contains(r#""http.request.method":"GET""#)
+                    && l.contains(&format!("/blobs/{digest}"))
+            })
+            .count()
     }
 
     /// Completed requests from clients whose User-Agent starts with `agent` (`hb/` for hb's

@@ -1,0 +1,394 @@
+//! Chunk-level pulls: a layer the store lacks arrives as only the chunks the store lacks, read by
+//! Range from the data blob of the image's accelerated form (or of the lazy layer already stored)
+//! through the same source chain as a mount ([`crate::mount::sources`]: mirrors, then the
+//! registry). A layer whose chunks are mostly new comes whole, as before: one stream of its blob
+//! is then the cheaper download.
+//!
+//! The layer's tree (its index) comes from the accelerated form, as for a lazy pull; every chunk
+//! is verified against its id before it is stored. The layer keeps the original blob digest and
+//! diff_id, so exports are the same as after a whole pull. A layer is recorded as a lazy layer
+//! first and becomes complete when its last chunk is in: a pull that dies half way leaves no
+//! image, and the next pull fetches only what is still missing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use futures_util::{stream, StreamExt, TryStreamExt};
+use hb_core::{AccelLayer, ChunkId, ChunkSource, Digest, LayerIndex, LazySource, TableEntry};
+use hb_registry::{LayerDesc, Registry, ResolvedImage};
+use hb_store::Store;
+
+use crate::{ImagesError, Registries, Reporter, Result, Within};
+
+/// A layer comes by chunks when they (with its index and table) cost at most this share of its
+/// blob; else whole, where one stream beats many ranges for little saving.
+pub const MAX_SHARE: f64 = 0.9;
+/// Chunks asked of the source chain at once (the ranges of one batch go in parallel).
+const BATCH: usize = 512;
+/// Indexes and tables fetched at once.
+const CONCURRENT_META: usize = 4;
+
+/// How one layer of a pull arrives.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[serde(tag = "via", rename_all = "snake_case")]
+pub enum Via {
+    /// The store has the layer.
+    Present,
+    /// Only the chunks the store lacks, by Range.
+    Chunks {
+        /// Chunks to fetch, of the layer's distinct chunks.
+        chunks: usize,
+        of: usize,
+        /// Compressed bytes of those chunks; bytes of the layer's index and chunk table (0 when
+        /// the store has them: a lazy layer).
+        chunk_bytes: u64,
+        meta_bytes: u64,
+    },
+    /// The layer blob, whole.
+    Whole { reason: String },
+}
+
+impl Via {
+    /// Bytes this layer downloads (`size`: its blob's).
+    pub fn bytes(&self, size: u64) -> u64 {
+        match self {
+            Via::Present => 0,
+            Via::Chunks { chunk_bytes, meta_bytes, .. } => chunk_bytes + meta_bytes,
+            Via::Whole { .. } => size,
+        }
+    }
+}
+
+/// One layer of a pull: how it arrives, and what its chunk path needs.
+pub struct Layer {
+    pub desc: LayerDesc,
+    pub via: Via,
+    /// A layer the store does not know yet that comes by chunks: its index and chunk source.
+    new_lazy: Option<(LayerIndex, LazySource)>,
+}
+
+/// What is known of a layer before deciding.
+enum Known {
+    Present,
+    /// A lazy layer already in the store.
+    Lazy(LazySource),
+    /// From the accelerated form: index, source, bytes of both.
+    Accelerated(LayerIndex, LazySource, u64),
+    NoForm,
+}
+
+/// Decides, layer by layer, how a pull of `resolved` fetches what the store lacks; reads the
+/// accelerated form's index and chunk table of each such layer (small). A form that does not
+/// describe the image is refused (nothing is stored).
+pub fn prepare(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    registry: &Registry,
+    resolved: &ResolvedImage,
+) -> Result<Vec<Layer>> {
+    let r = &resolved.reference;
+    let name = crate::image_name(r);
+    // Each distinct layer once (an image may list a blob twice).
+    let mut seen_layers = HashSet::new();
+    let layers: Vec<LayerDesc> = resolved.layers.iter().filter(|l| seen_layers.insert(l.diff_id)).cloned().collect();
+    let mut known: Vec<Known> = Vec::with_capacity(layers.len());
+    let mut wanted: Vec<usize> = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        if store.has_layer(&l.diff_id)? {
+            known.push(Known::Present);
+        } else if let Some(src) = store.lazy_source(&l.diff_id)? {
+            known.push(Known::Lazy(src));
+        } else {
+            known.push(Known::NoForm);
+            wanted.push(i);
+        }
+    }
+    if let (Some(accel), false) = (&resolved.accelerated, wanted.is_empty()) {
+        let cfg = rt
+            .block_on(registry.fetch_accel_config(r, accel, &resolved.manifest_digest))
+            .within(|| format!("reading the accelerated form of {name}"))?;
+        if cfg.layers.len() != resolved.layers.len()
+            || cfg.layers.iter().zip(&resolved.layers).any(|(a, l)| a.blob != l.digest || a.diff_id != l.diff_id)
+        {
+            return Err(ImagesError::Invalid(format!(
+                "{name}: the accelerated form's layers do not match the image's"
+            )));
+        }
+        let repository = format!("{}/{}", r.registry(), r.repository());
+        let todo: Vec<(usize, AccelLayer)> = wanted
+            .iter()
+            .map(|&i| {
+                let a = cfg.layers.iter().find(|a| a.diff_id == layers[i].diff_id).expect("matched above");
+                (i, a.clone())
+            })
+            .collect();
+        let fetched: Vec<(usize, LayerIndex, LazySource, u64)> = rt.block_on(async {
+            stream::iter(todo)
+                .map(|(i, a)| {
+                    let repository = repository.clone();
+                    async move {
+                        let (index, source, bytes) = fetch_layer_form(registry, r, &a, repository).await?;
+                        Ok::<_, ImagesError>((i, index, source, bytes))
+                    }
+                })
+                .buffer_unordered(CONCURRENT_META)
+                .try_collect()
+                .await
+        })?;
+        for (i, index, source, bytes) in fetched {
+            known[i] = Known::Accelerated(index, source, bytes);
+        }
+    }
+    decide(store, layers, known)
+}
+
+/// Reads and checks one layer's index and chunk table from its accelerated form.
+pub(crate) async fn fetch_layer_form(
+    registry: &Registry,
+    r: &hb_registry::ImageRef,
+    a: &AccelLayer,
+    repository: String,
+) -> Result<(LayerIndex, LazySource, u64)> {
+    let index_raw = registry.fetch_bytes(r, &a.index, a.index_size).await?;
+    let table_raw = registry.fetch_bytes(r, &a.table, a.table_size).await?;
+    let index = LayerIndex::decode(&index_raw).within(|| format!("index of layer {}", a.diff_id))?;
+    if index.diff_id != a.diff_id {
+        return Err(ImagesError::Invalid(format!("the index of layer {} names layer {}", a.diff_id, index.diff_id)));
+    }
+    if !index.verify_merkle() {
+        return Err(ImagesError::Invalid(format!("the index of layer {}: Merkle hashes do not match", a.diff_id)));
+    }
+    let table = hb_core::ChunkTable::decode(&table_raw).within(|| format!("chunk table of layer {}", a.diff_id))?;
+    if table.data_size() != a.data_size {
+        return Err(ImagesError::Invalid(format!(
+            "the chunk table of layer {} does not describe its data blob ({} bytes, the blob has {})",
+            a.diff_id,
+            table.data_size(),
+            a.data_size
+        )));
+    }
+    table.check_covers(&index)?;
+    let bytes = index_raw.len() as u64 + table_raw.len() as u64;
+    Ok((index, LazySource { repository, data: a.data, table }, bytes))
+}
+
+/// The decisions, then the exact chunks each chunk layer fetches: none a whole layer brings, none
+/// twice.
+fn decide(store: &Store, layers: Vec<LayerDesc>, known: Vec<Known>) -> Result<Vec<Layer>> {
+    // Pass 1: each layer on its own: chunks or whole?
+    struct Draft {
+        desc: LayerDesc,
+        via: Via,
+        index_chunks: Vec<ChunkId>,
+        table: HashMap<ChunkId, TableEntry>,
+        new_lazy: Option<(LayerIndex, LazySource)>,
+        meta: u64,
+    }
+    let mut drafts = Vec::with_capacity(layers.len());
+    for (desc, k) in layers.into_iter().zip(known) {
+        let (index, source, meta, new_lazy) = match k {
+            Known::Present => {
+                drafts.push(Draft {
+                    desc,
+                    via: Via::Present,
+                    index_chunks: vec![],
+                    table: HashMap::new(),
+                    new_lazy: None,
+                    meta: 0,
+                });
+                continue;
+            }
+            Known::NoForm => {
+                let reason = "the image has no accelerated form (`hb convert` makes one)".to_string();
+                drafts.push(Draft {
+                    desc,
+                    via: Via::Whole { reason },
+                    index_chunks: vec![],
+                    table: HashMap::new(),
+                    new_lazy: None,
+                    meta: 0,
+                });
+                continue;
+            }
+            Known::Lazy(source) => {
+                let index = store.layer(&desc.diff_id)?.ok_or_else(|| {
+                    ImagesError::Invalid(format!("lazy layer {} has no index in the store", desc.diff_id))
+                })?;
+                (index, source, 0, false)
+            }
+            Known::Accelerated(index, source, meta) => (index, source, meta, true),
+        };
+        let mut distinct = HashSet::new();
+        let index_chunks: Vec<ChunkId> = index.chunks.iter().map(|c| c.id).filter(|id| distinct.insert(*id)).collect();
+        let table: HashMap<ChunkId, TableEntry> = source.table.entries.iter().map(|e| (e.id, *e)).collect();
+        let mut missing_bytes = 0u64;
+        for id in &index_chunks {
+            if !store.has_chunk(id)? {
+                missing_bytes += table.get(id).map_or(0, |e| e.stored_len as u64);
+            }
+        }
+        let cost = missing_bytes + meta;
+        let via = if cost as f64 <= MAX_SHARE * desc.size as f64 {
+            Via::Chunks { chunks: 0, of: index_chunks.len(), chunk_bytes: 0, meta_bytes: meta }
+        } else {
+            Via::Whole {
+                reason: format!(
+                    "its new chunks ({} with index and table) cost more than {:.0} % of the blob",
+                    indicatif::HumanBytes(cost),
+                    MAX_SHARE * 100.0
+                ),
+            }
+        };
+        drafts.push(Draft {
+            desc,
+            via,
+            index_chunks,
+            table,
+            new_lazy: if new_lazy { Some((index, source)) } else { None },
+            meta,
+        });
+    }
+    // Pass 2: chunks a whole layer brings are not fetched; a chunk two layers share, once.
+    let mut counted: HashSet<ChunkId> = drafts
+        .iter()
+        .filter(|d| matches!(d.via, Via::Whole { .. }))
+        .flat_map(|d| d.index_chunks.iter().copied())
+        .collect();
+    let mut out = Vec::with_capacity(drafts.len());
+    for d in drafts {
+        let via = match d.via {
+            Via::Chunks { of, .. } => {
+                let (mut chunks, mut bytes) = (0, 0u64);
+                for id in &d.index_chunks {
+                    if !counted.contains(id) && !store.has_chunk(id)? {
+                        counted.insert(*id);
+                        chunks += 1;
+                        bytes += d.table.get(id).map_or(0, |e| e.stored_len as u64);
+                    }
+                }
+                Via::Chunks { chunks, of, chunk_bytes: bytes, meta_bytes: d.meta }
+            }
+            via => via,
+        };
+        let new_lazy = if matches!(via, Via::Chunks { .. }) { d.new_lazy } else { None };
+        out.push(Layer { desc: d.desc, via, new_lazy });
+    }
+    Ok(out)
+}
+
+/// What the chunk path of a pull did.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    /// Layers now complete from their chunks.
+    pub layers: usize,
+    pub chunks: u64,
+    /// Uncompressed bytes of the chunks stored.
+    pub raw_bytes: u64,
+    /// Compressed chunk bytes received and Range requests made.
+    pub wire_bytes: u64,
+    pub requests: u64,
+    /// Layers whose chunks could not all be fetched: to download whole, with why.
+    pub fallback: Vec<(LayerDesc, String)>,
+}
+
+/// Where a pull's chunks come from: the hosts, and the client that resolved the image.
+pub struct Origin<'a> {
+    pub registries: &'a dyn Registries,
+    pub plain_http: bool,
+    pub registry: Arc<Registry>,
+}
+
+/// Fetches the chunks of every layer `layers` says comes by chunks, verified, into the store; a
+/// layer becomes complete when its last chunk is in. A layer whose chunks fail (a corrupt chunk
+/// from every source, a missing data blob) is returned for a whole download.
+pub fn fetch_chunks(
+    rt: &tokio::runtime::Runtime,
+    store: &Arc<Store>,
+    origin: &Origin<'_>,
+    resolved: &ResolvedImage,
+    layers: Vec<Layer>,
+    reporter: &dyn Reporter,
+) -> Result<Fetched> {
+    let mut out = Fetched::default();
+    let chunked: Vec<Layer> = layers.into_iter().filter(|l| matches!(l.via, Via::Chunks { .. })).collect();
+    if chunked.is_empty() {
+        return Ok(out);
+    }
+    for l in &chunked {
+        if let Some((index, source)) = &l.new_lazy {
+            store
+                .import_lazy_layer(
+                    index,
+                    &l.desc.digest,
+                    crate::pull::blob_compression(&l.desc.media_type),
+                    l.desc.size,
+                    source,
+                    false,
+                )
+                .within(|| format!("recording layer {}", l.desc.digest))?;
+        }
+    }
+    let diff_ids: Vec<Digest> = chunked.iter().map(|l| l.desc.diff_id).collect();
+    let key = format!("{}/{}", resolved.reference.host(), resolved.reference.repository());
+    let sources = crate::mount::sources(
+        origin.registries,
+        rt,
+        store,
+        &diff_ids,
+        Some((key, origin.registry.clone())),
+        origin.plain_http,
+        None,
+    )?;
+    sources.ranges.iter().for_each(|r| r.exact());
+    let planned: u64 =
+        chunked.iter().map(|l| if let Via::Chunks { chunk_bytes, .. } = l.via { chunk_bytes } else { 0 }).sum();
+    let bar = reporter.transfer("chunks", planned);
+    let mut wire_seen = 0;
+    for l in chunked {
+        let diff_id = l.desc.diff_id;
+        let failed: Option<String> = (|| {
+            let missing = store.missing_chunks(&diff_id)?;
+            let mut distinct = HashSet::new();
+            let ids: Vec<ChunkId> = missing.iter().map(|c| c.id).filter(|id| distinct.insert(*id)).collect();
+            for batch in ids.chunks(BATCH) {
+                // Another layer of this pull may have brought some already.
+                let batch: Vec<ChunkId> =
+                    batch.iter().copied().filter(|id| !store.has_chunk(id).unwrap_or(false)).collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                let got = match sources.chain.fetch_many(&batch) {
+                    Ok(got) => got,
+                    Err(e) => return Ok::<_, ImagesError>(Some(e.to_string())),
+                };
+                let filled = store.fill_chunks(&got).within(|| format!("storing chunks of layer {diff_id}"))?;
+                out.chunks += filled.filled as u64;
+                out.raw_bytes += got.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+                let (wire, _) = crate::mount::wire(&sources.ranges);
+                bar.advance(wire.saturating_sub(wire_seen));
+                wire_seen = wire;
+            }
+            if store.complete_lazy_layer(&diff_id)? {
+                Ok(None)
+            } else {
+                let left = store.missing_chunks(&diff_id)?.len();
+                Ok(Some(format!("{left} of its chunks were in no source")))
+            }
+        })()?;
+        match failed {
+            None => out.layers += 1,
+            Some(why) => {
+                tracing::warn!(layer = %l.desc.digest, reason = %why, "chunk fetch failed; downloading the layer blob instead");
+                reporter.note(&format!(
+                    "layer {}: fetching its chunks failed ({why}); downloading the whole layer instead",
+                    l.desc.digest.short()
+                ));
+                out.fallback.push((l.desc, why));
+            }
+        }
+    }
+    let (wire, requests) = crate::mount::wire(&sources.ranges);
+    out.wire_bytes = wire;
+    out.requests = requests;
+    Ok(out)
+}
