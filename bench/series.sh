@@ -11,8 +11,8 @@ RECIPE=1
 [ -f "$DATA/minbase/.hb-complete" ] || scripts/testdata.sh
 mkdir -p "$OUT/debs"
 if [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$RECIPE" ] && [ -f "$OUT/v10.tar.gz" ]; then
-  echo "series: cached in $OUT" >&2; exit 0
-fi
+  echo "series: cached in $OUT" >&2
+else
 rm -f "$OUT"/v*.tar.gz
 # Packages added version by version (each version keeps the earlier ones).
 STEPS=(
@@ -45,3 +45,25 @@ for i in $(seq 1 10); do
   echo "series: v$i $(stat -c %s "$OUT/v$i.tar.gz") bytes" >&2
 done
 echo "$RECIPE" > "$OUT/stamp"
+fi
+
+# `bench/series.sh push REGISTRY`: each version as a one-layer image REGISTRY/hb-series:vN (the
+# gzip'ed tar above as its layer blob, unchanged), for the update benchmark.
+if [ "${1:-}" = push ]; then
+  reg=${2:?usage: bench/series.sh push REGISTRY}
+  for i in $(seq 1 10); do
+    dir=$(mktemp -d) && mkdir -p "$dir/blobs/sha256"
+    echo '{"imageLayoutVersion":"1.0.0"}' > "$dir/oci-layout"
+    blob="$OUT/v$i.tar.gz"
+    d=$(sha256sum "$blob" | cut -d' ' -f1); size=$(stat -c %s "$blob")
+    diff=$(pigz -dc "$blob" | sha256sum | cut -d' ' -f1)
+    cp "$blob" "$dir/blobs/sha256/$d"
+    put() { local h; h=$(printf '%s' "$1" | sha256sum | cut -d' ' -f1); printf '%s' "$1" > "$dir/blobs/sha256/$h"; echo "$h $(printf '%s' "$1" | wc -c)"; }
+    read -r c csize < <(put "{\"architecture\":\"amd64\",\"os\":\"linux\",\"created\":\"2024-01-01T00:00:00Z\",\"config\":{\"Cmd\":[\"/bin/sh\"]},\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$diff\"]}}")
+    read -r m msize < <(put "{\"schemaVersion\":2,\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"config\":{\"mediaType\":\"application/vnd.oci.image.config.v1+json\",\"digest\":\"sha256:$c\",\"size\":$csize},\"layers\":[{\"mediaType\":\"application/vnd.oci.image.layer.v1.tar+gzip\",\"digest\":\"sha256:$d\",\"size\":$size}]}")
+    echo "{\"schemaVersion\":2,\"manifests\":[{\"mediaType\":\"application/vnd.oci.image.manifest.v1+json\",\"digest\":\"sha256:$m\",\"size\":$msize,\"annotations\":{\"org.opencontainers.image.ref.name\":\"v$i\"}}]}" > "$dir/index.json"
+    skopeo copy --quiet --dest-tls-verify=false "oci:$dir:v$i" "docker://$reg/hb-series:v$i"
+    rm -rf "$dir"
+    echo "series: pushed $reg/hb-series:v$i" >&2
+  done
+fi

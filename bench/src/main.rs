@@ -14,6 +14,7 @@ use hb_store::{NoProgress, Store, StoreOptions};
 
 mod lazy;
 mod proxy;
+mod update;
 
 #[derive(Parser)]
 #[command(about = "HyperBox benchmarks: hb against its baselines, reported as ratios")]
@@ -108,6 +109,20 @@ enum Cmd {
         small: String,
         #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
         large: String,
+    },
+    /// An image update: `hb pull` of v2 with v1 stored, from accelerated forms (new chunks by
+    /// Range), vs `ctr images pull` of v2 after v1; bytes from the registry's log, time
+    Update {
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v1")]
+        v1: String,
+        #[arg(long, default_value = "127.0.0.1:15000/debian-app:v2")]
+        v2: String,
+    },
+    /// The ten-version series (`bench/series.sh push 127.0.0.1:15000`) pulled in order through
+    /// accelerated forms by hb vs by containerd: bytes over the wire per version
+    Series {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        registry: String,
     },
     /// Every benchmark above
     All,
@@ -511,6 +526,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Memory { image } => lazy::memory(&image)?,
         Cmd::Snapshotter { large } => lazy::snapshotter(runs, &large)?,
         Cmd::Proxy { small, large } => proxy::run(runs, &small, &large)?,
+        Cmd::Update { v1, v2 } => update::update(runs, &v1, &v2)?,
+        Cmd::Series { registry } => update::series(&registry)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();

@@ -18,6 +18,13 @@ pub const MEDIA_TYPE_STARTUP: &str = "application/vnd.hyperbox.startup.v1";
 pub const ARTIFACT_TYPE: &str = "application/vnd.hyperbox.image.v1";
 /// Annotation (value `"v1"`) on the accelerated manifest's descriptor in the image index.
 pub const ANNOTATION: &str = "io.hyperbox.accelerated";
+/// Annotation on that descriptor: the digest of the original manifest it accelerates (hb binds by
+/// it, not by platform).
+pub const ANNOTATION_MANIFEST: &str = "io.hyperbox.manifest";
+/// The platform variant of that descriptor: no real platform has it, so other clients' platform
+/// matchers pass it over (containerd 1.6's `ctr images pull` fetches every manifest that matches
+/// the platform, and would download the accelerated blobs beside the original layers).
+pub const FOREIGN_VARIANT: &str = "hyperbox.v1";
 
 const TABLE_MAGIC: &[u8; 4] = b"HBCT";
 const STARTUP_MAGIC: &[u8; 4] = b"HBSO";

@@ -63,7 +63,12 @@ fn push_binding(
         "mediaType": resolved.manifest_media_type, "digest": resolved.manifest_digest.to_string(),
         "size": resolved.manifest.len(), "platform": hb_registry::platform_json(&resolved.platform),
     });
-    let index = hb_registry::binding_index(vec![original], (&accel_digest, manifest.len() as u64), &resolved.platform);
+    let index = hb_registry::binding_index(
+        vec![original],
+        (&accel_digest, manifest.len() as u64),
+        &resolved.platform,
+        &resolved.manifest_digest,
+    );
     rt.block_on(reg.push_manifest(dst, OCI_INDEX, index.clone()))?;
     Ok((Digest::of(&index), accel_digest))
 }

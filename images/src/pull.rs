@@ -33,6 +33,8 @@ pub struct PullReport {
     /// Layers that came as only their missing chunks ([`crate::delta`]), the chunks, their
     /// compressed bytes (in `bytes_downloaded`, with the indexes and tables) and Range requests.
     pub layers_by_chunks: usize,
+    /// The image has an accelerated form (without one, every layer the store lacks comes whole).
+    pub accelerated: bool,
     pub chunks_fetched: u64,
     pub chunk_bytes: u64,
     pub range_requests: u64,
@@ -194,6 +196,7 @@ pub fn pull(
         new_chunk_bytes: 0,
         deduplicated_bytes: 0,
         layers_by_chunks: 0,
+        accelerated: resolved.accelerated.is_some(),
         chunks_fetched: 0,
         chunk_bytes: 0,
         range_requests: 0,
@@ -327,6 +330,8 @@ pub fn summary(r: &PullReport) -> String {
                 HumanBytes(r.chunk_bytes),
                 r.range_requests
             )
+        } else if !r.accelerated && r.bytes_downloaded > 0 {
+            " (whole layers: the image has no accelerated form; `hb convert` makes one)".to_string()
         } else {
             String::new()
         },

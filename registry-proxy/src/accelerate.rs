@@ -202,7 +202,8 @@ impl Mirror {
         let cfg_bytes = serde_json::to_vec(&accel_cfg).expect("serialisable");
         let manifest = hb_registry::accel_manifest(&accel_cfg, &cfg_bytes);
         let manifest_digest = Digest::of(&manifest);
-        let index = hb_registry::binding_index(entries, (&manifest_digest, manifest.len() as u64), platform);
+        let index =
+            hb_registry::binding_index(entries, (&manifest_digest, manifest.len() as u64), platform, &image_digest);
         let index_digest = Digest::of(&index);
         let mut needs: Vec<String> = vec![Digest::of(&cfg_bytes).to_string(), manifest_digest.to_string()];
         for l in &accel_cfg.layers {

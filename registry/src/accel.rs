@@ -51,12 +51,22 @@ pub fn accel_manifest(cfg: &AccelConfig, cfg_bytes: &[u8]) -> Vec<u8> {
 }
 
 /// An OCI index of `entries` (the original manifests, each with its platform) and the
-/// accelerated manifest `accel` (digest, size) bound to `platform`.
-pub fn binding_index(mut entries: Vec<serde_json::Value>, accel: (&Digest, u64), platform: &str) -> Vec<u8> {
-    use hb_core::lazy::{ANNOTATION, ARTIFACT_TYPE};
+/// accelerated manifest `accel` (digest, size) bound to the original manifest `original` of
+/// `platform`. The accelerated entry's platform has a variant no client matches
+/// ([`hb_core::lazy::FOREIGN_VARIANT`]): docker, containerd and skopeo pull the original only.
+pub fn binding_index(
+    mut entries: Vec<serde_json::Value>,
+    accel: (&Digest, u64),
+    platform: &str,
+    original: &Digest,
+) -> Vec<u8> {
+    use hb_core::lazy::{ANNOTATION, ANNOTATION_MANIFEST, ARTIFACT_TYPE, FOREIGN_VARIANT};
+    let mut p = platform_json(platform);
+    p["variant"] = serde_json::json!(FOREIGN_VARIANT);
     entries.push(serde_json::json!({
         "mediaType": crate::OCI_MANIFEST, "artifactType": ARTIFACT_TYPE, "digest": accel.0.to_string(),
-        "size": accel.1, "platform": platform_json(platform), "annotations": {ANNOTATION: "v1"},
+        "size": accel.1, "platform": p,
+        "annotations": {ANNOTATION: "v1", ANNOTATION_MANIFEST: original.to_string(), "io.hyperbox.platform": platform},
     }));
     serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": crate::OCI_INDEX, "manifests": entries}))
         .expect("serialisable")

@@ -114,11 +114,17 @@ pub fn parse(reference: &str, bytes: &[u8], wanted: &Platform) -> Result<Parsed,
         };
         // hb's accelerated manifests sit beside the originals; a pull takes the original.
         let chosen = list.iter().filter(for_platform).find(|d| !d.annotations.contains_key(hb_core::lazy::ANNOTATION));
-        let accelerated = list
-            .iter()
-            .filter(for_platform)
-            .find(|d| d.annotations.get(hb_core::lazy::ANNOTATION).is_some_and(|v| v == "v1"))
-            .and_then(|d| Some((d.digest.parse().ok()?, d.size)));
+        // The accelerated form of the chosen manifest: named by its digest (bindings made before
+        // that annotation: by platform).
+        let accelerated = chosen.and_then(|c| {
+            list.iter()
+                .filter(|d| d.annotations.get(hb_core::lazy::ANNOTATION).is_some_and(|v| v == "v1"))
+                .find(|d| match d.annotations.get(hb_core::lazy::ANNOTATION_MANIFEST) {
+                    Some(m) => *m == c.digest,
+                    None => for_platform(d),
+                })
+                .and_then(|d| Some((d.digest.parse().ok()?, d.size)))
+        });
         let Some(chosen) = chosen else {
             let available: Vec<String> = list
                 .iter()
@@ -212,6 +218,29 @@ mod tests {
 
     fn d(c: char) -> String {
         format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    /// Regression (updates issue): containerd 1.6's `ctr images pull` fetched every manifest of
+    /// the platform, so an accelerated image cost plain clients its hb blobs too (206 MB for a
+    /// 96 MB update). The binding's entry has a variant no client matches; hb binds by digest.
+    #[test]
+    fn a_binding_index_hides_the_accelerated_entry_from_platform_matchers_but_hb_finds_it() {
+        let original: Digest = d('c').parse().unwrap();
+        let accel: Digest = d('b').parse().unwrap();
+        let entry = serde_json::json!({"mediaType": crate::OCI_MANIFEST, "digest": original.to_string(), "size": 3,
+            "platform": {"os": "linux", "architecture": "amd64"}});
+        let idx = crate::binding_index(vec![entry], (&accel, 2), "linux/amd64", &original);
+        let v: serde_json::Value = serde_json::from_slice(&idx).unwrap();
+        let entries = v["manifests"].as_array().unwrap();
+        // What a platform matcher sees (containerd compares os, architecture and variant).
+        let matching: Vec<&serde_json::Value> = entries
+            .iter()
+            .filter(|e| e["platform"]["architecture"] == "amd64" && e["platform"]["variant"].is_null())
+            .collect();
+        assert_eq!(matching.len(), 1, "only the original matches linux/amd64: {v:#}");
+        assert_eq!(matching[0]["digest"], original.to_string());
+        let Parsed::Index(c) = parse("r", &idx, &"linux/amd64".parse().unwrap()).unwrap() else { panic!("an index") };
+        assert_eq!((c.digest, c.accelerated), (original.to_string(), Some((accel, 2))));
     }
 
     #[test]
