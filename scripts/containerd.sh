@@ -3,7 +3,9 @@
 #   scripts/containerd.sh start|stop|reset      (reset: stop, wipe its root, start)
 # Env: HB_CONTAINERD_DIR (default /dev/shm/hb-containerd: tmpfs, so wiping is instant),
 #      HB_NETNS (run it inside that network namespace),
-#      HB_SNAPSHOTTER_SOCK (register hb's snapshotter there as proxy plugin "hb").
+#      HB_SNAPSHOTTER_SOCK (register hb's snapshotter there as proxy plugin "hb"),
+#      HB_STARGZ_SOCK (register stargz-snapshotter's daemon there as proxy plugin "stargz":
+#      scripts/stargz.sh).
 # Socket: $HB_CONTAINERD_DIR/containerd.sock
 set -euo pipefail
 DIR=${HB_CONTAINERD_DIR:-/dev/shm/hb-containerd}
@@ -23,12 +25,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "$SOCK.ttrpc"
 CFG
+  if [ -n "${HB_SNAPSHOTTER_SOCK:-}${HB_STARGZ_SOCK:-}" ]; then
+    echo "[proxy_plugins]" >> "$DIR/config.toml"
+  fi
   if [ -n "${HB_SNAPSHOTTER_SOCK:-}" ]; then
     cat >> "$DIR/config.toml" <<CFG
-[proxy_plugins]
   [proxy_plugins.hb]
     type = "snapshot"
     address = "$HB_SNAPSHOTTER_SOCK"
+CFG
+  fi
+  if [ -n "${HB_STARGZ_SOCK:-}" ]; then
+    cat >> "$DIR/config.toml" <<CFG
+  [proxy_plugins.stargz]
+    type = "snapshot"
+    address = "$HB_STARGZ_SOCK"
 CFG
   fi
   local prefix=()

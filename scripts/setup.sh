@@ -16,6 +16,7 @@ PACKAGES=(
   containerd                   # a private containerd for baselines and the snapshotter tests (scripts/containerd.sh)
   stargz-snapshotter           # ctr-remote: a real containerd client that asks for remote snapshots
   golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite (scripts/snapshotter-conformance.sh)
+  golang-github-containerd-stargz-snapshotter-dev    # stargz-snapshotter's daemon, built by scripts/stargz.sh for the cold-start bench
   ca-certificates
 )
 

@@ -1,6 +1,6 @@
 //! Chunk-level pulls: a layer the store lacks arrives as only the chunks the store lacks, read by
 //! Range from the data blob of the image's accelerated form (or of the lazy layer already stored)
-//! through the same source chain as a mount ([`crate::mount::sources`]: mirrors, then the
+//! through the same source chain as a mount ([`crate::sources::sources`]: mirrors, then the
 //! registry). A layer whose chunks are mostly new comes whole, as before: one stream of its blob
 //! is then the cheaper download.
 //!
@@ -320,7 +320,7 @@ pub fn fetch_chunks(
                 .import_lazy_layer(
                     index,
                     &l.desc.digest,
-                    crate::pull::blob_compression(&l.desc.media_type),
+                    blob_compression(&l.desc.media_type),
                     l.desc.size,
                     source,
                     false,
@@ -330,7 +330,7 @@ pub fn fetch_chunks(
     }
     let diff_ids: Vec<Digest> = chunked.iter().map(|l| l.desc.diff_id).collect();
     let key = format!("{}/{}", resolved.reference.host(), resolved.reference.repository());
-    let sources = crate::mount::sources(
+    let sources = crate::sources::sources(
         origin.registries,
         rt,
         store,
@@ -364,7 +364,7 @@ pub fn fetch_chunks(
                 let filled = store.fill_chunks(&got).within(|| format!("storing chunks of layer {diff_id}"))?;
                 out.chunks += filled.filled as u64;
                 out.raw_bytes += got.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-                let (wire, _) = crate::mount::wire(&sources.ranges);
+                let (wire, _) = crate::sources::wire(&sources.ranges);
                 bar.advance(wire.saturating_sub(wire_seen));
                 wire_seen = wire;
             }
@@ -387,8 +387,19 @@ pub fn fetch_chunks(
             }
         }
     }
-    let (wire, requests) = crate::mount::wire(&sources.ranges);
+    let (wire, requests) = crate::sources::wire(&sources.ranges);
     out.wire_bytes = wire;
     out.requests = requests;
     Ok(out)
+}
+
+/// How a layer blob of `media_type` is compressed.
+pub(crate) fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
+    if media_type.contains("gzip") {
+        hb_store::BlobCompression::Gzip
+    } else if media_type.contains("zstd") {
+        hb_store::BlobCompression::Zstd
+    } else {
+        hb_store::BlobCompression::None
+    }
 }

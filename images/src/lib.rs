@@ -1,6 +1,6 @@
 //! Images, end to end: pulls (whole and lazy), `hb convert` and `hb optimize`, image mounts and
 //! the process that serves one, the mirror's store, and the one place where a mount's chunk
-//! sources are put in order ([`mount::sources`]: the daemon, hosts.toml mirrors, registries).
+//! sources are put in order ([`sources::sources`]: the daemon, hosts.toml mirrors, registries).
 //!
 //! The binary brings what this crate must not know: where settings come from ([`Registries`]:
 //! hosts.toml, credentials), how people see progress ([`Reporter`]), and the daemon client (a
@@ -13,12 +13,13 @@ pub mod mirror_store;
 pub mod mount;
 pub mod pull;
 pub mod shutdown;
+pub mod sources;
 
 use hb_core::{Digest, LayerIndex};
 use hb_registry::{ImageRef, Platform, RegistryOptions};
 use hb_store::{ImageRecord, Store};
 
-pub use pull::Endpoint;
+pub use sources::Endpoint;
 
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]

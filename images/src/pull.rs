@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::{stream, StreamExt, TryStreamExt};
 use hb_core::Digest;
-use hb_registry::{ImageRef, LayerDesc, Registry, RegistryOptions, ResolvedImage};
+use hb_registry::{ImageRef, LayerDesc, Registry, ResolvedImage};
 use hb_store::{ImageLayer, ImageRecord, ImportOptions, Store};
 use indicatif::HumanBytes;
 use tokio::sync::mpsc;
@@ -132,21 +132,13 @@ fn plan_of(resolved: &ResolvedImage, layers: &[crate::delta::Layer]) -> PullPlan
     p
 }
 
-/// One place an image can be resolved and read from: a mirror from hosts.toml, or the registry.
-pub struct Endpoint {
-    /// `mirror <host>` or `registry <host>`, for logs and stats.
-    pub name: String,
-    /// The reference as asked of this endpoint ([`ImageRef::via_mirror`] for a mirror).
-    pub reference: ImageRef,
-    pub opts: RegistryOptions,
-    /// Tags may be resolved here (hosts.toml `resolve` capability).
-    pub resolve: bool,
-}
-
 /// Resolves the reference at the first endpoint that answers, in order (mirrors first, as
 /// containerd does; a mirror that fails or lacks the image is passed over with a log line).
 /// Returns the client of the endpoint that answered: the blobs are read there too.
-pub fn resolve(rt: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> Result<(Registry, ResolvedImage)> {
+pub fn resolve(
+    rt: &tokio::runtime::Runtime,
+    endpoints: Vec<crate::sources::Endpoint>,
+) -> Result<(Registry, ResolvedImage)> {
     let count = endpoints.len();
     let mut last = None;
     for (i, ep) in endpoints.into_iter().enumerate() {
@@ -357,16 +349,6 @@ pub struct LazyPullReport {
     pub startup_chunks: usize,
 }
 
-pub(crate) fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
-    if media_type.contains("gzip") {
-        hb_store::BlobCompression::Gzip
-    } else if media_type.contains("zstd") {
-        hb_store::BlobCompression::Zstd
-    } else {
-        hb_store::BlobCompression::None
-    }
-}
-
 /// Pulls an image's indexes from its accelerated form: every layer becomes a lazy layer (unless
 /// already stored) whose chunks `hb mount` reads by range on first use.
 pub fn pull_lazy(
@@ -414,7 +396,7 @@ pub fn pull_lazy(
                         store.import_lazy_layer(
                             &index,
                             &l.digest,
-                            blob_compression(&l.media_type),
+                            crate::delta::blob_compression(&l.media_type),
                             l.size,
                             &source,
                             false,
