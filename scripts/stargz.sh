@@ -24,7 +24,9 @@ build() {
   mkdir -p "$W"
   exec 9>"$W/build.lock"
   flock 9
-  if [ -x "$BIN" ] && [ ! "$repo/bench/stargz/main.go" -nt "$BIN" ] && [ ! "$0" -nt "$BIN" ]; then return; fi
+  if [ -x "$BIN" ] && [ ! "$repo/bench/stargz/main.go" -nt "$BIN" ] && [ ! "$0" -nt "$BIN" ]; then
+    exec 9>&-; return
+  fi
   local t0 gp
   t0=$(date +%s)
   gp="$W/gopath"
@@ -41,6 +43,7 @@ build() {
       go build -o "$BIN.new" .)
   mv "$BIN.new" "$BIN"
   log "built in $(( $(date +%s) - t0 )) s"
+  exec 9>&-   # the lock goes with the descriptor (a daemon started later must not inherit it)
 }
 
 start() {
@@ -49,7 +52,7 @@ start() {
   mkdir -p "$W/root" "$(dirname "$SOCK")"
   local args=(--root "$W/root" --address "$SOCK" --plain-http "${HB_STARGZ_PLAIN_HTTP:-127.0.0.1:15000}")
   [ "${HB_STARGZ_NO_PREFETCH:-0}" = 1 ] && args+=(--no-prefetch)
-  nohup "$BIN" "${args[@]}" >> "$W/stargz.log" 2>&1 &
+  nohup "$BIN" "${args[@]}" >> "$W/stargz.log" 2>&1 9>&- &
   echo $! > "$W/pid"
   for _ in $(seq 1 100); do
     [ -S "$SOCK" ] && { log "up on $SOCK"; return; }

@@ -39,7 +39,11 @@ fn in_netns(netns: Option<&str>, program: &Path) -> Command {
 
 /// `hb daemon` on store `root` with both its sockets in `dir` (`hb.sock`, `snapshotter.sock`);
 /// returns once both exist.
-fn start_daemon(hb: &Path, root: &Path, dir: &Path) -> anyhow::Result<(std::process::Child, PathBuf, PathBuf)> {
+pub(crate) fn start_daemon(
+    hb: &Path,
+    root: &Path,
+    dir: &Path,
+) -> anyhow::Result<(std::process::Child, PathBuf, PathBuf)> {
     let (api, snap) = (dir.join("hb.sock"), dir.join("snapshotter.sock"));
     let child = Command::new(hb)
         .arg("--root")
@@ -65,7 +69,7 @@ fn umount(dir: &Path) {
     let _ = Command::new("umount").arg(dir).status();
 }
 
-fn drop_caches() {
+pub(crate) fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use hb_core::ChunkerParams;
 use hb_store::{NoProgress, Store, StoreOptions};
 
+mod coldstart;
 mod lazy;
 mod proxy;
 mod update;
@@ -123,6 +124,19 @@ enum Cmd {
     Series {
         #[arg(long, default_value = "127.0.0.1:15000")]
         registry: String,
+    },
+    /// Cold starts, fairly: pull start to first output of the image's own command in a container,
+    /// containerd + overlayfs vs stargz-snapshotter (on demand, optimized) vs hb's snapshotter and
+    /// `hb run` (no recorded order, recorded order), three images (bench/images.py), random order
+    Coldstart {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        registry: String,
+        /// Seed of the run order (printed; random when not given)
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Use the converted images already in the registry
+        #[arg(long)]
+        skip_prepare: bool,
     },
     /// Every benchmark above
     All,
@@ -527,6 +541,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Snapshotter { large } => lazy::snapshotter(runs, &large)?,
         Cmd::Proxy { small, large } => proxy::run(runs, &small, &large)?,
         Cmd::Update { v1, v2 } => update::update(runs, &v1, &v2)?,
+        Cmd::Coldstart { registry, seed, skip_prepare } => coldstart::run(runs, &registry, seed, skip_prepare)?,
         Cmd::Series { registry } => update::series(&registry)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;

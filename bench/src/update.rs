@@ -13,13 +13,13 @@ use anyhow::Context;
 use crate::{hb_binary, median, repo_root, timed_command};
 
 /// The shared test registry's log (scripts/registry.sh), read from a point on.
-struct Meter {
+pub(crate) struct Meter {
     log: PathBuf,
     from: u64,
 }
 
 impl Meter {
-    fn start() -> anyhow::Result<Meter> {
+    pub(crate) fn start() -> anyhow::Result<Meter> {
         let dir =
             std::env::var_os("HB_REGISTRY_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/hb-registry".into());
         let log = dir.join("open/registry.log");
@@ -32,6 +32,11 @@ impl Meter {
     fn bytes(&self, repo: &str) -> anyhow::Result<u64> {
         // The registry logs a request just after answering it: let the last line land.
         std::thread::sleep(Duration::from_millis(200));
+        self.bytes_now(repo)
+    }
+
+    /// [`Meter::bytes`] as logged at this moment (requests still in flight are not counted).
+    pub(crate) fn bytes_now(&self, repo: &str) -> anyhow::Result<u64> {
         let all = std::fs::read(&self.log)?;
         let text = String::from_utf8_lossy(&all[self.from as usize..]);
         let uri = format!(r#""http.request.uri":"/v2/{repo}/"#);

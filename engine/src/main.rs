@@ -373,12 +373,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 threads,
                 plain_http,
                 layers,
+                learn: true,
             };
             let rt = runtime()?;
             let _pid = mount::PidFile::create(store.root(), &args.dir);
             let report = Report::new(&out);
-            let daemon = mounts::DaemonSource::for_view(g, &store);
-            let m = mount::mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, shutdown.as_ref(), &report)?;
+            let (daemon, keeper) = mounts::DaemonSource::roles(g, &store);
+            let m = mount::mount_image(
+                &Hosts::of(g),
+                &rt,
+                store.clone(),
+                &args,
+                daemon,
+                keeper,
+                shutdown.as_ref(),
+                &report,
+            )?;
             mount::serve(&store, m, &report)?;
         }
         Cmd::Convert { src, dst, plain_http, platform } => {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use hb_core::{ChunkId, ChunkSource};
 use hb_fuse::Prefetch;
-use hb_images::mount::{mount_image, pull_for_mount, start_server, Mount, MountArgs};
+use hb_images::mount::{mount_image, pull_for_mount, start_server, Mount, MountArgs, OrderKeeper};
 use hb_store::Store;
 
 use crate::hosts::Hosts;
@@ -23,16 +23,34 @@ pub struct DaemonSource {
 impl DaemonSource {
     /// The daemon as a chunk tier, for a process whose `store` is a read-only view of the store
     /// the daemon owns (none when this process owns the store or no daemon answers).
-    pub fn for_view(g: &Global, store: &Store) -> Option<Arc<dyn ChunkSource>> {
+    pub fn for_view(g: &Global, store: &Store) -> Option<Arc<DaemonSource>> {
         if store.is_writable() {
             return None;
         }
         let client = Arc::new(crate::daemon_client(g)?);
-        Some(Arc::new(DaemonSource { client }) as Arc<dyn ChunkSource>)
+        Some(Arc::new(DaemonSource { client }))
+    }
+
+    /// [`DaemonSource::for_view`] as the two roles a mount gives it: chunk tier, order keeper.
+    pub fn roles(g: &Global, store: &Store) -> DaemonRoles {
+        match Self::for_view(g, store) {
+            Some(d) => (Some(d.clone() as Arc<dyn ChunkSource>), Some(d as Arc<dyn OrderKeeper>)),
+            None => (None, None),
+        }
     }
 
     fn unavailable(e: anyhow::Error) -> hb_core::SourceError {
         hb_core::SourceError::Unavailable { source_name: "hb daemon".into(), reason: crate::error_chain(&e) }
+    }
+}
+
+/// The daemon as a mount's chunk tier and as the keeper of its learned order (none without one).
+pub type DaemonRoles = (Option<Arc<dyn ChunkSource>>, Option<Arc<dyn OrderKeeper>>);
+
+impl OrderKeeper for DaemonSource {
+    fn keep_order(&self, manifest: &hb_core::Digest, order: &hb_core::StartupOrder) -> Result<(), String> {
+        let path = format!("/v1/startup?manifest={manifest}");
+        self.client.call_raw("POST", &path, &order.encode()).map(|_| ()).map_err(|e| crate::error_chain(&e))
     }
 }
 
@@ -128,9 +146,10 @@ impl hb_cli::run::LocalImages for StoreImages {
             threads: 8,
             plain_http,
             layers: None,
+            learn: true,
         };
-        let daemon = DaemonSource::for_view(g, &store);
-        let mount = mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, None, &Report::new(out))?;
+        let (daemon, keeper) = DaemonSource::roles(g, &store);
+        let mount = mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, keeper, None, &Report::new(out))?;
         let (_, _, rec) = hb_images::require_image(&store, image)?;
         Ok((rec.config, Box::new(OwnMount { mount, _rt: rt, dir: dir.to_path_buf() })))
     }

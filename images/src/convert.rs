@@ -230,8 +230,9 @@ pub fn optimize(
         threads: 8,
         plain_http,
         layers: None,
+        learn: false,
     };
-    let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, reporter)?;
+    let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, None, reporter)?;
     m.mounted.fetcher().start_recording();
     reporter.note(&format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
     let mut run = std::process::Command::new("chroot");

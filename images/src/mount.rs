@@ -25,6 +25,81 @@ pub struct MountArgs {
     pub plain_http: bool,
     /// Only the image's first N layers (a containerd snapshot chain's lower part).
     pub layers: Option<usize>,
+    /// Record the order of first reads when the image has none and starts cold, and keep it
+    /// ([`Learner`]); `hb optimize` records on its own.
+    pub learn: bool,
+}
+
+/// How long a cold start is watched to learn its start-up order.
+pub const LEARN_FOR: Duration = Duration::from_secs(10);
+
+/// Keeps a learned start-up order where this process cannot write it itself (the daemon owns the
+/// store); the keeper checks it and keeps the first one for an image.
+pub trait OrderKeeper: Send + Sync {
+    fn keep_order(&self, manifest: &Digest, order: &StartupOrder) -> std::result::Result<(), String>;
+}
+
+/// Learns an image's start-up order on its first cold start: records the chunks its mount reads
+/// first, for [`LEARN_FOR`] or until the mount ends, then keeps them as the image's order (in the
+/// store, or through an [`OrderKeeper`]). The next cold start of the image prefetches them, with
+/// no build step (`hb optimize` remains for publishers).
+pub struct Learner {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Learner {
+    fn start(
+        fetcher: Arc<hb_fuse::Fetcher>,
+        store: Arc<Store>,
+        manifest: Digest,
+        keeper: Option<Arc<dyn OrderKeeper>>,
+    ) -> Learner {
+        fetcher.start_recording();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("hb-learn".into())
+            .spawn(move || {
+                let _ = rx.recv_timeout(LEARN_FOR);
+                let order = StartupOrder { chunks: fetcher.take_recording() };
+                if order.chunks.is_empty() {
+                    return;
+                }
+                let kept = if store.is_writable() {
+                    let key = crate::pull::startup_key(&manifest);
+                    match store.aux(&key) {
+                        Ok(Some(_)) => Ok(()),
+                        Ok(None) => store.put_aux(&key, &order.encode()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                } else {
+                    match &keeper {
+                        Some(k) => k.keep_order(&manifest, &order),
+                        None => Err("the store is read-only and no daemon keeps it".into()),
+                    }
+                };
+                match kept {
+                    Ok(()) => {
+                        tracing::info!(image = %manifest, chunks = order.chunks.len(), "learned the start-up order")
+                    }
+                    Err(e) => {
+                        tracing::warn!(image = %manifest, error = %e, "could not keep the learned start-up order")
+                    }
+                }
+            })
+            .ok();
+        Learner { stop: Some(tx), thread }
+    }
+}
+
+impl Drop for Learner {
+    /// Ends learning now (the mount is going) and keeps what was recorded.
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Where the process serving `dir` records its pid (and, in the background, its log).
@@ -71,6 +146,8 @@ pub struct Mount {
     pub ranges: Vec<Arc<hb_registry::RangeSource>>,
     pub lazy_layers: usize,
     pub layers: Vec<Digest>,
+    /// Learning this start's order, when it is the image's first cold start.
+    pub learner: Option<Learner>,
 }
 
 /// Mounts image `args.image` from the store at `args.dir`.
@@ -84,6 +161,7 @@ pub fn mount_image(
     store: Arc<Store>,
     args: &MountArgs,
     daemon: Option<Arc<dyn ChunkSource>>,
+    keeper: Option<Arc<dyn OrderKeeper>>,
     shutdown: Option<&crate::shutdown::Shutdown>,
     reporter: &dyn Reporter,
 ) -> Result<Mount> {
@@ -110,6 +188,7 @@ pub fn mount_image(
         Some(raw) => StartupOrder::decode(&raw).within(|| "the stored start-up order is corrupt".to_string())?.chunks,
         None => Vec::new(),
     };
+    let learn = args.learn && startup.is_empty() && sources.lazy_layers > 0;
     let all = sources.all_chunks();
     let Sources { chain, ranges, lazy_layers } = sources;
     let fetcher = hb_fuse::Fetcher::new(store.clone(), chain, Duration::from_secs(120));
@@ -134,7 +213,8 @@ pub fn mount_image(
         })?,
         None => mount()?,
     };
-    Ok(Mount { name, mounted, ranges, lazy_layers, layers })
+    let learner = learn.then(|| Learner::start(mounted.fetcher().clone(), store.clone(), digest, keeper));
+    Ok(Mount { name, mounted, ranges, lazy_layers, layers, learner })
 }
 
 /// The pid file of a mount's serving process, for `hb umount`, which waits for that process to

@@ -159,6 +159,13 @@ pub(super) async fn handle(
             Ok(b) => blocking_raw(&d, "chunks", move |d| d.chunks_get(&b)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
+        (&Method::POST, "/v1/startup") => {
+            let manifest = query.split('&').find_map(|kv| kv.strip_prefix("manifest=")).unwrap_or("").to_string();
+            match raw_body(req).await {
+                Ok(b) => blocking(&d, "startup", move |d| d.keep_startup(&manifest, &b)).await,
+                Err(e) => error(StatusCode::BAD_REQUEST, &e),
+            }
+        }
         (&Method::POST, "/v1/chunks/fill") => match raw_body(req).await {
             Ok(b) => blocking(&d, "store_fill", move |d| d.chunks_fill(&b)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),

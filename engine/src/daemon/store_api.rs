@@ -44,6 +44,31 @@ impl Daemon {
         }
     }
 
+    /// Keeps a start-up order a mount server learned for image `manifest`, unless the image has one
+    /// already (the first cold start's wins; `hb optimize`'s is never replaced). Refused when it
+    /// names a chunk none of the image's layers has.
+    pub(super) fn keep_startup(&self, manifest: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+        let manifest: hb_core::Digest = manifest.parse().context("?manifest= names no digest")?;
+        let order = hb_core::StartupOrder::decode(body)?;
+        let rec = self.store.image(&manifest)?.ok_or_else(|| NotFound(format!("no image {manifest}")))?;
+        let mut known = std::collections::HashSet::new();
+        for l in &rec.layers {
+            if let Some(idx) = self.store.layer(&l.diff_id)? {
+                known.extend(idx.chunks.iter().map(|c| c.id));
+            }
+        }
+        if let Some(bad) = order.chunks.iter().find(|c| !known.contains(*c)) {
+            anyhow::bail!("the order names chunk {bad}, which image {manifest} does not have");
+        }
+        let key = crate::pull::startup_key(&manifest);
+        if self.store.aux(&key)?.is_some() {
+            return Ok(serde_json::json!({"kept": false}));
+        }
+        self.store.put_aux(&key, body)?;
+        tracing::info!(image = %manifest, chunks = order.chunks.len(), "keeping a learned start-up order");
+        Ok(serde_json::json!({"kept": true}))
+    }
+
     /// The chunks of `ids` the store has (verified on read), framed.
     pub(super) fn chunks_get(&self, ids: &[u8]) -> anyhow::Result<Vec<u8>> {
         let ids = api::decode_ids(ids)?;

@@ -1,0 +1,347 @@
+//! Cold starts, fairly: the time from the start of the pull to the first output of the image's own
+//! command in a new container, for the tools users pick, side by side on the same images, registry,
+//! link and client:
+//!
+//! - containerd + overlayfs (`ctr images pull` + `ctr run`),
+//! - containerd + stargz-snapshotter on eStargz (`ctr-remote images rpull` + `ctr run`), on demand
+//!   and after `ctr-remote image optimize` (its recorded prefetch),
+//! - containerd + hb's snapshotter on hb's accelerated form, without a recorded order and after
+//!   `hb optimize` (the same two modes), the same client commands,
+//! - `hb run --rm` on a cold store, both modes.
+//!
+//! Three images of different shapes (bench/images.py), none that hb was tuned on; the same command
+//! for every tool (the image's own); every order recorded by a separate run before timing. Each
+//! sample starts cold: containerd's root wiped, stargz's root wiped, hb's store new, all on a
+//! disk-backed filesystem except containerd's own root (tmpfs, as `scripts/containerd.sh` keeps it:
+//! in overlayfs's favour). Samples run in a random order (seed printed). Bytes are the registry's
+//! own count (its log) until the first output.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::update::Meter;
+use crate::{hb_binary, median, repo_root, timed_command};
+
+const IMAGES: [&str; 3] = ["py-app", "build-step", "big-binary"];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Variant {
+    Overlayfs,
+    Stargz,
+    StargzOptimized,
+    HbSnapshotter,
+    HbSnapshotterOrdered,
+    HbRun,
+    HbRunOrdered,
+}
+
+const VARIANTS: [Variant; 7] = [
+    Variant::Overlayfs,
+    Variant::Stargz,
+    Variant::StargzOptimized,
+    Variant::HbSnapshotter,
+    Variant::HbSnapshotterOrdered,
+    Variant::HbRun,
+    Variant::HbRunOrdered,
+];
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Overlayfs => "containerd + overlayfs: `ctr images pull` + `ctr run`",
+            Variant::Stargz => {
+                "containerd + stargz-snapshotter, eStargz on demand: `ctr-remote images rpull` + `ctr run`"
+            }
+            Variant::StargzOptimized => "containerd + stargz-snapshotter, `ctr-remote image optimize`d (prefetch)",
+            Variant::HbSnapshotter => {
+                "containerd + hb snapshotter, no recorded order: `ctr-remote images rpull` + `ctr run`"
+            }
+            Variant::HbSnapshotterOrdered => "containerd + hb snapshotter, after `hb optimize`",
+            Variant::HbRun => "`hb run --rm`, cold store, no recorded order",
+            Variant::HbRunOrdered => "`hb run --rm`, cold store, after `hb optimize`",
+        }
+    }
+
+    /// The tag of the image form this variant pulls.
+    fn tag(self) -> &'static str {
+        match self {
+            Variant::Overlayfs => "v1",
+            Variant::Stargz => "esgz",
+            Variant::StargzOptimized => "esgz-opt",
+            Variant::HbSnapshotter | Variant::HbRun => "hb",
+            Variant::HbSnapshotterOrdered | Variant::HbRunOrdered => "hb-opt",
+        }
+    }
+}
+
+struct Tools {
+    hb: PathBuf,
+    containerd: PathBuf,
+    stargz: PathBuf,
+    sock: String,
+}
+
+impl Tools {
+    fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.args(["-a", &self.sock, "-n", "bench"]);
+        c
+    }
+
+    fn ctr_remote(&self) -> Command {
+        let mut c = Command::new("ctr-remote");
+        c.args(["-a", &self.sock, "-n", "bench"]);
+        c
+    }
+
+    /// containerd reset, with the snapshotter sockets given registered as proxy plugins.
+    fn containerd(&self, hb_sock: Option<&Path>, stargz_sock: Option<&str>) -> anyhow::Result<()> {
+        let mut c = Command::new(&self.containerd);
+        c.arg("reset");
+        if let Some(s) = hb_sock {
+            c.env("HB_SNAPSHOTTER_SOCK", s);
+        }
+        if let Some(s) = stargz_sock {
+            c.env("HB_STARGZ_SOCK", s);
+        }
+        timed_command(&mut c)?;
+        Ok(())
+    }
+
+    fn stargz(&self, what: &str) -> anyhow::Result<String> {
+        let (_, out) = timed_command(Command::new(&self.stargz).arg(what))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+/// Tags `reference` exists in the registry.
+fn exists(reference: &str) -> bool {
+    Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes every form of every image (untimed): hb's two (always, they take seconds), stargz's two
+/// (once: about two minutes each on two cores; kept in the registry).
+fn prepare(t: &Tools, reg: &str) -> anyhow::Result<()> {
+    let status = Command::new("python3").arg(repo_root().join("bench/images.py")).arg(reg).status()?;
+    if !status.success() {
+        bail!("bench/images.py failed");
+    }
+    let stargz_sock = t.stargz("socket")?;
+    for image in IMAGES {
+        let orig = format!("{reg}/bench/{image}:v1");
+        let conv = tempfile::Builder::new().prefix("hb-bench-cold-").tempdir_in("/var/tmp")?;
+        let store = conv.path().join("store");
+        eprintln!("coldstart: hb convert + optimize {image}");
+        for tag in ["hb", "hb-opt"] {
+            let dst = format!("{reg}/bench/{image}:{tag}");
+            timed_command(Command::new(&t.hb).arg("--root").arg(&store).args(["-q", "convert", &orig, &dst]))?;
+        }
+        // The order comes from a run of its own, with the image's own command.
+        let opt = format!("{reg}/bench/{image}:hb-opt");
+        timed_command(Command::new(&t.hb).arg("--root").arg(&store).args(["-q", "optimize", &opt]))?;
+        for (tag, optimize) in [("esgz", false), ("esgz-opt", true)] {
+            let dst = format!("{reg}/bench/{image}:{tag}");
+            if exists(&dst) {
+                continue;
+            }
+            eprintln!("coldstart: ctr-remote {} {image} (minutes)", if optimize { "optimize" } else { "convert" });
+            t.stargz("reset")?;
+            t.containerd(None, Some(&stargz_sock))?;
+            timed_command(t.ctr().args(["images", "pull", "--plain-http", &orig]))?;
+            if optimize {
+                timed_command(
+                    t.ctr_remote()
+                        .args(["image", "optimize", "--oci", "--dns-nameservers", "127.0.0.1"])
+                        .args([&orig, &dst]),
+                )?;
+            } else {
+                timed_command(t.ctr_remote().args(["image", "convert", "--estargz", "--oci"]).args([&orig, &dst]))?;
+            }
+            timed_command(t.ctr().args(["images", "push", "--plain-http", &dst]))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `cmd`: (time from `started` to its first byte of stdout, time to its exit, bytes the
+/// registry had served for `repo` by the first output).
+fn first_output(
+    mut cmd: Command,
+    started: Instant,
+    meter: &Meter,
+    repo: &str,
+) -> anyhow::Result<(Duration, Duration, u64)> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("{cmd:?}"))?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut first = [0u8; 1];
+    let n = out.read(&mut first)?;
+    let t = started.elapsed();
+    let bytes = meter.bytes_now(repo)?;
+    let rest = child.wait_with_output()?;
+    let exit = started.elapsed();
+    if n == 0 || !rest.status.success() {
+        bail!("{cmd:?} printed nothing or failed: {}", String::from_utf8_lossy(&rest.stderr));
+    }
+    Ok((t, exit, bytes))
+}
+
+struct Sample {
+    first: Duration,
+    exit: Duration,
+    bytes: u64,
+}
+
+/// One cold start of `image` by `v`.
+fn sample(t: &Tools, reg: &str, image: &str, v: Variant, n: usize) -> anyhow::Result<Sample> {
+    let reference = format!("{reg}/bench/{image}:{}", v.tag());
+    let repo = format!("bench/{image}");
+    let name = format!("cold-{n}");
+    let disk = tempfile::Builder::new().prefix("hb-bench-cold-").tempdir_in("/var/tmp")?;
+    let store = disk.path().join("store");
+    let mut daemon = None;
+    match v {
+        Variant::Overlayfs => t.containerd(None, None)?,
+        Variant::Stargz | Variant::StargzOptimized => {
+            t.stargz("reset")?;
+            t.containerd(None, Some(&t.stargz("socket")?))?;
+        }
+        Variant::HbSnapshotter | Variant::HbSnapshotterOrdered => {
+            let (child, _, snap) = crate::lazy::start_daemon(&t.hb, &store, disk.path())?;
+            daemon = Some(child);
+            t.containerd(Some(&snap), None)?;
+        }
+        Variant::HbRun | Variant::HbRunOrdered => {}
+    }
+    crate::lazy::drop_caches();
+    let meter = Meter::start()?;
+    let started = Instant::now();
+    let timed = match v {
+        Variant::Overlayfs => {
+            timed_command(t.ctr().args(["images", "pull", "--plain-http", &reference]))?;
+            let mut run = t.ctr();
+            run.args(["run", "--rm", &reference, &name]);
+            first_output(run, started, &meter, &repo)
+        }
+        Variant::Stargz | Variant::StargzOptimized | Variant::HbSnapshotter | Variant::HbSnapshotterOrdered => {
+            let snapshotter = if matches!(v, Variant::Stargz | Variant::StargzOptimized) { "stargz" } else { "hb" };
+            timed_command(t.ctr_remote().args([
+                "images",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                snapshotter,
+                &reference,
+            ]))?;
+            let mut run = t.ctr();
+            run.args(["run", "--rm", "--snapshotter", snapshotter, &reference, &name]);
+            first_output(run, started, &meter, &repo)
+        }
+        Variant::HbRun | Variant::HbRunOrdered => {
+            let mut run = Command::new(&t.hb);
+            run.arg("--root").arg(&store).args(["-q", "run", "--rm", &reference]);
+            first_output(run, started, &meter, &repo)
+        }
+    };
+    // Teardown, untimed for every tool.
+    let _ = timed_command(Command::new(&t.containerd).arg("stop"));
+    if matches!(v, Variant::Stargz | Variant::StargzOptimized) {
+        let _ = t.stargz("stop");
+    }
+    if let Some(mut d) = daemon {
+        let _ = Command::new("kill").args(["-TERM", &d.id().to_string()]).status();
+        let _ = d.wait();
+    }
+    if let Ok(dirs) = std::fs::read_dir(store.join("images")) {
+        for e in dirs.flatten().filter(|e| e.path().is_dir()) {
+            let _ = Command::new(&t.hb).arg("--root").arg(&store).arg("umount").arg(e.path()).status();
+        }
+    }
+    let (first, exit, bytes) = timed.with_context(|| format!("{image} by {v:?}"))?;
+    Ok(Sample { first, exit, bytes })
+}
+
+/// A small deterministic generator for the run order (its seed is printed).
+struct Shuffle(u64);
+
+impl Shuffle {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+pub(crate) fn run(rounds: usize, reg: &str, seed: Option<u64>, skip_prepare: bool) -> anyhow::Result<()> {
+    let t = Tools {
+        hb: hb_binary()?,
+        containerd: repo_root().join("scripts/containerd.sh"),
+        stargz: repo_root().join("scripts/stargz.sh"),
+        sock: std::env::var("HB_CONTAINERD_DIR").unwrap_or_else(|_| "/dev/shm/hb-containerd".into())
+            + "/containerd.sock",
+    };
+    timed_command(Command::new(&t.stargz).arg("build"))?;
+    if !skip_prepare {
+        prepare(&t, reg)?;
+    }
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+    });
+    eprintln!("coldstart: seed {seed}");
+    let mut order: Vec<(usize, usize)> =
+        (0..rounds).flat_map(|_| (0..IMAGES.len()).flat_map(|i| (0..VARIANTS.len()).map(move |v| (i, v)))).collect();
+    Shuffle(seed).shuffle(&mut order);
+    let mut samples: Vec<Vec<Vec<Sample>>> =
+        (0..IMAGES.len()).map(|_| (0..VARIANTS.len()).map(|_| Vec::new()).collect()).collect();
+    for (n, &(i, v)) in order.iter().enumerate() {
+        eprintln!("coldstart: {}/{} {} {:?}", n + 1, order.len(), IMAGES[i], VARIANTS[v]);
+        let s = sample(&t, reg, IMAGES[i], VARIANTS[v], n)?;
+        samples[i][v].push(s);
+    }
+    let _ = t.stargz("stop");
+    println!("Cold starts, loopback registry, {rounds} rounds in a random order (seed {seed}); medians.");
+    for (i, image) in IMAGES.iter().enumerate() {
+        let orig = format!("{reg}/bench/{image}:v1");
+        println!();
+        println!("| {orig}: pull start to first output | first output | exit (`--rm` done) | bytes before first output | vs stargz on demand | vs stargz optimized | vs overlayfs |");
+        println!("|---|---|---|---|---|---|---|");
+        let med = |v: usize| median(samples[i][v].iter().map(|s| s.first).collect());
+        let (ov, sz, szo) = (med(0), med(1), med(2));
+        for (v, variant) in VARIANTS.iter().enumerate() {
+            let s = &samples[i][v];
+            let first = med(v);
+            let exit = median(s.iter().map(|s| s.exit).collect());
+            let mut bytes: Vec<u64> = s.iter().map(|s| s.bytes).collect();
+            bytes.sort_unstable();
+            let ratio = |base: Duration| format!("{:.2}x", base.as_secs_f64() / first.as_secs_f64());
+            println!(
+                "| {} | {:.2} s | {:.2} s | {:.1} MB | {} | {} | {} |",
+                variant.label(),
+                first.as_secs_f64(),
+                exit.as_secs_f64(),
+                bytes[bytes.len() / 2] as f64 / 1e6,
+                ratio(sz),
+                ratio(szo),
+                ratio(ov)
+            );
+        }
+    }
+    Ok(())
+}
