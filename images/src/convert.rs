@@ -235,20 +235,32 @@ pub fn optimize(
     let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, None, reporter)?;
     m.mounted.fetcher().start_recording();
     reporter.note(&format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
-    let mut run = std::process::Command::new("chroot");
-    run.arg(dir.path());
-    if let Some(wd) = &wd {
-        run.args(["/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", wd]);
+    // chroot and chdir in the child itself: the image may have neither a shell nor the host's
+    // `chroot` on its PATH (a single static binary, PATH=/usr/bin).
+    let root = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
+        .map_err(|_| ImagesError::Invalid("the mount folder has a NUL byte".into()))?;
+    let cwd = std::ffi::CString::new(wd.clone().unwrap_or_else(|| "/".into()))
+        .map_err(|_| ImagesError::Invalid(format!("{reference}: its working directory has a NUL byte")))?;
+    let mut run = std::process::Command::new(&cmd[0]);
+    // SAFETY: between fork and exec only async-signal-safe calls (chroot, chdir) on prepared strings.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut run, move || {
+            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(cwd.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     let mut child = run
-        .args(&cmd)
+        .args(&cmd[1..])
         .env_clear()
         .envs(env.iter().filter_map(|e| e.split_once('=')))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(ImagesError::io("running the command in the mount"))?;
+        .map_err(ImagesError::io(format!("running `{}` in the mounted image", cmd[0])))?;
     let started = Instant::now();
     while child.try_wait().map_err(ImagesError::io("waiting for the command"))?.is_none()
         && started.elapsed() < Duration::from_secs(seconds)

@@ -264,6 +264,23 @@ fn optimize_records_the_start_up_order_and_lazy_pulls_prefetch_it() {
     fresh.fsck_clean();
 }
 
+/// Regression: `hb optimize` ran the host's `chroot` through the image's PATH (and `/bin/sh` for a
+/// working directory), so an image of one static binary failed with "No such file or directory".
+#[test]
+fn optimize_runs_images_without_a_shell_or_the_hosts_chroot_on_their_path() {
+    let reg = open_registry();
+    let mut t = Tar::new();
+    t.dir("usr/").dir("usr/bin/");
+    t.file("usr/bin/busybox", 0o755, &std::fs::read("/bin/busybox").unwrap());
+    let seed = Hb::new();
+    let (image, _) = push_image(&seed, &reg, &format!("crafted/shell-less:{}", std::process::id()), &[t.finish()]);
+    let lazy = convert(&image, "shell-less");
+    let hb = Hb::new();
+    let r = hb.json(&["optimize", &lazy, "--seconds", "30", "--", "busybox", "true"]);
+    assert!(r["startup_chunks"].as_u64().unwrap() > 0, "{r}");
+    hb.fsck_clean();
+}
+
 /// Every entry type, awkward metadata, unicode names, hard links across directories, a large
 /// file that is mostly zeros, thousands of small files, and an upper layer with whiteouts and an
 /// opaque directory: the eager export, a local mount and a lazy mount agree on every path.
