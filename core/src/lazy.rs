@@ -15,6 +15,9 @@ pub const MEDIA_TYPE_INDEX: &str = "application/vnd.hyperbox.layer.index.v1";
 pub const MEDIA_TYPE_TABLE: &str = "application/vnd.hyperbox.chunk.table.v1";
 pub const MEDIA_TYPE_DATA: &str = "application/vnd.hyperbox.chunk.data.v1";
 pub const MEDIA_TYPE_STARTUP: &str = "application/vnd.hyperbox.startup.v1";
+/// The path under `/v2/<name>/` where an hb mirror takes a learned start-up order
+/// (`PUT .../_hyperbox/startup/<image manifest digest>`, an OCI distribution extension path).
+pub const STARTUP_PATH: &str = "_hyperbox/startup";
 pub const ARTIFACT_TYPE: &str = "application/vnd.hyperbox.image.v1";
 /// Annotation (value `"v1"`) on the accelerated manifest's descriptor in the image index.
 pub const ANNOTATION: &str = "io.hyperbox.accelerated";
@@ -166,6 +169,27 @@ impl StartupOrder {
             out.extend_from_slice(c.as_bytes());
         }
         seal(out)
+    }
+
+    /// Checks that every chunk the order names is one of `layers`' (an order comes from a learner,
+    /// a proxy or a publisher: a mount or a keeper trusts none of them to name only the image's own).
+    pub fn check_within<'a>(
+        &self,
+        layers: impl IntoIterator<Item = &'a crate::LayerIndex>,
+    ) -> Result<(), LazyFormatError> {
+        let known: std::collections::HashSet<ChunkId> =
+            layers.into_iter().flat_map(|l| l.chunks.iter().map(|c| c.id)).collect();
+        match self.chunks.iter().find(|c| !known.contains(*c)) {
+            Some(bad) => Err(invalid(
+                "start-up order",
+                format!(
+                    "it names chunk {bad}, which the image does not have ({} of its {} chunks are foreign)",
+                    self.chunks.iter().filter(|c| !known.contains(*c)).count(),
+                    self.chunks.len()
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, LazyFormatError> {
@@ -359,6 +383,23 @@ mod tests {
         short.entries.pop();
         let missing = short.check_covers(&index(20)).unwrap_err().to_string();
         assert!(missing.contains("is not in the table"), "{missing}");
+    }
+
+    /// Cold-start issue: an order naming chunks the image lacks is refused, naming one of them.
+    #[test]
+    fn an_order_must_name_only_the_images_chunks() {
+        use crate::index::{ChunkRef, Meta};
+        use crate::tree::{NewEntry, TreeBuilder};
+        let mut b = TreeBuilder::new(crate::ChunkerParams::default());
+        let chunks = vec![ChunkRef { id: ChunkId::of(b"a"), len: 1 }, ChunkRef { id: ChunkId::of(b"b"), len: 1 }];
+        b.add(b"f", Meta { mode: 0o644, ..Meta::default() }, NewEntry::File { chunks }).unwrap();
+        let index = b.finish(Digest([7; 32]));
+        let own = StartupOrder { chunks: vec![ChunkId::of(b"b"), ChunkId::of(b"a")] };
+        assert_eq!(own.check_within([&index]), Ok(()));
+        let foreign = StartupOrder { chunks: vec![ChunkId::of(b"a"), ChunkId::of(b"z")] };
+        let e = foreign.check_within([&index]).unwrap_err().to_string();
+        assert!(e.contains(&ChunkId::of(b"z").to_string()) && e.contains("1 of its 2"), "{e}");
+        assert!(foreign.check_within([]).is_err(), "no layers: every chunk is foreign");
     }
 
     #[test]

@@ -167,9 +167,12 @@ impl hb_cli::run::LocalMount for OwnMount {
     fn unmount(self: Box<Self>) {
         let OwnMount { mount, _rt: rt, dir } = *self;
         let _ = hb_fuse::unmount(&dir);
-        if let Err(e) = mount.mounted.wait() {
+        let Mount { mounted, learner, .. } = mount;
+        if let Err(e) = mounted.wait() {
             tracing::warn!(error = %e, "the image mount ended with an error");
         }
+        // The learner keeps (and offers a mirror) what it learned on the runtime: before it goes.
+        drop(learner);
         drop(rt);
     }
 }

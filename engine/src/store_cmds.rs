@@ -45,9 +45,16 @@ pub fn run(cmd: Cmd, store: &Arc<Store>, out: &Out) -> anyhow::Result<ExitCode> 
             let (name, digest, rec) = require_image(store, &image)?;
             let manifest: serde_json::Value = serde_json::from_str(&rec.manifest)?;
             let config: serde_json::Value = serde_json::from_str(&rec.config)?;
+            // The start-up order a cold start prefetches (published by `hb optimize` or learned on the
+            // image's first cold start): its length in chunks, or null.
+            let startup = store
+                .aux(&hb_images::pull::startup_key(&digest))?
+                .and_then(|raw| hb_core::StartupOrder::decode(&raw).ok())
+                .map(|o| serde_json::json!({"chunks": o.chunks.len()}));
             let v = serde_json::json!({
                 "name": name, "digest": digest, "platform": rec.platform,
                 "manifestMediaType": rec.manifest_media_type, "manifest": manifest, "config": config,
+                "startupOrder": startup,
             });
             serde_json::to_writer_pretty(io::stdout().lock(), &v)?;
             println!();

@@ -12,7 +12,7 @@ use hb_store::Store;
 use indicatif::HumanBytes;
 
 use crate::sources::{sources, wire, Known, Sources};
-use crate::{find_image, require_image, ImagesError, Registries, Reporter, Result, Within};
+use crate::{find_image, require_image, ImagesError, Registries, Reporter, Result};
 
 /// How `hb mount` was asked to mount.
 pub struct MountArgs {
@@ -54,6 +54,7 @@ impl Learner {
         store: Arc<Store>,
         manifest: Digest,
         keeper: Option<Arc<dyn OrderKeeper>>,
+        offer_to: Vec<Arc<hb_registry::RangeSource>>,
     ) -> Learner {
         fetcher.start_recording();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -84,6 +85,23 @@ impl Learner {
                     }
                     Err(e) => {
                         tracing::warn!(image = %manifest, error = %e, "could not keep the learned start-up order")
+                    }
+                }
+                // An hb mirror the chunks came from keeps it for its later clients (the first
+                // client's order serves the rest; no push rights to the upstream needed).
+                let raw = order.encode();
+                for source in &offer_to {
+                    match source.offer_startup(&manifest, &raw) {
+                        Ok(kept) => {
+                            tracing::info!(image = %manifest, kept, "offered the learned start-up order to the mirror");
+                            break;
+                        }
+                        Err(hb_registry::RegistryError::NotFound { .. }) => {
+                            tracing::debug!(image = %manifest, "the registry keeps no start-up orders (not an hb mirror)")
+                        }
+                        Err(e) => {
+                            tracing::warn!(image = %manifest, error = %e, "offering the learned start-up order failed")
+                        }
                     }
                 }
             })
@@ -146,7 +164,8 @@ pub struct Mount {
     pub ranges: Vec<Arc<hb_registry::RangeSource>>,
     pub lazy_layers: usize,
     pub layers: Vec<Digest>,
-    /// Learning this start's order, when it is the image's first cold start.
+    /// Learning this start's order, when it is the image's first cold start. Drop it before the
+    /// runtime the mount was made with: it offers the order to a mirror on that runtime.
     pub learner: Option<Learner>,
 }
 
@@ -184,10 +203,7 @@ pub fn mount_image(
     let indexes = crate::layer_indexes(&store, &layers)?;
     let merged = hb_core::merge_layers(store.chunker(), indexes.iter());
     let sources = sources(registries, rt, &store, &layers, known, args.plain_http, daemon)?;
-    let startup = match store.aux(&crate::pull::startup_key(&digest))? {
-        Some(raw) => StartupOrder::decode(&raw).within(|| "the stored start-up order is corrupt".to_string())?.chunks,
-        None => Vec::new(),
-    };
+    let startup = usable_order(store.aux(&crate::pull::startup_key(&digest))?.as_deref(), &indexes, &name);
     let learn = args.learn && startup.is_empty() && sources.lazy_layers > 0;
     let all = sources.all_chunks();
     let Sources { chain, ranges, lazy_layers } = sources;
@@ -213,8 +229,28 @@ pub fn mount_image(
         })?,
         None => mount()?,
     };
-    let learner = learn.then(|| Learner::start(mounted.fetcher().clone(), store.clone(), digest, keeper));
+    let learner =
+        learn.then(|| Learner::start(mounted.fetcher().clone(), store.clone(), digest, keeper, ranges.clone()));
     Ok(Mount { name, mounted, ranges, lazy_layers, layers, learner })
+}
+
+/// The start-up order kept for an image, as far as it can be used: an order that does not decode,
+/// or names chunks the image does not have (it came from a learner, a proxy or a publisher, none
+/// of which a mount trusts), is logged and set aside, and the mount starts without it.
+fn usable_order(raw: Option<&[u8]>, indexes: &[hb_core::LayerIndex], image: &str) -> Vec<hb_core::ChunkId> {
+    let Some(raw) = raw else { return Vec::new() };
+    let order = match StartupOrder::decode(raw) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(%image, error = %e, "the kept start-up order is corrupt; starting without one");
+            return Vec::new();
+        }
+    };
+    if let Err(e) = order.check_within(indexes) {
+        tracing::warn!(%image, error = %e, "the kept start-up order is not this image's; starting without it");
+        return Vec::new();
+    }
+    order.chunks
 }
 
 /// The pid file of a mount's serving process, for `hb umount`, which waits for that process to

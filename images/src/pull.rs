@@ -419,11 +419,26 @@ pub fn pull_lazy(
         }
     }
     if let Some((d, size)) = cfg.startup {
-        let raw = rt.block_on(registry.fetch_bytes(r, &d, size))?;
-        let order = hb_core::StartupOrder::decode(&raw).within(|| "the start-up order".to_string())?;
-        report.startup_chunks = order.chunks.len();
-        report.bytes_downloaded += raw.len() as u64;
-        store.put_aux(&startup_key(&resolved.manifest_digest), &raw)?;
+        // An order is advice: one that cannot be fetched, does not decode or names chunks the image
+        // lacks is logged and left out, and the image starts without it.
+        let fetched = rt.block_on(registry.fetch_bytes(r, &d, size)).map_err(ImagesError::from).and_then(|raw| {
+            let order = hb_core::StartupOrder::decode(&raw).within(|| "the start-up order".to_string())?;
+            let diff_ids: Vec<Digest> = cfg.layers.iter().map(|l| l.diff_id).collect();
+            order
+                .check_within(&crate::layer_indexes(&store, &diff_ids)?)
+                .within(|| "the start-up order".to_string())?;
+            Ok((raw, order))
+        });
+        match fetched {
+            Ok((raw, order)) => {
+                report.startup_chunks = order.chunks.len();
+                report.bytes_downloaded += raw.len() as u64;
+                store.put_aux(&startup_key(&resolved.manifest_digest), &raw)?;
+            }
+            Err(e) => {
+                tracing::warn!(image = %name, error = %e, "the published start-up order is not usable; pulling without it")
+            }
+        }
     }
     store.put_image(&name, &resolved.manifest_digest, &image_record(&resolved)?)?;
     Ok(report)

@@ -14,7 +14,7 @@ use hb_core::Digest;
 use serde::{Deserialize, Serialize};
 
 use super::upstream::Principal;
-use super::{Mirror, Route};
+use super::{learned, Mirror, Route};
 
 /// A data blob served from stored chunks.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -29,6 +29,15 @@ pub struct Virtual {
 struct Derived {
     index: String,
     needs: Vec<String>,
+    /// The platform's image manifest and its accelerated config (absent in records of older
+    /// builds, which are then never re-published with a learned order).
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    config: Option<String>,
+    /// The start-up order blob the config names, if any.
+    #[serde(default)]
+    startup: Option<String>,
 }
 
 /// The platform an hb client asks an accelerated form for, from its `Accept`.
@@ -117,6 +126,9 @@ impl Mirror {
                 m.needs.iter().chain([&m.index]).all(|d| d.parse().is_ok_and(|d: Digest| objects.contains_key(&d)))
             };
             if all_kept {
+                if let Some(republished) = self.with_learned_order(&key, &m, platform).await? {
+                    return Ok(republished);
+                }
                 let d: Digest = m.index.parse().map_err(|e| format!("{e}"))?;
                 return Ok((d, self.read_all(&d).await.map_err(|e| e.to_string())?));
             }
@@ -198,16 +210,36 @@ impl Mirror {
             accel_layers.push(a);
         }
         self.save_virtuals();
-        let accel_cfg = AccelConfig { version: 1, manifest: image_digest, config, layers: accel_layers, startup: None };
-        let cfg_bytes = serde_json::to_vec(&accel_cfg).expect("serialisable");
-        let manifest = hb_registry::accel_manifest(&accel_cfg, &cfg_bytes);
+        let startup = self.learned_order(&image_digest);
+        let accel_cfg = AccelConfig { version: 1, manifest: image_digest, config, layers: accel_layers, startup };
+        let out = self.publish(&key, &accel_cfg, entries, platform).await?;
+        tracing::info!(image = %image_digest, platform, layers = layers.len(), ms = started.elapsed().as_millis() as u64, "made an accelerated form for hb clients");
+        self.stats.conversions.inc();
+        Ok(out)
+    }
+
+    /// Stores accelerated config `cfg`, its manifest and the index binding it to `entries` (the
+    /// upstream's own manifests) for `platform`, and records them under `key`.
+    async fn publish(
+        &self,
+        key: &str,
+        cfg: &AccelConfig,
+        entries: Vec<serde_json::Value>,
+        platform: &str,
+    ) -> Result<(Digest, Bytes), String> {
+        let cfg_bytes = serde_json::to_vec(cfg).expect("serialisable");
+        let manifest = hb_registry::accel_manifest(cfg, &cfg_bytes);
         let manifest_digest = Digest::of(&manifest);
         let index =
-            hb_registry::binding_index(entries, (&manifest_digest, manifest.len() as u64), platform, &image_digest);
+            hb_registry::binding_index(entries, (&manifest_digest, manifest.len() as u64), platform, &cfg.manifest);
         let index_digest = Digest::of(&index);
-        let mut needs: Vec<String> = vec![Digest::of(&cfg_bytes).to_string(), manifest_digest.to_string()];
-        for l in &accel_cfg.layers {
+        let config_digest = Digest::of(&cfg_bytes);
+        let mut needs: Vec<String> = vec![config_digest.to_string(), manifest_digest.to_string()];
+        for l in &cfg.layers {
             needs.extend([l.index.to_string(), l.table.to_string(), l.data.to_string()]);
+        }
+        if let Some((d, _)) = cfg.startup {
+            needs.push(d.to_string());
         }
         for (bytes, media_type) in [
             (cfg_bytes, None),
@@ -226,11 +258,48 @@ impl Mirror {
             .map_err(|e| e.to_string())?;
             self.objects.lock().expect("objects lock").insert(d, (size, super::now()));
         }
-        let rec = Derived { index: index_digest.to_string(), needs };
-        let _ = self.store.put_meta(&key, &serde_json::to_vec(&rec).expect("serialisable"));
-        tracing::info!(image = %image_digest, platform, layers = layers.len(), ms = started.elapsed().as_millis() as u64, "made an accelerated form for hb clients");
-        self.stats.conversions.inc();
+        let rec = Derived {
+            index: index_digest.to_string(),
+            needs,
+            image: Some(cfg.manifest.to_string()),
+            config: Some(config_digest.to_string()),
+            startup: cfg.startup.map(|(d, _)| d.to_string()),
+        };
+        let _ = self.store.put_meta(key, &serde_json::to_vec(&rec).expect("serialisable"));
+        let _ = self.store.put_meta(&learned::accel_key(&cfg.manifest), config_digest.to_string().as_bytes());
         Ok((index_digest, Bytes::from(index)))
+    }
+
+    /// `m` made again with the start-up order a client taught this mirror since, if there is
+    /// one it lacks; None when `m` is current.
+    async fn with_learned_order(
+        &self,
+        key: &str,
+        m: &Derived,
+        platform: &str,
+    ) -> Result<Option<(Digest, Bytes)>, String> {
+        let (Some(image), Some(config)) = (&m.image, &m.config) else { return Ok(None) };
+        let Ok(image) = image.parse::<Digest>() else { return Ok(None) };
+        let Some(order) = self.learned_order(&image) else { return Ok(None) };
+        if m.startup.as_deref() == Some(order.0.to_string().as_str()) {
+            return Ok(None);
+        }
+        let config: Digest = config.parse().map_err(|e| format!("{e}"))?;
+        let mut cfg: AccelConfig = serde_json::from_slice(&self.read_all(&config).await.map_err(|e| e.to_string())?)
+            .map_err(|e| format!("accelerated config {config}: {e}"))?;
+        if cfg.startup.is_some() {
+            return Ok(None);
+        }
+        cfg.startup = Some(order);
+        let index: Digest = m.index.parse().map_err(|e| format!("{e}"))?;
+        let old: serde_json::Value = serde_json::from_slice(&self.read_all(&index).await.map_err(|e| e.to_string())?)
+            .map_err(|e| format!("index {index}: {e}"))?;
+        let entries: Vec<serde_json::Value> = old["manifests"]
+            .as_array()
+            .map(|l| l.iter().filter(|e| e["annotations"][hb_core::lazy::ANNOTATION].is_null()).cloned().collect())
+            .unwrap_or_default();
+        tracing::info!(%image, platform, "serving the learned start-up order to hb clients");
+        self.publish(key, &cfg, entries, platform).await.map(Some)
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod accelerate;
 mod flight;
+mod learned;
 pub mod route;
 mod stats;
 mod upstream;
@@ -218,7 +219,8 @@ impl Mirror {
                     .body(full(Bytes::from(body)))
                     .expect("valid response")
             }
-            (m, _) if m != Method::GET && m != Method::HEAD => oci_error(
+            // The one write: a start-up order an hb client learned (`learned.rs`).
+            (m, p) if m != Method::GET && m != Method::HEAD && !(m == Method::PUT && is_startup_path(p)) => oci_error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "UNSUPPORTED",
                 "this mirror is read-only: push to the upstream registry",
@@ -272,6 +274,14 @@ impl Mirror {
                 .header(CONTENT_TYPE, "application/json")
                 .body(full(Bytes::from_static(b"{}")))
                 .expect("valid response"),
+            Object::Startup(image) if req.method() == Method::PUT => {
+                self.offer_startup(&route, image, req.into_body(), &who).await
+            }
+            Object::Startup(_) => oci_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "start-up orders are offered with PUT and served inside the accelerated form",
+            ),
             Object::Manifest(r) => self.manifest(&route, r, &who, head, header(ACCEPT)).await,
             Object::Blob(d) => self.blob(&route, d, &who, head, header(RANGE)).await,
             Object::TagsList | Object::Referrers(_) => {
@@ -319,6 +329,11 @@ impl Mirror {
         tracing::warn!(upstream = %self.cfg.upstreams[route.upstream].host, repo = %route.repo, error = %e, "upstream unavailable");
         oci_error(StatusCode::BAD_GATEWAY, "UNAVAILABLE", &e.to_string())
     }
+}
+
+/// Whether `path` is where hb clients offer learned start-up orders.
+fn is_startup_path(path: &str) -> bool {
+    path.rsplit_once('/').is_some_and(|(dir, _)| dir.ends_with(&format!("/{}", hb_core::lazy::STARTUP_PATH)))
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub enum Object {
     Blob(Digest),
     TagsList,
     Referrers(Digest),
+    /// `_hyperbox/startup/<digest>`: a start-up order a client learned for an image.
+    Startup(Digest),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +105,8 @@ pub fn route(
         (name, Object::Blob(digest(d)?))
     } else if let Some((name, d)) = rest.rsplit_once("/referrers/") {
         (name, Object::Referrers(digest(d)?))
+    } else if let Some((name, d)) = rest.rsplit_once(&format!("/{}/", hb_core::lazy::STARTUP_PATH)) {
+        (name, Object::Startup(digest(d)?))
     } else {
         return Err(RouteError::NotDistribution);
     };

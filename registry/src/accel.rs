@@ -225,6 +225,22 @@ impl Registry {
         Ok(cfg)
     }
 
+    /// Offers a start-up order learned for image `manifest` to an hb mirror (`hb proxy`), which
+    /// checks it and serves it to its later clients (`docs/formats/lazy-image.md`). True when it
+    /// was kept, false when the mirror had one; [`RegistryError::NotFound`] from a registry that
+    /// is not an hb mirror (it has no such path).
+    pub async fn offer_startup(&self, r: &ImageRef, manifest: &Digest, order: Vec<u8>) -> Result<bool, RegistryError> {
+        self.ensure_connected(r).await?;
+        let scheme = self.schemes[self.chosen.load(std::sync::atomic::Ordering::Relaxed)];
+        let url = r.url(scheme, &format!("{}/{manifest}", hb_core::lazy::STARTUP_PATH));
+        let authorization = self.authorization.lock().expect("authorization lock").clone();
+        let status = self
+            .blobs
+            .put(&self.registry, &url, authorization.as_deref(), hb_core::lazy::MEDIA_TYPE_STARTUP, order)
+            .await?;
+        Ok(status == 201)
+    }
+
     /// Authorizes pushes to `r`'s repository.
     pub async fn connect_push(&self, r: &ImageRef) -> Result<(), RegistryError> {
         self.connect_op(r, RegistryOperation::Push).await

@@ -72,6 +72,53 @@ impl BlobHttp {
     }
 }
 
+impl BlobHttp {
+    /// PUTs `body` to `url`; the status, translated once ([`RegistryError`] for 4xx/5xx).
+    pub async fn put(
+        &self,
+        registry: &str,
+        url: &str,
+        auth: Option<&str>,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<u16, RegistryError> {
+        let mut req = self.http.put(url).header(reqwest::header::CONTENT_TYPE, content_type).body(body);
+        if let Some(a) = auth {
+            req = req.header(reqwest::header::AUTHORIZATION, a);
+        }
+        let resp = req.send().await.map_err(|e| RegistryError::Transport {
+            registry: registry.to_string(),
+            reason: crate::error::chain(&e),
+        })?;
+        let status = resp.status().as_u16();
+        let text = |resp: reqwest::Response| async move {
+            let body = resp.text().await.unwrap_or_default();
+            let mut s: String = body.chars().filter(|c| !c.is_control()).take(300).collect();
+            if s.is_empty() {
+                s = "(no body)".into();
+            }
+            s
+        };
+        match status {
+            200..=299 => Ok(status),
+            401 | 403 => Err(RegistryError::Unauthorized {
+                registry: registry.to_string(),
+                reason: format!("HTTP {status} for {url}"),
+            }),
+            404 | 405 => Err(RegistryError::NotFound { reference: url.to_string() }),
+            408 | 429 | 500..=599 => Err(RegistryError::Busy {
+                registry: registry.to_string(),
+                status,
+                retry_after: retry_after(resp.headers()),
+            }),
+            _ => Err(RegistryError::Rejected {
+                registry: registry.to_string(),
+                reason: format!("HTTP {status} for {url}: {}", text(resp).await),
+            }),
+        }
+    }
+}
+
 /// The response's `Retry-After`, if readable ([`crate::retry::parse_retry_after`]).
 pub(crate) fn retry_after(h: &reqwest::header::HeaderMap) -> Option<Duration> {
     crate::retry::parse_retry_after(h.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?, std::time::SystemTime::now())

@@ -73,11 +73,17 @@ impl ImageRef {
 
     /// The URL of blob `digest` of this repository, at the host requests go to.
     pub fn blob_url(&self, scheme: &str, digest: &impl std::fmt::Display) -> String {
+        self.url(scheme, &format!("blobs/{digest}"))
+    }
+
+    /// The URL of `tail` under this repository's `/v2/<name>/`, at the host requests go to (with
+    /// `?ns=` for a mirror).
+    pub fn url(&self, scheme: &str, tail: &str) -> String {
         let ns = match &self.mirror {
             Some(_) => format!("?ns={}", self.registry()),
             None => String::new(),
         };
-        format!("{scheme}://{}/v2/{}/blobs/{digest}{ns}", self.host(), self.repository())
+        format!("{scheme}://{}/v2/{}/{tail}{ns}", self.host(), self.repository())
     }
 
     /// Hosts docker talks plain HTTP to without being told: loopback (the mirror's, if any).

@@ -101,6 +101,20 @@ impl RangeSource {
         t[from..].iter().take_while(|e| e.offset < end).copied().collect()
     }
 
+    /// Offers a learned start-up order for image `manifest` to the registries this source reads
+    /// from (an hb mirror keeps it for its later clients; others have no such path). Blocks.
+    /// Ok(true) when one kept it, Ok(false) when one had an order already.
+    pub fn offer_startup(&self, manifest: &hb_core::Digest, order: &[u8]) -> Result<bool, crate::RegistryError> {
+        let mut last = None;
+        for (registry, r) in &self.repos {
+            match self.rt.block_on(registry.offer_startup(r, manifest, order.to_vec())) {
+                Ok(kept) => return Ok(kept),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| crate::RegistryError::NotFound { reference: "(no registry)".into() }))
+    }
+
     /// Every chunk this source can serve, blob by blob in blob order (for a full prefetch).
     pub fn all_chunks(&self) -> Vec<ChunkId> {
         let mut v: Vec<(usize, u64, ChunkId)> = self.chunks.iter().map(|(id, (b, e))| (*b, e.offset, *id)).collect();

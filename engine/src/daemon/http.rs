@@ -8,6 +8,11 @@ use super::*;
 #[error("{0}")]
 pub(super) struct NotFound(pub(super) String);
 
+/// What an API request sent is not acceptable (answered with 400).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct BadRequest(pub(super) String);
+
 pub(super) fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
     let body = serde_json::to_vec(v).unwrap_or_default();
     Response::builder()
@@ -52,7 +57,12 @@ pub(super) async fn blocking_value<T: Send + 'static>(
                         Some(hb_images::ImagesError::NoSuchImage(_))
                     )
             });
-            let status = if missing { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
+            let bad = e.chain().any(|c| c.is::<BadRequest>() || c.is::<hb_core::LazyFormatError>());
+            let status = match (missing, bad) {
+                (true, _) => StatusCode::NOT_FOUND,
+                (_, true) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
             Err(error(status, &e))
         }
         Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, &anyhow::anyhow!("handler failed: {e}"))),

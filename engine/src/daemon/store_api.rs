@@ -48,18 +48,12 @@ impl Daemon {
     /// already (the first cold start's wins; `hb optimize`'s is never replaced). Refused when it
     /// names a chunk none of the image's layers has.
     pub(super) fn keep_startup(&self, manifest: &str, body: &[u8]) -> anyhow::Result<serde_json::Value> {
-        let manifest: hb_core::Digest = manifest.parse().context("?manifest= names no digest")?;
+        let manifest: hb_core::Digest =
+            manifest.parse().map_err(|e| BadRequest(format!("?manifest= names no digest: {e}")))?;
         let order = hb_core::StartupOrder::decode(body)?;
         let rec = self.store.image(&manifest)?.ok_or_else(|| NotFound(format!("no image {manifest}")))?;
-        let mut known = std::collections::HashSet::new();
-        for l in &rec.layers {
-            if let Some(idx) = self.store.layer(&l.diff_id)? {
-                known.extend(idx.chunks.iter().map(|c| c.id));
-            }
-        }
-        if let Some(bad) = order.chunks.iter().find(|c| !known.contains(*c)) {
-            anyhow::bail!("the order names chunk {bad}, which image {manifest} does not have");
-        }
+        let indexes = hb_images::layer_indexes(&self.store, &rec.layers.iter().map(|l| l.diff_id).collect::<Vec<_>>())?;
+        order.check_within(&indexes).with_context(|| format!("image {manifest}"))?;
         let key = crate::pull::startup_key(&manifest);
         if self.store.aux(&key)?.is_some() {
             return Ok(serde_json::json!({"kept": false}));

@@ -16,3 +16,4 @@ mod roundtrip;
 mod run;
 mod snapshotter;
 mod soak;
+mod startup;

@@ -49,7 +49,7 @@ impl Proxy {
         self.child.as_ref().expect("running").id()
     }
 
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let child = self
             .hb
             .command(&["proxy", "--listen", &self.addr])
@@ -62,7 +62,7 @@ impl Proxy {
         wait_for("hb proxy to answer", || TcpStream::connect(&addr).is_ok());
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
@@ -110,7 +110,7 @@ impl Upstream {
         u
     }
 
-    fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("log")).unwrap();
         self.child = Some(
             Command::new("docker-registry")
