@@ -16,6 +16,7 @@ use fuser::{
 use hb_core::{ChunkId, ChunkRef, Kind, LayerIndex};
 
 use crate::fetch::Fetcher;
+use crate::window::Windows;
 
 /// The image never changes under a mount: the kernel may cache everything for long.
 const TTL: Duration = Duration::from_secs(3600);
@@ -64,6 +65,8 @@ pub struct ImageFs {
     /// answer ENOSYS once and the kernel stops asking: overlayfs looks up `trusted.overlay.*`
     /// on the lower layer and exec asks for `security.capability`, a round trip each otherwise.
     has_xattrs: bool,
+    /// Background fetches of the windows of files around their first touches.
+    windows: Windows,
 }
 
 impl ImageFs {
@@ -85,6 +88,7 @@ impl ImageFs {
         ImageFs {
             index,
             nlink,
+            windows: Windows::new(&fetcher),
             fetcher,
             opts,
             handles: Mutex::new(HashMap::new()),
@@ -237,6 +241,10 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 }
 
 impl Filesystem for ImageFs {
+    fn destroy(&mut self) {
+        self.windows.close();
+    }
+
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(READAHEAD_BYTES as u32);
         // The image never changes: symlink targets may stay in the kernel's cache.
@@ -314,6 +322,10 @@ impl Filesystem for ImageFs {
             }
             _ => {}
         }
+        if backing.is_none() {
+            // The file's first window starts on its way now, before its first read.
+            self.windows.around(i, &chunks, &starts, 0);
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h =
             Arc::new(Handle { entry: i, chunks, starts, size, last_end: AtomicU64::new(0), _backing: backing.clone() });
@@ -341,7 +353,10 @@ impl Filesystem for ImageFs {
         };
         tracing::trace!(file = %self.path_of(h.entry), offset, size, "read");
         match self.read_range(&h, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                reply.data(&data);
+                self.windows.around(h.entry, &h.chunks, &h.starts, offset);
+            }
             Err(e) => {
                 tracing::error!(image = %self.opts.image, file = %self.path_of(h.entry), offset, error = %e, "read failed: EIO");
                 reply.error(Errno::EIO)

@@ -11,6 +11,7 @@
 
 mod fetch;
 mod fs;
+mod window;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
