@@ -202,7 +202,7 @@ struct Sample {
 }
 
 /// One cold start of `image` by `v`.
-fn sample(t: &Tools, reg: &str, image: &str, v: Variant, n: usize) -> anyhow::Result<Sample> {
+fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) -> anyhow::Result<Sample> {
     let reference = format!("{reg}/bench/{image}:{}", v.tag());
     let repo = format!("bench/{image}");
     let name = format!("cold-{n}");
@@ -223,7 +223,7 @@ fn sample(t: &Tools, reg: &str, image: &str, v: Variant, n: usize) -> anyhow::Re
         Variant::HbRun | Variant::HbRunOrdered => {}
     }
     crate::lazy::drop_caches();
-    let meter = Meter::start()?;
+    let meter = Meter::start_at(log)?;
     let started = Instant::now();
     let timed = match v {
         Variant::Overlayfs => {
@@ -289,7 +289,13 @@ impl Shuffle {
     }
 }
 
-pub(crate) fn run(rounds: usize, reg: &str, seed: Option<u64>, skip_prepare: bool) -> anyhow::Result<()> {
+pub(crate) fn run(
+    rounds: usize,
+    reg: &str,
+    seed: Option<u64>,
+    skip_prepare: bool,
+    link: Option<&str>,
+) -> anyhow::Result<()> {
     let t = Tools {
         hb: hb_binary()?,
         containerd: repo_root().join("scripts/containerd.sh"),
@@ -301,6 +307,23 @@ pub(crate) fn run(rounds: usize, reg: &str, seed: Option<u64>, skip_prepare: boo
     if !skip_prepare {
         prepare(&t, reg)?;
     }
+    // Over a shaped link: the same storage behind a second registry whose answers tbf slows.
+    let shaped = repo_root().join("scripts/shaped-lo.sh");
+    let (reg, log, where_) = match link {
+        Some(rate) => {
+            timed_command(Command::new(&shaped).args(["up", rate]))?;
+            ("127.0.0.1:15010", "shaped-lo", format!("a {rate} link (scripts/shaped-lo.sh: tbf on lo)"))
+        }
+        None => (reg, "open", "loopback".to_string()),
+    };
+    let result = measure(&t, reg, log, &where_, rounds, seed);
+    if link.is_some() {
+        let _ = timed_command(Command::new(&shaped).arg("down"));
+    }
+    result
+}
+
+fn measure(t: &Tools, reg: &str, log: &str, where_: &str, rounds: usize, seed: Option<u64>) -> anyhow::Result<()> {
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
@@ -312,11 +335,11 @@ pub(crate) fn run(rounds: usize, reg: &str, seed: Option<u64>, skip_prepare: boo
         (0..IMAGES.len()).map(|_| (0..VARIANTS.len()).map(|_| Vec::new()).collect()).collect();
     for (n, &(i, v)) in order.iter().enumerate() {
         eprintln!("coldstart: {}/{} {} {:?}", n + 1, order.len(), IMAGES[i], VARIANTS[v]);
-        let s = sample(&t, reg, IMAGES[i], VARIANTS[v], n)?;
+        let s = sample(t, reg, log, IMAGES[i], VARIANTS[v], n)?;
         samples[i][v].push(s);
     }
     let _ = t.stargz("stop");
-    println!("Cold starts, loopback registry, {rounds} rounds in a random order (seed {seed}); medians.");
+    println!("Cold starts, registry over {where_}, {rounds} rounds in a random order (seed {seed}); medians.");
     for (i, image) in IMAGES.iter().enumerate() {
         let orig = format!("{reg}/bench/{image}:v1");
         println!();

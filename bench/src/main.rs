@@ -137,6 +137,10 @@ enum Cmd {
         /// Use the converted images already in the registry
         #[arg(long)]
         skip_prepare: bool,
+        /// Pull over a link of this rate (e.g. 100mbit): the same registry storage served on
+        /// 127.0.0.1:15010, its answers shaped on lo (scripts/shaped-lo.sh)
+        #[arg(long)]
+        link: Option<String>,
     },
     /// Every benchmark above
     All,
@@ -541,7 +545,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Snapshotter { large } => lazy::snapshotter(runs, &large)?,
         Cmd::Proxy { small, large } => proxy::run(runs, &small, &large)?,
         Cmd::Update { v1, v2 } => update::update(runs, &v1, &v2)?,
-        Cmd::Coldstart { registry, seed, skip_prepare } => coldstart::run(runs, &registry, seed, skip_prepare)?,
+        Cmd::Coldstart { registry, seed, skip_prepare, link } => {
+            coldstart::run(runs, &registry, seed, skip_prepare, link.as_deref())?
+        }
         Cmd::Series { registry } => update::series(&registry)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;

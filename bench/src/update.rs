@@ -20,9 +20,14 @@ pub(crate) struct Meter {
 
 impl Meter {
     pub(crate) fn start() -> anyhow::Result<Meter> {
+        Self::start_at("open")
+    }
+
+    /// A meter on the log of the registry in `$HB_REGISTRY_DIR/<name>/` (`open`, `shaped-lo`).
+    pub(crate) fn start_at(name: &str) -> anyhow::Result<Meter> {
         let dir =
             std::env::var_os("HB_REGISTRY_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/hb-registry".into());
-        let log = dir.join("open/registry.log");
+        let log = dir.join(name).join("registry.log");
         let from =
             std::fs::metadata(&log).with_context(|| format!("{} (scripts/registry.sh start)", log.display()))?.len();
         Ok(Meter { log, from })

@@ -393,6 +393,7 @@ fn monitor_loaded(
             crate::rootfs::make_mount_points(&lower, &upper, &points);
             crate::rootfs::overlay(&lower, &upper, &work, &rootfs)?;
             tracing::debug!("overlay mounted");
+            tracing::debug!(target: "hb::phase", "rootfs ready");
         }
         // The image's passwd and group files, only for a user to resolve (root needs neither).
         let user_spec = req.opts.user.clone().or_else(|| image.user.clone()).filter(|u| !u.trim().is_empty());
@@ -653,6 +654,7 @@ fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Resul
         state.started = Some(container::now());
         state.save(dir)?;
         tracing::debug!("runtime started");
+        tracing::debug!(target: "hb::phase", "runtime started");
         let pidfd = rustix::process::pidfd_open(
             rustix::process::Pid::from_child(&child),
             rustix::process::PidfdFlags::empty(),

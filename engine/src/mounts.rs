@@ -168,6 +168,15 @@ impl hb_cli::run::LocalMount for OwnMount {
         let OwnMount { mount, _rt: rt, dir } = *self;
         let _ = hb_fuse::unmount(&dir);
         let Mount { mounted, learner, .. } = mount;
+        let s = mounted.fetcher().stats.snapshot();
+        tracing::debug!(
+            target: hb_images::mount::PHASE,
+            remote_requests = s.remote_requests,
+            remote_bytes = s.remote_bytes,
+            prefetched_chunks = s.prefetched_chunks,
+            network_wait_ms = s.fetch_latency_sum_ms,
+            "reads"
+        );
         if let Err(e) = mounted.wait() {
             tracing::warn!(error = %e, "the image mount ended with an error");
         }

@@ -30,6 +30,10 @@ pub struct MountArgs {
     pub learn: bool,
 }
 
+/// The tracing target of a cold start's phases (resolve, index fetch, mount, rootfs, runtime,
+/// reads): `HB_LOG=hb::phase=debug` shows them with their times.
+pub const PHASE: &str = "hb::phase";
+
 /// How long a cold start is watched to learn its start-up order.
 pub const LEARN_FOR: Duration = Duration::from_secs(10);
 
@@ -142,10 +146,12 @@ pub fn pull_for_mount(
     let creds = registries.credentials(r.registry())?;
     let eps = registries.endpoints(&r, plain_http, creds, hb_registry::Platform::default())?;
     let (registry, resolved) = crate::pull::resolve(rt, eps)?;
+    tracing::debug!(target: PHASE, "resolved");
     if resolved.accelerated.is_some() {
         let registry = Arc::new(registry);
         let key = format!("{}/{}", resolved.reference.host(), resolved.reference.repository());
         let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved)?;
+        tracing::debug!(target: PHASE, layers = report.layers_lazy, bytes = report.bytes_downloaded, "indexes fetched");
         reporter.note(&crate::pull::lazy_summary(&report));
         return Ok(Some((key, registry)));
     } else {
@@ -229,6 +235,7 @@ pub fn mount_image(
         })?,
         None => mount()?,
     };
+    tracing::debug!(target: PHASE, lazy_layers, "mounted");
     let learner =
         learn.then(|| Learner::start(mounted.fetcher().clone(), store.clone(), digest, keeper, ranges.clone()));
     Ok(Mount { name, mounted, ranges, lazy_layers, layers, learner })

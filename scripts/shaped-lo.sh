@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# A bandwidth-limited registry on loopback, for benchmarks whose clients cannot all move into a
+# network namespace (containerd and its snapshotters pull themselves): a second docker-registry
+# on 127.0.0.1:15010 serving the open registry's storage, and a tbf qdisc on `lo` that shapes
+# only the traffic from port 15010 (the registry's answers; requests are small). Everything else
+# on loopback keeps its speed.
+#   scripts/shaped-lo.sh up [RATE]   (default 100mbit)   |   scripts/shaped-lo.sh down
+# Its log (bytes per request) is $HB_REGISTRY_DIR/shaped-lo/registry.log.
+set -euo pipefail
+RATE=${2:-100mbit}
+PORT=15010
+DIR=${HB_REGISTRY_DIR:-/var/tmp/hb-registry}
+log() { printf 'shaped-lo: %s\n' "$*" >&2; }
+
+up() {
+  # prio: every packet goes to band 2 (1:2, a plain fifo) unless the filter sends it to band 3
+  # (1:3), which the tbf shapes.
+  tc qdisc replace dev lo root handle 1: prio bands 3 priomap 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1
+  tc qdisc replace dev lo parent 1:3 handle 30: tbf rate "$RATE" burst 256kb latency 50ms
+  tc filter replace dev lo parent 1:0 protocol ip prio 1 u32 match ip sport "$PORT" 0xffff flowid 1:3
+  mkdir -p "$DIR/shaped-lo"
+  cat > "$DIR/shaped-lo/config.yml" <<CFG
+version: 0.1
+log: {level: info, formatter: json, fields: {instance: shaped-lo}}
+storage: {filesystem: {rootdirectory: $DIR/open/data}}
+http: {addr: 127.0.0.1:$PORT, secret: hb-test-secret-shaped-lo}
+CFG
+  if ! curl -s -o /dev/null "http://127.0.0.1:$PORT/v2/"; then
+    nohup docker-registry serve "$DIR/shaped-lo/config.yml" >> "$DIR/shaped-lo/registry.log" 2>&1 &
+    echo $! > "$DIR/shaped-lo/pid"
+    for _ in $(seq 1 50); do curl -s -o /dev/null "http://127.0.0.1:$PORT/v2/" && break; sleep 0.1; done
+  fi
+  log "registry 127.0.0.1:$PORT behind $RATE (answers shaped on lo)"
+}
+
+down() {
+  [ -f "$DIR/shaped-lo/pid" ] && { kill "$(cat "$DIR/shaped-lo/pid")" 2>/dev/null || true; rm -f "$DIR/shaped-lo/pid"; }
+  tc qdisc del dev lo root 2>/dev/null || true
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: $0 up [RATE]|down" >&2; exit 2 ;;
+esac
