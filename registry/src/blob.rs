@@ -54,21 +54,31 @@ impl BlobHttp {
         match status {
             200 => Ok(BlobBody::Full(resp)),
             206 => Ok(BlobBody::Partial(resp)),
-            401 | 403 => Err(RegistryError::Unauthorized {
-                registry: registry.to_string(),
-                reason: format!("HTTP {status} for {url}"),
-            }),
-            404 => Err(RegistryError::NotFound { reference: url.to_string() }),
-            408 | 429 | 500..=599 => Err(RegistryError::Busy {
-                registry: registry.to_string(),
-                status,
-                retry_after: retry_after(resp.headers()),
-            }),
-            _ => Err(RegistryError::Rejected {
-                registry: registry.to_string(),
-                reason: format!("HTTP {status} for {url}"),
-            }),
+            _ => Err(status_error(registry, url, status, resp.headers(), String::new())),
         }
+    }
+}
+
+/// The error a refusing answer means, decided once by its status (`detail`: what its body said).
+fn status_error(
+    registry: &str,
+    url: &str,
+    status: u16,
+    headers: &reqwest::header::HeaderMap,
+    detail: String,
+) -> RegistryError {
+    match status {
+        401 | 403 => {
+            RegistryError::Unauthorized { registry: registry.to_string(), reason: format!("HTTP {status} for {url}") }
+        }
+        404 => RegistryError::NotFound { reference: url.to_string() },
+        408 | 429 | 500..=599 => {
+            RegistryError::Busy { registry: registry.to_string(), status, retry_after: retry_after(headers) }
+        }
+        _ => RegistryError::Rejected {
+            registry: registry.to_string(),
+            reason: format!("HTTP {status} for {url}{detail}"),
+        },
     }
 }
 
@@ -91,31 +101,16 @@ impl BlobHttp {
             reason: crate::error::chain(&e),
         })?;
         let status = resp.status().as_u16();
-        let text = |resp: reqwest::Response| async move {
-            let body = resp.text().await.unwrap_or_default();
-            let mut s: String = body.chars().filter(|c| !c.is_control()).take(300).collect();
-            if s.is_empty() {
-                s = "(no body)".into();
-            }
-            s
-        };
-        match status {
-            200..=299 => Ok(status),
-            401 | 403 => Err(RegistryError::Unauthorized {
-                registry: registry.to_string(),
-                reason: format!("HTTP {status} for {url}"),
-            }),
-            404 | 405 => Err(RegistryError::NotFound { reference: url.to_string() }),
-            408 | 429 | 500..=599 => Err(RegistryError::Busy {
-                registry: registry.to_string(),
-                status,
-                retry_after: retry_after(resp.headers()),
-            }),
-            _ => Err(RegistryError::Rejected {
-                registry: registry.to_string(),
-                reason: format!("HTTP {status} for {url}: {}", text(resp).await),
-            }),
+        if (200..=299).contains(&status) {
+            return Ok(status);
         }
+        // 405: a registry without the path at all is the same answer as 404 to the caller.
+        let status = if status == 405 { 404 } else { status };
+        let headers = resp.headers().clone();
+        let body = resp.text().await.unwrap_or_default();
+        let detail: String = body.chars().filter(|c| !c.is_control()).take(300).collect();
+        let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+        Err(status_error(registry, url, status, &headers, detail))
     }
 }
 
