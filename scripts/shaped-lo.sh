@@ -13,11 +13,12 @@ DIR=${HB_REGISTRY_DIR:-/var/tmp/hb-registry}
 log() { printf 'shaped-lo: %s\n' "$*" >&2; }
 
 up() {
-  # prio: every packet goes to band 2 (1:2, a plain fifo) unless the filter sends it to band 3
-  # (1:3), which the tbf shapes.
-  tc qdisc replace dev lo root handle 1: prio bands 3 priomap 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1
-  tc qdisc replace dev lo parent 1:3 handle 30: tbf rate "$RATE" burst 256kb latency 50ms
-  tc filter replace dev lo parent 1:0 protocol ip prio 1 u32 match ip sport "$PORT" 0xffff flowid 1:3
+  # htb (this kernel has no prio qdisc): everything goes to class 1:10, unlimited in practice,
+  # except what the filter sends to 1:20, held to RATE.
+  tc qdisc replace dev lo root handle 1: htb default 10
+  tc class replace dev lo parent 1: classid 1:10 htb rate 100gbit
+  tc class replace dev lo parent 1: classid 1:20 htb rate "$RATE" ceil "$RATE" burst 256kb
+  tc filter replace dev lo parent 1: protocol ip prio 1 u32 match ip sport "$PORT" 0xffff flowid 1:20
   mkdir -p "$DIR/shaped-lo"
   cat > "$DIR/shaped-lo/config.yml" <<CFG
 version: 0.1
