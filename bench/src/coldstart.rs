@@ -312,7 +312,7 @@ pub(crate) fn run(
     let (reg, log, where_) = match link {
         Some(rate) => {
             timed_command(Command::new(&shaped).args(["up", rate]))?;
-            ("127.0.0.1:15010", "shaped-lo", format!("a {rate} link (scripts/shaped-lo.sh: tbf on lo)"))
+            ("127.0.0.1:15010", "shaped-lo", format!("a {rate} link (scripts/shaped-lo.sh: htb on lo)"))
         }
         None => (reg, "open", "loopback".to_string()),
     };

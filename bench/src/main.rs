@@ -138,7 +138,7 @@ enum Cmd {
         #[arg(long)]
         skip_prepare: bool,
         /// Pull over a link of this rate (e.g. 100mbit): the same registry storage served on
-        /// 127.0.0.1:15010, its answers shaped on lo (scripts/shaped-lo.sh)
+        /// 127.0.0.1:15010, its answers shaped by htb on lo (scripts/shaped-lo.sh)
         #[arg(long)]
         link: Option<String>,
     },
