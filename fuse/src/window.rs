@@ -21,6 +21,8 @@ const SEGMENT_CHUNKS: usize = 8;
 const WORKERS: usize = 4;
 
 pub(crate) struct Windows {
+    /// False on a mount with nothing remote: reads then never touch the locks below.
+    enabled: bool,
     tx: Mutex<Option<Sender<Vec<ChunkId>>>>,
     /// (entry, window) pairs already scheduled.
     scheduled: Mutex<HashSet<(u32, u64)>>,
@@ -30,7 +32,7 @@ impl Windows {
     /// Workers fetching through `fetcher`; none when it has no remote source (all local).
     pub fn new(fetcher: &Arc<Fetcher>) -> Windows {
         if !fetcher.has_remote() {
-            return Windows { tx: Mutex::new(None), scheduled: Mutex::new(HashSet::new()) };
+            return Windows { enabled: false, tx: Mutex::new(None), scheduled: Mutex::new(HashSet::new()) };
         }
         let (tx, rx) = std::sync::mpsc::channel::<Vec<ChunkId>>();
         let rx = Arc::new(Mutex::new(rx));
@@ -41,18 +43,19 @@ impl Windows {
                 tracing::warn!(error = %e, "no thread for wide reads; reading on demand only");
             }
         }
-        Windows { tx: Mutex::new(Some(tx)), scheduled: Mutex::new(HashSet::new()) }
+        Windows { enabled: true, tx: Mutex::new(Some(tx)), scheduled: Mutex::new(HashSet::new()) }
     }
 
     /// Schedules the window around byte `offset` of file `entry` (its `chunks`, starting at
     /// `starts`), unless it was scheduled before. Chunks that are local or being fetched are
     /// skipped by the fetcher.
     pub fn around(&self, entry: u32, chunks: &[ChunkRef], starts: &[u64], offset: u64) {
-        let Some(tx) = self.tx.lock().expect("windows lock").clone() else { return };
         let w = offset / WINDOW_BYTES;
-        if chunks.is_empty() || !self.scheduled.lock().expect("windows lock").insert((entry, w)) {
+        // Every read asks: the common answer (scheduled before) costs one set lookup.
+        if !self.enabled || chunks.is_empty() || !self.scheduled.lock().expect("windows lock").insert((entry, w)) {
             return;
         }
+        let Some(tx) = self.tx.lock().expect("windows lock").clone() else { return };
         let (from, to) = (w * WINDOW_BYTES, (w + 1) * WINDOW_BYTES);
         // Chunks that start in the window, and the one the window starts inside.
         let first = starts.partition_point(|&s| s <= from).saturating_sub(1);
@@ -90,7 +93,7 @@ mod tests {
     #[test]
     fn a_window_is_scheduled_once_and_covers_the_chunks_it_spans() {
         let (tx, rx) = std::sync::mpsc::channel();
-        let w = Windows { tx: Mutex::new(Some(tx)), scheduled: Mutex::new(HashSet::new()) };
+        let w = Windows { enabled: true, tx: Mutex::new(Some(tx)), scheduled: Mutex::new(HashSet::new()) };
         // 100 chunks of 64 KiB: 6.25 MiB, so two windows.
         let chunks: Vec<ChunkRef> =
             (0..100u32).map(|i| ChunkRef { id: ChunkId::of(&i.to_le_bytes()), len: 64 << 10 }).collect();

@@ -71,12 +71,9 @@ impl Learner {
                     return;
                 }
                 let kept = if store.is_writable() {
-                    let key = crate::pull::startup_key(&manifest);
-                    match store.aux(&key) {
-                        Ok(Some(_)) => Ok(()),
-                        Ok(None) => store.put_aux(&key, &order.encode()).map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    }
+                    crate::pull::keep_first_order(&store, &manifest, &order.encode())
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
                 } else {
                     match &keeper {
                         Some(k) => k.keep_order(&manifest, &order),

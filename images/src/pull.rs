@@ -97,6 +97,17 @@ pub fn startup_key(manifest: &Digest) -> String {
     format!("startup/{manifest}")
 }
 
+/// Keeps `order` as image `manifest`'s start-up order unless it has one (the first wins; a
+/// published one is never replaced). True when it was kept.
+pub fn keep_first_order(store: &Store, manifest: &Digest, order: &[u8]) -> Result<bool> {
+    let key = startup_key(manifest);
+    if store.aux(&key)?.is_some() {
+        return Ok(false);
+    }
+    store.put_aux(&key, order)?;
+    Ok(true)
+}
+
 /// Compares a resolved image with the store: per layer, whether it is present, comes as its new
 /// chunks, or comes whole ([`crate::delta::prepare`]).
 pub fn plan(

@@ -54,13 +54,11 @@ impl Daemon {
         let rec = self.store.image(&manifest)?.ok_or_else(|| NotFound(format!("no image {manifest}")))?;
         let indexes = hb_images::layer_indexes(&self.store, &rec.layers.iter().map(|l| l.diff_id).collect::<Vec<_>>())?;
         order.check_within(&indexes).with_context(|| format!("image {manifest}"))?;
-        let key = crate::pull::startup_key(&manifest);
-        if self.store.aux(&key)?.is_some() {
-            return Ok(serde_json::json!({"kept": false}));
+        let kept = crate::pull::keep_first_order(&self.store, &manifest, body)?;
+        if kept {
+            tracing::info!(image = %manifest, chunks = order.chunks.len(), "keeping a learned start-up order");
         }
-        self.store.put_aux(&key, body)?;
-        tracing::info!(image = %manifest, chunks = order.chunks.len(), "keeping a learned start-up order");
-        Ok(serde_json::json!({"kept": true}))
+        Ok(serde_json::json!({ "kept": kept }))
     }
 
     /// The chunks of `ids` the store has (verified on read), framed.
