@@ -1,0 +1,155 @@
+//! Real nodes on loopback (TCP, pre-shared key, noise, yamux): chunks cross, a node without the
+//! key stays out, a peer that sends wrong bytes is banned and nothing it sent is returned.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hb_core::ChunkId;
+use hb_p2p::{Config, LocalChunks, Node};
+
+#[derive(Default)]
+struct Mem(Mutex<HashMap<ChunkId, Vec<u8>>>);
+
+impl LocalChunks for Mem {
+    fn chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.0.lock().unwrap().get(id).cloned()
+    }
+    fn held(&self) -> Vec<ChunkId> {
+        self.0.lock().unwrap().keys().copied().collect()
+    }
+}
+
+fn chunks(seed: u8, n: usize) -> Vec<(ChunkId, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let b: Vec<u8> = (0..70_000 + seed as usize).map(|j| (j as u8) ^ seed ^ (i as u8)).collect();
+            (ChunkId::of(&b), b)
+        })
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Started {
+    node: Node,
+    port: u16,
+}
+
+fn start(rt: &tokio::runtime::Runtime, psk: u8, peers: &[u16], local: Arc<Mem>, corrupt: bool) -> Started {
+    let port = free_port();
+    let cfg = Config {
+        listen: vec![hb_p2p::parse_addr(&format!("127.0.0.1:{port}")).unwrap()],
+        psk: [psk; 32],
+        identity: hb_p2p::new_identity(),
+        static_peers: peers.iter().map(|p| hb_p2p::parse_addr(&format!("127.0.0.1:{p}")).unwrap()).collect(),
+        mdns: false,
+        serve_rate: None,
+        ban_for: Duration::from_secs(3600),
+        fault_corrupt_serving: corrupt,
+    };
+    Started { node: Node::start(cfg, local, rt.handle().clone()).unwrap(), port }
+}
+
+/// Waits until `node` has a summary from `n` connected peers.
+fn wait_for_peers(node: &Node, n: usize) -> Duration {
+    let t = Instant::now();
+    loop {
+        let r = node.report();
+        if r.peers.iter().filter(|p| p.connected && p.summary_generation.is_some()).count() >= n {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "peers never appeared: {r:#?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn chunks_cross_between_members_only_and_a_liar_is_banned() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let data = chunks(1, 40);
+    let holder_store = Arc::new(Mem::default());
+    holder_store.0.lock().unwrap().extend(data.iter().cloned());
+    let holder = start(&rt, 1, &[], holder_store, false);
+    // A node of another network, dialling the holder: the key handshake fails.
+    let stranger = start(&rt, 2, &[holder.port], Arc::new(Mem::default()), false);
+    let asker = start(&rt, 1, &[holder.port], Arc::new(Mem::default()), false);
+    let found_in = wait_for_peers(&asker.node, 1);
+    assert!(found_in < Duration::from_secs(2), "a static peer took {found_in:?} to be usable");
+
+    let ids: Vec<ChunkId> = data.iter().map(|(i, _)| *i).collect();
+    let mut unknown = chunks(9, 3).into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+    unknown.extend(&ids);
+    let got = asker.node.fetch_blocking(&unknown);
+    assert_eq!(got.len(), ids.len(), "every held chunk, none of the unknown ones");
+    for (id, b) in &got {
+        assert_eq!(ChunkId::of(b), *id);
+    }
+    let r = asker.node.report();
+    assert_eq!(r.stats.chunks_received, 40);
+    assert!(r.stats.lookup_p99_us < 2000, "lookup p99 {} us", r.stats.lookup_p99_us);
+    assert!(r.stats.lookups_with_holder >= 40 && r.stats.lookups_with_holder <= 43);
+
+    // The stranger never got in, either way.
+    std::thread::sleep(Duration::from_millis(600));
+    let s = stranger.node.report();
+    assert!(s.peers.iter().all(|p| !p.connected), "a node without the key connected: {s:#?}");
+    assert!(stranger.node.fetch_blocking(&ids).is_empty());
+    assert!(holder.node.report().peers.iter().all(|p| p.id != s.peer_id || !p.connected));
+
+    // A liar holding the same chunks, and a fresh asker that knows only the liar.
+    let liar_store = Arc::new(Mem::default());
+    liar_store.0.lock().unwrap().extend(data.iter().cloned());
+    let liar = start(&rt, 1, &[], liar_store, true);
+    let victim = start(&rt, 1, &[liar.port], Arc::new(Mem::default()), false);
+    wait_for_peers(&victim.node, 1);
+    assert!(victim.node.fetch_blocking(&ids).is_empty(), "nothing from a liar is returned");
+    let v = victim.node.report();
+    assert_eq!(v.stats.bans, 1);
+    assert!(v.stats.corrupt_chunks >= 1);
+    let banned = v.peers.iter().find(|p| p.id == liar.node.peer_id().to_string()).expect("the liar is listed");
+    assert!(banned.banned_for_seconds.unwrap() > 3000, "{banned:#?}");
+    assert!(banned.ban_reason.as_deref().unwrap().contains("wrong bytes"));
+    // Banned: disconnected, and asked nothing more.
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(victim.node.fetch_blocking(&ids).is_empty());
+    assert_eq!(victim.node.report().stats.bans, 1);
+}
+
+#[test]
+fn switched_off_a_node_neither_asks_nor_serves() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let data = chunks(3, 5);
+    let store = Arc::new(Mem::default());
+    store.0.lock().unwrap().extend(data.iter().cloned());
+    let holder = start(&rt, 5, &[], store, false);
+    let asker = start(&rt, 5, &[holder.port], Arc::new(Mem::default()), false);
+    wait_for_peers(&asker.node, 1);
+    let ids: Vec<ChunkId> = data.iter().map(|(i, _)| *i).collect();
+    holder.node.set_enabled(false);
+    assert!(asker.node.fetch_blocking(&ids).is_empty());
+    holder.node.set_enabled(true);
+    asker.node.set_enabled(false);
+    let lookups = asker.node.report().stats.lookups;
+    assert!(asker.node.fetch_blocking(&ids).is_empty());
+    assert_eq!(asker.node.report().stats.lookups, lookups, "no lookup while off");
+    asker.node.set_enabled(true);
+    assert_eq!(asker.node.fetch_blocking(&ids).len(), 5);
+    // What a node adds is offered to peers at their next refresh (a delta).
+    let more = chunks(4, 3);
+    let before = asker.node.report().peers[0].summary_generation.unwrap();
+    {
+        let h = holder.node.clone();
+        let ids: Vec<ChunkId> = more.iter().map(|(i, _)| *i).collect();
+        // Not in the holder's store: announcing alone must not make them fetchable.
+        h.announce(&ids);
+        let t = Instant::now();
+        while asker.node.report().peers[0].summary_generation.unwrap() == before {
+            assert!(t.elapsed() < Duration::from_secs(5), "the delta never arrived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(asker.node.fetch_blocking(&ids).is_empty(), "a false claim yields a miss, not bytes");
+    }
+}
