@@ -680,14 +680,12 @@ fn handle_event(
             }
             tracing::info!(peer = %peer_id, "peer connected");
         }
-        SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
-            if num_established == 0 {
-                if let Some(p) = inner.peers.lock().expect("peers lock").get_mut(&peer_id) {
-                    p.connected = false;
-                    p.summary_pending = false;
-                }
-                tracing::info!(peer = %peer_id, "peer disconnected");
+        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            if let Some(p) = inner.peers.lock().expect("peers lock").get_mut(&peer_id) {
+                p.connected = false;
+                p.summary_pending = false;
             }
+            tracing::info!(peer = %peer_id, "peer disconnected");
         }
         SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
             for (peer, addr) in found {

@@ -113,7 +113,7 @@ impl Remote {
                 }
                 let bloom = Bloom::from_bytes(bytes).map_err(|e| SummaryError::Malformed(e.into()))?;
                 let k = bloom.number_of_hash_functions();
-                if k == 0 || k > MAX_HASHES || bloom.len() == 0 {
+                if k == 0 || k > MAX_HASHES || bloom.len() < 8 {
                     return Err(SummaryError::Malformed(format!("{k} hash functions over {} bits", bloom.len())));
                 }
                 Ok(Remote { epoch, generation, bloom })
