@@ -16,6 +16,15 @@ pub struct Health {
     pub root: PathBuf,
     pub uptime_seconds: u64,
     pub image_mounts: usize,
+    /// LAN peers are on (`/v1/peers/chunks` answers).
+    #[serde(default)]
+    pub peers: bool,
+}
+
+/// `POST /v1/peers/switch`: fetch from and serve to LAN peers, or not.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeersSwitch {
+    pub on: bool,
 }
 
 /// `POST /v1/images/mount`: mount an image (pulling it first when missing) and keep it mounted.

@@ -135,6 +135,33 @@ pub struct FileConfig {
     pub daemon: DaemonSection,
     #[serde(default)]
     pub proxy: ProxySection,
+    #[serde(default)]
+    pub p2p: P2pSection,
+}
+
+/// `[p2p]`: LAN peers (the daemon's libp2p node). Off unless `enabled` and a `psk_file` are set.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct P2pSection {
+    /// Fetch chunks from, and serve them to, peers [default: false].
+    #[serde(default)]
+    pub enabled: bool,
+    /// Addresses to listen on, `host:port` or multiaddrs [default: 0.0.0.0:7946].
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// The team's pre-shared key (`hb peers keygen FILE` writes one; go-libp2p's swarm.key
+    /// format). Only nodes with the same key connect.
+    pub psk_file: Option<PathBuf>,
+    /// Peers to dial (`10.0.0.5:7946`), for networks without multicast.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Find peers by mDNS on this host's interfaces [default: false].
+    #[serde(default)]
+    pub mdns: bool,
+    /// Bandwidth cap for serving peers (`50M` bytes per second) [default: none].
+    pub serve_rate: Option<String>,
+    /// How long a peer that sent a wrong chunk is refused [default: 3600].
+    pub ban_seconds: Option<u64>,
 }
 
 /// `[proxy]`: the pull-through mirror (`hb proxy`).

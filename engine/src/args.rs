@@ -145,6 +145,11 @@ pub enum Cmd {
         /// The same for B
         b: String,
     },
+    /// LAN peers of the daemon's node: who is connected, what they hold, bytes exchanged, bans
+    Peers {
+        #[command(subcommand)]
+        cmd: Option<PeersCmd>,
+    },
     /// Logical vs stored bytes and the dedup ratio
     Du,
     /// Free layers nothing pins and chunks no layer uses; compact pack files
@@ -194,6 +199,23 @@ pub enum ProxyCmd {
         #[arg(long, default_value = "http://127.0.0.1:5000")]
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum PeersCmd {
+    /// List the peers (the default)
+    Ls,
+    /// Write a new pre-shared key for a team's network (give every member the same file)
+    Keygen {
+        file: PathBuf,
+        /// Replace an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop fetching from and serving to peers (connections stay; `on` resumes)
+    Off,
+    /// Fetch from and serve to peers again
+    On,
 }
 
 #[derive(Subcommand)]

@@ -2,8 +2,10 @@
 //! docker's credentials: the engine's [`hb_images::Registries`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use hb_cli::config;
+use hb_core::ChunkSource;
 use hb_images::{Endpoint, ImagesError, Registries};
 use hb_registry::{ImageRef, Platform, RegistryOptions, Scheme};
 
@@ -12,11 +14,26 @@ use crate::Global;
 /// hosts.toml from `--hosts-dir` (or the default folders), credentials from docker's config.
 pub struct Hosts {
     dir: Option<PathBuf>,
+    peers: Peers,
+}
+
+/// Where this process reaches LAN peers.
+enum Peers {
+    /// Through the daemon that owns the store, when it has peers on (asked on first use).
+    ViaDaemon(Box<Global>),
+    /// This process's own node (the daemon's), or none.
+    Here(Option<Arc<dyn ChunkSource>>),
 }
 
 impl Hosts {
     pub fn of(g: &Global) -> Hosts {
-        Hosts { dir: g.hosts_dir.clone() }
+        Hosts { dir: g.hosts_dir.clone(), peers: Peers::ViaDaemon(Box::new(g.clone())) }
+    }
+
+    /// For the daemon: its own node (if any) is the peers tier.
+    pub fn with_node(g: &Global, node: Option<&hb_p2p::Node>) -> Hosts {
+        let peers = Peers::Here(node.map(|n| Arc::new(n.clone()) as Arc<dyn ChunkSource>));
+        Hosts { dir: g.hosts_dir.clone(), peers }
     }
 
     fn settings(&self, r: &ImageRef) -> hb_images::Result<config::HostSettings> {
@@ -25,6 +42,13 @@ impl Hosts {
 }
 
 impl Registries for Hosts {
+    fn peers(&self) -> Option<Arc<dyn ChunkSource>> {
+        match &self.peers {
+            Peers::ViaDaemon(g) => crate::peers::DaemonPeers::find(g),
+            Peers::Here(p) => p.clone(),
+        }
+    }
+
     /// `--plain-http` wins, then the file's scheme, else HTTPS (loopback: HTTPS, then plain HTTP).
     fn options(
         &self,

@@ -9,6 +9,7 @@ mod args;
 mod daemon;
 mod hosts;
 mod mounts;
+mod peers;
 mod progress;
 mod proxy;
 mod store_cmds;
@@ -23,7 +24,7 @@ use hb_core::{ChunkerParams, Digest};
 use hb_store::{Limits, Store, StoreOptions};
 use indicatif::HumanBytes;
 
-use args::{Cli, Cmd, ConfigCmd, LayerCmd, ProxyCli, ProxyCmd};
+use args::{Cli, Cmd, ConfigCmd, LayerCmd, PeersCmd, ProxyCli, ProxyCmd};
 use hb_cli::output::{self, Out};
 use hb_cli::{
     api, config, container, daemon_client, error_chain, pass_globals, rootfs, run, self_exe, store_root, Global,
@@ -251,6 +252,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon::run(g, &socket, &snap, std::time::Duration::from_secs(idle), &out)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Peers { cmd: Some(PeersCmd::Keygen { file, force }) } => {
+            peers::keygen(&file, force, &out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Peers { cmd } => {
+            let client = daemon_client(g).context("no hb daemon serves this store: LAN peers live in the daemon")?;
+            let report: hb_p2p::NodeReport = match cmd {
+                Some(PeersCmd::On) | Some(PeersCmd::Off) => client.call(
+                    "POST",
+                    "/v1/peers/switch",
+                    Some(&api::PeersSwitch { on: matches!(cmd, Some(PeersCmd::On)) }),
+                )?,
+                _ => client.call("GET", "/v1/peers", None::<&()>)?,
+            };
+            peers::show(&report, &out);
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::Proxy(ProxyCli { cmd: Some(ProxyCmd::Stats { url }), .. }) => {
             proxy::stats(&url, g.json)?;
             return Ok(ExitCode::SUCCESS);
@@ -360,7 +378,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Container(_)
         | Cmd::Daemon { .. }
         | Cmd::Proxy(_)
-        | Cmd::Config(_) => {
+        | Cmd::Config(_)
+        | Cmd::Peers { .. } => {
             unreachable!("handled before the store is opened")
         }
         Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http, layers } => {

@@ -108,6 +108,11 @@ pub trait Registries: Send + Sync {
 
     /// Stored credentials for `registry` (docker's config.json), if any.
     fn credentials(&self, registry: &str) -> Result<Option<(String, String)>>;
+
+    /// LAN peers as a chunk tier (below the daemon, above mirrors), when they are on.
+    fn peers(&self) -> Option<std::sync::Arc<dyn hb_core::ChunkSource>> {
+        None
+    }
 }
 
 /// How long work is shown to people (the binary draws bars; a daemon has no one to show).

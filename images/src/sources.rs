@@ -1,7 +1,7 @@
 //! The chunk sources of a lazy layer, put in order in one place ([`sources`]): the hb daemon (for
-//! a process reading a store the daemon owns), each mirror hosts.toml names, then the registries.
-//! Mounts read through it, and so do pulls that fetch only new chunks (`delta.rs`). New tiers
-//! (LAN peers) go in here.
+//! a process reading a store the daemon owns), LAN peers (when on), each mirror hosts.toml
+//! names, then the registries. Mounts read through it, and so do pulls that fetch only new
+//! chunks (`delta.rs`). New tiers go in here.
 
 use std::sync::Arc;
 
@@ -23,8 +23,8 @@ pub struct Endpoint {
 }
 
 /// The remote tiers of a mount, assembled in one place: the daemon (when this process reads a
-/// store the daemon owns), each mirror hosts.toml names for the layers' registries, then the
-/// registries themselves. New tiers (LAN peers) go in here.
+/// store the daemon owns), LAN peers ([`Registries::peers`]), each mirror hosts.toml names for
+/// the layers' registries, then the registries themselves.
 pub struct Sources {
     pub chain: hb_core::SourceChain,
     /// The Range readers among the tiers (mirrors and registries), for wire figures.
@@ -73,6 +73,9 @@ pub fn sources(
     }
     let mut ranges = Vec::new();
     if !lazy.is_empty() {
+        if let Some(peers) = registries.peers() {
+            chain.push("peers", peers);
+        }
         // Each layer's endpoints: its registry's mirrors, then the registry.
         let mut tiers: Vec<(String, Vec<hb_core::LazySource>)> = Vec::new();
         let mut endpoints: std::collections::HashMap<String, Endpoint> = Default::default();

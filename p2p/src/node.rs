@@ -212,6 +212,15 @@ impl Node {
         }
     }
 
+    /// Brings the summary up to what the store holds now, in the background (after a pull).
+    pub fn rescan(&self) {
+        let n = self.clone();
+        self.inner.handle.spawn_blocking(move || {
+            let held = n.inner.local.held();
+            n.announce(&held);
+        });
+    }
+
     fn rebuild_summary(&self) {
         let held = self.inner.local.held();
         *self.inner.summary.lock().expect("summary lock") = Local::build(epoch_now(&self.inner.peer_id), &held);

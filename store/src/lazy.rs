@@ -123,6 +123,21 @@ impl Store {
         Ok(self.chunk_record(id)?.is_some_and(|r| !r.loc.is_absent()))
     }
 
+    /// Every chunk whose bytes are in the store (for a LAN peer's summary of what it holds).
+    pub fn held_chunks(&self) -> Result<Vec<ChunkId>> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_CHUNKS), rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            if ChunkRecord::decode(&v)?.loc.is_absent() {
+                continue;
+            }
+            out.push(ChunkId(
+                k.as_ref().try_into().map_err(|_| StoreError::CorruptMeta("chunk key is not 32 bytes".into()))?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// The chunks of a layer that are not local yet.
     pub fn missing_chunks(&self, diff_id: &Digest) -> Result<Vec<ChunkRef>> {
         let idx = self.layer(diff_id)?.ok_or_else(|| StoreError::UnknownLayer(diff_id.to_string()))?;

@@ -220,6 +220,14 @@ fn lazy_layers_fill_on_demand_and_complete() {
     let r2 = store.fill_chunks(&twice).unwrap();
     assert_eq!((r2.filled, r2.skipped), (1, 1));
     assert_eq!(ChunkId::of(&store.read_chunk(&missing[0].id).unwrap()), missing[0].id);
+    // What a LAN peer's summary says the store holds: filled chunks, never the known-but-absent.
+    let held: std::collections::HashSet<ChunkId> = store.held_chunks().unwrap().into_iter().collect();
+    assert!(held.contains(&missing[0].id) && held.contains(&missing[1].id));
+    assert!(missing[2..].iter().all(|c| !held.contains(&c.id)), "an absent chunk listed as held");
+    let absent: std::collections::HashSet<ChunkId> = missing[2..].iter().map(|c| c.id).collect();
+    let expected: std::collections::HashSet<ChunkId> =
+        index.chunks.iter().map(|c| c.id).filter(|id| !absent.contains(id)).collect();
+    assert_eq!(held, expected);
     assert!(!store.complete_lazy_layer(&r.diff_id).unwrap());
     let fsck = store.fsck(&NoProgress).unwrap();
     assert!(fsck.is_clean(), "{:?}", fsck.issues);

@@ -176,6 +176,22 @@ pub(super) async fn handle(
                 Err(e) => error(StatusCode::BAD_REQUEST, &e),
             }
         }
+        (&Method::POST, "/v1/peers/chunks") => match raw_body(req).await {
+            Ok(b) => blocking_raw(&d, "peers", move |d| d.peers_get(&b)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
+        (&Method::GET, "/v1/peers") => match d.node() {
+            Ok(n) => json(StatusCode::OK, &n.report()),
+            Err(e) => error(StatusCode::NOT_FOUND, &e),
+        },
+        (&Method::POST, "/v1/peers/switch") => match (d.node(), body_json::<api::PeersSwitch>(req).await) {
+            (Ok(n), Ok(s)) => {
+                n.set_enabled(s.on);
+                json(StatusCode::OK, &n.report())
+            }
+            (Err(e), _) => error(StatusCode::NOT_FOUND, &e),
+            (_, Err(e)) => error(StatusCode::BAD_REQUEST, &e),
+        },
         (&Method::POST, "/v1/chunks/fill") => match raw_body(req).await {
             Ok(b) => blocking(&d, "store_fill", move |d| d.chunks_fill(&b)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),

@@ -25,8 +25,11 @@ impl Metrics {
 /// The `path` label of a request: one of the API's routes, or `other` (a label copied from
 /// whatever path a client sent would grow the series without bound).
 pub(super) fn metric_path(path: &str) -> &'static str {
-    const ROUTES: [&str; 10] = [
+    const ROUTES: [&str; 13] = [
         "/metrics",
+        "/v1/peers",
+        "/v1/peers/chunks",
+        "/v1/peers/switch",
         "/v1/health",
         "/v1/mounts",
         "/v1/chunks/fill",
@@ -144,6 +147,48 @@ impl Daemon {
             "Bytes pulls downloaded.",
             self.metrics.pulled_bytes.load(Ordering::Relaxed) as f64,
         );
+        if let Some(node) = self.peers.get() {
+            let r = node.report();
+            let s = &r.stats;
+            e.single(
+                "hb_p2p_peers_connected",
+                Kind::Gauge,
+                "LAN peers connected.",
+                r.peers.iter().filter(|p| p.connected).count() as f64,
+            );
+            let dir = |d: &str, x: u64| (vec![("direction", d.to_string())], x as f64);
+            e.family(
+                "hb_p2p_bytes_total",
+                Kind::Counter,
+                "Chunk bytes exchanged with LAN peers.",
+                vec![dir("received", s.bytes_received), dir("sent", s.bytes_sent)],
+            );
+            e.family(
+                "hb_p2p_chunks_total",
+                Kind::Counter,
+                "Chunks exchanged with LAN peers.",
+                vec![dir("received", s.chunks_received), dir("sent", s.chunks_sent)],
+            );
+            e.family(
+                "hb_p2p_lookups_total",
+                Kind::Counter,
+                "Chunk ids looked up in peers' summaries, by whether a peer seemed to hold them.",
+                vec![
+                    by("result", "holder", s.lookups_with_holder),
+                    by("result", "none", s.lookups - s.lookups_with_holder),
+                ],
+            );
+            e.single("hb_p2p_hedges_total", Kind::Counter, "Requests hedged to a second peer.", s.hedges as f64);
+            e.single("hb_p2p_timeouts_total", Kind::Counter, "Peer requests that timed out.", s.timeouts as f64);
+            e.single("hb_p2p_bans_total", Kind::Counter, "Peers banned.", s.bans as f64);
+            e.single("hb_p2p_corrupt_chunks_total", Kind::Counter, "Wrong chunks peers sent.", s.corrupt_chunks as f64);
+            e.single(
+                "hb_p2p_lookup_p99_seconds",
+                Kind::Gauge,
+                "p99 time to decide which peer to ask (summaries only).",
+                s.lookup_p99_us as f64 / 1e6,
+            );
+        }
         let reqs = self
             .metrics
             .requests

@@ -78,6 +78,8 @@ struct Daemon {
     /// Set when the daemon stops (`stop_spares`); held while a spare is prepared, so stopping
     /// waits for one under way rather than leave it mounted.
     stopping: Mutex<bool>,
+    /// The LAN peers node, when `[p2p]` is on.
+    peers: std::sync::OnceLock<hb_p2p::Node>,
 }
 
 /// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,
@@ -174,8 +176,14 @@ impl Daemon {
             advertised: Mutex::new(HashMap::new()),
             dead_since: Mutex::new(HashMap::new()),
             stopping: Mutex::new(false),
+            peers: std::sync::OnceLock::new(),
         });
         Ok((d, refills))
+    }
+
+    /// Where registries and peers are reached, for the daemon's own work.
+    fn hosts(&self) -> Hosts {
+        Hosts::with_node(&self.g, self.peers.get())
     }
 
     /// Flushes metadata written since the last call: frees the memtables a burst of writes (a
@@ -235,6 +243,13 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         other => Arc::new(other?),
     };
     let (d, refills) = Daemon::new(g, root.clone(), store, idle)?;
+    if let Some(cfg) = crate::peers::settings(g, &root)? {
+        let listen = cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
+        let local = Arc::new(crate::peers::StoreChunks(d.store.clone()));
+        let node = hb_p2p::Node::start(cfg, local, d.work.handle().clone()).context("starting the LAN peers node")?;
+        out.note(format!("LAN peers: node {} on {listen}", node.peer_id()));
+        let _ = d.peers.set(node);
+    }
     let sd = d.clone();
     std::thread::Builder::new().name("hb-spares".into()).spawn(move || {
         crate::rootfs::background_priority();

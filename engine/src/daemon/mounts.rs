@@ -38,14 +38,7 @@ impl Daemon {
     pub(super) fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
         let _one = self.preparing.lock().expect("preparing lock");
         if crate::find_image(&self.store, &req.image)?.is_none() {
-            crate::mount::pull_for_mount(
-                &Hosts::of(&self.g),
-                &self.work,
-                &self.store,
-                &req.image,
-                req.plain_http,
-                &Silent,
-            )?;
+            crate::mount::pull_for_mount(&self.hosts(), &self.work, &self.store, &req.image, req.plain_http, &Silent)?;
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
             self.dirty.store(true, Ordering::SeqCst);
         }
@@ -107,7 +100,7 @@ impl Daemon {
         if crate::find_image(&self.store, &image)?.is_none() {
             let r = hb_registry::ImageRef::parse(&image)?;
             let creds = crate::config::docker_credentials(r.registry())?;
-            let eps = Hosts::of(&self.g).endpoints(&r, false, creds, hb_registry::Platform::default())?;
+            let eps = self.hosts().endpoints(&r, false, creds, hb_registry::Platform::default())?;
             let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
             if resolved.accelerated.is_none() {
                 tracing::info!(%image, "no accelerated form: containerd unpacks its layers");

@@ -15,7 +15,7 @@ impl Daemon {
             Some(p) => p.parse().map_err(anyhow::Error::msg)?,
             None => hb_registry::Platform::default(),
         };
-        let eps = Hosts::of(&self.g).endpoints(&r, req.plain_http, creds, platform)?;
+        let eps = self.hosts().endpoints(&r, req.plain_http, creds, platform)?;
         let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
         self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::SeqCst);
@@ -28,7 +28,7 @@ impl Daemon {
                 report: serde_json::to_value(&report)?,
             })
         } else {
-            let hosts = Hosts::of(&self.g);
+            let hosts = self.hosts();
             let origin = hb_images::delta::Origin {
                 registries: &hosts,
                 plain_http: req.plain_http,
@@ -36,6 +36,10 @@ impl Daemon {
             };
             let report = crate::pull::pull(&self.work, self.store.clone(), origin, resolved, &Silent)?;
             self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            // Peers learn of the new chunks at their next refresh, not at the next rescan.
+            if let Some(node) = self.peers.get() {
+                node.rescan();
+            }
             Ok(PullResponse {
                 digest: report.digest.to_string(),
                 summary: crate::pull::summary(&report),
@@ -82,11 +86,38 @@ impl Daemon {
         Ok(api::encode_chunks(found.iter().map(|(i, b)| (i, b.as_slice()))))
     }
 
+    /// What LAN peers hold of `ids` (each checked against its id), framed; nothing when peers
+    /// are off.
+    pub(super) fn peers_get(&self, ids: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let ids = api::decode_ids(ids)?;
+        let Some(node) = self.peers.get() else { return Ok(api::encode_chunks(std::iter::empty())) };
+        let mut found = node.fetch_blocking(&ids);
+        let mut size = 0;
+        found.retain(|(_, b)| {
+            size += b.len() + 36;
+            size <= api::MAX_CHUNK_BODY
+        });
+        Ok(api::encode_chunks(found.iter().map(|(i, b)| (i, b.as_slice()))))
+    }
+
+    /// The node, for `GET /v1/peers` and switching: a clear error when peers are off.
+    pub(super) fn node(&self) -> anyhow::Result<&hb_p2p::Node> {
+        self.peers.get().ok_or_else(|| {
+            anyhow::Error::new(NotFound(
+                "LAN peers are off on this daemon: set [p2p] enabled = true and psk_file in hb.toml, then restart it"
+                    .into(),
+            ))
+        })
+    }
+
     /// Keeps chunks a mount server fetched (the store verifies each against its id).
     pub(super) fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<api::FillResponse> {
         let chunks = api::decode_chunks(body)?;
         let r = self.store.fill_chunks(&chunks)?;
         self.dirty.store(true, Ordering::SeqCst);
+        if let Some(node) = self.peers.get() {
+            node.announce(&chunks.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+        }
         Ok(api::FillResponse { filled: r.filled, skipped: r.skipped })
     }
 
@@ -109,6 +140,7 @@ impl Daemon {
             root: self.root.clone(),
             uptime_seconds: self.started.elapsed().as_secs(),
             image_mounts: self.mounts.lock().expect("mounts lock").len(),
+            peers: self.peers.get().is_some(),
         }
     }
 }
