@@ -101,7 +101,20 @@ impl Hb {
     /// minimal config unless the test gave one), no docker credentials, no hosts.toml folders.
     /// A test that wants them sets `DOCKER_CONFIG`, `--hosts-dir` or a config itself.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(hb_bin());
+        self.command_via(&[], args)
+    }
+
+    /// [`Hb::command`] run by `wrapper` (`["nsenter", "--net=/run/netns/x"]`: hb in a network
+    /// namespace), which gets hb's path and arguments after its own.
+    pub fn command_via(&self, wrapper: &[&str], args: &[&str]) -> Command {
+        let mut c = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = Command::new(prog);
+                c.args(rest).arg(hb_bin());
+                c
+            }
+            None => Command::new(hb_bin()),
+        };
         c.arg("--root").arg(&self.root);
         let cfg = self.config.clone().unwrap_or_else(|| {
             let p = self.dir.path().join("hb-default.toml");

@@ -10,6 +10,7 @@ mod delta;
 mod full_disk;
 mod integrity;
 mod lazy;
+mod peers;
 mod proxy;
 mod pull;
 mod roundtrip;
