@@ -14,6 +14,7 @@ use hb_store::{NoProgress, Store, StoreOptions};
 
 mod coldstart;
 mod lazy;
+mod peers;
 mod proxy;
 mod update;
 
@@ -141,6 +142,16 @@ enum Cmd {
         /// 127.0.0.1:15010, its answers shaped by htb on lo (scripts/shaped-lo.sh)
         #[arg(long)]
         link: Option<String>,
+    },
+    /// LAN peers: cold starts on a host whose peers hold the image vs the same start with peers
+    /// switched off, a lying holder among them, discovery and lookup times (scripts/peers-net.sh)
+    Peers {
+        /// The registry's uplink rate
+        #[arg(long, default_value = "100mbit")]
+        link: String,
+        /// Seed of the mode order (printed; random when not given)
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Every benchmark above
     All,
@@ -549,6 +560,7 @@ fn main() -> anyhow::Result<()> {
             coldstart::run(runs, &registry, seed, skip_prepare, link.as_deref())?
         }
         Cmd::Series { registry } => update::series(&registry)?,
+        Cmd::Peers { link, seed } => peers::run(runs, &link, seed)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();

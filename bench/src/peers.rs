@@ -1,0 +1,275 @@
+//! LAN peers: cold starts on a machine whose team already holds the image, against the same
+//! start with peers switched off; discovery and lookup figures; a lying peer among the holders.
+//!
+//! Four hosts in network namespaces on one bridge (`scripts/peers-net.sh`), each its own hb
+//! daemon and store (disk-backed, under /var/tmp), the registry behind a shaped uplink in a
+//! namespace of its own. Per image and round: host 1 pulls the image whole (untimed); hosts 2-4
+//! then each start it cold with `hb run --rm IMAGE` (the image's own command), with peers on or
+//! switched off (`hb peers off`: the same daemon, node and client, no peer asked), the modes
+//! alternating and their order randomized per round. Timed: the start of `hb run` to the first
+//! byte of the container's output, everything the daemon does for it inside. Bytes: the
+//! registry's own access log, by the starting host's address.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::{hb_binary, median, repo_root, timed_command};
+
+const IMAGES: [&str; 3] = ["py-app", "build-step", "big-binary"];
+const REGISTRY: &str = "10.232.0.2:5000";
+
+fn registry_log() -> PathBuf {
+    PathBuf::from(std::env::var("HB_REGISTRY_DIR").unwrap_or("/var/tmp/hb-registry".into())).join("peers/registry.log")
+}
+
+fn log_len() -> u64 {
+    std::fs::metadata(registry_log()).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Blob bytes the registry sent `ip` since log offset `from`: (ranged layer-data reads, all).
+fn registry_bytes(from: u64, ip: &str) -> anyhow::Result<(u64, u64)> {
+    let log = std::fs::read(registry_log())?;
+    let text = String::from_utf8_lossy(&log[(from as usize).min(log.len())..]).into_owned();
+    let (mut ranged, mut all) = (0, 0);
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 10 || f[0] != ip || !l.contains("/blobs/") {
+            continue;
+        }
+        let b: u64 = f[9].parse().unwrap_or(0);
+        all += b;
+        if f[8] == "206" {
+            ranged += b;
+        }
+    }
+    Ok((ranged, all))
+}
+
+/// One host: a daemon with peers on in namespace `hbp<i>`.
+struct Host {
+    hb: PathBuf,
+    dir: tempfile::TempDir,
+    ns: String,
+    ip: String,
+    daemon: Option<Child>,
+}
+
+impl Host {
+    fn start(hb: &Path, i: u32, psk: &Path, env: &[(&str, &str)]) -> anyhow::Result<Host> {
+        let dir = tempfile::Builder::new().prefix("hb-bench-peer-").tempdir_in("/var/tmp")?;
+        let ip = format!("10.232.0.{}", 10 + i);
+        let cfg = format!(
+            "version = 1\n[store]\nroot = \"{0}/store\"\n[daemon]\nsocket = \"{0}/hb.sock\"\nsnapshotter_socket = \"{0}/snap.sock\"\n\
+             [p2p]\nenabled = true\npsk_file = \"{1}\"\nlisten = [\"{ip}:7946\"]\nmdns = true\n",
+            dir.path().display(),
+            psk.display()
+        );
+        std::fs::write(dir.path().join("hb.toml"), cfg)?;
+        let mut h = Host { hb: hb.to_path_buf(), dir, ns: format!("--net=/run/netns/hbp{i}"), ip, daemon: None };
+        let child = h.cmd(&["-q", "daemon"]).envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        h.daemon = Some(child);
+        let t = Instant::now();
+        while h.report().is_err() {
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("the daemon on {} did not come up", h.ip);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(h)
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(&self.ns).arg(&self.hb).arg("--config").arg(self.dir.path().join("hb.toml")).args(args);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> anyhow::Result<()> {
+        timed_command(&mut self.cmd(args)).map(|_| ())
+    }
+
+    fn report(&self) -> anyhow::Result<serde_json::Value> {
+        let (_, o) = timed_command(&mut self.cmd(&["--json", "peers"]))?;
+        Ok(serde_json::from_slice(&o.stdout)?)
+    }
+
+    /// Waits until this host has `chunks` of `holder`'s summary (90 %: it is an estimate).
+    fn wait_for_holder(&self, holder: &str, chunks: u64) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        loop {
+            let r = self.report()?;
+            let seen = r["peers"].as_array().into_iter().flatten().any(|p| {
+                p["id"] == holder && p["connected"] == true && p["chunks_held_estimate"].as_u64() >= Some(chunks * 9 / 10)
+            });
+            if seen {
+                return Ok(t.elapsed());
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("{} never saw {holder}'s summary: {r}", self.ip);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `hb run --rm IMAGE`: (time to the first byte of output, registry layer-data bytes, all).
+    fn cold_start(&self, image: &str) -> anyhow::Result<(Duration, u64, u64)> {
+        let from = log_len();
+        let mut cmd = self.cmd(&["-q", "run", "--rm", "--plain-http", image]);
+        let started = Instant::now();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let mut first = [0u8; 1];
+        let n = child.stdout.take().expect("piped").read(&mut first)?;
+        let t = started.elapsed();
+        let rest = child.wait_with_output()?;
+        if n == 0 || !rest.status.success() {
+            bail!("hb run {image} on {} failed: {}", self.ip, String::from_utf8_lossy(&rest.stderr));
+        }
+        // The log is written as answers finish: give the last ones a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        let (ranged, all) = registry_bytes(from, &self.ip)?;
+        Ok((t, ranged, all))
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+        if let Ok(dirs) = std::fs::read_dir(self.dir.path().join("store/images")) {
+            for e in dirs.flatten().filter(|e| e.path().is_dir()) {
+                let _ = self.cmd(&["umount"]).arg(e.path()).status();
+            }
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Default)]
+struct Figures {
+    on: Vec<Duration>,
+    off: Vec<Duration>,
+    liar: Vec<Duration>,
+    on_ranged: Vec<u64>,
+    off_ranged: Vec<u64>,
+    liar_ranged: Vec<u64>,
+    discovery: Vec<Duration>,
+    lookup_p99_us: Vec<u64>,
+    bans: u64,
+}
+
+pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Result<()> {
+    let hb = hb_binary()?;
+    timed_command(Command::new(repo_root().join("scripts/peers-net.sh")).args(["up", "4", rate]))?;
+    let keys = tempfile::tempdir()?;
+    let psk = keys.path().join("swarm.key");
+    timed_command(Command::new(&hb).args(["peers", "keygen"]).arg(&psk))?;
+    let mut seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
+    });
+    eprintln!("peers: seed {seed}");
+    let seed0 = seed;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut figures: Vec<Figures> = IMAGES.iter().map(|_| Figures::default()).collect();
+    for round in 0..rounds {
+        for (i, image) in IMAGES.iter().enumerate() {
+            let reference = format!("{REGISTRY}/bench/{image}:hb");
+            let f = &mut figures[i];
+            let mut hosts: Vec<Host> = Vec::new();
+            // The holder first; the others' discovery of it is timed from their start.
+            hosts.push(Host::start(&hb, 1, &psk, &[])?);
+            hosts[0].ok(&["-q", "pull", "--plain-http", &reference]).with_context(|| format!("pulling {reference}"))?;
+            let held = hosts[0].report()?["chunks_held"].as_u64().unwrap_or(0);
+            let holder = hosts[0].report()?["peer_id"].as_str().unwrap_or_default().to_string();
+            for h in 2..=4 {
+                let started = Instant::now();
+                let host = Host::start(&hb, h, &psk, &[])?;
+                host.wait_for_holder(&holder, held)?;
+                f.discovery.push(started.elapsed());
+                hosts.push(host);
+            }
+            // Modes of hosts 2-4: on/off alternating, in a random order.
+            let mut modes = if round % 2 == 0 { vec![true, false, true] } else { vec![false, true, false] };
+            for k in (1..modes.len()).rev() {
+                let j = (next() % (k as u64 + 1)) as usize;
+                modes.swap(k, j);
+            }
+            for (k, on) in modes.iter().enumerate() {
+                let host = &hosts[k + 1];
+                if !on {
+                    host.ok(&["peers", "off"])?;
+                }
+                crate::lazy::drop_caches();
+                let (t, ranged, _) = host.cold_start(&reference)?;
+                eprintln!("peers: {image} round {round} host {} peers {}: {:.2} s, {} B ranged", host.ip, if *on { "on" } else { "off" }, t.as_secs_f64(), ranged);
+                if *on {
+                    f.on.push(t);
+                    f.on_ranged.push(ranged);
+                    f.lookup_p99_us.push(host.report()?["stats"]["lookup_p99_us"].as_u64().unwrap_or(0));
+                } else {
+                    f.off.push(t);
+                    f.off_ranged.push(ranged);
+                }
+            }
+            for h in &mut hosts[1..] {
+                h.stop();
+            }
+            hosts.truncate(1);
+            // A lying holder beside the honest one: a fresh host starts with peers on.
+            let liar = Host::start(&hb, 2, &psk, &[("HB_P2P_FAULT", "corrupt-serving")])?;
+            liar.ok(&["-q", "pull", "--plain-http", &reference])?;
+            let liar_id = liar.report()?["peer_id"].as_str().unwrap_or_default().to_string();
+            let starter = Host::start(&hb, 3, &psk, &[])?;
+            starter.wait_for_holder(&holder, held)?;
+            starter.wait_for_holder(&liar_id, held)?;
+            crate::lazy::drop_caches();
+            let (t, ranged, _) = starter.cold_start(&reference)?;
+            eprintln!("peers: {image} round {round} with a liar: {:.2} s, {} B ranged", t.as_secs_f64(), ranged);
+            f.liar.push(t);
+            f.liar_ranged.push(ranged);
+            f.bans += starter.report()?["stats"]["bans"].as_u64().unwrap_or(0);
+        }
+    }
+    println!(
+        "LAN peers: 4 hosts in network namespaces on one bridge, registry behind a {rate} uplink \
+         (scripts/peers-net.sh); {rounds} rounds, modes alternated in a random order (seed {seed0}); medians."
+    );
+    println!();
+    println!("| image (`hb run --rm`, image's own command) | peers on: first output | peers off | on vs off | layer data from the registry, on / off | with a lying holder too | liar vs on | discovery of a holder (start to its summary) | lookup p99 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (i, image) in IMAGES.iter().enumerate() {
+        let f = &figures[i];
+        let (on, off, liar) = (median(f.on.clone()), median(f.off.clone()), median(f.liar.clone()));
+        let mid = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        println!(
+            "| bench/{image}:hb | {:.2} s | {:.2} s | **{:.2}x** | {:.1} MB / {:.1} MB | {:.2} s ({} bans) | {:.2}x | {:.2} s | {} us |",
+            on.as_secs_f64(),
+            off.as_secs_f64(),
+            on.as_secs_f64() / off.as_secs_f64(),
+            mid(f.on_ranged.clone()) as f64 / 1e6,
+            mid(f.off_ranged.clone()) as f64 / 1e6,
+            liar.as_secs_f64(),
+            f.bans,
+            liar.as_secs_f64() / on.as_secs_f64(),
+            median(f.discovery.clone()).as_secs_f64(),
+            f.lookup_p99_us.iter().max().copied().unwrap_or(0),
+        );
+    }
+    Ok(())
+}
