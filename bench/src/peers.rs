@@ -70,7 +70,14 @@ impl Host {
         );
         std::fs::write(dir.path().join("hb.toml"), cfg)?;
         let mut h = Host { hb: hb.to_path_buf(), dir, ns: format!("--net=/run/netns/hbp{i}"), ip, daemon: None };
-        let child = h.cmd(&["-q", "daemon"]).envs(env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let log = std::fs::File::create(h.dir.path().join("daemon.log"))?;
+        let child = h
+            .cmd(&["daemon"])
+            .envs(env.iter().copied())
+            .env("HB_LOG", "info,libp2p_mdns=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
         h.daemon = Some(child);
         let t = Instant::now();
         while h.report().is_err() {
@@ -103,13 +110,21 @@ impl Host {
         loop {
             let r = self.report()?;
             let seen = r["peers"].as_array().into_iter().flatten().any(|p| {
-                p["id"] == holder && p["connected"] == true && p["chunks_held_estimate"].as_u64() >= Some(chunks * 9 / 10)
+                p["id"] == holder
+                    && p["connected"] == true
+                    && p["chunks_held_estimate"].as_u64() >= Some(chunks * 9 / 10)
             });
             if seen {
                 return Ok(t.elapsed());
             }
             if t.elapsed() > Duration::from_secs(60) {
-                bail!("{} never saw {holder}'s summary: {r}", self.ip);
+                let log = std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default();
+                let _ = std::fs::copy(self.dir.path().join("daemon.log"), "/var/tmp/hb-bench-peer-failed.log");
+                bail!(
+                    "{} never saw {holder}'s summary: {r}\n{}",
+                    self.ip,
+                    log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -141,7 +156,7 @@ impl Host {
         }
         if let Ok(dirs) = std::fs::read_dir(self.dir.path().join("store/images")) {
             for e in dirs.flatten().filter(|e| e.path().is_dir()) {
-                let _ = self.cmd(&["umount"]).arg(e.path()).status();
+                let _ = self.cmd(&["-q", "umount"]).arg(e.path()).stderr(Stdio::null()).status();
             }
         }
     }
@@ -214,7 +229,13 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
                 }
                 crate::lazy::drop_caches();
                 let (t, ranged, _) = host.cold_start(&reference)?;
-                eprintln!("peers: {image} round {round} host {} peers {}: {:.2} s, {} B ranged", host.ip, if *on { "on" } else { "off" }, t.as_secs_f64(), ranged);
+                eprintln!(
+                    "peers: {image} round {round} host {} peers {}: {:.2} s, {} B ranged",
+                    host.ip,
+                    if *on { "on" } else { "off" },
+                    t.as_secs_f64(),
+                    ranged
+                );
                 if *on {
                     f.on.push(t);
                     f.on_ranged.push(ranged);

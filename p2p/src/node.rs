@@ -30,8 +30,12 @@ use crate::{Config, LocalChunks, NodeReport, NodeStats, P2pError, PeerInfo};
 
 /// Ids asked of one peer in one request.
 const BATCH: usize = 128;
-/// How long a peer may take to answer before it is given up for this fetch and set aside.
-const DEADLINE: Duration = Duration::from_secs(2);
+/// How long a peer may take to answer before it is given up for this fetch and set aside:
+/// five times its usual answer time, within these bounds (a partitioned peer costs one such wait).
+const DEADLINE_MIN: Duration = Duration::from_millis(100);
+const DEADLINE_MAX: Duration = Duration::from_secs(2);
+/// The deadline of a peer with no answer time known yet.
+const DEADLINE_FIRST: Duration = Duration::from_millis(500);
 /// How long a peer that did not answer is set aside.
 const DOWN_FOR: Duration = Duration::from_secs(30);
 /// Hedge bounds: ask the next holder after 3x the peer's usual answer time, within these.
@@ -39,7 +43,7 @@ const HEDGE_MIN: Duration = Duration::from_millis(30);
 const HEDGE_MAX: Duration = Duration::from_millis(500);
 /// How often summaries are refreshed and static peers redialled.
 const TICK: Duration = Duration::from_millis(500);
-const REDIAL: Duration = Duration::from_secs(3);
+const REDIAL: Duration = Duration::from_secs(2);
 /// How often the local summary is checked against what the store holds.
 const RESCAN: Duration = Duration::from_secs(15);
 /// Lookup times kept for the p99.
@@ -310,9 +314,19 @@ impl Node {
         by_peer.into_iter().map(|((p, alt), ids)| (p, alt, ids)).collect()
     }
 
+    fn rtt(&self, peer: &PeerId) -> Option<Duration> {
+        self.inner.peers.lock().expect("peers lock").get(peer).and_then(|p| p.rtt)
+    }
+
     fn hedge_after(&self, peer: &PeerId) -> Duration {
-        let rtt = self.inner.peers.lock().expect("peers lock").get(peer).and_then(|p| p.rtt);
-        rtt.map_or(Duration::from_millis(100), |r| (r * 3).clamp(HEDGE_MIN, HEDGE_MAX))
+        self.rtt(peer).map_or(Duration::from_millis(100), |r| (r * 3).clamp(HEDGE_MIN, HEDGE_MAX))
+    }
+
+    /// How long `peer` may take over `n` chunks: five times its usual answer time, plus 5 ms a
+    /// chunk (a 64 KiB chunk at ~13 MB/s, a slow LAN) so a large batch is not taken for silence.
+    fn deadline(&self, peer: &PeerId, n: usize) -> Duration {
+        let base = self.rtt(peer).map_or(DEADLINE_FIRST, |r| (r * 5).clamp(DEADLINE_MIN, DEADLINE_MAX));
+        base + Duration::from_millis(5) * n as u32
     }
 
     /// Asks `peer` for `ids`; when it is slow, asks `alt` too and takes the first good answer.
@@ -345,7 +359,7 @@ impl Node {
         let started = Instant::now();
         self.inner.counters.asked.fetch_add(ids.len() as u64, Ordering::Relaxed);
         self.inner.cmds.send(Cmd::Ask { peer, req: Request::Get(ids.clone()), reply }).ok()?;
-        let answer = match tokio::time::timeout(DEADLINE, rx).await {
+        let answer = match tokio::time::timeout(self.deadline(&peer, ids.len()), rx).await {
             Ok(Ok(Ok(r))) => r,
             Ok(Ok(Err(e))) => {
                 self.set_down(&peer, &e);
@@ -574,7 +588,7 @@ fn build_swarm(inner: &Arc<Inner>, keypair: libp2p::identity::Keypair) -> Result
                 chunks: request_response::Behaviour::new(
                     [(StreamProtocol::new(PROTOCOL), request_response::ProtocolSupport::Full)],
                     request_response::Config::default()
-                        .with_request_timeout(DEADLINE + Duration::from_secs(1))
+                        .with_request_timeout(DEADLINE_MAX + Duration::from_secs(5))
                         .with_max_concurrent_streams(64),
                 ),
             })
@@ -643,6 +657,14 @@ async fn drive(inner: Arc<Inner>, mut swarm: Swarm<Behaviour>, mut rx: mpsc::Unb
                 }
                 if now - last_redial >= REDIAL {
                     last_redial = now;
+                    // Peers found by mDNS that are not connected (and not banned).
+                    let again: Vec<(PeerId, Vec<Multiaddr>)> = inner.peers.lock().expect("peers lock").iter()
+                        .filter(|(_, p)| !p.connected && !p.addrs.is_empty() && p.banned_until.is_none())
+                        .map(|(id, p)| (*id, p.addrs.clone()))
+                        .collect();
+                    for (peer, addrs) in again {
+                        let _ = swarm.dial(libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build());
+                    }
                     for addr in &inner.cfg.static_peers {
                         let connected = inner.peers.lock().expect("peers lock").values()
                             .any(|p| p.connected && p.addrs.iter().any(|a| a == addr));
@@ -698,14 +720,40 @@ fn handle_event(
         }
         SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
             for (peer, addr) in found {
-                let banned =
-                    inner.peers.lock().expect("peers lock").get(&peer).is_some_and(|p| p.banned_until.is_some());
-                if peer == inner.peer_id || banned || swarm.is_connected(&peer) {
+                if peer == inner.peer_id {
                     continue;
                 }
                 tracing::debug!(%peer, %addr, "discovered by mDNS");
-                let _ = swarm.dial(libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                let mut peers = inner.peers.lock().expect("peers lock");
+                let p = peers.entry(peer).or_insert_with(|| Peer { weight: weight(&peer), ..Default::default() });
+                if !p.addrs.contains(&addr) {
+                    p.addrs.push(addr);
+                }
+                // Dialled now, and again at each redial while not connected (a first dial can
+                // fail: the peer still starting, a stale address of the same host).
+                if p.banned_until.is_none() && !p.connected {
+                    let addrs = p.addrs.clone();
+                    drop(peers);
+                    let _ = swarm.dial(libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build());
+                }
             }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(gone))) => {
+            let mut peers = inner.peers.lock().expect("peers lock");
+            for (peer, addr) in gone {
+                if let Some(p) = peers.get_mut(&peer) {
+                    p.addrs.retain(|a| *a != addr);
+                }
+                if peers.get(&peer).is_some_and(|p| p.addrs.is_empty() && !p.connected && p.banned_until.is_none()) {
+                    peers.remove(&peer);
+                }
+            }
+        }
+        SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            tracing::debug!(peer = ?peer_id, %error, "dialling a peer failed");
+        }
+        SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+            tracing::debug!(from = %send_back_addr, %error, "a connection from a peer failed (another key?)");
         }
         SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
             if let Some(p) = inner.peers.lock().expect("peers lock").get_mut(&peer_id) {
