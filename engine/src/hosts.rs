@@ -22,7 +22,7 @@ enum Peers {
     /// Through the daemon that owns the store, when it has peers on (asked on first use).
     ViaDaemon(Box<Global>),
     /// This process's own node (the daemon's), or none.
-    Here(Option<Arc<dyn ChunkSource>>),
+    Here(Option<hb_p2p::Node>),
 }
 
 impl Hosts {
@@ -32,8 +32,7 @@ impl Hosts {
 
     /// For the daemon: its own node (if any) is the peers tier.
     pub fn with_node(g: &Global, node: Option<&hb_p2p::Node>) -> Hosts {
-        let peers = Peers::Here(node.map(|n| Arc::new(n.clone()) as Arc<dyn ChunkSource>));
-        Hosts { dir: g.hosts_dir.clone(), peers }
+        Hosts { dir: g.hosts_dir.clone(), peers: Peers::Here(node.cloned()) }
     }
 
     fn settings(&self, r: &ImageRef) -> hb_images::Result<config::HostSettings> {
@@ -45,8 +44,12 @@ impl Registries for Hosts {
     fn peers(&self) -> Option<Arc<dyn ChunkSource>> {
         match &self.peers {
             Peers::ViaDaemon(g) => crate::peers::DaemonPeers::find(g),
-            Peers::Here(p) => p.clone(),
+            Peers::Here(p) => p.clone().map(|n| Arc::new(n) as Arc<dyn ChunkSource>),
         }
+    }
+
+    fn peers_connected(&self) -> bool {
+        matches!(&self.peers, Peers::Here(Some(n)) if n.enabled() && n.connected_peers() > 0)
     }
 
     /// `--plain-http` wins, then the file's scheme, else HTTPS (loopback: HTTPS, then plain HTTP).

@@ -16,12 +16,22 @@ use crate::Global;
 /// The port `[p2p]` listens on when `listen` is not set.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7946";
 
+/// How the daemon fetches chunks it owns for peers (`Daemon::fetch_through`).
+pub type Through = Box<dyn Fn(&[ChunkId]) -> Vec<(ChunkId, Vec<u8>)> + Send + Sync>;
+
 /// The store, as the node sees it.
-pub struct StoreChunks(pub Arc<Store>);
+pub struct StoreChunks {
+    pub store: Arc<Store>,
+    pub through: Option<Through>,
+}
 
 impl hb_p2p::LocalChunks for StoreChunks {
+    fn fetch_through(&self, ids: &[ChunkId]) -> Vec<(ChunkId, Vec<u8>)> {
+        self.through.as_ref().map(|f| f(ids)).unwrap_or_default()
+    }
+
     fn chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        match self.0.read_chunk(id) {
+        match self.store.read_chunk(id) {
             Ok(b) => Some(b),
             Err(hb_store::StoreError::MissingChunk(_)) => None,
             Err(e) => {
@@ -32,7 +42,7 @@ impl hb_p2p::LocalChunks for StoreChunks {
     }
 
     fn held(&self) -> Vec<ChunkId> {
-        self.0.held_chunks().unwrap_or_else(|e| {
+        self.store.held_chunks().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "listing the store's chunks for peers failed");
             Vec::new()
         })

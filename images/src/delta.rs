@@ -23,6 +23,10 @@ use crate::{ImagesError, Registries, Reporter, Result, Within};
 /// A layer comes by chunks when they (with its index and table) cost at most this share of its
 /// blob; else whole, where one stream beats many ranges for little saving.
 pub const MAX_SHARE: f64 = 0.9;
+/// The same when LAN peers are connected: chunks may come from them, or be fetched once for the
+/// whole team by their owner (docs/p2p.md), so a pull goes by chunks unless that costs well over
+/// the blob.
+pub const PEER_SHARE: f64 = 1.5;
 /// Chunks asked of the source chain at once (the ranges of one batch go in parallel).
 const BATCH: usize = 512;
 /// Indexes and tables fetched at once.
@@ -85,6 +89,7 @@ pub fn prepare(
     store: &Store,
     registry: &Registry,
     resolved: &ResolvedImage,
+    max_share: f64,
 ) -> Result<Vec<Layer>> {
     let r = &resolved.reference;
     let name = crate::image_name(r);
@@ -139,7 +144,7 @@ pub fn prepare(
             known[i] = Known::Accelerated(index, source, bytes);
         }
     }
-    decide(store, layers, known)
+    decide(store, layers, known, max_share)
 }
 
 /// Reads and checks one layer's index and chunk table from its accelerated form.
@@ -174,7 +179,7 @@ pub(crate) async fn fetch_layer_form(
 
 /// The decisions, then the exact chunks each chunk layer fetches: none a whole layer brings, none
 /// twice.
-fn decide(store: &Store, layers: Vec<LayerDesc>, known: Vec<Known>) -> Result<Vec<Layer>> {
+fn decide(store: &Store, layers: Vec<LayerDesc>, known: Vec<Known>, max_share: f64) -> Result<Vec<Layer>> {
     // Pass 1: each layer on its own: chunks or whole?
     struct Draft {
         desc: LayerDesc,
@@ -228,14 +233,14 @@ fn decide(store: &Store, layers: Vec<LayerDesc>, known: Vec<Known>) -> Result<Ve
             }
         }
         let cost = missing_bytes + meta;
-        let via = if cost as f64 <= MAX_SHARE * desc.size as f64 {
+        let via = if cost as f64 <= max_share * desc.size as f64 {
             Via::Chunks { chunks: 0, of: index_chunks.len(), chunk_bytes: 0, meta_bytes: meta }
         } else {
             Via::Whole {
                 reason: format!(
                     "its new chunks ({} with index and table) cost more than {:.0} % of the blob",
                     indicatif::HumanBytes(cost),
-                    MAX_SHARE * 100.0
+                    max_share * 100.0
                 ),
             }
         };

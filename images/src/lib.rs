@@ -113,6 +113,11 @@ pub trait Registries: Send + Sync {
     fn peers(&self) -> Option<std::sync::Arc<dyn hb_core::ChunkSource>> {
         None
     }
+
+    /// Some LAN peer is connected now (pulls then prefer chunks: `delta::PEER_SHARE`).
+    fn peers_connected(&self) -> bool {
+        false
+    }
 }
 
 /// How long work is shown to people (the binary draws bars; a daemon has no one to show).

@@ -116,7 +116,7 @@ pub fn plan(
     registry: &Registry,
     resolved: &ResolvedImage,
 ) -> Result<PullPlan> {
-    let layers = crate::delta::prepare(rt, store, registry, resolved)?;
+    let layers = crate::delta::prepare(rt, store, registry, resolved, crate::delta::MAX_SHARE)?;
     Ok(plan_of(resolved, &layers))
 }
 
@@ -186,7 +186,8 @@ pub fn pull(
     reporter: &dyn Reporter,
 ) -> Result<PullReport> {
     let name = image_name(&resolved.reference);
-    let layers = crate::delta::prepare(rt, &store, &origin.registry, &resolved)?;
+    let share = if origin.registries.peers_connected() { crate::delta::PEER_SHARE } else { crate::delta::MAX_SHARE };
+    let layers = crate::delta::prepare(rt, &store, &origin.registry, &resolved, share)?;
     let planned = plan_of(&resolved, &layers);
     let mut report = PullReport {
         name: name.clone(),

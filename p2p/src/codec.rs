@@ -5,6 +5,8 @@
 //! ```text
 //! request  := 0x01 u32:n (id[32]){n}                  Get: these chunks, please
 //!           | 0x02 u64:epoch u64:generation           Summary: what you hold, since this
+//!           | 0x03 u32:n (id[32]){n}                  Fetch: these chunks, fetched from your own
+//!                                                     sources if you lack them (you own them)
 //! response := 0x01 u32:n (id[32] u32:len bytes){n}    Chunks (those held, any order)
 //!           | 0x02 u64:epoch u64:generation summary   Summary
 //! summary  := 0x00                                    unchanged since the asked generation
@@ -35,6 +37,7 @@ const MAX_REQUEST: usize = 1 + 4 + MAX_IDS * 32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Get(Vec<ChunkId>),
+    Fetch(Vec<ChunkId>),
     Summary { epoch: u64, generation: u64 },
 }
 
@@ -107,6 +110,10 @@ impl Request {
                 out.push(1);
                 put_ids(&mut out, ids);
             }
+            Request::Fetch(ids) => {
+                out.push(3);
+                put_ids(&mut out, ids);
+            }
             Request::Summary { epoch, generation } => {
                 out.push(2);
                 out.extend_from_slice(&epoch.to_le_bytes());
@@ -121,6 +128,7 @@ impl Request {
         let req = match r.u8()? {
             1 => Request::Get(r.ids(MAX_IDS)?),
             2 => Request::Summary { epoch: r.u64()?, generation: r.u64()? },
+            3 => Request::Fetch(r.ids(MAX_IDS)?),
             t => return Err(bad(format!("unknown request type {t}"))),
         };
         r.end()?;

@@ -23,6 +23,15 @@ pub trait LocalChunks: Send + Sync + 'static {
     fn chunk(&self, id: &hb_core::ChunkId) -> Option<Vec<u8>>;
     /// Every chunk id the store holds (for the node's summary; called at start and now and then).
     fn held(&self) -> Vec<hb_core::ChunkId>;
+
+    /// Fetches what it can of `ids` from this host's own sources (the registries of the images
+    /// it is reading), keeps it, and returns it, each chunk verified. Called when this host owns
+    /// chunks nobody holds yet (see docs/p2p.md): the team fetches each such chunk once. A host
+    /// that does not know a chunk returns without it.
+    fn fetch_through(&self, ids: &[hb_core::ChunkId]) -> Vec<(hb_core::ChunkId, Vec<u8>)> {
+        let _ = ids;
+        Vec::new()
+    }
 }
 
 /// A node's settings (the engine reads them from `[p2p]`).
@@ -138,6 +147,10 @@ pub struct NodeStats {
     pub chunks_sent: u64,
     pub bytes_sent: u64,
     pub hedges: u64,
+    /// Chunks nobody held that this node fetched from its own sources as their owner (for
+    /// itself or for a peer).
+    #[serde(default)]
+    pub fetched_through: u64,
     pub bans: u64,
     pub corrupt_chunks: u64,
     pub timeouts: u64,

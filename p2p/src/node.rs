@@ -36,6 +36,8 @@ const DEADLINE_MIN: Duration = Duration::from_millis(100);
 const DEADLINE_MAX: Duration = Duration::from_secs(2);
 /// The deadline of a peer with no answer time known yet.
 const DEADLINE_FIRST: Duration = Duration::from_millis(500);
+/// How long an owner may take to fetch chunks from its own sources for a peer (plus 20 ms a chunk).
+const THROUGH_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a peer that did not answer is set aside.
 const DOWN_FOR: Duration = Duration::from_secs(30);
 /// Hedge bounds: ask the next holder after 3x the peer's usual answer time, within these.
@@ -48,6 +50,13 @@ const REDIAL: Duration = Duration::from_secs(2);
 const RESCAN: Duration = Duration::from_secs(15);
 /// Lookup times kept for the p99.
 const LOOKUP_SAMPLES: usize = 2048;
+
+/// Whom a fetch asks: likely holders (with the next holder to hedge to), and owners of chunks
+/// nobody holds (None: this node).
+struct Plan {
+    holders: Vec<(PeerId, Option<PeerId>, Vec<ChunkId>)>,
+    owners: Vec<(Option<PeerId>, Vec<ChunkId>)>,
+}
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -103,6 +112,7 @@ struct Counters {
     bytes_out: AtomicU64,
     asked: AtomicU64,
     hedges: AtomicU64,
+    through: AtomicU64,
     bans: AtomicU64,
     corrupt: AtomicU64,
     timeouts: AtomicU64,
@@ -122,6 +132,10 @@ struct Inner {
     lookup_us: Mutex<VecDeque<u64>>,
     /// When the serving link is next free (the serving bandwidth cap).
     serve_free_at: Mutex<Instant>,
+    /// Chunks being fetched from this node's own sources now, and a signal when a fetch ends:
+    /// concurrent asks for one chunk (this host's and peers') make one fetch.
+    through: Mutex<std::collections::HashSet<ChunkId>>,
+    through_done: std::sync::Condvar,
 }
 
 /// A running node (cheap to clone). Dropping the last handle does not stop it: [`Node::stop`].
@@ -173,6 +187,8 @@ impl Node {
             counters: Counters::default(),
             lookup_us: Mutex::new(VecDeque::new()),
             serve_free_at: Mutex::new(Instant::now()),
+            through: Mutex::new(Default::default()),
+            through_done: std::sync::Condvar::new(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let i = inner.clone();
@@ -204,6 +220,18 @@ impl Node {
 
     pub fn enabled(&self) -> bool {
         self.inner.enabled.load(Ordering::SeqCst)
+    }
+
+    /// Peers connected now and not banned.
+    pub fn connected_peers(&self) -> usize {
+        let now = Instant::now();
+        self.inner
+            .peers
+            .lock()
+            .expect("peers lock")
+            .values()
+            .filter(|p| p.connected && p.banned_until.is_none_or(|t| t <= now))
+            .count()
     }
 
     /// Tells the node the store now holds `ids` (peers learn it at their next refresh).
@@ -239,23 +267,30 @@ impl Node {
         let mut out = Vec::new();
         let mut want: Vec<ChunkId> = ids.to_vec();
         let mut asked: HashMap<ChunkId, Vec<PeerId>> = HashMap::new();
-        // Round two asks the next holder for what the first one lacked (a Bloom false positive).
-        for _round in 0..2 {
-            let plan = self.plan(&want, &asked);
-            if plan.is_empty() {
+        // Round one asks holders, and owners for what nobody holds; round two asks the next
+        // holder for what the first one lacked (a Bloom false positive).
+        for round in 0..2 {
+            let plan = self.plan(&want, &asked, round == 0);
+            if plan.holders.is_empty() && plan.owners.is_empty() {
                 break;
             }
             let asks = plan
+                .holders
                 .into_iter()
                 .flat_map(|(peer, alt, ids)| ids.chunks(BATCH).map(|b| (peer, alt, b.to_vec())).collect::<Vec<_>>());
-            let results = futures::future::join_all(asks.map(|(peer, alt, batch)| {
+            let holders = futures::future::join_all(asks.map(|(peer, alt, batch)| {
                 for id in &batch {
                     asked.entry(*id).or_default().push(peer);
                 }
                 self.ask_hedged(peer, alt, batch)
-            }))
-            .await;
-            for got in results {
+            }));
+            let owned = plan
+                .owners
+                .into_iter()
+                .flat_map(|(owner, ids)| ids.chunks(BATCH).map(|b| (owner, b.to_vec())).collect::<Vec<_>>());
+            let owners = futures::future::join_all(owned.map(|(owner, batch)| self.through(owner, batch)));
+            let (held, owned) = futures::join!(holders, owners);
+            for got in held.into_iter().chain(owned) {
                 out.extend(got);
             }
             let have: std::collections::HashSet<ChunkId> = out.iter().map(|(i, _)| *i).collect();
@@ -267,17 +302,17 @@ impl Node {
         out
     }
 
-    /// For each likely holder: the ids to ask it, and the next holder to hedge to.
-    fn plan(
-        &self,
-        ids: &[ChunkId],
-        asked: &HashMap<ChunkId, Vec<PeerId>>,
-    ) -> Vec<(PeerId, Option<PeerId>, Vec<ChunkId>)> {
+    /// For each likely holder: the ids to ask it, and the next holder to hedge to; then, for ids
+    /// nobody holds, each one's owner (rendezvous over the usable peers and this node; None is
+    /// this node) when `owners` is set and some peer is usable.
+    fn plan(&self, ids: &[ChunkId], asked: &HashMap<ChunkId, Vec<PeerId>>, owners: bool) -> Plan {
         let started = Instant::now();
         let now = Instant::now();
         let peers = self.inner.peers.lock().expect("peers lock");
         let usable: Vec<(&PeerId, &Peer)> = peers.iter().filter(|(_, p)| p.usable(now)).collect();
         let mut by_peer: HashMap<(PeerId, Option<PeerId>), Vec<ChunkId>> = HashMap::new();
+        let mut by_owner: HashMap<Option<PeerId>, Vec<ChunkId>> = HashMap::new();
+        let own_weight = weight(&self.inner.peer_id);
         let mut with_holder = 0u64;
         for id in ids {
             let tried = asked.get(id);
@@ -300,6 +335,15 @@ impl Node {
             if let Some((_, first)) = best[0] {
                 with_holder += 1;
                 by_peer.entry((first, best[1].map(|(_, p)| p))).or_default().push(*id);
+            } else if owners && !usable.is_empty() && tried.is_none() {
+                let mut owner = (score(id, own_weight), None);
+                for (pid, p) in &usable {
+                    let s = score(id, p.weight);
+                    if s > owner.0 {
+                        owner = (s, Some(**pid));
+                    }
+                }
+                by_owner.entry(owner.1).or_default().push(*id);
             }
         }
         drop(peers);
@@ -311,7 +355,10 @@ impl Node {
         if samples.len() > LOOKUP_SAMPLES {
             samples.pop_front();
         }
-        by_peer.into_iter().map(|((p, alt), ids)| (p, alt, ids)).collect()
+        Plan {
+            holders: by_peer.into_iter().map(|((p, alt), ids)| (p, alt, ids)).collect(),
+            owners: by_owner.into_iter().collect(),
+        }
     }
 
     fn rtt(&self, peer: &PeerId) -> Option<Duration> {
@@ -353,13 +400,80 @@ impl Node {
         self.ask(alt, ids).await.unwrap_or_default()
     }
 
+    /// Chunks nobody holds, from their owner: this node (its own sources, on a blocking thread)
+    /// or a peer (which fetches them from its sources if it knows them).
+    async fn through(&self, owner: Option<PeerId>, ids: Vec<ChunkId>) -> Vec<(ChunkId, Vec<u8>)> {
+        match owner {
+            Some(peer) => self.request(peer, ids, true).await.unwrap_or_default(),
+            None => {
+                let n = self.clone();
+                tokio::task::spawn_blocking(move || n.fetch_through_here(&ids)).await.unwrap_or_default()
+            }
+        }
+    }
+
+    /// This node's own sources, for chunks it owns; what comes is kept and announced. One
+    /// fetch per chunk at a time: a second ask waits for the first (bounded), then reads the store.
+    fn fetch_through_here(&self, ids: &[ChunkId]) -> Vec<(ChunkId, Vec<u8>)> {
+        let inner = &self.inner;
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        {
+            let mut inflight = inner.through.lock().expect("through lock");
+            for id in ids {
+                if inflight.insert(*id) {
+                    mine.push(*id);
+                } else {
+                    theirs.push(*id);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if !mine.is_empty() {
+            let got = inner.local.fetch_through(&mine);
+            let got: Vec<(ChunkId, Vec<u8>)> = got.into_iter().filter(|(id, b)| ChunkId::of(b) == *id).collect();
+            if !got.is_empty() {
+                inner.counters.through.fetch_add(got.len() as u64, Ordering::Relaxed);
+                self.announce(&got.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+            }
+            let mut inflight = inner.through.lock().expect("through lock");
+            mine.iter().for_each(|id| {
+                inflight.remove(id);
+            });
+            inner.through_done.notify_all();
+            out = got;
+        }
+        if !theirs.is_empty() {
+            let deadline = Instant::now() + THROUGH_DEADLINE;
+            let mut inflight = inner.through.lock().expect("through lock");
+            while theirs.iter().any(|id| inflight.contains(id)) && Instant::now() < deadline {
+                inflight =
+                    inner.through_done.wait_timeout(inflight, Duration::from_millis(50)).expect("through lock").0;
+            }
+            drop(inflight);
+            out.extend(theirs.iter().filter_map(|id| inner.local.chunk(id).map(|b| (*id, b))));
+        }
+        out
+    }
+
     /// One request to one peer, checked: None when it failed or sent a wrong chunk.
     async fn ask(&self, peer: PeerId, ids: Vec<ChunkId>) -> Option<Vec<(ChunkId, Vec<u8>)>> {
+        self.request(peer, ids, false).await
+    }
+
+    /// A Get (or, `through`, a Fetch: the owner may first fetch from its own sources, so it is
+    /// given longer) to one peer, checked: None when it failed or sent a wrong chunk.
+    async fn request(&self, peer: PeerId, ids: Vec<ChunkId>, through: bool) -> Option<Vec<(ChunkId, Vec<u8>)>> {
         let (reply, rx) = oneshot::channel();
         let started = Instant::now();
         self.inner.counters.asked.fetch_add(ids.len() as u64, Ordering::Relaxed);
-        self.inner.cmds.send(Cmd::Ask { peer, req: Request::Get(ids.clone()), reply }).ok()?;
-        let answer = match tokio::time::timeout(self.deadline(&peer, ids.len()), rx).await {
+        let req = if through { Request::Fetch(ids.clone()) } else { Request::Get(ids.clone()) };
+        self.inner.cmds.send(Cmd::Ask { peer, req, reply }).ok()?;
+        let deadline = if through {
+            THROUGH_DEADLINE + Duration::from_millis(20) * ids.len() as u32
+        } else {
+            self.deadline(&peer, ids.len())
+        };
+        let answer = match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(Ok(r))) => r,
             Ok(Ok(Err(e))) => {
                 self.set_down(&peer, &e);
@@ -396,7 +510,9 @@ impl Node {
             p.bytes_in += bytes;
             p.chunks_in += chunks.len() as u64;
             let took = started.elapsed();
-            p.rtt = Some(p.rtt.map_or(took, |r| (r * 3 + took) / 4));
+            if !through {
+                p.rtt = Some(p.rtt.map_or(took, |r| (r * 3 + took) / 4));
+            }
         }
         Some(chunks)
     }
@@ -474,6 +590,7 @@ impl Node {
                 chunks_sent: load(&c.chunks_out),
                 bytes_sent: load(&c.bytes_out),
                 hedges: load(&c.hedges),
+                fetched_through: load(&c.through),
                 bans: load(&c.bans),
                 corrupt_chunks: load(&c.corrupt),
                 timeouts: load(&c.timeouts),
@@ -493,15 +610,23 @@ impl Node {
         start - now
     }
 
-    /// Reads what a peer asked for (on a blocking thread: the store is RocksDB and files).
-    fn serve(&self, peer: PeerId, ids: Vec<ChunkId>) -> Response {
+    /// Reads what a peer asked for (on a blocking thread: the store is RocksDB and files); for a
+    /// Fetch (`through`), what this node lacks is fetched from its own sources first.
+    fn serve(&self, peer: PeerId, ids: Vec<ChunkId>, through: bool) -> Response {
         if !self.enabled() {
             return Response::Chunks(Vec::new());
+        }
+        let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        if through {
+            let lacking: Vec<ChunkId> = ids.iter().filter(|id| self.inner.local.chunk(id).is_none()).copied().collect();
+            if !lacking.is_empty() {
+                fetched = self.fetch_through_here(&lacking).into_iter().collect();
+            }
         }
         let mut out = Vec::new();
         let mut size = 0;
         for id in ids {
-            let Some(mut b) = self.inner.local.chunk(&id) else { continue };
+            let Some(mut b) = fetched.remove(&id).or_else(|| self.inner.local.chunk(&id)) else { continue };
             if size + b.len() + 36 > MAX_RESPONSE {
                 break;
             }
@@ -776,7 +901,14 @@ fn handle_event(
                     Request::Get(ids) => {
                         let n = node.clone();
                         inner.handle.spawn_blocking(move || {
-                            let res = n.serve(peer, ids);
+                            let res = n.serve(peer, ids, false);
+                            let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
+                        });
+                    }
+                    Request::Fetch(ids) => {
+                        let n = node.clone();
+                        inner.handle.spawn_blocking(move || {
+                            let res = n.serve(peer, ids, true);
                             let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
                         });
                     }

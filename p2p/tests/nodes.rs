@@ -9,7 +9,14 @@ use hb_core::ChunkId;
 use hb_p2p::{Config, LocalChunks, Node};
 
 #[derive(Default)]
-struct Mem(Mutex<HashMap<ChunkId, Vec<u8>>>);
+struct Mem(Mutex<HashMap<ChunkId, Vec<u8>>>, Option<Arc<Upstream>>);
+
+/// A registry every node can reach: counts what each chunk cost it.
+#[derive(Default)]
+struct Upstream {
+    chunks: HashMap<ChunkId, Vec<u8>>,
+    fetched: Mutex<HashMap<ChunkId, usize>>,
+}
 
 impl LocalChunks for Mem {
     fn chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
@@ -17,6 +24,16 @@ impl LocalChunks for Mem {
     }
     fn held(&self) -> Vec<ChunkId> {
         self.0.lock().unwrap().keys().copied().collect()
+    }
+    fn fetch_through(&self, ids: &[ChunkId]) -> Vec<(ChunkId, Vec<u8>)> {
+        let Some(up) = &self.1 else { return Vec::new() };
+        let got: Vec<(ChunkId, Vec<u8>)> =
+            ids.iter().filter_map(|id| up.chunks.get(id).map(|b| (*id, b.clone()))).collect();
+        for (id, b) in &got {
+            *up.fetched.lock().unwrap().entry(*id).or_default() += 1;
+            self.0.lock().unwrap().insert(*id, b.clone());
+        }
+        got
     }
 }
 
@@ -152,4 +169,34 @@ fn switched_off_a_node_neither_asks_nor_serves() {
         }
         assert!(asker.node.fetch_blocking(&ids).is_empty(), "a false claim yields a miss, not bytes");
     }
+}
+
+#[test]
+fn chunks_nobody_holds_are_fetched_once_for_the_team_by_their_owner() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let data = chunks(6, 60);
+    let up = Arc::new(Upstream { chunks: data.iter().cloned().collect(), ..Default::default() });
+    let stores: Vec<Arc<Mem>> = (0..3).map(|_| Arc::new(Mem(Default::default(), Some(up.clone())))).collect();
+    let a = start(&rt, 7, &[], stores[0].clone(), false);
+    let b = start(&rt, 7, &[a.port], stores[1].clone(), false);
+    let c = start(&rt, 7, &[a.port, b.port], stores[2].clone(), false);
+    for n in [&a, &b, &c] {
+        wait_for_peers(&n.node, 2);
+    }
+    let ids: Vec<ChunkId> = data.iter().map(|(i, _)| *i).collect();
+    // All three want every chunk at once; each chunk's owner fetches it, the others ask it.
+    let got: Vec<Vec<(ChunkId, Vec<u8>)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [&a, &b, &c].iter().map(|n| s.spawn(|| n.node.fetch_blocking(&ids))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for g in &got {
+        assert_eq!(g.len(), ids.len(), "every chunk, from its owner or from this node's own fetch");
+        assert!(g.iter().all(|(id, b)| ChunkId::of(b) == *id));
+    }
+    let fetched = up.fetched.lock().unwrap();
+    let total: usize = fetched.values().sum();
+    assert_eq!(fetched.len(), ids.len());
+    assert_eq!(total, ids.len(), "each chunk fetched from upstream once for all three: {fetched:?}");
+    let owned: Vec<u64> = [&a, &b, &c].iter().map(|n| n.node.report().stats.fetched_through).collect();
+    assert!(owned.iter().all(|n| *n > 5), "ownership spreads over the nodes: {owned:?}");
 }

@@ -80,6 +80,8 @@ struct Daemon {
     stopping: Mutex<bool>,
     /// The LAN peers node, when `[p2p]` is on.
     peers: std::sync::OnceLock<hb_p2p::Node>,
+    /// Fetches made for peers as the owner of chunks nobody holds.
+    through: store_api::Through,
 }
 
 /// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,
@@ -177,6 +179,7 @@ impl Daemon {
             dead_since: Mutex::new(HashMap::new()),
             stopping: Mutex::new(false),
             peers: std::sync::OnceLock::new(),
+            through: Default::default(),
         });
         Ok((d, refills))
     }
@@ -245,7 +248,10 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     let (d, refills) = Daemon::new(g, root.clone(), store, idle)?;
     if let Some(cfg) = crate::peers::settings(g, &root)? {
         let listen = cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
-        let local = Arc::new(crate::peers::StoreChunks(d.store.clone()));
+        let weak = Arc::downgrade(&d);
+        let through: crate::peers::Through =
+            Box::new(move |ids| weak.upgrade().map(|d| d.fetch_through(ids)).unwrap_or_default());
+        let local = Arc::new(crate::peers::StoreChunks { store: d.store.clone(), through: Some(through) });
         let node = hb_p2p::Node::start(cfg, local, d.work.handle().clone()).context("starting the LAN peers node")?;
         out.note(format!("LAN peers: node {} on {listen}", node.peer_id()));
         let _ = d.peers.set(node);
