@@ -1,5 +1,6 @@
 //! LAN peers: cold starts on a machine whose team already holds the image, against the same
-//! start with peers switched off; discovery and lookup figures; a lying peer among the holders.
+//! start with peers switched off; discovery and lookup figures; a lying peer among the holders;
+//! four hosts pulling one image at the same moment against one host pulling it alone.
 //!
 //! Four hosts in network namespaces on one bridge (`scripts/peers-net.sh`), each its own hb
 //! daemon and store (disk-backed, under /var/tmp), the registry behind a shaped uplink in a
@@ -9,6 +10,10 @@
 //! alternating and their order randomized per round. Timed: the start of `hb run` to the first
 //! byte of the container's output, everything the daemon does for it inside. Bytes: the
 //! registry's own access log, by the starting host's address.
+//!
+//! Pulls at once: fresh hosts, peers connected, nobody holding the image; `hb pull` by host 1
+//! alone, then (new hosts) by all four at the same instant. Timed: each pull command; the four's
+//! wall time is the last to finish. Bytes: every blob byte the registry sent the hosts.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -179,6 +184,59 @@ struct Figures {
     discovery: Vec<Duration>,
     lookup_p99_us: Vec<u64>,
     bans: u64,
+    alone: Vec<Duration>,
+    alone_bytes: Vec<u64>,
+    four: Vec<Duration>,
+    four_bytes: Vec<u64>,
+}
+
+/// Fresh hosts 1-4 with peers connected to each other.
+fn four_hosts(hb: &Path, psk: &Path) -> anyhow::Result<Vec<Host>> {
+    let hosts: Vec<Host> = (1..=4).map(|i| Host::start(hb, i, psk, &[])).collect::<anyhow::Result<_>>()?;
+    let t = Instant::now();
+    for h in &hosts {
+        loop {
+            let r = h.report()?;
+            let n = r["peers"].as_array().into_iter().flatten().filter(|p| p["connected"] == true && !p["summary_generation"].is_null()).count();
+            if n >= 3 {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("{} did not connect to the other three: {r}", h.ip);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(hosts)
+}
+
+/// `hb pull` of `image` by each of `hosts` at the same instant: (the last one's time, registry
+/// bytes sent to them all).
+fn pull_at_once(hosts: &[&Host], image: &str) -> anyhow::Result<(Duration, u64)> {
+    let from = log_len();
+    let started = Instant::now();
+    let times: Vec<anyhow::Result<Duration>> = std::thread::scope(|s| {
+        let hs: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                s.spawn(move || {
+                    timed_command(&mut h.cmd(&["-q", "pull", "--plain-http", image]))?;
+                    Ok(started.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("a pull thread")).collect()
+    });
+    let mut wall = Duration::ZERO;
+    for t in times {
+        wall = wall.max(t?);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let mut bytes = 0;
+    for h in hosts {
+        bytes += registry_bytes(from, &h.ip)?.1;
+    }
+    Ok((wall, bytes))
 }
 
 pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Result<()> {
@@ -262,6 +320,22 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
             f.liar.push(t);
             f.liar_ranged.push(ranged);
             f.bans += starter.report()?["stats"]["bans"].as_u64().unwrap_or(0);
+            drop((liar, starter, hosts));
+            // Pulls: one host alone, then four at once (fresh hosts each time), order by round.
+            for together in if round % 2 == 0 { [false, true] } else { [true, false] } {
+                let hosts = four_hosts(&hb, &psk)?;
+                crate::lazy::drop_caches();
+                let pulling: Vec<&Host> = if together { hosts.iter().collect() } else { vec![&hosts[0]] };
+                let (t, bytes) = pull_at_once(&pulling, &reference)?;
+                eprintln!("peers: {image} round {round} pull by {}: {:.2} s, {:.1} MB", pulling.len(), t.as_secs_f64(), bytes as f64 / 1e6);
+                if together {
+                    f.four.push(t);
+                    f.four_bytes.push(bytes);
+                } else {
+                    f.alone.push(t);
+                    f.alone_bytes.push(bytes);
+                }
+            }
         }
     }
     println!(
@@ -290,6 +364,27 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
             liar.as_secs_f64() / on.as_secs_f64(),
             median(f.discovery.clone()).as_secs_f64(),
             f.lookup_p99_us.iter().max().copied().unwrap_or(0),
+        );
+    }
+    println!();
+    println!("| image | one host pulls alone | four hosts pull at once (last done) | wall, four vs one | registry bytes, one | registry bytes, four together | bytes, four vs one |");
+    println!("|---|---|---|---|---|---|---|");
+    for (i, image) in IMAGES.iter().enumerate() {
+        let f = &figures[i];
+        let mid = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).copied().unwrap_or(0)
+        };
+        let (one, four) = (median(f.alone.clone()), median(f.four.clone()));
+        let (b1, b4) = (mid(f.alone_bytes.clone()), mid(f.four_bytes.clone()));
+        println!(
+            "| bench/{image}:hb | {:.2} s | {:.2} s | **{:.2}x** | {:.1} MB | {:.1} MB | **{:.2}x** |",
+            one.as_secs_f64(),
+            four.as_secs_f64(),
+            four.as_secs_f64() / one.as_secs_f64(),
+            b1 as f64 / 1e6,
+            b4 as f64 / 1e6,
+            b4 as f64 / b1 as f64
         );
     }
     Ok(())
