@@ -184,6 +184,8 @@ struct Figures {
     discovery: Vec<Duration>,
     lookup_p99_us: Vec<u64>,
     bans: u64,
+    solo: Vec<Duration>,
+    solo_bytes: Vec<u64>,
     alone: Vec<Duration>,
     alone_bytes: Vec<u64>,
     four: Vec<Duration>,
@@ -197,7 +199,12 @@ fn four_hosts(hb: &Path, psk: &Path) -> anyhow::Result<Vec<Host>> {
     for h in &hosts {
         loop {
             let r = h.report()?;
-            let n = r["peers"].as_array().into_iter().flatten().filter(|p| p["connected"] == true && !p["summary_generation"].is_null()).count();
+            let n = r["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["connected"] == true && !p["summary_generation"].is_null())
+                .count();
             if n >= 3 {
                 break;
             }
@@ -321,20 +328,34 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
             f.liar_ranged.push(ranged);
             f.bans += starter.report()?["stats"]["bans"].as_u64().unwrap_or(0);
             drop((liar, starter, hosts));
-            // Pulls: one host alone, then four at once (fresh hosts each time), order by round.
-            for together in if round % 2 == 0 { [false, true] } else { [true, false] } {
+            // Pulls: one host alone with peers off (hb without peers), one alone with peers on,
+            // four at once (fresh hosts each time), in a random order.
+            let mut modes = [0, 1, 2];
+            for k in (1..modes.len()).rev() {
+                let j = (next() % (k as u64 + 1)) as usize;
+                modes.swap(k, j);
+            }
+            for mode in modes {
                 let hosts = four_hosts(&hb, &psk)?;
-                crate::lazy::drop_caches();
-                let pulling: Vec<&Host> = if together { hosts.iter().collect() } else { vec![&hosts[0]] };
-                let (t, bytes) = pull_at_once(&pulling, &reference)?;
-                eprintln!("peers: {image} round {round} pull by {}: {:.2} s, {:.1} MB", pulling.len(), t.as_secs_f64(), bytes as f64 / 1e6);
-                if together {
-                    f.four.push(t);
-                    f.four_bytes.push(bytes);
-                } else {
-                    f.alone.push(t);
-                    f.alone_bytes.push(bytes);
+                if mode == 0 {
+                    hosts[0].ok(&["peers", "off"])?;
                 }
+                crate::lazy::drop_caches();
+                let pulling: Vec<&Host> = if mode == 2 { hosts.iter().collect() } else { vec![&hosts[0]] };
+                let (t, bytes) = pull_at_once(&pulling, &reference)?;
+                eprintln!(
+                    "peers: {image} round {round} pull mode {mode} by {}: {:.2} s, {:.1} MB",
+                    pulling.len(),
+                    t.as_secs_f64(),
+                    bytes as f64 / 1e6
+                );
+                let (times, sizes) = match mode {
+                    0 => (&mut f.solo, &mut f.solo_bytes),
+                    1 => (&mut f.alone, &mut f.alone_bytes),
+                    _ => (&mut f.four, &mut f.four_bytes),
+                };
+                times.push(t);
+                sizes.push(bytes);
             }
         }
     }
@@ -367,7 +388,7 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
         );
     }
     println!();
-    println!("| image | one host pulls alone | four hosts pull at once (last done) | wall, four vs one | registry bytes, one | registry bytes, four together | bytes, four vs one |");
+    println!("| image | one host pulls alone, peers off (layer blobs) | alone, peers on (chunks) | four hosts pull at once, peers on (last done) | wall, four vs one alone (off / on) | registry bytes: alone off / alone on / four | bytes, four vs one alone (off / on) |");
     println!("|---|---|---|---|---|---|---|");
     for (i, image) in IMAGES.iter().enumerate() {
         let f = &figures[i];
@@ -375,15 +396,19 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
             v.sort_unstable();
             v.get(v.len() / 2).copied().unwrap_or(0)
         };
-        let (one, four) = (median(f.alone.clone()), median(f.four.clone()));
-        let (b1, b4) = (mid(f.alone_bytes.clone()), mid(f.four_bytes.clone()));
+        let (solo, one, four) = (median(f.solo.clone()), median(f.alone.clone()), median(f.four.clone()));
+        let (b0, b1, b4) = (mid(f.solo_bytes.clone()), mid(f.alone_bytes.clone()), mid(f.four_bytes.clone()));
         println!(
-            "| bench/{image}:hb | {:.2} s | {:.2} s | **{:.2}x** | {:.1} MB | {:.1} MB | **{:.2}x** |",
+            "| bench/{image}:hb | {:.2} s | {:.2} s | {:.2} s | **{:.2}x** / {:.2}x | {:.1} / {:.1} / {:.1} MB | **{:.2}x** / {:.2}x |",
+            solo.as_secs_f64(),
             one.as_secs_f64(),
             four.as_secs_f64(),
+            four.as_secs_f64() / solo.as_secs_f64(),
             four.as_secs_f64() / one.as_secs_f64(),
+            b0 as f64 / 1e6,
             b1 as f64 / 1e6,
             b4 as f64 / 1e6,
+            b4 as f64 / b0 as f64,
             b4 as f64 / b1 as f64
         );
     }

@@ -19,8 +19,8 @@ use libp2p::core::transport::upgrade::Version;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, connection_limits, identify, mdns, noise, pnet, request_response, tcp, yamux, Multiaddr, PeerId,
-    StreamProtocol, Swarm, Transport,
+    allow_block_list, connection_limits, identify, mdns, noise, ping, pnet, request_response, tcp, yamux, Multiaddr,
+    PeerId, StreamProtocol, Swarm, Transport,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,17 +32,21 @@ use crate::{Config, LocalChunks, NodeReport, NodeStats, P2pError, PeerInfo};
 const BATCH: usize = 128;
 /// How long a peer may take to answer before it is given up for this fetch and set aside:
 /// five times its usual answer time, within these bounds (a partitioned peer costs one such wait).
-const DEADLINE_MIN: Duration = Duration::from_millis(100);
+const DEADLINE_MIN: Duration = Duration::from_millis(250);
 const DEADLINE_MAX: Duration = Duration::from_secs(2);
 /// The deadline of a peer with no answer time known yet.
 const DEADLINE_FIRST: Duration = Duration::from_millis(500);
 /// How long an owner may take to fetch chunks from its own sources for a peer (plus 20 ms a chunk).
 const THROUGH_DEADLINE: Duration = Duration::from_secs(10);
-/// How long a peer that did not answer is set aside.
+/// How long a peer whose request failed (its connection gone) is set aside.
 const DOWN_FOR: Duration = Duration::from_secs(30);
+/// How long a peer that answered too slowly is set aside.
+const SLOW_FOR: Duration = Duration::from_secs(5);
 /// Hedge bounds: ask the next holder after 3x the peer's usual answer time, within these.
 const HEDGE_MIN: Duration = Duration::from_millis(30);
 const HEDGE_MAX: Duration = Duration::from_millis(500);
+/// How often each connection is pinged (and how long a ping may take before it is closed).
+const PING_EVERY: Duration = Duration::from_secs(1);
 /// How often summaries are refreshed and static peers redialled.
 const TICK: Duration = Duration::from_millis(500);
 const REDIAL: Duration = Duration::from_secs(2);
@@ -63,6 +67,7 @@ struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
     identify: identify::Behaviour,
+    ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
     chunks: request_response::Behaviour<Codec>,
 }
@@ -152,6 +157,14 @@ fn epoch_now(peer: &PeerId) -> u64 {
 
 fn weight(peer: &PeerId) -> u64 {
     u64::from_le_bytes(blake3::hash(&peer.to_bytes()).as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Longest run of chunks one owner is given (see `plan`).
+const MAX_RUN: usize = 64;
+
+/// Whether `id` starts a run of chunks with one owner: one id in 16.
+fn is_anchor(id: &ChunkId) -> bool {
+    id.as_bytes()[31] & 0x0f == 0
 }
 
 /// Rendezvous score of chunk `id` at a peer of weight `w`: every node ranks holders alike, and
@@ -313,6 +326,7 @@ impl Node {
         let mut by_peer: HashMap<(PeerId, Option<PeerId>), Vec<ChunkId>> = HashMap::new();
         let mut by_owner: HashMap<Option<PeerId>, Vec<ChunkId>> = HashMap::new();
         let own_weight = weight(&self.inner.peer_id);
+        let (mut anchor, mut run): (Option<Option<PeerId>>, usize) = (None, 0);
         let mut with_holder = 0u64;
         for id in ids {
             let tried = asked.get(id);
@@ -336,14 +350,22 @@ impl Node {
                 with_holder += 1;
                 by_peer.entry((first, best[1].map(|(_, p)| p))).or_default().push(*id);
             } else if owners && !usable.is_empty() && tried.is_none() {
-                let mut owner = (score(id, own_weight), None);
-                for (pid, p) in &usable {
-                    let s = score(id, p.weight);
-                    if s > owner.0 {
-                        owner = (s, Some(**pid));
+                // Runs of chunks share an owner, so it fetches them as one range: a run starts
+                // at an anchor (an id whose low bits are zero: content-defined, so hosts reading
+                // one blob in order agree on the runs) and its owner is the anchor's.
+                if anchor.is_none() || is_anchor(id) || run >= MAX_RUN {
+                    let mut owner = (score(id, own_weight), None);
+                    for (pid, p) in &usable {
+                        let s = score(id, p.weight);
+                        if s > owner.0 {
+                            owner = (s, Some(**pid));
+                        }
                     }
+                    anchor = Some(owner.1);
+                    run = 0;
                 }
-                by_owner.entry(owner.1).or_default().push(*id);
+                run += 1;
+                by_owner.entry(anchor.expect("set above")).or_default().push(*id);
             }
         }
         drop(peers);
@@ -369,11 +391,13 @@ impl Node {
         self.rtt(peer).map_or(Duration::from_millis(100), |r| (r * 3).clamp(HEDGE_MIN, HEDGE_MAX))
     }
 
-    /// How long `peer` may take over `n` chunks: five times its usual answer time, plus 5 ms a
-    /// chunk (a 64 KiB chunk at ~13 MB/s, a slow LAN) so a large batch is not taken for silence.
+    /// How long `peer` may take over `n` chunks: ten times its usual answer time, plus 10 ms a
+    /// chunk (a 64 KiB chunk at ~6 MB/s: a slow LAN, a holder reading cold disks) so a large
+    /// batch is not taken for silence. (A peer that stops answering loses its connection to the
+    /// pings sooner.)
     fn deadline(&self, peer: &PeerId, n: usize) -> Duration {
-        let base = self.rtt(peer).map_or(DEADLINE_FIRST, |r| (r * 5).clamp(DEADLINE_MIN, DEADLINE_MAX));
-        base + Duration::from_millis(5) * n as u32
+        let base = self.rtt(peer).map_or(DEADLINE_FIRST, |r| (r * 10).clamp(DEADLINE_MIN, DEADLINE_MAX));
+        base + Duration::from_millis(10) * n as u32
     }
 
     /// Asks `peer` for `ids`; when it is slow, asks `alt` too and takes the first good answer.
@@ -476,13 +500,13 @@ impl Node {
         let answer = match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(Ok(r))) => r,
             Ok(Ok(Err(e))) => {
-                self.set_down(&peer, &e);
+                self.set_down(&peer, &e, DOWN_FOR);
                 return None;
             }
             Ok(Err(_)) => return None,
             Err(_) => {
                 self.inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                self.set_down(&peer, "no answer in time");
+                self.set_down(&peer, "no answer in time", SLOW_FOR);
                 return None;
             }
         };
@@ -517,10 +541,10 @@ impl Node {
         Some(chunks)
     }
 
-    fn set_down(&self, peer: &PeerId, why: &str) {
-        tracing::warn!(%peer, reason = why, "peer set aside for {}s", DOWN_FOR.as_secs());
+    fn set_down(&self, peer: &PeerId, why: &str, for_: Duration) {
+        tracing::warn!(%peer, reason = why, "peer set aside for {}s", for_.as_secs());
         if let Some(p) = self.inner.peers.lock().expect("peers lock").get_mut(peer) {
-            p.down_until = Some(Instant::now() + DOWN_FOR);
+            p.down_until = Some(Instant::now() + for_);
         }
     }
 
@@ -709,6 +733,9 @@ fn build_swarm(inner: &Arc<Inner>, keypair: libp2p::identity::Keypair) -> Result
                     identify::Config::new("/hb/1".into(), key.public())
                         .with_agent_version(format!("hb/{}", env!("CARGO_PKG_VERSION"))),
                 ),
+                // Liveness: a peer that stops answering (a partition, a hung host) loses its
+                // connection within about two seconds, and what waited on it fails at once.
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_EVERY).with_timeout(PING_EVERY)),
                 mdns: Toggle::from(mdns),
                 chunks: request_response::Behaviour::new(
                     [(StreamProtocol::new(PROTOCOL), request_response::ProtocolSupport::Full)],
@@ -873,6 +900,10 @@ fn handle_event(
                     peers.remove(&peer);
                 }
             }
+        }
+        SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
+            tracing::warn!(%peer, error = %e, "a peer stopped answering; closing its connection");
+            swarm.close_connection(connection);
         }
         SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
             tracing::debug!(peer = ?peer_id, %error, "dialling a peer failed");

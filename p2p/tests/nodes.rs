@@ -174,7 +174,14 @@ fn switched_off_a_node_neither_asks_nor_serves() {
 #[test]
 fn chunks_nobody_holds_are_fetched_once_for_the_team_by_their_owner() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let data = chunks(6, 60);
+    // Small chunks, many of them: owners take runs of about 16, so spread shows over hundreds.
+    let data: Vec<(ChunkId, Vec<u8>)> = (0..600u32)
+        .map(|i| {
+            let b: Vec<u8> =
+                (0..4096u32).map(|j| (j ^ i.wrapping_mul(2_654_435_761)) as u8).chain(i.to_le_bytes()).collect();
+            (ChunkId::of(&b), b)
+        })
+        .collect();
     let up = Arc::new(Upstream { chunks: data.iter().cloned().collect(), ..Default::default() });
     let stores: Vec<Arc<Mem>> = (0..3).map(|_| Arc::new(Mem(Default::default(), Some(up.clone())))).collect();
     let a = start(&rt, 7, &[], stores[0].clone(), false);
@@ -198,5 +205,5 @@ fn chunks_nobody_holds_are_fetched_once_for_the_team_by_their_owner() {
     assert_eq!(fetched.len(), ids.len());
     assert_eq!(total, ids.len(), "each chunk fetched from upstream once for all three: {fetched:?}");
     let owned: Vec<u64> = [&a, &b, &c].iter().map(|n| n.node.report().stats.fetched_through).collect();
-    assert!(owned.iter().all(|n| *n > 5), "ownership spreads over the nodes: {owned:?}");
+    assert!(owned.iter().all(|n| *n > 30), "ownership spreads over the nodes: {owned:?}");
 }
