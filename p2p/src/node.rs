@@ -452,6 +452,23 @@ impl Node {
             }
         }
         let mut out = Vec::new();
+        // A fetch that ended between the caller's look at the store and the claim above has
+        // kept its chunks by now (fetches keep before they release): those are read, not fetched.
+        mine.retain(|id| match inner.local.chunk(id) {
+            Some(b) => {
+                out.push((*id, b));
+                false
+            }
+            None => true,
+        });
+        let released: Vec<ChunkId> = out.iter().map(|(id, _)| *id).collect();
+        if !released.is_empty() {
+            let mut inflight = inner.through.lock().expect("through lock");
+            released.iter().for_each(|id| {
+                inflight.remove(id);
+            });
+            inner.through_done.notify_all();
+        }
         if !mine.is_empty() {
             let got = inner.local.fetch_through(&mine);
             let got: Vec<(ChunkId, Vec<u8>)> = got.into_iter().filter(|(id, b)| ChunkId::of(b) == *id).collect();
@@ -464,7 +481,7 @@ impl Node {
                 inflight.remove(id);
             });
             inner.through_done.notify_all();
-            out = got;
+            out.extend(got);
         }
         if !theirs.is_empty() {
             let deadline = Instant::now() + THROUGH_DEADLINE;
