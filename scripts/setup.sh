@@ -10,6 +10,7 @@ PACKAGES=(
   busybox-static debootstrap   # offline test images
   attr                         # setfattr: xattrs in test material
   util-linux curl openssl python3  # tests and scripts (the token issuer, test CAs)
+  iproute2                     # ip, tc, bridges: network namespaces for shaped links and LAN peers
   docker-registry skopeo umoci runc apache2-utils  # real registries, a real client, an independent extractor
   crun                         # a second OCI runtime: hb run probes it (it refuses hybrid cgroups)
   protobuf-compiler libprotobuf-dev  # protoc + well-known types: the snapshotter's gRPC code is generated
