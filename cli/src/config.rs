@@ -355,11 +355,17 @@ fn read_json_object(path: &Path) -> anyhow::Result<serde_json::Map<String, serde
 
 /// Writes via a private temporary file and a rename, so a crash never leaves half a file.
 fn write_json_object(path: &Path, v: &serde_json::Map<String, serde_json::Value>) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().context("config path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("json.hb-tmp");
+    write_private(path, serde_json::to_string_pretty(v)?.as_bytes())
+}
+
+/// Writes `bytes` to `path` readable by its owner only (mode 0600), through a temporary file and
+/// a rename: a crash never leaves half a file (credentials, keys).
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("hb-tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -367,7 +373,7 @@ fn write_json_object(path: &Path, v: &serde_json::Map<String, serde_json::Value>
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(serde_json::to_string_pretty(v)?.as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

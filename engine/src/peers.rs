@@ -92,25 +92,8 @@ fn identity(root: &Path) -> anyhow::Result<Vec<u8>> {
     }
     let key = hb_p2p::new_identity();
     std::fs::create_dir_all(path.parent().expect("a parent"))?;
-    write_private(&path, &key)?;
+    hb_cli::config::write_private(&path, &key)?;
     Ok(key)
-}
-
-/// Writes `bytes` to a new file only its owner reads, atomically.
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `hb peers keygen FILE`: a new pre-shared key, for every member of the team's network.
@@ -121,7 +104,7 @@ pub fn keygen(file: &Path, force: bool, out: &Out) -> anyhow::Result<()> {
     let mut key = [0u8; 32];
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(&mut key).context("reading /dev/urandom")?;
-    write_private(file, hb_p2p::psk_file(key).as_bytes())?;
+    hb_cli::config::write_private(file, hb_p2p::psk_file(key).as_bytes())?;
     out.note(format!(
         "wrote a pre-shared key to {} (mode 0600); copy it to each peer and set [p2p] psk_file",
         file.display()
