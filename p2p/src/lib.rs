@@ -8,8 +8,10 @@
 //! the peer that sent it).
 
 mod codec;
+mod fetch;
 mod node;
 mod summary;
+mod swarm;
 
 use std::time::Duration;
 
