@@ -14,8 +14,7 @@ use libp2p::PeerId;
 use tokio::sync::oneshot;
 
 use crate::codec::{Request, Response};
-use crate::node::*;
-use crate::swarm::*;
+use crate::state::*;
 
 /// Ids asked of one peer in one request.
 pub(crate) const BATCH: usize = 128;

@@ -10,6 +10,7 @@
 mod codec;
 mod fetch;
 mod node;
+mod state;
 mod summary;
 mod swarm;
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 pub use codec::{Request, Response, SummaryBody, PROTOCOL};
 pub use libp2p::{Multiaddr, PeerId};
-pub use node::Node;
+pub use state::Node;
 
 /// The store, as a node sees it.
 pub trait LocalChunks: Send + Sync + 'static {

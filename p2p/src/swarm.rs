@@ -3,10 +3,12 @@
 //! events from the network, the refresh tick.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use hb_core::ChunkId;
 use libp2p::core::transport::upgrade::Version;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -16,9 +18,9 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::codec::{Codec, Request, Response, PROTOCOL};
+use crate::codec::{Codec, Request, Response, MAX_RESPONSE, PROTOCOL};
 use crate::fetch::*;
-use crate::node::*;
+use crate::state::*;
 use crate::summary::Remote;
 use crate::P2pError;
 
@@ -38,12 +40,6 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) chunks: request_response::Behaviour<Codec>,
-}
-
-pub(crate) enum Cmd {
-    Ask { peer: PeerId, req: Request, reply: oneshot::Sender<Result<Response, String>> },
-    Respond { channel: request_response::ResponseChannel<Response>, res: Response },
-    Ban { peer: PeerId },
 }
 
 pub(crate) fn build_swarm(
@@ -340,5 +336,58 @@ pub(crate) fn take_summary(node: &Node, peer: PeerId, response: Response) {
     match Remote::apply(p.summary.take(), epoch, generation, body) {
         Ok(s) => p.summary = Some(s),
         Err(e) => tracing::warn!(%peer, error = %e, "a peer's summary was refused; asking for the whole of it"),
+    }
+}
+
+impl Node {
+    /// How long to wait before sending `bytes` under the serving cap (none: at once).
+    pub(crate) fn serve_wait(&self, bytes: usize) -> Duration {
+        let Some(rate) = self.inner.cfg.serve_rate.filter(|r| *r > 0) else { return Duration::ZERO };
+        let mut free = self.inner.serve_free_at.lock().expect("serve lock");
+        let now = Instant::now();
+        let start = (*free).max(now);
+        *free = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        start - now
+    }
+
+    /// Reads what a peer asked for (on a blocking thread: the store is RocksDB and files); for a
+    /// Fetch (`through`), what this node lacks is fetched from its own sources first.
+    pub(crate) fn serve(&self, peer: PeerId, ids: Vec<ChunkId>, through: bool) -> Response {
+        if !self.enabled() {
+            return Response::Chunks(Vec::new());
+        }
+        let mut fetched: HashMap<ChunkId, Vec<u8>> = HashMap::new();
+        if through {
+            let lacking: Vec<ChunkId> = ids.iter().filter(|id| self.inner.local.chunk(id).is_none()).copied().collect();
+            if !lacking.is_empty() {
+                fetched = self.fetch_through_here(&lacking).into_iter().collect();
+            }
+        }
+        let mut out = Vec::new();
+        let mut size = 0;
+        for id in ids {
+            let Some(mut b) = fetched.remove(&id).or_else(|| self.inner.local.chunk(&id)) else { continue };
+            if size + b.len() + 36 > MAX_RESPONSE {
+                break;
+            }
+            size += b.len() + 36;
+            if self.inner.cfg.fault_corrupt_serving && !b.is_empty() {
+                b[0] ^= 0xff;
+            }
+            out.push((id, b));
+        }
+        let bytes: u64 = out.iter().map(|(_, b)| b.len() as u64).sum();
+        let c = &self.inner.counters;
+        c.chunks_out.fetch_add(out.len() as u64, Ordering::Relaxed);
+        c.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(p) = self.inner.peers.lock().expect("peers lock").get_mut(&peer) {
+            p.bytes_out += bytes;
+            p.chunks_out += out.len() as u64;
+        }
+        let wait = self.serve_wait(size);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        Response::Chunks(out)
     }
 }
