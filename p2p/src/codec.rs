@@ -50,7 +50,7 @@ pub enum Response {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SummaryBody {
     Unchanged,
-    Full(Vec<u8>),
+    Full(std::sync::Arc<[u8]>),
     Delta(Vec<ChunkId>),
 }
 
@@ -199,7 +199,7 @@ impl Response {
                         if len > MAX_SUMMARY {
                             return Err(bad(format!("summary of {len} bytes (at most {MAX_SUMMARY})")));
                         }
-                        SummaryBody::Full(r.take(len)?.to_vec())
+                        SummaryBody::Full(r.take(len)?.into())
                     }
                     2 => SummaryBody::Delta(r.ids(MAX_DELTA)?),
                     t => return Err(bad(format!("unknown summary type {t}"))),
@@ -286,7 +286,7 @@ mod tests {
         for res in [
             Response::Chunks(vec![(id(1), vec![1, 2, 3]), (id(2), vec![])]),
             Response::Summary { epoch: 1, generation: 2, body: SummaryBody::Unchanged },
-            Response::Summary { epoch: 1, generation: 2, body: SummaryBody::Full(vec![9; 100]) },
+            Response::Summary { epoch: 1, generation: 2, body: SummaryBody::Full(vec![9u8; 100].into()) },
             Response::Summary { epoch: 1, generation: 2, body: SummaryBody::Delta(vec![id(3)]) },
         ] {
             assert_eq!(Response::decode(&res.encode()).unwrap(), res);

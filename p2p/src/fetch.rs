@@ -70,12 +70,15 @@ impl Node {
         let mut want: Vec<ChunkId> = ids.to_vec();
         let mut asked: HashMap<ChunkId, Vec<PeerId>> = HashMap::new();
         // Round one asks holders, and owners for what nobody holds; round two asks the next
-        // holder for what the first one lacked (a Bloom false positive).
-        for round in 0..2 {
-            let plan = self.plan(&want, &asked, round == 0);
+        // holder (or, when none is left, the owner) for what the first one lacked (a Bloom false
+        // positive).
+        let mut owner_asked = std::collections::HashSet::new();
+        for _round in 0..2 {
+            let plan = self.plan(&want, &asked, &owner_asked);
             if plan.holders.is_empty() && plan.owners.is_empty() {
                 break;
             }
+            owner_asked.extend(plan.owners.iter().flat_map(|(_, ids)| ids.iter().copied()));
             let asks = plan
                 .holders
                 .into_iter()
@@ -107,7 +110,12 @@ impl Node {
     /// For each likely holder: the ids to ask it, and the next holder to hedge to; then, for ids
     /// nobody holds, each one's owner (rendezvous over the usable peers and this node; None is
     /// this node) when `owners` is set and some peer is usable.
-    pub(crate) fn plan(&self, ids: &[ChunkId], asked: &HashMap<ChunkId, Vec<PeerId>>, owners: bool) -> Plan {
+    pub(crate) fn plan(
+        &self,
+        ids: &[ChunkId],
+        asked: &HashMap<ChunkId, Vec<PeerId>>,
+        owner_asked: &std::collections::HashSet<ChunkId>,
+    ) -> Plan {
         let started = Instant::now();
         let now = Instant::now();
         let peers = self.inner.peers.lock().expect("peers lock");
@@ -138,11 +146,13 @@ impl Node {
             if let Some((_, first)) = best[0] {
                 with_holder += 1;
                 by_peer.entry((first, best[1].map(|(_, p)| p))).or_default().push(*id);
-            } else if owners && !usable.is_empty() && tried.is_none() {
-                // Runs of chunks share an owner, so it fetches them as one range: a run starts
-                // at an anchor (an id whose low bits are zero: content-defined, so hosts reading
-                // one blob in order agree on the runs) and its owner is the anchor's.
-                if anchor.is_none() || is_anchor(id) || run >= MAX_RUN {
+            } else if !usable.is_empty() && !owner_asked.contains(id) {
+                // Nobody holds it (or every holder lacked it): its owner fetches it. Runs of
+                // chunks share an owner, so it fetches them as one range: a run starts at an
+                // anchor (an id whose low bits are zero: content-defined, so hosts reading one
+                // blob in order agree on the runs, wherever their batches begin) and its owner
+                // is the anchor's; ids before a batch's first anchor are their own owners.
+                let owner_of = |id: &ChunkId| {
                     let mut owner = (score(id, own_weight), None);
                     for (pid, p) in &usable {
                         let s = score(id, p.weight);
@@ -150,11 +160,20 @@ impl Node {
                             owner = (s, Some(**pid));
                         }
                     }
-                    anchor = Some(owner.1);
+                    owner.1
+                };
+                if is_anchor(id) || (anchor.is_some() && run >= MAX_RUN) {
+                    anchor = Some(owner_of(id));
                     run = 0;
                 }
-                run += 1;
-                by_owner.entry(anchor.expect("set above")).or_default().push(*id);
+                let owner = match anchor {
+                    Some(a) => {
+                        run += 1;
+                        a
+                    }
+                    None => owner_of(id),
+                };
+                by_owner.entry(owner).or_default().push(*id);
             }
         }
         drop(peers);
@@ -176,8 +195,11 @@ impl Node {
         self.inner.peers.lock().expect("peers lock").get(peer).and_then(|p| p.rtt)
     }
 
-    pub(crate) fn hedge_after(&self, peer: &PeerId) -> Duration {
-        self.rtt(peer).map_or(Duration::from_millis(100), |r| (r * 3).clamp(HEDGE_MIN, HEDGE_MAX))
+    /// When to ask the next holder too: three times `peer`'s usual answer time, plus 1 ms a
+    /// chunk (a usual answer may have been of fewer chunks).
+    pub(crate) fn hedge_after(&self, peer: &PeerId, n: usize) -> Duration {
+        let base = self.rtt(peer).map_or(Duration::from_millis(100), |r| (r * 3).clamp(HEDGE_MIN, HEDGE_MAX));
+        base + Duration::from_millis(1) * n as u32
     }
 
     /// How long `peer` may take over `n` chunks: ten times its usual answer time, plus 10 ms a
@@ -199,7 +221,7 @@ impl Node {
         let first = self.ask(peer, ids.clone());
         tokio::pin!(first);
         let Some(alt) = alt else { return first.await.unwrap_or_default() };
-        match tokio::time::timeout(self.hedge_after(&peer), &mut first).await {
+        match tokio::time::timeout(self.hedge_after(&peer, ids.len()), &mut first).await {
             Ok(Some(got)) => return got,
             Ok(None) => {}
             Err(_) => {
@@ -315,8 +337,10 @@ impl Node {
         };
         let answer = match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(Ok(r))) => r,
-            Ok(Ok(Err(e))) => {
-                self.set_down(&peer, &e, DOWN_FOR);
+            Ok(Ok(Err(f))) => {
+                if f.gone {
+                    self.set_down(&peer, &f.reason, DOWN_FOR);
+                }
                 return None;
             }
             Ok(Err(_)) => return None,

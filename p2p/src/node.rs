@@ -38,6 +38,7 @@ impl Node {
             serve_free_at: Mutex::new(Instant::now()),
             through: Mutex::new(Default::default()),
             through_done: std::sync::Condvar::new(),
+            serving: Default::default(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let i = inner.clone();

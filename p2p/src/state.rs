@@ -16,8 +16,14 @@ use crate::summary::{Local, Remote};
 use crate::{Config, LocalChunks, NodeReport, NodeStats, PeerInfo};
 
 /// Lookup times kept for the p99.
+/// Why a request to a peer failed, and whether the peer is to blame (gone or silent).
+pub(crate) struct Failure {
+    pub(crate) reason: String,
+    pub(crate) gone: bool,
+}
+
 pub(crate) enum Cmd {
-    Ask { peer: PeerId, req: Request, reply: oneshot::Sender<Result<Response, String>> },
+    Ask { peer: PeerId, req: Request, reply: oneshot::Sender<Result<Response, Failure>> },
     Respond { channel: request_response::ResponseChannel<Response>, res: Response },
     Ban { peer: PeerId },
 }
@@ -43,6 +49,10 @@ pub(crate) struct Peer {
     pub(crate) chunks_out: u64,
     /// Rendezvous weight base of this peer (from its id).
     pub(crate) weight: u64,
+    /// Its requests being served now.
+    pub(crate) serving: usize,
+    /// When its last connection closed.
+    pub(crate) left: Option<Instant>,
 }
 
 impl Peer {
@@ -88,6 +98,8 @@ pub(crate) struct Inner {
     /// concurrent asks for one chunk (this host's and peers') make one fetch.
     pub(crate) through: Mutex<std::collections::HashSet<ChunkId>>,
     pub(crate) through_done: std::sync::Condvar,
+    /// Requests being served now, in all.
+    pub(crate) serving: std::sync::atomic::AtomicUsize,
 }
 
 /// A running node (cheap to clone). Dropping the last handle does not stop it: [`Node::stop`].
@@ -135,11 +147,16 @@ impl Node {
 
     /// Tells the node the store now holds `ids` (peers learn it at their next refresh).
     pub fn announce(&self, ids: &[ChunkId]) {
-        let mut s = self.inner.summary.lock().expect("summary lock");
-        s.add(ids);
-        if s.overfull() {
-            drop(s);
-            self.rebuild_summary();
+        // In slices, so a rescan of millions of ids never holds the summary long (the swarm's
+        // task answers peers' summary requests under the same lock).
+        for slice in ids.chunks(16_384) {
+            let mut s = self.inner.summary.lock().expect("summary lock");
+            s.add(slice);
+            if s.overfull() {
+                drop(s);
+                self.rebuild_summary();
+                return;
+            }
         }
     }
 

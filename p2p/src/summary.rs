@@ -14,6 +14,11 @@ const FP_RATE: f64 = 0.01;
 const MIN_CAPACITY: usize = 65_536;
 /// Most hash functions a peer's filter may use (ours use 7): more would make lookups slow.
 const MAX_HASHES: u32 = 32;
+/// Largest capacity a summary is made with: its encoded filter stays under [`MAX_SUMMARY`]
+/// (about 1.2 bytes a chunk at 1 %); a store beyond it shares a filter with more false positives.
+const MAX_CAPACITY: usize = 13_000_000;
+/// A peer's filter with more than this share of its bits set claims (nearly) everything.
+const MAX_FILL: f64 = 0.6;
 
 /// This node's summary: a filter over the chunks it holds, its epoch (new at every rebuild, so a
 /// peer with an older copy takes the whole filter) and generation (one per batch of additions).
@@ -25,16 +30,30 @@ pub struct Local {
     items: usize,
     /// Ids added, with the generation that added them (the last [`MAX_DELTA`]).
     log: VecDeque<(u64, ChunkId)>,
+    /// The newest generation some of whose ids fell out of the log (deltas from before it are
+    /// incomplete).
+    trimmed: u64,
+    /// The encoded filter of the current generation, made once however many peers ask.
+    encoded: Option<(u64, std::sync::Arc<[u8]>)>,
 }
 
 impl Local {
     /// A summary of `held`; `epoch` should differ from any earlier summary's.
     pub fn build(epoch: u64, held: &[ChunkId]) -> Local {
-        let capacity = held.len().saturating_mul(2).max(MIN_CAPACITY);
+        let capacity = held.len().saturating_mul(2).clamp(MIN_CAPACITY, MAX_CAPACITY);
         let seed = *blake3::hash(&epoch.to_le_bytes()).as_bytes();
         let mut bloom = Bloom::new_for_fp_rate_with_seed(capacity, FP_RATE, &seed).expect("capacity and rate in range");
         held.iter().for_each(|id| bloom.set(id.as_bytes()));
-        Local { epoch, generation: 1, bloom, capacity, items: held.len(), log: VecDeque::new() }
+        Local {
+            epoch,
+            generation: 1,
+            bloom,
+            capacity,
+            items: held.len(),
+            log: VecDeque::new(),
+            trimmed: 0,
+            encoded: None,
+        }
     }
 
     pub fn epoch(&self) -> u64 {
@@ -61,27 +80,39 @@ impl Local {
             self.log.push_back((self.generation, *id));
         }
         while self.log.len() > MAX_DELTA {
-            self.log.pop_front();
+            if let Some((g, _)) = self.log.pop_front() {
+                self.trimmed = self.trimmed.max(g);
+            }
         }
         self.items += fresh.len();
         fresh.len()
     }
 
-    /// More ids than the filter was sized for: time to rebuild it (with a new epoch).
+    /// More ids than the filter was sized for: time to rebuild it (with a new epoch), unless it
+    /// is at its largest already.
     pub fn overfull(&self) -> bool {
-        self.items > self.capacity
+        self.items > self.capacity && self.capacity < MAX_CAPACITY
     }
 
     /// What a peer whose copy is at (`epoch`, `generation`) needs to be current.
-    pub fn since(&self, epoch: u64, generation: u64) -> SummaryBody {
+    pub fn since(&mut self, epoch: u64, generation: u64) -> SummaryBody {
         if epoch == self.epoch && generation == self.generation {
             return SummaryBody::Unchanged;
         }
-        let covered = self.log.front().is_some_and(|(g, _)| *g <= generation + 1) || self.log.is_empty();
-        if epoch == self.epoch && generation < self.generation && covered && generation > 0 {
+        // A delta only when the log still holds every id added after the peer's generation.
+        if epoch == self.epoch && generation > 0 && generation < self.generation && generation >= self.trimmed {
             return SummaryBody::Delta(self.log.iter().filter(|(g, _)| *g > generation).map(|(_, id)| *id).collect());
         }
-        SummaryBody::Full(self.bloom.to_bytes())
+        let current = self.generation;
+        let bytes = match &self.encoded {
+            Some((g, b)) if *g == current => b.clone(),
+            _ => {
+                let b: std::sync::Arc<[u8]> = self.bloom.to_bytes().into();
+                self.encoded = Some((current, b.clone()));
+                b
+            }
+        };
+        SummaryBody::Full(bytes)
     }
 }
 
@@ -111,12 +142,17 @@ impl Remote {
                 if bytes.len() > MAX_SUMMARY {
                     return Err(SummaryError::Malformed(format!("{} bytes", bytes.len())));
                 }
-                let bloom = Bloom::from_bytes(bytes).map_err(|e| SummaryError::Malformed(e.into()))?;
+                let bloom = Bloom::from_bytes(bytes.to_vec()).map_err(|e| SummaryError::Malformed(e.into()))?;
                 let k = bloom.number_of_hash_functions();
                 if k == 0 || k > MAX_HASHES || bloom.len() < 8 {
                     return Err(SummaryError::Malformed(format!("{k} hash functions over {} bits", bloom.len())));
                 }
-                Ok(Remote { epoch, generation, bloom })
+                let r = Remote { epoch, generation, bloom };
+                // A filter that claims nearly every chunk would draw every lookup to that peer.
+                if r.fill() > MAX_FILL {
+                    return Err(SummaryError::Malformed(format!("{:.0} % of its bits set", r.fill() * 100.0)));
+                }
+                Ok(r)
             }
             SummaryBody::Unchanged => have.ok_or(SummaryError::NoCopy),
             SummaryBody::Delta(ids) => {
@@ -135,15 +171,20 @@ impl Remote {
         self.bloom.check(id.as_bytes())
     }
 
-    /// About how many chunks the peer holds (from the bits set).
-    pub fn estimate(&self) -> u64 {
-        let bits = self.bloom.len() as f64;
+    /// The share of the filter's bits that are set.
+    fn fill(&self) -> f64 {
         // The serialised form is a header, then the bits.
         let raw = self.bloom.as_slice();
         let header = raw.len().saturating_sub((self.bloom.len() / 8) as usize);
         let set: u64 = raw[header..].iter().map(|b| b.count_ones() as u64).sum();
+        set as f64 / self.bloom.len() as f64
+    }
+
+    /// About how many chunks the peer holds (from the bits set).
+    pub fn estimate(&self) -> u64 {
+        let bits = self.bloom.len() as f64;
         let k = self.bloom.number_of_hash_functions() as f64;
-        let fill = (set as f64 / bits).min(0.999_999);
+        let fill = self.fill().min(0.999_999);
         (-(bits / k) * (1.0 - fill).ln()).round() as u64
     }
 }
@@ -177,7 +218,7 @@ mod tests {
         assert!((100..=120).contains(&est), "estimate {est}");
 
         // Another epoch (a rebuild): the whole filter again; a delta of the wrong epoch is refused.
-        let rebuilt = Local::build(2, &ids(0, 110));
+        let mut rebuilt = Local::build(2, &ids(0, 110));
         assert!(matches!(rebuilt.since(copy.epoch, copy.generation), SummaryBody::Full(_)));
         assert!(matches!(
             Remote::apply(Some(copy), 2, 5, SummaryBody::Delta(vec![])),
@@ -188,13 +229,34 @@ mod tests {
 
     #[test]
     fn a_hostile_filter_is_refused() {
-        assert!(Remote::apply(None, 1, 1, SummaryBody::Full(vec![1, 2, 3])).is_err());
+        assert!(Remote::apply(None, 1, 1, SummaryBody::Full(vec![1u8, 2, 3].into())).is_err());
         // A well-formed filter whose header asks for a billion hash functions per lookup
         // (bloomfilter 3's header: version u8, length u64, k u32 little endian, seed).
-        let SummaryBody::Full(mut b) = Local::build(1, &[]).since(0, 0) else { panic!("a whole filter") };
+        let SummaryBody::Full(b) = Local::build(1, &[]).since(0, 0) else { panic!("a whole filter") };
         assert!(Remote::apply(None, 1, 1, SummaryBody::Full(b.clone())).is_ok());
-        b[9..13].copy_from_slice(&1_000_000_000u32.to_le_bytes());
-        let e = Remote::apply(None, 1, 1, SummaryBody::Full(b)).err().expect("refused");
+        let mut bad = b.to_vec();
+        bad[9..13].copy_from_slice(&1_000_000_000u32.to_le_bytes());
+        let e = Remote::apply(None, 1, 1, SummaryBody::Full(bad.into())).err().expect("refused");
         assert!(e.to_string().contains("1000000000 hash functions"), "{e}");
+        // Every bit set: it would claim every chunk.
+        let mut full = b.to_vec();
+        let bits_from = full.len() - Bloom::<[u8; 32]>::compute_bitmap_size(MIN_CAPACITY, FP_RATE);
+        full[bits_from..].iter_mut().for_each(|x| *x = 0xff);
+        let e = Remote::apply(None, 1, 1, SummaryBody::Full(full.into())).err().expect("refused");
+        assert!(e.to_string().contains("bits set"), "{e}");
+    }
+
+    #[test]
+    fn a_delta_is_sent_only_while_the_log_holds_all_of_it() {
+        let mut local = Local::build(1, &[]);
+        let g = local.generation();
+        // One addition larger than the log: a peer at `g` must get the whole filter.
+        local.add(&ids(0, (MAX_DELTA + 10) as u32));
+        assert!(matches!(local.since(1, g), SummaryBody::Full(_)));
+        // A small addition after it: a peer at the newest generation gets a delta.
+        let g2 = local.generation();
+        local.add(&ids(1_000_000, 3));
+        let SummaryBody::Delta(d) = local.since(1, g2) else { panic!("a delta") };
+        assert_eq!(d.len(), 3);
     }
 }

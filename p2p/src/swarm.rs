@@ -24,6 +24,14 @@ use crate::state::*;
 use crate::summary::Remote;
 use crate::P2pError;
 
+/// Longest an answer is held back by the serving bandwidth cap.
+pub(crate) const MAX_SERVE_WAIT: Duration = Duration::from_millis(250);
+/// Requests served at once, in all and for one peer (more are answered with nothing).
+pub(crate) const MAX_SERVING: usize = 16;
+pub(crate) const MAX_SERVING_PEER: usize = 4;
+/// Peers remembered at most, and how long one that left (not banned) is remembered.
+pub(crate) const MAX_PEERS: usize = 1024;
+pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// How often each connection is pinged (and how long a ping may take before it is closed).
 pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
 /// How often summaries are refreshed and static peers redialled.
@@ -94,7 +102,12 @@ pub(crate) fn build_swarm(
                 chunks: request_response::Behaviour::new(
                     [(StreamProtocol::new(PROTOCOL), request_response::ProtocolSupport::Full)],
                     request_response::Config::default()
-                        .with_request_timeout(DEADLINE_MAX + Duration::from_secs(5))
+                        .with_request_timeout(
+                            // The callers' own deadlines bound each request; this only backs them.
+                            THROUGH_DEADLINE
+                                + Duration::from_millis(20) * crate::codec::MAX_IDS as u32
+                                + Duration::from_secs(5),
+                        )
                         .with_max_concurrent_streams(64),
                 ),
             })
@@ -116,7 +129,7 @@ pub(crate) fn build_swarm(
 /// The swarm's task: commands from handles, events from the network, the refresh tick.
 pub(crate) async fn drive(inner: Arc<Inner>, mut swarm: Swarm<Behaviour>, mut rx: mpsc::UnboundedReceiver<Cmd>) {
     let node = Node { inner: inner.clone() };
-    let mut pending: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, String>>> =
+    let mut pending: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, Failure>>> =
         HashMap::new();
     let mut summaries: HashMap<request_response::OutboundRequestId, PeerId> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
@@ -148,6 +161,10 @@ pub(crate) async fn drive(inner: Arc<Inner>, mut swarm: Swarm<Behaviour>, mut rx
                 for p in expired {
                     swarm.behaviour_mut().blocked.unblock_peer(p);
                 }
+                // Peers gone a while (not banned: a ban is remembered until it runs out).
+                inner.peers.lock().expect("peers lock").retain(|_, p| {
+                    p.connected || p.banned_until.is_some() || p.left.is_none_or(|t| now - t < FORGET_AFTER)
+                });
                 // Summaries: ask each connected peer what changed.
                 let ask: Vec<(PeerId, u64, u64)> = inner.peers.lock().expect("peers lock").iter_mut()
                     .filter(|(_, p)| p.connected && !p.summary_pending && p.banned_until.is_none())
@@ -197,7 +214,7 @@ pub(crate) fn handle_event(
     node: &Node,
     swarm: &mut Swarm<Behaviour>,
     ev: SwarmEvent<BehaviourEvent>,
-    pending: &mut HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, String>>>,
+    pending: &mut HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<Response, Failure>>>,
     summaries: &mut HashMap<request_response::OutboundRequestId, PeerId>,
 ) {
     let inner = &node.inner;
@@ -221,6 +238,8 @@ pub(crate) fn handle_event(
             if let Some(p) = inner.peers.lock().expect("peers lock").get_mut(&peer_id) {
                 p.connected = false;
                 p.summary_pending = false;
+                p.summary = None;
+                p.left = Some(Instant::now());
             }
             tracing::info!(peer = %peer_id, "peer disconnected");
         }
@@ -231,7 +250,15 @@ pub(crate) fn handle_event(
                 }
                 tracing::debug!(%peer, %addr, "discovered by mDNS");
                 let mut peers = inner.peers.lock().expect("peers lock");
-                let p = peers.entry(peer).or_insert_with(|| Peer { weight: weight(&peer), ..Default::default() });
+                if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
+                    tracing::warn!(%peer, "too many peers known; ignoring one more found by mDNS");
+                    continue;
+                }
+                let p = peers.entry(peer).or_insert_with(|| Peer {
+                    weight: weight(&peer),
+                    left: Some(Instant::now()),
+                    ..Default::default()
+                });
                 if !p.addrs.contains(&addr) {
                     p.addrs.push(addr);
                 }
@@ -274,7 +301,7 @@ pub(crate) fn handle_event(
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { request, channel, .. } => match request {
                     Request::Summary { epoch, generation } => {
-                        let s = inner.summary.lock().expect("summary lock");
+                        let mut s = inner.summary.lock().expect("summary lock");
                         let res = Response::Summary {
                             epoch: s.epoch(),
                             generation: s.generation(),
@@ -283,10 +310,15 @@ pub(crate) fn handle_event(
                         drop(s);
                         let _ = swarm.behaviour_mut().chunks.send_response(channel, res);
                     }
+                    Request::Get(_) | Request::Fetch(_) if !node.may_serve(&peer) => {
+                        // At the serving limits: an empty answer (the asker goes elsewhere).
+                        let _ = swarm.behaviour_mut().chunks.send_response(channel, Response::Chunks(Vec::new()));
+                    }
                     Request::Get(ids) => {
                         let n = node.clone();
                         inner.handle.spawn_blocking(move || {
                             let res = n.serve(peer, ids, false);
+                            n.served(&peer);
                             let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
                         });
                     }
@@ -294,6 +326,7 @@ pub(crate) fn handle_event(
                         let n = node.clone();
                         inner.handle.spawn_blocking(move || {
                             let res = n.serve(peer, ids, true);
+                            n.served(&peer);
                             let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
                         });
                     }
@@ -308,7 +341,14 @@ pub(crate) fn handle_event(
             },
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 if let Some(reply) = pending.remove(&request_id) {
-                    let _ = reply.send(Err(error.to_string()));
+                    // Only a peer that is gone or silent is set aside; a local refusal is not its fault.
+                    let gone = matches!(
+                        error,
+                        request_response::OutboundFailure::DialFailure
+                            | request_response::OutboundFailure::ConnectionClosed
+                            | request_response::OutboundFailure::Timeout
+                    );
+                    let _ = reply.send(Err(Failure { reason: error.to_string(), gone }));
                 } else if summaries.remove(&request_id).is_some() {
                     if let Some(p) = inner.peers.lock().expect("peers lock").get_mut(&peer) {
                         p.summary_pending = false;
@@ -341,6 +381,33 @@ pub(crate) fn take_summary(node: &Node, peer: PeerId, response: Response) {
 
 impl Node {
     /// How long to wait before sending `bytes` under the serving cap (none: at once).
+    /// Whether a request of `peer` may be served now (within [`MAX_SERVING`] in all and
+    /// [`MAX_SERVING_PEER`] for it); counts it if so ([`Node::served`] when done).
+    pub(crate) fn may_serve(&self, peer: &PeerId) -> bool {
+        let mut peers = self.inner.peers.lock().expect("peers lock");
+        let Some(p) = peers.get_mut(peer) else { return false };
+        if p.serving >= MAX_SERVING_PEER || self.inner.serving.load(Ordering::SeqCst) >= MAX_SERVING {
+            return false;
+        }
+        p.serving += 1;
+        self.inner.serving.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    pub(crate) fn served(&self, peer: &PeerId) {
+        if let Some(p) = self.inner.peers.lock().expect("peers lock").get_mut(peer) {
+            p.serving = p.serving.saturating_sub(1);
+        }
+        self.inner.serving.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Gives back the cap's time booked for an answer that was not sent.
+    fn unbook(&self, bytes: usize) {
+        let Some(rate) = self.inner.cfg.serve_rate.filter(|r| *r > 0) else { return };
+        let mut free = self.inner.serve_free_at.lock().expect("serve lock");
+        *free = free.checked_sub(Duration::from_secs_f64(bytes as f64 / rate as f64)).unwrap_or(*free);
+    }
+
     pub(crate) fn serve_wait(&self, bytes: usize) -> Duration {
         let Some(rate) = self.inner.cfg.serve_rate.filter(|r| *r > 0) else { return Duration::ZERO };
         let mut free = self.inner.serve_free_at.lock().expect("serve lock");
@@ -385,6 +452,11 @@ impl Node {
             p.chunks_out += out.len() as u64;
         }
         let wait = self.serve_wait(size);
+        if wait > MAX_SERVE_WAIT {
+            // Over the cap for longer than an asker waits: nothing, rather than too late.
+            self.unbook(size);
+            return Response::Chunks(Vec::new());
+        }
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }

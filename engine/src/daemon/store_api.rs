@@ -163,7 +163,10 @@ impl Daemon {
     /// Records that `image`'s registry is reached by plain HTTP, for fetches made for peers.
     pub(super) fn note_plain(&self, image: &str, plain_http: bool) {
         if let (true, Ok(r)) = (plain_http, hb_registry::ImageRef::parse(image)) {
-            self.through.plain_hosts.lock().expect("plain lock").insert(r.registry().to_string());
+            if self.through.plain_hosts.lock().expect("plain lock").insert(r.registry().to_string()) {
+                // The chains were made with that registry over TLS: make them again.
+                *self.through.chains.lock().expect("chains lock") = None;
+            }
         }
     }
 
