@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use hb_core::ChunkId;
 use libp2p::PeerId;
 use tokio::sync::oneshot;
@@ -228,12 +229,20 @@ impl Node {
                 self.inner.counters.hedges.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, %alt, chunks = ids.len(), "hedging a slow peer");
                 let second = self.ask(alt, ids.clone());
-                tokio::pin!(second);
-                return tokio::select! {
-                    Some(got) = &mut first => got,
-                    Some(got) = &mut second => got,
-                    else => Vec::new(),
+                // The first complete answer wins; a partial one (the next holder may hold only
+                // some of the batch) is completed from the other answer when it comes.
+                let (got, rest) = match futures::future::select(first, Box::pin(second)).await {
+                    futures::future::Either::Left((got, rest)) => (got, rest.left_future()),
+                    futures::future::Either::Right((got, rest)) => (got, rest.right_future()),
                 };
+                let mut got = got.unwrap_or_default();
+                if got.len() < ids.len() {
+                    let have: std::collections::HashSet<ChunkId> = got.iter().map(|(i, _)| *i).collect();
+                    if let Some(more) = rest.await {
+                        got.extend(more.into_iter().filter(|(i, _)| !have.contains(i)));
+                    }
+                }
+                return got;
             }
         }
         // The first holder failed at once: the second, without waiting.

@@ -39,6 +39,7 @@ impl Node {
             through: Mutex::new(Default::default()),
             through_done: std::sync::Condvar::new(),
             serving: Default::default(),
+            serve_turns: Arc::new(tokio::sync::Semaphore::new(crate::swarm::MAX_SERVING)),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let i = inner.clone();

@@ -98,8 +98,10 @@ pub(crate) struct Inner {
     /// concurrent asks for one chunk (this host's and peers') make one fetch.
     pub(crate) through: Mutex<std::collections::HashSet<ChunkId>>,
     pub(crate) through_done: std::sync::Condvar,
-    /// Requests being served now, in all.
+    /// Requests waiting or being served now, in all.
     pub(crate) serving: std::sync::atomic::AtomicUsize,
+    /// Turns to make an answer (`swarm::MAX_SERVING`).
+    pub(crate) serve_turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// A running node (cheap to clone). Dropping the last handle does not stop it: [`Node::stop`].

@@ -26,9 +26,11 @@ use crate::P2pError;
 
 /// Longest an answer is held back by the serving bandwidth cap.
 pub(crate) const MAX_SERVE_WAIT: Duration = Duration::from_millis(250);
-/// Requests served at once, in all and for one peer (more are answered with nothing).
+/// Requests served at once (the others wait their turn), requests waiting or served for one
+/// peer, and waiting in all (beyond either, a request is answered with nothing).
 pub(crate) const MAX_SERVING: usize = 16;
-pub(crate) const MAX_SERVING_PEER: usize = 4;
+pub(crate) const MAX_SERVING_PEER: usize = 32;
+pub(crate) const MAX_QUEUED: usize = 256;
 /// Peers remembered at most, and how long one that left (not banned) is remembered.
 pub(crate) const MAX_PEERS: usize = 1024;
 pub(crate) const FORGET_AFTER: Duration = Duration::from_secs(60);
@@ -314,18 +316,23 @@ pub(crate) fn handle_event(
                         // At the serving limits: an empty answer (the asker goes elsewhere).
                         let _ = swarm.behaviour_mut().chunks.send_response(channel, Response::Chunks(Vec::new()));
                     }
-                    Request::Get(ids) => {
+                    req @ (Request::Get(_) | Request::Fetch(_)) => {
+                        let (ids, through) = match req {
+                            Request::Fetch(ids) => (ids, true),
+                            Request::Get(ids) => (ids, false),
+                            Request::Summary { .. } => unreachable!("matched above"),
+                        };
                         let n = node.clone();
-                        inner.handle.spawn_blocking(move || {
-                            let res = n.serve(peer, ids, false);
-                            n.served(&peer);
-                            let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
-                        });
-                    }
-                    Request::Fetch(ids) => {
-                        let n = node.clone();
-                        inner.handle.spawn_blocking(move || {
-                            let res = n.serve(peer, ids, true);
+                        // At most MAX_SERVING answers are made at once (each may hold 16 MiB);
+                        // the others wait for a turn, without buffers.
+                        let turns = inner.serve_turns.clone();
+                        inner.handle.spawn(async move {
+                            let turn = turns.acquire_owned().await;
+                            let m = n.clone();
+                            let res = tokio::task::spawn_blocking(move || m.serve(peer, ids, through))
+                                .await
+                                .unwrap_or(Response::Chunks(Vec::new()));
+                            drop(turn);
                             n.served(&peer);
                             let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
                         });
@@ -381,12 +388,12 @@ pub(crate) fn take_summary(node: &Node, peer: PeerId, response: Response) {
 
 impl Node {
     /// How long to wait before sending `bytes` under the serving cap (none: at once).
-    /// Whether a request of `peer` may be served now (within [`MAX_SERVING`] in all and
-    /// [`MAX_SERVING_PEER`] for it); counts it if so ([`Node::served`] when done).
+    /// Whether a request of `peer` may be queued for serving (within [`MAX_SERVING_PEER`] for
+    /// it and [`MAX_QUEUED`] in all); counts it if so ([`Node::served`] when done).
     pub(crate) fn may_serve(&self, peer: &PeerId) -> bool {
         let mut peers = self.inner.peers.lock().expect("peers lock");
         let Some(p) = peers.get_mut(peer) else { return false };
-        if p.serving >= MAX_SERVING_PEER || self.inner.serving.load(Ordering::SeqCst) >= MAX_SERVING {
+        if p.serving >= MAX_SERVING_PEER || self.inner.serving.load(Ordering::SeqCst) >= MAX_QUEUED {
             return false;
         }
         p.serving += 1;
