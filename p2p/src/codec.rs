@@ -8,7 +8,8 @@
 //!           | 0x03 u32:n (id[32]){n}                  Fetch: these chunks, fetched from your own
 //!                                                     sources if you lack them (you own them)
 //! response := 0x01 u32:n (id[32] u32:len bytes){n}    Chunks (those held, any order)
-//!           | 0x02 u64:epoch u64:generation summary   Summary
+//!           | 0x02 u64:epoch u64:generation u8:serving summary
+//!                                                     Summary (serving 0: switched off)
 //! summary  := 0x00                                    unchanged since the asked generation
 //!           | 0x01 u32:len bloom-bytes                a whole Bloom filter (bloomfilter 3 bytes)
 //!           | 0x02 u32:n (id[32]){n}                   ids added since the asked generation
@@ -44,7 +45,7 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     Chunks(Vec<(ChunkId, Vec<u8>)>),
-    Summary { epoch: u64, generation: u64, body: SummaryBody },
+    Summary { epoch: u64, generation: u64, serving: bool, body: SummaryBody },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,10 +150,11 @@ impl Response {
                     out.extend_from_slice(b);
                 }
             }
-            Response::Summary { epoch, generation, body } => {
+            Response::Summary { epoch, generation, serving, body } => {
                 out.push(2);
                 out.extend_from_slice(&epoch.to_le_bytes());
                 out.extend_from_slice(&generation.to_le_bytes());
+                out.push(u8::from(*serving));
                 match body {
                     SummaryBody::Unchanged => out.push(0),
                     SummaryBody::Full(bloom) => {
@@ -192,6 +194,11 @@ impl Response {
             }
             2 => {
                 let (epoch, generation) = (r.u64()?, r.u64()?);
+                let serving = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    f => return Err(bad(format!("serving flag {f}"))),
+                };
                 let body = match r.u8()? {
                     0 => SummaryBody::Unchanged,
                     1 => {
@@ -204,7 +211,7 @@ impl Response {
                     2 => SummaryBody::Delta(r.ids(MAX_DELTA)?),
                     t => return Err(bad(format!("unknown summary type {t}"))),
                 };
-                Response::Summary { epoch, generation, body }
+                Response::Summary { epoch, generation, serving, body }
             }
             t => return Err(bad(format!("unknown response type {t}"))),
         };
@@ -285,9 +292,14 @@ mod tests {
         }
         for res in [
             Response::Chunks(vec![(id(1), vec![1, 2, 3]), (id(2), vec![])]),
-            Response::Summary { epoch: 1, generation: 2, body: SummaryBody::Unchanged },
-            Response::Summary { epoch: 1, generation: 2, body: SummaryBody::Full(vec![9u8; 100].into()) },
-            Response::Summary { epoch: 1, generation: 2, body: SummaryBody::Delta(vec![id(3)]) },
+            Response::Summary { epoch: 1, generation: 2, serving: true, body: SummaryBody::Unchanged },
+            Response::Summary {
+                epoch: 1,
+                generation: 2,
+                serving: false,
+                body: SummaryBody::Full(vec![9u8; 100].into()),
+            },
+            Response::Summary { epoch: 1, generation: 2, serving: true, body: SummaryBody::Delta(vec![id(3)]) },
         ] {
             assert_eq!(Response::decode(&res.encode()).unwrap(), res);
         }

@@ -147,7 +147,7 @@ impl Node {
             if let Some((_, first)) = best[0] {
                 with_holder += 1;
                 by_peer.entry((first, best[1].map(|(_, p)| p))).or_default().push(*id);
-            } else if !usable.is_empty() && !owner_asked.contains(id) {
+            } else if usable.iter().any(|(_, p)| p.serves) && !owner_asked.contains(id) {
                 // Nobody holds it (or every holder lacked it): its owner fetches it. Runs of
                 // chunks share an owner, so it fetches them as one range: a run starts at an
                 // anchor (an id whose low bits are zero: content-defined, so hosts reading one
@@ -155,7 +155,7 @@ impl Node {
                 // is the anchor's; ids before a batch's first anchor are their own owners.
                 let owner_of = |id: &ChunkId| {
                     let mut owner = (score(id, own_weight), None);
-                    for (pid, p) in &usable {
+                    for (pid, p) in usable.iter().filter(|(_, p)| p.serves) {
                         let s = score(id, p.weight);
                         if s > owner.0 {
                             owner = (s, Some(**pid));

@@ -53,6 +53,8 @@ pub(crate) struct Peer {
     pub(crate) serving: usize,
     /// When its last connection closed.
     pub(crate) left: Option<Instant>,
+    /// It serves peers (its last summary said so; off: `hb peers off` there).
+    pub(crate) serves: bool,
 }
 
 impl Peer {
@@ -127,8 +129,20 @@ impl Node {
 
     /// Switches fetching from and serving to peers on or off (connections stay).
     pub fn set_enabled(&self, on: bool) {
-        self.inner.enabled.store(on, Ordering::SeqCst);
+        let was = self.inner.enabled.swap(on, Ordering::SeqCst);
         tracing::info!(on, "p2p switched");
+        if was && !on {
+            // An empty summary (a new epoch): peers stop asking at their next refresh.
+            *self.inner.summary.lock().expect("summary lock") = Local::build(epoch_now(&self.inner.peer_id), &[]);
+        } else if on && !was {
+            self.rescan_all();
+        }
+    }
+
+    /// Rebuilds the summary from what the store holds, in the background.
+    fn rescan_all(&self) {
+        let n = self.clone();
+        self.inner.handle.spawn_blocking(move || n.rebuild_summary());
     }
 
     pub fn enabled(&self) -> bool {
@@ -149,6 +163,9 @@ impl Node {
 
     /// Tells the node the store now holds `ids` (peers learn it at their next refresh).
     pub fn announce(&self, ids: &[ChunkId]) {
+        if !self.enabled() {
+            return;
+        }
         // In slices, so a rescan of millions of ids never holds the summary long (the swarm's
         // task answers peers' summary requests under the same lock).
         for slice in ids.chunks(16_384) {

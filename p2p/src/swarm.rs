@@ -307,6 +307,7 @@ pub(crate) fn handle_event(
                         let res = Response::Summary {
                             epoch: s.epoch(),
                             generation: s.generation(),
+                            serving: inner.enabled.load(std::sync::atomic::Ordering::SeqCst),
                             body: s.since(epoch, generation),
                         };
                         drop(s);
@@ -375,11 +376,12 @@ pub(crate) fn take_summary(node: &Node, peer: PeerId, response: Response) {
     let mut peers = node.inner.peers.lock().expect("peers lock");
     let Some(p) = peers.get_mut(&peer) else { return };
     p.summary_pending = false;
-    let Response::Summary { epoch, generation, body } = response else {
+    let Response::Summary { epoch, generation, serving, body } = response else {
         drop(peers);
         node.ban(&peer, "answered a summary request with chunks");
         return;
     };
+    p.serves = serving;
     match Remote::apply(p.summary.take(), epoch, generation, body) {
         Ok(s) => p.summary = Some(s),
         Err(e) => tracing::warn!(%peer, error = %e, "a peer's summary was refused; asking for the whole of it"),
@@ -387,7 +389,6 @@ pub(crate) fn take_summary(node: &Node, peer: PeerId, response: Response) {
 }
 
 impl Node {
-    /// How long to wait before sending `bytes` under the serving cap (none: at once).
     /// Whether a request of `peer` may be queued for serving (within [`MAX_SERVING_PEER`] for
     /// it and [`MAX_QUEUED`] in all); counts it if so ([`Node::served`] when done).
     pub(crate) fn may_serve(&self, peer: &PeerId) -> bool {
@@ -415,6 +416,7 @@ impl Node {
         *free = free.checked_sub(Duration::from_secs_f64(bytes as f64 / rate as f64)).unwrap_or(*free);
     }
 
+    /// How long to wait before sending `bytes` under the serving cap (none: at once).
     pub(crate) fn serve_wait(&self, bytes: usize) -> Duration {
         let Some(rate) = self.inner.cfg.serve_rate.filter(|r| *r > 0) else { return Duration::ZERO };
         let mut free = self.inner.serve_free_at.lock().expect("serve lock");

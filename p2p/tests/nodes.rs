@@ -147,7 +147,18 @@ fn switched_off_a_node_neither_asks_nor_serves() {
     let ids: Vec<ChunkId> = data.iter().map(|(i, _)| *i).collect();
     holder.node.set_enabled(false);
     assert!(asker.node.fetch_blocking(&ids).is_empty());
+    // Once its next summary says so (an empty filter, not serving), it is not even asked.
+    std::thread::sleep(Duration::from_millis(1200));
+    let asked = asker.node.report().stats.chunks_asked;
+    assert!(asker.node.fetch_blocking(&ids).is_empty());
+    assert_eq!(asker.node.report().stats.chunks_asked, asked, "a switched-off peer is asked nothing");
     holder.node.set_enabled(true);
+    // Back on: its summary is rebuilt and its chunks are found again.
+    let t = Instant::now();
+    while asker.node.fetch_blocking(&ids[..1]).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5), "a node switched back on is never asked again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     asker.node.set_enabled(false);
     let lookups = asker.node.report().stats.lookups;
     assert!(asker.node.fetch_blocking(&ids).is_empty());
