@@ -152,6 +152,10 @@ enum Cmd {
         /// Seed of the mode order (printed; random when not given)
         #[arg(long)]
         seed: Option<u64>,
+        /// Only this: a cold start just after every holder switched peers off (`hb peers off`),
+        /// against the same start with peers off on the starting host
+        #[arg(long)]
+        switched_off: bool,
     },
     /// Every benchmark above
     All,
@@ -560,7 +564,8 @@ fn main() -> anyhow::Result<()> {
             coldstart::run(runs, &registry, seed, skip_prepare, link.as_deref())?
         }
         Cmd::Series { registry } => update::series(&registry)?,
-        Cmd::Peers { link, seed } => peers::run(runs, &link, seed)?,
+        Cmd::Peers { link, seed, switched_off: false } => peers::run(runs, &link, seed)?,
+        Cmd::Peers { link, switched_off: true, .. } => peers::switched_off(runs, &link)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;
             println!();

@@ -414,3 +414,71 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
     }
     Ok(())
 }
+
+/// Cold starts just after every holder switched peers off (they hold the image, stay connected,
+/// and their summaries still claim it until the next refresh) against the same start with peers
+/// off on the starting host; alternated per round. What switching off costs a start.
+pub(crate) fn switched_off(rounds: usize, rate: &str) -> anyhow::Result<()> {
+    let hb = hb_binary()?;
+    timed_command(Command::new(repo_root().join("scripts/peers-net.sh")).args(["up", "4", rate]))?;
+    let keys = tempfile::tempdir()?;
+    let psk = keys.path().join("swarm.key");
+    timed_command(Command::new(&hb).args(["peers", "keygen"]).arg(&psk))?;
+    println!("LAN peers switched off just before a cold start: 3 holders, registry behind a {rate} uplink; {rounds} rounds; medians.");
+    println!();
+    println!("| image | holders just switched off: first output | starter's peers off | ratio | layer data from the registry (both) |");
+    println!("|---|---|---|---|---|");
+    for image in IMAGES {
+        let reference = format!("{REGISTRY}/bench/{image}:hb");
+        let (mut just_off, mut own_off, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            for first in if round % 2 == 0 { [true, false] } else { [false, true] } {
+                let hosts: Vec<Host> =
+                    (1..=4).map(|i| Host::start(&hb, i, &psk, &[])).collect::<anyhow::Result<_>>()?;
+                let holder_ids: Vec<String> = hosts[..3]
+                    .iter()
+                    .map(|h| h.report().map(|r| r["peer_id"].as_str().unwrap_or_default().to_string()))
+                    .collect::<anyhow::Result<_>>()?;
+                for h in &hosts[..3] {
+                    h.ok(&["-q", "pull", "--plain-http", &reference])?;
+                }
+                let held = hosts[0].report()?["chunks_held"].as_u64().unwrap_or(0);
+                for id in &holder_ids {
+                    hosts[3].wait_for_holder(id, held)?;
+                }
+                if first {
+                    for h in &hosts[..3] {
+                        h.ok(&["peers", "off"])?;
+                    }
+                } else {
+                    hosts[3].ok(&["peers", "off"])?;
+                }
+                crate::lazy::drop_caches();
+                let (t, ranged, _) = hosts[3].cold_start(&reference)?;
+                eprintln!(
+                    "peers: {image} round {round} {}: {:.2} s, {ranged} B ranged",
+                    if first { "holders just off" } else { "starter off" },
+                    t.as_secs_f64()
+                );
+                if first {
+                    just_off.push(t);
+                } else {
+                    own_off.push(t);
+                }
+                bytes.push(ranged);
+            }
+        }
+        let (a, b) = (median(just_off), median(own_off));
+        bytes.sort_unstable();
+        println!(
+            "| bench/{image}:hb | {:.2} s | {:.2} s | **{:.2}x** (+{:.0} ms) | {:.1}-{:.1} MB |",
+            a.as_secs_f64(),
+            b.as_secs_f64(),
+            a.as_secs_f64() / b.as_secs_f64(),
+            (a.as_secs_f64() - b.as_secs_f64()) * 1000.0,
+            bytes[0] as f64 / 1e6,
+            bytes[bytes.len() - 1] as f64 / 1e6
+        );
+    }
+    Ok(())
+}
