@@ -111,3 +111,103 @@ pub fn sources(
     }
     Ok(Sources { chain, ranges, lazy_layers: lazy.len() })
 }
+
+/// Source chains, and the lazy layers they cover.
+type ChainsFor = (Vec<Digest>, Vec<Arc<hb_core::SourceChain>>);
+
+/// Source chains (mirrors and registries, no peers) over a store's lazy layers, for chunks this
+/// host fetches for its LAN peers as their owner (docs/p2p.md): remade when the lazy layers or
+/// the registries reached by plain HTTP change.
+#[derive(Default)]
+pub struct LazyFetch {
+    /// The chains and the lazy layers they were made for.
+    chains: std::sync::Mutex<Option<ChainsFor>>,
+    /// Registries reached by plain HTTP (as mounts and pulls asked).
+    plain: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl LazyFetch {
+    /// Registry host `registry` is reached by plain HTTP.
+    pub fn plain_registry(&self, registry: &str) {
+        if self.plain.lock().expect("plain lock").insert(registry.to_string()) {
+            // The chains were made with that registry over TLS: make them again.
+            *self.chains.lock().expect("chains lock") = None;
+        }
+    }
+
+    /// One chain for the layers of plain-HTTP registries, one for the others; each fetches
+    /// exactly the chunks asked (an owner's chunks lie among the other owners': filling the gaps
+    /// between them would fetch theirs too).
+    fn chains(
+        &self,
+        registries: &dyn Registries,
+        rt: &tokio::runtime::Runtime,
+        store: &Store,
+    ) -> Result<Vec<Arc<hb_core::SourceChain>>> {
+        let layers = store.lazy_layers()?;
+        let mut cached = self.chains.lock().expect("chains lock");
+        if let Some((l, c)) = cached.as_ref() {
+            if *l == layers {
+                return Ok(c.clone());
+            }
+        }
+        let plain = self.plain.lock().expect("plain lock").clone();
+        let (mut over_http, mut over_tls) = (Vec::new(), Vec::new());
+        for l in &layers {
+            let Some(src) = store.lazy_source(l)? else { continue };
+            let host = ImageRef::parse(&src.repository).map(|r| r.registry().to_string()).unwrap_or_default();
+            if plain.contains(&host) {
+                over_http.push(*l);
+            } else {
+                over_tls.push(*l);
+            }
+        }
+        let mut chains = Vec::new();
+        for (group, plain_http) in [(over_http, true), (over_tls, false)] {
+            if !group.is_empty() {
+                let s = sources(registries, rt, store, &group, None, plain_http, None)?;
+                s.ranges.iter().for_each(|r| r.exact());
+                chains.push(Arc::new(s.chain));
+            }
+        }
+        *cached = Some((layers, chains.clone()));
+        Ok(chains)
+    }
+
+    /// Fetches `ids` (which the store lacks) from the registries of its lazy layers, keeps them
+    /// in the store and returns them; those no lazy layer names are left out. `registries` must
+    /// not lead back to peers.
+    pub fn fetch(
+        &self,
+        registries: &dyn Registries,
+        rt: &tokio::runtime::Runtime,
+        store: &Store,
+        ids: &[ChunkId],
+    ) -> Vec<(ChunkId, Vec<u8>)> {
+        let chains = match self.chains(registries, rt, store) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no sources to fetch for peers from");
+                return Vec::new();
+            }
+        };
+        let mut got: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+        for chain in chains {
+            let have: std::collections::HashSet<ChunkId> = got.iter().map(|(i, _)| *i).collect();
+            let rest: Vec<ChunkId> = ids.iter().filter(|id| !have.contains(id)).copied().collect();
+            if rest.is_empty() {
+                break;
+            }
+            match chain.fetch_many(&rest) {
+                Ok(g) => got.extend(g),
+                Err(e) => tracing::debug!(error = %e, "fetching for peers failed"),
+            }
+        }
+        if !got.is_empty() {
+            if let Err(e) = store.fill_chunks(&got) {
+                tracing::warn!(error = %e, "keeping chunks fetched for peers failed");
+            }
+        }
+        got
+    }
+}

@@ -27,7 +27,7 @@ pub trait LocalChunks: Send + Sync + 'static {
     /// Every chunk id the store holds (for the node's summary; called at start and now and then).
     fn held(&self) -> Vec<hb_core::ChunkId>;
 
-    /// Fetches what it can of `ids` from this host's own sources (the registries of the images
+    /// Fetches what it can of `ids` (chunks the store lacks) from this host's own sources (the registries of the images
     /// it is reading), keeps it, and returns it, each chunk verified. Called when this host owns
     /// chunks nobody holds yet (see docs/p2p.md): the team fetches each such chunk once. A host
     /// that does not know a chunk returns without it.

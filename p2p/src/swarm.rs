@@ -317,27 +317,8 @@ pub(crate) fn handle_event(
                         // At the serving limits: an empty answer (the asker goes elsewhere).
                         let _ = swarm.behaviour_mut().chunks.send_response(channel, Response::Chunks(Vec::new()));
                     }
-                    req @ (Request::Get(_) | Request::Fetch(_)) => {
-                        let (ids, through) = match req {
-                            Request::Fetch(ids) => (ids, true),
-                            Request::Get(ids) => (ids, false),
-                            Request::Summary { .. } => unreachable!("matched above"),
-                        };
-                        let n = node.clone();
-                        // At most MAX_SERVING answers are made at once (each may hold 16 MiB);
-                        // the others wait for a turn, without buffers.
-                        let turns = inner.serve_turns.clone();
-                        inner.handle.spawn(async move {
-                            let turn = turns.acquire_owned().await;
-                            let m = n.clone();
-                            let res = tokio::task::spawn_blocking(move || m.serve(peer, ids, through))
-                                .await
-                                .unwrap_or(Response::Chunks(Vec::new()));
-                            drop(turn);
-                            n.served(&peer);
-                            let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
-                        });
-                    }
+                    Request::Get(ids) => node.serve_in_turn(peer, ids, false, channel),
+                    Request::Fetch(ids) => node.serve_in_turn(peer, ids, true, channel),
                 },
                 request_response::Message::Response { request_id, response } => {
                     if let Some(reply) = pending.remove(&request_id) {
@@ -414,6 +395,30 @@ impl Node {
         let Some(rate) = self.inner.cfg.serve_rate.filter(|r| *r > 0) else { return };
         let mut free = self.inner.serve_free_at.lock().expect("serve lock");
         *free = free.checked_sub(Duration::from_secs_f64(bytes as f64 / rate as f64)).unwrap_or(*free);
+    }
+
+    /// Answers a Get (or a Fetch, `through`) of `peer` when its turn comes: at most
+    /// [`MAX_SERVING`] answers are made at once (each may hold 16 MiB); the others wait without
+    /// buffers.
+    fn serve_in_turn(
+        &self,
+        peer: PeerId,
+        ids: Vec<ChunkId>,
+        through: bool,
+        channel: request_response::ResponseChannel<Response>,
+    ) {
+        let n = self.clone();
+        let turns = self.inner.serve_turns.clone();
+        self.inner.handle.spawn(async move {
+            let turn = turns.acquire_owned().await;
+            let m = n.clone();
+            let res = tokio::task::spawn_blocking(move || m.serve(peer, ids, through))
+                .await
+                .unwrap_or(Response::Chunks(Vec::new()));
+            drop(turn);
+            n.served(&peer);
+            let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
+        });
     }
 
     /// How long to wait before sending `bytes` under the serving cap (none: at once).

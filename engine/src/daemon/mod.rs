@@ -81,7 +81,7 @@ struct Daemon {
     /// The LAN peers node, when `[p2p]` is on.
     peers: std::sync::OnceLock<hb_p2p::Node>,
     /// Fetches made for peers as the owner of chunks nobody holds.
-    through: store_api::Through,
+    through: hb_images::sources::LazyFetch,
 }
 
 /// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,

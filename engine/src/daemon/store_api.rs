@@ -146,108 +146,21 @@ impl Daemon {
     }
 }
 
-/// Source chains, and the lazy layers they cover.
-type ChainsFor = (Vec<hb_core::Digest>, Vec<Arc<hb_core::SourceChain>>);
-
-/// What the daemon fetches for peers as the owner of chunks nobody holds (docs/p2p.md),
-/// through source chains over the store's lazy layers.
-#[derive(Default)]
-pub(super) struct Through {
-    /// The chains over the lazy layers they were made for (remade when those change).
-    chains: Mutex<Option<ChainsFor>>,
-    /// Registries reached by plain HTTP (as asked by mounts and pulls).
-    pub(super) plain_hosts: Mutex<std::collections::HashSet<String>>,
-}
-
 impl Daemon {
     /// Records that `image`'s registry is reached by plain HTTP, for fetches made for peers.
     pub(super) fn note_plain(&self, image: &str, plain_http: bool) {
         if let (true, Ok(r)) = (plain_http, hb_registry::ImageRef::parse(image)) {
-            if self.through.plain_hosts.lock().expect("plain lock").insert(r.registry().to_string()) {
-                // The chains were made with that registry over TLS: make them again.
-                *self.through.chains.lock().expect("chains lock") = None;
-            }
+            self.through.plain_registry(r.registry());
         }
     }
 
-    /// The source chains (registries and mirrors, no peers) over the store's lazy layers: one
-    /// for the layers of plain-HTTP registries, one for the others.
-    fn through_chains(&self) -> anyhow::Result<Vec<Arc<hb_core::SourceChain>>> {
-        let layers = self.store.lazy_layers()?;
-        let mut cached = self.through.chains.lock().expect("chains lock");
-        if let Some((l, c)) = cached.as_ref() {
-            if *l == layers {
-                return Ok(c.clone());
-            }
-        }
-        let plain = self.through.plain_hosts.lock().expect("plain lock").clone();
-        let (mut over_http, mut over_tls) = (Vec::new(), Vec::new());
-        for l in &layers {
-            let Some(src) = self.store.lazy_source(l)? else { continue };
-            let host =
-                hb_registry::ImageRef::parse(&src.repository).map(|r| r.registry().to_string()).unwrap_or_default();
-            if plain.contains(&host) {
-                over_http.push(*l);
-            } else {
-                over_tls.push(*l);
-            }
-        }
-        let hosts = Hosts::with_node(&self.g, None);
-        let mut chains = Vec::new();
-        for (group, plain_http) in [(over_http, true), (over_tls, false)] {
-            if !group.is_empty() {
-                let s = hb_images::sources::sources(&hosts, &self.work, &self.store, &group, None, plain_http, None)?;
-                // Exactly what was asked: an owner's chunks are spread over the blob among the
-                // other owners' (filling the gaps between them would fetch theirs too).
-                s.ranges.iter().for_each(|r| r.exact());
-                chains.push(Arc::new(s.chain));
-            }
-        }
-        *cached = Some((layers, chains.clone()));
-        Ok(chains)
-    }
-
-    /// Fetches `ids` from the registries of the store's lazy layers (what the store holds is
-    /// read), keeps them, returns them. (The node makes concurrent asks for one chunk one call.)
+    /// Fetches `ids` (chunks this host owns for its peers) from the registries of the store's
+    /// lazy layers and keeps them (`hb_images::sources::LazyFetch`).
     pub(super) fn fetch_through(&self, ids: &[hb_core::ChunkId]) -> Vec<(hb_core::ChunkId, Vec<u8>)> {
-        use hb_core::ChunkSource;
-        let mut out = Vec::new();
-        let mut want = Vec::new();
-        for id in ids {
-            match self.store.read_chunk(id) {
-                Ok(b) => out.push((*id, b)),
-                Err(_) => want.push(*id),
-            }
-        }
-        if want.is_empty() {
-            return out;
-        }
-        let chains = match self.through_chains() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "no sources to fetch for peers from");
-                return out;
-            }
-        };
-        let mut got: Vec<(hb_core::ChunkId, Vec<u8>)> = Vec::new();
-        for chain in chains {
-            let have: std::collections::HashSet<hb_core::ChunkId> = got.iter().map(|(i, _)| *i).collect();
-            let rest: Vec<hb_core::ChunkId> = want.iter().filter(|id| !have.contains(id)).copied().collect();
-            if rest.is_empty() {
-                break;
-            }
-            match chain.fetch_many(&rest) {
-                Ok(g) => got.extend(g),
-                Err(e) => tracing::debug!(error = %e, "fetching for peers failed"),
-            }
-        }
+        let got = self.through.fetch(&Hosts::with_node(&self.g, None), &self.work, &self.store, ids);
         if !got.is_empty() {
-            match self.store.fill_chunks(&got) {
-                Ok(_) => self.dirty.store(true, Ordering::SeqCst),
-                Err(e) => tracing::warn!(error = %e, "keeping chunks fetched for peers failed"),
-            }
+            self.dirty.store(true, Ordering::SeqCst);
         }
-        out.extend(got);
-        out
+        got
     }
 }
