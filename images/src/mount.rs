@@ -493,17 +493,36 @@ pub fn umount(root: &Path, dir: &Path, reporter: &dyn Reporter) -> Result<()> {
     } else {
         return Err(ImagesError::Invalid(format!("{} is not mounted", dir.display())));
     }
-    if let Some(pid) = pid {
-        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-        let started = Instant::now();
-        while proc_dir.exists() && started.elapsed() < Duration::from_secs(120) {
-            // A zombie (our own child in tests) has exited already.
-            if std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| s.contains(") Z ")) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    let Some(pid) = pid else { return Ok(()) };
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let exited = || {
+        // A zombie (our own child in tests) has exited already.
+        !proc_dir.exists() || std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|s| s.contains(") Z "))
+    };
+    let started = Instant::now();
+    let mut told = false;
+    while !exited() {
+        if !told && started.elapsed() > Duration::from_secs(10) {
+            told = true;
+            reporter.note(&format!(
+                "waiting for the mount process (pid {pid}) to store what it fetched and exit; it serves on while \
+                 something still uses the mount (an overlay over it, a process inside, a copy in another mount namespace)"
+            ));
         }
-        let _ = std::fs::remove_file(&pid_file);
+        if started.elapsed() > UMOUNT_WAIT {
+            return Err(ImagesError::Invalid(format!(
+                "{} is detached, but its mount process (pid {pid}) still serves it after {} s: something still \
+                 uses the mount (an overlay over it, a process inside, a copy in another mount namespace); \
+                 it exits when they are gone",
+                dir.display(),
+                UMOUNT_WAIT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = std::fs::remove_file(&pid_file);
     Ok(())
 }
+
+/// How long `hb umount` waits for the serving process to finish.
+const UMOUNT_WAIT: Duration = Duration::from_secs(120);

@@ -41,7 +41,10 @@ impl Shutdown {
                 match std::mem::replace(&mut *p, Phase::Stopping) {
                     Phase::Starting => {
                         tracing::info!(signal = sig, "signal received while starting; exiting");
-                        std::process::exit(128 + sig);
+                        // `_exit`, as a kill would: `exit` runs C++ static destructors (RocksDB's)
+                        // while other threads may be inside the store, which crashed the process
+                        // (SIGSEGV, or an abort on a foreign exception) instead of exiting.
+                        signal_hook::low_level::exit(128 + sig);
                     }
                     Phase::Stop(action) => {
                         drop(p);
