@@ -18,6 +18,7 @@ PACKAGES=(
   stargz-snapshotter           # ctr-remote: a real containerd client that asks for remote snapshots
   golang-go golang-github-containerd-containerd-dev  # containerd's snapshotter conformance suite (scripts/snapshotter-conformance.sh)
   golang-github-containerd-stargz-snapshotter-dev    # stargz-snapshotter's daemon, built by scripts/stargz.sh for the cold-start bench
+  docker.io podman             # real Docker and podman clients of the mirror (tests start dockerd in a namespace)
   ca-certificates
 )
 

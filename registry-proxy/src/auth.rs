@@ -4,6 +4,13 @@
 use super::*;
 
 impl Mirror {
+    /// Whether `who` is one of the mirror's own users (`[[proxy.user]]`), by name and password.
+    pub(super) fn is_user(&self, who: &Principal) -> bool {
+        matches!(who, Principal::Basic(u, p) if self.cfg.users.iter().any(|(n, w)| {
+            constant_time_eq(n.as_bytes(), u.as_bytes()) & constant_time_eq(w.as_bytes(), p.as_bytes())
+        }))
+    }
+
     /// Whether `who` may read `route.repo`'s cached content: the mirror's own credentials
     /// count for anonymous clients; otherwise the upstream is asked (HEAD of `probe`) and its
     /// answer remembered for `auth_ttl`. A repository that answered anonymous clients before

@@ -27,6 +27,12 @@ pub(super) fn unauthorized(message: &str) -> Response<Body> {
     r
 }
 
+/// Every `Accept` header of a request as one list (Go's clients send one line per type).
+pub fn accept_of(headers: &hyper::HeaderMap) -> Option<String> {
+    let all: Vec<&str> = headers.get_all(ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
+    (!all.is_empty()).then(|| all.join(", "))
+}
+
 /// Whether a client with `accept` takes a manifest of `media_type`: any client takes Docker's
 /// types (old clients send no Accept for them); OCI types only when asked for, or with no
 /// `Accept` at all, or `*/*`.

@@ -51,6 +51,7 @@ mod config;
 mod http;
 mod manifests;
 mod server;
+mod token;
 
 pub use config::{glob, MirrorConfig, MirrorError, MirrorStore, UpstreamConfig};
 use http::*;
@@ -99,6 +100,8 @@ pub struct Mirror {
     virtuals: Mutex<HashMap<Digest, accelerate::Virtual>>,
     /// The upstream's answer, and when, per (upstream, repository, principal).
     auth: Mutex<HashMap<AuthKey, (bool, Instant)>>,
+    /// Tokens this mirror issued (`token.rs`).
+    tokens: token::Tokens,
     pub stats: Stats,
 }
 
@@ -165,6 +168,7 @@ impl Mirror {
             tag_locks: Mutex::new(HashMap::new()),
             objects: Mutex::new(objects),
             auth: Mutex::new(HashMap::new()),
+            tokens: token::Tokens::new()?,
             virtuals: Mutex::new(HashMap::new()),
             stats,
         });
@@ -200,10 +204,13 @@ impl Mirror {
     }
 
     /// Answers one request; every failure becomes an OCI error body here.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    /// `secure`: the client came over TLS (the token service's address in challenges says so).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, secure: bool) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let path = req.uri().path().to_string();
+        let host = req.headers().get(hyper::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
         let resp = match (req.method(), path.as_str()) {
+            (&Method::GET, "/_hb/token") => self.token(&req),
             (&Method::GET, "/metrics") => {
                 let (n, bytes) = self.kept();
                 Response::builder()
@@ -230,6 +237,9 @@ impl Mirror {
         tracing::debug!(%path, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
         let mut resp = resp;
         resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert("www-authenticate", token::challenge(host.as_deref(), secure));
+        }
         Ok(resp)
     }
 
@@ -250,12 +260,13 @@ impl Mirror {
                 return oci_error(status, code, &e.to_string());
             }
         };
-        let mut who = Principal::from_header(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()));
+        let authorization = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let mut who = match self.tokens.who(authorization) {
+            token::Who::Known(p) => p,
+            token::Who::Expired => return unauthorized("this mirror's token has run out: ask for another"),
+        };
         if !self.cfg.users.is_empty() {
-            let known = matches!(&who, Principal::Basic(u, p) if self.cfg.users.iter().any(|(n, w)| {
-                constant_time_eq(n.as_bytes(), u.as_bytes()) & constant_time_eq(w.as_bytes(), p.as_bytes())
-            }));
-            if !known {
+            if !self.is_user(&who) {
                 return unauthorized("this mirror requires its own credentials");
             }
             // Upstreams see the mirror, with its configured credentials.
@@ -263,13 +274,17 @@ impl Mirror {
         }
         let head = req.method() == Method::HEAD;
         let header = |n| req.headers().get(n).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
+        // Go clients (Docker) send one `Accept` line per media type: all of them count.
+        let accept = accept_of(req.headers());
         let stats = &self.stats.upstreams[route.upstream];
         stats.requests.inc();
         match route.object.clone() {
             // Clients send credentials only where the version check challenged them (docker,
-            // containers/image): challenge anonymous ones, who then go on anonymously unless
-            // they have credentials, as with any registry that takes Basic auth.
-            Object::Base if who.is_anonymous() => unauthorized("credentials are optional: public content needs none"),
+            // containers/image): challenge those that sent nothing; they fetch a token (an
+            // anonymous one without credentials, see `token.rs`) and come back with it.
+            Object::Base if authorization.is_none() => {
+                unauthorized("credentials are optional: public content needs none, ask /_hb/token")
+            }
             Object::Base => Response::builder()
                 .header(CONTENT_TYPE, "application/json")
                 .body(full(Bytes::from_static(b"{}")))
@@ -282,7 +297,7 @@ impl Mirror {
                 "UNSUPPORTED",
                 "start-up orders are offered with PUT and served inside the accelerated form",
             ),
-            Object::Manifest(r) => self.manifest(&route, r, &who, head, header(ACCEPT)).await,
+            Object::Manifest(r) => self.manifest(&route, r, &who, head, accept).await,
             Object::Blob(d) => self.blob(&route, d, &who, head, header(RANGE)).await,
             Object::TagsList | Object::Referrers(_) => {
                 let tail = req.uri().path().rsplit_once(&format!("{}/", route.repo)).map(|(_, t)| t).unwrap_or("");
@@ -339,6 +354,21 @@ fn is_startup_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: Docker sends one `Accept` line per media type; only the first was read, so
+    /// an OCI manifest was "unknown" to `docker pull` through the mirror.
+    #[test]
+    fn every_accept_line_counts() {
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(accept_of(&h), None);
+        for t in ["application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"]
+        {
+            h.append(ACCEPT, HeaderValue::from_static(t));
+        }
+        let accept = accept_of(&h);
+        assert!(acceptable(accept.as_deref(), "application/vnd.oci.image.manifest.v1+json"), "{accept:?}");
+        assert!(!acceptable(accept.as_deref(), "application/vnd.oci.image.index.v1+json"), "{accept:?}");
+    }
 
     #[test]
     fn accept_negotiation() {

@@ -44,6 +44,13 @@ impl Proxy {
         p
     }
 
+    /// [`Proxy::start`] listening on `addr` (e.g. a veth address a namespace reaches).
+    pub(crate) fn start_on(proxy_toml: &str, addr: String) -> Proxy {
+        let mut p = Proxy { hb: Hb::with_config(proxy_toml), child: None, addr };
+        p.restart();
+        p
+    }
+
     /// The proxy's process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -851,4 +858,161 @@ fn a_hosts_toml_mirror_serves_hbs_pulls_and_lazy_reads_and_the_registry_takes_ov
     assert!(up.requests_from("hb/") > direct_before, "read from the registry itself");
     a.fsck_clean();
     d.fsck_clean();
+}
+
+/// A network namespace joined to the host by a veth pair: the host side 10.233.0.1, the
+/// namespace 10.233.0.2, nothing else (no route out: a client that falls back to Docker Hub
+/// fails instead of leaving the machine). Deleted on drop.
+struct IsolatedNet {
+    name: String,
+}
+
+impl IsolatedNet {
+    const HOST: &'static str = "10.233.0.1";
+
+    fn new() -> IsolatedNet {
+        let name = format!("hbdk{}", std::process::id() % 100_000);
+        let host_if = format!("{name}h");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        let host = format!("{}/30", Self::HOST);
+        for args in [
+            vec!["netns", "add", &name],
+            vec!["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &name],
+            vec!["addr", "add", &host, "dev", &host_if],
+            vec!["link", "set", &host_if, "up"],
+            vec!["-n", &name, "addr", "add", "10.233.0.2/30", "dev", "eth0"],
+            vec!["-n", &name, "link", "set", "eth0", "up"],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            let o = Command::new("ip").args(&args).output().unwrap();
+            assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        IsolatedNet { name }
+    }
+
+    /// `program` run inside the namespace (`nsenter --net`: same mounts and files as the host).
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name)).arg(program);
+        c
+    }
+}
+
+impl Drop for IsolatedNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Kills a process and waits for it when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        for _ in 0..100 {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Regression (operators issue): Docker gave up on the mirror ("no basic auth credentials")
+/// because `/v2/` challenged anonymous clients with Basic auth, and fell back to Docker Hub.
+/// Now the mirror is a token service as Docker Hub is: anonymous clients get an anonymous token.
+/// Real dockerd (its own data root and sockets, `registry-mirrors`) and podman (`registries.conf`
+/// mirror), each in a namespace with no way out, pull a public image through the mirror.
+#[test]
+fn docker_and_podman_pull_public_images_through_the_mirror_without_credentials() {
+    let up = Upstream::start();
+    up.seed_as(&format!("{}/busybox:latest", open_registry()), "library/hbtest-busybox:latest");
+    let net = IsolatedNet::new();
+    let proxy = Proxy::start_on(
+        &format!(
+            "[proxy]\ndefault_upstream = \"docker.io\"\n[[proxy.upstream]]\nhost = \"docker.io\"\nurl = \"http://{}\"\n",
+            up.addr
+        ),
+        format!("{}:{}", IsolatedNet::HOST, free_port()),
+    );
+    let mirror = format!("http://{}", proxy.addr);
+    // Anonymous: challenged with the token service, which hands out an anonymous token.
+    let o = Command::new("curl").args(["-si", &format!("{mirror}/v2/")]).output().unwrap();
+    let head = String::from_utf8_lossy(&o.stdout);
+    assert!(head.to_lowercase().contains(&format!("www-authenticate: bearer realm=\"{mirror}/_hb/token\"")), "{head}");
+    let (code, body) = curl(&[&format!("{mirror}/_hb/token?service=hb-mirror&scope=repository:library/x:pull")]);
+    let token: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    assert_eq!(code, 200);
+    assert_eq!(curl(&["-H", &format!("Authorization: Bearer {token}"), &format!("{mirror}/v2/")]).0, 200);
+    assert_eq!(curl(&["-H", "Authorization: Bearer hbm-0123", &format!("{mirror}/v2/")]).0, 401, "an unknown token");
+
+    // Docker: dockerd started by the test inside the namespace.
+    let d = proxy.hb.path("docker");
+    std::fs::create_dir_all(&d).unwrap();
+    let sock = format!("unix://{}", d.join("docker.sock").display());
+    let log = d.join("dockerd.log");
+    let dockerd = Killed(
+        net.command("/usr/sbin/dockerd")
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .args(["-H", &sock, "--bridge=none", "--iptables=false", "--ip6tables=false", "--storage-driver=vfs"])
+            .args(["--registry-mirror", &mirror])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("dockerd to answer", || {
+        Command::new("/usr/bin/docker").args(["-H", &sock, "version"]).output().is_ok_and(|o| o.status.success())
+    });
+    let o = Command::new("/usr/bin/docker").args(["-H", &sock, "pull", "hbtest-busybox"]).output().unwrap();
+    let dlog = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(o.status.success(), "docker pull: {}\n{}\n{dlog}", String::from_utf8_lossy(&o.stderr), proxy.log());
+    assert!(!dlog.contains("Attempting next endpoint"), "docker left the mirror:\n{dlog}");
+    // The image docker pulled is whole.
+    let id = Command::new("/usr/bin/docker")
+        .args(["-H", &sock, "image", "inspect", "-f", "{{.Id}}", "hbtest-busybox"])
+        .output()
+        .unwrap();
+    assert!(id.status.success() && String::from_utf8_lossy(&id.stdout).starts_with("sha256:"), "{id:?}");
+    drop(dockerd);
+
+    // podman, with the mirror in its registries.conf.
+    let conf = proxy.hb.path("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"docker.io\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            proxy.addr
+        ),
+    )
+    .unwrap();
+    let o = net
+        .command("podman")
+        .env("CONTAINERS_REGISTRIES_CONF", &conf)
+        .arg("--root")
+        .arg(proxy.hb.path("podman"))
+        .arg("--runroot")
+        .arg(proxy.hb.path("podman-run"))
+        .args(["--storage-driver", "vfs", "pull", "docker.io/library/hbtest-busybox:latest"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "podman pull: {}\n{}", String::from_utf8_lossy(&o.stderr), proxy.log());
+    // Both came through the mirror: each blob crossed the upstream link once, the second client
+    // was served from the mirror's store.
+    let s = proxy.stats();
+    assert!(s["hits"].as_u64().unwrap() >= 1, "{s}");
+    let m = layers(&up.addr, "library/hbtest-busybox:latest");
+    for (digest, _) in &m {
+        assert_eq!(up.blob_gets(digest), 1, "{digest} crossed the upstream link once");
+    }
 }
