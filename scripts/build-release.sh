@@ -17,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
+scripts/setup.sh
 cargo build --quiet --release -p hb-cli -p hb-engine -p hb-bench
 if ! cargo rustc --quiet --release -p hb-cli --bin hb -- -C target-feature=+crt-static -C relocation-model=pic; then
     echo "build-release: a static hb did not link (no static glibc? Debian's libc6-dev has it); hb stays dynamic" >&2

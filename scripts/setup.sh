@@ -49,4 +49,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   log "no Rust toolchain found: install one with rustup (https://rustup.rs), then run this again"
   exit 1
 fi
+# Where Debian keeps librocksdb.a on this architecture, for .cargo/config.toml.
+here="$(cd "$(dirname "$0")/.." && pwd)"
+multiarch="$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)"
+if [ "$(readlink "$here/.cargo/lib" 2>/dev/null)" != "/usr/lib/$multiarch" ]; then
+  ln -sfn "/usr/lib/$multiarch" "$here/.cargo/lib"
+fi
 log "ready ($(cargo --version))"

@@ -3,6 +3,16 @@
 //! RocksDB saves every hb process the ~4 ms the dynamic loader spends on librocksdb.so.
 fn main() {
     println!("cargo:rerun-if-env-changed=ROCKSDB_STATIC");
+    println!("cargo:rerun-if-env-changed=ROCKSDB_LIB_DIR");
+    if let Some(dir) = std::env::var_os("ROCKSDB_LIB_DIR").map(std::path::PathBuf::from) {
+        if !dir.join("librocksdb.a").exists() && !dir.join("librocksdb.so").exists() {
+            panic!(
+                "no librocksdb in {} (ROCKSDB_LIB_DIR, from .cargo/config.toml): run scripts/setup.sh, \
+                 which installs librocksdb-dev and links .cargo/lib to this machine's library folder",
+                dir.display()
+            );
+        }
+    }
     if std::env::var_os("ROCKSDB_STATIC").is_some() {
         for lib in ["snappy", "lz4", "bz2", "z", "gflags"] {
             println!("cargo:rustc-link-lib=dylib={lib}");

@@ -54,17 +54,33 @@ impl fmt::Display for Platform {
 
 impl FromStr for Platform {
     type Err = String;
+    /// Parses `os/arch[/variant]`, normalised as containerd normalises (`platforms.Normalize`):
+    /// `x86_64` is `amd64`, `aarch64` is `arm64`, `armhf` is `arm/v7`, a variant `7` is `v7`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split('/').collect();
-        match parts[..] {
-            [os, arch] if !os.is_empty() && !arch.is_empty() => {
-                Ok(Platform { os: os.into(), arch: arch.into(), variant: None })
-            }
-            [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => {
-                Ok(Platform { os: os.into(), arch: arch.into(), variant: Some(v.into()) })
-            }
-            _ => Err(format!("invalid platform {s:?}: expected os/arch[/variant], e.g. linux/amd64")),
-        }
+        let (os, arch, variant) = match parts[..] {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => (os, arch, None),
+            [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => (os, arch, Some(v)),
+            _ => return Err(format!("invalid platform {s:?}: expected os/arch[/variant], e.g. linux/amd64")),
+        };
+        let os = match os.to_ascii_lowercase().as_str() {
+            "macos" => "darwin".to_string(),
+            other => other.to_string(),
+        };
+        let variant = variant.map(str::to_ascii_lowercase);
+        let (arch, variant) = match (arch.to_ascii_lowercase().as_str(), variant.as_deref()) {
+            ("i386", _) => ("386".to_string(), None),
+            ("x86_64" | "x86-64" | "amd64", Some("v1")) => ("amd64".to_string(), None),
+            ("x86_64" | "x86-64" | "amd64", v) => ("amd64".to_string(), v.map(String::from)),
+            ("aarch64" | "arm64", Some("8" | "v8")) => ("arm64".to_string(), Some("v8".to_string())),
+            ("aarch64" | "arm64", v) => ("arm64".to_string(), v.map(String::from)),
+            ("armhf", _) => ("arm".to_string(), Some("v7".to_string())),
+            ("armel", _) => ("arm".to_string(), Some("v6".to_string())),
+            ("arm", None) => ("arm".to_string(), Some("v7".to_string())),
+            ("arm", Some(v @ ("5" | "6" | "7" | "8"))) => ("arm".to_string(), Some(format!("v{v}"))),
+            (a, v) => (a.to_string(), v.map(String::from)),
+        };
+        Ok(Platform { os, arch, variant })
     }
 }
 
@@ -83,5 +99,28 @@ mod tests {
         let amd: Platform = "linux/amd64".parse().unwrap();
         assert!(amd.matches("linux", "amd64", None) && !amd.matches("windows", "amd64", None));
         assert!("linux".parse::<Platform>().unwrap_err().contains("os/arch"));
+    }
+
+    #[test]
+    fn names_are_normalised_as_containerd_normalises_them() {
+        for (given, normal) in [
+            ("linux/x86_64", "linux/amd64"),
+            ("Linux/X86-64", "linux/amd64"),
+            ("linux/amd64/v1", "linux/amd64"),
+            ("linux/amd64/v3", "linux/amd64/v3"),
+            ("linux/aarch64", "linux/arm64"),
+            ("linux/aarch64/8", "linux/arm64/v8"),
+            ("linux/armhf", "linux/arm/v7"),
+            ("linux/armel", "linux/arm/v6"),
+            ("linux/arm", "linux/arm/v7"),
+            ("linux/arm/6", "linux/arm/v6"),
+            ("linux/i386", "linux/386"),
+            ("macos/arm64", "darwin/arm64"),
+            ("linux/riscv64", "linux/riscv64"),
+        ] {
+            assert_eq!(given.parse::<Platform>().unwrap().to_string(), normal, "{given}");
+        }
+        let p: Platform = "linux/x86_64".parse().unwrap();
+        assert!(p.matches("linux", "amd64", None));
     }
 }

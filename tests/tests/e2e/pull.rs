@@ -474,6 +474,11 @@ fn platforms_digests_and_credential_helpers() {
     let out = hb.path("arm");
     hb.ok(&["export", &image, out.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(out.join("arch")).unwrap(), "arm64\n");
+    // The kernel's names are the OCI ones, as containerd normalises them.
+    let x86_64 = hb.json(&["pull", "--platform", "linux/x86_64", &image]);
+    assert_eq!(x86_64["digest"], amd["digest"], "{x86_64:#}");
+    let aarch64 = hb.json(&["pull", "--platform", "linux/aarch64", &image]);
+    assert_eq!((&aarch64["platform"], &aarch64["digest"]), (&arm["platform"], &arm["digest"]), "{aarch64:#}");
     let err = hb.fails(&["pull", "--platform", "linux/s390x", &image], 1);
     assert!(err.contains("no image for platform linux/s390x") && err.contains("linux/amd64, linux/arm64/v8"), "{err}");
     let err = hb.fails(&["pull", "--platform", "linux", &image], 1);
