@@ -43,7 +43,7 @@ CFG
 CFG
   fi
   local prefix=()
-  [ -n "${HB_NETNS:-}" ] && prefix=(ip netns exec "$HB_NETNS")
+  [ -n "${HB_NETNS:-}" ] && prefix=(nsenter --net=/run/netns/"$HB_NETNS")  # not `ip netns exec`: no mount namespace of its own
   nohup "${prefix[@]}" containerd --config "$DIR/config.toml" >> "$DIR/containerd.log" 2>&1 &
   echo $! > "$DIR/pid"
   for _ in $(seq 1 100); do

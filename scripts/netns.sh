@@ -4,8 +4,11 @@
 # storage on the host end.
 #   scripts/netns.sh up [RATE]   (default 100mbit)   |   scripts/netns.sh down
 # Host end 10.231.0.1, namespace end 10.231.0.2 (addresses of this project's own test hosts);
-# the registry is 10.231.0.1:15010. Clients run with `ip netns exec hbnet ...`.
+# the registry is 10.231.0.1:15010. Clients run with `nsenter --net=/run/netns/hbnet ...`.
 set -euo pipefail
+# Commands go into a namespace with `nsenter --net`, never `ip netns exec`: that one also makes
+# a new mount namespace, a copy of every mount there is, and a registry left running in it kept
+# other tests' FUSE mounts alive after they were unmounted (the host's / is private here).
 NS=hbnet
 HOST_IF=hb-veth0
 NS_IF=hb-veth1
@@ -20,12 +23,12 @@ up() {
     ip link set "$NS_IF" netns "$NS"
     ip addr add 10.231.0.1/24 dev "$HOST_IF"
     ip link set "$HOST_IF" up
-    ip netns exec "$NS" ip addr add 10.231.0.2/24 dev "$NS_IF"
-    ip netns exec "$NS" ip link set "$NS_IF" up
-    ip netns exec "$NS" ip link set lo up
+    nsenter --net=/run/netns/"$NS" ip addr add 10.231.0.2/24 dev "$NS_IF"
+    nsenter --net=/run/netns/"$NS" ip link set "$NS_IF" up
+    nsenter --net=/run/netns/"$NS" ip link set lo up
   fi
   tc qdisc replace dev "$HOST_IF" root tbf rate "$RATE" burst 256kb latency 50ms
-  ip netns exec "$NS" tc qdisc replace dev "$NS_IF" root tbf rate "$RATE" burst 256kb latency 50ms
+  nsenter --net=/run/netns/"$NS" tc qdisc replace dev "$NS_IF" root tbf rate "$RATE" burst 256kb latency 50ms
   mkdir -p "$DIR/shaped"
   cat > "$DIR/shaped/config.yml" <<CFG
 version: 0.1

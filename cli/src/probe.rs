@@ -105,7 +105,8 @@ fn remember_probe(path: &Path) {
     }
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+/// `name` as a path when it has a slash, else the first executable of that name on PATH.
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     if name.contains('/') {
         return Some(PathBuf::from(name)).filter(|p| p.is_file());
     }

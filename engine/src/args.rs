@@ -145,6 +145,13 @@ pub enum Cmd {
         /// The same for B
         b: String,
     },
+    /// Check what this machine gives hb (kernel, FUSE, runtimes, store, daemon, containerd) and,
+    /// with IMAGE, whether hb can reach it and start it lazily; each problem with its fix.
+    /// Exit code 1 when a check fails. `--json`: one object (docs/operators.md)
+    Doctor {
+        /// An image to check: its hosts.toml, credentials, the registry's answer, a lazy start
+        image: Option<String>,
+    },
     /// LAN peers of the daemon's node: who is connected, what they hold, bytes exchanged, bans
     Peers {
         #[command(subcommand)]

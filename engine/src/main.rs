@@ -7,6 +7,7 @@
 
 mod args;
 mod daemon;
+mod doctor;
 mod hosts;
 mod mounts;
 mod peers;
@@ -252,6 +253,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon::run(g, &socket, &snap, std::time::Duration::from_secs(idle), &out)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Doctor { image } => {
+            let report = doctor::run(g, image.as_deref(), &|| open_store(g));
+            if out.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", doctor::render(&report));
+            }
+            return Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
         Cmd::Peers { cmd: Some(PeersCmd::Keygen { file, force }) } => {
             peers::keygen(&file, force, &out)?;
             return Ok(ExitCode::SUCCESS);
@@ -379,7 +389,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Daemon { .. }
         | Cmd::Proxy(_)
         | Cmd::Config(_)
-        | Cmd::Peers { .. } => {
+        | Cmd::Peers { .. }
+        | Cmd::Doctor { .. } => {
             unreachable!("handled before the store is opened")
         }
         Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http, layers } => {

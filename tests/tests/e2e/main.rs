@@ -7,6 +7,7 @@ mod crash;
 mod daemon;
 mod dedup_gc;
 mod delta;
+mod doctor;
 mod full_disk;
 mod integrity;
 mod lazy;

@@ -18,6 +18,16 @@ const REGISTRY: &str = "10.232.0.2:5000";
 
 fn net_up() {
     run(Command::new(workspace().join("scripts/peers-net.sh")).args(["up", "4", "100mbit"]));
+    // Regression: the registry was started with `ip netns exec`, which gives it a mount namespace
+    // of its own: a copy of every mount there was, so other tests' FUSE mounts stayed alive after
+    // `hb umount` (their servers never exited). It must share ours.
+    let o = Command::new("pgrep").args(["-f", "docker-registry serve .*peers/config.yml"]).output().unwrap();
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_eq!(theirs, ours, "the peers' registry (pid {pid}) runs in a mount namespace of its own");
+    }
+    assert!(o.status.success(), "no peers' registry running");
 }
 
 fn registry_log() -> std::path::PathBuf {
