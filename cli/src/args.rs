@@ -47,6 +47,9 @@ pub enum ContainerCmd {
         /// Full ids and commands
         #[arg(long)]
         no_trunc: bool,
+        /// `json` (one object per line) or a template such as '{{.ID}}\t{{.Status}}'
+        #[arg(long, value_name = "json|TEMPLATE")]
+        format: Option<String>,
     },
     /// Stop running containers: SIGTERM, then SIGKILL after a grace period
     Stop {

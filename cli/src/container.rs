@@ -272,10 +272,17 @@ pub fn new_id() -> String {
 }
 
 /// `hb ps`.
-pub fn ps(root: &Path, all: bool, quiet: bool, no_trunc: bool, json: bool) -> anyhow::Result<()> {
+pub fn ps(
+    root: &Path,
+    all: bool,
+    quiet: bool,
+    no_trunc: bool,
+    json: bool,
+    format: Option<&crate::output::Format>,
+) -> anyhow::Result<()> {
     let rows: Vec<State> = list(root)?.into_iter().map(|(_, s)| s).filter(|s| all || s.is_running()).collect();
     let mut stdout = std::io::stdout().lock();
-    if json {
+    if json || (format.is_some() && !quiet) {
         let now = now();
         let v: Vec<_> = rows
             .iter()
@@ -286,6 +293,12 @@ pub fn ps(root: &Path, all: bool, quiet: bool, no_trunc: bool, json: bool) -> an
                 v
             })
             .collect();
+        if let Some(f) = format.filter(|_| !json) {
+            for row in &v {
+                writeln!(stdout, "{}", f.line(row)?)?;
+            }
+            return Ok(());
+        }
         serde_json::to_writer_pretty(&mut stdout, &v)?;
         writeln!(stdout)?;
         return Ok(());

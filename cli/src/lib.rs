@@ -64,8 +64,9 @@ pub fn container_command(
             run::cleanup(&dir, remove);
             done(ExitCode::SUCCESS)
         }
-        ContainerCmd::Ps { all, no_trunc } => {
-            container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json)?;
+        ContainerCmd::Ps { all, no_trunc, format } => {
+            let format = format.as_deref().map(output::Format::parse);
+            container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json, format.as_ref())?;
             done(ExitCode::SUCCESS)
         }
         ContainerCmd::Stop { containers, time } => done(each_container(&store_root(g)?, &containers, |dir, s| {

@@ -114,9 +114,13 @@ pub enum Cmd {
     Login {
         /// Registry host[:port] (docker.io when omitted)
         registry: Option<String>,
+        /// The user name [default: asked for on the terminal]
         #[arg(short, long)]
-        username: String,
-        /// Read the password from stdin (otherwise HB_PASSWORD, or a prompt-less error)
+        username: Option<String>,
+        /// The password (visible to other users in the process list: prefer --password-stdin)
+        #[arg(short, long, conflicts_with = "password_stdin")]
+        password: Option<String>,
+        /// Read the password from stdin [default: HB_PASSWORD, else asked for on the terminal]
         #[arg(long)]
         password_stdin: bool,
         #[arg(long)]
@@ -124,8 +128,13 @@ pub enum Cmd {
     },
     /// Remove saved credentials for a registry
     Logout { registry: Option<String> },
-    /// List images: name, digest, size, bytes only this image uses vs bytes shared with others
-    Images,
+    /// List images: name, digest, size, bytes only this image uses vs bytes shared with others.
+    /// `-q` prints digests only
+    Images {
+        /// `json` (one object per line) or a template such as '{{.Name}}\t{{.UniqueBytes}}'
+        #[arg(long, value_name = "json|TEMPLATE")]
+        format: Option<String>,
+    },
     /// Print an image's manifest and config
     Inspect { image: String },
     /// Remove image names; `hb gc` then frees what no other image uses

@@ -178,6 +178,33 @@ fn parse_rate(s: &str) -> anyhow::Result<u64> {
     }
 }
 
+/// Asks on the terminal (stderr), without echo for a `secret`; refuses when stdin is no terminal.
+fn prompt(label: &str, secret: bool) -> anyhow::Result<String> {
+    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    let stdin = io::stdin();
+    if !rustix::termios::isatty(&stdin) {
+        bail!("{label}: stdin is not a terminal to ask on: give it with --username, --password-stdin (or HB_PASSWORD)");
+    }
+    eprint!("{label}: ");
+    let saved = if secret {
+        let t = tcgetattr(&stdin).context("reading the terminal's settings")?;
+        let mut quiet = t.clone();
+        quiet.local_modes.remove(LocalModes::ECHO);
+        tcsetattr(&stdin, OptionalActions::Now, &quiet).context("turning the terminal's echo off")?;
+        Some(t)
+    } else {
+        None
+    };
+    let mut line = String::new();
+    let read = stdin.read_line(&mut line);
+    if let Some(t) = saved {
+        let _ = tcsetattr(&stdin, OptionalActions::Now, &t);
+        eprintln!();
+    }
+    read.context("reading the terminal")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
@@ -193,16 +220,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => None,
     };
     let cmd = match cli.cmd {
-        Cmd::Login { registry, username, password_stdin, plain_http } => {
+        Cmd::Login { registry, username, password, password_stdin, plain_http } => {
             let registry = registry.unwrap_or_else(|| "docker.io".into());
+            let username = match username {
+                Some(u) => u,
+                None if password_stdin => bail!("--password-stdin needs --username (stdin holds the password)"),
+                None => prompt(&format!("Username for {registry}"), false)?,
+            };
             let password = if password_stdin {
                 let mut p = String::new();
                 io::stdin().read_line(&mut p)?;
                 p.trim_end_matches(['\r', '\n']).to_string()
+            } else if let Some(p) = password {
+                out.note("WARNING! Using --password via the command line is insecure. Use --password-stdin.");
+                p
+            } else if let Ok(p) = std::env::var("HB_PASSWORD") {
+                p
             } else {
-                std::env::var("HB_PASSWORD")
-                    .map_err(|_| anyhow::anyhow!("give the password with --password-stdin (or HB_PASSWORD)"))?
+                prompt("Password", true)?
             };
+            if username.is_empty() || password.is_empty() {
+                bail!("a user name and a password are needed to log in to {registry}");
+            }
             // Any repository will do: the registry answers for the credentials, not the name.
             let probe = hb_registry::ImageRef::parse(&format!("{registry}/hb-login-check/probe:latest"))?;
             let mut opts = hb_images::Registries::options(
@@ -366,7 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let reads_only = matches!(
         cmd,
         Cmd::Mount { .. }
-            | Cmd::Images
+            | Cmd::Images { .. }
             | Cmd::Inspect { .. }
             | Cmd::Export { .. }
             | Cmd::Diff { .. }

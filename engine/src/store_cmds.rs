@@ -21,10 +21,22 @@ use crate::{export_rootfs, short_label};
 /// Runs `cmd`, one of this module's commands, on `store`.
 pub fn run(cmd: Cmd, store: &Arc<Store>, out: &Out) -> anyhow::Result<ExitCode> {
     match cmd {
-        Cmd::Images => {
+        Cmd::Images { format } => {
             let sizes = store.image_sizes()?;
             if out.json {
                 out.json_value(&sizes)?;
+            } else if out.quiet {
+                // As `docker images -q`: ids only, once each.
+                let mut seen = std::collections::HashSet::new();
+                let mut w = io::stdout().lock();
+                for s in sizes.iter().filter(|s| seen.insert(s.digest)) {
+                    writeln!(w, "{}", s.digest.short())?;
+                }
+            } else if let Some(f) = format.as_deref().map(hb_cli::output::Format::parse) {
+                let mut w = io::stdout().lock();
+                for s in &sizes {
+                    writeln!(w, "{}", f.line(&serde_json::to_value(s)?)?)?;
+                }
             } else {
                 let mut w = io::stdout().lock();
                 writeln!(w, "{:<50} {:<14} {:>10} {:>10} {:>10}", "IMAGE", "DIGEST", "SIZE", "UNIQUE", "SHARED")?;

@@ -211,6 +211,11 @@ impl Mirror {
         let host = req.headers().get(hyper::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
         let resp = match (req.method(), path.as_str()) {
             (&Method::GET, "/_hb/token") => self.token(&req),
+            // For load balancers and systemd: up and serving (no auth, no upstream asked).
+            (&Method::GET | &Method::HEAD, "/healthz") => Response::builder()
+                .header(CONTENT_TYPE, "text/plain")
+                .body(full(Bytes::from_static(b"ok\n")))
+                .expect("valid response"),
             (&Method::GET, "/metrics") => {
                 let (n, bytes) = self.kept();
                 Response::builder()

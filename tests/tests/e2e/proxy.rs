@@ -950,6 +950,7 @@ fn docker_and_podman_pull_public_images_through_the_mirror_without_credentials()
     assert_eq!(code, 200);
     assert_eq!(curl(&["-H", &format!("Authorization: Bearer {token}"), &format!("{mirror}/v2/")]).0, 200);
     assert_eq!(curl(&["-H", "Authorization: Bearer hbm-0123", &format!("{mirror}/v2/")]).0, 401, "an unknown token");
+    assert_eq!(curl(&[&format!("{mirror}/healthz")]), (200, b"ok\n".to_vec()), "health, without credentials");
 
     // Docker: dockerd started by the test inside the namespace.
     let d = proxy.hb.path("docker");

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hb_tests::*;
 
@@ -376,6 +376,66 @@ fn login_checks_saves_and_logout_removes_credentials() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("Removed login credentials"));
     let after = pull(&Hb::new());
     assert_eq!(after.status.code(), Some(1), "no credentials left after logout");
+
+    // As docker: -p (with a warning), and on a terminal both asked for, the password unechoed.
+    let o = hb
+        .command(&["login", &registry, "-u", "hb", "-p", "hb-secret"])
+        .env("DOCKER_CONFIG", &docker)
+        .output()
+        .unwrap();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--password-stdin"), "{o:?}");
+    assert!(pull(&Hb::new()).status.success());
+    hb.command(&["logout", &registry]).env("DOCKER_CONFIG", &docker).output().unwrap();
+    assert_eq!(pull(&Hb::new()).status.code(), Some(1), "logged out again");
+    let mut c = hb.command(&["login", &registry]);
+    let line: Vec<String> = std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| format!("'{}'", a.to_str().unwrap().replace('\'', "'\\''")))
+        .collect();
+    let mut script = std::process::Command::new("script");
+    script.args(["-qec", &line.join(" "), "/dev/null"]);
+    for (k, v) in c.get_envs() {
+        if let Some(v) = v {
+            script.env(k, v);
+        }
+    }
+    script.env("DOCKER_CONFIG", &docker);
+    let mut child = script.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let shown = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let shown = shown.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                shown.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    // Each answer once its question is on the terminal (typed earlier, the terminal echoes it).
+    for (question, answer) in [("Username for", "hb\n"), ("Password:", "hb-secret\n")] {
+        let t = std::time::Instant::now();
+        while !shown.lock().unwrap().contains(question) {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "never asked {question:?}: {}",
+                shown.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        stdin.write_all(answer.as_bytes()).unwrap();
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let shown = shown.lock().unwrap().clone();
+    assert!(status.success() && shown.contains("Login succeeded"), "{shown}");
+    assert!(!shown.contains("hb-secret"), "the password was echoed: {shown}");
+    assert!(pull(&Hb::new()).status.success(), "the prompted credentials were saved");
+    // No terminal and no password: says how to give one.
+    let o = c.env("DOCKER_CONFIG", &docker).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--password-stdin"), "{o:?}");
 }
 
 /// A proxy whose first `failures` connections get `503 Service Unavailable`; later ones relay.

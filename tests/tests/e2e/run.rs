@@ -209,6 +209,17 @@ fn detached_containers_outlive_hb_and_have_a_docker_lifecycle() {
         "{ps}"
     );
     assert_eq!(hb.ok(&["-q", "ps"]).trim(), &id[..12], "-q prints ids only");
+    // docker's --format: a template, or one JSON object per line.
+    assert_eq!(hb.ok(&["ps", "--format", "{{.ID}}\\t{{.Name}}"]), format!("{id}\tweb\n"));
+    let line: serde_json::Value = serde_json::from_str(hb.ok(&["ps", "--format", "json"]).trim()).unwrap();
+    assert_eq!((line["id"].as_str(), line["running"].as_bool()), (Some(id), Some(true)), "{line}");
+    let err = hb.fails(&["ps", "--format", "{{.Nope}}"], 1);
+    assert!(err.contains("no field \"Nope\""), "{err}");
+    // images: -q digests once each, --format.
+    let image_digest = hb.json(&["images"])[0]["digest"].as_str().unwrap().to_string();
+    let q = hb.ok(&["-q", "images"]);
+    assert!(q.lines().count() == 1 && image_digest.contains(q.trim()), "{q} vs {image_digest}");
+    assert_eq!(hb.ok(&["images", "--format", "{{.Digest}}"]).trim(), image_digest);
     // Logs keep the streams apart.
     eventually("the container's first output in its log", || {
         let o = hb.run(&["logs", "web"]);
