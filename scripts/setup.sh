@@ -20,6 +20,7 @@ PACKAGES=(
   golang-github-containerd-stargz-snapshotter-dev    # stargz-snapshotter's daemon, built by scripts/stargz.sh for the cold-start bench
   docker.io podman             # real Docker and podman clients of the mirror (tests start dockerd in a namespace)
   ca-certificates
+  dpkg-dev binutils            # scripts/package.sh: dpkg-shlibdeps, objcopy
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

@@ -446,6 +446,31 @@ fn is_root() -> bool {
 mod tests {
     use super::*;
 
+    /// The commented default the package installs as /etc/hb/hb.toml: valid as shipped, and
+    /// still valid with every commented setting uncommented (no stale or misspelt key).
+    #[test]
+    fn the_shipped_default_config_names_only_real_settings() {
+        let text = include_str!("../../dist/hb.toml");
+        let shipped: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(shipped.version, Some(CONFIG_VERSION));
+        fn setting(l: &str) -> Option<&str> {
+            let l = l.strip_prefix("# ")?;
+            let is_table = l.starts_with("[[") && l.ends_with("]]");
+            let is_key = l
+                .split_once(" = ")
+                .is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            (is_table || is_key).then_some(l)
+        }
+        let all: String = text.lines().map(|l| setting(l).unwrap_or(l)).map(|l| format!("{l}\n")).collect();
+        let uncommented = text.lines().filter(|l| setting(l).is_some()).count();
+        assert!(uncommented > 25, "only {uncommented} commented settings found");
+        let full: FileConfig = toml::from_str(&all).unwrap_or_else(|e| panic!("{e}\n{all}"));
+        assert_eq!(full.proxy.upstream.len(), 1);
+        assert_eq!(full.proxy.user.len(), 1);
+        assert_eq!(full.store.root.as_deref(), Some(Path::new("/var/lib/hb")));
+        assert!(full.p2p.psk_file.is_some() && full.daemon.snapshotter_socket.is_some());
+    }
+
     #[test]
     fn config_rules() {
         let ok: FileConfig = toml::from_str("version = 1\n[store]\nroot = \"/x\"\n").unwrap();

@@ -84,6 +84,15 @@ pub enum Cmd {
     /// Show the effective configuration
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Print a shell completion script: `hb completion bash > /etc/bash_completion.d/hb`
+    /// (the Debian package installs them)
+    Completion {
+        #[arg(value_name = "bash|zsh|fish|elvish|powershell")]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (hb.1 and one per command) into DIR (the package build uses it)
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Unmount what `hb mount` mounted at DIR (also detaches a stale mount of a dead process)
     Umount { dir: PathBuf },
     /// Write an accelerated (lazy-pullable) form of SRC to DST in any OCI registry, bound to the

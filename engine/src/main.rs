@@ -10,6 +10,7 @@ mod daemon;
 mod doctor;
 mod hosts;
 mod mounts;
+mod notify;
 mod peers;
 mod progress;
 mod proxy;
@@ -52,6 +53,9 @@ fn main() -> ExitCode {
         }
     };
     output::init_logging(cli.global.verbose);
+    if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Proxy(ProxyCli { cmd: None, .. })) {
+        notify::adopt();
+    }
     trust_store_bundle();
     match run(cli) {
         Ok(code) => code,
@@ -338,6 +342,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             proxy::run(store, addr, cfg, tls)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "hb", &mut script);
+            match io::stdout().write_all(&script) {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => return Err(e).context("writing the script"),
+                _ => return Ok(ExitCode::SUCCESS),
+            }
+        }
+        Cmd::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::Config(ConfigCmd::Show) => {
             let mut file = config::load(g.config.as_deref())?;
             file.version = Some(config::CONFIG_VERSION);
@@ -428,6 +448,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Daemon { .. }
         | Cmd::Proxy(_)
         | Cmd::Config(_)
+        | Cmd::Completion { .. }
+        | Cmd::Man { .. }
         | Cmd::Peers { .. }
         | Cmd::Doctor { .. } => {
             unreachable!("handled before the store is opened")

@@ -145,7 +145,9 @@ pub fn run(
             indicatif::HumanBytes(bytes),
             hosts.join(", ")
         );
+        crate::notify::ready(&format!("serving {scheme}://{addr}"));
         mirror::serve(listener, m, tls, stopped).await?;
+        crate::notify::stopping();
         store.flush_metadata()?;
         eprintln!("hb proxy: stopped");
         anyhow::Ok(())

@@ -343,6 +343,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     }));
     out.note(format!("containerd snapshotter on {} (proxy_plugins, type \"snapshot\")", snapshotter.display()));
     tracing::info!(socket = %socket.display(), root = %root.display(), "daemon ready");
+    crate::notify::ready(&format!("serving store {} on {}", root.display(), socket.display()));
     let reaper = d.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));
@@ -378,6 +379,7 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         }
         anyhow::Ok(())
     })?;
+    crate::notify::stopping();
     let _ = stop_snap.send(());
     if let Err(e) = server.block_on(snap_server) {
         tracing::warn!(error = %e, "the snapshotter's server ended badly");

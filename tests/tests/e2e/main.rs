@@ -11,6 +11,7 @@ mod doctor;
 mod full_disk;
 mod integrity;
 mod lazy;
+mod package;
 mod peers;
 mod proxy;
 mod pull;
