@@ -40,17 +40,7 @@ pub enum ContainerCmd {
     /// Run a command in a new container from an image (pulled, lazily when it can be, if missing)
     Run(Box<RunCli>),
     /// List containers (running ones; -a: all). `-q` prints ids only
-    Ps {
-        /// Show all containers, not only running ones
-        #[arg(short, long)]
-        all: bool,
-        /// Full ids and commands
-        #[arg(long)]
-        no_trunc: bool,
-        /// `json` (one object per line) or a template such as '{{.ID}}\t{{.Status}}'
-        #[arg(long, value_name = "json|TEMPLATE")]
-        format: Option<String>,
-    },
+    Ps(PsArgs),
     /// Stop running containers: SIGTERM, then SIGKILL after a grace period
     Stop {
         #[arg(required = true, value_name = "CONTAINER")]
@@ -68,12 +58,16 @@ pub enum ContainerCmd {
         signal: String,
     },
     /// Remove containers (their writable layer and logs)
-    Rm {
+    Rm(RmArgs),
+    /// Block until containers stop, then print their exit codes (one per line)
+    Wait {
         #[arg(required = true, value_name = "CONTAINER")]
         containers: Vec<String>,
-        /// Kill and remove a running container
-        #[arg(short, long)]
-        force: bool,
+    },
+    /// Manage containers: ls, rm, prune, inspect (as `docker container`)
+    Container {
+        #[command(subcommand)]
+        cmd: ContainerSub,
     },
     /// Print a container's output (stdout to stdout, stderr to stderr)
     Logs {
@@ -87,6 +81,10 @@ pub enum ContainerCmd {
         /// Prefix each line with its time (RFC 3339)
         #[arg(short, long)]
         timestamps: bool,
+        /// Only output since this time: RFC 3339 (2026-12-06T10:00:00Z), Unix seconds, or a
+        /// duration before now (10m, 1h30m, 42s)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
     },
     /// Run a command in a running container
     Exec {
@@ -119,6 +117,52 @@ pub enum ContainerCmd {
     ContainerMonitor { id: String },
 }
 
+/// `hb ps` and `hb container ls`.
+#[derive(Args)]
+pub struct PsArgs {
+    /// Show all containers, not only running ones
+    #[arg(short, long)]
+    pub all: bool,
+    /// Full ids and commands
+    #[arg(long)]
+    pub no_trunc: bool,
+    /// `json` (one object per line) or a template such as '{{.ID}}\t{{.Status}}'
+    #[arg(long, value_name = "json|TEMPLATE")]
+    pub format: Option<String>,
+}
+
+/// `hb rm` and `hb container rm`.
+#[derive(Args)]
+pub struct RmArgs {
+    #[arg(required = true, value_name = "CONTAINER")]
+    pub containers: Vec<String>,
+    /// Kill and remove a running container
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// `hb container ...`: docker's management commands for containers.
+#[derive(Subcommand)]
+pub enum ContainerSub {
+    /// List containers (as `hb ps`)
+    #[command(visible_alias = "list", alias = "ps")]
+    Ls(PsArgs),
+    /// Remove containers (as `hb rm`)
+    #[command(visible_alias = "remove")]
+    Rm(RmArgs),
+    /// Remove every container that is not running
+    Prune {
+        /// Do not ask for confirmation
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print containers' state as a JSON array (docker's field names)
+    Inspect {
+        #[arg(required = true, value_name = "CONTAINER")]
+        containers: Vec<String>,
+    },
+}
+
 /// `hb run`'s flags, as docker's.
 #[derive(Args)]
 pub struct RunCli {
@@ -129,6 +173,9 @@ pub struct RunCli {
     /// Set environment variables (KEY=VALUE, or KEY to take it from hb's environment)
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// Read environment variables from a file (KEY=VALUE lines; # comments; -e wins over it)
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
     /// Working directory inside the container
     #[arg(short, long)]
     pub workdir: Option<String>,
@@ -138,6 +185,22 @@ pub struct RunCli {
     /// Bind mount a volume (HOST:CONTAINER[:ro|rw])
     #[arg(short, long = "volume", value_name = "HOST:CONTAINER[:ro]")]
     pub volume: Vec<hb_runtime::Volume>,
+    /// Mount a tmpfs (PATH[:OPTIONS], e.g. /run:size=64m,exec)
+    #[arg(long, value_name = "PATH[:OPTIONS]")]
+    pub tmpfs: Vec<hb_runtime::Tmpfs>,
+    /// Mount, docker's long form: type=bind,source=/a,target=/b[,readonly] or
+    /// type=tmpfs,target=/c[,tmpfs-size=64m][,tmpfs-mode=1777]
+    #[arg(long, value_name = "type=bind|tmpfs,...")]
+    pub mount: Vec<hb_runtime::MountArg>,
+    /// Add a Linux capability (NET_ADMIN, SYS_PTRACE, ... or ALL)
+    #[arg(long, value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a Linux capability (CHOWN, ... or ALL)
+    #[arg(long, value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// Log rotation, as docker's json-file driver: max-size=10m, max-file=3
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub log_opt: Vec<String>,
     /// Remove the container when it exits
     #[arg(long)]
     pub rm: bool,

@@ -9,7 +9,7 @@
 //! `hb container-monitor` with `-d`) records the start, the exit code and the end; any later hb
 //! process reads the folder. A monitor that died without recording an end shows as `Dead`.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -468,6 +468,130 @@ pub fn rm(dir: &Path, s: &State, force: bool) -> anyhow::Result<()> {
     remove(dir, s)
 }
 
+/// `hb wait`: blocks until each container has stopped, printing its exit code (one per line, in
+/// the order given, as docker does); exit code 1 when any could not be waited for.
+pub fn wait(root: &Path, names: &[String]) -> anyhow::Result<std::process::ExitCode> {
+    let mut failed = false;
+    for n in names {
+        let code = find(root, n).and_then(|(dir, s)| {
+            let end = wait_exit(&dir, &s, Duration::MAX)?;
+            match (end.exit_code, end.error) {
+                (Some(code), _) => Ok(code),
+                (None, Some(e)) => bail!("container {} failed to start: {e}", end.name),
+                (None, None) if end.rm => {
+                    bail!("container {} ended and was removed (--rm) before its exit code was read", end.name)
+                }
+                (None, None) => bail!("container {}'s hb monitor died: its exit code is unknown", end.name),
+            }
+        });
+        match code {
+            Ok(code) => println!("{code}"),
+            Err(e) => {
+                eprintln!("hb: error: {e:#}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { std::process::ExitCode::from(1) } else { std::process::ExitCode::SUCCESS })
+}
+
+/// Bytes a container holds of its own: its writable layer and log (files under its folder, not
+/// crossing into the mounts of a running one).
+pub fn size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(p: &Path, dev: u64) -> u64 {
+        let Ok(entries) = std::fs::read_dir(p) else { return 0 };
+        entries
+            .flatten()
+            .filter_map(|e| e.metadata().ok().map(|m| (e.path(), m)))
+            .filter(|(_, m)| m.dev() == dev)
+            .map(|(p, m)| if m.is_dir() { walk(&p, dev) } else { m.len() })
+            .sum()
+    }
+    std::fs::metadata(dir).map_or(0, |m| walk(dir, m.dev()))
+}
+
+/// `hb container prune`: removes every container that is not running; their full ids and the
+/// bytes freed. A container that cannot be removed is reported on stderr and kept.
+pub fn prune(root: &Path) -> anyhow::Result<(Vec<String>, u64)> {
+    let mut removed = Vec::new();
+    let mut freed = 0;
+    for (dir, s) in list(root)?.into_iter().filter(|(_, s)| !s.is_running()) {
+        let bytes = size(&dir);
+        match rm(&dir, &s, false) {
+            Ok(()) => {
+                removed.push(s.id);
+                freed += bytes;
+            }
+            Err(e) => eprintln!("hb: error: removing container {}: {e:#}", s.name),
+        }
+    }
+    Ok((removed, freed))
+}
+
+/// Docker's `State.Status`: created, running, exited, or dead (its monitor died).
+pub fn docker_status(s: &State) -> &'static str {
+    match s.status {
+        Status::Created | Status::Running if !s.monitor_alive() => "dead",
+        Status::Created => "created",
+        Status::Running => "running",
+        Status::Exited => "exited",
+    }
+}
+
+/// A container as `docker inspect` shows one (the fields hb has, docker's names and zero values).
+pub fn inspect(dir: &Path, s: &State) -> serde_json::Value {
+    let time = |t: Option<u64>| {
+        t.and_then(|t| chrono::DateTime::from_timestamp(t as i64, 0))
+            .map_or("0001-01-01T00:00:00Z".to_string(), |d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    let spec: Option<oci_spec::runtime::Spec> =
+        std::fs::read(dir.join("config.json")).ok().and_then(|raw| serde_json::from_slice(&raw).ok());
+    let process = spec.as_ref().and_then(|s| s.process().clone());
+    let status = docker_status(s);
+    serde_json::json!({
+        "Id": s.id,
+        "Name": format!("/{}", s.name),
+        "Created": time(Some(s.created)),
+        "Path": s.command.first().cloned().unwrap_or_default(),
+        "Args": s.command.get(1..).unwrap_or_default(),
+        "State": {
+            "Status": status,
+            "Running": s.is_running(),
+            "Paused": false,
+            "Dead": status == "dead",
+            "ExitCode": s.exit_code.unwrap_or(0),
+            "Error": s.error.clone().unwrap_or_default(),
+            "StartedAt": time(s.started),
+            "FinishedAt": time(s.finished),
+        },
+        "Image": s.image,
+        "Config": {
+            "Image": s.image,
+            "Cmd": s.command,
+            "Env": process.as_ref().and_then(|p| p.env().clone()).unwrap_or_default(),
+            "WorkingDir": process.as_ref().map(|p| p.cwd().display().to_string()).unwrap_or_default(),
+            "Hostname": spec.as_ref().and_then(|s| s.hostname().clone()).unwrap_or_default(),
+            "Tty": process.as_ref().and_then(|p| p.terminal()).unwrap_or(false),
+        },
+        "HostConfig": {
+            "AutoRemove": s.rm,
+            "Runtime": s.runtime,
+            "ReadonlyRootfs": spec.as_ref().and_then(|s| s.root().as_ref().and_then(|r| r.readonly())).unwrap_or(false),
+        },
+        "GraphDriver": {
+            "Name": "overlay",
+            "Data": {
+                "MergedDir": dir.join("rootfs"),
+                "UpperDir": dir.join("upper"),
+                "WorkDir": dir.join("work"),
+            },
+        },
+        "LogPath": if dir.join("log.json").exists() { dir.join("log.json").display().to_string() } else { String::new() },
+        "SizeRw": size(dir),
+    })
+}
+
 /// One line of `log.json`.
 #[derive(Serialize, Deserialize)]
 pub struct LogLine {
@@ -476,8 +600,147 @@ pub struct LogLine {
     pub time: String,
 }
 
-/// `hb logs`: the container's output, stdout lines to stdout and stderr lines to stderr.
-pub fn logs(dir: &Path, s: &State, follow: bool, tail: Option<usize>, timestamps: bool) -> anyhow::Result<()> {
+/// `--log-opt`: rotation of `log.json`, as docker's json-file driver (`max-size`, `max-file`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogOptions {
+    /// Rotate when the log would pass this many bytes [default: never].
+    pub max_size: Option<u64>,
+    /// Files kept, the current one included (`log.json`, `log.json.1`, ...) [default: 1].
+    pub max_file: Option<u32>,
+}
+
+impl LogOptions {
+    pub fn parse(opts: &[String]) -> anyhow::Result<LogOptions> {
+        let mut o = LogOptions::default();
+        for opt in opts {
+            match opt.split_once('=') {
+                Some(("max-size", v)) => match hb_core::parse_size(v) {
+                    Ok(n) if n > 0 => o.max_size = Some(n),
+                    _ => bail!("--log-opt {opt}: a size such as 10m or 1g"),
+                },
+                Some(("max-file", v)) => match v.parse::<u32>() {
+                    Ok(n) if n > 0 => o.max_file = Some(n),
+                    _ => bail!("--log-opt {opt}: a number of files, at least 1"),
+                },
+                _ => bail!("--log-opt {opt:?}: hb's json-file log takes max-size=SIZE and max-file=N"),
+            }
+        }
+        if o.max_file.is_some() && o.max_size.is_none() {
+            bail!("--log-opt max-file needs max-size (the size at which the log rotates)");
+        }
+        Ok(o)
+    }
+}
+
+/// `log.json` rotated to `log.json.1` (then `.2`, ...): the older, the higher.
+fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n}"));
+    PathBuf::from(p)
+}
+
+/// Writes `log.json`, rotating it as [`LogOptions`] say.
+pub struct LogWriter {
+    file: std::fs::File,
+    path: PathBuf,
+    size: u64,
+    opts: LogOptions,
+}
+
+impl LogWriter {
+    pub fn open(path: &Path, opts: LogOptions) -> std::io::Result<LogWriter> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(LogWriter { file, path: path.to_path_buf(), size, opts })
+    }
+
+    /// A writer over an open file (tests: one opened read-only fails every write).
+    #[cfg(test)]
+    pub(crate) fn over(file: std::fs::File, path: &Path) -> LogWriter {
+        LogWriter { file, path: path.to_path_buf(), size: 0, opts: LogOptions::default() }
+    }
+
+    /// Appends one record (a whole line), rotating first when it would pass `max-size`.
+    pub fn write_line(&mut self, text: &[u8]) -> std::io::Result<()> {
+        if let Some(max) = self.opts.max_size {
+            if self.size > 0 && self.size + text.len() as u64 > max {
+                self.rotate()?;
+            }
+        }
+        self.file.write_all(text)?;
+        self.size += text.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let keep = self.opts.max_file.unwrap_or(1).saturating_sub(1);
+        if keep == 0 {
+            // One file: it starts again (as docker's max-file=1).
+            self.file.set_len(0)?;
+        } else {
+            for n in (1..keep).rev() {
+                match std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            std::fs::rename(&self.path, rotated(&self.path, 1))?;
+            self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// What `hb logs` prints.
+#[derive(Default)]
+pub struct LogFilter {
+    pub follow: bool,
+    /// Only the last N lines (of those since `since`).
+    pub tail: Option<usize>,
+    pub timestamps: bool,
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `--since`: RFC 3339, Unix seconds (fractions allowed), or a duration before now (`1h30m`,
+/// `10m`, `42s`, `500ms`), as docker takes it.
+pub fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    use chrono::{DateTime, Utc};
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(secs) = s.parse::<f64>() {
+        if let Some(t) = DateTime::from_timestamp(secs.trunc() as i64, (secs.fract() * 1e9) as u32) {
+            return Ok(t);
+        }
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
+        let (num, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--since {s:?}: RFC 3339, Unix seconds, or a duration such as 10m"))?;
+        total += n * match unit {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => bail!("--since {s:?}: RFC 3339, Unix seconds, or a duration such as 10m (units ms, s, m, h)"),
+        };
+        rest = &rest[digits + unit_len..];
+    }
+    if s.is_empty() {
+        bail!("--since needs a time");
+    }
+    Ok(Utc::now() - chrono::Duration::milliseconds((total * 1000.0) as i64))
+}
+
+/// `hb logs`: the container's output, stdout lines to stdout and stderr lines to stderr, the
+/// rotated files first.
+pub fn logs(dir: &Path, s: &State, f: &LogFilter) -> anyhow::Result<()> {
     let path = dir.join("log.json");
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
@@ -490,26 +753,57 @@ pub fn logs(dir: &Path, s: &State, follow: bool, tail: Option<usize>, timestamps
         }
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
     };
-    let mut reader = std::io::BufReader::new(file);
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     let mut emit = |line: &str| -> anyhow::Result<()> {
         let Ok(l) = serde_json::from_str::<LogLine>(line) else { return Ok(()) };
+        if let Some(since) = f.since {
+            if chrono::DateTime::parse_from_rfc3339(&l.time).is_ok_and(|t| t < since) {
+                return Ok(());
+            }
+        }
         let w: &mut dyn Write = if l.stream == "stderr" { &mut err } else { &mut out };
-        if timestamps {
+        if f.timestamps {
             write!(w, "{} ", l.time)?;
         }
         w.write_all(l.log.as_bytes())?;
         w.flush()?;
         Ok(())
     };
-    if let Some(n) = tail {
-        let mut all = String::new();
-        std::io::Read::read_to_string(&mut reader, &mut all)?;
-        let lines: Vec<&str> = all.lines().collect();
-        for l in &lines[lines.len().saturating_sub(n)..] {
-            emit(l)?;
+    // Rotated files, oldest first; then the current one (followed when asked).
+    let mut older = Vec::new();
+    for n in 1.. {
+        match std::fs::read_to_string(rotated(&path, n)) {
+            Ok(text) => older.push(text),
+            Err(_) => break,
         }
     }
+    let mut reader = std::io::BufReader::new(file);
+    let mut current = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut current)?;
+    let mut lines: Vec<&str> = older.iter().rev().chain([&current]).flat_map(|t| t.lines()).collect();
+    // A line being written (no newline yet) is read again whole next time round.
+    let partial =
+        if current.ends_with('\n') || current.is_empty() { 0 } else { current.lines().last().map_or(0, str::len) };
+    if partial > 0 {
+        lines.pop();
+        reader.seek_relative(-(partial as i64))?;
+    }
+    if let Some(since) = f.since {
+        lines.retain(|l| {
+            serde_json::from_str::<LogLine>(l)
+                .ok()
+                .and_then(|l| chrono::DateTime::parse_from_rfc3339(&l.time).ok())
+                .is_none_or(|t| t >= since)
+        });
+    }
+    let skip = f.tail.map_or(0, |n| lines.len().saturating_sub(n));
+    for l in &lines[skip..] {
+        emit(l)?;
+    }
+    if !f.follow {
+        return Ok(());
+    }
+    let inode = |m: &std::fs::Metadata| std::os::unix::fs::MetadataExt::ino(m);
     let mut buf = String::new();
     // Following: once the container has ended, one more pass reads what it wrote last (its
     // monitor records the end only after the output is in the log).
@@ -525,7 +819,26 @@ pub fn logs(dir: &Path, s: &State, follow: bool, tail: Option<usize>, timestamps
             // A line being written: read the rest of it next time round.
             reader.seek_relative(-(n as i64))?;
         }
-        if !follow || last_pass {
+        // Rotated away (a new log.json) or started again (max-file=1): read on from its start.
+        let ours = reader.get_ref().metadata()?;
+        match std::fs::metadata(&path) {
+            Ok(m) if inode(&m) != inode(&ours) => {
+                // What was written to the old file before it was renamed comes first.
+                let mut rest = String::new();
+                std::io::Read::read_to_string(&mut reader, &mut rest)?;
+                for l in rest.lines() {
+                    emit(l)?;
+                }
+                reader = std::io::BufReader::new(std::fs::File::open(&path)?);
+                continue;
+            }
+            _ if ours.len() < reader.stream_position()? => {
+                reader.seek(std::io::SeekFrom::Start(0))?;
+                continue;
+            }
+            _ => {}
+        }
+        if last_pass {
             return Ok(());
         }
         if !State::load(dir).is_ok_and(|s| s.is_running()) {
@@ -630,6 +943,41 @@ mod tests {
         assert!(unique_name(root.path(), Some("a/b"), "00").is_err());
         let g = unique_name(root.path(), None, "0001").unwrap();
         assert_eq!(g, "brave_curie");
+    }
+
+    #[test]
+    fn logs_rotate_as_dockers_json_file_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.json");
+        let opts = LogOptions::parse(&["max-size=10".into(), "max-file=3".into()]).unwrap();
+        let mut w = LogWriter::open(&path, opts).unwrap();
+        for i in 0..5 {
+            w.write_line(format!("line {i}\n").as_bytes()).unwrap();
+        }
+        let read = |n: u32| std::fs::read_to_string(if n == 0 { path.clone() } else { rotated(&path, n) }).ok();
+        assert_eq!(
+            (read(0), read(1), read(2), read(3)),
+            (Some("line 4\n".into()), Some("line 3\n".into()), Some("line 2\n".into()), None)
+        );
+        let mut one = LogWriter::open(&path, LogOptions::parse(&["max-size=10".into()]).unwrap()).unwrap();
+        one.write_line(b"again\n").unwrap();
+        assert_eq!(read(0).as_deref(), Some("again\n"), "max-file 1: the file starts again");
+        for bad in ["max-size=0", "max-file=0", "max-size=lots", "mode=fast"] {
+            assert!(LogOptions::parse(&[bad.into()]).is_err(), "{bad}");
+        }
+        assert!(LogOptions::parse(&["max-file=2".into()]).is_err(), "max-file without max-size");
+    }
+
+    #[test]
+    fn since_takes_times_timestamps_and_durations() {
+        let t = parse_since("2026-12-06T10:00:00Z").unwrap();
+        assert_eq!(t.timestamp(), 1796551200);
+        assert_eq!(parse_since("1796551200").unwrap(), t);
+        let ago = chrono::Utc::now() - parse_since("1h30m").unwrap();
+        assert!((ago.num_seconds() - 5400).abs() < 5, "{ago}");
+        for bad in ["", "yesterday", "10x", "m"] {
+            assert!(parse_since(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

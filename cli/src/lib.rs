@@ -23,7 +23,7 @@ pub mod run;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-pub use args::{ContainerCmd, Global, RunCli};
+pub use args::{ContainerCmd, ContainerSub, Global, PsArgs, RmArgs, RunCli};
 use output::Out;
 
 /// What a container command came to.
@@ -48,7 +48,8 @@ pub fn container_command(
         // As `docker run`: 125 when hb failed, 126/127 when the container's command cannot be
         // run or is not there; else the container's own exit code.
         ContainerCmd::Run(r) => {
-            match store_root(g).and_then(|root| run::run(g, &root, run::RunRequest::from_cli(*r), &out, local)) {
+            let req = store_root(g).and_then(|root| Ok((root, run::RunRequest::from_cli(*r)?)));
+            match req.and_then(|(root, req)| run::run(g, &root, req, &out, local)) {
                 Err(e) => {
                     eprintln!("hb: error: {}", error_chain(&e));
                     done(ExitCode::from(run::failure_code(&e)))
@@ -64,9 +65,9 @@ pub fn container_command(
             run::cleanup(&dir, remove);
             done(ExitCode::SUCCESS)
         }
-        ContainerCmd::Ps { all, no_trunc, format } => {
-            let format = format.as_deref().map(output::Format::parse);
-            container::ps(&store_root(g)?, all, g.quiet, no_trunc, g.json, format.as_ref())?;
+        ContainerCmd::Ps(args) | ContainerCmd::Container { cmd: ContainerSub::Ls(args) } => {
+            let format = args.format.as_deref().map(output::Format::parse);
+            container::ps(&store_root(g)?, args.all, g.quiet, args.no_trunc, g.json, format.as_ref())?;
             done(ExitCode::SUCCESS)
         }
         ContainerCmd::Stop { containers, time } => done(each_container(&store_root(g)?, &containers, |dir, s| {
@@ -76,12 +77,28 @@ pub fn container_command(
             let signal = signal.trim_start_matches("SIG").to_string();
             done(each_container(&store_root(g)?, &containers, |dir, s| container::kill(dir, s, &signal))?)
         }
-        ContainerCmd::Rm { containers, force } => {
+        ContainerCmd::Rm(RmArgs { containers, force })
+        | ContainerCmd::Container { cmd: ContainerSub::Rm(RmArgs { containers, force }) } => {
             done(each_container(&store_root(g)?, &containers, |dir, s| container::rm(dir, s, force))?)
         }
-        ContainerCmd::Logs { container: c, follow, tail, timestamps } => {
+        ContainerCmd::Wait { containers } => done(container::wait(&store_root(g)?, &containers)?),
+        ContainerCmd::Container { cmd: ContainerSub::Prune { force } } => {
+            let root = store_root(g)?;
+            if !force && !output::confirm(&["all stopped containers"], &out)? {
+                return done(ExitCode::SUCCESS);
+            }
+            let (removed, freed) = container::prune(&root)?;
+            print_deleted("Deleted Containers:", &removed);
+            println!("Total reclaimed space: {}", output::human_size(freed));
+            done(ExitCode::SUCCESS)
+        }
+        ContainerCmd::Container { cmd: ContainerSub::Inspect { containers } } => {
+            done(inspect_containers(&store_root(g)?, &containers)?)
+        }
+        ContainerCmd::Logs { container: c, follow, tail, timestamps, since } => {
+            let since = since.as_deref().map(container::parse_since).transpose()?;
             let (dir, s) = container::find(&store_root(g)?, &c)?;
-            container::logs(&dir, &s, follow, tail, timestamps)?;
+            container::logs(&dir, &s, &container::LogFilter { follow, tail, timestamps, since })?;
             done(ExitCode::SUCCESS)
         }
         ContainerCmd::Exec { container: c, command, interactive, tty, env, workdir, user } => {
@@ -176,6 +193,37 @@ pub fn env_values(env: Vec<String>) -> Vec<String> {
             None => format!("{e}={}", std::env::var(&e).unwrap_or_default()),
         })
         .collect()
+}
+
+/// Prints what a prune removed, as docker does: a heading and one line per item (nothing when
+/// nothing was removed).
+pub fn print_deleted(heading: &str, removed: &[String]) {
+    if !removed.is_empty() {
+        println!("{heading}");
+        for r in removed {
+            println!("{r}");
+        }
+        println!();
+    }
+}
+
+/// `hb container inspect` (and `hb inspect` of containers): one JSON array of every named
+/// container's state; exit code 1 when any was not found (the others are still printed).
+pub fn inspect_containers(root: &Path, names: &[String]) -> anyhow::Result<ExitCode> {
+    let mut found = Vec::new();
+    let mut failed = false;
+    for n in names {
+        match container::find(root, n) {
+            Ok((dir, s)) => found.push(container::inspect(&dir, &s)),
+            Err(e) => {
+                eprintln!("hb: error: {}", error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    serde_json::to_writer_pretty(std::io::stdout().lock(), &found)?;
+    println!();
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 /// Applies `f` to each named container, printing each name it succeeded on (as docker does) and

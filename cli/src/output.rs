@@ -34,6 +34,51 @@ impl Out {
     }
 }
 
+/// Asks before a prune removes `what`, as docker does (the question on stderr, the answer on
+/// stdin); anything but y/yes (an empty line, end of input) declines and says so.
+pub fn confirm(what: &[&str], out: &Out) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    match what {
+        [one] => writeln!(err, "WARNING! This will remove {one}.")?,
+        many => {
+            writeln!(err, "WARNING! This will remove:")?;
+            for w in many {
+                writeln!(err, "  - {w}")?;
+            }
+        }
+    }
+    write!(err, "Are you sure you want to continue? [y/N] ")?;
+    err.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    let yes = matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes");
+    if !yes {
+        out.note("nothing removed");
+    }
+    Ok(yes)
+}
+
+/// A size as docker prints one: decimal units, four significant digits ("0B", "1.5kB", "12.35MB").
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    let digits = match v {
+        _ if unit == 0 => 0,
+        v if v >= 100.0 => 1,
+        v if v >= 10.0 => 2,
+        _ => 3,
+    };
+    let text = format!("{v:.digits$}");
+    let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.') } else { &text };
+    format!("{text}{}", UNITS[unit])
+}
+
 /// Logs go to stderr: warnings by default, `-v` info, `-vv` debug, or `HB_LOG` as a filter;
 /// `HB_LOG_FORMAT=json` writes them as JSON lines.
 pub fn init_logging(verbose: u8) {
@@ -145,5 +190,15 @@ mod tests {
         assert!(err.contains("no field \"Nope\"") && err.contains("blob_bytes"), "{err}");
         assert!(Format::parse("{{.ID").line(&row).is_err());
         assert!(Format::parse("{{ID}}").line(&row).is_err());
+    }
+
+    #[test]
+    fn sizes_print_as_docker_prints_them() {
+        assert_eq!(human_size(0), "0B");
+        assert_eq!(human_size(999), "999B");
+        assert_eq!(human_size(1500), "1.5kB");
+        assert_eq!(human_size(12_345_678), "12.35MB");
+        assert_eq!(human_size(123_456_789), "123.5MB");
+        assert_eq!(human_size(2_000_000_000), "2GB");
     }
 }

@@ -60,17 +60,41 @@ pub struct RunRequest {
     pub interactive: bool,
     pub rm: bool,
     pub detach: bool,
+    /// `--log-opt`: rotation of `log.json`.
+    #[serde(default)]
+    pub log: container::LogOptions,
 }
 
 impl RunRequest {
-    pub fn from_cli(r: RunCli) -> Self {
+    /// The request `hb run`'s flags make: env files read, `--mount`s checked and sorted into
+    /// volumes and tmpfs mounts, `--log-opt`s parsed.
+    pub fn from_cli(r: RunCli) -> anyhow::Result<Self> {
+        let mut env = Vec::new();
+        for f in &r.env_file {
+            let text = std::fs::read_to_string(f).with_context(|| format!("--env-file {}", f.display()))?;
+            env.extend(parse_env_file(&text).with_context(|| format!("--env-file {}", f.display()))?);
+        }
+        env.extend(crate::env_values(r.env));
+        let (mut volumes, mut tmpfs) = (r.volume, r.tmpfs);
+        for m in r.mount {
+            match m {
+                hb_runtime::MountArg::Bind(v) if !v.host.exists() => {
+                    bail!("invalid --mount: bind source path does not exist: {}", v.host.display())
+                }
+                hb_runtime::MountArg::Bind(v) => volumes.push(v),
+                hb_runtime::MountArg::Tmpfs(t) => tmpfs.push(t),
+            }
+        }
         let opts = RunOptions {
             entrypoint: r.entrypoint,
             cmd: r.command,
-            env: crate::env_values(r.env),
+            env,
             workdir: r.workdir,
             user: r.user,
-            volumes: r.volume,
+            volumes,
+            tmpfs,
+            cap_add: r.cap_add,
+            cap_drop: r.cap_drop,
             read_only: r.read_only,
             network: if r.network == "none" { hb_runtime::Network::None } else { hb_runtime::Network::Host },
             tty: r.tty,
@@ -81,7 +105,7 @@ impl RunRequest {
             // As many open files as hb itself may have (docker gives 1048576 where allowed).
             nofile: rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.map(|m| m.min(1 << 20)),
         };
-        RunRequest {
+        Ok(RunRequest {
             image: r.image,
             opts,
             name: r.name,
@@ -90,8 +114,32 @@ impl RunRequest {
             interactive: r.interactive,
             rm: r.rm,
             detach: r.detach,
+            log: container::LogOptions::parse(&r.log_opt)?,
+        })
+    }
+}
+
+/// An `--env-file`, as docker reads one: `KEY=VALUE` lines taken as they are (no quotes
+/// removed), a bare `KEY` takes hb's value (left out when hb has none), blank lines and `#`
+/// comments skipped.
+pub fn parse_env_file(text: &str) -> anyhow::Result<Vec<String>> {
+    let mut env = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let key = line.split_once('=').map_or(line, |(k, _)| k);
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            bail!("line {}: {key:?} is not a variable name (KEY=VALUE, no spaces in KEY)", n + 1);
+        }
+        if line.contains('=') {
+            env.push(line.to_string());
+        } else if let Ok(v) = std::env::var(key) {
+            env.push(format!("{key}={v}"));
         }
     }
+    Ok(env)
 }
 
 /// Holds `<containers>/.lock` while a container's name is chosen and its folder made, so two
@@ -628,7 +676,7 @@ pub fn finish_handed_over(dir: &Path) {
 /// copying does).
 fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Result<i32> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log.json"))?;
+    let mut log = container::LogWriter::open(&dir.join("log.json"), req.log)?;
     let on_terminal = req.opts.tty && !req.detach;
     let mut cmd = runtime_run(dir, state, req);
     if !on_terminal {
@@ -732,7 +780,7 @@ impl Stream {
 
     /// Reads what is there and writes the complete lines; false at the end of the stream (the
     /// rest written as a last line).
-    fn pump(&mut self, log: &mut std::fs::File, echo: bool) -> bool {
+    fn pump(&mut self, log: &mut container::LogWriter, echo: bool) -> bool {
         let mut buf = [0u8; 64 << 10];
         let n = match rustix::io::read(&self.fd, &mut buf) {
             Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => return true,
@@ -753,7 +801,7 @@ impl Stream {
         n > 0
     }
 
-    fn write(&mut self, line: &[u8], log: &mut std::fs::File, echo: bool) {
+    fn write(&mut self, line: &[u8], log: &mut container::LogWriter, echo: bool) {
         if echo {
             let _ = if self.name == "stderr" {
                 std::io::stderr().lock().write_all(line)
@@ -769,7 +817,7 @@ impl Stream {
         };
         let mut text = serde_json::to_vec(&rec).expect("a log line serialises");
         text.push(b'\n');
-        if let Err(e) = log.write_all(&text) {
+        if let Err(e) = log.write_line(&text) {
             self.log_errors += 1;
             self.first_log_error.get_or_insert(e);
         }
@@ -792,6 +840,16 @@ impl Stream {
 mod tests {
     use super::*;
 
+    #[test]
+    fn env_files_read_as_docker_reads_them() {
+        std::env::set_var("HB_TEST_FROM_HOST", "host value");
+        let env = parse_env_file("# a comment\n\nA=1\n  B=\"quoted\"\nC=x=y\nHB_TEST_FROM_HOST\nHB_TEST_UNSET_VAR\n")
+            .unwrap();
+        assert_eq!(env, ["A=1", "B=\"quoted\"", "C=x=y", "HB_TEST_FROM_HOST=host value"]);
+        let e = parse_env_file("OK=1\nBAD KEY=2\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("BAD KEY"), "{e}");
+    }
+
     /// Regression (hardening issue): a log line `log.json` did not take was dropped silently.
     #[test]
     fn log_lines_that_cannot_be_written_are_counted() {
@@ -799,14 +857,14 @@ mod tests {
         let path = dir.path().join("log.json");
         std::fs::write(&path, b"").unwrap();
         // Opened read-only: every write fails, as on a full disk.
-        let mut log = std::fs::File::open(&path).unwrap();
+        let mut log = container::LogWriter::over(std::fs::File::open(&path).unwrap(), &path);
         let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut s = Stream::new(r.into(), "stdout");
         s.write(b"one\n", &mut log, false);
         s.write(b"two\n", &mut log, false);
         assert_eq!(s.log_errors, 2);
         assert!(s.first_log_error.is_some());
-        let mut ok = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        let mut ok = container::LogWriter::open(&path, Default::default()).unwrap();
         let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut good = Stream::new(r.into(), "stdout");
         good.write(b"three\n", &mut ok, false);

@@ -144,13 +144,23 @@ pub enum Cmd {
         #[arg(long, value_name = "json|TEMPLATE")]
         format: Option<String>,
     },
-    /// Print an image's manifest and config
-    Inspect { image: String },
+    /// Print a container's state (as `hb container inspect`), else an image's manifest and config
+    Inspect {
+        /// A container (id, name or id prefix) or an image
+        #[arg(value_name = "CONTAINER|IMAGE")]
+        image: String,
+    },
     /// Remove image names; `hb gc` then frees what no other image uses
     Rmi {
         #[arg(required = true)]
         images: Vec<String>,
     },
+    /// Manage images: ls, rm, prune, inspect (as `docker image`)
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Disk use by images, containers and the store; prune what nothing uses (as `docker system`)
+    #[command(subcommand)]
+    System(SystemCmd),
     /// Materialise an image's rootfs (layers merged, whiteouts applied) into DIR
     Export { image: String, dir: PathBuf },
     /// Import, export, list and remove layers
@@ -214,6 +224,49 @@ pub struct ProxyCli {
     /// The certificate's private key (PEM)
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// List images (as `hb images`)
+    #[command(visible_alias = "list")]
+    Ls {
+        /// `json` (one object per line) or a template such as '{{.Name}}\t{{.UniqueBytes}}'
+        #[arg(long, value_name = "json|TEMPLATE")]
+        format: Option<String>,
+    },
+    /// Remove image names (as `hb rmi`)
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<String>,
+    },
+    /// Free the store's unreferenced data; with -a also remove every image no container uses
+    Prune {
+        /// Remove every image no container uses, not only unreferenced data
+        #[arg(short, long)]
+        all: bool,
+        /// Do not ask for confirmation
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Print an image's manifest and config
+    Inspect { image: String },
+}
+
+#[derive(Subcommand)]
+pub enum SystemCmd {
+    /// Space used by images, containers and the store, and how much a prune would free
+    Df,
+    /// Remove stopped containers and unreferenced data; with -a also every image no container uses
+    Prune {
+        /// Also remove every image no container uses
+        #[arg(short, long)]
+        all: bool,
+        /// Do not ask for confirmation
+        #[arg(short, long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -15,6 +15,7 @@ mod peers;
 mod progress;
 mod proxy;
 mod store_cmds;
+mod system;
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use hb_core::{ChunkerParams, Digest};
 use hb_store::{Limits, Store, StoreOptions};
 use indicatif::HumanBytes;
 
-use args::{Cli, Cmd, ConfigCmd, LayerCmd, PeersCmd, ProxyCli, ProxyCmd};
+use args::{Cli, Cmd, ConfigCmd, ImageCmd, LayerCmd, PeersCmd, ProxyCli, ProxyCmd, SystemCmd};
 use hb_cli::output::{self, Out};
 use hb_cli::{
     api, config, container, daemon_client, error_chain, pass_globals, rootfs, run, self_exe, store_root, Global,
@@ -218,12 +219,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let out = Out::new(g.json, g.quiet);
     // Commands that do not touch the store come first: they must work while another process
     // holds it.
+    // `hb image ls|rm|inspect` are `hb images`, `hb rmi`, `hb inspect`.
+    let cmd = match cli.cmd {
+        Cmd::Image(ImageCmd::Ls { format }) => Cmd::Images { format },
+        Cmd::Image(ImageCmd::Rm { images }) => Cmd::Rmi { images },
+        Cmd::Image(ImageCmd::Inspect { image }) => Cmd::Inspect { image },
+        other => other,
+    };
     // The commands that go through a running daemon look it up once.
-    let daemon = match &cli.cmd {
-        Cmd::Pull { plan: false, .. } | Cmd::Rmi { .. } | Cmd::Gc => daemon_client(g),
+    let daemon = match &cmd {
+        Cmd::Pull { plan: false, .. }
+        | Cmd::Rmi { .. }
+        | Cmd::Gc
+        | Cmd::Image(ImageCmd::Prune { .. })
+        | Cmd::System(SystemCmd::Prune { .. }) => daemon_client(g),
         _ => None,
     };
-    let cmd = match cli.cmd {
+    let cmd = match cmd {
+        // As `docker inspect`: a container when one has that name or id, else an image.
+        Cmd::Inspect { image } if container::find(&store_root(g)?, &image).is_ok() => {
+            return hb_cli::inspect_containers(&store_root(g)?, &[image]);
+        }
+        Cmd::Image(ImageCmd::Prune { all, force }) => return system::prune(g, daemon, all, force, false, &out),
+        Cmd::System(SystemCmd::Prune { all, force }) => return system::prune(g, daemon, all, force, true, &out),
         Cmd::Login { registry, username, password, password_stdin, plain_http } => {
             let registry = registry.unwrap_or_else(|| "docker.io".into());
             let username = match username {
@@ -430,6 +448,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             | Cmd::Export { .. }
             | Cmd::Diff { .. }
             | Cmd::Du
+            | Cmd::System(SystemCmd::Df)
             | Cmd::Layer(LayerCmd::Ls)
             | Cmd::Layer(LayerCmd::Export { .. })
     );
@@ -451,9 +470,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Cmd::Completion { .. }
         | Cmd::Man { .. }
         | Cmd::Peers { .. }
+        | Cmd::Image(_)
+        | Cmd::System(SystemCmd::Prune { .. })
         | Cmd::Doctor { .. } => {
             unreachable!("handled before the store is opened")
         }
+        Cmd::System(SystemCmd::Df) => return system::df(g, &store, &out),
         Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http, layers } => {
             let args = mount::MountArgs {
                 image,

@@ -73,9 +73,7 @@ pub fn run(cmd: Cmd, store: &Arc<Store>, out: &Out) -> anyhow::Result<ExitCode> 
         }
         Cmd::Rmi { images } => {
             for q in &images {
-                let (name, digest, _) = require_image(store, q)?;
-                store.remove_image_name(&name)?;
-                out.note(format!("untagged {name} ({}); run `hb gc` to free its space", digest.short()));
+                out.note(hb_images::untag(store, q)?);
             }
         }
         Cmd::Export { image, dir } => {

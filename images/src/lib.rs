@@ -162,6 +162,24 @@ pub fn find_image(store: &Store, q: &str) -> Result<Option<(String, Digest)>> {
 }
 
 /// [`find_image`], and the image's record; an error when there is none.
+/// Removes the name `q` resolves to (`hb rmi`); the line that tells people so, with what `hb gc`
+/// will then free (the bytes no other named image uses).
+pub fn untag(store: &Store, q: &str) -> Result<String> {
+    let (name, digest, _) = require_image(store, q)?;
+    let unique = store.image_sizes()?.into_iter().find(|s| s.name == name).map_or(0, |s| s.unique_bytes);
+    store.remove_image_name(&name)?;
+    let still_named = store.image_names()?.iter().any(|n| n.digest == digest);
+    Ok(if still_named {
+        format!("untagged {name} ({}); its data stays: other names point at it", digest.short())
+    } else {
+        format!(
+            "untagged {name} ({}); `hb gc` frees up to {} that no other image uses",
+            digest.short(),
+            indicatif::HumanBytes(unique)
+        )
+    })
+}
+
 pub fn require_image(store: &Store, q: &str) -> Result<(String, Digest, ImageRecord)> {
     let Some((name, d)) = find_image(store, q)? else {
         return Err(ImagesError::NoSuchImage(q.to_string()));

@@ -13,6 +13,6 @@ mod spec;
 pub use seccomp::default_seccomp;
 
 pub use spec::{
-    build_spec, default_capabilities, exec_process, parse_cpus, parse_memory, process_args, resolve_user, ExecOptions,
-    ImageConfig, Network, RunOptions, SpecError, UserIds, Volume,
+    build_spec, capabilities, default_capabilities, exec_process, parse_cpus, parse_memory, process_args, resolve_user,
+    ExecOptions, ImageConfig, MountArg, Network, RunOptions, SpecError, Tmpfs, UserIds, Volume,
 };

@@ -78,6 +78,166 @@ impl std::str::FromStr for Volume {
     }
 }
 
+/// `--tmpfs PATH[:OPTIONS]` (and `--mount type=tmpfs`): an empty tmpfs at `container`, with
+/// docker's default options (`noexec`, `nosuid`, `nodev`) under what was asked (`exec`,
+/// `size=64m`, `mode=1777`, ...).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tmpfs {
+    pub container: String,
+    pub options: Vec<String>,
+}
+
+impl std::str::FromStr for Tmpfs {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let (container, options) = s.split_once(':').unwrap_or((s, ""));
+        if !container.starts_with('/') || container.split('/').any(|c| c == "..") {
+            return Err(SpecError::BadValue {
+                flag: "--tmpfs",
+                value: s.into(),
+                why: "use an absolute path in the container, optionally :OPTIONS (size=64m,mode=1777,exec)",
+            });
+        }
+        let options = options.split(',').filter(|o| !o.is_empty()).map(String::from).collect();
+        Ok(Tmpfs { container: container.to_string(), options })
+    }
+}
+
+/// `--mount type=bind|tmpfs,...`, docker's long form of `-v` and `--tmpfs`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MountArg {
+    Bind(Volume),
+    Tmpfs(Tmpfs),
+}
+
+impl std::str::FromStr for MountArg {
+    type Err = SpecError;
+    fn from_str(s: &str) -> Result<Self, SpecError> {
+        let bad = |why: &'static str| SpecError::BadValue { flag: "--mount", value: s.into(), why };
+        let (mut typ, mut source, mut target, mut read_only) = (None, None, None, false);
+        let mut tmpfs_options = Vec::new();
+        for field in s.split(',') {
+            let (k, v) = field.split_once('=').map_or((field, None), |(k, v)| (k, Some(v)));
+            match (k, v) {
+                ("type", Some(t)) => typ = Some(t),
+                ("source" | "src", Some(v)) => source = Some(v),
+                ("target" | "destination" | "dst", Some(v)) => target = Some(v),
+                ("readonly" | "ro", None | Some("true" | "1")) => read_only = true,
+                ("readonly" | "ro", Some("false" | "0")) => read_only = false,
+                ("tmpfs-size", Some(v)) => tmpfs_options.push(format!("size={v}")),
+                ("tmpfs-mode", Some(v)) if u32::from_str_radix(v, 8).is_ok() => tmpfs_options.push(format!("mode={v}")),
+                _ => return Err(bad("keys: type=bind|tmpfs, source, target, readonly, tmpfs-size, tmpfs-mode")),
+            }
+        }
+        let target = target.ok_or_else(|| bad("a target (the path in the container) is needed"))?;
+        match typ {
+            Some("bind") => {
+                let source = source.ok_or_else(|| bad("a bind mount needs a source"))?;
+                let mode = if read_only { ":ro" } else { "" };
+                format!("{source}:{target}{mode}")
+                    .parse()
+                    .map(MountArg::Bind)
+                    .map_err(|_| bad("source and target must be absolute paths"))
+            }
+            Some("tmpfs") if source.is_none() => {
+                if read_only {
+                    tmpfs_options.push("ro".into());
+                }
+                let mut t: Tmpfs = target.parse().map_err(|_| bad("the target must be an absolute path"))?;
+                t.options = tmpfs_options;
+                Ok(MountArg::Tmpfs(t))
+            }
+            Some("tmpfs") => Err(bad("a tmpfs mount takes no source")),
+            Some("volume") => Err(bad("named volumes are not supported: use type=bind with a host path")),
+            _ => Err(bad("type=bind or type=tmpfs is needed")),
+        }
+    }
+}
+
+/// Every capability the kernel has, by the names `--cap-add`/`--cap-drop` take.
+const ALL_CAPABILITIES: [&str; 41] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+];
+
+/// A capability as docker takes it: `NET_ADMIN`, `CAP_NET_ADMIN` or `net_admin`.
+fn capability(name: &str) -> Result<Capability, SpecError> {
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    bare.parse().map_err(|_| SpecError::BadValue {
+        flag: "--cap-add/--cap-drop",
+        value: name.into(),
+        why: "not a Linux capability (e.g. NET_ADMIN, SYS_PTRACE, ALL)",
+    })
+}
+
+/// Docker's defaults, then `--cap-drop` (ALL: every one), then `--cap-add` (ALL: every one).
+pub fn capabilities(opts: &RunOptions) -> Result<Vec<Capability>, SpecError> {
+    let is_all = |n: &String| n.eq_ignore_ascii_case("ALL") || n.eq_ignore_ascii_case("CAP_ALL");
+    let mut caps = default_capabilities();
+    if opts.cap_drop.iter().any(is_all) {
+        caps.clear();
+    }
+    for d in opts.cap_drop.iter().filter(|n| !is_all(n)) {
+        let c = capability(d)?;
+        caps.retain(|x| *x != c);
+    }
+    let adds: Vec<&str> = if opts.cap_add.iter().any(is_all) {
+        ALL_CAPABILITIES.to_vec()
+    } else {
+        opts.cap_add.iter().map(String::as_str).collect()
+    };
+    for a in adds {
+        // A name this oci-spec does not know is refused when asked for, skipped within ALL.
+        match capability(a) {
+            Ok(c) if !caps.contains(&c) => caps.push(c),
+            Ok(_) => {}
+            Err(e) if !opts.cap_add.iter().any(is_all) => return Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok(caps)
+}
+
 /// What `hb run` was asked for beyond the image.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunOptions {
@@ -101,6 +261,14 @@ pub struct RunOptions {
     pub hostname: Option<String>,
     /// Open-file limit (soft and hard); at most what the caller may set [default: 1024].
     pub nofile: Option<u64>,
+    /// `--tmpfs` and `--mount type=tmpfs`.
+    #[serde(default)]
+    pub tmpfs: Vec<Tmpfs>,
+    /// `--cap-add`, `--cap-drop`: names (`NET_ADMIN`, `CAP_SYS_PTRACE`) or `ALL`.
+    #[serde(default)]
+    pub cap_add: Vec<String>,
+    #[serde(default)]
+    pub cap_drop: Vec<String>,
 }
 
 /// The process's arguments, docker's way: entrypoint + cmd, where arguments replace the image's
@@ -323,9 +491,14 @@ pub fn build_spec(
     if !cwd.starts_with('/') {
         return Err(SpecError::BadValue { flag: "--workdir", value: cwd, why: "must be an absolute path" });
     }
-    let caps = default_capabilities();
+    let caps = capabilities(opts)?;
     let caps_set: std::collections::HashSet<Capability> = caps.iter().copied().collect();
+    // Inheritable and ambient stay empty, as docker's since CVE-2022-24769 (oci-spec's default
+    // would give both AUDIT_WRITE, KILL and NET_BIND_SERVICE: raised ambient caps for every
+    // process, and a runtime that refuses the start once one of them is dropped).
     let capabilities = LinuxCapabilitiesBuilder::default()
+        .inheritable(std::collections::HashSet::new())
+        .ambient(std::collections::HashSet::new())
         .bounding(caps_set.clone())
         .effective(if user.uid == 0 { caps_set.clone() } else { Default::default() })
         .permitted(if user.uid == 0 { caps_set.clone() } else { Default::default() })
@@ -377,6 +550,12 @@ pub fn build_spec(
     for v in &opts.volumes {
         let mode = if v.read_only { "ro" } else { "rw" };
         mounts.push(mount(&v.container, "bind", &v.host.to_string_lossy(), &["rbind", mode])?);
+    }
+    for t in &opts.tmpfs {
+        // Docker's defaults first; what was asked for comes later and wins (`exec` over `noexec`).
+        let mut options = vec!["noexec", "nosuid", "nodev"];
+        options.extend(t.options.iter().map(String::as_str));
+        mounts.push(mount(&t.container, "tmpfs", "tmpfs", &options)?);
     }
 
     let mut resources = LinuxResourcesBuilder::default();
@@ -517,6 +696,57 @@ mod tests {
         assert!("rel:/x".parse::<Volume>().is_err());
         assert!("/a:/x/../etc".parse::<Volume>().is_err());
         assert!("/a".parse::<Volume>().is_err());
+        let t: Tmpfs = "/run:size=64m,exec".parse().unwrap();
+        assert_eq!((t.container.as_str(), t.options.join(",")), ("/run", "size=64m,exec".to_string()));
+        assert!("run".parse::<Tmpfs>().is_err());
+    }
+
+    #[test]
+    fn mounts_take_dockers_long_form() {
+        let m = |s: &str| s.parse::<MountArg>();
+        assert_eq!(
+            m("type=bind,source=/srv,target=/data,readonly").unwrap(),
+            MountArg::Bind(Volume { host: "/srv".into(), container: "/data".into(), read_only: true })
+        );
+        assert_eq!(
+            m("type=tmpfs,dst=/cache,tmpfs-size=1m,tmpfs-mode=1770").unwrap(),
+            MountArg::Tmpfs(Tmpfs { container: "/cache".into(), options: vec!["size=1m".into(), "mode=1770".into()] })
+        );
+        for bad in [
+            "type=volume,src=v,dst=/x",
+            "type=bind,dst=/x",
+            "source=/a,target=/b",
+            "type=bind,src=/a",
+            "type=tmpfs,dst=/x,color=red",
+        ] {
+            let e = m(bad).unwrap_err().to_string();
+            assert!(e.contains("--mount") && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn capabilities_add_and_drop_as_docker_does() {
+        let caps = |add: &[&str], drop: &[&str]| {
+            capabilities(&RunOptions {
+                cap_add: add.iter().map(|s| s.to_string()).collect(),
+                cap_drop: drop.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+        };
+        let c = caps(&["NET_ADMIN", "cap_sys_ptrace"], &["CHOWN"]).unwrap();
+        assert!(c.contains(&Capability::NetAdmin) && c.contains(&Capability::SysPtrace));
+        assert!(!c.contains(&Capability::Chown) && c.contains(&Capability::Kill));
+        assert_eq!(caps(&["KILL"], &["ALL"]).unwrap(), [Capability::Kill]);
+        assert!(caps(&["ALL"], &[]).unwrap().len() >= 40);
+        // Regression: the spec's inheritable and ambient sets were oci-spec's defaults (KILL,
+        // AUDIT_WRITE, NET_BIND_SERVICE), so dropping one of those failed the start.
+        let opts = RunOptions { cap_drop: vec!["KILL".into()], ..Default::default() };
+        let spec = build_spec(&image(), &opts, &UserIds::default(), std::path::Path::new("/r"), "h", None).unwrap();
+        let c = spec.process().as_ref().unwrap().capabilities().clone().unwrap();
+        assert_eq!((c.inheritable().clone().unwrap().len(), c.ambient().clone().unwrap().len()), (0, 0));
+        assert!(!c.bounding().clone().unwrap().contains(&Capability::Kill));
+        let e = caps(&["NET_MAGIC"], &[]).unwrap_err().to_string();
+        assert!(e.contains("NET_MAGIC"), "{e}");
     }
 
     #[test]

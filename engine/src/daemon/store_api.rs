@@ -125,10 +125,8 @@ impl Daemon {
     pub(super) fn remove_images(&self, req: &RemoveRequest) -> anyhow::Result<Vec<String>> {
         let mut lines = Vec::new();
         for q in &req.images {
-            let (name, digest, _) = crate::require_image(&self.store, q)?;
-            self.store.remove_image_name(&name)?;
+            lines.push(hb_images::untag(&self.store, q)?);
             self.dirty.store(true, Ordering::SeqCst);
-            lines.push(format!("untagged {name} ({}); run `hb gc` to free its space", digest.short()));
         }
         Ok(lines)
     }

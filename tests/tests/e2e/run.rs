@@ -334,3 +334,216 @@ fn hb_serves_container_commands_itself_and_hands_the_rest_to_hb_engine() {
     let err = String::from_utf8_lossy(&images.stderr);
     assert!(err.contains("hb-engine") && err.contains("beside hb"), "{err}");
 }
+
+/// Runs `hb ARGS` with `answer` on stdin (a prune's confirmation); returns (code, stdout, stderr).
+fn hb_answering(hb: &Hb, args: &[&str], answer: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = hb
+        .command(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(answer.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+#[test]
+fn container_image_and_system_groups_wait_inspect_and_prune_as_docker_does() {
+    let registry = open_registry();
+    let (latest, zstd) = (format!("{registry}/busybox:latest"), format!("{registry}/busybox:zstd"));
+    // As installed: a daemon owns the store (a detached container's monitor then holds none), and
+    // every command finds it through the config file. The last prune runs without it.
+    let mut hb = Hb::new();
+    let config = hb.path("hb.toml");
+    std::fs::write(&config, format!("version = 1\n[daemon]\nsocket = \"{}\"\n", super::daemon::socket(&hb))).unwrap();
+    hb.config = Some(config);
+    let mut daemon = super::daemon::Daemon::start(&hb);
+    hb.ok(&["-q", "pull", &latest]);
+    hb.ok(&["-q", "pull", &zstd]);
+    // Three containers of one image: running, exited 7, and one `hb wait` waits for.
+    hb.ok(&["-q", "run", "-d", "--name", "long", &latest, "sleep", "600"]);
+    let o = hb.run(&["-q", "run", "--name", "done", &latest, "sh", "-c", "exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{o:?}");
+    hb.ok(&["-q", "run", "-d", "--name", "brief", &latest, "sh", "-c", "sleep 0.5; exit 4"]);
+    assert_eq!(hb.ok(&["wait", "brief", "done"]), "4\n7\n", "exit codes in the order asked");
+    let err = hb.fails(&["wait", "nosuch"], 1);
+    assert!(err.contains("no such container: nosuch"), "{err}");
+    // `hb container ls|list` is `hb ps`.
+    assert_eq!(hb.ok(&["container", "ls", "--format", "{{.Name}}"]), "long\n");
+    let mut all: Vec<String> =
+        hb.ok(&["container", "list", "-a", "--format", "{{.Name}}"]).lines().map(String::from).collect();
+    all.sort();
+    assert_eq!(all, ["brief", "done", "long"]);
+    // inspect: docker's shape, for containers by `hb container inspect` and `hb inspect`.
+    let v: serde_json::Value = serde_json::from_str(&hb.ok(&["container", "inspect", "long", "done"])).unwrap();
+    let (long, done) = (&v[0], &v[1]);
+    assert_eq!((long["Name"].as_str(), long["State"]["Status"].as_str()), (Some("/long"), Some("running")), "{long}");
+    assert_eq!(long["State"]["Running"], true);
+    assert_eq!((long["Path"].as_str(), long["Args"][0].as_str()), (Some("sleep"), Some("600")));
+    assert_eq!(long["Image"].as_str(), Some(latest.as_str()));
+    assert_eq!(long["State"]["FinishedAt"], "0001-01-01T00:00:00Z", "docker's zero time while it runs");
+    assert_eq!((done["State"]["Status"].as_str(), done["State"]["ExitCode"].as_i64()), (Some("exited"), Some(7)));
+    let finished = done["State"]["FinishedAt"].as_str().unwrap();
+    assert!(finished.ends_with('Z') && !finished.starts_with("0001"), "{finished}");
+    let by_inspect: serde_json::Value = serde_json::from_str(&hb.ok(&["inspect", "done"])).unwrap();
+    assert_eq!(by_inspect[0]["Id"], done["Id"]);
+    let o = hb.run(&["container", "inspect", "done", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1), "one missing container fails the command");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no such container: nosuch"));
+    // Images: `hb image ls|inspect|rm` are `hb images|inspect|rmi`.
+    let mut names: Vec<String> = hb.ok(&["image", "ls", "--format", "{{.Name}}"]).lines().map(String::from).collect();
+    names.sort();
+    assert_eq!(names, [latest.clone(), zstd.clone()]);
+    let image: serde_json::Value = serde_json::from_str(&hb.ok(&["image", "inspect", &zstd])).unwrap();
+    assert!(image["manifest"]["layers"].is_array(), "{image}");
+    let o = hb.run(&["image", "rm", &zstd]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("untagged") && err.contains("`hb gc` frees up to"), "{err}");
+    hb.ok(&["-q", "pull", &zstd]);
+    // system df: images (one in use), containers (one running), the store on disk.
+    let df = hb.json(&["system", "df"]);
+    assert_eq!((df["images"]["total"].as_u64(), df["images"]["active"].as_u64()), (Some(2), Some(1)), "{df}");
+    assert_eq!((df["containers"]["total"].as_u64(), df["containers"]["active"].as_u64()), (Some(3), Some(1)));
+    assert!(df["store"]["pack_bytes"].as_u64().unwrap() > 0, "{df}");
+    let table = hb.ok(&["system", "df"]);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("TYPE") && rows[0].ends_with("RECLAIMABLE"), "{table}");
+    assert!(rows[2].starts_with("Containers    3       1"), "{table}");
+    // A prune asks first: no answer (end of input) removes nothing; "y" removes.
+    let (code, out, err) = hb_answering(&hb, &["container", "prune"], "");
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    assert!(err.contains("WARNING! This will remove all stopped containers.") && err.contains("nothing removed"));
+    assert_eq!(hb.ok(&["-q", "ps", "-a"]).lines().count(), 3);
+    let brief: serde_json::Value = serde_json::from_str(&hb.ok(&["inspect", "brief"])).unwrap();
+    let (code, out, err) = hb_answering(&hb, &["container", "prune"], "y\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("Deleted Containers:\n") && out.contains("Total reclaimed space: "), "{out}");
+    for gone in [done, &brief[0]] {
+        assert!(out.contains(gone["Id"].as_str().unwrap()), "{out}");
+    }
+    assert_eq!(hb.ok(&["container", "ls", "-a", "--format", "{{.Name}}"]), "long\n");
+    // image prune -a: every image no container uses; the running container's image stays.
+    let out = hb.ok(&["image", "prune", "-a", "-f"]);
+    assert!(out.contains(&format!("Deleted Images:\nuntagged: {zstd}\n")) && !out.contains(&latest), "{out}");
+    assert_eq!(hb.ok(&["image", "ls", "--format", "{{.Name}}"]), format!("{latest}\n"));
+    // system prune -a, here without a daemon: the stopped container, then its image, the data.
+    hb.ok(&["stop", "-t", "0", "long"]);
+    daemon.stop();
+    super::daemon::unmount_all(&hb); // the image mounts it started outlive it
+    let out = hb.ok(&["system", "prune", "-a", "-f"]);
+    assert!(out.contains("Deleted Containers:\n") && out.contains(&format!("untagged: {latest}")), "{out}");
+    assert!(!out.contains("Total reclaimed space: 0B"), "the data went: {out}");
+    assert!(hb.ok(&["-q", "images"]).is_empty() && hb.ok(&["-q", "ps", "-a"]).is_empty());
+    let df = hb.json(&["system", "df"]);
+    assert_eq!(df["store"]["live_pack_bytes"].as_u64(), Some(0), "{df}");
+    assert_cleaned_up(&hb);
+}
+
+/// The effective capability set of a container run with `flags`, from its /proc/self/status.
+fn effective_caps(hb: &Hb, image: &str, flags: &[&str]) -> u64 {
+    let mut args = flags.to_vec();
+    args.extend([image, "grep", "CapEff", "/proc/self/status"]);
+    let (code, out, err) = hb_run(hb, &args);
+    assert_eq!(code, 0, "{err}");
+    u64::from_str_radix(out.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+#[test]
+fn run_takes_env_files_tmpfs_mounts_capabilities_and_rotates_logs() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    // --env-file, with -e winning over it.
+    let env = hb.path("app.env");
+    std::fs::write(&env, "# settings\nA=1\n\nB=two\n").unwrap();
+    let env = env.to_str().unwrap();
+    let (code, out, err) = hb_run(&hb, &["--env-file", env, "-e", "B=three", &image, "sh", "-c", "echo $A $B"]);
+    assert_eq!((code, out.as_str()), (0, "1 three\n"), "{err}");
+    let err = hb.fails(&["run", "--rm", "--env-file", "/nonexistent.env", &image, "true"], 125);
+    assert!(err.contains("--env-file /nonexistent.env"), "{err}");
+    // --tmpfs: docker's defaults (noexec) under what was asked for.
+    let (code, out, err) = hb_run(&hb, &["--tmpfs", "/scratch:size=1m", &image, "grep", " /scratch ", "/proc/mounts"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("tmpfs /scratch tmpfs") && out.contains("noexec") && out.contains("size=1024k"), "{out}");
+    // --mount: a read-only bind and a tmpfs; a missing bind source is refused before anything runs.
+    let data = hb.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("x"), "from the host\n").unwrap();
+    let bind = format!("type=bind,source={},target=/data,readonly", data.display());
+    let (code, out, err) = hb_run(
+        &hb,
+        &[
+            "--mount",
+            &bind,
+            "--mount",
+            "type=tmpfs,target=/cache",
+            &image,
+            "sh",
+            "-c",
+            "cat /data/x; touch /data/y || echo ro; touch /cache/z && echo rw",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (0, "from the host\nro\nrw\n"), "{err}");
+    let err = hb.fails(&["run", "--rm", "--mount", "type=bind,source=/nonexistent,target=/x", &image, "true"], 125);
+    assert!(err.contains("bind source path does not exist: /nonexistent"), "{err}");
+    let err = hb.fails(&["run", "--rm", "--mount", "type=volume,source=v,target=/x", &image, "true"], 125);
+    assert!(err.contains("named volumes are not supported"), "{err}");
+    // --cap-add/--cap-drop change the container's effective set.
+    const NET_ADMIN: u64 = 1 << 12;
+    const CHOWN: u64 = 1;
+    let default = effective_caps(&hb, &image, &[]);
+    assert!(default & CHOWN != 0 && default & NET_ADMIN == 0, "{default:x}");
+    assert_eq!(
+        effective_caps(&hb, &image, &["--cap-add", "NET_ADMIN", "--cap-drop", "chown"]),
+        (default | NET_ADMIN) & !CHOWN
+    );
+    assert_eq!(effective_caps(&hb, &image, &["--cap-drop", "ALL"]), 0);
+    let err = hb.fails(&["run", "--rm", "--cap-add", "NET_MAGIC", &image, "true"], 125);
+    assert!(err.contains("NET_MAGIC"), "{err}");
+    // --log-opt: json-file rotation; `hb logs` reads the rotated file first; --since.
+    hb.ok(&[
+        "-q",
+        "run",
+        "-d",
+        "--name",
+        "chatty",
+        "--log-opt",
+        "max-size=1k",
+        "--log-opt",
+        "max-file=2",
+        &image,
+        "sh",
+        "-c",
+        "for i in $(seq 1 100); do echo line $i; done",
+    ]);
+    assert_eq!(hb.ok(&["wait", "chatty"]), "0\n");
+    let dir = container_dir(&hb, "chatty");
+    assert!(dir.join("log.json.1").exists() && !dir.join("log.json.2").exists(), "two files kept");
+    let logs = hb.ok(&["logs", "chatty"]);
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.last(), Some(&"line 100"));
+    assert!(lines.len() < 100 && lines.len() > 10, "the oldest lines rotated away: {}", lines.len());
+    let first: usize = lines[0].strip_prefix("line ").unwrap().parse().unwrap();
+    let expected: Vec<String> = (first..=100).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, expected, "rotated file then current, in order, nothing lost between them");
+    assert_eq!(hb.ok(&["logs", "--tail", "2", "chatty"]), "line 99\nline 100\n");
+    assert_eq!(hb.ok(&["logs", "--since", "1h", "chatty"]), logs);
+    let future = (chrono_now_secs() + 3600).to_string();
+    assert_eq!(hb.ok(&["logs", "--since", &future, "chatty"]), "");
+    let err = hb.fails(&["logs", "--since", "yesterday", "chatty"], 1);
+    assert!(err.contains("--since \"yesterday\""), "{err}");
+    let err = hb.fails(&["run", "--rm", "--log-opt", "max-file=2", &image, "true"], 125);
+    assert!(err.contains("max-file needs max-size"), "{err}");
+    hb.ok(&["rm", "chatty"]);
+    assert_cleaned_up(&hb);
+}
+
+fn chrono_now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
