@@ -31,6 +31,9 @@ pub struct PeersSwitch {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MountRequest {
     pub image: String,
+    /// `hb run --pull`: when the image is pulled before it is mounted.
+    #[serde(default)]
+    pub pull: PullPolicy,
     #[serde(default)]
     pub plain_http: bool,
     /// The store the caller means; a daemon serving another answers 409.
@@ -42,6 +45,30 @@ pub struct MountRequest {
     /// is about to run a container of it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spare: bool,
+}
+
+/// `hb run --pull`, as docker's: pull when the store lacks the image (the default), pull
+/// always (a moved tag is followed), or never (a missing image is an error).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    #[default]
+    Missing,
+    Always,
+    Never,
+}
+
+impl PullPolicy {
+    /// Whether to pull `image` now, given whether the store has it; an error for `never` when
+    /// it does not.
+    pub fn pull_now(self, image: &str, present: bool) -> anyhow::Result<bool> {
+        match self {
+            PullPolicy::Always => Ok(true),
+            PullPolicy::Missing => Ok(!present),
+            PullPolicy::Never if present => Ok(false),
+            PullPolicy::Never => anyhow::bail!("no such image in the store: {image} (--pull never: not pulled)"),
+        }
+    }
 }
 
 /// A spare container folder the daemon advertises to `hb run` (a file in [`ready_dir`]), so a
@@ -267,11 +294,13 @@ impl Client {
         &self,
         image: &str,
         plain_http: bool,
+        pull: PullPolicy,
         root: &Path,
         spare: bool,
         slow: impl FnOnce(),
     ) -> anyhow::Result<Option<ImageMount>> {
-        let req = MountRequest { image: image.into(), plain_http, root: Some(root.to_path_buf()), layers: None, spare };
+        let req =
+            MountRequest { image: image.into(), pull, plain_http, root: Some(root.to_path_buf()), layers: None, spare };
         let slow = (std::time::Duration::from_secs(1), Box::new(slow) as Box<dyn FnOnce()>);
         match self.exchange("POST", "/v1/images/mount", &serde_json::to_vec(&req)?, Some(slow)) {
             Err(e) => {

@@ -201,6 +201,9 @@ pub struct RunCli {
     /// Log rotation, as docker's json-file driver: max-size=10m, max-file=3
     #[arg(long, value_name = "KEY=VALUE")]
     pub log_opt: Vec<String>,
+    /// Pull the image before running: when missing from the store, always, or never
+    #[arg(long, value_enum, default_value_t = crate::api::PullPolicy::Missing)]
+    pub pull: crate::api::PullPolicy,
     /// Remove the container when it exits
     #[arg(long)]
     pub rm: bool,

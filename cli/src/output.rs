@@ -91,6 +91,8 @@ pub fn init_logging(verbose: u8) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| default.into()))
         .with_writer(io::stderr)
+        // Colours only for a terminal: a log file or the journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
         // A stderr that takes no more (a mount server's log on a full disk) loses the event;
         // reporting that on the same stderr would panic and end the process.
         .log_internal_errors(false)

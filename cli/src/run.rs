@@ -27,7 +27,14 @@ use crate::{Global, Outcome, RunCli};
 /// implements it (it links the store and FUSE); `hb` has none and hands the command over.
 pub trait LocalImages {
     /// Makes sure `image` is in the store, pulling it (with progress) when missing.
-    fn ensure(&self, g: &Global, image: &str, plain_http: bool, out: &Out) -> anyhow::Result<()>;
+    fn ensure(
+        &self,
+        g: &Global,
+        image: &str,
+        plain_http: bool,
+        pull: crate::api::PullPolicy,
+        out: &Out,
+    ) -> anyhow::Result<()>;
     /// Lets go of the store before another process (a detached monitor) opens it.
     fn release(&self) {}
     /// Serves `image`'s merged rootfs read-only at `dir` from this process: the image's config
@@ -63,6 +70,8 @@ pub struct RunRequest {
     /// `--log-opt`: rotation of `log.json`.
     #[serde(default)]
     pub log: container::LogOptions,
+    #[serde(default)]
+    pub pull: crate::api::PullPolicy,
 }
 
 impl RunRequest {
@@ -115,6 +124,7 @@ impl RunRequest {
             rm: r.rm,
             detach: r.detach,
             log: container::LogOptions::parse(&r.log_opt)?,
+            pull: r.pull,
         })
     }
 }
@@ -180,7 +190,10 @@ pub fn run(
     // A detached monitor asks the daemon itself.
     // A foreground `--rm` container takes the spare the daemon advertised for the image, if
     // there is one: no request (its hand-over tells the daemon).
-    let claimed = (req.rm && !req.detach).then(|| crate::api::claim_ready(root, &req.image, req.plain_http)).flatten();
+    // `--pull always` asks the daemon (a spare is of the image as it was).
+    let claimed = (req.rm && !req.detach && req.pull != crate::api::PullPolicy::Always)
+        .then(|| crate::api::claim_ready(root, &req.image, req.plain_http))
+        .flatten();
     let shared = match claimed {
         Some(m) => Some(m),
         None if req.detach => None,
@@ -191,7 +204,7 @@ pub fn run(
         match local {
             None => return Ok(Outcome::Engine),
             Some(l) => {
-                l.ensure(g, &req.image, req.plain_http, out)?;
+                l.ensure(g, &req.image, req.plain_http, req.pull, out)?;
                 if req.detach {
                     l.release();
                 }
@@ -285,7 +298,7 @@ pub fn failure_code(e: &anyhow::Error) -> u8 {
 fn daemon_mount(g: &Global, req: &RunRequest, quiet: bool) -> anyhow::Result<Option<ImageMount>> {
     let Some(client) = crate::api::Client::at(&crate::socket_path(g)?) else { return Ok(None) };
     let root = crate::store_root(g)?;
-    client.image_mount(&req.image, req.plain_http, &root, !req.detach, || {
+    client.image_mount(&req.image, req.plain_http, req.pull, &root, !req.detach, || {
         if !quiet {
             eprintln!("waiting for the hb daemon to pull and mount {} ...", req.image);
         }

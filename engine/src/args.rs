@@ -271,6 +271,9 @@ pub enum SystemCmd {
 
 #[derive(Subcommand)]
 pub enum ProxyCmd {
+    /// Print a bcrypt hash of a password (from stdin, or asked on the terminal) for
+    /// `[[proxy.user]]`'s `password`
+    HashPassword,
     /// Hit ratio and bytes from upstream vs served, per upstream, of a running hb proxy
     Stats {
         /// The proxy's base URL

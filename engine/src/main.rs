@@ -340,6 +340,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             peers::show(&report, &out);
             return Ok(ExitCode::SUCCESS);
         }
+        Cmd::Proxy(ProxyCli { cmd: Some(ProxyCmd::HashPassword), .. }) => {
+            println!("{}", proxy::hash_password()?);
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::Proxy(ProxyCli { cmd: Some(ProxyCmd::Stats { url }), .. }) => {
             proxy::stats(&url, g.json)?;
             return Ok(ExitCode::SUCCESS);
@@ -357,7 +361,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let (addr, cfg) = proxy::config(&args, &file, store.root())?;
             let tls = proxy::tls(&args, &file)?;
-            proxy::run(store, addr, cfg, tls)?;
+            let (config_path, root) = (g.config.clone(), store.root().to_path_buf());
+            let reload = move || proxy::config(&args, &config::load(config_path.as_deref())?, &root).map(|(_, c)| c);
+            proxy::run(store, addr, cfg, tls, reload)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Completion { shell } => {

@@ -115,9 +115,16 @@ impl StoreImages {
 }
 
 impl hb_cli::run::LocalImages for StoreImages {
-    fn ensure(&self, g: &Global, image: &str, plain_http: bool, out: &Out) -> anyhow::Result<()> {
+    fn ensure(
+        &self,
+        g: &Global,
+        image: &str,
+        plain_http: bool,
+        pull: hb_cli::api::PullPolicy,
+        out: &Out,
+    ) -> anyhow::Result<()> {
         let store = self.store(g, out)?;
-        if hb_images::find_image(&store, image)?.is_none() {
+        if pull.pull_now(image, hb_images::find_image(&store, image)?.is_some())? {
             pull_for_mount(&Hosts::of(g), &crate::runtime()?, &store, image, plain_http, &Report::new(out))?;
         }
         Ok(())

@@ -120,12 +120,14 @@ pub fn config(args: &ProxyArgs, file: &FileConfig, root: &Path) -> anyhow::Resul
     ))
 }
 
-/// Serves until SIGINT or SIGTERM.
+/// Serves until SIGINT or SIGTERM. On SIGHUP `reload` reads the configuration again; the users
+/// and the size cap take effect at once, upstream changes at the next start (logged).
 pub fn run(
     store: Store,
     addr: SocketAddr,
     cfg: MirrorConfig,
     tls: Option<Arc<mirror::TlsServerConfig>>,
+    reload: impl Fn() -> anyhow::Result<MirrorConfig> + Send + 'static,
 ) -> anyhow::Result<()> {
     let stopped = crate::shutdown::Shutdown::install()?.signalled();
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -138,6 +140,24 @@ pub fn run(
         let m = mirror::Mirror::new(cfg, Arc::new(StoreMirror(store.clone())))?;
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("handling SIGHUP")?;
+        let live = m.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match reload() {
+                    Ok(cfg) => {
+                        let notes = live.reload(&cfg);
+                        let what = if notes.is_empty() { "nothing changed".to_string() } else { notes.join("; ") };
+                        eprintln!("hb proxy: configuration reloaded (SIGHUP): {what}");
+                    }
+                    Err(e) => eprintln!(
+                        "hb proxy: configuration not reloaded (SIGHUP), serving as before: {}",
+                        hb_cli::error_chain(&e)
+                    ),
+                }
+            }
+        });
         let (n, bytes) = m.kept();
         eprintln!(
             "hb proxy: serving the OCI distribution API on {scheme}://{addr} (store {}: {n} objects, {}); upstreams: {}",
@@ -152,6 +172,26 @@ pub fn run(
         eprintln!("hb proxy: stopped");
         anyhow::Ok(())
     })
+}
+
+/// `hb proxy hash-password`: a bcrypt hash for `[[proxy.user]]`'s `password`, of the line on
+/// stdin (or asked twice on a terminal).
+pub fn hash_password() -> anyhow::Result<String> {
+    let password = if rustix::termios::isatty(std::io::stdin()) {
+        let p = crate::prompt("Password", true)?;
+        if crate::prompt("Again", true)? != p {
+            bail!("the two passwords differ");
+        }
+        p
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    if password.is_empty() {
+        bail!("an empty password cannot be hashed");
+    }
+    Ok(mirror::hash_password(&password)?)
 }
 
 /// `hb proxy stats`: the mirror's figures, from its `/_hb/stats`.

@@ -4,11 +4,33 @@
 use super::*;
 
 impl Mirror {
-    /// Whether `who` is one of the mirror's own users (`[[proxy.user]]`), by name and password.
+    /// Whether `who` is one of the mirror's own users (`[[proxy.user]]`), by name and password:
+    /// the password as configured, or checked against its bcrypt hash (`$2y$...`, as htpasswd
+    /// writes them; see [`hash_password`]).
     pub(super) fn is_user(&self, who: &Principal) -> bool {
-        matches!(who, Principal::Basic(u, p) if self.cfg.users.iter().any(|(n, w)| {
-            constant_time_eq(n.as_bytes(), u.as_bytes()) & constant_time_eq(w.as_bytes(), p.as_bytes())
-        }))
+        let Principal::Basic(u, p) = who else { return false };
+        let live = self.live.read().expect("live lock");
+        live.users.iter().any(|(n, w)| {
+            if !constant_time_eq(n.as_bytes(), u.as_bytes()) {
+                return false;
+            }
+            if !is_bcrypt(w) {
+                return constant_time_eq(w.as_bytes(), p.as_bytes());
+            }
+            let key = *blake3::hash(format!("{n}\0{p}\0{w}").as_bytes()).as_bytes();
+            if self.verified.lock().expect("verified lock").contains(&key) {
+                return true;
+            }
+            let ok = bcrypt::verify(p, w).unwrap_or(false);
+            if ok {
+                let mut v = self.verified.lock().expect("verified lock");
+                if v.len() >= 1024 {
+                    v.clear();
+                }
+                v.insert(key);
+            }
+            ok
+        })
     }
 
     /// Whether `who` may read `route.repo`'s cached content: the mirror's own credentials
@@ -71,5 +93,29 @@ impl Mirror {
 
     pub(super) fn is_public(&self, route: &Route) -> bool {
         matches!(self.store.meta(&self.public_key(route)), Ok(Some(_)))
+    }
+}
+
+/// Whether a configured password is a bcrypt hash rather than the password itself.
+pub fn is_bcrypt(password: &str) -> bool {
+    ["$2a$", "$2b$", "$2x$", "$2y$"].iter().any(|p| password.starts_with(p)) && password.len() == 60
+}
+
+/// A bcrypt hash of `password` for `[[proxy.user]]` (`hb proxy hash-password`), cost 10 as
+/// htpasswd's `-B`.
+pub fn hash_password(password: &str) -> Result<String, MirrorError> {
+    bcrypt::hash(password, 10).map_err(|e| MirrorError::Config(format!("hashing the password: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hashed_passwords_verify_and_plain_ones_are_not_taken_for_hashes() {
+        let h = super::hash_password("s3cret").unwrap();
+        assert!(super::is_bcrypt(&h), "{h}");
+        assert!(bcrypt::verify("s3cret", &h).unwrap() && !bcrypt::verify("other", &h).unwrap());
+        // htpasswd -nbB writes $2y$.
+        assert!(super::is_bcrypt("$2y$05$abcdefghijklmnopqrstuu5vX0F7aKpYm1Q4Hn1K8xJ3x0vKJmG6C"));
+        assert!(!super::is_bcrypt("$2y$-but-a-password") && !super::is_bcrypt("plain"));
     }
 }

@@ -7,7 +7,7 @@ impl Mirror {
     /// Records a newly kept object and evicts the least recently used ones over the cap.
     pub(super) async fn kept_object(&self, d: Digest, size: u64) {
         self.objects.lock().expect("objects lock").insert(d, (size, now()));
-        let Some(max) = self.cfg.max_bytes else { return };
+        let Some(max) = self.max_bytes() else { return };
         let victims: Vec<Digest> = {
             let objects = self.objects.lock().expect("objects lock");
             let total: u64 = objects.values().map(|(s, _)| s).sum();

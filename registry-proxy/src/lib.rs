@@ -53,6 +53,7 @@ mod manifests;
 mod server;
 mod token;
 
+pub use auth::{hash_password, is_bcrypt};
 pub use config::{glob, MirrorConfig, MirrorError, MirrorStore, UpstreamConfig};
 use http::*;
 pub use http::{acceptable, parse_range, valid_media_type, Unsatisfiable};
@@ -89,6 +90,11 @@ impl Drop for KeyGuard<'_> {
 
 pub struct Mirror {
     cfg: MirrorConfig,
+    /// What a reload (SIGHUP) may change while serving: the users and the size cap.
+    live: std::sync::RwLock<Live>,
+    /// Credentials checked against a bcrypt hash, by a digest of name, password and hash: a
+    /// hash costs tens of milliseconds to check, and Docker sends credentials on every request.
+    verified: Mutex<std::collections::HashSet<[u8; 32]>>,
     upstreams: Vec<Upstream>,
     store: Arc<dyn MirrorStore>,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,
@@ -103,6 +109,11 @@ pub struct Mirror {
     /// Tokens this mirror issued (`token.rs`).
     tokens: token::Tokens,
     pub stats: Stats,
+}
+
+struct Live {
+    users: Vec<(String, String)>,
+    max_bytes: Option<u64>,
 }
 
 struct ChunkCache {
@@ -160,6 +171,8 @@ impl Mirror {
             .collect();
         let stats = Stats::new(cfg.upstreams.iter().map(|u| u.host.clone()).collect());
         let m = Arc::new(Mirror {
+            live: std::sync::RwLock::new(Live { users: cfg.users.clone(), max_bytes: cfg.max_bytes }),
+            verified: Mutex::new(Default::default()),
             cache: Mutex::new(ChunkCache { lru: lru::LruCache::unbounded(), bytes: 0, budget: cfg.cache_bytes }),
             cfg,
             upstreams,
@@ -174,6 +187,49 @@ impl Mirror {
         });
         m.load_virtuals();
         Ok(m)
+    }
+
+    /// Takes what may change while serving from `cfg` (a reloaded config file): the users and
+    /// the size cap. Returns what changed, and what only a restart applies.
+    pub fn reload(&self, cfg: &MirrorConfig) -> Vec<String> {
+        let mut notes = Vec::new();
+        {
+            let mut live = self.live.write().expect("live lock");
+            if live.users != cfg.users {
+                notes.push(format!("users: {} (were {})", cfg.users.len(), live.users.len()));
+                live.users = cfg.users.clone();
+                self.verified.lock().expect("verified lock").clear();
+            }
+            if live.max_bytes != cfg.max_bytes {
+                notes.push(format!("max size: {:?} bytes (was {:?})", cfg.max_bytes, live.max_bytes));
+                live.max_bytes = cfg.max_bytes;
+            }
+        }
+        let shape = |c: &MirrorConfig| format!("{:?} {:?}", c.upstreams, c.default_upstream);
+        if shape(cfg) != shape(&self.cfg) {
+            notes.push("upstreams changed: they take a restart of hb proxy".into());
+        }
+        notes
+    }
+
+    /// Who a request is, for the access log: a user name, `token` for an upstream's token, `-`.
+    fn user_of(&self, authorization: Option<&str>) -> String {
+        match self.tokens.who(authorization) {
+            token::Who::Known(Principal::Basic(u, _)) => u,
+            token::Who::Known(Principal::Bearer(_)) => "token".into(),
+            token::Who::Known(Principal::Mirror) => "-".into(),
+            token::Who::Expired => "expired-token".into(),
+        }
+    }
+
+    /// The size cap in force.
+    pub(crate) fn max_bytes(&self) -> Option<u64> {
+        self.live.read().expect("live lock").max_bytes
+    }
+
+    /// Whether clients must be the mirror's own users.
+    pub(crate) fn has_users(&self) -> bool {
+        !self.live.read().expect("live lock").users.is_empty()
     }
 
     /// Kept objects and their total size.
@@ -205,9 +261,16 @@ impl Mirror {
 
     /// Answers one request; every failure becomes an OCI error body here.
     /// `secure`: the client came over TLS (the token service's address in challenges says so).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, secure: bool) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        secure: bool,
+        peer: std::net::SocketAddr,
+    ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        let user = self.user_of(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()));
         let host = req.headers().get(hyper::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
         let resp = match (req.method(), path.as_str()) {
             (&Method::GET, "/_hb/token") => self.token(&req),
@@ -220,12 +283,12 @@ impl Mirror {
                 let (n, bytes) = self.kept();
                 Response::builder()
                     .header(CONTENT_TYPE, "text/plain; version=0.0.4")
-                    .body(full(Bytes::from(self.stats.prometheus(n, bytes, self.cfg.max_bytes))))
+                    .body(full(Bytes::from(self.stats.prometheus(n, bytes, self.max_bytes()))))
                     .expect("valid response")
             }
             (&Method::GET, "/_hb/stats") => {
                 let (n, bytes) = self.kept();
-                let body = serde_json::to_vec(&self.stats.report(n, bytes, self.cfg.max_bytes)).expect("serialisable");
+                let body = serde_json::to_vec(&self.stats.report(n, bytes, self.max_bytes())).expect("serialisable");
                 Response::builder()
                     .header(CONTENT_TYPE, "application/json")
                     .body(full(Bytes::from(body)))
@@ -239,7 +302,19 @@ impl Mirror {
             ),
             _ => self.clone().distribution(req).await,
         };
-        tracing::debug!(%path, status = resp.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+        // The access log: one info event per request, under the target `access` (HB_LOG=access=info
+        // alone; HB_LOG_FORMAT=json for JSON lines).
+        tracing::info!(
+            target: "access",
+            %peer,
+            method = %method,
+            %path,
+            status = resp.status().as_u16(),
+            bytes = resp.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()),
+            user = %user,
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
         let mut resp = resp;
         resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
         if resp.status() == StatusCode::UNAUTHORIZED {
@@ -270,7 +345,7 @@ impl Mirror {
             token::Who::Known(p) => p,
             token::Who::Expired => return unauthorized("this mirror's token has run out: ask for another"),
         };
-        if !self.cfg.users.is_empty() {
+        if self.has_users() {
             if !self.is_user(&who) {
                 return unauthorized("this mirror requires its own credentials");
             }

@@ -68,7 +68,7 @@ pub async fn serve(
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let secure = acceptor.is_some();
-                    let svc = hyper::service::service_fn(move |req| m.clone().handle(req, secure));
+                    let svc = hyper::service::service_fn(move |req| m.clone().handle(req, secure, peer));
                     let http = hyper::server::conn::http1::Builder::new();
                     let done = match acceptor {
                         None => http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await,

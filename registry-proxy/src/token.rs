@@ -84,7 +84,7 @@ impl Mirror {
     /// users of its own the mirror checks them here already (as `docker login` expects).
     pub(super) fn token(&self, req: &Request<Incoming>) -> Response<Body> {
         let who = Principal::from_header(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()));
-        if !self.cfg.users.is_empty() && !self.is_user(&who) {
+        if self.has_users() && !self.is_user(&who) {
             return unauthorized("this mirror requires its own credentials");
         }
         let token = self.tokens.issue(who);

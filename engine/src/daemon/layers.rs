@@ -20,7 +20,14 @@ impl hb_snapshotter::Remote for DaemonLayers {
             if layer.index + 1 == *total {
                 let (d, image) = (self.0.clone(), layer.image.clone());
                 std::thread::spawn(move || {
-                    let req = MountRequest { image, plain_http: false, root: None, layers: None, spare: false };
+                    let req = MountRequest {
+                        image,
+                        pull: Default::default(),
+                        plain_http: false,
+                        root: None,
+                        layers: None,
+                        spare: false,
+                    };
                     if let Err(e) = d.image_mount(&req) {
                         tracing::warn!(error = %crate::error_chain(&e), "mounting a lazily pulled image ahead failed");
                     }
@@ -31,8 +38,14 @@ impl hb_snapshotter::Remote for DaemonLayers {
     }
 
     fn mount(&self, image: &str, layers: usize) -> Result<PathBuf, String> {
-        let req =
-            MountRequest { image: image.into(), plain_http: false, root: None, layers: Some(layers), spare: false };
+        let req = MountRequest {
+            image: image.into(),
+            pull: Default::default(),
+            plain_http: false,
+            root: None,
+            layers: Some(layers),
+            spare: false,
+        };
         self.0.image_mount(&req).map(|m| m.path).map_err(|e| {
             self.0.metrics.error("mount");
             crate::error_chain(&e)

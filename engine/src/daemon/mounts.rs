@@ -38,7 +38,7 @@ impl Daemon {
     pub(super) fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
         self.note_plain(&req.image, req.plain_http);
         let _one = self.preparing.lock().expect("preparing lock");
-        if crate::find_image(&self.store, &req.image)?.is_none() {
+        if req.pull.pull_now(&req.image, crate::find_image(&self.store, &req.image)?.is_some())? {
             crate::mount::pull_for_mount(&self.hosts(), &self.work, &self.store, &req.image, req.plain_http, &Silent)?;
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
             self.dirty.store(true, Ordering::SeqCst);

@@ -13,7 +13,7 @@ use hb_tests::*;
 use sha2::Digest as _;
 
 use super::daemon::wait_for;
-use super::pull::open_registry;
+use super::pull::{open_registry, run};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -60,6 +60,7 @@ impl Proxy {
         let child = self
             .hb
             .command(&["proxy", "--listen", &self.addr])
+            .env("HB_LOG", "warn,access=info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.hb.path("proxy.log")).unwrap())
             .spawn()
@@ -773,6 +774,39 @@ fn a_proxy_with_its_own_users_refuses_everyone_else() {
     // `hb config show` does not print the password.
     let shown = proxy.hb.ok(&["config", "show"]);
     assert!(shown.contains("name = \"ci\"") && !shown.contains("s3cret"), "{shown}");
+    // The access log: one line per request, with its status and user (regression: logs written
+    // to a file carried ANSI colour codes between the field names and their values).
+    let log = proxy.log();
+    assert!(log.lines().any(|l| l.contains("request") && l.contains("status=401") && l.contains("user=ci")), "{log}");
+    assert!(log.lines().any(|l| l.contains("status=200") && l.contains("user=ci")), "{log}");
+    // A hashed password, taken on SIGHUP; the old user goes at the same time.
+    let mut hash = proxy.hb.command(&["proxy", "hash-password"]);
+    let mut child = hash.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"h4shed\n").unwrap();
+    let hashed = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap().trim().to_string();
+    assert!(hashed.starts_with("$2") && hashed.len() == 60, "{hashed:?}");
+    std::fs::write(
+        proxy.hb.config.as_ref().unwrap(),
+        format!(
+            "version = 1\n[proxy]\n[[proxy.user]]\nname = \"bot\"\npassword = \"{hashed}\"\n[[proxy.upstream]]\nhost = \"{}\"\nalias = \"up\"\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    run(Command::new("kill").args(["-HUP", &proxy.pid().to_string()]));
+    wait_for("the reload to be logged", || proxy.log().contains("configuration reloaded (SIGHUP): users: 1"));
+    let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "bot:h4shed", &src, &dest("hashed")]);
+    assert!(ok, "{out}");
+    let (ok, _) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "bot:wrong", &src, &dest("bad")]);
+    assert!(!ok, "a wrong password against the hash");
+    let (ok, _) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "ci:s3cret", &src, &dest("gone")]);
+    assert!(!ok, "the removed user is refused after the reload");
+    // A config that does not parse leaves the mirror as it was.
+    std::fs::write(proxy.hb.config.as_ref().unwrap(), "version = 1\n[proxy\n").unwrap();
+    run(Command::new("kill").args(["-HUP", &proxy.pid().to_string()]));
+    wait_for("the failed reload to be logged", || proxy.log().contains("configuration not reloaded (SIGHUP)"));
+    let (ok, out) = skopeo(&["copy", "--src-tls-verify=false", "--src-creds", "bot:h4shed", &src, &dest("still")]);
+    assert!(ok, "{out}");
 }
 
 /// The per-tier figures of the mounts `hb` served (`<root>/run/*.stats.json`), summed by tier:

@@ -547,3 +547,52 @@ fn run_takes_env_files_tmpfs_mounts_capabilities_and_rotates_logs() {
 fn chrono_now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
+
+/// `skopeo copy` between two references of the open loopback registry.
+fn retag(from: &str, to: &str) {
+    let o = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", "--dest-tls-verify=false"])
+        .arg(format!("docker://{from}"))
+        .arg(format!("docker://{to}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "skopeo copy {from} {to}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn run_pull_policies_missing_always_never_as_docker() {
+    let registry = open_registry();
+    let tag = format!("{registry}/hbtest-pull-{}/app:moving", std::process::id());
+    retag(&format!("{registry}/busybox:latest"), &tag);
+    let hb = Hb::new();
+    let digest = |hb: &Hb| hb.ok(&["images", "--format", "{{.Name}} {{.Digest}}"]);
+    let err = hb.fails(&["run", "--rm", "--pull", "never", &tag, "true"], 125);
+    assert!(err.contains("no such image in the store") && err.contains(&tag), "{err}");
+    assert!(hb.ok(&["-q", "images"]).is_empty(), "--pull never pulled nothing");
+    assert_eq!(hb_run(&hb, &[&tag, "echo", "one"]).0, 0, "missing: pulled");
+    let first = digest(&hb);
+    assert_eq!(hb_run(&hb, &["--pull", "never", &tag, "true"]).0, 0, "present: runs");
+    // The tag moves to another image: `missing` keeps what is stored, `always` follows it.
+    retag(&format!("{registry}/busybox:v2s2"), &tag);
+    assert_eq!(hb_run(&hb, &[&tag, "true"]).0, 0);
+    assert_eq!(digest(&hb), first, "--pull missing does not look again");
+    assert_eq!(hb_run(&hb, &["--pull", "always", &tag, "true"]).0, 0);
+    let moved = digest(&hb);
+    assert_ne!(moved, first, "--pull always follows the tag");
+    let err = hb.fails(&["run", "--rm", "--pull", "sometimes", &tag, "true"], 125);
+    assert!(err.contains("--pull") && err.contains("always"), "{err}");
+    // Through a daemon too.
+    let mut with_daemon = Hb::new();
+    let config = with_daemon.path("hb.toml");
+    std::fs::write(&config, format!("version = 1\n[daemon]\nsocket = \"{}\"\n", super::daemon::socket(&with_daemon)))
+        .unwrap();
+    with_daemon.config = Some(config);
+    let mut daemon = super::daemon::Daemon::start(&with_daemon);
+    let err = with_daemon.fails(&["run", "--rm", "--pull", "never", &tag, "true"], 125);
+    assert!(err.contains("no such image in the store"), "{err}");
+    assert_eq!(hb_run(&with_daemon, &["--pull", "always", &tag, "true"]).0, 0);
+    assert_eq!(digest(&with_daemon), moved);
+    daemon.stop();
+    super::daemon::unmount_all(&with_daemon);
+    assert_cleaned_up(&hb);
+}
