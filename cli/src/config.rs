@@ -240,6 +240,12 @@ pub struct DaemonSection {
     pub mount_idle_seconds: Option<u64>,
     /// containerd's snapshotter API [default: /run/hb/snapshotter.sock].
     pub snapshotter_socket: Option<PathBuf>,
+    /// Also serve `/metrics` (and `/healthz`, nothing else) over TCP here, for Prometheus
+    /// (e.g. "127.0.0.1:9110"; the API stays on the Unix socket) [default: none].
+    pub metrics_address: Option<String>,
+    /// Run `hb gc` by itself when the store takes more than this on disk (e.g. "50G"); what
+    /// named images use stays [default: never].
+    pub gc_above: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, serde::Serialize)]
@@ -312,30 +318,103 @@ fn docker_key(registry: &str) -> String {
     }
 }
 
-/// Saves credentials as `docker login` does (`auths.<registry>.auth` = base64 of user:password),
-/// keeping everything else in the file; the file is private to its owner. Returns its path.
-pub fn docker_login(registry: &str, user: &str, password: &str) -> anyhow::Result<PathBuf> {
+/// Where `docker login` keeps a registry's credentials, as config.json says.
+pub enum Saved {
+    /// In config.json's `auths` (base64 of user:password).
+    File(PathBuf),
+    /// Through a credential helper (`credsStore` or `credHelpers`): `docker-credential-NAME`.
+    Helper(String),
+}
+
+impl std::fmt::Display for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Saved::File(p) => write!(f, "{}", p.display()),
+            Saved::Helper(h) => write!(f, "the credential helper docker-credential-{h}"),
+        }
+    }
+}
+
+/// The credential helper config.json names for `key` (`credHelpers`, else `credsStore`).
+fn helper_for(cfg: &serde_json::Value, keys: &[String]) -> Option<String> {
+    keys.iter()
+        .find_map(|k| cfg["credHelpers"][k].as_str())
+        .or_else(|| cfg["credsStore"].as_str())
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+}
+
+/// Runs `docker-credential-HELPER ACTION` with `input` on stdin; its stdout, or an error that
+/// carries the helper's own message. `Ok(None)` when it has no credentials for the server.
+fn run_helper(helper: &str, action: &str, input: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+    use std::io::Write;
+    let bin = format!("docker-credential-{helper}");
+    let mut child = std::process::Command::new(&bin)
+        .arg(action)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running the credential helper {bin} (named in docker's config.json)"))?;
+    child.stdin.take().expect("piped").write_all(input)?;
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        return Ok(Some(out.stdout));
+    }
+    let said = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+    let message = [said(&out.stdout), said(&out.stderr)].into_iter().filter(|m| !m.is_empty()).collect::<Vec<_>>();
+    // The protocol's "none here" answer (docker-credential-helpers' ErrCredentialsNotFound).
+    if message.iter().any(|m| m.contains("credentials not found")) {
+        return Ok(None);
+    }
+    let message = if message.is_empty() { "it said nothing".to_string() } else { message.join("; ") };
+    bail!("credential helper {bin} {action} failed ({}): {message}", out.status)
+}
+
+/// Saves credentials as `docker login` does: through the configured credential helper (config.json
+/// then holds an empty `auths` entry, never the secret), else in `auths.<registry>.auth` (base64
+/// of user:password), keeping everything else in the file; the file is private to its owner.
+pub fn docker_login(registry: &str, user: &str, password: &str) -> anyhow::Result<Saved> {
     use base64::Engine;
     let path = docker_config_path()?;
     let mut cfg = read_json_object(&path)?;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let key = docker_key(registry);
+    let helper = helper_for(&serde_json::Value::Object(cfg.clone()), std::slice::from_ref(&key));
+    let entry = match &helper {
+        Some(h) => {
+            let body = serde_json::json!({ "ServerURL": &key, "Username": user, "Secret": password });
+            run_helper(h, "store", &serde_json::to_vec(&body)?)?;
+            serde_json::json!({})
+        }
+        None => {
+            let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            serde_json::json!({ "auth": auth })
+        }
+    };
     let auths = cfg.entry("auths").or_insert_with(|| serde_json::json!({}));
     let auths = auths.as_object_mut().with_context(|| format!("{}: `auths` is not an object", path.display()))?;
-    auths.insert(docker_key(registry), serde_json::json!({ "auth": auth }));
+    auths.insert(key, entry);
     write_json_object(&path, &cfg)?;
-    Ok(path)
+    Ok(match helper {
+        Some(h) => Saved::Helper(h),
+        None => Saved::File(path),
+    })
 }
 
-/// Removes saved credentials; false when there were none.
+/// Removes saved credentials (from the credential helper too); false when there were none.
 pub fn docker_logout(registry: &str) -> anyhow::Result<bool> {
     let path = docker_config_path()?;
     if !path.exists() {
         return Ok(false);
     }
     let mut cfg = read_json_object(&path)?;
-    let removed =
-        cfg.get_mut("auths").and_then(|a| a.as_object_mut()).and_then(|a| a.remove(&docker_key(registry))).is_some();
-    if removed {
+    let key = docker_key(registry);
+    let mut removed = false;
+    if let Some(h) = helper_for(&serde_json::Value::Object(cfg.clone()), std::slice::from_ref(&key)) {
+        removed |= run_helper(&h, "erase", key.as_bytes())?.is_some();
+    }
+    if cfg.get_mut("auths").and_then(|a| a.as_object_mut()).and_then(|a| a.remove(&key)).is_some() {
+        removed = true;
         write_json_object(&path, &cfg)?;
     }
     Ok(removed)
@@ -378,63 +457,73 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Credentials for `registry` from docker's config.json (`$DOCKER_CONFIG/config.json` or
-/// `~/.docker/config.json`): a credential helper (`credHelpers`, then `credsStore`) or `auths`.
+/// Credentials for `registry`, looked up as docker and podman do: docker's config.json
+/// (`credHelpers`, `credsStore`, `auths`), then podman's auth file (`$REGISTRY_AUTH_FILE`, else
+/// `$XDG_RUNTIME_DIR/containers/auth.json`, `/run/containers/0/auth.json` for root, and
+/// `~/.config/containers/auth.json`). A failing credential helper is an error with its message.
 pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, String)>> {
-    let path = match docker_config_path() {
-        Ok(p) => p,
-        Err(_) => return Ok(None),
-    };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let cfg: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     // Docker Hub is stored under its historical key; others sometimes with a scheme.
     let mut keys = vec![docker_key(registry), format!("https://{registry}"), format!("http://{registry}")];
     if registry == "docker.io" {
         keys.extend(["docker.io".to_string(), "index.docker.io".to_string()]);
     }
-    let helper = keys
-        .iter()
-        .find_map(|k| cfg["credHelpers"][k].as_str())
-        .or_else(|| cfg["credsStore"].as_str())
-        .map(str::to_string);
-    if let Some(helper) = helper {
-        let bin = format!("docker-credential-{helper}");
-        let mut child = std::process::Command::new(&bin)
-            .arg("get")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .with_context(|| format!("running credential helper {bin} (named in {})", path.display()))?;
-        use std::io::Write;
-        child.stdin.take().expect("piped").write_all(keys[0].as_bytes())?;
-        let out = child.wait_with_output()?;
-        if out.status.success() {
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).with_context(|| format!("{bin} answered"))?;
-            if let (Some(u), Some(p)) = (v["Username"].as_str(), v["Secret"].as_str()) {
+    let mut files: Vec<(PathBuf, bool)> = docker_config_path().ok().map(|p| (p, true)).into_iter().collect();
+    files.extend(podman_auth_files().into_iter().map(|p| (p, false)));
+    for (path, docker) in files {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        if docker {
+            if let Some(helper) = helper_for(&cfg, &keys) {
+                if let Some(out) = run_helper(&helper, "get", keys[0].as_bytes())? {
+                    let v: serde_json::Value = serde_json::from_slice(&out)
+                        .with_context(|| format!("docker-credential-{helper} get answered"))?;
+                    if let (Some(u), Some(p)) = (v["Username"].as_str(), v["Secret"].as_str()) {
+                        return Ok(Some((u.to_string(), p.to_string())));
+                    }
+                }
+            }
+        }
+        for k in &keys {
+            if let Some(auth) = cfg["auths"][k]["auth"].as_str() {
+                use base64::Engine;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(auth)
+                    .with_context(|| format!("{}: auths.{k}.auth is not base64", path.display()))?;
+                let raw = String::from_utf8(raw).with_context(|| format!("{}: auths.{k}.auth", path.display()))?;
+                let (u, p) = raw
+                    .split_once(':')
+                    .with_context(|| format!("{}: auths.{k}.auth is not user:password", path.display()))?;
                 return Ok(Some((u.to_string(), p.to_string())));
             }
         }
     }
-    for k in &keys {
-        if let Some(auth) = cfg["auths"][k]["auth"].as_str() {
-            use base64::Engine;
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(auth)
-                .with_context(|| format!("{}: auths.{k}.auth is not base64", path.display()))?;
-            let raw = String::from_utf8(raw).with_context(|| format!("{}: auths.{k}.auth", path.display()))?;
-            let (u, p) = raw
-                .split_once(':')
-                .with_context(|| format!("{}: auths.{k}.auth is not user:password", path.display()))?;
-            return Ok(Some((u.to_string(), p.to_string())));
-        }
-    }
     Ok(None)
+}
+
+/// podman's (containers/image's) auth files, in the order it reads them.
+fn podman_auth_files() -> Vec<PathBuf> {
+    if let Some(f) = std::env::var_os("REGISTRY_AUTH_FILE") {
+        return vec![PathBuf::from(f)];
+    }
+    let mut files = Vec::new();
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => files.push(PathBuf::from(d).join("containers/auth.json")),
+        None if is_root() => files.push(PathBuf::from("/run/containers/0/auth.json")),
+        None => {}
+    }
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    files.extend(config.map(|c| c.join("containers/auth.json")));
+    files
 }
 
 fn is_root() -> bool {

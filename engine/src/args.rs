@@ -77,6 +77,10 @@ pub enum Cmd {
         /// else /run/hb/snapshotter.sock]
         #[arg(long, value_name = "PATH")]
         snapshotter_socket: Option<PathBuf>,
+        /// Also serve /metrics and /healthz over TCP at ADDR, for Prometheus [default: the
+        /// config's daemon.metrics_address, else none]
+        #[arg(long, value_name = "ADDR")]
+        metrics_address: Option<String>,
     },
     /// Serve a pull-through registry mirror for CI farms and teams: each blob crosses the
     /// upstream link once, is kept deduplicated in the store, and is served to every client

@@ -276,8 +276,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.attempts = 1;
             let reg = hb_registry::Registry::new(&probe, opts)?;
             runtime()?.block_on(reg.check_credentials(&probe))?;
-            let path = config::docker_login(probe.registry(), &username, &password)?;
-            out.note(format!("Login succeeded; credentials saved in {}", path.display()));
+            let saved = config::docker_login(probe.registry(), &username, &password)?;
+            out.note(format!("Login succeeded; credentials saved in {saved}"));
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Logout { registry } => {
@@ -304,14 +304,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 hb_cli::Outcome::Engine => unreachable!("the engine serves images itself"),
             };
         }
-        Cmd::Daemon { mount_idle, snapshotter_socket } => {
+        Cmd::Daemon { mount_idle, snapshotter_socket, metrics_address } => {
             let file = config::load(g.config.as_deref())?;
             let socket = api::socket_path(g.socket.as_deref(), &file);
             let idle = mount_idle.or(file.daemon.mount_idle_seconds).unwrap_or(600);
             let snap = snapshotter_socket
                 .or(file.daemon.snapshotter_socket.clone())
                 .unwrap_or_else(|| PathBuf::from(config::DEFAULT_SNAPSHOTTER_SOCKET));
-            daemon::run(g, &socket, &snap, std::time::Duration::from_secs(idle), &out)?;
+            let metrics = metrics_address
+                .or(file.daemon.metrics_address.clone())
+                .map(|a| {
+                    a.parse::<std::net::SocketAddr>()
+                        .with_context(|| format!("metrics address {a:?} (e.g. 127.0.0.1:9110)"))
+                })
+                .transpose()?;
+            daemon::run(g, &socket, &snap, std::time::Duration::from_secs(idle), metrics, &out)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Doctor { image } => {

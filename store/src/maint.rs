@@ -537,6 +537,22 @@ impl Store {
     }
 
     /// Logical vs stored bytes.
+    /// Bytes the store takes on disk (packs, metadata, passthrough files), as [`Store::usage`]
+    /// counts them, without reading every chunk's record: cheap enough to ask every few seconds.
+    pub fn disk_bytes(&self) -> Result<u64> {
+        let packs: u64 = self.pack_records()?.values().map(|p| p.committed_len).sum();
+        let meta = dir_size(&self.root.join("meta"))
+            + std::fs::metadata(self.root.join("bloom.bin")).map(|m| m.len()).unwrap_or(0);
+        let backing: u64 = self
+            .backing_entries()?
+            .iter()
+            .map(|e| match e {
+                BackingEntry::File { len, .. } | BackingEntry::Temp { len, .. } => *len,
+            })
+            .sum();
+        Ok(packs + meta + backing)
+    }
+
     pub fn usage(&self) -> Result<Usage> {
         let mut u = Usage::default();
         for item in self.db.iterator_cf(self.cf(CF_LAYERS), IteratorMode::Start) {

@@ -98,7 +98,8 @@ impl Hb {
     }
 
     /// `hb` on this store, isolated from the machine's own settings: no /etc/hb/hb.toml (a
-    /// minimal config unless the test gave one), no docker credentials, no hosts.toml folders.
+    /// minimal config unless the test gave one), no docker or podman credentials, no hosts.toml
+    /// folders.
     /// A test that wants them sets `DOCKER_CONFIG`, `--hosts-dir` or a config itself.
     pub fn command(&self, args: &[&str]) -> Command {
         self.command_via(&[], args)
@@ -131,6 +132,8 @@ impl Hb {
             .env_remove("HB_CONFIG")
             .env_remove("HB_SOCKET")
             .env("DOCKER_CONFIG", &empty)
+            // podman's credentials: none (a test sets REGISTRY_AUTH_FILE itself).
+            .env("REGISTRY_AUTH_FILE", empty.join("auth.json"))
             .env("HB_HOSTS_DIR", &empty);
         c
     }

@@ -102,6 +102,25 @@ pub(super) async fn body_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).context("the request body is not the JSON this endpoint takes")
 }
 
+/// The TCP side (`daemon.metrics_address`): `/metrics` and `/healthz`, nothing of the API.
+pub(super) async fn metrics_only(
+    d: Arc<Daemon>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let text = |status, content_type, body: String| {
+        Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4", d.metrics_text()),
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "only /metrics and /healthz are served here\n".into()),
+    })
+}
+
 pub(super) async fn handle(
     d: Arc<Daemon>,
     req: Request<hyper::body::Incoming>,

@@ -84,6 +84,54 @@ struct Daemon {
     through: hb_images::sources::LazyFetch,
 }
 
+/// `daemon.gc_above`: a gc when the store passes the size, once per change (a store that stays
+/// above it after a gc is not collected again until it grows or its images change).
+#[derive(Default)]
+struct AutoGc {
+    /// The store's size after the last automatic gc, and its image names then.
+    last: Option<(u64, u64)>,
+}
+
+impl AutoGc {
+    fn check(&mut self, d: &Daemon, limit: u64) {
+        let (Ok(size), Ok(names)) = (d.store.disk_bytes(), d.store.image_names()) else { return };
+        let names = names.iter().fold(0u64, |h, n| {
+            h ^ u64::from_le_bytes(
+                blake3::hash(format!("{}={}", n.name, n.digest).as_bytes()).as_bytes()[..8]
+                    .try_into()
+                    .expect("8 bytes"),
+            )
+        });
+        if size <= limit || self.last.is_some_and(|(after, seen)| seen == names && size <= after + after / 100) {
+            return;
+        }
+        d.withdraw_all();
+        let r = d.store.gc(&hb_store::NoProgress);
+        d.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        d.withdraw_all();
+        match r {
+            Ok(r) => {
+                let after = d.store.disk_bytes().unwrap_or(size);
+                tracing::info!(
+                    before = size,
+                    after,
+                    limit,
+                    "automatic gc (the store passed daemon.gc_above): {}",
+                    crate::store_cmds::gc_summary(&r)
+                );
+                if after > limit {
+                    tracing::warn!(
+                        after, limit,
+                        "the store is still above daemon.gc_above: named images use the rest (`hb image prune -a` removes those no container uses)"
+                    );
+                }
+                self.last = Some((after, names));
+            }
+            Err(e) => tracing::warn!(error = %e, "automatic gc failed"),
+        }
+    }
+}
+
 /// A spare to prepare: over image mount `lower` (key `key`), for `hb run IMAGE` (`image`,
 /// `plain_http` as asked).
 #[derive(Clone)]
@@ -229,7 +277,14 @@ impl Daemon {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &Out) -> anyhow::Result<()> {
+pub fn run(
+    g: &Global,
+    socket: &Path,
+    snapshotter: &Path,
+    idle: Duration,
+    metrics: Option<std::net::SocketAddr>,
+    out: &Out,
+) -> anyhow::Result<()> {
     // Caught from here on: a signal while starting stops the daemon as soon as it serves, cleanly.
     let stopped = crate::shutdown::Shutdown::install()?.signalled();
     crate::memory::limit_malloc_arenas();
@@ -276,6 +331,26 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
         .with_context(|| format!("listening on {}", socket.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    // Prometheus scrapes over TCP: `/metrics` and `/healthz` only (the API stays on the socket).
+    if let Some(addr) = metrics {
+        let tcp = server
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        out.note(format!("metrics on http://{addr}/metrics"));
+        let md = d.clone();
+        server.spawn(async move {
+            loop {
+                let Ok((stream, _)) = tcp.accept().await else { continue };
+                let md = md.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| http::metrics_only(md.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
     // Finished containers' cleanups, one datagram each: `hb run` sends and goes, no round trip.
     let cleanups_path = api::cleanup_socket(socket);
     let _ = std::fs::remove_file(&cleanups_path);
@@ -345,11 +420,22 @@ pub fn run(g: &Global, socket: &Path, snapshotter: &Path, idle: Duration, out: &
     tracing::info!(socket = %socket.display(), root = %root.display(), "daemon ready");
     crate::notify::ready(&format!("serving store {} on {}", root.display(), socket.display()));
     let reaper = d.clone();
+    let gc_above = hb_cli::file_config(g)?
+        .daemon
+        .gc_above
+        .as_deref()
+        .map(crate::parse_rate)
+        .transpose()
+        .context("daemon.gc_above")?;
+    let mut auto_gc = AutoGc::default();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));
         reaper.reap_spares();
         reaper.reap_handed_over();
         reaper.reap_idle();
+        if let Some(limit) = gc_above {
+            auto_gc.check(&reaper, limit);
+        }
         reaper.settle();
         // Also after the work's threads ended (their caches are freed then, not before).
         crate::memory::release_free_memory();

@@ -693,3 +693,48 @@ fn a_daemon_whose_binary_was_replaced_still_starts_mount_servers() {
     unmount_all(&hb);
     hb.fsck_clean();
 }
+
+/// `daemon.metrics_address`: `/metrics` and `/healthz` over TCP, nothing of the API;
+/// `daemon.gc_above`: the daemon collects garbage by itself once the store passes the size.
+#[test]
+fn the_daemon_serves_metrics_over_tcp_and_collects_garbage_above_its_size() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut hb = Hb::new();
+    let config = hb.path("hb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "version = 1\n[daemon]\nsocket = \"{}\"\nmetrics_address = \"127.0.0.1:{port}\"\ngc_above = \"1k\"\n",
+            socket(&hb)
+        ),
+    )
+    .unwrap();
+    hb.config = Some(config);
+    let mut d = Daemon::start(&hb);
+    let get = |path: &str| {
+        let o = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", &format!("http://127.0.0.1:{port}{path}")])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.to_string(), body.to_string())
+    };
+    let (code, metrics) = get("/metrics");
+    assert_eq!(code, "200");
+    assert_exposition(&metrics, "hb daemon");
+    assert_eq!(get("/healthz"), ("200".into(), "ok\n".into()));
+    let (code, body) = get("/v1/health");
+    assert_eq!(code, "404", "the API is not on the TCP address: {body}");
+    // Above gc_above with the image named: its data stays; once it is removed, the daemon frees it.
+    hb.ok(&["-q", "pull", &image]);
+    std::thread::sleep(Duration::from_secs(6)); // one reaper round at least
+    assert!(hb.json(&["du"])["live_pack_bytes"].as_u64().unwrap() > 0, "a named image's data is kept");
+    hb.ok(&["rmi", &image]);
+    wait_for("the automatic gc to free the removed image's data", || {
+        hb.json(&["du"])["pack_bytes"].as_u64() == Some(0)
+    });
+    d.stop();
+    hb.fsck_clean();
+}

@@ -689,3 +689,83 @@ fn docker_schema2_manifests_and_lists() {
     assert_eq!(inspect["manifestMediaType"], "application/vnd.docker.distribution.manifest.v2+json");
     hb.fsck_clean();
 }
+
+/// A docker credential helper (`docker-credential-NAME`) written as a shell script over a JSON
+/// file beside it: `store`, `get`, `erase`, as the protocol has them. `broken` always fails.
+fn credential_helpers(dir: &Path) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let store = dir.join("helper-store");
+    let script = format!(
+        r#"#!/bin/sh
+set -e
+case "$1" in
+  store) cat > "{s}.new" && mv "{s}.new" "{s}" ;;
+  get) url=$(cat); if [ -f "{s}" ] && grep -q "\"ServerURL\": *\"$url\"" "{s}"; then
+         sed 's/"ServerURL"[^,]*,//' "{s}"; else echo "credentials not found in native keychain"; exit 1; fi ;;
+  erase) url=$(cat); rm -f "{s}" ;;
+  *) exit 2 ;;
+esac
+"#,
+        s = store.display()
+    );
+    std::fs::write(bin.join("docker-credential-hbtest"), script).unwrap();
+    std::fs::write(bin.join("docker-credential-broken"), "#!/bin/sh\necho 'the keychain is locked' >&2\nexit 1\n")
+        .unwrap();
+    for h in ["docker-credential-hbtest", "docker-credential-broken"] {
+        std::fs::set_permissions(bin.join(h), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// `hb login` stores through docker's credsStore (no base64 secret in the file); pulls read
+/// through it; a failing helper's own message is shown; podman's auth.json is read.
+#[test]
+fn credentials_go_through_docker_credential_helpers_and_podmans_auth_file() {
+    open_registry();
+    let registry = registry_at(1);
+    let image = format!("{registry}/private/busybox:latest");
+    let hb = Hb::new();
+    let path = credential_helpers(hb.dir.path());
+    let docker = hb.path("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(docker.join("config.json"), r#"{"credsStore": "hbtest", "other": 1}"#).unwrap();
+    let with = |args: &[&str]| {
+        let mut c = hb.command(args);
+        c.env("DOCKER_CONFIG", &docker).env("PATH", &path);
+        c
+    };
+    let o = with(&["login", &registry, "-u", "hb", "-p", "hb-secret"]).output().unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("docker-credential-hbtest"), "{o:?}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(docker.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["auths"][&registry], serde_json::json!({}), "no secret in config.json: {cfg}");
+    assert_eq!(cfg["other"], 1, "the rest of the file is kept");
+    let kept = std::fs::read_to_string(hb.path("helper-store")).unwrap();
+    assert!(kept.contains("hb-secret") && kept.contains(&registry), "{kept}");
+    let o = with(&["pull", &image]).output().unwrap();
+    assert!(o.status.success(), "pulled with the helper's credentials: {o:?}");
+    // logout erases them from the helper.
+    let o = with(&["logout", &registry]).output().unwrap();
+    assert!(o.status.success() && !hb.path("helper-store").exists(), "{o:?}");
+    let o = with(&["pull", &image]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "no credentials left");
+    // A helper that fails says why, and the pull says which helper.
+    std::fs::write(docker.join("config.json"), format!(r#"{{"credHelpers": {{"{registry}": "broken"}}}}"#)).unwrap();
+    let o = with(&["pull", &image]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(1)
+            && err.contains("docker-credential-broken")
+            && err.contains("the keychain is locked"),
+        "{err}"
+    );
+    // podman's auth.json ($REGISTRY_AUTH_FILE), with docker's config empty.
+    std::fs::write(docker.join("config.json"), "{}").unwrap();
+    let auth = hb.path("auth.json");
+    let secret = "aGI6aGItc2VjcmV0"; // base64 of hb:hb-secret
+    std::fs::write(&auth, format!(r#"{{"auths": {{"{registry}": {{"auth": "{secret}"}}}}}}"#)).unwrap();
+    let o = with(&["pull", &image]).env("REGISTRY_AUTH_FILE", &auth).output().unwrap();
+    assert!(o.status.success(), "pulled with podman's credentials: {o:?}");
+}
