@@ -91,7 +91,7 @@ Architecture: $arch
 Maintainer: HyperBox maintainers <hb@hyperbox.invalid>
 Installed-Size: $(du -sk --exclude=DEBIAN "$root" | cut -f1)
 Depends: $shlibs, fuse3, runc | crun, ca-certificates
-Recommends: erofs-utils
+Recommends: erofs-utils, tini
 Suggests: containerd
 Section: admin
 Priority: optional

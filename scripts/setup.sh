@@ -21,6 +21,8 @@ PACKAGES=(
   docker.io podman             # real Docker and podman clients of the mirror (tests start dockerd in a namespace)
   ca-certificates
   dpkg-dev binutils            # scripts/package.sh: dpkg-shlibdeps, objcopy
+  tini                         # hb run --init: docker-init (tini-static), as docker ships it
+  chromium                     # headless screenshots of the status pages (tests)
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }

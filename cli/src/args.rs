@@ -204,6 +204,9 @@ pub struct RunCli {
     /// Pull the image before running: when missing from the store, always, or never
     #[arg(long, value_enum, default_value_t = crate::api::PullPolicy::Missing)]
     pub pull: crate::api::PullPolicy,
+    /// Run an init (docker-init, i.e. tini) as pid 1: it forwards signals and reaps zombies
+    #[arg(long)]
+    pub init: bool,
     /// Remove the container when it exits
     #[arg(long)]
     pub rm: bool,

@@ -104,6 +104,7 @@ impl RunRequest {
             tmpfs,
             cap_add: r.cap_add,
             cap_drop: r.cap_drop,
+            init: if r.init { Some(init_program()?) } else { None },
             read_only: r.read_only,
             network: if r.network == "none" { hb_runtime::Network::None } else { hb_runtime::Network::Host },
             tty: r.tty,
@@ -127,6 +128,20 @@ impl RunRequest {
             pull: r.pull,
         })
     }
+}
+
+/// `--init`'s program on this host: docker's `docker-init` (Debian links it to tini-static), else
+/// `tini-static`; statically linked, as it runs inside any image.
+fn init_program() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let dirs: Vec<PathBuf> =
+        std::env::split_paths(&path).chain([PathBuf::from("/usr/libexec/docker"), PathBuf::from("/usr/bin")]).collect();
+    for name in ["docker-init", "tini-static"] {
+        if let Some(found) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
+            return found.canonicalize().with_context(|| format!("--init: {}", found.display()));
+        }
+    }
+    bail!("--init needs docker-init or tini-static on this machine (Debian and Ubuntu: apt install tini)")
 }
 
 /// An `--env-file`, as docker reads one: `KEY=VALUE` lines taken as they are (no quotes
@@ -473,7 +488,9 @@ fn monitor_loaded(
         // A command that is not there, or cannot be run, fails as `docker run` reports it (127,
         // 126), not as whatever the runtime makes of it.
         if let Some(p) = spec.process() {
-            let program = p.args().as_ref().and_then(|a| a.first()).map_or("", String::as_str);
+            // With --init the command is the init's argument after `--`.
+            let skip = if req.opts.init.is_some() { 2 } else { 0 };
+            let program = p.args().as_ref().and_then(|a| a.get(skip)).map_or("", String::as_str);
             let mounts: Vec<PathBuf> = spec.mounts().iter().flatten().map(|m| m.destination().clone()).collect();
             let cwd = p.cwd().to_string_lossy();
             let env = p.env().clone().unwrap_or_default();

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod path;
 pub mod size;
 pub mod source;
+pub mod status;
 pub mod tree;
 
 pub use chunker::{ChunkAlgorithm, ChunkerParams};

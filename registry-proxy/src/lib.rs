@@ -286,6 +286,14 @@ impl Mirror {
                     .body(full(Bytes::from(self.stats.prometheus(n, bytes, self.max_bytes()))))
                     .expect("valid response")
             }
+            (&Method::GET, "/status") => {
+                let (n, bytes) = self.kept();
+                let urls: Vec<String> = self.cfg.upstreams.iter().map(|u| u.url.clone()).collect();
+                Response::builder()
+                    .header(CONTENT_TYPE, "text/html; charset=utf-8")
+                    .body(full(Bytes::from(self.stats.report(n, bytes, self.max_bytes()).status_page(&urls))))
+                    .expect("valid response")
+            }
             (&Method::GET, "/_hb/stats") => {
                 let (n, bytes) = self.kept();
                 let body = serde_json::to_vec(&self.stats.report(n, bytes, self.max_bytes())).expect("serialisable");

@@ -168,3 +168,56 @@ impl Stats {
         e.finish()
     }
 }
+
+impl StatsReport {
+    /// `/status`: the mirror at a glance, for people (HTML; `/metrics` is for machines).
+    pub fn status_page(&self, urls: &[String]) -> String {
+        use hb_core::status::{bytes, percent, Page};
+        let (hits, misses): (u64, u64) = self.upstreams.iter().fold((0, 0), |(h, m), u| (h + u.hits, m + u.misses));
+        let (from, served): (u64, u64) =
+            self.upstreams.iter().fold((0, 0), |(f, s), u| (f + u.bytes_from_upstream, s + u.bytes_served));
+        let mut p =
+            Page::new("hb proxy", &format!("pull-through registry mirror, version {}", env!("CARGO_PKG_VERSION")), 5);
+        p.cards(&[
+            (percent(hits, hits + misses), "hit ratio"),
+            (bytes(served), "served to clients"),
+            (bytes(from), "from upstreams"),
+            (
+                match self.max_bytes {
+                    Some(m) => format!("{} of {}", bytes(self.kept_bytes), bytes(m)),
+                    None => bytes(self.kept_bytes),
+                },
+                "kept",
+            ),
+            (self.objects.to_string(), "objects kept"),
+            (self.evictions.to_string(), "evictions"),
+        ]);
+        p.section("Upstreams");
+        let rows: Vec<Vec<String>> = self
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                vec![
+                    u.host.clone(),
+                    urls.get(i).cloned().unwrap_or_default(),
+                    u.requests.to_string(),
+                    percent(u.hits, u.hits + u.misses),
+                    bytes(u.bytes_from_upstream),
+                    bytes(u.bytes_served),
+                    u.stale_served.to_string(),
+                    u.errors.values().sum::<u64>().to_string(),
+                ]
+            })
+            .collect();
+        let shares: Vec<u64> = self.upstreams.iter().map(|u| u.bytes_served).collect();
+        p.table(
+            &["upstream", "url", "requests", "hit ratio", "from upstream", "served", "stale", "errors"],
+            &[2, 3, 4, 5, 6, 7],
+            &rows,
+            Some(&shares),
+            "no upstream configured",
+        );
+        p.finish()
+    }
+}

@@ -14,5 +14,5 @@ pub use seccomp::default_seccomp;
 
 pub use spec::{
     build_spec, capabilities, default_capabilities, exec_process, parse_cpus, parse_memory, process_args, resolve_user,
-    ExecOptions, ImageConfig, MountArg, Network, RunOptions, SpecError, Tmpfs, UserIds, Volume,
+    ExecOptions, ImageConfig, MountArg, Network, RunOptions, SpecError, Tmpfs, UserIds, Volume, INIT_PATH,
 };

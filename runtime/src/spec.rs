@@ -269,7 +269,14 @@ pub struct RunOptions {
     pub cap_add: Vec<String>,
     #[serde(default)]
     pub cap_drop: Vec<String>,
+    /// `--init`: this host file (a static init such as tini) runs as the container's pid 1,
+    /// mounted read-only at [`INIT_PATH`], with the command under it.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
+
+/// Where `--init`'s program appears in the container (docker's place for it).
+pub const INIT_PATH: &str = "/sbin/docker-init";
 
 /// The process's arguments, docker's way: entrypoint + cmd, where arguments replace the image's
 /// cmd and `--entrypoint` replaces its entrypoint and drops its cmd.
@@ -486,7 +493,10 @@ pub fn build_spec(
     hostname: &str,
     cgroups_path: Option<&str>,
 ) -> Result<Spec, SpecError> {
-    let args = process_args(image, opts)?;
+    let mut args = process_args(image, opts)?;
+    if opts.init.is_some() {
+        args.splice(0..0, [INIT_PATH.to_string(), "--".to_string()]);
+    }
     let cwd = opts.workdir.clone().or_else(|| image.working_dir.clone()).unwrap_or_else(|| "/".into());
     if !cwd.starts_with('/') {
         return Err(SpecError::BadValue { flag: "--workdir", value: cwd, why: "must be an absolute path" });
@@ -550,6 +560,9 @@ pub fn build_spec(
     for v in &opts.volumes {
         let mode = if v.read_only { "ro" } else { "rw" };
         mounts.push(mount(&v.container, "bind", &v.host.to_string_lossy(), &["rbind", mode])?);
+    }
+    if let Some(init) = &opts.init {
+        mounts.push(mount(INIT_PATH, "bind", &init.to_string_lossy(), &["bind", "ro"])?);
     }
     for t in &opts.tmpfs {
         // Docker's defaults first; what was asked for comes later and wins (`exec` over `noexec`).
@@ -747,6 +760,17 @@ mod tests {
         assert!(!c.bounding().clone().unwrap().contains(&Capability::Kill));
         let e = caps(&["NET_MAGIC"], &[]).unwrap_err().to_string();
         assert!(e.contains("NET_MAGIC"), "{e}");
+    }
+
+    #[test]
+    fn init_runs_first_with_the_command_under_it() {
+        let opts = RunOptions { init: Some("/usr/bin/tini-static".into()), ..Default::default() };
+        let spec = build_spec(&image(), &opts, &UserIds::default(), std::path::Path::new("/r"), "h", None).unwrap();
+        let args = spec.process().as_ref().unwrap().args().clone().unwrap();
+        assert_eq!(args, [INIT_PATH, "--", "/bin/ep", "run", "--fast"]);
+        let m = spec.mounts().as_ref().unwrap().iter().find(|m| m.destination().to_str() == Some(INIT_PATH)).unwrap();
+        assert_eq!(m.source().as_ref().unwrap().to_str(), Some("/usr/bin/tini-static"));
+        assert!(m.options().as_ref().unwrap().contains(&"ro".to_string()));
     }
 
     #[test]

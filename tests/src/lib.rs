@@ -461,3 +461,42 @@ impl Rng {
         self.0
     }
 }
+
+/// Headless Chromium (Debian's, installed by scripts/setup.sh) with the flags that keep it off
+/// the network and out of a sandbox root cannot have.
+fn chromium(args: &[&str]) -> Output {
+    let profile = scratch();
+    let o = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .output()
+        .expect("running chromium (scripts/setup.sh installs it)");
+    assert!(o.status.success(), "chromium {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// The page at `url` as Chromium rendered it (its DOM, serialised).
+pub fn chromium_dom(url: &str) -> String {
+    String::from_utf8_lossy(&chromium(&["--dump-dom", url]).stdout).into_owned()
+}
+
+/// A `width`x`height` screenshot of `url` into `png`; returns the PNG's own width and height (its
+/// IHDR) and its size in bytes.
+pub fn chromium_screenshot(url: &str, png: &Path, width: u32, height: u32) -> (u32, u32, u64) {
+    chromium(&[&format!("--screenshot={}", png.display()), &format!("--window-size={width},{height}"), url]);
+    let bytes = std::fs::read(png).expect("the screenshot");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    (be(16), be(20), bytes.len() as u64)
+}

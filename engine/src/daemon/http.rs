@@ -102,7 +102,8 @@ pub(super) async fn body_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).context("the request body is not the JSON this endpoint takes")
 }
 
-/// The TCP side (`daemon.metrics_address`): `/metrics` and `/healthz`, nothing of the API.
+/// The TCP side (`daemon.metrics_address`): `/metrics`, `/status` and `/healthz`, nothing of the
+/// API.
 pub(super) async fn metrics_only(
     d: Arc<Daemon>,
     req: Request<hyper::body::Incoming>,
@@ -117,7 +118,8 @@ pub(super) async fn metrics_only(
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4", d.metrics_text()),
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "only /metrics and /healthz are served here\n".into()),
+        (&Method::GET, "/status" | "/") => text(StatusCode::OK, "text/html; charset=utf-8", d.status_page()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "only /metrics, /status and /healthz are served here\n".into()),
     })
 }
 
@@ -141,6 +143,10 @@ pub(super) async fn handle(
         (&Method::GET, "/metrics") => Response::builder()
             .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(d.metrics_text())))
+            .expect("valid response"),
+        (&Method::GET, "/status") => Response::builder()
+            .header(hyper::header::CONTENT_TYPE, "text/html; charset=utf-8")
+            .body(Full::new(Bytes::from(d.status_page())))
             .expect("valid response"),
         (&Method::GET, "/v1/mounts") => json(StatusCode::OK, &d.list_mounts()),
         (&Method::POST, "/v1/images/mount") => match body_json::<MountRequest>(req).await {

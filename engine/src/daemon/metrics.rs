@@ -25,8 +25,9 @@ impl Metrics {
 /// The `path` label of a request: one of the API's routes, or `other` (a label copied from
 /// whatever path a client sent would grow the series without bound).
 pub(super) fn metric_path(path: &str) -> &'static str {
-    const ROUTES: [&str; 13] = [
+    const ROUTES: [&str; 14] = [
         "/metrics",
+        "/status",
         "/v1/peers",
         "/v1/peers/chunks",
         "/v1/peers/switch",
@@ -46,7 +47,124 @@ pub(super) fn metric_path(path: &str) -> &'static str {
     ROUTES.iter().find(|r| **r == path).copied().unwrap_or("other")
 }
 
+/// What the mount servers report (each writes its figures beside its pid file), summed.
+pub(super) struct MountFigures {
+    pub(super) sum: hb_images::mount::MountStats,
+    /// Remote fetches by latency bucket, and their total in seconds.
+    pub(super) hist: [u64; hb_fuse::LATENCY_BUCKETS_MS.len() + 1],
+    pub(super) hist_sum: f64,
+    /// Chunks, bytes and errors by tier name (the daemon, mirrors, registries): a bounded set,
+    /// one per configured host.
+    pub(super) by_source: std::collections::BTreeMap<String, (u64, u64, u64)>,
+}
+
 impl Daemon {
+    pub(super) fn mount_figures(&self, mounts: &[ImageMount]) -> MountFigures {
+        let mut f = MountFigures {
+            sum: Default::default(),
+            hist: [0; hb_fuse::LATENCY_BUCKETS_MS.len() + 1],
+            hist_sum: 0.0,
+            by_source: Default::default(),
+        };
+        for m in mounts {
+            let Ok(raw) = std::fs::read(crate::mount::run_file(&self.root, &m.path, "stats.json")) else { continue };
+            let Ok(v) = serde_json::from_slice::<hb_images::mount::MountStats>(&raw) else { continue };
+            f.sum.local_chunks += v.local_chunks;
+            f.sum.remote_chunks += v.remote_chunks;
+            f.sum.remote_bytes += v.remote_bytes;
+            f.sum.local_bytes += v.local_bytes;
+            f.sum.wire_bytes += v.wire_bytes;
+            f.sum.errors += v.errors;
+            f.sum.fill_errors += v.fill_errors;
+            for (h, x) in f.hist.iter_mut().zip(&v.fetch_latency_ms) {
+                *h += *x;
+            }
+            f.hist_sum += v.fetch_latency_sum_ms as f64 / 1000.0;
+            for t in &v.sources {
+                let e = f.by_source.entry(t.name.clone()).or_default();
+                e.0 += t.chunks;
+                e.1 += t.bytes;
+                e.2 += t.errors + t.corrupt;
+            }
+        }
+        f
+    }
+
+    /// `/status`: the daemon at a glance, for people (HTML; `/metrics` is for machines).
+    pub(super) fn status_page(&self) -> String {
+        use hb_core::status::{bytes, percent, Page};
+        let mounts = self.list_mounts();
+        let MountFigures { sum, by_source, .. } = self.mount_figures(&mounts);
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let mut p = Page::new(
+            &format!("hb daemon on {}", host.trim()),
+            &format!(
+                "version {} · store {} · up {} s · pid {}",
+                env!("CARGO_PKG_VERSION"),
+                self.root.display(),
+                self.started.elapsed().as_secs(),
+                std::process::id()
+            ),
+            5,
+        );
+        let lookups = sum.local_chunks + sum.remote_chunks;
+        p.section("File data read by image mounts");
+        p.cards(&[
+            (percent(sum.local_chunks, lookups), "hit ratio (chunks in the store)"),
+            (bytes(sum.local_bytes), "read from the store"),
+            (bytes(sum.remote_bytes), "fetched remotely"),
+            (bytes(sum.wire_bytes), "over the wire"),
+            (bytes(self.metrics.pulled_bytes.load(Ordering::Relaxed)), "downloaded by hb pull"),
+            (self.store.disk_bytes().map(bytes).unwrap_or_else(|_| "?".into()), "store on disk"),
+        ]);
+        p.section("Bytes by source");
+        let mut rows =
+            vec![vec!["store (local)".to_string(), bytes(sum.local_bytes), sum.local_chunks.to_string(), "0".into()]];
+        let mut shares = vec![sum.local_bytes];
+        for (name, (chunks, b, errors)) in &by_source {
+            rows.push(vec![name.clone(), bytes(*b), chunks.to_string(), errors.to_string()]);
+            shares.push(*b);
+        }
+        p.table(&["source", "bytes", "chunks", "errors"], &[1, 2, 3], &rows, Some(&shares), "nothing read yet");
+        p.section("Image mounts");
+        let rows: Vec<Vec<String>> = mounts
+            .iter()
+            .map(|m| vec![m.image.clone(), m.digest.chars().take(19).collect(), m.users.to_string(), m.pid.to_string()])
+            .collect();
+        p.table(&["image", "digest", "containers", "server pid"], &[2, 3], &rows, None, "no image mounted");
+        p.section("Containers");
+        let now = hb_cli::container::now();
+        let rows: Vec<Vec<String>> = hb_cli::container::list(&self.root)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, s)| vec![s.name.clone(), s.image.clone(), s.command.join(" "), s.status_text(now)])
+            .collect();
+        p.table(&["name", "image", "command", "status"], &[], &rows, None, "no containers");
+        if let Some(node) = self.peers.get() {
+            let r = node.report();
+            p.section("LAN peers");
+            p.cards(&[
+                (bytes(r.stats.bytes_received), "received from peers"),
+                (bytes(r.stats.bytes_sent), "sent to peers"),
+                (if r.enabled { "on".to_string() } else { "off".to_string() }, "serving and fetching"),
+            ]);
+            let rows: Vec<Vec<String>> = r
+                .peers
+                .iter()
+                .map(|peer| {
+                    vec![
+                        peer.id.clone(),
+                        if peer.connected { "connected".into() } else { "known".into() },
+                        bytes(peer.bytes_received),
+                        bytes(peer.bytes_sent),
+                    ]
+                })
+                .collect();
+            p.table(&["peer", "state", "received", "sent"], &[2, 3], &rows, None, "no peers");
+        }
+        p.finish()
+    }
+
     /// Prometheus text format.
     pub(super) fn metrics_text(&self) -> String {
         use hb_core::metrics::{Exposition, Kind};
@@ -60,33 +178,7 @@ impl Daemon {
             "Containers whose root filesystem sits on an image mount.",
             mounts.iter().map(|m| m.users).sum::<usize>() as f64,
         );
-        // What the mount servers report (each writes its figures beside its pid file).
-        let mut sum = hb_images::mount::MountStats::default();
-        let mut hist = [0u64; hb_fuse::LATENCY_BUCKETS_MS.len() + 1];
-        let mut hist_sum = 0f64;
-        // Chunks by tier name (the daemon, mirrors, registries): a bounded set, one per configured host.
-        let mut by_source: std::collections::BTreeMap<String, (u64, u64, u64)> = Default::default();
-        for m in &mounts {
-            let Ok(raw) = std::fs::read(crate::mount::run_file(&self.root, &m.path, "stats.json")) else { continue };
-            let Ok(v) = serde_json::from_slice::<hb_images::mount::MountStats>(&raw) else { continue };
-            sum.local_chunks += v.local_chunks;
-            sum.remote_chunks += v.remote_chunks;
-            sum.remote_bytes += v.remote_bytes;
-            sum.local_bytes += v.local_bytes;
-            sum.wire_bytes += v.wire_bytes;
-            sum.errors += v.errors;
-            sum.fill_errors += v.fill_errors;
-            for (h, x) in hist.iter_mut().zip(&v.fetch_latency_ms) {
-                *h += *x;
-            }
-            hist_sum += v.fetch_latency_sum_ms as f64 / 1000.0;
-            for t in &v.sources {
-                let e = by_source.entry(t.name.clone()).or_default();
-                e.0 += t.chunks;
-                e.1 += t.bytes;
-                e.2 += t.errors + t.corrupt;
-            }
-        }
+        let MountFigures { sum, hist, hist_sum, by_source } = self.mount_figures(&mounts);
         let by = |key: &'static str, v: &str, x: u64| (vec![(key, v.to_string())], x as f64);
         e.family(
             "hb_fetched_bytes_total",

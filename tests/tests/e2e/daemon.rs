@@ -738,3 +738,47 @@ fn the_daemon_serves_metrics_over_tcp_and_collects_garbage_above_its_size() {
     d.stop();
     hb.fsck_clean();
 }
+
+/// The status pages: the daemon's (on its socket and its metrics address) and the mirror's,
+/// server-rendered HTML, rendered by headless Chromium into a screenshot of the expected size.
+#[test]
+fn status_pages_of_the_daemon_and_the_proxy_render_in_chromium() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut hb = Hb::new();
+    let config = hb.path("hb.toml");
+    std::fs::write(
+        &config,
+        format!("version = 1\n[daemon]\nsocket = \"{}\"\nmetrics_address = \"127.0.0.1:{port}\"\n", socket(&hb)),
+    )
+    .unwrap();
+    hb.config = Some(config);
+    let mut d = Daemon::start(&hb);
+    hb.ok(&["-q", "run", "-d", "--name", "shown", &image, "sleep", "600"]);
+    let page = curl(&hb, "GET", "/status").expect("the daemon answers /status on its socket");
+    for part in ["<title>hb daemon on", "Bytes by source", "store (local)", "Image mounts", "shown", &image] {
+        assert!(page.contains(part), "{part:?} missing from:\n{page}");
+    }
+    let url = format!("http://127.0.0.1:{port}/status");
+    let dom = chromium_dom(&url);
+    assert!(dom.contains("hit ratio") && dom.contains("shown") && dom.contains("sleep 600"), "{dom}");
+    let (w, h, size) = chromium_screenshot(&url, &hb.path("daemon.png"), 1280, 900);
+    assert_eq!((w, h), (1280, 900));
+    assert!(size > 20_000, "a page with tables and bars, not a blank one: {size} bytes");
+    hb.ok(&["rm", "-f", "shown"]);
+    d.stop();
+    unmount_all(&hb);
+
+    let up = super::proxy::Upstream::start();
+    up.seed("busybox:latest");
+    let proxy =
+        super::proxy::Proxy::start(&format!("[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\nalias = \"up\"\n", up.addr));
+    let (code, _) = super::proxy::curl(&[&format!("http://{}/v2/up/busybox/manifests/latest", proxy.addr)]);
+    assert_eq!(code, 200);
+    let url = format!("http://{}/status", proxy.addr);
+    let dom = chromium_dom(&url);
+    assert!(dom.contains("hb proxy") && dom.contains(&up.addr) && dom.contains("hit ratio"), "{dom}");
+    let (w, h, size) = chromium_screenshot(&url, &hb.path("proxy.png"), 1280, 900);
+    assert_eq!((w, h), (1280, 900));
+    assert!(size > 10_000, "{size} bytes");
+}

@@ -596,3 +596,23 @@ fn run_pull_policies_missing_always_never_as_docker() {
     super::daemon::unmount_all(&with_daemon);
     assert_cleaned_up(&hb);
 }
+
+#[test]
+fn run_init_puts_docker_init_at_pid_1_with_the_command_under_it() {
+    let image = format!("{}/busybox:latest", open_registry());
+    let hb = Hb::new();
+    let (code, out, err) =
+        hb_run(&hb, &["--init", &image, "sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline; echo; echo $$"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0].trim(), "/sbin/docker-init -- sh -c tr '\\0' ' ' < /proc/1/cmdline; echo; echo $$", "{out}");
+    assert_ne!(lines[1], "1", "the command is not pid 1 under --init");
+    // The container's exit code passes through the init; a missing command is still 127.
+    assert_eq!(hb_run(&hb, &["--init", &image, "sh", "-c", "exit 7"]).0, 7);
+    let err = hb.fails(&["run", "--rm", "--init", &image, "nosuch"], 127);
+    assert!(err.contains("executable file not found"), "{err}");
+    // Without --init the command is pid 1, as before.
+    let (_, out, _) = hb_run(&hb, &[&image, "sh", "-c", "echo $$"]);
+    assert_eq!(out, "1\n");
+    assert_cleaned_up(&hb);
+}
