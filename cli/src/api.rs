@@ -34,6 +34,9 @@ pub struct MountRequest {
     /// `hb run --pull`: when the image is pulled before it is mounted.
     #[serde(default)]
     pub pull: PullPolicy,
+    /// `hb run --platform`: the platform to pull (os/arch[/variant]) [default: the daemon's].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     #[serde(default)]
     pub plain_http: bool,
     /// The store the caller means; a daemon serving another answers 409.
@@ -295,12 +298,20 @@ impl Client {
         image: &str,
         plain_http: bool,
         pull: PullPolicy,
+        platform: Option<&str>,
         root: &Path,
         spare: bool,
         slow: impl FnOnce(),
     ) -> anyhow::Result<Option<ImageMount>> {
-        let req =
-            MountRequest { image: image.into(), pull, plain_http, root: Some(root.to_path_buf()), layers: None, spare };
+        let req = MountRequest {
+            image: image.into(),
+            pull,
+            platform: platform.map(String::from),
+            plain_http,
+            root: Some(root.to_path_buf()),
+            layers: None,
+            spare,
+        };
         let slow = (std::time::Duration::from_secs(1), Box::new(slow) as Box<dyn FnOnce()>);
         match self.exchange("POST", "/v1/images/mount", &serde_json::to_vec(&req)?, Some(slow)) {
             Err(e) => {

@@ -201,6 +201,10 @@ pub struct RunCli {
     /// Log rotation, as docker's json-file driver: max-size=10m, max-file=3
     #[arg(long, value_name = "KEY=VALUE")]
     pub log_opt: Vec<String>,
+    /// Platform to pull (os/arch[/variant], e.g. linux/arm64); an image stored for another
+    /// platform is pulled again [default: this machine's]
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]", value_parser = check_platform)]
+    pub platform: Option<String>,
     /// Pull the image before running: when missing from the store, always, or never
     #[arg(long, value_enum, default_value_t = crate::api::PullPolicy::Missing)]
     pub pull: crate::api::PullPolicy,
@@ -248,4 +252,16 @@ pub struct RunCli {
     pub runtime: Option<String>,
     #[arg(long)]
     pub plain_http: bool,
+}
+
+/// `--platform` checked as hb-registry parses it (os/arch[/variant]), without linking it here:
+/// kept as written, parsed where it is used.
+fn check_platform(s: &str) -> Result<String, String> {
+    let parts: Vec<&str> = s.split('/').collect();
+    match parts[..] {
+        [os, arch] | [os, arch, _] if !os.is_empty() && !arch.is_empty() && parts.iter().all(|p| !p.is_empty()) => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("invalid platform {s:?}: expected os/arch[/variant], e.g. linux/amd64")),
+    }
 }

@@ -33,6 +33,7 @@ pub trait LocalImages {
         image: &str,
         plain_http: bool,
         pull: crate::api::PullPolicy,
+        platform: Option<&str>,
         out: &Out,
     ) -> anyhow::Result<()>;
     /// Lets go of the store before another process (a detached monitor) opens it.
@@ -72,6 +73,9 @@ pub struct RunRequest {
     pub log: container::LogOptions,
     #[serde(default)]
     pub pull: crate::api::PullPolicy,
+    /// `--platform` (os/arch[/variant]): the platform to pull.
+    #[serde(default)]
+    pub platform: Option<String>,
 }
 
 impl RunRequest {
@@ -126,6 +130,7 @@ impl RunRequest {
             detach: r.detach,
             log: container::LogOptions::parse(&r.log_opt)?,
             pull: r.pull,
+            platform: r.platform,
         })
     }
 }
@@ -206,7 +211,7 @@ pub fn run(
     // A foreground `--rm` container takes the spare the daemon advertised for the image, if
     // there is one: no request (its hand-over tells the daemon).
     // `--pull always` asks the daemon (a spare is of the image as it was).
-    let claimed = (req.rm && !req.detach && req.pull != crate::api::PullPolicy::Always)
+    let claimed = (req.rm && !req.detach && req.pull != crate::api::PullPolicy::Always && req.platform.is_none())
         .then(|| crate::api::claim_ready(root, &req.image, req.plain_http))
         .flatten();
     let shared = match claimed {
@@ -219,7 +224,7 @@ pub fn run(
         match local {
             None => return Ok(Outcome::Engine),
             Some(l) => {
-                l.ensure(g, &req.image, req.plain_http, req.pull, out)?;
+                l.ensure(g, &req.image, req.plain_http, req.pull, req.platform.as_deref(), out)?;
                 if req.detach {
                     l.release();
                 }
@@ -313,7 +318,7 @@ pub fn failure_code(e: &anyhow::Error) -> u8 {
 fn daemon_mount(g: &Global, req: &RunRequest, quiet: bool) -> anyhow::Result<Option<ImageMount>> {
     let Some(client) = crate::api::Client::at(&crate::socket_path(g)?) else { return Ok(None) };
     let root = crate::store_root(g)?;
-    client.image_mount(&req.image, req.plain_http, req.pull, &root, !req.detach, || {
+    client.image_mount(&req.image, req.plain_http, req.pull, req.platform.as_deref(), &root, !req.detach, || {
         if !quiet {
             eprintln!("waiting for the hb daemon to pull and mount {} ...", req.image);
         }

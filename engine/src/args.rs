@@ -63,6 +63,10 @@ pub enum Cmd {
         /// Mount only the image's first N layers merged
         #[arg(long, value_name = "N")]
         layers: Option<usize>,
+        /// Platform to pull when the store lacks the image (or holds another platform's)
+        /// [default: this machine's]
+        #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+        platform: Option<String>,
     },
     #[command(flatten)]
     Container(ContainerCmd),

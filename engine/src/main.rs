@@ -489,8 +489,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             unreachable!("handled before the store is opened")
         }
         Cmd::System(SystemCmd::Df) => return system::df(g, &store, &out),
-        Cmd::Mount { image, dir, prefetch, bandwidth, no_passthrough, threads, background: _, plain_http, layers } => {
+        Cmd::Mount {
+            image,
+            dir,
+            prefetch,
+            bandwidth,
+            no_passthrough,
+            threads,
+            background: _,
+            plain_http,
+            layers,
+            platform,
+        } => {
             let args = mount::MountArgs {
+                platform: platform.map(|p| p.parse()).transpose().map_err(anyhow::Error::msg)?,
                 image,
                 dir,
                 prefetch,

@@ -121,11 +121,14 @@ impl hb_cli::run::LocalImages for StoreImages {
         image: &str,
         plain_http: bool,
         pull: hb_cli::api::PullPolicy,
+        platform: Option<&str>,
         out: &Out,
     ) -> anyhow::Result<()> {
         let store = self.store(g, out)?;
-        if pull.pull_now(image, hb_images::find_image(&store, image)?.is_some())? {
-            pull_for_mount(&Hosts::of(g), &crate::runtime()?, &store, image, plain_http, &Report::new(out))?;
+        let platform = platform.map(|p| p.parse::<hb_registry::Platform>().map_err(anyhow::Error::msg)).transpose()?;
+        if pull.pull_now(image, !hb_images::mount::needs_pull(&store, image, platform.as_ref())?)? {
+            let report = Report::new(out);
+            pull_for_mount(&Hosts::of(g), &crate::runtime()?, &store, image, plain_http, platform.as_ref(), &report)?;
         }
         Ok(())
     }
@@ -145,6 +148,7 @@ impl hb_cli::run::LocalImages for StoreImages {
         let store = self.store(g, out)?;
         let rt = crate::runtime()?;
         let args = MountArgs {
+            platform: None,
             image: image.into(),
             dir: dir.to_path_buf(),
             prefetch: Prefetch::Startup,

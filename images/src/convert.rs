@@ -222,6 +222,7 @@ pub fn optimize(
     let dir =
         tempfile::Builder::new().prefix("hb-optimize-").tempdir().map_err(ImagesError::io("a folder to mount in"))?;
     let args = crate::mount::MountArgs {
+        platform: None,
         image: reference.to_string(),
         dir: dir.path().to_path_buf(),
         prefetch: hb_fuse::Prefetch::None,

@@ -17,6 +17,9 @@ use crate::{find_image, require_image, ImagesError, Registries, Reporter, Result
 /// How `hb mount` was asked to mount.
 pub struct MountArgs {
     pub image: String,
+    /// Pull (when missing, or stored for another platform) this platform [default: this
+    /// machine's].
+    pub platform: Option<hb_registry::Platform>,
     pub dir: PathBuf,
     pub prefetch: Prefetch,
     pub bandwidth: Option<u64>,
@@ -128,6 +131,20 @@ pub fn run_file(root: &Path, dir: &Path, ext: &str) -> PathBuf {
     root.join("run").join(format!("mount-{}.{ext}", &h[..16]))
 }
 
+/// Whether `image` must be pulled before it is mounted: the store lacks it, or holds it for
+/// another platform than `platform` (when one is asked for; as docker pulls then).
+pub fn needs_pull(store: &Store, image: &str, platform: Option<&hb_registry::Platform>) -> Result<bool> {
+    let Some((_, digest)) = find_image(store, image)? else { return Ok(true) };
+    let Some(want) = platform else { return Ok(false) };
+    let Some(rec) = store.image(&digest)? else { return Ok(true) };
+    let parts: Vec<&str> = rec.platform.split('/').collect();
+    Ok(match parts[..] {
+        [os, arch] => !want.matches(os, arch, None),
+        [os, arch, variant] => !want.matches(os, arch, Some(variant)),
+        _ => true,
+    })
+}
+
 /// Pulls an image `hb mount` was asked for and the store lacks: lazily when it has an
 /// accelerated form, else whole (as `docker run` pulls what it lacks).
 /// Returns the registry client used, to read chunks with.
@@ -137,11 +154,12 @@ pub fn pull_for_mount(
     store: &Arc<Store>,
     image: &str,
     plain_http: bool,
+    platform: Option<&hb_registry::Platform>,
     reporter: &dyn Reporter,
 ) -> Result<Known> {
     let r = hb_registry::ImageRef::parse(image)?;
     let creds = registries.credentials(r.registry())?;
-    let eps = registries.endpoints(&r, plain_http, creds, hb_registry::Platform::default())?;
+    let eps = registries.endpoints(&r, plain_http, creds, platform.cloned().unwrap_or_default())?;
     let (registry, resolved) = crate::pull::resolve(rt, eps)?;
     tracing::debug!(target: PHASE, "resolved");
     if resolved.accelerated.is_some() {
@@ -187,8 +205,8 @@ pub fn mount_image(
     shutdown: Option<&crate::shutdown::Shutdown>,
     reporter: &dyn Reporter,
 ) -> Result<Mount> {
-    let known = if find_image(&store, &args.image)?.is_none() {
-        pull_for_mount(registries, rt, &store, &args.image, args.plain_http, reporter)?
+    let known = if needs_pull(&store, &args.image, args.platform.as_ref())? {
+        pull_for_mount(registries, rt, &store, &args.image, args.plain_http, args.platform.as_ref(), reporter)?
     } else {
         None
     };

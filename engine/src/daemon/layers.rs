@@ -23,6 +23,7 @@ impl hb_snapshotter::Remote for DaemonLayers {
                     let req = MountRequest {
                         image,
                         pull: Default::default(),
+                        platform: None,
                         plain_http: false,
                         root: None,
                         layers: None,
@@ -41,6 +42,7 @@ impl hb_snapshotter::Remote for DaemonLayers {
         let req = MountRequest {
             image: image.into(),
             pull: Default::default(),
+            platform: None,
             plain_http: false,
             root: None,
             layers: Some(layers),

@@ -38,8 +38,22 @@ impl Daemon {
     pub(super) fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
         self.note_plain(&req.image, req.plain_http);
         let _one = self.preparing.lock().expect("preparing lock");
-        if req.pull.pull_now(&req.image, crate::find_image(&self.store, &req.image)?.is_some())? {
-            crate::mount::pull_for_mount(&self.hosts(), &self.work, &self.store, &req.image, req.plain_http, &Silent)?;
+        let platform = req
+            .platform
+            .as_deref()
+            .map(|p| p.parse::<hb_registry::Platform>().map_err(|e| anyhow::Error::new(BadRequest(e))))
+            .transpose()?;
+        let present = !crate::mount::needs_pull(&self.store, &req.image, platform.as_ref())?;
+        if req.pull.pull_now(&req.image, present)? {
+            crate::mount::pull_for_mount(
+                &self.hosts(),
+                &self.work,
+                &self.store,
+                &req.image,
+                req.plain_http,
+                platform.as_ref(),
+                &Silent,
+            )?;
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
             self.dirty.store(true, Ordering::SeqCst);
         }

@@ -616,3 +616,39 @@ fn run_init_puts_docker_init_at_pid_1_with_the_command_under_it() {
     assert_eq!(out, "1\n");
     assert_cleaned_up(&hb);
 }
+
+#[test]
+fn run_and_mount_take_a_platform_and_pull_again_for_another() {
+    let multi = format!("{}/multi:latest", open_registry());
+    let hb = Hb::new();
+    let platform = |hb: &Hb| {
+        let v: serde_json::Value = serde_json::from_str(&hb.ok(&["inspect", &multi])).unwrap();
+        v["platform"].as_str().unwrap().to_string()
+    };
+    // hb mount --platform: the arm64 variant (a one-file layer) on this machine.
+    let dir = hb.path("arm");
+    std::fs::create_dir_all(&dir).unwrap();
+    hb.ok(&["mount", "-d", "--platform", "linux/arm64", &multi, dir.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(dir.join("arch")).unwrap(), "arm64\n");
+    hb.ok(&["umount", dir.to_str().unwrap()]);
+    assert_eq!(platform(&hb), "linux/arm64/v8");
+    // Stored for arm64; `--platform linux/amd64` pulls the amd64 variant (busybox) and runs it.
+    assert_eq!(hb_run(&hb, &["--platform", "linux/amd64", &multi, "echo", "amd"]), (0, "amd\n".into(), String::new()));
+    assert_eq!(platform(&hb), "linux/amd64");
+    let err = hb.fails(&["run", "--rm", "--platform", "linux", &multi, "true"], 125);
+    assert!(err.contains("os/arch"), "{err}");
+    // Through a daemon: the same.
+    let mut with_daemon = Hb::new();
+    let config = with_daemon.path("hb.toml");
+    std::fs::write(&config, format!("version = 1\n[daemon]\nsocket = \"{}\"\n", super::daemon::socket(&with_daemon)))
+        .unwrap();
+    with_daemon.config = Some(config);
+    let mut daemon = super::daemon::Daemon::start(&with_daemon);
+    with_daemon.ok(&["-q", "pull", "--platform", "linux/arm64", &multi]);
+    assert_eq!(platform(&with_daemon), "linux/arm64/v8");
+    assert_eq!(hb_run(&with_daemon, &["--platform", "linux/amd64", &multi, "echo", "amd"]).1, "amd\n");
+    assert_eq!(platform(&with_daemon), "linux/amd64");
+    daemon.stop();
+    super::daemon::unmount_all(&with_daemon);
+    assert_cleaned_up(&hb);
+}
