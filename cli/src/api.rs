@@ -293,27 +293,10 @@ impl Client {
     /// The daemon's shared mount of an image (pulled first if missing); `slow` is called once
     /// when the answer takes over a second (a pull). `Ok(None)`: no daemon answers here, or it
     /// serves another store; the caller does without.
-    pub fn image_mount(
-        &self,
-        image: &str,
-        plain_http: bool,
-        pull: PullPolicy,
-        platform: Option<&str>,
-        root: &Path,
-        spare: bool,
-        slow: impl FnOnce(),
-    ) -> anyhow::Result<Option<ImageMount>> {
-        let req = MountRequest {
-            image: image.into(),
-            pull,
-            platform: platform.map(String::from),
-            plain_http,
-            root: Some(root.to_path_buf()),
-            layers: None,
-            spare,
-        };
+    pub fn image_mount(&self, req: &MountRequest, slow: impl FnOnce()) -> anyhow::Result<Option<ImageMount>> {
+        let root = req.root.clone().unwrap_or_default();
         let slow = (std::time::Duration::from_secs(1), Box::new(slow) as Box<dyn FnOnce()>);
-        match self.exchange("POST", "/v1/images/mount", &serde_json::to_vec(&req)?, Some(slow)) {
+        match self.exchange("POST", "/v1/images/mount", &serde_json::to_vec(req)?, Some(slow)) {
             Err(e) => {
                 self.going_without(&e);
                 Ok(None)

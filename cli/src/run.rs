@@ -318,7 +318,16 @@ pub fn failure_code(e: &anyhow::Error) -> u8 {
 fn daemon_mount(g: &Global, req: &RunRequest, quiet: bool) -> anyhow::Result<Option<ImageMount>> {
     let Some(client) = crate::api::Client::at(&crate::socket_path(g)?) else { return Ok(None) };
     let root = crate::store_root(g)?;
-    client.image_mount(&req.image, req.plain_http, req.pull, req.platform.as_deref(), &root, !req.detach, || {
+    let mount = crate::api::MountRequest {
+        image: req.image.clone(),
+        pull: req.pull,
+        platform: req.platform.clone(),
+        plain_http: req.plain_http,
+        root: Some(root),
+        layers: None,
+        spare: !req.detach,
+    };
+    client.image_mount(&mount, || {
         if !quiet {
             eprintln!("waiting for the hb daemon to pull and mount {} ...", req.image);
         }
