@@ -15,6 +15,7 @@ use hb_store::{NoProgress, Store, StoreOptions};
 mod coldstart;
 mod lazy;
 mod peers;
+mod plot;
 mod proxy;
 mod update;
 
@@ -142,6 +143,24 @@ enum Cmd {
         /// 127.0.0.1:15010, its answers shaped by htb on lo (scripts/shaped-lo.sh)
         #[arg(long)]
         link: Option<String>,
+    },
+    /// An SVG chart of the cold-start tables a run printed (its markdown, e.g. docs/benchmarks.md
+    /// or a saved `hb-bench coldstart` output): time to first output per tool, per image
+    Plot {
+        /// The markdown holding the tables
+        input: PathBuf,
+        /// Where the SVG goes
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Only the tables after the first line containing this text (a section's heading)
+        #[arg(long)]
+        after: Option<String>,
+        /// Only the tables before the first line containing this text (after `--after`)
+        #[arg(long)]
+        until: Option<String>,
+        /// The chart's title
+        #[arg(long, default_value = "Cold starts: pull start to first output (lower is better)")]
+        title: String,
     },
     /// LAN peers: cold starts on a host whose peers hold the image vs the same start with peers
     /// switched off, a lying holder among them, discovery and lookup times (scripts/peers-net.sh)
@@ -564,6 +583,26 @@ fn main() -> anyhow::Result<()> {
             coldstart::run(runs, &registry, seed, skip_prepare, link.as_deref())?
         }
         Cmd::Series { registry } => update::series(&registry)?,
+        Cmd::Plot { input, output, after, until, title } => {
+            let md = std::fs::read_to_string(&input).with_context(|| format!("reading {}", input.display()))?;
+            let from = match &after {
+                Some(a) => md.find(a.as_str()).with_context(|| format!("{a:?} is not in {}", input.display()))?,
+                None => 0,
+            };
+            let md = &md[from..];
+            let to = match &until {
+                Some(u) => md.find(u.as_str()).with_context(|| format!("{u:?} is not after {after:?}"))?,
+                None => md.len(),
+            };
+            let groups = plot::coldstart_tables(&md[..to]);
+            if groups.is_empty() {
+                bail!("no cold-start tables in {}", input.display());
+            }
+            let note = format!("medians; made by `hb-bench plot` from {}", input.display());
+            std::fs::write(&output, plot::bars_svg(&title, &note, &groups, "s"))
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!("plot: {} groups into {}", groups.len(), output.display());
+        }
         Cmd::Peers { link, seed, switched_off: false } => peers::run(runs, &link, seed)?,
         Cmd::Peers { link, switched_off: true, .. } => peers::switched_off(runs, &link)?,
         Cmd::All => {
