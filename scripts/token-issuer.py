@@ -4,6 +4,8 @@
 GET /token?service=S&scope=repository:NAME:ACTIONS[&scope=...] answers {"token", "access_token",
 "expires_in", "issued_at"}. With HTTP basic credentials matching --user/--password every requested
 action is granted; anonymous requests get a token with no access (so the registry refuses them).
+POST /token (OAuth2, form-encoded, as docker sends an identity token): grant_type=refresh_token with
+refresh_token matching --refresh-token is granted every requested action; any other is refused (401).
 Tokens are RS256 JWTs carrying the signing certificate in the x5c header, which distribution
 verifies against its rootcertbundle. Signing uses the openssl command line.
 """
@@ -25,6 +27,7 @@ def main():
     ap.add_argument("--user", default="hb")
     ap.add_argument("--password", default="hb-secret")
     ap.add_argument("--ttl", type=int, default=300)
+    ap.add_argument("--refresh-token", default="hb-refresh-token")
     args = ap.parse_args()
     der = subprocess.run(["openssl", "x509", "-in", args.cert, "-outform", "DER"], check=True, capture_output=True).stdout
     want = "Basic " + base64.b64encode(f"{args.user}:{args.password}".encode()).decode()
@@ -37,6 +40,18 @@ def main():
         return body + "." + b64url(sig)
 
     class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            if urlparse(self.path).path != "/token":
+                self.send_error(404)
+                return
+            form = parse_qs(self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode())
+            ok = form.get("grant_type") == ["refresh_token"] and form.get("refresh_token") == [args.refresh_token]
+            if not ok:
+                self.send_response(401)
+                self.end_headers()
+                return
+            self.grant(form, True)
+
         def do_GET(self):
             url = urlparse(self.path)
             if url.path != "/token":
@@ -48,6 +63,9 @@ def main():
                 self.send_response(401)
                 self.end_headers()
                 return
+            self.grant(q, authed)
+
+        def grant(self, q, authed):
             access = []
             for scope in q.get("scope", []):
                 parts = scope.split(":")

@@ -492,6 +492,11 @@ pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, Stri
             }
         }
         for k in &keys {
+            // An identity token (OAuth2 refresh token, e.g. Azure's) is used as such: the registry
+            // client exchanges it at the token service (user `<token>`, as helpers answer).
+            if let Some(token) = cfg["auths"][k]["identitytoken"].as_str().filter(|t| !t.is_empty()) {
+                return Ok(Some((IDENTITY_TOKEN_USER.to_string(), token.to_string())));
+            }
             if let Some(auth) = cfg["auths"][k]["auth"].as_str() {
                 use base64::Engine;
                 let raw = base64::engine::general_purpose::STANDARD
@@ -507,6 +512,10 @@ pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, Stri
     }
     Ok(None)
 }
+
+/// The user name that marks a secret as an identity token (`hb_registry`'s, which this crate
+/// does not link).
+pub const IDENTITY_TOKEN_USER: &str = "<token>";
 
 /// podman's (containers/image's) auth files, in the order it reads them.
 fn podman_auth_files() -> Vec<PathBuf> {

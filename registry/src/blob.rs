@@ -8,7 +8,7 @@ use crate::error::RegistryError;
 use crate::options::RegistryOptions;
 
 pub(crate) struct BlobHttp {
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
 }
 
 pub(crate) enum BlobBody {

@@ -18,6 +18,10 @@ use crate::reference::ImageRef;
 
 const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 
+/// The user name that marks the secret as an identity token (docker's `identitytoken`, and what
+/// credential helpers answer for one).
+pub const IDENTITY_TOKEN_USER: &str = "<token>";
+
 /// A reference resolved to one platform's image, manifest and config verified by digest.
 #[derive(Clone, Debug)]
 pub struct ResolvedImage {
@@ -44,6 +48,9 @@ pub struct Registry {
     pub(crate) blobs: crate::blob::BlobHttp,
     pub(crate) authorization: std::sync::Mutex<Option<String>>,
     pub(crate) auth: RegistryAuth,
+    /// What requests authenticate with: `auth`, or the access token an identity token was
+    /// exchanged for.
+    pub(crate) effective: std::sync::Mutex<RegistryAuth>,
     pub(crate) opts: RegistryOptions,
     pub(crate) registry: String,
     /// Set once a protocol and an authorization were chosen.
@@ -92,6 +99,7 @@ impl Registry {
             chosen: Default::default(),
             blobs,
             authorization: Default::default(),
+            effective: std::sync::Mutex::new(auth.clone()),
             auth,
             opts,
             registry: r.host().to_string(),
@@ -113,7 +121,22 @@ impl Registry {
     pub(crate) async fn connect_op(&self, r: &ImageRef, op: RegistryOperation) -> Result<(), RegistryError> {
         let mut first = None;
         for (i, c) in self.clients.iter().enumerate() {
-            match c.auth(&r.inner, &self.auth, op).await.map_err(self.err(r)) {
+            // An identity token (docker's `identitytoken`, user `<token>`) is exchanged for an
+            // access token at the registry's token service first (OAuth2 refresh_token grant).
+            let auth = match &self.auth {
+                RegistryAuth::Basic(user, token) if user == IDENTITY_TOKEN_USER => {
+                    match self.exchange_identity_token(self.schemes[i], r, op, token).await {
+                        Ok(access) => RegistryAuth::Bearer(access),
+                        Err(e) if e.is_transient() => {
+                            first.get_or_insert(e);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                a => a.clone(),
+            };
+            match c.auth(&r.inner, &auth, op).await.map_err(self.err(r)) {
                 Err(e) if e.is_transient() => {
                     tracing::debug!(registry = %self.registry, error = %e, "protocol failed; trying the next");
                     first.get_or_insert(e);
@@ -133,12 +156,76 @@ impl Registry {
                         (None, _) => None,
                     };
                     *self.authorization.lock().expect("authorization lock") = header;
+                    *self.effective.lock().expect("auth lock") = auth;
                     self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                     return Ok(());
                 }
             }
         }
         Err(first.expect("at least one client"))
+    }
+
+    /// Exchanges an identity token (an OAuth2 refresh token) for an access token to `r`'s
+    /// repository: the registry's `/v2/` names its token service (`WWW-Authenticate: Bearer
+    /// realm=...,service=...`), which takes a form-encoded `grant_type=refresh_token` POST, as
+    /// docker sends it.
+    async fn exchange_identity_token(
+        &self,
+        scheme: &str,
+        r: &ImageRef,
+        op: RegistryOperation,
+        token: &str,
+    ) -> Result<String, RegistryError> {
+        let refused = |reason: String| RegistryError::Unauthorized { registry: self.registry.clone(), reason };
+        let http = &self.blobs.http;
+        let probe = http.get(format!("{scheme}://{}/v2/", r.host())).send().await.map_err(|e| {
+            RegistryError::Transport { registry: self.registry.clone(), reason: crate::error::chain(&e) }
+        })?;
+        let challenge = probe
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(crate::http::bearer_challenge)
+            .unwrap_or_default();
+        let Some(realm) = challenge.get("realm") else {
+            return Err(refused("the registry names no token service: an identity token cannot be used there".into()));
+        };
+        let actions = match op {
+            RegistryOperation::Push => "pull,push",
+            RegistryOperation::Pull => "pull",
+        };
+        let mut form = vec![
+            ("grant_type", "refresh_token".to_string()),
+            ("refresh_token", token.to_string()),
+            ("client_id", "hb".to_string()),
+            ("scope", format!("repository:{}:{actions}", r.repository())),
+        ];
+        if let Some(service) = challenge.get("service") {
+            form.push(("service", service.clone()));
+        }
+        let body: Vec<String> = form.iter().map(|(k, v)| format!("{k}={}", crate::http::form_encode(v))).collect();
+        let answer = http
+            .post(realm)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(body.join("&"))
+            .send()
+            .await
+            .map_err(|e| RegistryError::Transport {
+                registry: self.registry.clone(),
+                reason: crate::error::chain(&e),
+            })?;
+        let status = answer.status();
+        if !status.is_success() {
+            return Err(refused(format!("the token service {realm} refused the identity token ({status})")));
+        }
+        let raw = answer.bytes().await.map_err(|e| refused(format!("the token service {realm} answered: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|e| refused(format!("the token service {realm} answered no JSON: {e}")))?;
+        v["access_token"]
+            .as_str()
+            .or_else(|| v["token"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| refused(format!("the token service {realm} answered no access_token")))
     }
 
     pub(crate) fn err(&self, r: &ImageRef) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
@@ -154,7 +241,8 @@ impl Registry {
         if r.digest().is_none() {
             accept.push(&hb_type);
         }
-        let (bytes, _) = self.client().pull_manifest_raw(&r.inner, &self.auth, &accept).await.map_err(self.err(r))?;
+        let auth = self.effective.lock().expect("auth lock").clone();
+        let (bytes, _) = self.client().pull_manifest_raw(&r.inner, &auth, &accept).await.map_err(self.err(r))?;
         let actual = Digest::of(&bytes);
         if let Some(want) = r.digest() {
             if want != actual.to_string() {
@@ -251,7 +339,8 @@ impl Registry {
     /// credentials) is not refused. A missing repository counts as accepted.
     pub async fn check_credentials(&self, r: &ImageRef) -> Result<(), RegistryError> {
         self.connect(r).await?;
-        match self.client().fetch_manifest_digest(&r.inner, &self.auth).await.map_err(self.err(r)) {
+        let auth = self.effective.lock().expect("auth lock").clone();
+        match self.client().fetch_manifest_digest(&r.inner, &auth).await.map_err(self.err(r)) {
             Ok(_) | Err(RegistryError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }

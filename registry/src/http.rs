@@ -100,3 +100,50 @@ pub fn http_client(s: &HttpSettings) -> Result<reqwest::Client, RegistryError> {
     }
     b.build().map_err(|e| RegistryError::Transport { registry: s.host.to_string(), reason: crate::error::chain(&e) })
 }
+
+/// The parameters of a `WWW-Authenticate: Bearer k="v",...` challenge (realm, service, scope).
+pub(crate) fn bearer_challenge(header: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let Some(rest) = header.trim().strip_prefix("Bearer ").or_else(|| header.trim().strip_prefix("bearer ")) else {
+        return out;
+    };
+    let mut rest = rest.trim();
+    while let Some((key, after)) = rest.split_once('=') {
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let (value, next) = match after.strip_prefix('"') {
+            Some(quoted) => match quoted.find('"') {
+                Some(end) => (&quoted[..end], &quoted[end + 1..]),
+                None => (quoted, ""),
+            },
+            None => after.split_once(',').unwrap_or((after, "")),
+        };
+        out.insert(key, value.to_string());
+        rest = next.trim_start_matches(',').trim();
+    }
+    out
+}
+
+/// `s` as an `application/x-www-form-urlencoded` value.
+pub(crate) fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod challenge_tests {
+    #[test]
+    fn bearer_challenges_and_form_values() {
+        let c = super::bearer_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        );
+        assert_eq!(c["realm"], "https://auth.example/token");
+        assert_eq!(c["service"], "registry.example");
+        assert_eq!(c["scope"], "repository:a/b:pull,push");
+        assert!(super::bearer_challenge("Basic realm=\"x\"").is_empty());
+        assert_eq!(super::form_encode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+    }
+}

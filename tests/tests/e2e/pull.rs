@@ -768,4 +768,20 @@ fn credentials_go_through_docker_credential_helpers_and_podmans_auth_file() {
     std::fs::write(&auth, format!(r#"{{"auths": {{"{registry}": {{"auth": "{secret}"}}}}}}"#)).unwrap();
     let o = with(&["pull", &image]).env("REGISTRY_AUTH_FILE", &auth).output().unwrap();
     assert!(o.status.success(), "pulled with podman's credentials: {o:?}");
+    // docker's identitytoken (an OAuth2 refresh token), exchanged at the registry's token service.
+    let token_registry = registry_at(2);
+    let token_image = format!("{token_registry}/private/busybox:latest");
+    let identity = |token: &str| {
+        std::fs::write(
+            docker.join("config.json"),
+            format!(r#"{{"auths": {{"{token_registry}": {{"auth": "PHRva2VuPjo=", "identitytoken": "{token}"}}}}}}"#),
+        )
+        .unwrap();
+        with(&["pull", &token_image]).output().unwrap()
+    };
+    let o = identity("hb-refresh-token");
+    assert!(o.status.success(), "pulled with an identity token: {o:?}");
+    let o = identity("a-stale-token");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(1) && err.contains("refused the identity token"), "{err}");
 }
