@@ -347,16 +347,27 @@ fn helper_for(cfg: &serde_json::Value, keys: &[String]) -> Option<String> {
 /// Runs `docker-credential-HELPER ACTION` with `input` on stdin; its stdout, or an error that
 /// carries the helper's own message. `Ok(None)` when it has no credentials for the server.
 fn run_helper(helper: &str, action: &str, input: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+    run_helper_program(&format!("docker-credential-{helper}"), action, input)
+}
+
+/// [`run_helper`] of the program `bin` (a name found on PATH, or a path).
+fn run_helper_program(bin: &str, action: &str, input: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
     use std::io::Write;
-    let bin = format!("docker-credential-{helper}");
-    let mut child = std::process::Command::new(&bin)
+    let mut child = std::process::Command::new(bin)
         .arg(action)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running the credential helper {bin} (named in docker's config.json)"))?;
-    child.stdin.take().expect("piped").write_all(input)?;
+    // A helper that fails at once (a locked keychain) may exit before it reads its input: its
+    // exit status and message say more than the broken pipe.
+    match child.stdin.take().expect("piped").write_all(input) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(e).with_context(|| format!("writing to the credential helper {bin}"))
+        }
+        _ => {}
+    }
     let out = child.wait_with_output()?;
     if out.status.success() {
         return Ok(Some(out.stdout));
@@ -513,7 +524,7 @@ pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, Stri
     Ok(None)
 }
 
-/// The user name that marks a secret as an identity token (`hb_registry`'s, which this crate
+/// The user name that marks a secret as an identity token (the registry client's, which this crate
 /// does not link).
 pub const IDENTITY_TOKEN_USER: &str = "<token>";
 
@@ -546,6 +557,26 @@ mod tests {
 
     /// The commented default the package installs as /etc/hb/hb.toml: valid as shipped, and
     /// still valid with every commented setting uncommented (no stale or misspelt key).
+    /// Regression: a helper that failed before reading its input made the write fail with a
+    /// bare "Broken pipe", hiding the helper's own message.
+    #[test]
+    fn a_credential_helper_that_fails_at_once_is_reported_with_its_message() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("docker-credential-locked");
+        std::fs::write(&bin, "#!/bin/sh\necho 'the keychain is locked' >&2\nexit 1\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // More than a pipe holds: the write cannot finish before the helper has exited.
+        let input = vec![b'x'; 1 << 20];
+        let err = run_helper_program(bin.to_str().unwrap(), "get", &input).unwrap_err().to_string();
+        assert!(err.contains("the keychain is locked") && !err.contains("Broken pipe"), "{err}");
+        let none = dir.path().join("docker-credential-empty");
+        std::fs::write(&none, "#!/bin/sh\ncat >/dev/null\necho 'credentials not found in native keychain'\nexit 1\n")
+            .unwrap();
+        std::fs::set_permissions(&none, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(run_helper_program(none.to_str().unwrap(), "get", b"host").unwrap(), None);
+    }
+
     #[test]
     fn the_shipped_default_config_names_only_real_settings() {
         let text = include_str!("../../dist/hb.toml");

@@ -100,6 +100,16 @@ fn curl(hb: &Hb, method: &str, path: &str) -> Option<String> {
     o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
+/// An `Hb` whose config file names the test daemon's socket (as an installed hb finds its
+/// daemon: every command goes through it), with `extra` lines in `[daemon]`.
+pub(crate) fn hb_for_daemon(extra: &str) -> Hb {
+    let mut hb = Hb::new();
+    let config = hb.path("hb.toml");
+    std::fs::write(&config, format!("version = 1\n[daemon]\nsocket = \"{}\"\n{extra}", socket(&hb))).unwrap();
+    hb.config = Some(config);
+    hb
+}
+
 /// `hb --socket <the test daemon's> ARGS`.
 pub(crate) fn with_socket(hb: &Hb, args: &[&str]) -> Vec<String> {
     let mut v = vec!["--socket".to_string(), socket(hb)];
@@ -700,17 +710,7 @@ fn a_daemon_whose_binary_was_replaced_still_starts_mount_servers() {
 fn the_daemon_serves_metrics_over_tcp_and_collects_garbage_above_its_size() {
     let image = format!("{}/busybox:latest", open_registry());
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut hb = Hb::new();
-    let config = hb.path("hb.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "version = 1\n[daemon]\nsocket = \"{}\"\nmetrics_address = \"127.0.0.1:{port}\"\ngc_above = \"1k\"\n",
-            socket(&hb)
-        ),
-    )
-    .unwrap();
-    hb.config = Some(config);
+    let hb = hb_for_daemon(&format!("metrics_address = \"127.0.0.1:{port}\"\ngc_above = \"1k\"\n"));
     let mut d = Daemon::start(&hb);
     let get = |path: &str| {
         let o = Command::new("curl")
@@ -745,14 +745,7 @@ fn the_daemon_serves_metrics_over_tcp_and_collects_garbage_above_its_size() {
 fn status_pages_of_the_daemon_and_the_proxy_render_in_chromium() {
     let image = format!("{}/busybox:latest", open_registry());
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut hb = Hb::new();
-    let config = hb.path("hb.toml");
-    std::fs::write(
-        &config,
-        format!("version = 1\n[daemon]\nsocket = \"{}\"\nmetrics_address = \"127.0.0.1:{port}\"\n", socket(&hb)),
-    )
-    .unwrap();
-    hb.config = Some(config);
+    let hb = hb_for_daemon(&format!("metrics_address = \"127.0.0.1:{port}\"\n"));
     let mut d = Daemon::start(&hb);
     hb.ok(&["-q", "run", "-d", "--name", "shown", &image, "sleep", "600"]);
     let page = curl(&hb, "GET", "/status").expect("the daemon answers /status on its socket");

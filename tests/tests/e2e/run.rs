@@ -360,10 +360,7 @@ fn container_image_and_system_groups_wait_inspect_and_prune_as_docker_does() {
     let (latest, zstd) = (format!("{registry}/busybox:latest"), format!("{registry}/busybox:zstd"));
     // As installed: a daemon owns the store (a detached container's monitor then holds none), and
     // every command finds it through the config file. The last prune runs without it.
-    let mut hb = Hb::new();
-    let config = hb.path("hb.toml");
-    std::fs::write(&config, format!("version = 1\n[daemon]\nsocket = \"{}\"\n", super::daemon::socket(&hb))).unwrap();
-    hb.config = Some(config);
+    let hb = super::daemon::hb_for_daemon("");
     let mut daemon = super::daemon::Daemon::start(&hb);
     hb.ok(&["-q", "pull", &latest]);
     hb.ok(&["-q", "pull", &zstd]);
@@ -582,11 +579,7 @@ fn run_pull_policies_missing_always_never_as_docker() {
     let err = hb.fails(&["run", "--rm", "--pull", "sometimes", &tag, "true"], 125);
     assert!(err.contains("--pull") && err.contains("always"), "{err}");
     // Through a daemon too.
-    let mut with_daemon = Hb::new();
-    let config = with_daemon.path("hb.toml");
-    std::fs::write(&config, format!("version = 1\n[daemon]\nsocket = \"{}\"\n", super::daemon::socket(&with_daemon)))
-        .unwrap();
-    with_daemon.config = Some(config);
+    let with_daemon = super::daemon::hb_for_daemon("");
     let mut daemon = super::daemon::Daemon::start(&with_daemon);
     let err = with_daemon.fails(&["run", "--rm", "--pull", "never", &tag, "true"], 125);
     assert!(err.contains("no such image in the store"), "{err}");
@@ -638,11 +631,7 @@ fn run_and_mount_take_a_platform_and_pull_again_for_another() {
     let err = hb.fails(&["run", "--rm", "--platform", "linux", &multi, "true"], 125);
     assert!(err.contains("os/arch"), "{err}");
     // Through a daemon: the same.
-    let mut with_daemon = Hb::new();
-    let config = with_daemon.path("hb.toml");
-    std::fs::write(&config, format!("version = 1\n[daemon]\nsocket = \"{}\"\n", super::daemon::socket(&with_daemon)))
-        .unwrap();
-    with_daemon.config = Some(config);
+    let with_daemon = super::daemon::hb_for_daemon("");
     let mut daemon = super::daemon::Daemon::start(&with_daemon);
     with_daemon.ok(&["-q", "pull", "--platform", "linux/arm64", &multi]);
     assert_eq!(platform(&with_daemon), "linux/arm64/v8");
