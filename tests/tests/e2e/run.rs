@@ -430,6 +430,9 @@ fn container_image_and_system_groups_wait_inspect_and_prune_as_docker_does() {
     let out = hb.ok(&["image", "prune", "-a", "-f"]);
     assert!(out.contains(&format!("Deleted Images:\nuntagged: {zstd}\n")) && !out.contains(&latest), "{out}");
     assert_eq!(hb.ok(&["image", "ls", "--format", "{{.Name}}"]), format!("{latest}\n"));
+    // `hb container rm` is `hb rm`: -f kills a running one.
+    hb.ok(&["-q", "run", "-d", "--name", "extra", &latest, "sleep", "600"]);
+    assert_eq!(hb.ok(&["container", "rm", "-f", "extra"]), "extra\n");
     // system prune -a, here without a daemon: the stopped container, then its image, the data.
     hb.ok(&["stop", "-t", "0", "long"]);
     daemon.stop();
