@@ -56,23 +56,6 @@ pub struct Upstream {
     tokens: Mutex<HashMap<(String, Principal), String>>,
 }
 
-/// The parameters of a `WWW-Authenticate: Bearer realm=...,service=...` challenge.
-fn bearer_challenge(h: &str) -> Option<(String, Option<String>)> {
-    let rest = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))?;
-    let mut realm = None;
-    let mut service = None;
-    for part in rest.split(',') {
-        let (k, v) = part.trim().split_once('=')?;
-        let v = v.trim_matches('"').to_string();
-        match k.trim() {
-            "realm" => realm = Some(v),
-            "service" => service = Some(v),
-            _ => {}
-        }
-    }
-    Some((realm?, service))
-}
-
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Result<Upstream, MirrorError> {
         let http = hb_registry::http::http_client(&hb_registry::http::HttpSettings {
@@ -122,8 +105,9 @@ impl Upstream {
             return Ok(resp);
         }
         let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let auth = if let Some((realm, service)) = bearer_challenge(&challenge) {
-            match self.token(&realm, service.as_deref(), repo, who).await? {
+        let params = hb_registry::http::bearer_challenge(&challenge);
+        let auth = if let Some(realm) = params.get("realm") {
+            match self.token(realm, params.get("service").map(String::as_str), repo, who).await? {
                 Some(t) => format!("Bearer {t}"),
                 None => return Ok(resp),
             }
@@ -166,13 +150,35 @@ impl Upstream {
         repo: &str,
         who: &Principal,
     ) -> Result<Option<String>, MirrorError> {
-        let mut req = self.http.get(realm).query(&[("scope", format!("repository:{repo}:pull"))]);
-        if let Some(s) = service {
-            req = req.query(&[("service", s)]);
-        }
-        if let Some((u, p)) = self.credentials(who) {
-            req = req.header(AUTHORIZATION, Self::basic(u, p));
-        }
+        let scope = format!("repository:{repo}:pull");
+        let req = match self.credentials(who) {
+            // An identity token (docker's `identitytoken`): the OAuth2 refresh_token grant.
+            Some((u, token)) if u == hb_registry::IDENTITY_TOKEN_USER => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", token),
+                    ("client_id", "hb-proxy"),
+                    ("scope", scope.as_str()),
+                ];
+                form.extend(service.map(|s| ("service", s)));
+                let body: Vec<String> =
+                    form.iter().map(|(k, v)| format!("{k}={}", hb_registry::http::form_encode(v))).collect();
+                self.http
+                    .post(realm)
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(body.join("&"))
+            }
+            creds => {
+                let mut req = self.http.get(realm).query(&[("scope", &scope)]);
+                if let Some(s) = service {
+                    req = req.query(&[("service", s)]);
+                }
+                if let Some((u, p)) = creds {
+                    req = req.header(AUTHORIZATION, Self::basic(u, p));
+                }
+                req
+            }
+        };
         let resp = req.send().await.map_err(|e| MirrorError::Upstream {
             host: self.cfg.host.clone(),
             reason: format!("token service {realm}: {}", hb_registry::error_chain(&e)),
@@ -213,10 +219,5 @@ mod tests {
         assert_eq!(Principal::from_header(None), Principal::Mirror);
         assert_eq!(Principal::from_header(Some("Basic !!")), Principal::Mirror);
         assert_eq!(Principal::from_header(Some("Basic Og==")), Principal::Mirror, "empty credentials are nobody's");
-        assert_eq!(
-            bearer_challenge(r#"Bearer realm="http://127.0.0.1:1/token",service="reg",scope="repository:a:pull""#),
-            Some(("http://127.0.0.1:1/token".into(), Some("reg".into())))
-        );
-        assert_eq!(bearer_challenge(r#"Basic realm="x""#), None);
     }
 }

@@ -102,7 +102,7 @@ pub fn http_client(s: &HttpSettings) -> Result<reqwest::Client, RegistryError> {
 }
 
 /// The parameters of a `WWW-Authenticate: Bearer k="v",...` challenge (realm, service, scope).
-pub(crate) fn bearer_challenge(header: &str) -> std::collections::HashMap<String, String> {
+pub fn bearer_challenge(header: &str) -> std::collections::HashMap<String, String> {
     let mut out = std::collections::HashMap::new();
     let Some(rest) = header.trim().strip_prefix("Bearer ").or_else(|| header.trim().strip_prefix("bearer ")) else {
         return out;
@@ -124,7 +124,7 @@ pub(crate) fn bearer_challenge(header: &str) -> std::collections::HashMap<String
 }
 
 /// `s` as an `application/x-www-form-urlencoded` value.
-pub(crate) fn form_encode(s: &str) -> String {
+pub fn form_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),

@@ -439,6 +439,22 @@ fn private_content_is_served_only_to_clients_the_upstream_lets_in() {
         &format!("dir:{}", shared.hb.path("anon").display()),
     ]);
     assert!(ok, "the mirror's credentials serve anonymous clients: {out}");
+
+    // The mirror's credentials as an identity token (user `<token>`, docker's identitytoken):
+    // exchanged at the upstream's token service; a stale one is refused.
+    for (secret, works) in [("hb-refresh-token", true), ("a-stale-token", false)] {
+        let p = Proxy::start(&format!(
+            "[proxy]\n[[proxy.upstream]]\nhost = \"{token_host}\"\nalias = \"token\"\nusername = \"<token>\"\npassword = \"{secret}\"\n",
+            token_host = token
+        ));
+        let (ok, out) = skopeo(&[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{}/token/private/busybox:latest", p.addr),
+            &format!("dir:{}", p.hb.path("identity").display()),
+        ]);
+        assert_eq!(ok, works, "identity token {secret}: {out}");
+    }
 }
 
 /// What the scripted upstream does with blob GETs.
