@@ -240,8 +240,9 @@ pub struct DaemonSection {
     pub mount_idle_seconds: Option<u64>,
     /// containerd's snapshotter API [default: /run/hb/snapshotter.sock].
     pub snapshotter_socket: Option<PathBuf>,
-    /// Also serve `/metrics` (and `/healthz`, nothing else) over TCP here, for Prometheus
-    /// (e.g. "127.0.0.1:9110"; the API stays on the Unix socket) [default: none].
+    /// Also serve `/metrics`, `/healthz` and `/status` (nothing else) over TCP here, for
+    /// Prometheus and browsers (e.g. "127.0.0.1:9110"; the API stays on the Unix socket)
+    /// [default: none].
     pub metrics_address: Option<String>,
     /// Run `hb gc` by itself when the store takes more than this on disk (e.g. "50G"); what
     /// named images use stays [default: never].

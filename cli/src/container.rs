@@ -468,6 +468,13 @@ pub fn rm(dir: &Path, s: &State, force: bool) -> anyhow::Result<()> {
     remove(dir, s)
 }
 
+/// Where an `--rm` container's exit code is kept for a minute after its folder `dir` went (for
+/// `hb wait`): `<containers>/.removing/<id>.exit`.
+pub fn exit_record(dir: &Path) -> PathBuf {
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.parent().unwrap_or(dir).join(".removing").join(format!("{id}.exit"))
+}
+
 /// `hb wait`: blocks until each container has stopped, printing its exit code (one per line, in
 /// the order given, as docker does); exit code 1 when any could not be waited for.
 pub fn wait(root: &Path, names: &[String]) -> anyhow::Result<std::process::ExitCode> {
@@ -475,7 +482,23 @@ pub fn wait(root: &Path, names: &[String]) -> anyhow::Result<std::process::ExitC
     for n in names {
         let code = find(root, n).and_then(|(dir, s)| {
             let end = wait_exit(&dir, &s, Duration::MAX)?;
-            match (end.exit_code, end.error) {
+            // An `--rm` container's folder goes as it ends; its exit record stays a minute.
+            let recorded = || {
+                let started = Instant::now();
+                loop {
+                    if let Some(code) =
+                        std::fs::read_to_string(exit_record(&dir)).ok().and_then(|t| t.trim().parse().ok())
+                    {
+                        return Some(code);
+                    }
+                    if started.elapsed() > Duration::from_secs(5) {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            let exit_code = end.exit_code.or_else(|| if end.rm && !dir.exists() { recorded() } else { None });
+            match (exit_code, end.error) {
                 (Some(code), _) => Ok(code),
                 (None, Some(e)) => bail!("container {} failed to start: {e}", end.name),
                 (None, None) if end.rm => {
@@ -516,7 +539,11 @@ pub fn size(dir: &Path) -> u64 {
 pub fn prune(root: &Path) -> anyhow::Result<(Vec<String>, u64)> {
     let mut removed = Vec::new();
     let mut freed = 0;
-    for (dir, s) in list(root)?.into_iter().filter(|(_, s)| !s.is_running()) {
+    // A container being started (its detached monitor may still be pulling, not recorded yet)
+    // is not stopped: only those that ended, or whose monitor died a while after their start.
+    let now = now();
+    let stopped = |s: &State| !s.is_running() && (s.status == Status::Exited || now.saturating_sub(s.created) > 600);
+    for (dir, s) in list(root)?.into_iter().filter(|(_, s)| stopped(s)) {
         let bytes = size(&dir);
         match rm(&dir, &s, false) {
             Ok(()) => {
@@ -769,13 +796,19 @@ pub fn logs(dir: &Path, s: &State, f: &LogFilter) -> anyhow::Result<()> {
         w.flush()?;
         Ok(())
     };
-    // Rotated files, oldest first; then the current one (followed when asked).
+    // Rotated files, oldest first; then the current one (followed when asked). A rotation since
+    // the current file was opened made it `log.json.1`: read once, through the open handle.
+    let ino = |m: std::fs::Metadata| std::os::unix::fs::MetadataExt::ino(&m);
+    let current_ino = file.metadata().map(ino).ok();
     let mut older = Vec::new();
     for n in 1.. {
-        match std::fs::read_to_string(rotated(&path, n)) {
-            Ok(text) => older.push(text),
-            Err(_) => break,
+        let Ok(mut f) = std::fs::File::open(rotated(&path, n)) else { break };
+        if f.metadata().map(ino).ok() == current_ino {
+            continue;
         }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text)?;
+        older.push(text);
     }
     let mut reader = std::io::BufReader::new(file);
     let mut current = String::new();

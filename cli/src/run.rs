@@ -540,6 +540,14 @@ fn monitor_loaded(
     // A container that never started goes; a detached one's folder stays for `hb run` to read
     // the error from (it removes it then).
     let remove = state.rm || (result.is_err() && state.started.is_none() && !state.detached);
+    // The exit code outlives a removed folder for a minute, for an `hb wait` of an `--rm`
+    // container (`sweep_removing` deletes the record later).
+    if let (true, Some(code)) = (remove, state.exit_code) {
+        let record = container::exit_record(dir);
+        if record.parent().is_some_and(|p| std::fs::create_dir_all(p).is_ok()) {
+            let _ = std::fs::write(&record, code.to_string());
+        }
+    }
     match mount {
         // This process serves the image mount: everything is torn down here, in order.
         Some(m) => {
@@ -629,7 +637,11 @@ pub fn sweep_removing(root: &Path) {
     for e in entries.flatten() {
         let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
         if old.is_some_and(|age| age > Duration::from_secs(60)) {
-            cleanup(&e.path(), true);
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = std::fs::remove_file(e.path()); // an exit record
+            } else {
+                cleanup(&e.path(), true);
+            }
         }
     }
 }

@@ -157,6 +157,9 @@ pub enum Cmd {
         /// A container (id, name or id prefix) or an image
         #[arg(value_name = "CONTAINER|IMAGE")]
         image: String,
+        /// `hb image inspect`: an image only, never a container of that name or id prefix
+        #[arg(skip)]
+        image_only: bool,
     },
     /// Remove image names; `hb gc` then frees what no other image uses
     Rmi {

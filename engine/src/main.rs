@@ -223,7 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cmd = match cli.cmd {
         Cmd::Image(ImageCmd::Ls { format }) => Cmd::Images { format },
         Cmd::Image(ImageCmd::Rm { images }) => Cmd::Rmi { images },
-        Cmd::Image(ImageCmd::Inspect { image }) => Cmd::Inspect { image },
+        Cmd::Image(ImageCmd::Inspect { image }) => Cmd::Inspect { image, image_only: true },
         other => other,
     };
     // The commands that go through a running daemon look it up once.
@@ -237,7 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let cmd = match cmd {
         // As `docker inspect`: a container when one has that name or id, else an image.
-        Cmd::Inspect { image } if container::find(&store_root(g)?, &image).is_ok() => {
+        Cmd::Inspect { image, image_only: false } if container::find(&store_root(g)?, &image).is_ok() => {
             return hb_cli::inspect_containers(&store_root(g)?, &[image]);
         }
         Cmd::Image(ImageCmd::Prune { all, force }) => return system::prune(g, daemon, all, force, false, &out),

@@ -53,7 +53,7 @@ pub fn run(cmd: Cmd, store: &Arc<Store>, out: &Out) -> anyhow::Result<ExitCode> 
                 }
             }
         }
-        Cmd::Inspect { image } => {
+        Cmd::Inspect { image, .. } => {
             let (name, digest, rec) = require_image(store, &image)?;
             let manifest: serde_json::Value = serde_json::from_str(&rec.manifest)?;
             let config: serde_json::Value = serde_json::from_str(&rec.config)?;

@@ -2,7 +2,8 @@
 //!
 //! Images are named in the store; containers live in the store root's `containers/` folder
 //! (`hb_cli::container`). An image is in use while any container (running or not) was made
-//! from it, as docker counts it. Removal goes through the daemon when one owns the store.
+//! from it, as docker counts it, or while the daemon has it mounted (containerd's containers).
+//! Removal goes through the daemon when one owns the store.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -130,7 +131,12 @@ pub fn prune(
     // view finds the names and the daemon removes them.
     let store = crate::open_store_for(g, daemon.is_some(), out)?;
     if all {
-        let used = images_in_use(&store, &root)?;
+        let mut used = images_in_use(&store, &root)?;
+        // What the daemon has mounted is in use too (containerd's containers, spares).
+        if let Some(client) = &daemon {
+            let mounts: Vec<api::ImageMount> = client.call("GET", "/v1/mounts", None::<&()>)?;
+            used.extend(mounts.iter().filter_map(|m| m.digest.parse::<Digest>().ok()));
+        }
         let unused: Vec<String> =
             store.image_names()?.into_iter().filter(|n| !used.contains(&n.digest)).map(|n| n.name).collect();
         match &daemon {

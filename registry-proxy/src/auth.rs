@@ -9,26 +9,32 @@ impl Mirror {
     /// writes them; see [`hash_password`]).
     pub(super) fn is_user(&self, who: &Principal) -> bool {
         let Principal::Basic(u, p) = who else { return false };
-        let live = self.live.read().expect("live lock");
-        live.users.iter().any(|(n, w)| {
-            if !constant_time_eq(n.as_bytes(), u.as_bytes()) {
-                return false;
-            }
+        // Copied out: a hash is checked without holding the lock a reload takes.
+        let stored: Vec<String> = {
+            let live = self.live.read().expect("live lock");
+            live.users
+                .iter()
+                .filter(|(n, _)| constant_time_eq(n.as_bytes(), u.as_bytes()))
+                .map(|(_, w)| w.clone())
+                .collect()
+        };
+        stored.iter().any(|w| {
             if !is_bcrypt(w) {
                 return constant_time_eq(w.as_bytes(), p.as_bytes());
             }
-            let key = *blake3::hash(format!("{n}\0{p}\0{w}").as_bytes()).as_bytes();
-            if self.verified.lock().expect("verified lock").contains(&key) {
-                return true;
+            let key = *blake3::hash(format!("{u}\0{p}\0{w}").as_bytes()).as_bytes();
+            if let Some(ok) = self.verified.lock().expect("verified lock").get(&key) {
+                // A verdict is kept; a refusal for a minute only (a password may be fixed upstream).
+                if ok.0 || ok.1.elapsed() < Duration::from_secs(60) {
+                    return ok.0;
+                }
             }
             let ok = bcrypt::verify(p, w).unwrap_or(false);
-            if ok {
-                let mut v = self.verified.lock().expect("verified lock");
-                if v.len() >= 1024 {
-                    v.clear();
-                }
-                v.insert(key);
+            let mut v = self.verified.lock().expect("verified lock");
+            if v.len() >= 4096 {
+                v.clear();
             }
+            v.insert(key, (ok, Instant::now()));
             ok
         })
     }

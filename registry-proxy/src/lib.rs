@@ -94,7 +94,8 @@ pub struct Mirror {
     live: std::sync::RwLock<Live>,
     /// Credentials checked against a bcrypt hash, by a digest of name, password and hash: a
     /// hash costs tens of milliseconds to check, and Docker sends credentials on every request.
-    verified: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Refusals are kept too (for a minute), so repeated wrong passwords cost one check each.
+    verified: Mutex<HashMap<[u8; 32], (bool, Instant)>>,
     upstreams: Vec<Upstream>,
     store: Arc<dyn MirrorStore>,
     flights: Mutex<HashMap<Digest, Arc<Flight>>>,

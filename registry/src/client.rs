@@ -215,8 +215,18 @@ impl Registry {
                 reason: crate::error::chain(&e),
             })?;
         let status = answer.status();
+        if status.is_server_error() || status.as_u16() == 429 {
+            // Busy or failing: transient, retried as any registry answer would be.
+            return Err(RegistryError::Busy {
+                registry: self.registry.clone(),
+                status: status.as_u16(),
+                retry_after: None,
+            });
+        }
         if !status.is_success() {
-            return Err(refused(format!("the token service {realm} refused the identity token ({status})")));
+            let said = answer.text().await.unwrap_or_default();
+            let said: String = said.trim().chars().take(200).collect();
+            return Err(refused(format!("the token service {realm} refused the identity token ({status}) {said}")));
         }
         let raw = answer.bytes().await.map_err(|e| refused(format!("the token service {realm} answered: {e}")))?;
         let v: serde_json::Value = serde_json::from_slice(&raw)

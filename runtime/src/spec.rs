@@ -210,29 +210,26 @@ fn capability(name: &str) -> Result<Capability, SpecError> {
     })
 }
 
-/// Docker's defaults, then `--cap-drop` (ALL: every one), then `--cap-add` (ALL: every one).
+/// As docker: `--cap-add ALL` is every capability but those dropped; otherwise the defaults,
+/// less `--cap-drop` (ALL: every one), plus `--cap-add`.
 pub fn capabilities(opts: &RunOptions) -> Result<Vec<Capability>, SpecError> {
     let is_all = |n: &String| n.eq_ignore_ascii_case("ALL") || n.eq_ignore_ascii_case("CAP_ALL");
-    let mut caps = default_capabilities();
-    if opts.cap_drop.iter().any(is_all) {
-        caps.clear();
-    }
-    for d in opts.cap_drop.iter().filter(|n| !is_all(n)) {
-        let c = capability(d)?;
-        caps.retain(|x| *x != c);
-    }
-    let adds: Vec<&str> = if opts.cap_add.iter().any(is_all) {
-        ALL_CAPABILITIES.to_vec()
+    let drops = opts.cap_drop.iter().filter(|n| !is_all(n)).map(|n| capability(n)).collect::<Result<Vec<_>, _>>()?;
+    let adds = opts.cap_add.iter().filter(|n| !is_all(n)).map(|n| capability(n)).collect::<Result<Vec<_>, _>>()?;
+    let mut caps = if opts.cap_add.iter().any(is_all) {
+        // A name this oci-spec does not know is skipped within ALL.
+        ALL_CAPABILITIES.iter().filter_map(|n| n.parse().ok()).collect()
+    } else if opts.cap_drop.iter().any(is_all) {
+        Vec::new()
     } else {
-        opts.cap_add.iter().map(String::as_str).collect()
+        default_capabilities()
     };
-    for a in adds {
-        // A name this oci-spec does not know is refused when asked for, skipped within ALL.
-        match capability(a) {
-            Ok(c) if !caps.contains(&c) => caps.push(c),
-            Ok(_) => {}
-            Err(e) if !opts.cap_add.iter().any(is_all) => return Err(e),
-            Err(_) => {}
+    caps.retain(|c| !drops.contains(c));
+    if !opts.cap_add.iter().any(is_all) {
+        for c in adds {
+            if !caps.contains(&c) {
+                caps.push(c);
+            }
         }
     }
     Ok(caps)
@@ -751,6 +748,9 @@ mod tests {
         assert!(!c.contains(&Capability::Chown) && c.contains(&Capability::Kill));
         assert_eq!(caps(&["KILL"], &["ALL"]).unwrap(), [Capability::Kill]);
         assert!(caps(&["ALL"], &[]).unwrap().len() >= 40);
+        // Regression (review): `--cap-add ALL --cap-drop X` kept X.
+        let all_but = caps(&["ALL"], &["SYS_ADMIN"]).unwrap();
+        assert!(!all_but.contains(&Capability::SysAdmin) && all_but.contains(&Capability::NetAdmin));
         // Regression: the spec's inheritable and ambient sets were oci-spec's defaults (KILL,
         // AUDIT_WRITE, NET_BIND_SERVICE), so dropping one of those failed the start.
         let opts = RunOptions { cap_drop: vec!["KILL".into()], ..Default::default() };

@@ -137,9 +137,11 @@ impl Daemon {
         let rows: Vec<Vec<String>> = hb_cli::container::list(&self.root)
             .unwrap_or_default()
             .into_iter()
-            .map(|(_, s)| vec![s.name.clone(), s.image.clone(), s.command.join(" "), s.status_text(now)])
+            // Commands stay off the page: their arguments may hold secrets, and the page may be
+            // served over TCP (metrics_address).
+            .map(|(_, s)| vec![s.name.clone(), s.image.clone(), s.short_id().to_string(), s.status_text(now)])
             .collect();
-        p.table(&["name", "image", "command", "status"], &[], &rows, None, "no containers");
+        p.table(&["name", "image", "id", "status"], &[], &rows, None, "no containers");
         if let Some(node) = self.peers.get() {
             let r = node.report();
             p.section("LAN peers");

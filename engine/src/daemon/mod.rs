@@ -285,6 +285,14 @@ pub fn run(
     metrics: Option<std::net::SocketAddr>,
     out: &Out,
 ) -> anyhow::Result<()> {
+    // Settings first: a bad one stops the daemon before it says it is ready.
+    let gc_above = hb_cli::file_config(g)?
+        .daemon
+        .gc_above
+        .as_deref()
+        .map(crate::parse_rate)
+        .transpose()
+        .context("daemon.gc_above")?;
     // Caught from here on: a signal while starting stops the daemon as soon as it serves, cleanly.
     let stopped = crate::shutdown::Shutdown::install()?.signalled();
     crate::memory::limit_malloc_arenas();
@@ -340,7 +348,15 @@ pub fn run(
         let md = d.clone();
         server.spawn(async move {
             loop {
-                let Ok((stream, _)) = tcp.accept().await else { continue };
+                let stream = match tcp.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors, say: no busy loop while it lasts.
+                        tracing::warn!(error = %e, "accepting a metrics connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let md = md.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| http::metrics_only(md.clone(), req));
@@ -420,13 +436,6 @@ pub fn run(
     tracing::info!(socket = %socket.display(), root = %root.display(), "daemon ready");
     crate::notify::ready(&format!("serving store {} on {}", root.display(), socket.display()));
     let reaper = d.clone();
-    let gc_above = hb_cli::file_config(g)?
-        .daemon
-        .gc_above
-        .as_deref()
-        .map(crate::parse_rate)
-        .transpose()
-        .context("daemon.gc_above")?;
     let mut auto_gc = AutoGc::default();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(5).min(reaper.idle.max(Duration::from_millis(200))));

@@ -370,6 +370,9 @@ fn container_image_and_system_groups_wait_inspect_and_prune_as_docker_does() {
     assert_eq!(o.status.code(), Some(7), "{o:?}");
     hb.ok(&["-q", "run", "-d", "--name", "brief", &latest, "sh", "-c", "sleep 0.5; exit 4"]);
     assert_eq!(hb.ok(&["wait", "brief", "done"]), "4\n7\n", "exit codes in the order asked");
+    // An `--rm` container's folder goes as it ends; `hb wait` still gets its exit code.
+    hb.ok(&["-q", "run", "-d", "--rm", "--name", "gone", &latest, "sh", "-c", "sleep 0.5; exit 5"]);
+    assert_eq!(hb.ok(&["wait", "gone"]), "5\n");
     let err = hb.fails(&["wait", "nosuch"], 1);
     assert!(err.contains("no such container: nosuch"), "{err}");
     // `hb container ls|list` is `hb ps`.
