@@ -736,6 +736,13 @@ pub fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
+    // Without a zone (taken as UTC): `2026-12-06T10:00:00`, `2026-12-06`.
+    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f") {
+        return Ok(t.and_utc());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
     if let Ok(secs) = s.parse::<f64>() {
         if let Some(t) = DateTime::from_timestamp(secs.trunc() as i64, (secs.fract() * 1e9) as u32) {
             return Ok(t);
@@ -1006,6 +1013,8 @@ mod tests {
         let t = parse_since("2026-12-06T10:00:00Z").unwrap();
         assert_eq!(t.timestamp(), 1796551200);
         assert_eq!(parse_since("1796551200").unwrap(), t);
+        assert_eq!(parse_since("2026-12-06T10:00:00").unwrap(), t, "no zone: UTC");
+        assert_eq!(parse_since("2026-12-06").unwrap().timestamp(), 1796515200);
         let ago = chrono::Utc::now() - parse_since("1h30m").unwrap();
         assert!((ago.num_seconds() - 5400).abs() < 5, "{ago}");
         for bad in ["", "yesterday", "10x", "m"] {

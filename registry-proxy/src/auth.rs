@@ -7,7 +7,7 @@ impl Mirror {
     /// Whether `who` is one of the mirror's own users (`[[proxy.user]]`), by name and password:
     /// the password as configured, or checked against its bcrypt hash (`$2y$...`, as htpasswd
     /// writes them; see [`hash_password`]).
-    pub(super) fn is_user(&self, who: &Principal) -> bool {
+    pub(super) async fn is_user(&self, who: &Principal) -> bool {
         let Principal::Basic(u, p) = who else { return false };
         // Copied out: a hash is checked without holding the lock a reload takes.
         let stored: Vec<String> = {
@@ -18,25 +18,37 @@ impl Mirror {
                 .map(|(_, w)| w.clone())
                 .collect()
         };
-        stored.iter().any(|w| {
-            if !is_bcrypt(w) {
-                return constant_time_eq(w.as_bytes(), p.as_bytes());
+        for w in stored {
+            if !is_bcrypt(&w) {
+                if constant_time_eq(w.as_bytes(), p.as_bytes()) {
+                    return true;
+                }
+                continue;
             }
             let key = *blake3::hash(format!("{u}\0{p}\0{w}").as_bytes()).as_bytes();
-            if let Some(ok) = self.verified.lock().expect("verified lock").get(&key) {
-                // A verdict is kept; a refusal for a minute only (a password may be fixed upstream).
-                if ok.0 || ok.1.elapsed() < Duration::from_secs(60) {
-                    return ok.0;
+            let known = self.verified.lock().expect("verified lock").get(&key).copied();
+            // A verdict is kept; a refusal for a minute only (a password may be fixed upstream).
+            let ok = match known {
+                Some((ok, at)) if ok || at.elapsed() < Duration::from_secs(60) => ok,
+                _ => {
+                    // Tens of milliseconds of CPU: off the threads that serve requests.
+                    let pw = p.clone();
+                    let ok = tokio::task::spawn_blocking(move || bcrypt::verify(pw, &w).unwrap_or(false))
+                        .await
+                        .unwrap_or(false);
+                    let mut v = self.verified.lock().expect("verified lock");
+                    if v.len() >= 4096 {
+                        v.clear();
+                    }
+                    v.insert(key, (ok, Instant::now()));
+                    ok
                 }
+            };
+            if ok {
+                return true;
             }
-            let ok = bcrypt::verify(p, w).unwrap_or(false);
-            let mut v = self.verified.lock().expect("verified lock");
-            if v.len() >= 4096 {
-                v.clear();
-            }
-            v.insert(key, (ok, Instant::now()));
-            ok
-        })
+        }
+        false
     }
 
     /// Whether `who` may read `route.repo`'s cached content: the mirror's own credentials

@@ -274,7 +274,7 @@ impl Mirror {
         let user = self.user_of(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()));
         let host = req.headers().get(hyper::header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
         let resp = match (req.method(), path.as_str()) {
-            (&Method::GET, "/_hb/token") => self.token(&req),
+            (&Method::GET, "/_hb/token") => self.token(&req).await,
             // For load balancers and systemd: up and serving (no auth, no upstream asked).
             (&Method::GET | &Method::HEAD, "/healthz") => Response::builder()
                 .header(CONTENT_TYPE, "text/plain")
@@ -355,7 +355,7 @@ impl Mirror {
             token::Who::Expired => return unauthorized("this mirror's token has run out: ask for another"),
         };
         if self.has_users() {
-            if !self.is_user(&who) {
+            if !self.is_user(&who).await {
                 return unauthorized("this mirror requires its own credentials");
             }
             // Upstreams see the mirror, with its configured credentials.

@@ -82,9 +82,9 @@ impl Tokens {
 impl Mirror {
     /// `GET /_hb/token`: a token for the client's credentials (none: an anonymous one). With
     /// users of its own the mirror checks them here already (as `docker login` expects).
-    pub(super) fn token(&self, req: &Request<Incoming>) -> Response<Body> {
+    pub(super) async fn token(&self, req: &Request<Incoming>) -> Response<Body> {
         let who = Principal::from_header(req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()));
-        if self.has_users() && !self.is_user(&who) {
+        if self.has_users() && !self.is_user(&who).await {
             return unauthorized("this mirror requires its own credentials");
         }
         let token = self.tokens.issue(who);
