@@ -337,10 +337,10 @@ impl std::fmt::Display for Saved {
 }
 
 /// The credential helper config.json names for `key` (`credHelpers`, else `credsStore`).
-fn helper_for(cfg: &serde_json::Value, keys: &[String]) -> Option<String> {
+fn helper_for(cfg: &serde_json::Map<String, serde_json::Value>, keys: &[String]) -> Option<String> {
     keys.iter()
-        .find_map(|k| cfg["credHelpers"][k].as_str())
-        .or_else(|| cfg["credsStore"].as_str())
+        .find_map(|k| cfg.get("credHelpers").and_then(|h| h.get(k)).and_then(serde_json::Value::as_str))
+        .or_else(|| cfg.get("credsStore").and_then(serde_json::Value::as_str))
         .filter(|h| !h.is_empty())
         .map(str::to_string)
 }
@@ -391,7 +391,7 @@ pub fn docker_login(registry: &str, user: &str, password: &str) -> anyhow::Resul
     let path = docker_config_path()?;
     let mut cfg = read_json_object(&path)?;
     let key = docker_key(registry);
-    let helper = helper_for(&serde_json::Value::Object(cfg.clone()), std::slice::from_ref(&key));
+    let helper = helper_for(&cfg, std::slice::from_ref(&key));
     let entry = match &helper {
         Some(h) => {
             let body = serde_json::json!({ "ServerURL": &key, "Username": user, "Secret": password });
@@ -422,7 +422,7 @@ pub fn docker_logout(registry: &str) -> anyhow::Result<bool> {
     let mut cfg = read_json_object(&path)?;
     let key = docker_key(registry);
     let mut removed = false;
-    if let Some(h) = helper_for(&serde_json::Value::Object(cfg.clone()), std::slice::from_ref(&key)) {
+    if let Some(h) = helper_for(&cfg, std::slice::from_ref(&key)) {
         removed |= run_helper(&h, "erase", key.as_bytes())?.is_some();
     }
     if cfg.get_mut("auths").and_then(|a| a.as_object_mut()).and_then(|a| a.remove(&key)).is_some() {
@@ -493,7 +493,7 @@ pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, Stri
         let cfg: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if docker {
-            if let Some(helper) = helper_for(&cfg, &keys) {
+            if let Some(helper) = cfg.as_object().and_then(|c| helper_for(c, &keys)) {
                 if let Some(out) = run_helper(&helper, "get", keys[0].as_bytes())? {
                     let v: serde_json::Value = serde_json::from_slice(&out)
                         .with_context(|| format!("docker-credential-{helper} get answered"))?;
@@ -507,7 +507,7 @@ pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, Stri
             // An identity token (OAuth2 refresh token, e.g. Azure's) is used as such: the registry
             // client exchanges it at the token service (user `<token>`, as helpers answer).
             if let Some(token) = cfg["auths"][k]["identitytoken"].as_str().filter(|t| !t.is_empty()) {
-                return Ok(Some((IDENTITY_TOKEN_USER.to_string(), token.to_string())));
+                return Ok(Some((hb_core::IDENTITY_TOKEN_USER.to_string(), token.to_string())));
             }
             if let Some(auth) = cfg["auths"][k]["auth"].as_str() {
                 use base64::Engine;
@@ -524,10 +524,6 @@ pub fn docker_credentials(registry: &str) -> anyhow::Result<Option<(String, Stri
     }
     Ok(None)
 }
-
-/// The user name that marks a secret as an identity token (the registry client's, which this crate
-/// does not link).
-pub const IDENTITY_TOKEN_USER: &str = "<token>";
 
 /// podman's (containers/image's) auth files, in the order it reads them.
 fn podman_auth_files() -> Vec<PathBuf> {

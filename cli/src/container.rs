@@ -1,5 +1,5 @@
 //! Containers' recorded state and the lifecycle commands that act on it: `hb ps`, `hb stop`,
-//! `hb kill`, `hb rm`, `hb logs`, `hb exec`.
+//! `hb kill`, `hb rm`, `hb wait`, `hb container prune|inspect`, `hb exec` (`hb logs`: `logs.rs`).
 //!
 //! Each container has a folder `<store root>/containers/<id>/` holding `state.json` (written
 //! atomically: temp file + rename), the runtime bundle (`config.json`, `rootfs/`, the overlay's
@@ -9,7 +9,7 @@
 //! `hb container-monitor` with `-d`) records the start, the exit code and the end; any later hb
 //! process reads the folder. A monitor that died without recording an end shows as `Dead`.
 
-use std::io::{BufRead, Seek, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -468,11 +468,15 @@ pub fn rm(dir: &Path, s: &State, force: bool) -> anyhow::Result<()> {
     remove(dir, s)
 }
 
+/// Where removed containers' folders wait for their cleanup, under the containers folder (a dot
+/// name: never listed).
+pub const REMOVING: &str = ".removing";
+
 /// Where an `--rm` container's exit code is kept for a minute after its folder `dir` went (for
 /// `hb wait`): `<containers>/.removing/<id>.exit`.
 pub fn exit_record(dir: &Path) -> PathBuf {
     let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dir.parent().unwrap_or(dir).join(".removing").join(format!("{id}.exit"))
+    dir.parent().unwrap_or(dir).join(REMOVING).join(format!("{id}.exit"))
 }
 
 /// `hb wait`: blocks until each container has stopped, printing its exit code (one per line, in
@@ -619,281 +623,6 @@ pub fn inspect(dir: &Path, s: &State) -> serde_json::Value {
     })
 }
 
-/// One line of `log.json`.
-#[derive(Serialize, Deserialize)]
-pub struct LogLine {
-    pub log: String,
-    pub stream: String,
-    pub time: String,
-}
-
-/// `--log-opt`: rotation of `log.json`, as docker's json-file driver (`max-size`, `max-file`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogOptions {
-    /// Rotate when the log would pass this many bytes [default: never].
-    pub max_size: Option<u64>,
-    /// Files kept, the current one included (`log.json`, `log.json.1`, ...) [default: 1].
-    pub max_file: Option<u32>,
-}
-
-impl LogOptions {
-    pub fn parse(opts: &[String]) -> anyhow::Result<LogOptions> {
-        let mut o = LogOptions::default();
-        for opt in opts {
-            match opt.split_once('=') {
-                Some(("max-size", v)) => match hb_core::parse_size(v) {
-                    Ok(n) if n > 0 => o.max_size = Some(n),
-                    _ => bail!("--log-opt {opt}: a size such as 10m or 1g"),
-                },
-                Some(("max-file", v)) => match v.parse::<u32>() {
-                    Ok(n) if n > 0 => o.max_file = Some(n),
-                    _ => bail!("--log-opt {opt}: a number of files, at least 1"),
-                },
-                _ => bail!("--log-opt {opt:?}: hb's json-file log takes max-size=SIZE and max-file=N"),
-            }
-        }
-        if o.max_file.is_some() && o.max_size.is_none() {
-            bail!("--log-opt max-file needs max-size (the size at which the log rotates)");
-        }
-        Ok(o)
-    }
-}
-
-/// `log.json` rotated to `log.json.1` (then `.2`, ...): the older, the higher.
-fn rotated(path: &Path, n: u32) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(format!(".{n}"));
-    PathBuf::from(p)
-}
-
-/// Writes `log.json`, rotating it as [`LogOptions`] say.
-pub struct LogWriter {
-    file: std::fs::File,
-    path: PathBuf,
-    size: u64,
-    opts: LogOptions,
-}
-
-impl LogWriter {
-    pub fn open(path: &Path, opts: LogOptions) -> std::io::Result<LogWriter> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
-        Ok(LogWriter { file, path: path.to_path_buf(), size, opts })
-    }
-
-    /// A writer over an open file (tests: one opened read-only fails every write).
-    #[cfg(test)]
-    pub(crate) fn over(file: std::fs::File, path: &Path) -> LogWriter {
-        LogWriter { file, path: path.to_path_buf(), size: 0, opts: LogOptions::default() }
-    }
-
-    /// Appends one record (a whole line), rotating first when it would pass `max-size`.
-    pub fn write_line(&mut self, text: &[u8]) -> std::io::Result<()> {
-        if let Some(max) = self.opts.max_size {
-            if self.size > 0 && self.size + text.len() as u64 > max {
-                self.rotate()?;
-            }
-        }
-        self.file.write_all(text)?;
-        self.size += text.len() as u64;
-        Ok(())
-    }
-
-    fn rotate(&mut self) -> std::io::Result<()> {
-        let keep = self.opts.max_file.unwrap_or(1).saturating_sub(1);
-        if keep == 0 {
-            // One file: it starts again (as docker's max-file=1).
-            self.file.set_len(0)?;
-        } else {
-            for n in (1..keep).rev() {
-                match std::fs::rename(rotated(&self.path, n), rotated(&self.path, n + 1)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-            }
-            std::fs::rename(&self.path, rotated(&self.path, 1))?;
-            self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
-        }
-        self.size = 0;
-        Ok(())
-    }
-}
-
-/// What `hb logs` prints.
-#[derive(Default)]
-pub struct LogFilter {
-    pub follow: bool,
-    /// Only the last N lines (of those since `since`).
-    pub tail: Option<usize>,
-    pub timestamps: bool,
-    pub since: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// `--since`: RFC 3339, Unix seconds (fractions allowed), or a duration before now (`1h30m`,
-/// `10m`, `42s`, `500ms`), as docker takes it.
-pub fn parse_since(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    use chrono::{DateTime, Utc};
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    // Without a zone (taken as UTC): `2026-12-06T10:00:00`, `2026-12-06`.
-    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f") {
-        return Ok(t.and_utc());
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        if let Some(t) = DateTime::from_timestamp(secs.trunc() as i64, (secs.fract() * 1e9) as u32) {
-            return Ok(t);
-        }
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
-        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
-        let (num, unit) = (&rest[..digits], &rest[digits..digits + unit_len]);
-        let n: f64 = num
-            .parse()
-            .map_err(|_| anyhow::anyhow!("--since {s:?}: RFC 3339, Unix seconds, or a duration such as 10m"))?;
-        total += n * match unit {
-            "ms" => 0.001,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => bail!("--since {s:?}: RFC 3339, Unix seconds, or a duration such as 10m (units ms, s, m, h)"),
-        };
-        rest = &rest[digits + unit_len..];
-    }
-    if s.is_empty() {
-        bail!("--since needs a time");
-    }
-    Ok(Utc::now() - chrono::Duration::milliseconds((total * 1000.0) as i64))
-}
-
-/// `hb logs`: the container's output, stdout lines to stdout and stderr lines to stderr, the
-/// rotated files first.
-pub fn logs(dir: &Path, s: &State, f: &LogFilter) -> anyhow::Result<()> {
-    let path = dir.join("log.json");
-    let file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && s.handed_over => bail!(
-            "container {} keeps no log: `hb run --rm` in the foreground passes the output straight through (run it with -d, or without --rm, to keep one)",
-            s.name
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("container {} keeps no log (it ran in the foreground on a terminal)", s.name)
-        }
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
-    };
-    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
-    let mut emit = |line: &str| -> anyhow::Result<()> {
-        let Ok(l) = serde_json::from_str::<LogLine>(line) else { return Ok(()) };
-        if let Some(since) = f.since {
-            if chrono::DateTime::parse_from_rfc3339(&l.time).is_ok_and(|t| t < since) {
-                return Ok(());
-            }
-        }
-        let w: &mut dyn Write = if l.stream == "stderr" { &mut err } else { &mut out };
-        if f.timestamps {
-            write!(w, "{} ", l.time)?;
-        }
-        w.write_all(l.log.as_bytes())?;
-        w.flush()?;
-        Ok(())
-    };
-    // Rotated files, oldest first; then the current one (followed when asked). A rotation since
-    // the current file was opened made it `log.json.1`: read once, through the open handle.
-    let ino = |m: std::fs::Metadata| std::os::unix::fs::MetadataExt::ino(&m);
-    let current_ino = file.metadata().map(ino).ok();
-    let mut older = Vec::new();
-    for n in 1.. {
-        let Ok(mut f) = std::fs::File::open(rotated(&path, n)) else { break };
-        if f.metadata().map(ino).ok() == current_ino {
-            continue;
-        }
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut f, &mut text)?;
-        older.push(text);
-    }
-    let mut reader = std::io::BufReader::new(file);
-    let mut current = String::new();
-    std::io::Read::read_to_string(&mut reader, &mut current)?;
-    let mut lines: Vec<&str> = older.iter().rev().chain([&current]).flat_map(|t| t.lines()).collect();
-    // A line being written (no newline yet) is read again whole next time round.
-    let partial =
-        if current.ends_with('\n') || current.is_empty() { 0 } else { current.lines().last().map_or(0, str::len) };
-    if partial > 0 {
-        lines.pop();
-        reader.seek_relative(-(partial as i64))?;
-    }
-    if let Some(since) = f.since {
-        lines.retain(|l| {
-            serde_json::from_str::<LogLine>(l)
-                .ok()
-                .and_then(|l| chrono::DateTime::parse_from_rfc3339(&l.time).ok())
-                .is_none_or(|t| t >= since)
-        });
-    }
-    let skip = f.tail.map_or(0, |n| lines.len().saturating_sub(n));
-    for l in &lines[skip..] {
-        emit(l)?;
-    }
-    if !f.follow {
-        return Ok(());
-    }
-    let inode = |m: &std::fs::Metadata| std::os::unix::fs::MetadataExt::ino(m);
-    let mut buf = String::new();
-    // Following: once the container has ended, one more pass reads what it wrote last (its
-    // monitor records the end only after the output is in the log).
-    let mut last_pass = false;
-    loop {
-        buf.clear();
-        let n = reader.read_line(&mut buf)?;
-        if n > 0 && buf.ends_with('\n') {
-            emit(buf.trim_end_matches('\n'))?;
-            continue;
-        }
-        if n > 0 {
-            // A line being written: read the rest of it next time round.
-            reader.seek_relative(-(n as i64))?;
-        }
-        // Rotated away (a new log.json) or started again (max-file=1): read on from its start.
-        let ours = reader.get_ref().metadata()?;
-        match std::fs::metadata(&path) {
-            Ok(m) if inode(&m) != inode(&ours) => {
-                // What was written to the old file before it was renamed comes first.
-                let mut rest = String::new();
-                std::io::Read::read_to_string(&mut reader, &mut rest)?;
-                for l in rest.lines() {
-                    emit(l)?;
-                }
-                reader = std::io::BufReader::new(std::fs::File::open(&path)?);
-                continue;
-            }
-            _ if ours.len() < reader.stream_position()? => {
-                reader.seek(std::io::SeekFrom::Start(0))?;
-                continue;
-            }
-            _ => {}
-        }
-        if last_pass {
-            return Ok(());
-        }
-        if !State::load(dir).is_ok_and(|s| s.is_running()) {
-            last_pass = true;
-            continue;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// RFC 3339 with nanoseconds, UTC, as docker's json-file log writes it.
-pub fn timestamp() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-}
-
 /// `hb exec`: runs `opts` in the running container; returns its exit code.
 pub fn exec(
     dir: &Path,
@@ -983,43 +712,6 @@ mod tests {
         assert!(unique_name(root.path(), Some("a/b"), "00").is_err());
         let g = unique_name(root.path(), None, "0001").unwrap();
         assert_eq!(g, "brave_curie");
-    }
-
-    #[test]
-    fn logs_rotate_as_dockers_json_file_driver() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.json");
-        let opts = LogOptions::parse(&["max-size=10".into(), "max-file=3".into()]).unwrap();
-        let mut w = LogWriter::open(&path, opts).unwrap();
-        for i in 0..5 {
-            w.write_line(format!("line {i}\n").as_bytes()).unwrap();
-        }
-        let read = |n: u32| std::fs::read_to_string(if n == 0 { path.clone() } else { rotated(&path, n) }).ok();
-        assert_eq!(
-            (read(0), read(1), read(2), read(3)),
-            (Some("line 4\n".into()), Some("line 3\n".into()), Some("line 2\n".into()), None)
-        );
-        let mut one = LogWriter::open(&path, LogOptions::parse(&["max-size=10".into()]).unwrap()).unwrap();
-        one.write_line(b"again\n").unwrap();
-        assert_eq!(read(0).as_deref(), Some("again\n"), "max-file 1: the file starts again");
-        for bad in ["max-size=0", "max-file=0", "max-size=lots", "mode=fast"] {
-            assert!(LogOptions::parse(&[bad.into()]).is_err(), "{bad}");
-        }
-        assert!(LogOptions::parse(&["max-file=2".into()]).is_err(), "max-file without max-size");
-    }
-
-    #[test]
-    fn since_takes_times_timestamps_and_durations() {
-        let t = parse_since("2026-12-06T10:00:00Z").unwrap();
-        assert_eq!(t.timestamp(), 1796551200);
-        assert_eq!(parse_since("1796551200").unwrap(), t);
-        assert_eq!(parse_since("2026-12-06T10:00:00").unwrap(), t, "no zone: UTC");
-        assert_eq!(parse_since("2026-12-06").unwrap().timestamp(), 1796515200);
-        let ago = chrono::Utc::now() - parse_since("1h30m").unwrap();
-        assert!((ago.num_seconds() - 5400).abs() < 5, "{ago}");
-        for bad in ["", "yesterday", "10x", "m"] {
-            assert!(parse_since(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]

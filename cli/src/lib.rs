@@ -8,13 +8,14 @@
 //!   proxy, and `hb run` without a daemon (it then serves the image's mount itself).
 //!
 //! Here: the shared command line ([`args`]), the daemon's API and a blocking client ([`api`]),
-//! configuration ([`config`]), containers' state and lifecycle ([`container`]), `hb run` and its
-//! monitor ([`run`]), and output helpers ([`output`]).
+//! configuration ([`config`]), containers' state and lifecycle ([`container`]), their logs
+//! ([`logs`]), `hb run` and its monitor ([`run`]), and output helpers ([`output`]).
 
 pub mod api;
 pub mod args;
 pub mod config;
 pub mod container;
+pub mod logs;
 pub mod output;
 pub mod probe;
 pub mod rootfs;
@@ -96,9 +97,9 @@ pub fn container_command(
             done(inspect_containers(&store_root(g)?, &containers)?)
         }
         ContainerCmd::Logs { container: c, follow, tail, timestamps, since } => {
-            let since = since.as_deref().map(container::parse_since).transpose()?;
+            let since = since.as_deref().map(logs::parse_since).transpose()?;
             let (dir, s) = container::find(&store_root(g)?, &c)?;
-            container::logs(&dir, &s, &container::LogFilter { follow, tail, timestamps, since })?;
+            logs::logs(&dir, &s, &logs::LogFilter { follow, tail, timestamps, since })?;
             done(ExitCode::SUCCESS)
         }
         ContainerCmd::Exec { container: c, command, interactive, tty, env, workdir, user } => {

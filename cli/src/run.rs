@@ -8,7 +8,6 @@
 //! container's state (see `container.rs`), writes its output to `log.json` (and, in the
 //! foreground, to the terminal), and unmounts everything when the container ends.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -70,7 +69,7 @@ pub struct RunRequest {
     pub detach: bool,
     /// `--log-opt`: rotation of `log.json`.
     #[serde(default)]
-    pub log: container::LogOptions,
+    pub log: crate::logs::LogOptions,
     #[serde(default)]
     pub pull: crate::api::PullPolicy,
     /// `--platform` (os/arch[/variant]): the platform to pull.
@@ -128,7 +127,7 @@ impl RunRequest {
             interactive: r.interactive,
             rm: r.rm,
             detach: r.detach,
-            log: container::LogOptions::parse(&r.log_opt)?,
+            log: crate::logs::LogOptions::parse(&r.log_opt)?,
             pull: r.pull,
             platform: r.platform,
         })
@@ -365,7 +364,7 @@ fn start_detached(g: &Global, root: &Path, dir: &Path, state: &State, out: &Out)
                 let log = std::fs::read_to_string(dir.join("log.json")).unwrap_or_default();
                 let why: Vec<String> = log
                     .lines()
-                    .filter_map(|l| serde_json::from_str::<container::LogLine>(l).ok())
+                    .filter_map(|l| serde_json::from_str::<crate::logs::LogLine>(l).ok())
                     .map(|l| l.log.trim_end().to_string())
                     .collect();
                 bail!(
@@ -589,11 +588,10 @@ fn monitor_loaded(
     Ok(Outcome::Done(ExitCode::from(code.clamp(0, 255) as u8)))
 }
 
-/// Where removed containers' folders wait for their cleanup helper.
-const REMOVING: &str = ".removing";
-
+/// Moves a removed container's folder under [`container::REMOVING`], where it waits for its
+/// cleanup (it leaves the listing at once); its new path.
 fn move_to_removing(dir: &Path) -> Option<PathBuf> {
-    let parent = dir.parent()?.join(REMOVING);
+    let parent = dir.parent()?.join(container::REMOVING);
     std::fs::create_dir_all(&parent).ok()?;
     let to = parent.join(dir.file_name()?);
     std::fs::rename(dir, &to).ok().map(|_| to)
@@ -633,7 +631,7 @@ fn spawn_cleanup(g: &Global, dir: &Path, remove: bool) -> bool {
 
 /// Finishes cleanups whose helper died (folders left under `.removing/` for a minute).
 pub fn sweep_removing(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(container::containers_dir(root).join(REMOVING)) else { return };
+    let Ok(entries) = std::fs::read_dir(container::containers_dir(root).join(container::REMOVING)) else { return };
     for e in entries.flatten() {
         let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
         if old.is_some_and(|age| age > Duration::from_secs(60)) {
@@ -732,7 +730,7 @@ pub fn finish_handed_over(dir: &Path) {
 /// copying does).
 fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Result<i32> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut log = container::LogWriter::open(&dir.join("log.json"), req.log)?;
+    let mut log = crate::logs::LogWriter::open(&dir.join("log.json"), req.log)?;
     let on_terminal = req.opts.tty && !req.detach;
     let mut cmd = runtime_run(dir, state, req);
     if !on_terminal {
@@ -763,9 +761,9 @@ fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Resul
             rustix::process::Pid::from_child(&child),
             rustix::process::PidfdFlags::empty(),
         )?;
-        let mut streams: Vec<Stream> = [
-            child.stdout.take().map(|o| Stream::new(o.into(), "stdout")),
-            child.stderr.take().map(|e| Stream::new(e.into(), "stderr")),
+        let mut streams: Vec<crate::logs::Stream> = [
+            child.stdout.take().map(|o| crate::logs::Stream::new(o.into(), "stdout")),
+            child.stderr.take().map(|e| crate::logs::Stream::new(e.into(), "stderr")),
         ]
         .into_iter()
         .flatten()
@@ -816,82 +814,6 @@ fn run_runtime(dir: &Path, state: &mut State, req: &RunRequest) -> anyhow::Resul
     result
 }
 
-/// One output stream of the container: copied line by line into `log.json` (and, in the
-/// foreground, to hb's own stream). Docker splits long lines at 16 KiB; so does this.
-struct Stream {
-    fd: std::os::fd::OwnedFd,
-    name: &'static str,
-    pending: Vec<u8>,
-    /// Lines `log.json` did not take (a full disk ...), and the first reason.
-    log_errors: u64,
-    first_log_error: Option<std::io::Error>,
-}
-
-impl Stream {
-    const MAX_LINE: usize = 16 << 10;
-
-    fn new(fd: std::os::fd::OwnedFd, name: &'static str) -> Self {
-        Stream { fd, name, pending: Vec::new(), log_errors: 0, first_log_error: None }
-    }
-
-    /// Reads what is there and writes the complete lines; false at the end of the stream (the
-    /// rest written as a last line).
-    fn pump(&mut self, log: &mut container::LogWriter, echo: bool) -> bool {
-        let mut buf = [0u8; 64 << 10];
-        let n = match rustix::io::read(&self.fd, &mut buf) {
-            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => return true,
-            Err(_) | Ok(0) => 0,
-            Ok(n) => n,
-        };
-        self.pending.extend_from_slice(&buf[..n]);
-        loop {
-            let cut = match self.pending.iter().position(|b| *b == b'\n') {
-                Some(i) if i < Self::MAX_LINE => i + 1,
-                _ if self.pending.len() >= Self::MAX_LINE => Self::MAX_LINE,
-                _ if n == 0 && !self.pending.is_empty() => self.pending.len(),
-                _ => break,
-            };
-            let line: Vec<u8> = self.pending.drain(..cut).collect();
-            self.write(&line, log, echo);
-        }
-        n > 0
-    }
-
-    fn write(&mut self, line: &[u8], log: &mut container::LogWriter, echo: bool) {
-        if echo {
-            let _ = if self.name == "stderr" {
-                std::io::stderr().lock().write_all(line)
-            } else {
-                let mut o = std::io::stdout().lock();
-                o.write_all(line).and_then(|_| o.flush())
-            };
-        }
-        let rec = container::LogLine {
-            log: String::from_utf8_lossy(line).into_owned(),
-            stream: self.name.into(),
-            time: container::timestamp(),
-        };
-        let mut text = serde_json::to_vec(&rec).expect("a log line serialises");
-        text.push(b'\n');
-        if let Err(e) = log.write_line(&text) {
-            self.log_errors += 1;
-            self.first_log_error.get_or_insert(e);
-        }
-    }
-
-    /// Says how many lines of this stream `log.json` did not take, if any.
-    fn report(&self, log: &Path) {
-        if let Some(e) = &self.first_log_error {
-            tracing::warn!(
-                "{} lines of the container's {} could not be written to {} (first: {e}); `hb logs` lacks them",
-                self.log_errors,
-                self.name,
-                log.display()
-            );
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -904,27 +826,5 @@ mod tests {
         assert_eq!(env, ["A=1", "B=\"quoted\"", "C=x=y", "HB_TEST_FROM_HOST=host value"]);
         let e = parse_env_file("OK=1\nBAD KEY=2\n").unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("BAD KEY"), "{e}");
-    }
-
-    /// Regression (hardening issue): a log line `log.json` did not take was dropped silently.
-    #[test]
-    fn log_lines_that_cannot_be_written_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log.json");
-        std::fs::write(&path, b"").unwrap();
-        // Opened read-only: every write fails, as on a full disk.
-        let mut log = container::LogWriter::over(std::fs::File::open(&path).unwrap(), &path);
-        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut s = Stream::new(r.into(), "stdout");
-        s.write(b"one\n", &mut log, false);
-        s.write(b"two\n", &mut log, false);
-        assert_eq!(s.log_errors, 2);
-        assert!(s.first_log_error.is_some());
-        let mut ok = container::LogWriter::open(&path, Default::default()).unwrap();
-        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut good = Stream::new(r.into(), "stdout");
-        good.write(b"three\n", &mut ok, false);
-        assert_eq!(good.log_errors, 0);
-        assert!(std::fs::read_to_string(&path).unwrap().contains("three"));
     }
 }

@@ -27,3 +27,8 @@ pub use path::PathError;
 pub use size::{parse_size, SizeError};
 pub use source::{ChunkSource, SourceChain, SourceError, TierStats};
 pub use tree::{merge_layers, BuildError, NewEntry, TreeBuilder};
+
+/// The user name that marks registry credentials' secret as an identity token (an OAuth2
+/// refresh token: docker's `identitytoken`, and what credential helpers answer for one), which
+/// is exchanged at the registry's token service rather than sent.
+pub const IDENTITY_TOKEN_USER: &str = "<token>";

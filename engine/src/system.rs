@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use hb_cli::output::{self, human_size, Out};
@@ -25,21 +25,18 @@ pub struct DfRow {
     pub reclaimable: u64,
 }
 
-/// The digests of the images the store root's containers were made from (names that no longer
-/// resolve are skipped: their image is gone already).
-fn images_in_use(store: &Store, root: &Path) -> anyhow::Result<HashSet<Digest>> {
-    Ok(container::list(root)?
-        .iter()
-        .filter_map(|(_, s)| hb_images::require_image(store, &s.image).ok().map(|(_, d, _)| d))
-        .collect())
+/// The digests of the images `containers` were made from (names that no longer resolve are
+/// skipped: their image is gone already).
+fn images_in_use(store: &Store, containers: &[(PathBuf, container::State)]) -> HashSet<Digest> {
+    containers.iter().filter_map(|(_, s)| hb_images::require_image(store, &s.image).ok().map(|(_, d, _)| d)).collect()
 }
 
 /// `hb system df`: images (bytes of their distinct chunks; reclaimable: what only unused images
 /// hold), containers (writable layers and logs; reclaimable: stopped ones) and the store on disk
 /// (packs, metadata, passthrough files; reclaimable: dead pack space `hb gc` compacts away).
 pub fn df(g: &Global, store: &Store, out: &Out) -> anyhow::Result<ExitCode> {
-    let root = store_root(g)?;
-    let used = images_in_use(store, &root)?;
+    let listed = container::list(&store_root(g)?)?;
+    let used = images_in_use(store, &listed);
     let sizes = store.image_sizes()?;
     let usage = store.usage()?;
     let mut images = DfRow { total: sizes.len(), size: usage.unique_bytes, ..DfRow::default() };
@@ -51,8 +48,8 @@ pub fn df(g: &Global, store: &Store, out: &Out) -> anyhow::Result<ExitCode> {
         }
     }
     let mut containers = DfRow::default();
-    for (dir, s) in container::list(&root)? {
-        let bytes = container::size(&dir);
+    for (dir, s) in &listed {
+        let bytes = container::size(dir);
         containers.total += 1;
         containers.size += bytes;
         if s.is_running() {
@@ -131,7 +128,7 @@ pub fn prune(
     // view finds the names and the daemon removes them.
     let store = crate::open_store_for(g, daemon.is_some(), out)?;
     if all {
-        let mut used = images_in_use(&store, &root)?;
+        let mut used = images_in_use(&store, &container::list(&root)?);
         // What the daemon has mounted is in use too (containerd's containers, spares).
         if let Some(client) = &daemon {
             let mounts: Vec<api::ImageMount> = client.call("GET", "/v1/mounts", None::<&()>)?;

@@ -153,7 +153,7 @@ impl Upstream {
         let scope = format!("repository:{repo}:pull");
         let req = match self.credentials(who) {
             // An identity token (docker's `identitytoken`): the OAuth2 refresh_token grant.
-            Some((u, token)) if u == hb_registry::IDENTITY_TOKEN_USER => {
+            Some((u, token)) if u == hb_core::IDENTITY_TOKEN_USER => {
                 let mut form = vec![
                     ("grant_type", "refresh_token"),
                     ("refresh_token", token),

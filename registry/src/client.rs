@@ -18,10 +18,6 @@ use crate::reference::ImageRef;
 
 const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 
-/// The user name that marks the secret as an identity token (docker's `identitytoken`, and what
-/// credential helpers answer for one).
-pub const IDENTITY_TOKEN_USER: &str = "<token>";
-
 /// A reference resolved to one platform's image, manifest and config verified by digest.
 #[derive(Clone, Debug)]
 pub struct ResolvedImage {
@@ -124,7 +120,7 @@ impl Registry {
             // An identity token (docker's `identitytoken`, user `<token>`) is exchanged for an
             // access token at the registry's token service first (OAuth2 refresh_token grant).
             let auth = match &self.auth {
-                RegistryAuth::Basic(user, token) if user == IDENTITY_TOKEN_USER => {
+                RegistryAuth::Basic(user, token) if user == hb_core::IDENTITY_TOKEN_USER => {
                     match self.exchange_identity_token(self.schemes[i], r, op, token).await {
                         Ok(access) => RegistryAuth::Bearer(access),
                         Err(e) if e.is_transient() => {

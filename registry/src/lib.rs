@@ -22,8 +22,7 @@ pub mod retry;
 
 pub use accel::{accel_manifest, binding_index, platform_json, MAX_META_BLOB};
 pub use client::{
-    LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, IDENTITY_TOKEN_USER,
-    OCI_INDEX, OCI_MANIFEST,
+    LayerDesc, Registry, RegistryOptions, ResolvedImage, Scheme, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 pub use error::{chain as error_chain, RegistryError};
 pub use http::preload_trust_roots;

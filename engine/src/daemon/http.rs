@@ -102,25 +102,38 @@ pub(super) async fn body_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).context("the request body is not the JSON this endpoint takes")
 }
 
-/// The TCP side (`daemon.metrics_address`): `/metrics`, `/status` and `/healthz`, nothing of the
-/// API.
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+/// What the daemon shows of itself: `/metrics` (Prometheus), `/status` (HTML), `/healthz`; on
+/// the API socket and on `daemon.metrics_address`.
+fn observation(d: &Daemon, path: &str) -> Option<Response<Full<Bytes>>> {
+    match path {
+        "/metrics" => Some(text(StatusCode::OK, "text/plain; version=0.0.4", d.metrics_text())),
+        "/status" => Some(text(StatusCode::OK, "text/html; charset=utf-8", d.status_page())),
+        "/healthz" => Some(text(StatusCode::OK, "text/plain", "ok\n".into())),
+        _ => None,
+    }
+}
+
+/// The TCP side (`daemon.metrics_address`): [`observation`] only, nothing of the API.
 pub(super) async fn metrics_only(
     d: Arc<Daemon>,
     req: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let text = |status, content_type, body: String| {
-        Response::builder()
-            .status(status)
-            .header(hyper::header::CONTENT_TYPE, content_type)
-            .body(Full::new(Bytes::from(body)))
-            .expect("valid response")
+    let path = match req.uri().path() {
+        "/" => "/status",
+        p => p,
     };
-    Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4", d.metrics_text()),
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        (&Method::GET, "/status" | "/") => text(StatusCode::OK, "text/html; charset=utf-8", d.status_page()),
-        _ => text(StatusCode::NOT_FOUND, "text/plain", "only /metrics, /status and /healthz are served here\n".into()),
-    })
+    let found = matches!(*req.method(), Method::GET | Method::HEAD).then(|| observation(&d, path)).flatten();
+    Ok(found.unwrap_or_else(|| {
+        text(StatusCode::NOT_FOUND, "text/plain", "only /metrics, /status and /healthz are served here\n".into())
+    }))
 }
 
 pub(super) async fn handle(
@@ -140,14 +153,7 @@ pub(super) async fn handle(
     }
     let resp = match (&method, path.as_str()) {
         (&Method::GET, "/v1/health") => json(StatusCode::OK, &d.health()),
-        (&Method::GET, "/metrics") => Response::builder()
-            .header(hyper::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(d.metrics_text())))
-            .expect("valid response"),
-        (&Method::GET, "/status") => Response::builder()
-            .header(hyper::header::CONTENT_TYPE, "text/html; charset=utf-8")
-            .body(Full::new(Bytes::from(d.status_page())))
-            .expect("valid response"),
+        (&Method::GET, "/metrics" | "/status") => observation(&d, &path).expect("an observation path"),
         (&Method::GET, "/v1/mounts") => json(StatusCode::OK, &d.list_mounts()),
         (&Method::POST, "/v1/images/mount") => match body_json::<MountRequest>(req).await {
             Ok(m) if m.root.as_deref().is_some_and(|r| !same_path(r, &d.root)) => error(
@@ -229,14 +235,7 @@ pub(super) async fn handle(
             },
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
-        (&Method::POST, "/v1/gc") => {
-            blocking(&d, "gc", |d| {
-                let r = d.store.gc(&hb_store::NoProgress)?;
-                d.dirty.store(true, Ordering::SeqCst);
-                Ok(r)
-            })
-            .await
-        }
+        (&Method::POST, "/v1/gc") => blocking(&d, "gc", |d| Ok(d.gc()?)).await,
         _ => error(StatusCode::NOT_FOUND, &anyhow::anyhow!("no endpoint {method} {path} (see docs/api.md)")),
     };
     if renames {

@@ -88,26 +88,22 @@ struct Daemon {
 /// above it after a gc is not collected again until it grows or its images change).
 #[derive(Default)]
 struct AutoGc {
-    /// The store's size after the last automatic gc, and its image names then.
-    last: Option<(u64, u64)>,
+    /// The store's size after the last automatic gc, and its image names (`name=digest`) then.
+    last: Option<(u64, Vec<String>)>,
 }
 
 impl AutoGc {
     fn check(&mut self, d: &Daemon, limit: u64) {
         let (Ok(size), Ok(names)) = (d.store.disk_bytes(), d.store.image_names()) else { return };
-        let names = names.iter().fold(0u64, |h, n| {
-            h ^ u64::from_le_bytes(
-                blake3::hash(format!("{}={}", n.name, n.digest).as_bytes()).as_bytes()[..8]
-                    .try_into()
-                    .expect("8 bytes"),
-            )
-        });
-        if size <= limit || self.last.is_some_and(|(after, seen)| seen == names && size <= after + after / 100) {
+        let names: Vec<String> = names.iter().map(|n| format!("{}={}", n.name, n.digest)).collect();
+        if size <= limit
+            || self.last.as_ref().is_some_and(|(after, seen)| *seen == names && size <= after + after / 100)
+        {
             return;
         }
+        // As `POST /v1/gc`: no spare stays advertised under a name while it runs.
         d.withdraw_all();
-        let r = d.store.gc(&hb_store::NoProgress);
-        d.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = d.gc();
         d.withdraw_all();
         match r {
             Ok(r) => {
@@ -235,6 +231,14 @@ impl Daemon {
     /// Where registries and peers are reached, for the daemon's own work.
     fn hosts(&self) -> Hosts {
         Hosts::with_node(&self.g, self.peers.get())
+    }
+
+    /// `hb gc` in the daemon (`POST /v1/gc`, and `daemon.gc_above`): what it wrote is flushed by
+    /// the next [`Daemon::settle`].
+    fn gc(&self) -> Result<hb_store::GcReport, hb_store::StoreError> {
+        let r = self.store.gc(&hb_store::NoProgress);
+        self.dirty.store(true, Ordering::SeqCst);
+        r
     }
 
     /// Flushes metadata written since the last call: frees the memtables a burst of writes (a
