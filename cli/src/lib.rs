@@ -20,6 +20,7 @@ pub mod output;
 pub mod probe;
 pub mod rootfs;
 pub mod run;
+pub mod teardown;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -63,7 +64,7 @@ pub fn container_command(
             run::monitor(g, &dir, None, local, &out)
         }
         ContainerCmd::ContainerCleanup { dir, remove } => {
-            run::cleanup(&dir, remove);
+            teardown::cleanup(&dir, remove);
             done(ExitCode::SUCCESS)
         }
         ContainerCmd::Ps(args) | ContainerCmd::Container { cmd: ContainerSub::Ls(args) } => {

@@ -558,6 +558,12 @@ impl LayerIndex {
         if idx.root_hash() != root_hash {
             return Err(malformed("root hash in header differs from the root entry"));
         }
+        // Every directory's stored hash, not only the root's: an index whose tree was edited
+        // behind an honest root hash (a file's chunks, a mode, a name) is refused here, so no
+        // caller can use an index the tree's identity does not cover.
+        if !idx.verify_merkle() {
+            return Err(malformed("a directory's hash does not match its entries"));
+        }
         Ok(idx)
     }
 

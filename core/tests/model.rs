@@ -179,6 +179,45 @@ fn diff_reports_changed_paths_and_only_missing_chunks() {
     assert!(same.changes.is_empty() && same.needed_bytes == 0 && same.dirs_visited == 0);
 }
 
+/// Regression: decode compared the header's root hash with the root entry's stored hash only, so
+/// an index whose entries were changed (a file pointed at other chunks, a mode, a name) but whose
+/// directory hashes were left as they were decoded fine. Every directory hash is checked now.
+#[test]
+fn decode_refuses_entries_their_directory_hashes_do_not_cover() {
+    let good = sample();
+    let edits: Vec<(&str, Box<dyn Fn(&mut LayerIndex)>)> = vec![
+        (
+            "a file's chunks",
+            Box::new(|idx: &mut LayerIndex| {
+                let i = idx.lookup(b"etc/passwd").unwrap() as usize;
+                idx.entries[i].kind = Kind::File { size: 20, chunks: vec![1] };
+            }),
+        ),
+        (
+            "a mode",
+            Box::new(|idx: &mut LayerIndex| {
+                let i = idx.lookup(b"usr/bin/tool").unwrap() as usize;
+                idx.entries[i].meta.mode = 0o6777;
+            }),
+        ),
+        (
+            "a symlink's target",
+            Box::new(|idx: &mut LayerIndex| {
+                let i = idx.lookup(b"usr/bin/sh").unwrap() as usize;
+                idx.entries[i].kind = Kind::Symlink { target: b"/etc/shadow".to_vec() };
+            }),
+        ),
+    ];
+    for (what, edit) in edits {
+        let mut bad = good.clone();
+        edit(&mut bad);
+        assert_eq!(bad.root_hash(), good.root_hash(), "{what}: the root hash was left as it was");
+        let err = LayerIndex::decode(&bad.encode()).unwrap_err();
+        assert!(matches!(&err, IndexError::Malformed(m) if m.contains("hash does not match")), "{what}: {err:?}");
+    }
+    assert!(LayerIndex::decode(&good.encode()).is_ok());
+}
+
 /// Hostile indexes (they will come from registries): structurally corrupted encodings with a
 /// valid checksum never make the decoder panic, and whatever it accepts is internally consistent.
 #[test]

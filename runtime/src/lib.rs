@@ -7,6 +7,7 @@
 //! and runs the runtime; [`exec_process`] derives `hb exec`'s process from a running container's.
 
 mod error;
+mod options;
 mod seccomp;
 mod spec;
 

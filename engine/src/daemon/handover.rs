@@ -81,7 +81,7 @@ impl Daemon {
         // An advertised spare's `hb run` that failed before its hand-over: claimed all the same.
         self.spare_claimed(&dir);
         let remove = c.remove;
-        housekeeping(move || crate::run::cleanup(&dir, remove));
+        housekeeping(move || hb_cli::teardown::cleanup(&dir, remove));
         Ok(())
     }
 
@@ -107,7 +107,7 @@ impl Daemon {
                 housekeeping(move || crate::run::finish_handed_over(&dir));
             }
         }
-        crate::run::sweep_removing(&self.root);
+        hb_cli::teardown::sweep_removing(&self.root);
     }
 
     /// `dir` by its canonical path, if it is a container folder of this daemon's store.

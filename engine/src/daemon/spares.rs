@@ -148,7 +148,7 @@ impl Daemon {
                 if let Err(e) = other {
                     tracing::warn!(error = %crate::error_chain(&e), "preparing a spare container folder failed");
                 }
-                crate::run::cleanup(&dir, true);
+                hb_cli::teardown::cleanup(&dir, true);
                 self.refilling.lock().expect("refilling lock").remove(&key);
             }
         }
@@ -188,7 +188,7 @@ impl Daemon {
         };
         for dir in gone {
             if self.withdraw(&dir) {
-                crate::run::cleanup(&dir, true);
+                hb_cli::teardown::cleanup(&dir, true);
             } else {
                 self.handed.lock().expect("handed lock").push((dir, Instant::now()));
             }
@@ -209,7 +209,7 @@ impl Daemon {
             let _lock = crate::run::lock_containers(&self.root);
             for dir in stale.into_iter().filter(|d| d.exists() && !d.join("state.json").exists()) {
                 tracing::info!(dir = %dir.display(), "releasing a spare container folder nobody claimed");
-                crate::run::cleanup(&dir, true);
+                hb_cli::teardown::cleanup(&dir, true);
             }
         }
         let keys: Vec<String> = self.spares.lock().expect("spares lock").keys().cloned().collect();
@@ -233,7 +233,7 @@ impl Daemon {
             let name = e.file_name();
             if name.to_str().is_some_and(crate::container::is_id) && p.is_dir() && !p.join("state.json").exists() {
                 tracing::info!(dir = %p.display(), "removing a spare container folder left by an earlier daemon");
-                crate::run::cleanup(&p, true);
+                hb_cli::teardown::cleanup(&p, true);
             }
         }
     }

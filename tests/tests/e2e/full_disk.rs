@@ -224,3 +224,42 @@ fn the_mirror_on_a_full_disk_keeps_serving_what_it_has_and_recovers() {
     drop(proxy);
     drop(fs);
 }
+
+/// The daemon's path (issue 16's leftover): a pull the daemon runs on a full store fails with the
+/// same clear error, leaves nothing half-visible, and the daemon keeps serving what it has (a
+/// container from an image it holds) and pulls again once there is space.
+#[test]
+fn the_daemon_on_a_full_disk_says_so_keeps_serving_and_recovers() {
+    use super::daemon::{hb_for_daemon, Daemon};
+    let reg = open_registry();
+    let small = format!("{reg}/busybox:latest");
+    let big = format!("{reg}/debian-app:v1");
+    let mut hb = hb_for_daemon("");
+    let fs = SmallFs::new(&hb.path("small"), 48);
+    hb.root = fs.0.join("store");
+    let mut daemon = Daemon::start(&hb);
+    hb.ok(&["pull", &small]);
+    let o = hb.run(&["pull", &big]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("the filesystem holding the store is full"),
+        "{err}"
+    );
+    assert!(err.contains(&fs.0.display().to_string()), "the error names where: {err}");
+    let names: Vec<String> =
+        hb.json(&["images"]).as_array().unwrap().iter().map(|i| i["reference"].to_string()).collect();
+    assert_eq!(names.len(), 1, "a half pull is visible: {names:?}");
+    assert!(daemon.pid() > 0 && std::path::Path::new(&format!("/proc/{}", daemon.pid())).exists(), "the daemon lives");
+
+    // What it holds is still served: a container runs from it (once a container has room).
+    fs.fill_but(8);
+    assert_eq!(hb.ok(&["run", "--rm", &small, "echo", "hi"]), "hi\n");
+    std::fs::remove_file(fs.0.join("filler")).unwrap();
+
+    fs.grow(1024);
+    hb.ok(&["pull", &big]);
+    assert_eq!(hb.json(&["images"]).as_array().unwrap().len(), 2);
+    daemon.stop();
+    hb.fsck_clean();
+}
