@@ -185,7 +185,8 @@ fn diff_reports_changed_paths_and_only_missing_chunks() {
 #[test]
 fn decode_refuses_entries_their_directory_hashes_do_not_cover() {
     let good = sample();
-    let edits: Vec<(&str, Box<dyn Fn(&mut LayerIndex)>)> = vec![
+    type Edit = Box<dyn Fn(&mut LayerIndex)>;
+    let edits: Vec<(&str, Edit)> = vec![
         (
             "a file's chunks",
             Box::new(|idx: &mut LayerIndex| {
