@@ -50,6 +50,19 @@ const VARIANTS: [Variant; 7] = [
 ];
 
 impl Variant {
+    /// Its name on the command line (`--variants`).
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Overlayfs => "overlayfs",
+            Variant::Stargz => "stargz",
+            Variant::StargzOptimized => "stargz-optimized",
+            Variant::HbSnapshotter => "hb-snapshotter",
+            Variant::HbSnapshotterOrdered => "hb-snapshotter-ordered",
+            Variant::HbRun => "hb-run",
+            Variant::HbRunOrdered => "hb-run-ordered",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Variant::Overlayfs => "containerd + overlayfs: `ctr images pull` + `ctr run`",
@@ -75,6 +88,33 @@ impl Variant {
             Variant::HbSnapshotter | Variant::HbRun => "hb",
             Variant::HbSnapshotterOrdered | Variant::HbRunOrdered => "hb-opt",
         }
+    }
+}
+
+/// Which images and tools a run measures (all by default).
+pub(crate) struct Only {
+    images: Vec<usize>,
+    variants: Vec<usize>,
+}
+
+impl Only {
+    pub(crate) fn parse(images: &[String], variants: &[String]) -> anyhow::Result<Only> {
+        fn pick(asked: &[String], names: &[&str], what: &str) -> anyhow::Result<Vec<usize>> {
+            if asked.is_empty() {
+                return Ok((0..names.len()).collect());
+            }
+            asked
+                .iter()
+                .map(|a| {
+                    names
+                        .iter()
+                        .position(|n| n == a)
+                        .with_context(|| format!("no {what} {a:?}; one of {}", names.join(", ")))
+                })
+                .collect()
+        }
+        let variant_names: Vec<&str> = VARIANTS.iter().map(|v| v.name()).collect();
+        Ok(Only { images: pick(images, &IMAGES, "image")?, variants: pick(variants, &variant_names, "tool")? })
     }
 }
 
@@ -295,6 +335,7 @@ pub(crate) fn run(
     seed: Option<u64>,
     skip_prepare: bool,
     link: Option<&str>,
+    only: &Only,
 ) -> anyhow::Result<()> {
     let t = Tools {
         hb: hb_binary()?,
@@ -316,44 +357,64 @@ pub(crate) fn run(
         }
         None => (reg, "open", "loopback".to_string()),
     };
-    let result = measure(&t, reg, log, &where_, rounds, seed);
+    let result = measure(&t, reg, log, &where_, rounds, seed, only);
     if link.is_some() {
         let _ = timed_command(Command::new(&shaped).arg("down"));
     }
     result
 }
 
-fn measure(t: &Tools, reg: &str, log: &str, where_: &str, rounds: usize, seed: Option<u64>) -> anyhow::Result<()> {
+fn measure(
+    t: &Tools,
+    reg: &str,
+    log: &str,
+    where_: &str,
+    rounds: usize,
+    seed: Option<u64>,
+    only: &Only,
+) -> anyhow::Result<()> {
     let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
     eprintln!("coldstart: seed {seed}");
-    let mut order: Vec<(usize, usize)> =
-        (0..rounds).flat_map(|_| (0..IMAGES.len()).flat_map(|i| (0..VARIANTS.len()).map(move |v| (i, v)))).collect();
+    let mut order: Vec<(usize, usize)> = (0..rounds)
+        .flat_map(|_| only.images.iter().flat_map(|&i| only.variants.iter().map(move |&v| (i, v))))
+        .collect();
     Shuffle(seed).shuffle(&mut order);
     let mut samples: Vec<Vec<Vec<Sample>>> =
         (0..IMAGES.len()).map(|_| (0..VARIANTS.len()).map(|_| Vec::new()).collect()).collect();
     for (n, &(i, v)) in order.iter().enumerate() {
         eprintln!("coldstart: {}/{} {} {:?}", n + 1, order.len(), IMAGES[i], VARIANTS[v]);
         let s = sample(t, reg, log, IMAGES[i], VARIANTS[v], n)?;
+        eprintln!(
+            "coldstart:   first output {:.3} s, exit {:.3} s, {:.1} MB",
+            s.first.as_secs_f64(),
+            s.exit.as_secs_f64(),
+            s.bytes as f64 / 1e6
+        );
         samples[i][v].push(s);
     }
     let _ = t.stargz("stop");
     println!("Cold starts, registry over {where_}, {rounds} rounds in a random order (seed {seed}); medians.");
-    for (i, image) in IMAGES.iter().enumerate() {
+    for (i, image) in IMAGES.iter().enumerate().filter(|(i, _)| only.images.contains(i)) {
         let orig = format!("{reg}/bench/{image}:v1");
         println!();
         println!("| {orig}: pull start to first output | first output | exit (`--rm` done) | bytes before first output | vs stargz on demand | vs stargz optimized | vs overlayfs |");
         println!("|---|---|---|---|---|---|---|");
-        let med = |v: usize| median(samples[i][v].iter().map(|s| s.first).collect());
+        let med = |v: usize| {
+            let s: Vec<Duration> = samples[i][v].iter().map(|s| s.first).collect();
+            (!s.is_empty()).then(|| median(s))
+        };
         let (ov, sz, szo) = (med(0), med(1), med(2));
-        for (v, variant) in VARIANTS.iter().enumerate() {
+        for (v, variant) in VARIANTS.iter().enumerate().filter(|(v, _)| only.variants.contains(v)) {
             let s = &samples[i][v];
-            let first = med(v);
+            let first = med(v).expect("measured");
             let exit = median(s.iter().map(|s| s.exit).collect());
             let mut bytes: Vec<u64> = s.iter().map(|s| s.bytes).collect();
             bytes.sort_unstable();
-            let ratio = |base: Duration| format!("{:.2}x", base.as_secs_f64() / first.as_secs_f64());
+            let ratio = |base: Option<Duration>| {
+                base.map_or_else(|| "-".to_string(), |b| format!("{:.2}x", b.as_secs_f64() / first.as_secs_f64()))
+            };
             println!(
                 "| {} | {:.2} s | {:.2} s | {:.1} MB | {} | {} | {} |",
                 variant.label(),
@@ -367,4 +428,23 @@ fn measure(t: &Tools, reg: &str, log: &str, where_: &str, rounds: usize, seed: O
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_picks_images_and_tools_by_name_and_names_what_it_does_not_know() {
+        let all = Only::parse(&[], &[]).unwrap();
+        assert_eq!((all.images.len(), all.variants.len()), (IMAGES.len(), VARIANTS.len()));
+        let some = Only::parse(&["big-binary".into()], &["stargz".into(), "hb-snapshotter".into()]).unwrap();
+        assert_eq!(some.images, vec![2]);
+        assert_eq!(
+            some.variants.iter().map(|&v| VARIANTS[v]).collect::<Vec<_>>(),
+            vec![Variant::Stargz, Variant::HbSnapshotter]
+        );
+        let err = Only::parse(&[], &["nydus".into()]).err().unwrap().to_string();
+        assert!(err.contains("\"nydus\"") && err.contains("hb-run-ordered"), "{err}");
+    }
 }

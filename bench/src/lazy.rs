@@ -53,7 +53,12 @@ pub(crate) fn start_daemon(
         .args(["-q", "daemon", "--snapshotter-socket"])
         .arg(&snap)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // For profiling: `HB_BENCH_DAEMON_LOG=FILE` (with `HB_LOG=hb::phase=debug,info`) keeps
+        // what the daemons of a run log, appended to FILE.
+        .stderr(match std::env::var_os("HB_BENCH_DAEMON_LOG") {
+            Some(f) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(f)?),
+            None => Stdio::null(),
+        })
         .spawn()?;
     let waited = Instant::now();
     while !(api.exists() && snap.exists()) {

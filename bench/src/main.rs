@@ -143,6 +143,14 @@ enum Cmd {
         /// 127.0.0.1:15010, its answers shaped by htb on lo (scripts/shaped-lo.sh)
         #[arg(long)]
         link: Option<String>,
+        /// Only these images (comma-separated: py-app, build-step, big-binary); all by default
+        #[arg(long, value_delimiter = ',')]
+        images: Vec<String>,
+        /// Only these tools (comma-separated: overlayfs, stargz, stargz-optimized, hb-snapshotter,
+        /// hb-snapshotter-ordered, hb-run, hb-run-ordered); all by default. A ratio whose
+        /// baseline was left out is shown as "-": for profiling, not for figures to quote
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
     },
     /// An SVG chart of the cold-start tables a run printed (its markdown, e.g. docs/benchmarks.md
     /// or a saved `hb-bench coldstart` output): time to first output per tool, per image
@@ -579,8 +587,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Snapshotter { large } => lazy::snapshotter(runs, &large)?,
         Cmd::Proxy { small, large } => proxy::run(runs, &small, &large)?,
         Cmd::Update { v1, v2 } => update::update(runs, &v1, &v2)?,
-        Cmd::Coldstart { registry, seed, skip_prepare, link } => {
-            coldstart::run(runs, &registry, seed, skip_prepare, link.as_deref())?
+        Cmd::Coldstart { registry, seed, skip_prepare, link, images, variants } => {
+            let only = coldstart::Only::parse(&images, &variants)?;
+            coldstart::run(runs, &registry, seed, skip_prepare, link.as_deref(), &only)?
         }
         Cmd::Series { registry } => update::series(&registry)?,
         Cmd::Plot { input, output, after, until, title } => {

@@ -146,6 +146,7 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
             }
             let mut o = Options::default();
             o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(MEMTABLE_BYTES);
             ColumnFamilyDescriptor::new(*n, o)
         })
         .collect()
@@ -156,6 +157,15 @@ const OPEN_RESERVE: u64 = 1 << 20;
 
 /// The metadata block cache, shared by all column families.
 const BLOCK_CACHE_BYTES: usize = 8 << 20;
+
+/// One column family's memtable before it is flushed. RocksDB's default (64 MiB, per family)
+/// let a long-lived daemon or mirror grow by up to 5 x 64 MiB of metadata it had long
+/// committed (seen as a mirror's RSS climbing steadily in the soak); hb's metadata writes are
+/// small (a 200 MB image is a few hundred KiB of records), so small memtables cost nothing.
+const MEMTABLE_BYTES: usize = 2 << 20;
+
+/// All memtables together: RocksDB flushes the largest when their sum passes this.
+const MEMTABLES_TOTAL_BYTES: usize = 8 << 20;
 
 impl Store {
     /// Opens the store at `root`, creating it when missing, and recovers from an interrupted
@@ -182,6 +192,7 @@ impl Store {
         dbo.set_compression_type(rocksdb::DBCompressionType::None);
         dbo.set_keep_log_file_num(2);
         dbo.set_max_log_file_size(1 << 20);
+        dbo.set_db_write_buffer_size(MEMTABLES_TOTAL_BYTES);
         let cfs = cf_descriptors();
         let db = DB::open_cf_descriptors(&dbo, root.join("meta"), cfs)?;
 

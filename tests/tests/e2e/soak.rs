@@ -254,14 +254,23 @@ fn the_mirror_under_64_clients_and_a_faulty_upstream_never_serves_a_wrong_byte_a
     let warm_at = std::time::Instant::now() + std::time::Duration::from_secs(secs / 4);
     let warm = std::sync::Mutex::new(None::<(u64, usize)>);
     let tally = std::sync::Mutex::new([0u64; 4]); // whole and right, short, errors, ranges right
+                                                  // The proxy's RSS at every tenth of the run: a leak climbs steadily, a warm-up levels off.
+    let tenth = std::time::Duration::from_secs(secs) / 10;
+    let next_sample = std::sync::Mutex::new(std::time::Instant::now() + tenth);
+    let timeline = std::sync::Mutex::new(Vec::<u64>::new());
     std::thread::scope(|s| {
         for c in 0..64u64 {
             let (blobs, proxy, tally, warm) = (&blobs, &proxy, &tally, &warm);
+            let (next_sample, timeline) = (&next_sample, &timeline);
             s.spawn(move || {
                 let mut rng = Rng(seed ^ (c + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 while std::time::Instant::now() < deadline {
                     if c == 0 && std::time::Instant::now() >= warm_at {
                         warm.lock().unwrap().get_or_insert((rss_kib(pid), fds(pid)));
+                    }
+                    if c == 0 && std::time::Instant::now() >= *next_sample.lock().unwrap() {
+                        timeline.lock().unwrap().push(rss_kib(pid));
+                        *next_sample.lock().unwrap() += tenth;
                     }
                     let (digest, data) = &blobs[(rng.next() % blobs.len() as u64) as usize];
                     let path = format!("/v2/soak/blobs/{digest}");
@@ -300,6 +309,7 @@ fn the_mirror_under_64_clients_and_a_faulty_upstream_never_serves_a_wrong_byte_a
         "mirror soak: {} whole and right, {} ranges right, {} cut short, {} errors; RSS {rss_warm} -> {rss_end} KiB, fds {fds_warm} -> {fds_end}",
         t[0], t[3], t[1], t[2]
     );
+    println!("mirror soak: the proxy's RSS at each tenth of the run (KiB): {:?}", timeline.lock().unwrap());
     assert!(t[0] > 64 && t[3] > 0, "too little got through to judge: {t:?}");
     assert!(t[1] + t[2] > 0, "the upstream's faults never showed");
     assert!(rss_end <= rss_warm + rss_warm / 2 + 32 * 1024, "the proxy's memory grew: {rss_warm} -> {rss_end} KiB");
