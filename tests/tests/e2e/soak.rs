@@ -312,7 +312,9 @@ fn the_mirror_under_64_clients_and_a_faulty_upstream_never_serves_a_wrong_byte_a
     println!("mirror soak: the proxy's RSS at each tenth of the run (KiB): {:?}", timeline.lock().unwrap());
     assert!(t[0] > 64 && t[3] > 0, "too little got through to judge: {t:?}");
     assert!(t[1] + t[2] > 0, "the upstream's faults never showed");
-    assert!(rss_end <= rss_warm + rss_warm / 2 + 32 * 1024, "the proxy's memory grew: {rss_warm} -> {rss_end} KiB");
+    // Bounded since the store's memtables are (RocksDB's default let them grow by up to 320 MiB:
+    // +23 MB over a 10-minute soak before).
+    assert!(rss_end <= rss_warm + rss_warm / 4 + 16 * 1024, "the proxy's memory grew: {rss_warm} -> {rss_end} KiB");
     assert!(fds_end <= fds_warm + 16, "the proxy's open files grew: {fds_warm} -> {fds_end}");
     assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
 }
