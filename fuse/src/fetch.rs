@@ -397,6 +397,11 @@ impl Drop for Fetcher {
 
 /// Writes fetched chunks to the store in batches (one fsync each).
 fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
+    // Keeping chunks (zstd, pack appends, fsyncs) can wait; the reads it keeps up with cannot:
+    // a starting container's processes and this mount's readers come first on a small machine.
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!(error = %e, "could not lower the fill thread's priority");
+    }
     while let Ok(first) = rx.recv() {
         let mut batch = first;
         let mut bytes: usize = batch.iter().map(|(_, c)| c.len()).sum();
