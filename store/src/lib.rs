@@ -25,6 +25,7 @@ mod lazy;
 mod maint;
 pub mod meta;
 pub mod pack;
+mod priority;
 mod raw;
 
 use std::collections::HashMap;
@@ -42,6 +43,7 @@ pub use images::{ImageSize, NamedImage};
 pub use ingest::{ImportOptions, ImportReport};
 pub use lazy::{FillReport, LazyImport, StoredChunk};
 pub use maint::{FsckIssue, FsckReport, GcReport, RepairReport, Usage};
+pub use priority::in_background;
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};
 pub use raw::{RawRecord, RawReport};
 

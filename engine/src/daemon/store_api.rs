@@ -114,7 +114,9 @@ impl Daemon {
     /// Keeps chunks a mount server fetched (the store verifies each against its id).
     pub(super) fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<api::FillResponse> {
         let chunks = api::decode_chunks(body)?;
-        let r = self.store.fill_chunks(&chunks)?;
+        // A mount server hands over what it fetched while its container starts: keep it at
+        // the lowest priority (as a mount that owns its store does).
+        let r = hb_store::in_background(|| self.store.fill_chunks(&chunks))?;
         self.dirty.store(true, Ordering::SeqCst);
         if let Some(node) = self.peers.get() {
             node.announce(&chunks.iter().map(|(id, _)| *id).collect::<Vec<_>>());
