@@ -68,6 +68,18 @@ fn rustix_free(p: &Path) -> u64 {
     String::from_utf8_lossy(&o.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
 }
 
+/// `hb pull IMAGE` fails with exit code 1 and says the store's filesystem (named) is full.
+fn pull_fails_for_space(hb: &Hb, image: &str, fs: &SmallFs) {
+    let o = hb.run(&["pull", image]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("the filesystem holding the store is full"),
+        "{err}"
+    );
+    assert!(err.contains(&fs.0.display().to_string()), "the error names where: {err}");
+}
+
 /// An hb whose store lives on a small filesystem.
 fn hb_on(mib: u64) -> (Hb, SmallFs) {
     let mut hb = Hb::new();
@@ -81,14 +93,7 @@ fn a_pull_into_a_full_store_says_so_commits_nothing_and_works_once_there_is_spac
     let reg = open_registry();
     let image = format!("{reg}/debian-app:v1");
     let (hb, fs) = hb_on(48);
-    let o = hb.run(&["pull", &image]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("No space left on device") && err.contains("the filesystem holding the store is full"),
-        "{err}"
-    );
-    assert!(err.contains(&fs.0.display().to_string()), "the error names where: {err}");
+    pull_fails_for_space(&hb, &image, &fs);
     assert_eq!(hb.json(&["images"]).as_array().unwrap().len(), 0, "a half pull is visible");
     hb.fsck_clean();
 
@@ -239,14 +244,7 @@ fn the_daemon_on_a_full_disk_says_so_keeps_serving_and_recovers() {
     hb.root = fs.0.join("store");
     let mut daemon = Daemon::start(&hb);
     hb.ok(&["pull", &small]);
-    let o = hb.run(&["pull", &big]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("No space left on device") && err.contains("the filesystem holding the store is full"),
-        "{err}"
-    );
-    assert!(err.contains(&fs.0.display().to_string()), "the error names where: {err}");
+    pull_fails_for_space(&hb, &big, &fs);
     let names: Vec<String> =
         hb.json(&["images"]).as_array().unwrap().iter().map(|i| i["reference"].to_string()).collect();
     assert_eq!(names.len(), 1, "a half pull is visible: {names:?}");
