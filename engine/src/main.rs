@@ -56,6 +56,7 @@ fn main() -> ExitCode {
     output::init_logging(cli.global.verbose);
     if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Proxy(ProxyCli { cmd: None, .. })) {
         notify::adopt();
+        SERVES_LONG.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     trust_store_bundle();
     match run(cli) {
@@ -123,6 +124,9 @@ fn open_store_for(g: &Global, read_only_ok: bool, out: &Out) -> anyhow::Result<S
     }
 }
 
+/// This process is the daemon or the mirror: its store is opened for a long life.
+static SERVES_LONG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn open_store(g: &Global) -> anyhow::Result<Store> {
     let file = config::load(g.config.as_deref())?;
     let root = config::store_root(g.root.as_deref(), &file)?;
@@ -135,6 +139,7 @@ fn open_store(g: &Global) -> anyhow::Result<Store> {
             max_ratio: file.store.max_ratio.unwrap_or(defaults.max_ratio),
             ..defaults
         },
+        long_lived: SERVES_LONG.load(std::sync::atomic::Ordering::Relaxed),
         ..StoreOptions::default()
     };
     Store::open(&root, opts).with_context(|| format!("opening store {}", root.display()))

@@ -43,8 +43,8 @@ pub use images::{ImageSize, NamedImage};
 pub use ingest::{ImportOptions, ImportReport};
 pub use lazy::{FillReport, LazyImport, StoredChunk};
 pub use maint::{FsckIssue, FsckReport, GcReport, RepairReport, Usage};
-pub use priority::in_background;
 pub use meta::{BlobCompression, BlobRecord, ChunkRecord, ImageLayer, ImageRecord};
+pub use priority::in_background;
 pub use raw::{RawRecord, RawReport};
 
 use meta::*;
@@ -76,6 +76,12 @@ pub struct StoreOptions {
     pub limits: Limits,
     /// A new pack is started once the active one is larger than this.
     pub pack_target_bytes: u64,
+    /// The store serves a long-lived process (the daemon, the mirror): small memtables, so
+    /// committed metadata does not pile up in memory between flushes (RocksDB's default lets
+    /// each of the five column families grow to 64 MiB: the mirror's RSS climbed 20 MB in a
+    /// 10-minute soak). Short commands keep the defaults: their memtables are written once, at
+    /// close, inside the room packs leave for metadata on a nearly full disk.
+    pub long_lived: bool,
 }
 
 impl Default for StoreOptions {
@@ -85,6 +91,7 @@ impl Default for StoreOptions {
             zstd_level: 3,
             limits: Limits::default(),
             pack_target_bytes: 1 << 30,
+            long_lived: false,
         }
     }
 }
@@ -137,7 +144,7 @@ pub struct LayerInfo {
 
 /// Column families sharing one block cache of [`BLOCK_CACHE_BYTES`] (RocksDB's default is a cache
 /// of 8 MiB per family: 40 MiB for a long-lived daemon's five).
-fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
+fn cf_descriptors(long_lived: bool) -> Vec<ColumnFamilyDescriptor> {
     let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES).ok();
     COLUMN_FAMILIES
         .iter()
@@ -148,7 +155,9 @@ fn cf_descriptors() -> Vec<ColumnFamilyDescriptor> {
             }
             let mut o = Options::default();
             o.set_block_based_table_factory(&table);
-            o.set_write_buffer_size(MEMTABLE_BYTES);
+            if long_lived {
+                o.set_write_buffer_size(MEMTABLE_BYTES);
+            }
             ColumnFamilyDescriptor::new(*n, o)
         })
         .collect()
@@ -160,13 +169,12 @@ const OPEN_RESERVE: u64 = 1 << 20;
 /// The metadata block cache, shared by all column families.
 const BLOCK_CACHE_BYTES: usize = 8 << 20;
 
-/// One column family's memtable before it is flushed. RocksDB's default (64 MiB, per family)
-/// let a long-lived daemon or mirror grow by up to 5 x 64 MiB of metadata it had long
-/// committed (seen as a mirror's RSS climbing steadily in the soak); hb's metadata writes are
-/// small (a 200 MB image is a few hundred KiB of records), so small memtables cost nothing.
+/// One column family's memtable before it is flushed, in a long-lived process
+/// ([`StoreOptions::long_lived`]); hb's metadata writes are small (a 200 MB image is a few
+/// hundred KiB of records), so small memtables cost nothing there.
 const MEMTABLE_BYTES: usize = 2 << 20;
 
-/// All memtables together: RocksDB flushes the largest when their sum passes this.
+/// All memtables together (long-lived processes): RocksDB flushes the largest past this.
 const MEMTABLES_TOTAL_BYTES: usize = 8 << 20;
 
 impl Store {
@@ -194,8 +202,10 @@ impl Store {
         dbo.set_compression_type(rocksdb::DBCompressionType::None);
         dbo.set_keep_log_file_num(2);
         dbo.set_max_log_file_size(1 << 20);
-        dbo.set_db_write_buffer_size(MEMTABLES_TOTAL_BYTES);
-        let cfs = cf_descriptors();
+        if opts.long_lived {
+            dbo.set_db_write_buffer_size(MEMTABLES_TOTAL_BYTES);
+        }
+        let cfs = cf_descriptors(opts.long_lived);
         let db = DB::open_cf_descriptors(&dbo, root.join("meta"), cfs)?;
 
         let config = match db.get(KEY_CONFIG)? {
@@ -260,7 +270,7 @@ impl Store {
         let mut attempts = 0;
         let (db, config) = loop {
             let dbo = Options::default();
-            let db = DB::open_cf_descriptors_read_only(&dbo, root.join("meta"), cf_descriptors(), false)?;
+            let db = DB::open_cf_descriptors_read_only(&dbo, root.join("meta"), cf_descriptors(false), false)?;
             match db.get(KEY_CONFIG)? {
                 Some(raw) => {
                     let config = serde_json::from_slice::<StoreConfigRecord>(&raw)
