@@ -137,4 +137,10 @@ fn the_daemon_keeps_a_learned_order_across_restarts_and_refuses_a_foreign_one() 
     assert!(text.trim_end().ends_with("400") && text.contains("does not have"), "{text}");
     assert_eq!(order_chunks(&hb, &image), Some(learned));
     d.stop();
+    // The image mount outlives the daemons (the second adopted it): a test leaves none behind
+    // (regression: one stale FUSE mount per suite run was left in /dev/shm).
+    super::daemon::unmount_all(&hb);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(hb.dir.path().to_str().unwrap()), "a mount of this test is left:
+{mounts}");
 }
