@@ -141,6 +141,5 @@ fn the_daemon_keeps_a_learned_order_across_restarts_and_refuses_a_foreign_one() 
     // (regression: one stale FUSE mount per suite run was left in /dev/shm).
     super::daemon::unmount_all(&hb);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(hb.dir.path().to_str().unwrap()), "a mount of this test is left:
-{mounts}");
+    assert!(!mounts.contains(hb.dir.path().to_str().unwrap()), "a mount of this test is left:\n{mounts}");
 }
