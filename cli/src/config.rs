@@ -552,8 +552,6 @@ fn is_root() -> bool {
 mod tests {
     use super::*;
 
-    /// The commented default the package installs as /etc/hb/hb.toml: valid as shipped, and
-    /// still valid with every commented setting uncommented (no stale or misspelt key).
     /// Regression: a helper that failed before reading its input made the write fail with a
     /// bare "Broken pipe", hiding the helper's own message.
     #[test]
@@ -574,6 +572,8 @@ mod tests {
         assert_eq!(run_helper_program(none.to_str().unwrap(), "get", b"host").unwrap(), None);
     }
 
+    /// The commented default the package installs as /etc/hb/hb.toml: valid as shipped, and
+    /// still valid with every commented setting uncommented (no stale or misspelt key).
     #[test]
     fn the_shipped_default_config_names_only_real_settings() {
         let text = include_str!("../../dist/hb.toml");

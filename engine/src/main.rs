@@ -56,7 +56,6 @@ fn main() -> ExitCode {
     output::init_logging(cli.global.verbose);
     if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Proxy(ProxyCli { cmd: None, .. })) {
         notify::adopt();
-        SERVES_LONG.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     trust_store_bundle();
     match run(cli) {
@@ -85,7 +84,12 @@ fn trust_store_bundle() {
 /// Opens the store; for a command that only reads (`read_only_ok`), a store another process holds
 /// (an `hb mount`) is opened as a read-only view instead of failing.
 fn open_store_for(g: &Global, read_only_ok: bool, out: &Out) -> anyhow::Result<Store> {
-    match open_store(g) {
+    open_store_as(g, read_only_ok, false, out)
+}
+
+/// [`open_store_for`] for a process that serves for long (`long_lived`: the mirror).
+fn open_store_as(g: &Global, read_only_ok: bool, long_lived: bool, out: &Out) -> anyhow::Result<Store> {
+    match open_store(g, long_lived) {
         Err(e) if matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Locked(_))) => {
             let root = store_root(g)?;
             let daemon = daemon_client(g).and_then(|c| c.call::<api::Health>("GET", "/v1/health", None::<&()>).ok());
@@ -124,10 +128,9 @@ fn open_store_for(g: &Global, read_only_ok: bool, out: &Out) -> anyhow::Result<S
     }
 }
 
-/// This process is the daemon or the mirror: its store is opened for a long life.
-static SERVES_LONG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-fn open_store(g: &Global) -> anyhow::Result<Store> {
+/// Opens the store for writing; `long_lived` for the daemon and the mirror
+/// ([`StoreOptions::long_lived`]).
+fn open_store(g: &Global, long_lived: bool) -> anyhow::Result<Store> {
     let file = config::load(g.config.as_deref())?;
     let root = config::store_root(g.root.as_deref(), &file)?;
     let defaults = Limits::default();
@@ -139,7 +142,7 @@ fn open_store(g: &Global) -> anyhow::Result<Store> {
             max_ratio: file.store.max_ratio.unwrap_or(defaults.max_ratio),
             ..defaults
         },
-        long_lived: SERVES_LONG.load(std::sync::atomic::Ordering::Relaxed),
+        long_lived,
         ..StoreOptions::default()
     };
     Store::open(&root, opts).with_context(|| format!("opening store {}", root.display()))
@@ -327,7 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Doctor { image } => {
-            let report = doctor::run(g, image.as_deref(), &|| open_store(g));
+            let report = doctor::run(g, image.as_deref(), &|| open_store(g, false));
             if out.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -365,7 +368,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // arenas, as the daemon and mount servers (the soak's RSS: 80 -> 46 MB at the start).
             memory::limit_malloc_arenas();
             let file = config::load(g.config.as_deref())?;
-            let store = open_store_for(g, false, &out)?;
+            let store = open_store_as(g, false, true, &out)?;
             let args = proxy::ProxyArgs {
                 listen: p.listen.clone(),
                 upstreams: p.upstream.clone(),

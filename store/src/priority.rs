@@ -1,5 +1,5 @@
 //! Work that can wait: keeping fetched chunks (zstd, pack appends, fsyncs) while a container
-//! starts on the same cores. It runs at the lowest CPU priority on its own thread, so the reads
+//! starts on the same cores. It runs at the lowest CPU priority on the thread doing it, so the reads
 //! it keeps up with (a starting container's processes, a mount's readers) come first.
 
 use rustix::process::{getpriority_process, setpriority_process};

@@ -306,7 +306,7 @@ pub fn run(
     if api::Client::find(socket, &root).is_some() {
         bail!("an hb daemon already serves {} on {}", root.display(), socket.display());
     }
-    let store = match crate::open_store(g) {
+    let store = match crate::open_store(g, true) {
         Err(e) if matches!(e.downcast_ref::<hb_store::StoreError>(), Some(hb_store::StoreError::Locked(_))) => {
             bail!("store {} is held by another hb process (a mount or a container started without the daemon): stop it first", root.display())
         }
