@@ -33,6 +33,8 @@ const TABLE_MAGIC: &[u8; 4] = b"HBCT";
 const STARTUP_MAGIC: &[u8; 4] = b"HBSO";
 const SOURCE_MAGIC: &[u8; 4] = b"HBLS";
 const VERSION: u16 = 1;
+/// The chunk table's compact form: lengths only, ids and raw lengths from the layer's index.
+const TABLE_COMPACT_VERSION: u16 = 2;
 const TABLE_ENTRY_LEN: usize = 32 + 4 + 4 + 1;
 /// Largest chunk a table may describe (the chunker's maximum is far below).
 pub const MAX_CHUNK: u32 = 16 << 20;
@@ -42,8 +44,8 @@ pub const MAX_CHUNK: u32 = 16 << 20;
 pub enum LazyFormatError {
     #[error("not a {0} (bad magic)")]
     BadMagic(&'static str),
-    #[error("{what} format version {version} is not supported (this build reads 1)")]
-    Version { what: &'static str, version: u16 },
+    #[error("{what} format version {version} is not supported (this build reads {reads})")]
+    Version { what: &'static str, version: u16, reads: String },
     #[error("{0} is truncated")]
     Truncated(&'static str),
     #[error("{0} checksum does not match its content")]
@@ -123,9 +125,14 @@ impl ChunkTable {
         seal(out)
     }
 
+    /// Decodes the self-contained form (version 1: ids, both lengths, compression), the one the
+    /// store keeps. The compact form a registry carries needs its index: [`ChunkTable::decode_for`].
     pub fn decode(data: &[u8]) -> Result<Self, LazyFormatError> {
         const WHAT: &str = "chunk table";
-        let mut r = Reader::open(data, TABLE_MAGIC, WHAT)?;
+        let (mut r, version) = Reader::open_versions(data, TABLE_MAGIC, WHAT, &[VERSION, TABLE_COMPACT_VERSION])?;
+        if version == TABLE_COMPACT_VERSION {
+            return Err(invalid(WHAT, "a version 2 (compact) table is read with its layer's index".into()));
+        }
         let n = r.varint()?;
         if n > (r.rest.len() / TABLE_ENTRY_LEN) as u64 {
             return Err(LazyFormatError::Truncated(WHAT));
@@ -147,6 +154,73 @@ impl ChunkTable {
                 return Err(invalid(WHAT, format!("raw chunk {id} has stored {stored_len} != {raw_len} bytes")));
             }
             t.push(id, stored_len, raw_len, zstd);
+        }
+        r.finish()?;
+        Ok(t)
+    }
+
+    /// The compact form (version 2) that travels beside the layer's index in a registry: per chunk
+    /// of `index`, in the index's chunk order, only `stored length << 1 | zstd` as a varint. The
+    /// ids and raw lengths are the index's, so a table is ~3 bytes a chunk instead of 41. Refused
+    /// when the table is not in the index's chunk order (the order the store's `layer_data` makes).
+    pub fn encode_compact(&self, index: &crate::LayerIndex) -> Result<Vec<u8>, LazyFormatError> {
+        if self.entries.len() != index.chunks.len() {
+            return Err(invalid(
+                "chunk table",
+                format!(
+                    "{} entries for the {} chunks of layer {}",
+                    self.entries.len(),
+                    index.chunks.len(),
+                    index.diff_id
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(16 + self.entries.len() * 3);
+        out.extend_from_slice(TABLE_MAGIC);
+        out.extend_from_slice(&TABLE_COMPACT_VERSION.to_le_bytes());
+        put_varint(&mut out, self.entries.len() as u64);
+        for (e, c) in self.entries.iter().zip(&index.chunks) {
+            if e.id != c.id || e.raw_len != c.len {
+                return Err(invalid(
+                    "chunk table",
+                    format!(
+                        "entry {} is not chunk {} of layer {} (the table is not in index order)",
+                        e.id, c.id, index.diff_id
+                    ),
+                ));
+            }
+            put_varint(&mut out, (e.stored_len as u64) << 1 | e.zstd as u64);
+        }
+        Ok(seal(out))
+    }
+
+    /// Decodes a table fetched beside `index`: the compact form (version 2), completed with the
+    /// index's ids and raw lengths, or a self-contained one (version 1, written by older builds;
+    /// the caller checks it covers the index, [`ChunkTable::check_covers`]).
+    pub fn decode_for(data: &[u8], index: &crate::LayerIndex) -> Result<Self, LazyFormatError> {
+        const WHAT: &str = "chunk table";
+        let (mut r, version) = Reader::open_versions(data, TABLE_MAGIC, WHAT, &[VERSION, TABLE_COMPACT_VERSION])?;
+        if version == VERSION {
+            return Self::decode(data);
+        }
+        let n = r.varint()?;
+        if n != index.chunks.len() as u64 {
+            return Err(invalid(
+                WHAT,
+                format!("{n} entries for the {} chunks of layer {}", index.chunks.len(), index.diff_id),
+            ));
+        }
+        let mut t = ChunkTable { entries: Vec::with_capacity(index.chunks.len()) };
+        for c in &index.chunks {
+            let v = r.varint()?;
+            let (stored_len, zstd) = (v >> 1, v & 1 == 1);
+            if stored_len == 0 || stored_len > MAX_CHUNK as u64 || c.len == 0 || c.len > MAX_CHUNK {
+                return Err(invalid(WHAT, format!("chunk {} has impossible lengths {stored_len}/{}", c.id, c.len)));
+            }
+            if !zstd && stored_len != c.len as u64 {
+                return Err(invalid(WHAT, format!("raw chunk {} has stored {stored_len} != {} bytes", c.id, c.len)));
+            }
+            t.push(c.id, stored_len as u32, c.len, zstd);
         }
         r.finish()?;
         Ok(t)
@@ -293,6 +367,16 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// Checks magic, version and trailer; positions after the version.
     fn open(data: &'a [u8], magic: &[u8; 4], what: &'static str) -> Result<Self, LazyFormatError> {
+        Self::open_versions(data, magic, what, &[VERSION]).map(|(r, _)| r)
+    }
+
+    /// [`Reader::open`] for a format with several versions: which one it met.
+    fn open_versions(
+        data: &'a [u8],
+        magic: &[u8; 4],
+        what: &'static str,
+        versions: &[u16],
+    ) -> Result<(Self, u16), LazyFormatError> {
         if data.len() < 4 || &data[..4] != magic {
             return Err(LazyFormatError::BadMagic(what));
         }
@@ -300,14 +384,15 @@ impl<'a> Reader<'a> {
             return Err(LazyFormatError::Truncated(what));
         }
         let version = u16::from_le_bytes([data[4], data[5]]);
-        if version != VERSION {
-            return Err(LazyFormatError::Version { what, version });
+        if !versions.contains(&version) {
+            let reads = versions.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(" and ");
+            return Err(LazyFormatError::Version { what, version, reads });
         }
         let (body, sum) = data.split_at(data.len() - 32);
         if blake3::hash(body).as_bytes() != sum {
             return Err(LazyFormatError::Checksum(what));
         }
-        Ok(Reader { rest: &body[6..], what })
+        Ok((Reader { rest: &body[6..], what }, version))
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], LazyFormatError> {
@@ -383,6 +468,49 @@ mod tests {
         short.entries.pop();
         let missing = short.check_covers(&index(20)).unwrap_err().to_string();
         assert!(missing.contains("is not in the table"), "{missing}");
+    }
+
+    fn index_of(chunks: &[(&[u8], u32)]) -> crate::LayerIndex {
+        use crate::index::{ChunkRef, Meta};
+        use crate::tree::{NewEntry, TreeBuilder};
+        let mut b = TreeBuilder::new(crate::ChunkerParams::default());
+        let chunks = chunks.iter().map(|(b, len)| ChunkRef { id: ChunkId::of(b), len: *len }).collect();
+        b.add(b"f", Meta { mode: 0o644, ..Meta::default() }, NewEntry::File { chunks }).unwrap();
+        b.finish(Digest([7; 32]))
+    }
+
+    /// Cold-start issue (bytes before the first output): the table a registry carries names no
+    /// chunk id (the index has them), ~3 bytes a chunk, and reads back to the same table.
+    #[test]
+    fn the_compact_table_reads_back_with_its_index_and_not_without() {
+        let index = index_of(&[(b"a", 20), (b"b", 5)]);
+        let t = table();
+        let compact = t.encode_compact(&index).unwrap();
+        assert!(compact.len() < 4 + 2 + 1 + 2 * 3 + 32, "{} bytes", compact.len());
+        assert!(compact.len() < t.encode().len() / 2);
+        assert_eq!(ChunkTable::decode_for(&compact, &index).unwrap(), t);
+        // The self-contained form still reads (tables written by older builds).
+        assert_eq!(ChunkTable::decode_for(&t.encode(), &index).unwrap(), t);
+        let e = ChunkTable::decode(&compact).unwrap_err().to_string();
+        assert!(e.contains("with its layer's index"), "{e}");
+        // Not the index it was made for: a different chunk count is refused.
+        let other = index_of(&[(b"a", 20)]);
+        let e = ChunkTable::decode_for(&compact, &other).unwrap_err().to_string();
+        assert!(e.contains("2 entries for the 1 chunks"), "{e}");
+        // A raw chunk whose stored length is not its raw length (index says 6, table 5).
+        let longer = index_of(&[(b"a", 20), (b"b", 6)]);
+        let e = ChunkTable::decode_for(&compact, &longer).unwrap_err().to_string();
+        assert!(e.contains("stored 5 != 6"), "{e}");
+        // A table in another order than the index's is not written compactly.
+        let swapped = index_of(&[(b"b", 5), (b"a", 20)]);
+        assert!(t.encode_compact(&swapped).unwrap_err().to_string().contains("not in index order"));
+        let mut bad = compact.clone();
+        bad[8] ^= 1;
+        assert_eq!(ChunkTable::decode_for(&bad, &index), Err(LazyFormatError::Checksum("chunk table")));
+        let mut v3 = compact;
+        v3[4] = 3;
+        let e = ChunkTable::decode_for(&v3, &index).unwrap_err().to_string();
+        assert!(e.contains("version 3 is not supported (this build reads 1 and 2)"), "{e}");
     }
 
     /// Cold-start issue: an order naming chunks the image lacks is refused, naming one of them.

@@ -138,7 +138,8 @@ pub fn convert(
         let mut data = Vec::new();
         let (index, table) =
             store.layer_data(&l.diff_id, |b| data.extend_from_slice(b)).within(|| format!("layer {}", l.diff_id))?;
-        let (index_raw, table_raw) = (index.encode(), table.encode());
+        let (index_raw, table_raw) = hb_registry::encode_layer_form(&index, &table)
+            .map_err(|e| ImagesError::Invalid(format!("layer {}: {e}", l.diff_id)))?;
         let a = AccelLayer {
             diff_id: l.diff_id,
             blob: l.digest,

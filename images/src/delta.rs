@@ -160,11 +160,11 @@ pub(crate) async fn fetch_layer_form(
         registry.fetch_bytes(r, &a.table, a.table_size),
     )
     .await?;
-    let index = LayerIndex::decode(&index_raw).within(|| format!("index of layer {}", a.diff_id))?;
+    let (index, table) = hb_registry::decode_layer_form(&index_raw, &table_raw)
+        .map_err(|e| ImagesError::Invalid(format!("the accelerated form of layer {}: {e}", a.diff_id)))?;
     if index.diff_id != a.diff_id {
         return Err(ImagesError::Invalid(format!("the index of layer {} names layer {}", a.diff_id, index.diff_id)));
     }
-    let table = hb_core::ChunkTable::decode(&table_raw).within(|| format!("chunk table of layer {}", a.diff_id))?;
     if table.data_size() != a.data_size {
         return Err(ImagesError::Invalid(format!(
             "the chunk table of layer {} does not describe its data blob ({} bytes, the blob has {})",
@@ -173,7 +173,6 @@ pub(crate) async fn fetch_layer_form(
             a.data_size
         )));
     }
-    table.check_covers(&index)?;
     let bytes = index_raw.len() as u64 + table_raw.len() as u64;
     Ok((index, LazySource { repository, data: a.data, table }, bytes))
 }

@@ -58,7 +58,7 @@ impl MirrorStore for StoreMirror {
                 size += b.len() as u64;
             })
             .map_err(io_err)?;
-        let (index_raw, table_raw) = (index.encode(), table.encode());
+        let (index_raw, table_raw) = hb_registry::encode_layer_form(&index, &table).map_err(io::Error::other)?;
         let (index_digest, table_digest) = (Digest::of(&index_raw), Digest::of(&table_raw));
         store.put_raw(&index_raw[..], &index_digest, &NoProgress).map_err(io_err)?;
         store.put_raw(&table_raw[..], &table_digest, &NoProgress).map_err(io_err)?;

@@ -20,6 +20,9 @@ use super::{learned, Mirror, Route};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Virtual {
     pub table: String,
+    /// The layer's index (absent in records of older builds, whose tables name their chunks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<String>,
     pub diff_id: String,
     pub size: u64,
 }
@@ -205,7 +208,12 @@ impl Mirror {
             }
             self.virtuals.lock().expect("virtuals lock").insert(
                 a.data,
-                Virtual { table: a.table.to_string(), diff_id: diff_id.to_string(), size: a.data_size },
+                Virtual {
+                    table: a.table.to_string(),
+                    index: Some(a.index.to_string()),
+                    diff_id: diff_id.to_string(),
+                    size: a.data_size,
+                },
             );
             accel_layers.push(a);
         }

@@ -46,6 +46,10 @@ impl Mirror {
         };
         if !released.is_empty() {
             self.save_virtuals();
+            let mut tables = self.tables.lock().expect("tables lock");
+            victims.iter().for_each(|v| {
+                tables.pop(v);
+            });
         }
         let freed = self
             .blocking(move |s| {
@@ -283,13 +287,8 @@ impl Mirror {
         if head {
             return blob_response(&digest, v.size, range, empty());
         }
-        let table = match v.table.parse().map_err(|e| io::Error::other(format!("{e}"))) {
-            Ok(t) => self.read_all(&t).await,
-            Err(e) => Err(e),
-        };
-        let table = match table.map(|b| hb_core::lazy::ChunkTable::decode(&b)) {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("chunk table: {e}")),
+        let table = match self.virtual_table(digest, &v).await {
+            Ok(t) => t,
             Err(e) => return oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", &format!("chunk table: {e}")),
         };
         let (start, end) = range.unwrap_or((0, v.size));
@@ -303,6 +302,27 @@ impl Mirror {
             })
             .collect();
         self.piece_stream(route, digest, v.size, range, pieces, true)
+    }
+
+    /// The chunk table of converted data blob `digest`, decoded once and kept for its next
+    /// ranges (a lazy client reads a blob in many ranges; the compact table needs its index).
+    async fn virtual_table(&self, digest: Digest, v: &accelerate::Virtual) -> io::Result<Arc<hb_core::ChunkTable>> {
+        if let Some(t) = self.tables.lock().expect("tables lock").get(&digest) {
+            return Ok(t.clone());
+        }
+        let parse = |d: &str| d.parse::<Digest>().map_err(|e| io::Error::other(format!("{e}")));
+        let table_blob = self.read_all(&parse(&v.table)?).await?;
+        let table = match &v.index {
+            Some(index) => {
+                let index_blob = self.read_all(&parse(index)?).await?;
+                hb_registry::decode_layer_form(&index_blob, &table_blob).map(|(_, t)| t).map_err(io::Error::other)?
+            }
+            // Recorded by an older build: a self-contained table.
+            None => hb_core::ChunkTable::decode(&table_blob).map_err(io::Error::other)?,
+        };
+        let table = Arc::new(table);
+        self.tables.lock().expect("tables lock").put(digest, table.clone());
+        Ok(table)
     }
 
     /// Downloads one blob into its spool (resuming with Range), verifies it, keeps it, and

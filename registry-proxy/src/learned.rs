@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hb_core::lazy::AccelConfig;
-use hb_core::{Digest, LayerIndex, StartupOrder};
+use hb_core::{Digest, StartupOrder};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
@@ -107,7 +107,7 @@ impl Mirror {
                 .read_all(&l.index)
                 .await
                 .map_err(|e| e.to_string())
-                .and_then(|b| LayerIndex::decode(&b).map_err(|e| e.to_string()))
+                .and_then(|b| hb_registry::decode_index_blob(&b).map_err(|e| e.to_string()))
             {
                 Ok(i) => indexes.push(i),
                 Err(e) => {

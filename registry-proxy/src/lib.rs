@@ -105,6 +105,8 @@ pub struct Mirror {
     objects: Mutex<HashMap<Digest, (u64, u64)>>,
     /// Data blobs of accelerated forms, served from stored chunks.
     virtuals: Mutex<HashMap<Digest, accelerate::Virtual>>,
+    /// Decoded chunk tables of the most recently read data blobs (by data blob digest).
+    tables: Mutex<lru::LruCache<Digest, Arc<hb_core::ChunkTable>>>,
     /// The upstream's answer, and when, per (upstream, repository, principal).
     auth: Mutex<HashMap<AuthKey, (bool, Instant)>>,
     /// Tokens this mirror issued (`token.rs`).
@@ -184,6 +186,7 @@ impl Mirror {
             auth: Mutex::new(HashMap::new()),
             tokens: token::Tokens::new()?,
             virtuals: Mutex::new(HashMap::new()),
+            tables: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(32).expect("not zero"))),
             stats,
         });
         m.load_virtuals();

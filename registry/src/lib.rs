@@ -13,6 +13,7 @@ mod blob;
 mod client;
 mod error;
 pub mod http;
+mod layer_form;
 pub mod manifest;
 mod options;
 mod platform;
@@ -26,6 +27,7 @@ pub use client::{
 };
 pub use error::{chain as error_chain, RegistryError};
 pub use http::preload_trust_roots;
+pub use layer_form::{decode_index_blob, decode_layer_form, encode_layer_form, LayerFormError};
 pub use platform::Platform;
 pub use reference::ImageRef;
 pub use remote::RangeSource;
