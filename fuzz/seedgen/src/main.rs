@@ -79,6 +79,16 @@ fn main() {
 
     write(dir, "lazy_tables", "table-empty", &unsealed(ChunkTable::default().encode()));
     write(dir, "lazy_tables", "table", &unsealed(table().encode()));
+    // The compact table, against the three-chunk index the `lazy_tables` target reads it with.
+    let mut b = TreeBuilder::new(ChunkerParams::default());
+    let chunks = (0..3u32).map(|i| ChunkRef { id: ChunkId::of(&i.to_le_bytes()), len: 100 + i }).collect();
+    b.add(b"f", Meta { mode: 0o644, ..Meta::default() }, NewEntry::File { chunks }).unwrap();
+    let three = b.finish(Digest([1; 32]));
+    let mut compact = ChunkTable::default();
+    for (i, c) in three.chunks.iter().enumerate() {
+        compact.push(c.id, if i == 1 { c.len } else { 60 }, c.len, i != 1);
+    }
+    write(dir, "lazy_tables", "table-compact", &unsealed(compact.encode_compact(&three).unwrap()));
     let order = StartupOrder { chunks: vec![ChunkId::of(b"a"), ChunkId::of(b"c")] };
     write(dir, "lazy_tables", "startup", &unsealed(order.encode()));
     let source = LazySource { repository: "127.0.0.1:5000/busybox".into(), data: Digest::of(b"data"), table: table() };
