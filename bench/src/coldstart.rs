@@ -213,14 +213,67 @@ fn prepare(t: &Tools, reg: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a cold start spent its time: each phase's end, from the start of the pull.
+#[derive(Default)]
+struct Phases {
+    /// containerd rows: `ctr images pull` / `ctr-remote images rpull` done.
+    pulled: Option<Duration>,
+    /// `hb run` rows, from its `hb::phase` debug lines (the mount's own clock, UTC).
+    resolved: Option<Duration>,
+    indexes: Option<Duration>,
+    mounted: Option<Duration>,
+    runtime: Option<Duration>,
+    /// Range requests and the time reads waited on the network, summed over threads (whole run).
+    requests: Option<u64>,
+    net_wait: Option<Duration>,
+}
+
+/// Seconds since midnight UTC of `t` (the phase lines' clock is UTC; a run is far shorter than a day).
+fn day_secs(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() % 86_400.0)
+}
+
+/// Reads `hb run`'s `hb::phase` lines (`2026-12-07T02:05:03.436886Z DEBUG resolved`, ...) from
+/// its stderr into the phases of a start that began at wall-clock `t0`.
+fn parse_phases(stderr: &str, t0: std::time::SystemTime) -> Phases {
+    let start = day_secs(t0);
+    let mut p = Phases::default();
+    for line in stderr.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(stamp), Some("DEBUG")) = (words.next(), words.next()) else { continue };
+        let Some(clock) = stamp.split('T').nth(1).and_then(|c| c.strip_suffix('Z')) else { continue };
+        let mut hms = clock.split(':').map(|x| x.parse::<f64>().unwrap_or(f64::NAN));
+        let (Some(h), Some(m), Some(sec)) = (hms.next(), hms.next(), hms.next()) else { continue };
+        let at = (h * 3600.0 + m * 60.0 + sec - start).rem_euclid(86_400.0);
+        if !at.is_finite() {
+            continue;
+        }
+        let at = Some(Duration::from_secs_f64(at));
+        let rest: Vec<&str> = words.collect();
+        let field = |k: &str| rest.iter().find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok());
+        match rest.first().copied() {
+            Some("resolved") => p.resolved = at,
+            Some("indexes") => p.indexes = at,
+            Some("mounted") => p.mounted = at,
+            Some("runtime") => p.runtime = at,
+            Some("reads") => {
+                p.requests = field("remote_requests");
+                p.net_wait = field("network_wait_ms").map(Duration::from_millis);
+            }
+            _ => {}
+        }
+    }
+    p
+}
+
 /// Runs `cmd`: (time from `started` to its first byte of stdout, time to its exit, bytes the
-/// registry had served for `repo` by the first output).
+/// registry had served for `repo` by the first output, its stderr).
 fn first_output(
     mut cmd: Command,
     started: Instant,
     meter: &Meter,
     repo: &str,
-) -> anyhow::Result<(Duration, Duration, u64)> {
+) -> anyhow::Result<(Duration, Duration, u64, String)> {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("{cmd:?}"))?;
     let mut out = child.stdout.take().expect("piped");
     let mut first = [0u8; 1];
@@ -232,13 +285,14 @@ fn first_output(
     if n == 0 || !rest.status.success() {
         bail!("{cmd:?} printed nothing or failed: {}", String::from_utf8_lossy(&rest.stderr));
     }
-    Ok((t, exit, bytes))
+    Ok((t, exit, bytes, String::from_utf8_lossy(&rest.stderr).into_owned()))
 }
 
 struct Sample {
     first: Duration,
     exit: Duration,
     bytes: u64,
+    phases: Phases,
 }
 
 /// One cold start of `image` by `v`.
@@ -264,10 +318,12 @@ fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) ->
     }
     crate::lazy::drop_caches();
     let meter = Meter::start_at(log)?;
-    let started = Instant::now();
+    let (started, wall) = (Instant::now(), std::time::SystemTime::now());
+    let mut phases = Phases::default();
     let timed = match v {
         Variant::Overlayfs => {
             timed_command(t.ctr().args(["images", "pull", "--plain-http", &reference]))?;
+            phases.pulled = Some(started.elapsed());
             let mut run = t.ctr();
             run.args(["run", "--rm", &reference, &name]);
             first_output(run, started, &meter, &repo)
@@ -282,13 +338,15 @@ fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) ->
                 snapshotter,
                 &reference,
             ]))?;
+            phases.pulled = Some(started.elapsed());
             let mut run = t.ctr();
             run.args(["run", "--rm", "--snapshotter", snapshotter, &reference, &name]);
             first_output(run, started, &meter, &repo)
         }
         Variant::HbRun | Variant::HbRunOrdered => {
             let mut run = Command::new(&t.hb);
-            run.arg("--root").arg(&store).args(["-q", "run", "--rm", &reference]);
+            // The phase lines (debug, to stderr) cost a few writes; nothing else is logged.
+            run.arg("--root").arg(&store).env("HB_LOG", "hb::phase=debug").args(["-q", "run", "--rm", &reference]);
             first_output(run, started, &meter, &repo)
         }
     };
@@ -306,8 +364,11 @@ fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) ->
             let _ = Command::new(&t.hb).arg("--root").arg(&store).arg("umount").arg(e.path()).status();
         }
     }
-    let (first, exit, bytes) = timed.with_context(|| format!("{image} by {v:?}"))?;
-    Ok(Sample { first, exit, bytes })
+    let (first, exit, bytes, stderr) = timed.with_context(|| format!("{image} by {v:?}"))?;
+    if matches!(v, Variant::HbRun | Variant::HbRunOrdered) {
+        phases = parse_phases(&stderr, wall);
+    }
+    Ok(Sample { first, exit, bytes, phases })
 }
 
 /// A small deterministic generator for the run order (its seed is printed).
@@ -426,13 +487,72 @@ fn measure(
                 ratio(ov)
             );
         }
+        print_phases(&samples[i], only);
     }
     Ok(())
+}
+
+/// Where the time went, per tool (medians of each phase's end, from the start of the pull): the
+/// containerd rows split at the end of the pull; `hb run` by its own phase lines.
+fn print_phases(samples: &[Vec<Sample>], only: &Only) {
+    println!();
+    println!("| phases (medians, from pull start) | pull done | resolved | indexes fetched | mounted | runtime started | first output | range requests (whole run) | reads waiting on the network (whole run, summed over threads) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let ms = |get: &dyn Fn(&Sample) -> Option<Duration>, s: &[Sample]| {
+        let v: Vec<Duration> = s.iter().filter_map(get).collect();
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} ms", median(v).as_millis())
+        }
+    };
+    for (v, variant) in VARIANTS.iter().enumerate().filter(|(v, _)| only.variants.contains(v)) {
+        let s = &samples[v];
+        let mut requests: Vec<u64> = s.iter().filter_map(|s| s.phases.requests).collect();
+        requests.sort_unstable();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            variant.name(),
+            ms(&|s| s.phases.pulled, s),
+            ms(&|s| s.phases.resolved, s),
+            ms(&|s| s.phases.indexes, s),
+            ms(&|s| s.phases.mounted, s),
+            ms(&|s| s.phases.runtime, s),
+            ms(&|s| Some(s.first), s),
+            requests.get(requests.len() / 2).map_or("-".to_string(), |r| r.to_string()),
+            ms(&|s| s.phases.net_wait, s),
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_are_read_from_hb_runs_debug_lines_relative_to_the_start() {
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 7_503); // 02:05:03 UTC
+        let stderr = "2026-12-07T02:05:03.436886Z DEBUG resolved\n\
+            2026-12-07T02:05:03.533254Z DEBUG indexes fetched layers=3 bytes=776367\n\
+            hello, a line without a stamp\n\
+            2026-12-07T02:05:03.600000Z DEBUG mounted lazy_layers=3\n\
+            2026-12-07T02:05:03.700000Z  INFO runtime started\n\
+            2026-12-07T02:05:03.710000Z DEBUG runtime started\n\
+            2026-12-07T02:05:04.038319Z DEBUG reads remote_requests=34 remote_bytes=10594548 prefetched_chunks=129 network_wait_ms=477\n";
+        let p = parse_phases(stderr, t0);
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis());
+        assert_eq!(ms(p.resolved), Some(436));
+        assert_eq!(ms(p.indexes), Some(533));
+        assert_eq!(ms(p.mounted), Some(600));
+        assert_eq!(ms(p.runtime), Some(710), "only DEBUG phase lines count");
+        assert_eq!(p.requests, Some(34));
+        assert_eq!(p.net_wait, Some(Duration::from_millis(477)));
+        assert!(p.pulled.is_none());
+        // Across midnight: a line at 00:00:00.1 after a start at 23:59:59.9 is 0.2 s in.
+        let late = std::time::UNIX_EPOCH + Duration::from_secs_f64(20_001.0 * 86_400.0 - 0.1);
+        let p = parse_phases("2026-12-08T00:00:00.100000Z DEBUG mounted\n", late);
+        assert!(matches!(ms(p.mounted), Some(199..=200)), "{:?}", p.mounted);
+    }
 
     #[test]
     fn only_picks_images_and_tools_by_name_and_names_what_it_does_not_know() {
