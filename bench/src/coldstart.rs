@@ -346,7 +346,14 @@ fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) ->
         Variant::HbRun | Variant::HbRunOrdered => {
             let mut run = Command::new(&t.hb);
             // The phase lines (debug, to stderr) cost a few writes; nothing else is logged.
-            run.arg("--root").arg(&store).env("HB_LOG", "hb::phase=debug").args(["-q", "run", "--rm", &reference]);
+            // `--plain-http` as the containerd rows' `ctr`/`ctr-remote` get it (the same facts).
+            run.arg("--root").arg(&store).env("HB_LOG", "hb::phase=debug").args([
+                "-q",
+                "run",
+                "--rm",
+                "--plain-http",
+                &reference,
+            ]);
             first_output(run, started, &meter, &repo)
         }
     };

@@ -481,8 +481,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // A mount serves for long, mostly waiting (before any thread is started).
         memory::limit_malloc_arenas();
         shutdown = Some(shutdown::Shutdown::install()?);
+    }
+    if matches!(cmd, Cmd::Mount { .. } | Cmd::Pull { .. } | Cmd::Convert { .. } | Cmd::Optimize { .. }) {
         // The system's trust roots (tens of ms of file reads and parsing) load on the other core
-        // while the store opens and the indexes decode; a lazy mount's clients need them.
+        // while the store opens (and a mount's indexes decode); these commands' clients need them.
         std::thread::spawn(hb_registry::preload_trust_roots);
     }
     let store = std::sync::Arc::new(open_store_for(g, reads_only, &out)?);

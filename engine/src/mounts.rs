@@ -124,6 +124,11 @@ impl hb_cli::run::LocalImages for StoreImages {
         platform: Option<&str>,
         out: &Out,
     ) -> anyhow::Result<()> {
+        // A cold start needs the system's trust roots (tens of ms): they load beside the store's
+        // opening, at nice 19 (a warm start, which needs none, keeps its core).
+        if pull != hb_cli::api::PullPolicy::Never {
+            std::thread::spawn(|| hb_store::in_background(hb_registry::preload_trust_roots));
+        }
         let store = self.store(g, out)?;
         let platform = platform.map(|p| p.parse::<hb_registry::Platform>().map_err(anyhow::Error::msg)).transpose()?;
         if pull.pull_now(image, !hb_images::mount::needs_pull(&store, image, platform.as_ref())?)? {
