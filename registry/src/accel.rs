@@ -99,6 +99,10 @@ impl Registry {
         if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
+        let _one = self.connecting.lock().await;
+        if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         self.connect(r).await
     }
 
@@ -279,5 +283,69 @@ impl Registry {
         })?;
         self.client().push_manifest_raw(&r.inner, body, ct).await.map_err(self.err(r))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A registry that answers `GET /v2/` with 200 (anonymous access) and counts those probes.
+    fn counting_registry() -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let probes = Arc::new(AtomicUsize::new(0));
+        let counted = probes.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let counted = counted.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line.starts_with("GET /v2/ ") {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // The rest of the head.
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}");
+                    }
+                });
+            }
+        });
+        (addr, probes)
+    }
+
+    /// Cold-start issue: a mount's first reads start at once; one of them probes the registry and
+    /// authorizes, the others wait for its answer (they each tried HTTPS first, then HTTP).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_requests_connect_once() {
+        let (addr, probes) = counting_registry();
+        let r = ImageRef::parse(&format!("{addr}/app:v1")).unwrap();
+        let opts = crate::RegistryOptions { scheme: crate::Scheme::Http, attempts: 1, ..Default::default() };
+        let reg = Arc::new(Registry::new(&r, opts).unwrap());
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (reg, r) = (reg.clone(), r.clone());
+                tokio::spawn(async move { reg.ensure_connected(&r).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(probes.load(Ordering::SeqCst), 1, "eight first requests, one probe of /v2/");
     }
 }

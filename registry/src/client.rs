@@ -51,6 +51,9 @@ pub struct Registry {
     pub(crate) registry: String,
     /// Set once a protocol and an authorization were chosen.
     pub(crate) connected: std::sync::atomic::AtomicBool,
+    /// Held by the first caller that connects; the others wait for its answer instead of each
+    /// probing the schemes and authorizing (a mount's first reads start eight at once).
+    pub(crate) connecting: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -100,6 +103,7 @@ impl Registry {
             opts,
             registry: r.host().to_string(),
             connected: Default::default(),
+            connecting: Default::default(),
         })
     }
 

@@ -20,6 +20,9 @@ pub struct ChunkFilter {
     bloom: Bloom<[u8; 32]>,
     capacity: u64,
     items: u64,
+    /// Answers "maybe" for every chunk: a read-only view's, which asks RocksDB each time rather
+    /// than reading every chunk key of the store when it opens.
+    pass_through: bool,
 }
 
 impl ChunkFilter {
@@ -39,7 +42,12 @@ impl ChunkFilter {
         }
         let bloom = Bloom::new_for_fp_rate_with_seed(capacity.max(1) as usize, FP_RATE, &seed)
             .expect("capacity and rate are in range");
-        ChunkFilter { bloom, capacity, items: 0 }
+        ChunkFilter { bloom, capacity, items: 0, pass_through: false }
+    }
+
+    /// A filter that filters nothing: every lookup goes to the database.
+    pub fn pass_through() -> Self {
+        ChunkFilter { pass_through: true, ..Self::exact(1, &[1; 32]) }
     }
 
     pub fn insert(&mut self, id: &ChunkId) {
@@ -49,7 +57,7 @@ impl ChunkFilter {
 
     /// False means certainly absent; true means ask the database.
     pub fn maybe_contains(&self, id: &ChunkId) -> bool {
-        self.bloom.check(id.as_bytes())
+        self.pass_through || self.bloom.check(id.as_bytes())
     }
 
     /// True when more items were added than the filter was sized for (its error rate grows).
@@ -89,7 +97,7 @@ impl ChunkFilter {
             return None;
         }
         let bloom = Bloom::from_bytes(b[32..].to_vec()).ok()?;
-        Some(ChunkFilter { bloom, capacity: u64_at(16), items: u64_at(24) })
+        Some(ChunkFilter { bloom, capacity: u64_at(16), items: u64_at(24), pass_through: false })
     }
 }
 
@@ -107,6 +115,13 @@ mod tests {
             assert!(fp < 1_500, "{fp} false positives in 100000 with seed {:?}", &seed[..4]);
             assert!(f.bitmap_bytes() <= 120_000, "{} bytes for 100000 chunks", f.bitmap_bytes());
         }
+    }
+
+    #[test]
+    fn a_pass_through_filter_says_maybe_to_everything() {
+        let f = ChunkFilter::pass_through();
+        assert!((0..1000u32).all(|i| f.maybe_contains(&ChunkId::of(&i.to_le_bytes()))));
+        assert!(!ChunkFilter::exact(1000, &[7; 32]).maybe_contains(&ChunkId::of(b"x")));
     }
 
     #[test]

@@ -280,7 +280,12 @@ fn a_read_only_view_reads_while_the_owner_holds_the_store() {
     let idx = view.layer(&r.diff_id).unwrap().unwrap();
     for c in &idx.chunks {
         assert_eq!(hb_core::ChunkId::of(&view.read_chunk(&c.id).unwrap()), c.id);
+        // The view has no Bloom filter of its own (it asks RocksDB): every stored chunk is found.
+        assert!(view.has_chunk(&c.id).unwrap());
+        assert!(view.chunk_record(&c.id).unwrap().is_some());
     }
+    assert!(!view.has_chunk(&hb_core::ChunkId::of(b"never stored")).unwrap());
+    assert!(view.chunk_record(&hb_core::ChunkId::of(b"never stored")).unwrap().is_none());
     let packs = || {
         let mut v: Vec<_> = std::fs::read_dir(dir.path().join("packs"))
             .unwrap()
