@@ -347,6 +347,42 @@ impl Fetcher {
         }
     }
 
+    /// Claims `ids` that are neither local nor being fetched for a background fetch: they are
+    /// in flight from now on, so a reader of one waits for it rather than fetching it again. The
+    /// claimer must pass them to [`Fetcher::fetch_claimed`] or [`Fetcher::unclaim`].
+    pub fn claim(&self, ids: &[ChunkId]) -> Result<Vec<ChunkId>, FetchError> {
+        if !self.has_remote() {
+            return Ok(Vec::new());
+        }
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        let mut mine = Vec::new();
+        for id in ids {
+            if !inflight.contains_key(id) && !self.store.has_chunk(id)? && self.in_unfilled(id).is_none() {
+                inflight.insert(*id, Arc::new(Pending::default()));
+                mine.push(*id);
+            }
+        }
+        Ok(mine)
+    }
+
+    /// Fetches chunks [`Fetcher::claim`]ed. On failure their readers fetch them themselves (with
+    /// their own retries) instead of sharing the error.
+    pub fn fetch_claimed(&self, mine: &[ChunkId]) -> Result<(usize, u64), FetchError> {
+        if mine.is_empty() {
+            return Ok((0, 0));
+        }
+        let got = self.fetch_remote(mine, false);
+        self.release(mine, Ok(()));
+        let got = got?;
+        self.stats.prefetched_chunks.fetch_add(got.len() as u64, Ordering::Relaxed);
+        Ok((got.len(), got.values().map(|c| c.len() as u64).sum()))
+    }
+
+    /// Gives claimed chunks back unfetched: their readers fetch them.
+    pub fn unclaim(&self, mine: &[ChunkId]) {
+        self.release(mine, Ok(()));
+    }
+
     /// Background fetch of `ids` that are neither local nor being fetched; returns how many
     /// chunks and bytes arrived. Does not fill the read cache.
     pub fn prefetch(&self, ids: &[ChunkId]) -> Result<(usize, u64), FetchError> {

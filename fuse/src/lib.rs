@@ -113,6 +113,16 @@ pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOp
     config.acl = fuser::SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
+    // The start-up order's chunks are claimed before the first read can come: a reader of one
+    // waits for the prefetch instead of fetching it (and its window) again.
+    let claimed = if opts.prefetch != Prefetch::None && fetcher.has_remote() {
+        fetcher.claim(&opts.startup).map_err(|e| MountError::Io {
+            context: "claiming the start-up order".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    } else {
+        Vec::new()
+    };
     let fs = fs::ImageFs::new(index, fetcher.clone(), opts.fs.clone(), passthrough.clone());
     let session = fuser::Session::new(fs, dir, &config)
         .and_then(fuser::Session::spawn)
@@ -125,7 +135,7 @@ pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOp
             std::thread::Builder::new()
                 .name("hb-prefetch".into())
                 .spawn(move || {
-                    prefetch(&f, &o, &stop);
+                    prefetch(&f, &o, claimed, &stop);
                     done.store(true, Ordering::SeqCst);
                 })
                 .map_err(io_err("starting the prefetch thread".into()))?,
@@ -145,17 +155,54 @@ pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOp
     })
 }
 
-/// Background fetch: start-up order first, then (with [`Prefetch::All`]) the rest, yielding to
-/// on-demand reads and keeping under the bandwidth cap.
-fn prefetch(f: &Fetcher, o: &MountOptions, stop: &AtomicBool) {
+/// Batches of the start-up order in flight at once.
+const STARTUP_BATCHES_IN_FLIGHT: usize = 4;
+
+/// Fetches the start-up order's `claimed` chunks in order, [`STARTUP_BATCHES_IN_FLIGHT`] batches
+/// at once, without yielding to reads (they wait for these chunks); returns chunks and bytes.
+fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], bandwidth: Option<u64>, stop: &AtomicBool) -> (usize, u64) {
     let started = Instant::now();
-    let mut bytes = 0u64;
+    let batches: Vec<&[ChunkId]> = claimed.chunks(64).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (chunks, bytes) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..STARTUP_BATCHES_IN_FLIGHT.min(batches.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(batch) = batches.get(i) else { return };
+                if stop.load(Ordering::Relaxed) {
+                    f.unclaim(batch);
+                    continue;
+                }
+                if let Some(cap) = bandwidth.filter(|c| *c > 0) {
+                    let due = Duration::from_secs_f64(bytes.load(Ordering::Relaxed) as f64 / cap as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                match f.fetch_claimed(batch) {
+                    Ok((n, b)) => {
+                        chunks.fetch_add(n as u64, Ordering::Relaxed);
+                        bytes.fetch_add(b, Ordering::Relaxed);
+                    }
+                    // Its chunks went back to their readers, who fetch them with their own retries.
+                    Err(e) => tracing::warn!(error = %e, "a start-up prefetch batch failed"),
+                }
+            });
+        }
+    });
+    (chunks.into_inner() as usize, bytes.into_inner())
+}
+
+/// Background fetch: the start-up order's claimed chunks first, then (with [`Prefetch::All`])
+/// the rest, yielding to on-demand reads and keeping under the bandwidth cap.
+fn prefetch(f: &Fetcher, o: &MountOptions, claimed: Vec<ChunkId>, stop: &AtomicBool) {
+    let started = Instant::now();
+    let (mut chunks, mut bytes) = prefetch_claimed(f, &claimed, o.bandwidth, stop);
     let lists: Vec<&[ChunkId]> = match o.prefetch {
-        Prefetch::None => vec![],
-        Prefetch::Startup => vec![&o.startup],
-        Prefetch::All => vec![&o.startup, &o.all],
+        Prefetch::None | Prefetch::Startup => vec![],
+        Prefetch::All => vec![&o.all],
     };
-    let mut chunks = 0usize;
     for list in lists {
         // Batches of up to 64 chunks; the source coalesces neighbours into ranges.
         for batch in list.chunks(64) {

@@ -2,6 +2,7 @@
 //! tables, range-addressable chunk data, start-up order) to a registry, bound to the original
 //! image in an OCI index. Format: docs/formats/lazy-image.md.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -181,6 +182,33 @@ pub fn convert(
     Ok(report)
 }
 
+/// Mounts an overlayfs at `merged`: `lower` (the image's read-only mount) under `upper`.
+fn overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> std::io::Result<()> {
+    let c = |s: &std::ffi::OsStr| std::ffi::CString::new(s.as_encoded_bytes()).map_err(std::io::Error::other);
+    let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+    let (target, opts) = (c(merged.as_os_str())?, c(std::ffi::OsStr::new(&opts))?);
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::mount(c"overlay".as_ptr(), target.as_ptr(), c"overlay".as_ptr(), 0, opts.as_ptr().cast()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Detaches the mount at `dir` (best effort: a recording's scratch layer).
+fn unmount_detached(dir: &Path) {
+    if let Ok(target) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a NUL-terminated path that outlives the call.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        if rc != 0 {
+            tracing::warn!(dir = %dir.display(), error = %std::io::Error::last_os_error(), "unmounting the recording's overlay failed");
+        }
+    }
+}
+
 /// The command an image starts with, its environment and working directory, from its config.
 fn image_command(config: &[u8]) -> Result<(Vec<String>, Vec<String>, Option<String>)> {
     let v: serde_json::Value =
@@ -222,10 +250,15 @@ pub fn optimize(
     }
     let dir =
         tempfile::Builder::new().prefix("hb-optimize-").tempdir().map_err(ImagesError::io("a folder to mount in"))?;
+    let (lower, upper, work, merged) =
+        (dir.path().join("lower"), dir.path().join("upper"), dir.path().join("work"), dir.path().join("root"));
+    for d in [&lower, &upper, &work, &merged] {
+        std::fs::create_dir_all(d).map_err(ImagesError::io(format!("creating {}", d.display())))?;
+    }
     let args = crate::mount::MountArgs {
         platform: None,
         image: reference.to_string(),
-        dir: dir.path().to_path_buf(),
+        dir: lower.clone(),
         prefetch: hb_fuse::Prefetch::None,
         bandwidth: None,
         passthrough: false,
@@ -235,11 +268,21 @@ pub fn optimize(
         learn: false,
     };
     let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, None, reporter)?;
+    // The command runs as in a container, over a writable layer (a build step writes its output;
+    // on the read-only mount it failed at once and the order held only the shell's first reads).
+    let writable = match overlay(&lower, &upper, &work, &merged) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "no writable layer for the recording (overlayfs); the command runs on the read-only mount");
+            false
+        }
+    };
+    let run_root = if writable { merged.clone() } else { lower.clone() };
     m.mounted.fetcher().start_recording();
     reporter.note(&format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
     // chroot and chdir in the child itself: the image may have neither a shell nor the host's
     // `chroot` on its PATH (a single static binary, PATH=/usr/bin).
-    let root = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
+    let root = std::ffi::CString::new(run_root.as_os_str().as_encoded_bytes())
         .map_err(|_| ImagesError::Invalid("the mount folder has a NUL byte".into()))?;
     let cwd = std::ffi::CString::new(wd.clone().unwrap_or_else(|| "/".into()))
         .map_err(|_| ImagesError::Invalid(format!("{reference}: its working directory has a NUL byte")))?;
@@ -272,7 +315,10 @@ pub fn optimize(
     let _ = child.kill();
     let _ = child.wait();
     let order = m.mounted.fetcher().take_recording();
-    hb_fuse::unmount(dir.path())?;
+    if writable {
+        unmount_detached(&merged);
+    }
+    hb_fuse::unmount(&lower)?;
     m.mounted.wait()?;
 
     let startup = StartupOrder { chunks: order };

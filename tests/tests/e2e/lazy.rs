@@ -281,6 +281,30 @@ fn optimize_runs_images_without_a_shell_or_the_hosts_chroot_on_their_path() {
     hb.fsck_clean();
 }
 
+/// Regression (cold-start issue): `hb optimize` ran the command on the read-only mount, so a
+/// command that writes first (a build step) failed at once and the order held only the shell's
+/// reads. It runs over a writable layer now, as in a container: the data the command reads after
+/// its write is in the order.
+#[test]
+fn optimize_records_a_command_that_writes_before_it_reads() {
+    let reg = open_registry();
+    let mut t = Tar::new();
+    t.dir("usr/").dir("usr/bin/");
+    t.file("usr/bin/busybox", 0o755, &std::fs::read("/bin/busybox").unwrap());
+    t.file("data.bin", 0o644, &pseudo_random(21, 8 << 20));
+    let seed = Hb::new();
+    let (image, _) = push_image(&seed, &reg, &format!("crafted/writer:{}", std::process::id()), &[t.finish()]);
+    let lazy = convert(&image, "writer");
+    let hb = Hb::new();
+    let script = "busybox echo x > /made && busybox md5sum /data.bin";
+    let r = hb.json(&["optimize", &lazy, "--seconds", "30", "--", "busybox", "sh", "-c", script]);
+    assert!(r["startup_bytes"].as_u64().unwrap() >= 8 << 20, "the order lacks /data.bin: {r}");
+    // Nothing is left mounted.
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(!mounts.contains("hb-optimize-"), "{mounts}");
+    hb.fsck_clean();
+}
+
 /// Every entry type, awkward metadata, unicode names, hard links across directories, a large
 /// file that is mostly zeros, thousands of small files, and an upper layer with whiteouts and an
 /// opaque directory: the eager export, a local mount and a lazy mount agree on every path.
