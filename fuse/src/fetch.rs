@@ -386,28 +386,8 @@ impl Fetcher {
     /// Background fetch of `ids` that are neither local nor being fetched; returns how many
     /// chunks and bytes arrived. Does not fill the read cache.
     pub fn prefetch(&self, ids: &[ChunkId]) -> Result<(usize, u64), FetchError> {
-        if !self.has_remote() {
-            return Ok((0, 0));
-        }
-        let mine: Vec<ChunkId> = {
-            let mut inflight = self.inflight.lock().expect("inflight lock");
-            let mut mine = Vec::new();
-            for id in ids {
-                if !inflight.contains_key(id) && !self.store.has_chunk(id)? && self.in_unfilled(id).is_none() {
-                    inflight.insert(*id, Arc::new(Pending::default()));
-                    mine.push(*id);
-                }
-            }
-            mine
-        };
-        if mine.is_empty() {
-            return Ok((0, 0));
-        }
-        let got = self.fetch_remote(&mine, false);
-        self.release(&mine, got.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-        let got = got?;
-        self.stats.prefetched_chunks.fetch_add(got.len() as u64, Ordering::Relaxed);
-        Ok((got.len(), got.values().map(|c| c.len() as u64).sum()))
+        let mine = self.claim(ids)?;
+        self.fetch_claimed(&mine)
     }
 
     fn in_unfilled(&self, id: &ChunkId) -> Option<Chunk> {
@@ -543,6 +523,34 @@ mod tests {
         g.read(&id, &[]).unwrap();
         assert_eq!(remote.calls.load(Ordering::SeqCst), 1);
         assert_eq!(g.stats.snapshot().local_chunks, 1);
+    }
+
+    /// Cold-start issue: a start-up chunk claimed by the prefetch makes its reader wait, not fetch
+    /// it again; claimed chunks given back unfetched (a stopped or failed prefetch) are fetched by
+    /// their readers, not failed.
+    #[test]
+    fn a_reader_of_a_claimed_chunk_waits_and_fetches_it_itself_when_it_is_given_back() {
+        let (_d, store, index, remote) = setup(false);
+        let f = Fetcher::new(store, SourceChain::new().with("registry", remote.clone()), Duration::from_secs(30));
+        let id = index.chunks[0].id;
+        let mine = f.claim(&[id]).unwrap();
+        assert_eq!(mine, vec![id]);
+        assert!(f.claim(&[id]).unwrap().is_empty(), "claimed once");
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| f.read(&id, &[]));
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(remote.calls.load(Ordering::SeqCst), 0, "the reader waits for the claim");
+            f.unclaim(&mine);
+            assert_eq!(ChunkId::of(&reader.join().unwrap().unwrap()), id);
+        });
+        assert_eq!(remote.calls.load(Ordering::SeqCst), 1, "the reader fetched it itself");
+        // A claimed chunk that is fetched is read from memory by its waiting reader.
+        let other = index.chunks[1].id;
+        let mine = f.claim(&[other]).unwrap();
+        assert_eq!(f.fetch_claimed(&mine).unwrap().0, 1);
+        assert_eq!(ChunkId::of(&f.read(&other, &[]).unwrap()), other);
+        assert_eq!(remote.calls.load(Ordering::SeqCst), 2);
+        f.shutdown();
     }
 
     #[test]
