@@ -125,9 +125,10 @@ impl hb_cli::run::LocalImages for StoreImages {
         out: &Out,
     ) -> anyhow::Result<()> {
         // A cold start needs the system's trust roots (tens of ms): they load beside the store's
-        // opening, at nice 19 (a warm start, which needs none, keeps its core).
+        // opening. At the thread's own priority: the start may wait for it (a nice 19 thread
+        // holding that wait could be starved on a busy host).
         if pull != hb_cli::api::PullPolicy::Never {
-            std::thread::spawn(|| hb_store::in_background(hb_registry::preload_trust_roots));
+            std::thread::spawn(hb_registry::preload_trust_roots);
         }
         let store = self.store(g, out)?;
         let platform = platform.map(|p| p.parse::<hb_registry::Platform>().map_err(anyhow::Error::msg)).transpose()?;

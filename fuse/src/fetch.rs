@@ -94,7 +94,14 @@ impl FetchStats {
 struct Pending {
     done: Mutex<Option<Result<(), String>>>,
     cv: Condvar,
+    /// Claimed by a background fetch (the start-up order): a reader waits for it only so long
+    /// ([`BACKGROUND_WAIT`]), then fetches the chunk itself.
+    background: bool,
 }
+
+/// How long a reader waits for a chunk a background fetch claimed before fetching it itself (a
+/// chunk late in a long order, behind batches on a slow or failing link).
+const BACKGROUND_WAIT: Duration = Duration::from_secs(2);
 
 type Chunk = Arc<Vec<u8>>;
 /// A batch of fetched chunks on its way to the store.
@@ -264,9 +271,19 @@ impl Fetcher {
             match claim {
                 Err(pending) => {
                     let left = deadline.saturating_duration_since(Instant::now());
+                    let limit = if pending.background { left.min(BACKGROUND_WAIT) } else { left };
                     let guard = pending.done.lock().expect("pending lock");
                     let (guard, res) =
-                        pending.cv.wait_timeout_while(guard, left, |d| d.is_none()).expect("pending lock");
+                        pending.cv.wait_timeout_while(guard, limit, |d| d.is_none()).expect("pending lock");
+                    if res.timed_out() && pending.background && limit < left {
+                        drop(guard);
+                        tracing::debug!(chunk = %id, "the background fetch is slow to reach this chunk; reading it now");
+                        let got = self.fetch_remote(&[*id], true);
+                        return match got {
+                            Ok(map) => map.get(id).cloned().ok_or(FetchError::NotFound(*id)),
+                            Err(e) => Err(FetchError::Source(e)),
+                        };
+                    }
                     if res.timed_out() {
                         return Err(FetchError::Timeout { id: *id, secs: self.timeout.as_secs() });
                     }
@@ -357,8 +374,17 @@ impl Fetcher {
         let mut inflight = self.inflight.lock().expect("inflight lock");
         let mut mine = Vec::new();
         for id in ids {
-            if !inflight.contains_key(id) && !self.store.has_chunk(id)? && self.in_unfilled(id).is_none() {
-                inflight.insert(*id, Arc::new(Pending::default()));
+            let held = match self.store.has_chunk(id) {
+                Ok(held) => held,
+                Err(e) => {
+                    // Nothing stays claimed that nobody will fetch.
+                    drop(inflight);
+                    self.release(&mine, Ok(()));
+                    return Err(e.into());
+                }
+            };
+            if !inflight.contains_key(id) && !held && self.in_unfilled(id).is_none() {
+                inflight.insert(*id, Arc::new(Pending { background: true, ..Pending::default() }));
                 mine.push(*id);
             }
         }
@@ -550,7 +576,17 @@ mod tests {
         assert_eq!(f.fetch_claimed(&mine).unwrap().0, 1);
         assert_eq!(ChunkId::of(&f.read(&other, &[]).unwrap()), other);
         assert_eq!(remote.calls.load(Ordering::SeqCst), 2);
+        // A claim nobody fetches (a prefetch stuck behind a slow link) holds its reader only a
+        // while: the reader then fetches the chunk itself rather than failing.
+        let (_d2, store2, index2, remote2) = setup(false);
+        let g = Fetcher::new(store2, SourceChain::new().with("registry", remote2.clone()), Duration::from_secs(30));
+        let stuck = index2.chunks[0].id;
+        let claimed = g.claim(&[stuck]).unwrap();
+        assert_eq!(ChunkId::of(&g.read(&stuck, &[]).unwrap()), stuck);
+        assert_eq!(remote2.calls.load(Ordering::SeqCst), 1);
+        g.unclaim(&claimed);
         f.shutdown();
+        g.shutdown();
     }
 
     #[test]

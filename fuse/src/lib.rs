@@ -114,8 +114,10 @@ pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOp
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     // The start-up order's chunks are claimed before the first read can come: a reader of one
-    // waits for the prefetch instead of fetching it (and its window) again.
-    let claimed = if opts.prefetch != Prefetch::None && fetcher.has_remote() {
+    // waits for the prefetch (a while) instead of fetching it (and its window) again. Not under a
+    // bandwidth cap: capped background work must not hold up reads.
+    let claim_first = opts.prefetch != Prefetch::None && fetcher.has_remote() && opts.bandwidth.is_none();
+    let claimed = if claim_first {
         fetcher.claim(&opts.startup).map_err(|e| MountError::Io {
             context: "claiming the start-up order".into(),
             source: std::io::Error::other(e.to_string()),
@@ -135,7 +137,7 @@ pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOp
             std::thread::Builder::new()
                 .name("hb-prefetch".into())
                 .spawn(move || {
-                    prefetch(&f, &o, claimed, &stop);
+                    prefetch(&f, &o, claim_first.then_some(claimed), &stop);
                     done.store(true, Ordering::SeqCst);
                 })
                 .map_err(io_err("starting the prefetch thread".into()))?,
@@ -194,15 +196,22 @@ fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], bandwidth: Option<u64>, st
     (chunks.into_inner() as usize, bytes.into_inner())
 }
 
-/// Background fetch: the start-up order's claimed chunks first, then (with [`Prefetch::All`])
-/// the rest, yielding to on-demand reads and keeping under the bandwidth cap.
-fn prefetch(f: &Fetcher, o: &MountOptions, claimed: Vec<ChunkId>, stop: &AtomicBool) {
+/// Background fetch: the start-up order first (its `claimed` chunks at once, or under a
+/// bandwidth cap like the rest), then (with [`Prefetch::All`]) the rest, yielding to on-demand
+/// reads and keeping under the cap.
+fn prefetch(f: &Fetcher, o: &MountOptions, claimed: Option<Vec<ChunkId>>, stop: &AtomicBool) {
     let started = Instant::now();
-    let (mut chunks, mut bytes) = prefetch_claimed(f, &claimed, o.bandwidth, stop);
-    let lists: Vec<&[ChunkId]> = match o.prefetch {
-        Prefetch::None | Prefetch::Startup => vec![],
-        Prefetch::All => vec![&o.all],
+    let (mut chunks, mut bytes) = match &claimed {
+        Some(c) => prefetch_claimed(f, c, o.bandwidth, stop),
+        None => (0, 0),
     };
+    let mut lists: Vec<&[ChunkId]> = Vec::new();
+    if claimed.is_none() && o.prefetch != Prefetch::None {
+        lists.push(&o.startup);
+    }
+    if o.prefetch == Prefetch::All {
+        lists.push(&o.all);
+    }
     for list in lists {
         // Batches of up to 64 chunks; the source coalesces neighbours into ranges.
         for batch in list.chunks(64) {

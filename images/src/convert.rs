@@ -185,6 +185,14 @@ pub fn convert(
 /// Mounts an overlayfs at `merged`: `lower` (the image's read-only mount) under `upper`.
 fn overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> std::io::Result<()> {
     let c = |s: &std::ffi::OsStr| std::ffi::CString::new(s.as_encoded_bytes()).map_err(std::io::Error::other);
+    for p in [lower, upper, work] {
+        if p.to_string_lossy().contains([',', ':', '\\']) {
+            return Err(std::io::Error::other(format!(
+                "{} has a character overlayfs options cannot hold",
+                p.display()
+            )));
+        }
+    }
     let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
     let (target, opts) = (c(merged.as_os_str())?, c(std::ffi::OsStr::new(&opts))?);
     // SAFETY: every pointer is a NUL-terminated string that outlives the call.
@@ -197,14 +205,18 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> std::io::R
     }
 }
 
-/// Detaches the mount at `dir` (best effort: a recording's scratch layer).
-fn unmount_detached(dir: &Path) {
-    if let Ok(target) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
-        // SAFETY: a NUL-terminated path that outlives the call.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        if rc != 0 {
-            tracing::warn!(dir = %dir.display(), error = %std::io::Error::last_os_error(), "unmounting the recording's overlay failed");
+/// A mount detached when this is dropped (best effort: a recording's scratch layer).
+struct Detach(std::path::PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        if let Ok(target) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a NUL-terminated path that outlives the call.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            if rc != 0 {
+                tracing::warn!(dir = %self.0.display(), error = %std::io::Error::last_os_error(), "unmounting the recording's overlay failed");
+            }
         }
     }
 }
@@ -270,14 +282,17 @@ pub fn optimize(
     let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, None, reporter)?;
     // The command runs as in a container, over a writable layer (a build step writes its output;
     // on the read-only mount it failed at once and the order held only the shell's first reads).
-    let writable = match overlay(&lower, &upper, &work, &merged) {
-        Ok(()) => true,
+    // Declared after the mount: dropped (detached) before it on every path out, errors included.
+    let scratch = match overlay(&lower, &upper, &work, &merged) {
+        Ok(()) => Some(Detach(merged.clone())),
         Err(e) => {
-            tracing::warn!(error = %e, "no writable layer for the recording (overlayfs); the command runs on the read-only mount");
-            false
+            reporter.note(&format!(
+                "no writable layer for the recording (overlayfs: {e}); the command runs on the read-only image"
+            ));
+            None
         }
     };
-    let run_root = if writable { merged.clone() } else { lower.clone() };
+    let run_root = if scratch.is_some() { merged.clone() } else { lower.clone() };
     m.mounted.fetcher().start_recording();
     reporter.note(&format!("recording the start-up of `{}` for up to {seconds} s", cmd.join(" ")));
     // chroot and chdir in the child itself: the image may have neither a shell nor the host's
@@ -315,9 +330,7 @@ pub fn optimize(
     let _ = child.kill();
     let _ = child.wait();
     let order = m.mounted.fetcher().take_recording();
-    if writable {
-        unmount_detached(&merged);
-    }
+    drop(scratch);
     hb_fuse::unmount(&lower)?;
     m.mounted.wait()?;
 

@@ -109,6 +109,12 @@ impl Mirror {
             if let Some(v) = virt {
                 stats.hits.inc();
                 self.touch(&digest);
+                // The blob is served through its index and table: they age with it, not before it.
+                for d in [Some(&v.table), v.index.as_ref()].into_iter().flatten() {
+                    if let Ok(d) = d.parse::<Digest>() {
+                        self.touch(&d);
+                    }
+                }
                 return self.virtual_blob(route, digest, v, head, range.as_deref()).await;
             }
             let d = digest;

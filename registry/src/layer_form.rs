@@ -50,11 +50,11 @@ pub fn decode_index_blob(blob: &[u8]) -> Result<LayerIndex, LayerFormError> {
     let compressed = blob.len() as u64;
     let limit = (compressed * MAX_EXPANSION).clamp(1 << 20, crate::MAX_META_BLOB);
     let mut raw = Vec::new();
-    zstd::stream::read::Decoder::new(blob)
-        .map_err(|e| LayerFormError::Zstd(e.to_string()))?
-        .take(limit + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| LayerFormError::Zstd(e.to_string()))?;
+    let mut decoder = zstd::stream::read::Decoder::new(blob).map_err(|e| LayerFormError::Zstd(e.to_string()))?;
+    // The writer's frames use at most a 4 MiB window: a frame asking for more than 16 MiB is not
+    // ours, and would make the decoder allocate it.
+    decoder.window_log_max(24).map_err(|e| LayerFormError::Zstd(e.to_string()))?;
+    decoder.take(limit + 1).read_to_end(&mut raw).map_err(|e| LayerFormError::Zstd(e.to_string()))?;
     if raw.len() as u64 > limit {
         return Err(LayerFormError::TooLarge { compressed, limit });
     }

@@ -170,7 +170,40 @@ enum CleanupRefused {
 /// Runs cleanup work `f` on a thread of its own at the lowest priority (it should not take a CPU
 /// from a starting container); here and now when no thread can be made (the process at its
 /// thread or memory limit): a cleanup is never dropped.
+/// Cleanups under way ([`housekeeping`]), which a stopping daemon waits for.
+static HOUSEKEEPING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one cleanup under way while it lives.
+struct Underway;
+
+impl Underway {
+    fn new() -> Underway {
+        HOUSEKEEPING.fetch_add(1, Ordering::SeqCst);
+        Underway
+    }
+}
+
+impl Drop for Underway {
+    fn drop(&mut self) {
+        HOUSEKEEPING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits, at most `limit`, for the cleanups under way: a daemon stopped as usual leaves no
+/// container folder of a handed-over `hb run --rm` behind.
+fn finish_housekeeping(limit: Duration) {
+    let started = Instant::now();
+    while HOUSEKEEPING.load(Ordering::SeqCst) > 0 && started.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn housekeeping(f: impl FnOnce() + Send + 'static) {
+    let underway = Underway::new();
+    let f = move || {
+        f();
+        drop(underway);
+    };
     let f = std::sync::Arc::new(std::sync::Mutex::new(Some(f)));
     let g = f.clone();
     let spawned = std::thread::Builder::new().name("hb-cleanup".into()).spawn(move || {
@@ -486,6 +519,9 @@ pub fn run(
     let _ = std::fs::remove_file(socket);
     let _ = std::fs::remove_file(&cleanups_path);
     let _ = std::fs::remove_file(snapshotter);
+    // Handed-over containers whose process ended: finished now, not left to the next daemon.
+    d.reap_handed_over();
+    finish_housekeeping(Duration::from_secs(10));
     d.stop_spares();
     out.note(format!(
         "hb daemon stopped; {} image mounts keep serving (the next daemon adopts them)",

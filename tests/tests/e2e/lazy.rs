@@ -299,7 +299,10 @@ fn optimize_records_a_command_that_writes_before_it_reads() {
     let script = "busybox echo x > /made && busybox md5sum /data.bin";
     let r = hb.json(&["optimize", &lazy, "--seconds", "30", "--", "busybox", "sh", "-c", script]);
     assert!(r["startup_bytes"].as_u64().unwrap() >= 8 << 20, "the order lacks /data.bin: {r}");
-    // Nothing is left mounted.
+    // A command that cannot start is an error naming it, and leaves nothing mounted either.
+    let out = hb.run(&["optimize", &lazy, "--seconds", "30", "--", "no-such-command"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-command"), "{out:?}");
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     assert!(!mounts.contains("hb-optimize-"), "{mounts}");
     hb.fsck_clean();
