@@ -96,14 +96,32 @@ impl Registry {
 
     /// Makes sure a scheme and an authorization were chosen (a lazy mount starts without a pull).
     pub async fn ensure_connected(&self, r: &ImageRef) -> Result<(), RegistryError> {
-        if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.connected.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
+        let asked = std::time::Instant::now();
         let _one = self.connecting.lock().await;
-        if self.connected.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.connected.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        self.connect(r).await
+        // The attempt this request waited for failed: its answer, not another attempt (eight
+        // first reads against a dead registry would each wait for their own timeout in turn).
+        if let Some((at, reason, transient)) = self.connect_failure.lock().expect("failure lock").clone() {
+            if at >= asked {
+                let reason = format!("{reason} (the attempt to connect this request waited for)");
+                return Err(if transient {
+                    RegistryError::Transport { registry: self.registry.clone(), reason }
+                } else {
+                    RegistryError::Rejected { registry: self.registry.clone(), reason }
+                });
+            }
+        }
+        let out = self.connect(r).await;
+        if let Err(e) = &out {
+            *self.connect_failure.lock().expect("failure lock") =
+                Some((std::time::Instant::now(), e.to_string(), e.is_transient()));
+        }
+        out
     }
 
     /// Reads `len` bytes at `start` of blob `digest` with one Range request; retries transient
@@ -347,5 +365,44 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(probes.load(Ordering::SeqCst), 1, "eight first requests, one probe of /v2/");
+    }
+
+    /// A registry that accepts connections and closes them unanswered, counting them.
+    fn dead_registry() -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// When the first connection fails, the requests that waited for it take its failure instead
+    /// of each trying again in turn (against a registry that hangs, each would wait its timeout).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_waiting_for_a_failed_connection_share_its_failure() {
+        let (addr, accepted) = dead_registry();
+        let r = ImageRef::parse(&format!("{addr}/app:v1")).unwrap();
+        let opts = crate::RegistryOptions { scheme: crate::Scheme::Http, attempts: 1, ..Default::default() };
+        let reg = Arc::new(Registry::new(&r, opts).unwrap());
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (reg, r) = (reg.clone(), r.clone());
+                tokio::spawn(async move { reg.ensure_connected(&r).await })
+            })
+            .collect();
+        for t in tasks {
+            assert!(t.await.unwrap().is_err());
+        }
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(n <= 2, "eight waiting requests made {n} connections");
+        // A later request tries again.
+        assert!(reg.ensure_connected(&r).await.is_err());
+        assert!(accepted.load(Ordering::SeqCst) > n, "a new request did not try again");
     }
 }

@@ -54,6 +54,9 @@ pub struct Registry {
     /// Held by the first caller that connects; the others wait for its answer instead of each
     /// probing the schemes and authorizing (a mount's first reads start eight at once).
     pub(crate) connecting: tokio::sync::Mutex<()>,
+    /// The last failed attempt to connect: when, why, and whether worth retrying. The requests
+    /// that waited for it take its answer rather than each trying again in turn.
+    pub(crate) connect_failure: std::sync::Mutex<Option<(std::time::Instant, String, bool)>>,
 }
 
 impl Registry {
@@ -104,6 +107,7 @@ impl Registry {
             registry: r.host().to_string(),
             connected: Default::default(),
             connecting: Default::default(),
+            connect_failure: Default::default(),
         })
     }
 
@@ -157,7 +161,7 @@ impl Registry {
                     };
                     *self.authorization.lock().expect("authorization lock") = header;
                     *self.effective.lock().expect("auth lock") = auth;
-                    self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.connected.store(true, std::sync::atomic::Ordering::Release);
                     return Ok(());
                 }
             }
