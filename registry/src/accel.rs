@@ -347,11 +347,9 @@ mod tests {
         (addr, probes)
     }
 
-    /// Cold-start issue: a mount's first reads start at once; one of them probes the registry and
-    /// authorizes, the others wait for its answer (they each tried HTTPS first, then HTTP).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_first_requests_connect_once() {
-        let (addr, probes) = counting_registry();
+    /// A plain-HTTP client of the registry at `addr`, and the answers of eight first requests
+    /// made with it at once.
+    async fn connect_eight_at_once(addr: &str) -> ((Arc<Registry>, ImageRef), Vec<Result<(), RegistryError>>) {
         let r = ImageRef::parse(&format!("{addr}/app:v1")).unwrap();
         let opts = crate::RegistryOptions { scheme: crate::Scheme::Http, attempts: 1, ..Default::default() };
         let reg = Arc::new(Registry::new(&r, opts).unwrap());
@@ -361,9 +359,20 @@ mod tests {
                 tokio::spawn(async move { reg.ensure_connected(&r).await })
             })
             .collect();
+        let mut results = Vec::new();
         for t in tasks {
-            t.await.unwrap().unwrap();
+            results.push(t.await.unwrap());
         }
+        ((reg, r), results)
+    }
+
+    /// Cold-start issue: a mount's first reads start at once; one of them probes the registry and
+    /// authorizes, the others wait for its answer (they each tried HTTPS first, then HTTP).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_requests_connect_once() {
+        let (addr, probes) = counting_registry();
+        let (_, results) = connect_eight_at_once(&addr).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert_eq!(probes.load(Ordering::SeqCst), 1, "eight first requests, one probe of /v2/");
     }
 
@@ -387,18 +396,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_waiting_for_a_failed_connection_share_its_failure() {
         let (addr, accepted) = dead_registry();
-        let r = ImageRef::parse(&format!("{addr}/app:v1")).unwrap();
-        let opts = crate::RegistryOptions { scheme: crate::Scheme::Http, attempts: 1, ..Default::default() };
-        let reg = Arc::new(Registry::new(&r, opts).unwrap());
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let (reg, r) = (reg.clone(), r.clone());
-                tokio::spawn(async move { reg.ensure_connected(&r).await })
-            })
-            .collect();
-        for t in tasks {
-            assert!(t.await.unwrap().is_err());
-        }
+        let ((reg, r), results) = connect_eight_at_once(&addr).await;
+        assert!(results.iter().all(Result::is_err), "{results:?}");
         let n = accepted.load(Ordering::SeqCst);
         assert!(n <= 2, "eight waiting requests made {n} connections");
         // A later request tries again.
