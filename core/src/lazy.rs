@@ -129,10 +129,16 @@ impl ChunkTable {
     /// store keeps. The compact form a registry carries needs its index: [`ChunkTable::decode_for`].
     pub fn decode(data: &[u8]) -> Result<Self, LazyFormatError> {
         const WHAT: &str = "chunk table";
-        let (mut r, version) = Reader::open_versions(data, TABLE_MAGIC, WHAT, &[VERSION, TABLE_COMPACT_VERSION])?;
+        let (r, version) = Reader::open_versions(data, TABLE_MAGIC, WHAT, &[VERSION, TABLE_COMPACT_VERSION])?;
         if version == TABLE_COMPACT_VERSION {
             return Err(invalid(WHAT, "a version 2 (compact) table is read with its layer's index".into()));
         }
+        Self::read_self_contained(r)
+    }
+
+    /// The entries of a version 1 table, after its header.
+    fn read_self_contained(mut r: Reader<'_>) -> Result<Self, LazyFormatError> {
+        const WHAT: &str = "chunk table";
         let n = r.varint()?;
         if n > (r.rest.len() / TABLE_ENTRY_LEN) as u64 {
             return Err(LazyFormatError::Truncated(WHAT));
@@ -201,7 +207,7 @@ impl ChunkTable {
         const WHAT: &str = "chunk table";
         let (mut r, version) = Reader::open_versions(data, TABLE_MAGIC, WHAT, &[VERSION, TABLE_COMPACT_VERSION])?;
         if version == VERSION {
-            return Self::decode(data);
+            return Self::read_self_contained(r);
         }
         let n = r.varint()?;
         if n != index.chunks.len() as u64 {

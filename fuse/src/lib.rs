@@ -162,8 +162,8 @@ const STARTUP_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Fetches the start-up order's `claimed` chunks in order, [`STARTUP_BATCHES_IN_FLIGHT`] batches
 /// at once, without yielding to reads (they wait for these chunks); returns chunks and bytes.
-fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], bandwidth: Option<u64>, stop: &AtomicBool) -> (usize, u64) {
-    let started = Instant::now();
+/// Only without a bandwidth cap (under one nothing is claimed: see [`mount`]).
+fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], stop: &AtomicBool) -> (usize, u64) {
     let batches: Vec<&[ChunkId]> = claimed.chunks(64).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (chunks, bytes) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
@@ -175,12 +175,6 @@ fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], bandwidth: Option<u64>, st
                 if stop.load(Ordering::Relaxed) {
                     f.unclaim(batch);
                     continue;
-                }
-                if let Some(cap) = bandwidth.filter(|c| *c > 0) {
-                    let due = Duration::from_secs_f64(bytes.load(Ordering::Relaxed) as f64 / cap as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
-                    }
                 }
                 match f.fetch_claimed(batch) {
                     Ok((n, b)) => {
@@ -202,7 +196,7 @@ fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], bandwidth: Option<u64>, st
 fn prefetch(f: &Fetcher, o: &MountOptions, claimed: Option<Vec<ChunkId>>, stop: &AtomicBool) {
     let started = Instant::now();
     let (mut chunks, mut bytes) = match &claimed {
-        Some(c) => prefetch_claimed(f, c, o.bandwidth, stop),
+        Some(c) => prefetch_claimed(f, c, stop),
         None => (0, 0),
     };
     let mut lists: Vec<&[ChunkId]> = Vec::new();

@@ -184,7 +184,6 @@ pub fn convert(
 
 /// Mounts an overlayfs at `merged`: `lower` (the image's read-only mount) under `upper`.
 fn overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> std::io::Result<()> {
-    let c = |s: &std::ffi::OsStr| std::ffi::CString::new(s.as_encoded_bytes()).map_err(std::io::Error::other);
     for p in [lower, upper, work] {
         if p.to_string_lossy().contains([',', ':', '\\']) {
             return Err(std::io::Error::other(format!(
@@ -194,15 +193,9 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> std::io::R
         }
     }
     let opts = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
-    let (target, opts) = (c(merged.as_os_str())?, c(std::ffi::OsStr::new(&opts))?);
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::mount(c"overlay".as_ptr(), target.as_ptr(), c"overlay".as_ptr(), 0, opts.as_ptr().cast()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let opts = std::ffi::CString::new(opts).map_err(std::io::Error::other)?;
+    rustix::mount::mount("overlay", merged, "overlay", rustix::mount::MountFlags::empty(), Some(opts.as_c_str()))
+        .map_err(std::io::Error::from)
 }
 
 /// A mount detached when this is dropped (best effort: a recording's scratch layer).
@@ -210,13 +203,8 @@ struct Detach(std::path::PathBuf);
 
 impl Drop for Detach {
     fn drop(&mut self) {
-        if let Ok(target) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
-            // SAFETY: a NUL-terminated path that outlives the call.
-            #[allow(unsafe_code)]
-            let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-            if rc != 0 {
-                tracing::warn!(dir = %self.0.display(), error = %std::io::Error::last_os_error(), "unmounting the recording's overlay failed");
-            }
+        if let Err(e) = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "unmounting the recording's overlay failed");
         }
     }
 }

@@ -167,9 +167,6 @@ enum CleanupRefused {
     Missing(anyhow::Error),
 }
 
-/// Runs cleanup work `f` on a thread of its own at the lowest priority (it should not take a CPU
-/// from a starting container); here and now when no thread can be made (the process at its
-/// thread or memory limit): a cleanup is never dropped.
 /// Cleanups under way ([`housekeeping`]), which a stopping daemon waits for.
 static HOUSEKEEPING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -198,6 +195,9 @@ fn finish_housekeeping(limit: Duration) {
     }
 }
 
+/// Runs cleanup work `f` on a thread of its own at the lowest priority (it should not take a CPU
+/// from a starting container); here and now when no thread can be made (the process at its
+/// thread or memory limit): a cleanup is never dropped.
 fn housekeeping(f: impl FnOnce() + Send + 'static) {
     let underway = Underway::new();
     let f = move || {
