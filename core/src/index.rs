@@ -238,6 +238,47 @@ impl LayerIndex {
         Some(cur)
     }
 
+    /// Finds an entry by path as a process inside the tree would: symbolic links followed (an
+    /// absolute target from the tree's root, never above it; `..` likewise), hard links to their
+    /// file; at most 40 links, as Linux allows. `None` when the path leads nowhere.
+    pub fn resolve(&self, path: &[u8]) -> Option<u32> {
+        let mut hops = 0;
+        let mut pending: Vec<Vec<u8>> = components(path);
+        pending.reverse();
+        let mut cur = 0u32;
+        while let Some(comp) = pending.pop() {
+            match comp.as_slice() {
+                b"." => continue,
+                b".." => {
+                    cur = self.entries[cur as usize].parent;
+                    continue;
+                }
+                _ => {}
+            }
+            if !matches!(self.entries[cur as usize].kind, Kind::Dir { .. }) {
+                return None;
+            }
+            let kids = self.children(cur);
+            let pos = kids.binary_search_by(|&k| self.entries[k as usize].name.as_slice().cmp(&comp)).ok()?;
+            let next = kids[pos];
+            match &self.entries[next as usize].kind {
+                Kind::Symlink { target } => {
+                    hops += 1;
+                    if hops > 40 {
+                        return None;
+                    }
+                    if target.starts_with(b"/") {
+                        cur = 0;
+                    }
+                    pending.extend(components(target).into_iter().rev());
+                }
+                Kind::Hardlink { target } => cur = *target,
+                _ => cur = next,
+            }
+        }
+        Some(cur)
+    }
+
     /// The chunks of a regular file entry, in order (empty for anything else).
     pub fn file_chunks(&self, i: u32) -> impl Iterator<Item = &ChunkRef> + '_ {
         let list: &[u32] = match &self.entries[i as usize].kind {
@@ -573,6 +614,11 @@ impl LayerIndex {
     }
 }
 
+/// The non-empty components of a slash-separated path.
+fn components(path: &[u8]) -> Vec<Vec<u8>> {
+    path.split(|&b| b == b'/').filter(|c| !c.is_empty()).map(<[u8]>::to_vec).collect()
+}
+
 fn malformed(what: &str) -> IndexError {
     IndexError::Malformed(what.to_string())
 }
@@ -654,6 +700,35 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_resolve_through_symlinks_as_inside_the_tree() {
+        use crate::tree::{NewEntry, TreeBuilder};
+        let mut b = TreeBuilder::new(ChunkerParams::default());
+        let file = |n: u8| NewEntry::File { chunks: vec![ChunkRef { id: ChunkId::of(&[n]), len: 1 }] };
+        let link = |t: &str| NewEntry::Symlink { target: t.as_bytes().to_vec() };
+        let m = Meta { mode: 0o755, ..Meta::default() };
+        b.add(b"usr/bin/python3.11", m.clone(), file(1)).unwrap();
+        b.add(b"usr/bin/python3", m.clone(), link("python3.11")).unwrap();
+        b.add(b"bin", m.clone(), link("usr/bin")).unwrap();
+        b.add(b"usr/lib/x86_64-linux-gnu/libc.so.6", m.clone(), file(2)).unwrap();
+        b.add(b"lib64/ld.so", m.clone(), link("/usr/lib/x86_64-linux-gnu/../x86_64-linux-gnu/libc.so.6")).unwrap();
+        b.add(b"usr/bin/up", m.clone(), link("../../../../usr/bin/python3")).unwrap();
+        b.add(b"loop/a", m.clone(), link("b")).unwrap();
+        b.add(b"loop/b", m.clone(), link("a")).unwrap();
+        b.add(b"usr/bin/hard", m.clone(), NewEntry::Hardlink { target: b"usr/bin/python3.11".to_vec() }).unwrap();
+        let ix = b.finish(Digest::of(b""));
+        // (The builder keeps a hard-linked file under its first name in tree order, `hard`.)
+        let py = ix.lookup(b"usr/bin/hard").unwrap();
+        assert!(matches!(ix.entries[py as usize].kind, Kind::File { .. }));
+        assert_eq!(ix.resolve(b"usr/bin/python3.11"), Some(py), "a hard link is its file");
+        assert_eq!(ix.resolve(b"/bin/python3"), Some(py), "a link to a folder, then to a file");
+        assert_eq!(ix.resolve(b"usr/bin/up"), Some(py), "`..` stops at the root");
+        assert_eq!(ix.resolve(b"lib64/ld.so"), ix.lookup(b"usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert_eq!(ix.resolve(b"loop/a"), None, "a link loop leads nowhere");
+        assert_eq!(ix.resolve(b"usr/bin/python3.11/x"), None, "a file is no folder");
+        assert_eq!(ix.resolve(b"usr/bin/missing"), None);
+    }
 
     #[test]
     fn varint_and_zigzag_round_trip() {

@@ -9,6 +9,7 @@
 pub mod chunker;
 pub mod diff;
 pub mod digest;
+pub mod elf;
 pub mod index;
 pub mod lazy;
 pub mod metrics;

@@ -216,6 +216,16 @@ impl Fetcher {
         out
     }
 
+    /// Reads one chunk for hb itself (a start-up guess reading a program's headers): like
+    /// [`Fetcher::read`], but not recorded as the program's read.
+    pub fn read_unrecorded(&self, id: &ChunkId) -> Result<Chunk, FetchError> {
+        let out = self.get(id, &[]);
+        if out.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
     fn in_memory(&self, id: &ChunkId) -> Option<Chunk> {
         let mut m = self.memory.lock().expect("memory lock");
         if let Some(c) = m.cache.get(id) {

@@ -45,7 +45,7 @@ struct Handle {
 }
 
 pub struct ImageFs {
-    index: LayerIndex,
+    index: Arc<LayerIndex>,
     nlink: Vec<u32>,
     fetcher: Arc<Fetcher>,
     opts: FsOptions,
@@ -70,7 +70,12 @@ pub struct ImageFs {
 }
 
 impl ImageFs {
-    pub fn new(index: LayerIndex, fetcher: Arc<Fetcher>, opts: FsOptions, passthrough_ok: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        index: Arc<LayerIndex>,
+        fetcher: Arc<Fetcher>,
+        opts: FsOptions,
+        passthrough_ok: Arc<AtomicBool>,
+    ) -> Self {
         let mut nlink = vec![1u32; index.entries.len()];
         for (i, e) in index.entries.iter().enumerate() {
             match e.kind {

@@ -47,6 +47,24 @@ impl std::str::FromStr for Prefetch {
     }
 }
 
+/// Chooses what a first start without a recorded order will read first (a program, its loader
+/// and libraries), reading what it needs through the fetcher, and hands each set of chunks to
+/// `fetch` as soon as it knows it: they are claimed at once (their readers wait for them) and
+/// fetched in the background, several batches at once.
+pub trait StartupGuess: Send + Sync {
+    fn guess(&self, fetcher: &Fetcher, fetch: &(dyn Fn(&[ChunkId]) + Sync));
+}
+
+/// A [`StartupGuess`] in [`MountOptions`].
+#[derive(Clone)]
+pub struct Guess(pub Arc<dyn StartupGuess>);
+
+impl std::fmt::Debug for Guess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guess")
+    }
+}
+
 /// How to mount.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -60,6 +78,8 @@ pub struct MountOptions {
     pub all: Vec<ChunkId>,
     /// Cap on background fetching, bytes per second.
     pub bandwidth: Option<u64>,
+    /// What to fetch first when there is no start-up order (not under a bandwidth cap).
+    pub guess: Option<Guess>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +111,12 @@ pub struct Mounted {
 
 /// Mounts `index` (a merged image tree) at `dir`, reading chunks through `fetcher`. A stale
 /// mount left at `dir` by a dead process is detached first.
-pub fn mount(index: LayerIndex, fetcher: Arc<Fetcher>, dir: &Path, opts: MountOptions) -> Result<Mounted, MountError> {
+pub fn mount(
+    index: Arc<LayerIndex>,
+    fetcher: Arc<Fetcher>,
+    dir: &Path,
+    opts: MountOptions,
+) -> Result<Mounted, MountError> {
     if clean_stale(dir)? {
         tracing::warn!(dir = %dir.display(), "detached a stale hb mount left by a dead process");
     }
@@ -190,14 +215,61 @@ fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], stop: &AtomicBool) -> (usi
     (chunks.into_inner() as usize, bytes.into_inner())
 }
 
+/// Runs `guess` and fetches what it names as it names it: each set claimed at once, then fetched
+/// [`STARTUP_BATCHES_IN_FLIGHT`] batches at once, first named first.
+fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u64) {
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<ChunkId>>();
+    let rx = std::sync::Mutex::new(rx);
+    let (chunks, bytes) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..STARTUP_BATCHES_IN_FLIGHT {
+            s.spawn(|| loop {
+                let Ok(batch) = rx.lock().expect("guess queue lock").recv() else { return };
+                if stop.load(Ordering::Relaxed) {
+                    f.unclaim(&batch);
+                    continue;
+                }
+                match f.fetch_claimed(&batch) {
+                    Ok((n, b)) => {
+                        chunks.fetch_add(n as u64, Ordering::Relaxed);
+                        bytes.fetch_add(b, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "a start-up prefetch batch failed"),
+                }
+            });
+        }
+        let tx = std::sync::Mutex::new(tx);
+        let fetch = |ids: &[ChunkId]| {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match f.claim(ids) {
+                Ok(mine) => {
+                    let tx = tx.lock().expect("guess queue lock");
+                    for batch in mine.chunks(64) {
+                        if tx.send(batch.to_vec()).is_err() {
+                            f.unclaim(batch);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not claim a guessed start-up set"),
+            }
+        };
+        guess.0.guess(f, &fetch);
+        drop(tx);
+    });
+    (chunks.into_inner() as usize, bytes.into_inner())
+}
+
 /// Background fetch: the start-up order first (its `claimed` chunks at once, or under a
 /// bandwidth cap like the rest), then (with [`Prefetch::All`]) the rest, yielding to on-demand
 /// reads and keeping under the cap.
 fn prefetch(f: &Fetcher, o: &MountOptions, claimed: Option<Vec<ChunkId>>, stop: &AtomicBool) {
     let started = Instant::now();
-    let (mut chunks, mut bytes) = match &claimed {
-        Some(c) => prefetch_claimed(f, c, stop),
-        None => (0, 0),
+    let (mut chunks, mut bytes) = match (&claimed, &o.guess) {
+        (Some(c), _) if !c.is_empty() || !o.startup.is_empty() => prefetch_claimed(f, c, stop),
+        (Some(_), Some(g)) => prefetch_guessed(f, g, stop),
+        _ => (0, 0),
     };
     let mut lists: Vec<&[ChunkId]> = Vec::new();
     if claimed.is_none() && o.prefetch != Prefetch::None {

@@ -8,6 +8,7 @@
 
 pub mod convert;
 pub mod delta;
+pub mod guess;
 pub mod memory;
 pub mod mirror_store;
 pub mod mount;

@@ -222,13 +222,17 @@ pub fn mount_image(
         layers.truncate(n);
     }
     let indexes = crate::layer_indexes(&store, &layers)?;
-    let merged = hb_core::merge_layers(store.chunker(), indexes.iter());
+    let merged = Arc::new(hb_core::merge_layers(store.chunker(), indexes.iter()));
     let sources = sources(registries, rt, &store, &layers, known, args.plain_http, daemon)?;
     let startup = usable_order(store.aux(&crate::pull::startup_key(&digest))?.as_deref(), &indexes, &name);
     let learn = args.learn && startup.is_empty() && sources.lazy_layers > 0;
     let all = sources.all_chunks();
     let Sources { chain, ranges, lazy_layers } = sources;
     let fetcher = hb_fuse::Fetcher::new(store.clone(), chain, Duration::from_secs(120));
+    // Without a recorded order, the image's command's program, loader and libraries come first.
+    let guess = crate::guess::Command::of_config(&rec.config)
+        .filter(|_| startup.is_empty() && lazy_layers > 0)
+        .map(|c| hb_fuse::Guess(Arc::new(crate::guess::EntryGuess::new(merged.clone(), c))));
     let opts = MountOptions {
         fs: FsOptions { passthrough: args.passthrough, passthrough_min: 1 << 20, image: name.clone() },
         threads: args.threads,
@@ -236,6 +240,7 @@ pub fn mount_image(
         startup,
         all,
         bandwidth: args.bandwidth,
+        guess,
     };
     let mount = || hb_fuse::mount(merged, fetcher, &args.dir, opts);
     let mounted = match shutdown {

@@ -1,0 +1,261 @@
+//! The start-up set of an image that has no recorded order: what its command's loader will map
+//! before the program runs. The command (the image's entrypoint and cmd, or what the user
+//! asked for) is found on the image's `PATH`; a script's `#!` interpreter follows it; an ELF
+//! program brings its interpreter (`PT_INTERP`) and its libraries (`DT_NEEDED`, found as the
+//! loader finds them: `DT_RUNPATH`, then the system's folders), recursively; files the command
+//! line names come whole. Small files are fetched whole, a big program as far as its loaded
+//! segments reach. Nothing here knows an image or a command: it is how any program starts.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use hb_core::elf::{self, ElfHeaders};
+use hb_core::{ChunkId, Kind, LayerIndex};
+use hb_fuse::{Fetcher, StartupGuess};
+
+/// Files up to this size are fetched whole (the size a first touch fetches whole anyway).
+const WHOLE_FILE: u64 = 4 << 20;
+/// Bytes read to parse a program's headers.
+const HEAD: usize = 4096;
+/// Programs and libraries followed, at most.
+const MAX_FILES: usize = 64;
+/// Levels of interpreters and libraries followed.
+const MAX_DEPTH: usize = 6;
+/// Most bytes (uncompressed) the guess fetches.
+const MAX_BYTES: u64 = 256 << 20;
+
+/// What a container will run, from the image config (or the user's command).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Command {
+    pub argv: Vec<String>,
+    /// The `PATH` the command is looked up on.
+    pub path: Vec<String>,
+    pub workdir: String,
+}
+
+/// The `PATH` docker uses when the image sets none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+impl Command {
+    /// The command an image config runs by default (`Entrypoint` + `Cmd`), with its `PATH` and
+    /// working folder; `None` when the config says nothing to run or does not parse.
+    pub fn of_config(config: &str) -> Option<Command> {
+        let v: serde_json::Value = serde_json::from_str(config).ok()?;
+        let c = v.get("config")?;
+        let strings = |k: &str| -> Vec<String> {
+            c.get(k)
+                .and_then(|x| x.as_array())
+                .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+                .unwrap_or_default()
+        };
+        let mut argv = strings("Entrypoint");
+        argv.extend(strings("Cmd"));
+        let path = strings("Env")
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
+            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let workdir = c.get("WorkingDir").and_then(|w| w.as_str()).filter(|w| !w.is_empty()).unwrap_or("/");
+        (!argv.is_empty()).then(|| Command {
+            argv,
+            path: path.split(':').filter(|p| !p.is_empty()).map(str::to_string).collect(),
+            workdir: workdir.to_string(),
+        })
+    }
+}
+
+/// The guess for one mount: the merged tree and the command.
+pub struct EntryGuess {
+    tree: Arc<LayerIndex>,
+    command: Command,
+}
+
+impl EntryGuess {
+    pub fn new(tree: Arc<LayerIndex>, command: Command) -> EntryGuess {
+        EntryGuess { tree, command }
+    }
+
+    /// The entry of `name` as `execvp` finds it: a path with a slash as it is (relative to the
+    /// working folder), else the first executable file of that name on `PATH`.
+    fn find_program(&self, name: &str) -> Option<u32> {
+        if name.contains('/') {
+            return self.regular(&join(&self.command.workdir, name));
+        }
+        self.command.path.iter().find_map(|dir| self.regular(&join(dir, name)))
+    }
+
+    /// The regular file at `path` (links followed).
+    fn regular(&self, path: &str) -> Option<u32> {
+        let i = self.tree.resolve(path.as_bytes())?;
+        matches!(self.tree.entries[i as usize].kind, Kind::File { .. }).then_some(i)
+    }
+
+    fn size(&self, i: u32) -> u64 {
+        match self.tree.entries[i as usize].kind {
+            Kind::File { size, .. } => size,
+            _ => 0,
+        }
+    }
+
+    /// The chunks of file `i` that cover its bytes `[0, end)`.
+    fn chunks_to(&self, i: u32, end: u64) -> Vec<ChunkId> {
+        let mut at = 0u64;
+        let mut out = Vec::new();
+        for c in self.tree.file_chunks(i) {
+            if at >= end {
+                break;
+            }
+            out.push(c.id);
+            at += u64::from(c.len);
+        }
+        out
+    }
+
+    /// Reads `len` bytes at `offset` of file `i` through the fetcher (fewer at its end).
+    fn read(&self, f: &Fetcher, i: u32, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let end = offset.checked_add(len as u64)?.min(self.size(i));
+        let mut out = Vec::with_capacity(len);
+        let mut at = 0u64;
+        for c in self.tree.file_chunks(i) {
+            let next = at + u64::from(c.len);
+            if next > offset && at < end {
+                let data = f.read_unrecorded(&c.id).ok()?;
+                let from = offset.saturating_sub(at) as usize;
+                let to = (end.min(next) - at) as usize;
+                out.extend_from_slice(data.get(from..to)?);
+            }
+            if next >= end {
+                break;
+            }
+            at = next;
+        }
+        Some(out)
+    }
+
+    /// Library `name` as the loader finds it for a program of `machine`/`class64` at `from`.
+    fn find_library(&self, name: &[u8], search: &[Vec<u8>], from: u32, machine: u16, class64: bool) -> Option<u32> {
+        let name = std::str::from_utf8(name).ok()?;
+        if name.contains('/') {
+            return self.regular(name);
+        }
+        let origin = String::from_utf8_lossy(&self.tree.path(self.tree.entries[from as usize].parent)).into_owned();
+        let origin = format!("/{origin}");
+        let mut dirs: Vec<String> = search
+            .iter()
+            .map(|d| String::from_utf8_lossy(d).replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin))
+            .collect();
+        if let Some(t) = elf::multiarch(machine, class64) {
+            dirs.push(format!("/lib/{t}"));
+            dirs.push(format!("/usr/lib/{t}"));
+        }
+        if class64 {
+            dirs.extend(["/lib64".into(), "/usr/lib64".into()]);
+        }
+        dirs.extend(["/lib".into(), "/usr/lib".into(), "/usr/local/lib".into()]);
+        dirs.iter().find_map(|d| self.regular(&join(d, name)))
+    }
+
+    /// Fetches file `i` (whole, or a big program as far as its segments reach) and returns the
+    /// files it leads to: a script's interpreter, a program's loader and libraries.
+    fn visit(
+        &self,
+        f: &Fetcher,
+        i: u32,
+        fetch: &(dyn Fn(&[ChunkId]) + Sync),
+        budget: &std::sync::Mutex<u64>,
+    ) -> Vec<u32> {
+        let size = self.size(i);
+        let take = |end: u64| {
+            let mut left = budget.lock().expect("budget lock");
+            let end = end.min(*left);
+            *left -= end;
+            drop(left);
+            fetch(&self.chunks_to(i, end));
+        };
+        // The head first (one round trip), so what the file leads to is known before its bulk.
+        let Some(head) = self.read(f, i, 0, HEAD) else { return Vec::new() };
+        if let Some(script) = head.strip_prefix(b"#!") {
+            take(size.min(WHOLE_FILE));
+            return self.interpreter_of_script(script);
+        }
+        let Ok(h) = ElfHeaders::parse(&head, size) else {
+            if size <= WHOLE_FILE {
+                take(size);
+            }
+            return Vec::new();
+        };
+        let mut read = |o: u64, n: usize| self.read(f, i, o, n);
+        let (interp, dynamic) = (h.interpreter(&mut read), h.dynamic(&mut read));
+        take(if size <= WHOLE_FILE { size } else { h.loaded_end });
+        let mut next = Vec::new();
+        if let Ok(Some(p)) = interp {
+            next.extend(std::str::from_utf8(&p).ok().and_then(|p| self.regular(p)));
+        }
+        match dynamic {
+            Ok(d) => {
+                next.extend(d.needed.iter().filter_map(|n| self.find_library(n, &d.search, i, h.machine, h.class64)))
+            }
+            Err(e) => {
+                tracing::debug!(file = %String::from_utf8_lossy(&self.tree.path(i)), error = %e, "no libraries read")
+            }
+        }
+        next
+    }
+
+    /// The interpreter a `#!` line names (`/usr/bin/env NAME` looks NAME up on `PATH`).
+    fn interpreter_of_script(&self, line: &[u8]) -> Vec<u32> {
+        let line = line.split(|&c| c == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut words = line.split_whitespace();
+        let Some(interp) = words.next() else { return Vec::new() };
+        let mut out: Vec<u32> = self.regular(interp).into_iter().collect();
+        if interp.rsplit('/').next() == Some("env") {
+            out.extend(words.find(|w| !w.starts_with('-')).and_then(|w| self.find_program(w)));
+        }
+        out
+    }
+}
+
+impl StartupGuess for EntryGuess {
+    fn guess(&self, f: &Fetcher, fetch: &(dyn Fn(&[ChunkId]) + Sync)) {
+        let Some(program) = self.command.argv.first().and_then(|p| self.find_program(p)) else {
+            tracing::debug!(command = ?self.command.argv, "the command is not in the image; nothing guessed");
+            return;
+        };
+        let budget = &std::sync::Mutex::new(MAX_BYTES);
+        let mut seen: HashSet<u32> = HashSet::from([program]);
+        let mut level = vec![program];
+        // Files the command line names (a script given to an interpreter), whole when small.
+        let args: Vec<u32> = self.command.argv[1..]
+            .iter()
+            .filter_map(|a| self.regular(&join(&self.command.workdir, a)))
+            .filter(|&i| self.size(i) <= WHOLE_FILE && seen.insert(i))
+            .collect();
+        for depth in 0..MAX_DEPTH {
+            // One level at a time, its files at once (each costs a few round trips).
+            let found: Vec<Vec<u32>> = std::thread::scope(|s| {
+                let handles: Vec<_> = level.iter().map(|&i| s.spawn(move || self.visit(f, i, fetch, budget))).collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+            });
+            if depth == 0 {
+                for &a in &args {
+                    fetch(&self.chunks_to(a, self.size(a)));
+                }
+            }
+            level = found.into_iter().flatten().filter(|i| seen.insert(*i)).collect();
+            level.truncate(MAX_FILES.saturating_sub(seen.len() - level.len()));
+            if level.is_empty() {
+                break;
+            }
+        }
+        tracing::debug!(files = seen.len(), "start-up set guessed from the command");
+    }
+}
+
+/// `name` relative to folder `dir` (an absolute `name` as it is).
+fn join(dir: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        name.to_string()
+    } else {
+        format!("{}/{name}", dir.trim_end_matches('/'))
+    }
+}
