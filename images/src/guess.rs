@@ -224,6 +224,12 @@ impl StartupGuess for EntryGuess {
         let budget = &std::sync::Mutex::new(MAX_BYTES);
         let mut seen: HashSet<u32> = HashSet::from([program]);
         let mut level = vec![program];
+        // A shell's `-c` script (docker's shell form of CMD): the programs it runs, in order.
+        for name in shell_script(&self.command.argv).map(programs_of_script).unwrap_or_default() {
+            if let Some(i) = self.find_program(&name).filter(|i| seen.insert(*i)) {
+                level.push(i);
+            }
+        }
         // Files the command line names (a script given to an interpreter), whole when small.
         let args: Vec<u32> = self.command.argv[1..]
             .iter()
@@ -251,11 +257,79 @@ impl StartupGuess for EntryGuess {
     }
 }
 
+/// The script of `sh -c SCRIPT ...` (any shell named `sh`, `bash`, `dash`, `ash` or `zsh`).
+fn shell_script(argv: &[String]) -> Option<&str> {
+    let shell = argv.first()?.rsplit('/').next()?;
+    if !matches!(shell, "sh" | "bash" | "dash" | "ash" | "zsh") {
+        return None;
+    }
+    let c = argv.iter().skip(1).position(|a| a.starts_with('-') && !a.starts_with("--") && a.contains('c'))?;
+    argv.get(c + 2).map(String::as_str)
+}
+
+/// The programs a shell script's simple commands run, first word of each (after variable
+/// assignments, redirections and `exec`/`then`/`do`-like words), without duplicates; at most 16.
+fn programs_of_script(script: &str) -> Vec<String> {
+    const SKIP: &[&str] = &[
+        "exec", "then", "do", "else", "if", "while", "until", "!", "{", "time", "command", "nohup", "fi", "done",
+        "esac", "}",
+    ];
+    let mut out: Vec<String> = Vec::new();
+    let separated = ["&&", "||", ";", "|", "&", "\n", "(", ")", "`", "$("]
+        .iter()
+        .fold(script.to_string(), |s, sep| s.replace(sep, "\n"));
+    for segment in separated.split('\n') {
+        let mut words = segment.split_whitespace().map(|w| w.trim_matches(|c| c == '\'' || c == '"'));
+        let first = words.find(|w| {
+            let assignment = w.find('=').is_some_and(|p| p > 0);
+            let redirect = w.trim_start_matches(|c: char| c.is_ascii_digit()).starts_with(['>', '<']);
+            !w.is_empty() && !SKIP.contains(w) && !assignment && !redirect
+        });
+        if let Some(w) = first.filter(|w| !w.starts_with('$') && !out.iter().any(|o| o == w)) {
+            out.push(w.to_string());
+        }
+        if out.len() >= 16 {
+            break;
+        }
+    }
+    out
+}
+
 /// `name` relative to folder `dir` (an absolute `name` as it is).
 fn join(dir: &str, name: &str) -> String {
     if name.starts_with('/') {
         name.to_string()
     } else {
         format!("{}/{name}", dir.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shell_scripts_programs_are_its_commands_first_words() {
+        let argv: Vec<String> =
+            ["/bin/sh", "-c", "X=1 printf 'x' > /tmp/a.c && gcc -O2 -c /tmp/a.c; exec perl -e 1 | tee 2>/dev/null"]
+                .map(String::from)
+                .to_vec();
+        let s = shell_script(&argv).unwrap();
+        assert_eq!(programs_of_script(s), ["printf", "gcc", "perl", "tee"]);
+        assert_eq!(shell_script(&["python3".into(), "-c".into(), "print(1)".into()]), None, "not a shell");
+        assert_eq!(shell_script(&["sh".into(), "/entry.sh".into()]), None, "a script file, not -c");
+        assert_eq!(programs_of_script("if true; then echo; fi"), ["true", "echo"]);
+    }
+
+    #[test]
+    fn the_command_comes_from_the_config_with_its_path() {
+        let c = Command::of_config(r#"{"config":{"Entrypoint":["/init"],"Cmd":["serve"],"Env":["A=1","PATH=/opt/bin:/bin"],"WorkingDir":"/srv"}}"#).unwrap();
+        assert_eq!(c.argv, ["/init", "serve"]);
+        assert_eq!(c.path, ["/opt/bin", "/bin"]);
+        assert_eq!(c.workdir, "/srv");
+        let d = Command::of_config(r#"{"config":{"Cmd":["sh"]}}"#).unwrap();
+        assert_eq!((d.path.len(), d.workdir.as_str()), (6, "/"), "docker's PATH and folder when the image sets none");
+        assert_eq!(Command::of_config(r#"{"config":{}}"#), None);
+        assert_eq!(Command::of_config("not json"), None);
     }
 }
