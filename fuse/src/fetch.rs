@@ -184,9 +184,21 @@ impl Fetcher {
         self.remote.stats()
     }
 
-    /// Starts recording the order in which chunks are first read.
+    /// Starts recording the order in which chunks are first read (a recording under way goes on).
     pub fn start_recording(&self) {
-        *self.recorder.lock().expect("recorder lock") = Some(Recorder::default());
+        self.recorder.lock().expect("recorder lock").get_or_insert_with(Recorder::default);
+    }
+
+    /// Adds `ids` to the recording as if read now (chunks fetched for a start before it read
+    /// them: a file that is local when opened is served by passthrough, unseen by the recorder).
+    pub fn record(&self, ids: &[ChunkId]) {
+        if let Some(r) = self.recorder.lock().expect("recorder lock").as_mut() {
+            for id in ids {
+                if r.seen.insert(*id) {
+                    r.order.push(*id);
+                }
+            }
+        }
     }
 
     /// Stops recording; returns the order recorded.

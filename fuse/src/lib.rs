@@ -243,6 +243,9 @@ fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u6
             if stop.load(Ordering::Relaxed) {
                 return;
             }
+            // A start learning its order keeps these: once local, their files are read by
+            // passthrough, where no read is seen.
+            f.record(ids);
             match f.claim(ids) {
                 Ok(mine) => {
                     let tx = tx.lock().expect("guess queue lock");

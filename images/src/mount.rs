@@ -229,6 +229,10 @@ pub fn mount_image(
     let all = sources.all_chunks();
     let Sources { chain, ranges, lazy_layers } = sources;
     let fetcher = hb_fuse::Fetcher::new(store.clone(), chain, Duration::from_secs(120));
+    if learn {
+        // From the first read on, the guessed set's claims included (the learner goes on with it).
+        fetcher.start_recording();
+    }
     // Without a recorded order, the image's command's program, loader and libraries come first.
     let guess = crate::guess::Command::of_config(&rec.config)
         .filter(|_| startup.is_empty() && lazy_layers > 0)

@@ -143,3 +143,32 @@ fn the_daemon_keeps_a_learned_order_across_restarts_and_refuses_a_foreign_one() 
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(hb.dir.path().to_str().unwrap()), "a mount of this test is left:\n{mounts}");
 }
+
+/// A number after `key=` in a log line.
+fn logged(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(&format!("{key}="))? + key.len() + 1;
+    text[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+#[test]
+fn a_first_start_fetches_its_programs_files_first_and_its_learned_order_keeps_them() {
+    // debian-app runs `python3 /app/main.py`: a dynamic ELF program with its loader and libraries.
+    let reg = open_registry();
+    let image = convert(&format!("{reg}/debian-app:v1"), "guess");
+    let hb = Hb::new();
+    hb.ok(&["pull", "-q", "--lazy", "--plain-http", &image]);
+    let o =
+        hb.command(&["run", "--rm", &image]).env("HB_LOG", "hb::phase=debug,hb_images=debug,info").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("hello"), "{err}");
+    // The program, /app/main.py, the loader and python's libraries: found before they were read.
+    let files = logged(&err, "files").unwrap_or_else(|| panic!("no start-up set was guessed: {err}"));
+    assert!(files >= 5, "{files} files guessed: {err}");
+    let prefetched = logged(&err, "prefetched_chunks").expect("the mount's figures");
+    assert!(prefetched >= 40, "{prefetched} chunks fetched before they were read: {err}");
+    // What the guess fetched is in the learned order, though its files were then read by
+    // passthrough, unseen (it held only the reads' few chunks before).
+    let learned = order_chunks(&hb, &image).expect("an order was learned");
+    assert!(learned >= prefetched, "learned {learned} chunks, {prefetched} prefetched");
+    hb.fsck_clean();
+}
