@@ -171,21 +171,21 @@ impl EntryGuess {
             drop(left);
             fetch(&self.chunks_to(i, end));
         };
-        // The head first (one round trip), so what the file leads to is known before its bulk.
+        // A small file is fetched whole at once (its head arrives with the first batch); a big
+        // one's head first (one round trip), so what it leads to is known before its bulk.
+        if size <= WHOLE_FILE {
+            take(size);
+        }
         let Some(head) = self.read(f, i, 0, HEAD) else { return Vec::new() };
         if let Some(script) = head.strip_prefix(b"#!") {
-            take(size.min(WHOLE_FILE));
             return self.interpreter_of_script(script);
         }
-        let Ok(h) = ElfHeaders::parse(&head, size) else {
-            if size <= WHOLE_FILE {
-                take(size);
-            }
-            return Vec::new();
-        };
+        let Ok(h) = ElfHeaders::parse(&head, size) else { return Vec::new() };
         let mut read = |o: u64, n: usize| self.read(f, i, o, n);
         let (interp, dynamic) = (h.interpreter(&mut read), h.dynamic(&mut read));
-        take(if size <= WHOLE_FILE { size } else { h.loaded_end });
+        if size > WHOLE_FILE {
+            take(h.loaded_end);
+        }
         let mut next = Vec::new();
         if let Ok(Some(p)) = interp {
             next.extend(std::str::from_utf8(&p).ok().and_then(|p| self.regular(p)));

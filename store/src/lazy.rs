@@ -35,7 +35,8 @@ pub struct FillReport {
 
 impl Store {
     /// Stores a layer index whose chunks stay remote until [`Store::fill_chunks`]. `blob` is the
-    /// original layer blob's digest, recorded like an ordinary import's.
+    /// original layer blob's digest, recorded like an ordinary import's. Atomic, and durable with
+    /// the store's next synced write (the image record that names the layer, or a fill).
     pub fn import_lazy_layer(
         &self,
         index: &LayerIndex,
@@ -102,7 +103,9 @@ impl Store {
         if pin {
             batch.put_cf(self.cf(CF_REFS), layer_ref(&index.diff_id), index.diff_id.as_bytes());
         }
-        self.sync_write(batch)?;
+        // Not synced (a cold start waited on one fsync per layer): the pull's image record,
+        // written synced after its layers, makes these durable with it.
+        self.logged_write(batch)?;
         let mut bloom = self.bloom.write().expect("bloom lock");
         new_ids.iter().for_each(|id| bloom.insert(id));
         Ok(report)

@@ -542,6 +542,15 @@ impl Store {
         self.db.write_opt(batch, &wo)?;
         Ok(())
     }
+
+    /// Writes `batch` atomically to the log without waiting for the disk: it survives a killed
+    /// process (the log is in the kernel's hands), and a crash of the machine loses it whole or
+    /// not at all; the next [`Store::sync_write`] makes it durable (the log is one file, synced
+    /// up to its end). For records the caller commits with a synced write after them.
+    fn logged_write(&self, batch: rocksdb::WriteBatch) -> Result<()> {
+        self.db.write(batch)?;
+        Ok(())
+    }
 }
 
 impl Drop for Store {
