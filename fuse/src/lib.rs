@@ -184,12 +184,18 @@ pub fn mount(
 
 /// Batches of the start-up order in flight at once.
 const STARTUP_BATCHES_IN_FLIGHT: usize = 4;
+/// Chunks per background batch (the source coalesces neighbours into ranges).
+const BATCH: usize = 64;
+/// The start-up chunks in flight at once: within such a window, fetching in the order the
+/// bytes lie in the data blobs beats the order they are read in (neighbours in one run, no
+/// chunk bridged twice by two batches); see `RangeSource::by_position`.
+pub const STARTUP_WINDOW: usize = STARTUP_BATCHES_IN_FLIGHT * BATCH;
 
 /// Fetches the start-up order's `claimed` chunks in order, [`STARTUP_BATCHES_IN_FLIGHT`] batches
 /// at once, without yielding to reads (they wait for these chunks); returns chunks and bytes.
 /// Only without a bandwidth cap (under one nothing is claimed: see [`mount`]).
 fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], stop: &AtomicBool) -> (usize, u64) {
-    let batches: Vec<&[ChunkId]> = claimed.chunks(64).collect();
+    let batches: Vec<&[ChunkId]> = claimed.chunks(BATCH).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (chunks, bytes) = (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
     std::thread::scope(|s| {
@@ -249,7 +255,7 @@ fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u6
             match f.claim(ids) {
                 Ok(mine) => {
                     let tx = tx.lock().expect("guess queue lock");
-                    for batch in mine.chunks(64) {
+                    for batch in mine.chunks(BATCH) {
                         if tx.send(batch.to_vec()).is_err() {
                             f.unclaim(batch);
                         }
@@ -283,7 +289,7 @@ fn prefetch(f: &Fetcher, o: &MountOptions, claimed: Option<Vec<ChunkId>>, stop: 
     }
     for list in lists {
         // Batches of up to 64 chunks; the source coalesces neighbours into ranges.
-        for batch in list.chunks(64) {
+        for batch in list.chunks(BATCH) {
             if stop.load(Ordering::Relaxed) {
                 return;
             }

@@ -122,6 +122,22 @@ impl RangeSource {
         v.into_iter().map(|(_, _, id)| id).collect()
     }
 
+    /// `ids` in where their bytes lie (blob, then offset), group by group of `group` chunks: a
+    /// start-up order's neighbours fetched in one run each, its coarse order kept. Chunks this
+    /// source does not know keep their place at their group's end.
+    pub fn by_position(&self, ids: &[ChunkId], group: usize) -> Vec<ChunkId> {
+        let mut out = Vec::with_capacity(ids.len());
+        for g in ids.chunks(group.max(1)) {
+            let mut v: Vec<(usize, u64, ChunkId)> = g
+                .iter()
+                .map(|id| self.chunks.get(id).map_or((usize::MAX, 0, *id), |(b, e)| (*b, e.offset, *id)))
+                .collect();
+            v.sort_by_key(|&(b, o, _)| (b, o));
+            out.extend(v.into_iter().map(|(_, _, id)| id));
+        }
+        out
+    }
+
     fn name(&self, blob: usize) -> String {
         let b = &self.blobs[blob];
         format!("{}@{}", self.repos[b.repo].1.canonical(), b.digest.short())
@@ -213,5 +229,33 @@ impl ChunkSource for RangeSource {
             Some(e) if out.is_empty() => Err(e),
             _ => Ok(out),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_fetched_at_once_goes_in_the_order_its_bytes_lie() {
+        let id = |n: u8| ChunkId::of(&[n]);
+        let layer = |repo: &str, ns: &[u8]| {
+            let mut table = hb_core::ChunkTable { entries: Vec::new() };
+            ns.iter().for_each(|&n| table.push(id(n), 100, 200, true));
+            LazySource { repository: repo.into(), data: Digest::of(repo.as_bytes()), table }
+        };
+        // Blob 0 holds chunks 1..=4 in that order, blob 1 chunks 5..=6.
+        let layers = [layer("127.0.0.1:1/a", &[1, 2, 3, 4]), layer("127.0.0.1:1/a", &[5, 6])];
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let src = RangeSource::new(rt.handle().clone(), &layers, |r| {
+            Ok((Arc::new(Registry::new(r, Default::default())?), r.clone()))
+        })
+        .unwrap();
+        let read_order = [id(6), id(3), id(1), id(9), id(4), id(2), id(5)];
+        // One window: sorted by blob, then offset; a chunk it does not know goes last.
+        assert_eq!(src.by_position(&read_order, 100), [id(1), id(2), id(3), id(4), id(5), id(6), id(9)]);
+        // Windows of three: each sorted, their order kept.
+        assert_eq!(src.by_position(&read_order, 3), [id(1), id(3), id(6), id(2), id(4), id(9), id(5)]);
+        assert_eq!(src.by_position(&[], 3), Vec::<ChunkId>::new());
     }
 }
