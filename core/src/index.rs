@@ -247,6 +247,9 @@ impl LayerIndex {
         pending.reverse();
         let mut cur = 0u32;
         while let Some(comp) = pending.pop() {
+            if !matches!(self.entries[cur as usize].kind, Kind::Dir { .. }) {
+                return None;
+            }
             match comp.as_slice() {
                 b"." => continue,
                 b".." => {
@@ -255,16 +258,13 @@ impl LayerIndex {
                 }
                 _ => {}
             }
-            if !matches!(self.entries[cur as usize].kind, Kind::Dir { .. }) {
-                return None;
-            }
             let kids = self.children(cur);
             let pos = kids.binary_search_by(|&k| self.entries[k as usize].name.as_slice().cmp(&comp)).ok()?;
             let next = kids[pos];
             match &self.entries[next as usize].kind {
                 Kind::Symlink { target } => {
                     hops += 1;
-                    if hops > 40 {
+                    if hops > 40 || target.is_empty() {
                         return None;
                     }
                     if target.starts_with(b"/") {
@@ -727,6 +727,7 @@ mod tests {
         assert_eq!(ix.resolve(b"lib64/ld.so"), ix.lookup(b"usr/lib/x86_64-linux-gnu/libc.so.6"));
         assert_eq!(ix.resolve(b"loop/a"), None, "a link loop leads nowhere");
         assert_eq!(ix.resolve(b"usr/bin/python3.11/x"), None, "a file is no folder");
+        assert_eq!(ix.resolve(b"usr/bin/python3.11/.."), None, "nor has it a parent to go up to");
         assert_eq!(ix.resolve(b"usr/bin/missing"), None);
     }
 

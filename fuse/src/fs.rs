@@ -327,9 +327,12 @@ impl Filesystem for ImageFs {
             }
             _ => {}
         }
-        if backing.is_none() {
+        match backing {
             // The file's first window starts on its way now, before its first read.
-            self.windows.around(i, &chunks, &starts, 0);
+            None => self.windows.around(i, &chunks, &starts, 0),
+            // A start learning its order sees no read of a passthrough file (a file fetched
+            // before it was opened, by a start-up guess): the open stands for them.
+            Some(_) => self.fetcher.record(&chunks.iter().map(|c| c.id).collect::<Vec<_>>()),
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h =

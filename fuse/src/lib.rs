@@ -51,8 +51,9 @@ impl std::str::FromStr for Prefetch {
 /// and libraries), reading what it needs through the fetcher, and hands each set of chunks to
 /// `fetch` as soon as it knows it: they are claimed at once (their readers wait for them) and
 /// fetched in the background, several batches at once.
+/// `stop` is set when the mount ends: the guess returns soon after.
 pub trait StartupGuess: Send + Sync {
-    fn guess(&self, fetcher: &Fetcher, fetch: &(dyn Fn(&[ChunkId]) + Sync));
+    fn guess(&self, fetcher: &Fetcher, fetch: &(dyn Fn(&[ChunkId]) + Sync), stop: &AtomicBool);
 }
 
 /// A [`StartupGuess`] in [`MountOptions`].
@@ -249,9 +250,6 @@ fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u6
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            // A start learning its order keeps these: once local, their files are read by
-            // passthrough, where no read is seen.
-            f.record(ids);
             match f.claim(ids) {
                 Ok(mine) => {
                     let tx = tx.lock().expect("guess queue lock");
@@ -264,7 +262,7 @@ fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u6
                 Err(e) => tracing::warn!(error = %e, "could not claim a guessed start-up set"),
             }
         };
-        guess.0.guess(f, &fetch);
+        guess.0.guess(f, &fetch, stop);
         drop(tx);
     });
     (chunks.into_inner() as usize, bytes.into_inner())

@@ -1,16 +1,19 @@
 //! The start-up set of an image that has no recorded order: what its command's loader will map
-//! before the program runs. The command (the image's entrypoint and cmd, or what the user
-//! asked for) is found on the image's `PATH`; a script's `#!` interpreter follows it; an ELF
-//! program brings its interpreter (`PT_INTERP`) and its libraries (`DT_NEEDED`, found as the
-//! loader finds them: `DT_RUNPATH`, then the system's folders), recursively; files the command
-//! line names come whole. Small files are fetched whole, a big program as far as its loaded
+//! before the program runs. The command (the image config's entrypoint and cmd) is found on the
+//! image's `PATH`, and so is the first word after it (a wrapper's program: `tini -- node`,
+//! `docker-entrypoint.sh postgres`) and the commands of a `sh -c` script; a script's `#!`
+//! interpreter follows; an ELF program brings its interpreter (`PT_INTERP`) and its libraries
+//! (`DT_NEEDED`, found as the loader finds them: `LD_LIBRARY_PATH`, `DT_RUNPATH`, then the
+//! system's folders), recursively; files the command line names come whole. Small files are fetched whole, a big program as far as its loaded
 //! segments reach. Nothing here knows an image or a command: it is how any program starts.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hb_core::elf::{self, ElfHeaders};
-use hb_core::{ChunkId, Kind, LayerIndex};
+
+use hb_core::{ChunkId, Kind, LayerIndex, Meta};
 use hb_fuse::{Fetcher, StartupGuess};
 
 /// Files up to this size are fetched whole (the size a first touch fetches whole anyway).
@@ -24,12 +27,14 @@ const MAX_DEPTH: usize = 6;
 /// Most bytes (uncompressed) the guess fetches.
 const MAX_BYTES: u64 = 256 << 20;
 
-/// What a container will run, from the image config (or the user's command).
+/// What a container will run, from the image config.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Command {
     pub argv: Vec<String>,
     /// The `PATH` the command is looked up on.
     pub path: Vec<String>,
+    /// `LD_LIBRARY_PATH`: searched for libraries before a program's own search path.
+    pub library_path: Vec<String>,
     pub workdir: String,
 }
 
@@ -50,14 +55,16 @@ impl Command {
         };
         let mut argv = strings("Entrypoint");
         argv.extend(strings("Cmd"));
-        let path = strings("Env")
-            .iter()
-            .find_map(|e| e.strip_prefix("PATH=").map(str::to_string))
-            .unwrap_or_else(|| DEFAULT_PATH.to_string());
+        let env = strings("Env");
+        // The last setting of a variable wins, as in a process's environment.
+        let var =
+            |name: &str| env.iter().rev().find_map(|e| e.strip_prefix(name)?.strip_prefix('=').map(str::to_string));
+        let split = |v: String| v.split(':').filter(|p| !p.is_empty()).map(str::to_string).collect();
         let workdir = c.get("WorkingDir").and_then(|w| w.as_str()).filter(|w| !w.is_empty()).unwrap_or("/");
         (!argv.is_empty()).then(|| Command {
             argv,
-            path: path.split(':').filter(|p| !p.is_empty()).map(str::to_string).collect(),
+            path: split(var("PATH").unwrap_or_else(|| DEFAULT_PATH.to_string())),
+            library_path: var("LD_LIBRARY_PATH").map(split).unwrap_or_default(),
             workdir: workdir.to_string(),
         })
     }
@@ -77,10 +84,15 @@ impl EntryGuess {
     /// The entry of `name` as `execvp` finds it: a path with a slash as it is (relative to the
     /// working folder), else the first executable file of that name on `PATH`.
     fn find_program(&self, name: &str) -> Option<u32> {
+        let executable = |i: &u32| self.meta(*i).mode & 0o111 != 0;
         if name.contains('/') {
-            return self.regular(&join(&self.command.workdir, name));
+            return self.regular(&join(&self.command.workdir, name)).filter(executable);
         }
-        self.command.path.iter().find_map(|dir| self.regular(&join(dir, name)))
+        self.command.path.iter().find_map(|dir| self.regular(&join(dir, name)).filter(executable))
+    }
+
+    fn meta(&self, i: u32) -> &Meta {
+        &self.tree.entries[i as usize].meta
     }
 
     /// The regular file at `path` (links followed).
@@ -131,23 +143,23 @@ impl EntryGuess {
         Some(out)
     }
 
-    /// Library `name` as the loader finds it for a program of `machine`/`class64` at `from`.
-    fn find_library(&self, name: &[u8], search: &[Vec<u8>], from: u32, machine: u16, class64: bool) -> Option<u32> {
+    /// Library `name` as the loader finds it for program `from` (headers `h`).
+    fn find_library(&self, name: &[u8], search: &[Vec<u8>], from: u32, h: &ElfHeaders) -> Option<u32> {
         let name = std::str::from_utf8(name).ok()?;
         if name.contains('/') {
             return self.regular(name);
         }
         let origin = String::from_utf8_lossy(&self.tree.path(self.tree.entries[from as usize].parent)).into_owned();
         let origin = format!("/{origin}");
-        let mut dirs: Vec<String> = search
-            .iter()
-            .map(|d| String::from_utf8_lossy(d).replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin))
-            .collect();
-        if let Some(t) = elf::multiarch(machine, class64) {
+        let mut dirs: Vec<String> = self.command.library_path.clone();
+        dirs.extend(
+            search.iter().map(|d| String::from_utf8_lossy(d).replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin)),
+        );
+        if let Some(t) = elf::multiarch(h) {
             dirs.push(format!("/lib/{t}"));
             dirs.push(format!("/usr/lib/{t}"));
         }
-        if class64 {
+        if h.class64 {
             dirs.extend(["/lib64".into(), "/usr/lib64".into()]);
         }
         dirs.extend(["/lib".into(), "/usr/lib".into(), "/usr/local/lib".into()]);
@@ -156,49 +168,45 @@ impl EntryGuess {
 
     /// Fetches file `i` (whole, or a big program as far as its segments reach) and returns the
     /// files it leads to: a script's interpreter, a program's loader and libraries.
-    fn visit(
-        &self,
-        f: &Fetcher,
-        i: u32,
-        fetch: &(dyn Fn(&[ChunkId]) + Sync),
-        budget: &std::sync::Mutex<u64>,
-    ) -> Vec<u32> {
+    fn visit(&self, f: &Fetcher, i: u32, fetch: &(dyn Fn(&[ChunkId]) + Sync), budget: &Mutex<u64>) -> Vec<u32> {
         let size = self.size(i);
-        let take = |end: u64| {
-            let mut left = budget.lock().expect("budget lock");
-            let end = end.min(*left);
-            *left -= end;
-            drop(left);
-            fetch(&self.chunks_to(i, end));
-        };
-        // A small file is fetched whole at once (its head arrives with the first batch); a big
-        // one's head first (one round trip), so what it leads to is known before its bulk.
-        if size <= WHOLE_FILE {
-            take(size);
-        }
+        let take = |end: u64| self.take(i, end, fetch, budget);
+        // The head first (one round trip; the set's files at once), so what the file leads to is
+        // known before its bulk arrives.
         let Some(head) = self.read(f, i, 0, HEAD) else { return Vec::new() };
         if let Some(script) = head.strip_prefix(b"#!") {
+            take(size.min(WHOLE_FILE));
             return self.interpreter_of_script(script);
         }
-        let Ok(h) = ElfHeaders::parse(&head, size) else { return Vec::new() };
+        let Ok(h) = ElfHeaders::parse(&head, size) else {
+            take(if size <= WHOLE_FILE { size } else { 0 });
+            return Vec::new();
+        };
         let mut read = |o: u64, n: usize| self.read(f, i, o, n);
         let (interp, dynamic) = (h.interpreter(&mut read), h.dynamic(&mut read));
-        if size > WHOLE_FILE {
-            take(h.loaded_end);
-        }
+        take(if size <= WHOLE_FILE { size } else { h.loaded_end });
         let mut next = Vec::new();
         if let Ok(Some(p)) = interp {
             next.extend(std::str::from_utf8(&p).ok().and_then(|p| self.regular(p)));
         }
         match dynamic {
-            Ok(d) => {
-                next.extend(d.needed.iter().filter_map(|n| self.find_library(n, &d.search, i, h.machine, h.class64)))
-            }
+            Ok(d) => next.extend(d.needed.iter().filter_map(|n| self.find_library(n, &d.search, i, &h))),
             Err(e) => {
                 tracing::debug!(file = %String::from_utf8_lossy(&self.tree.path(i)), error = %e, "no libraries read")
             }
         }
         next
+    }
+
+    /// Hands the chunks of file `i`'s bytes `[0, end)` to `fetch`, within what `budget` has left.
+    fn take(&self, i: u32, end: u64, fetch: &(dyn Fn(&[ChunkId]) + Sync), budget: &Mutex<u64>) {
+        let mut left = budget.lock().expect("budget lock");
+        let end = end.min(*left);
+        *left -= end;
+        drop(left);
+        if end > 0 {
+            fetch(&self.chunks_to(i, end));
+        }
     }
 
     /// The interpreter a `#!` line names (`/usr/bin/env NAME` looks NAME up on `PATH`).
@@ -216,27 +224,39 @@ impl EntryGuess {
 }
 
 impl StartupGuess for EntryGuess {
-    fn guess(&self, f: &Fetcher, fetch: &(dyn Fn(&[ChunkId]) + Sync)) {
-        let Some(program) = self.command.argv.first().and_then(|p| self.find_program(p)) else {
-            tracing::debug!(command = ?self.command.argv, "the command is not in the image; nothing guessed");
+    fn guess(&self, f: &Fetcher, fetch: &(dyn Fn(&[ChunkId]) + Sync), stop: &AtomicBool) {
+        let argv = &self.command.argv;
+        let Some(program) = argv.first().and_then(|p| self.find_program(p)) else {
+            tracing::debug!(command = ?argv, "the command is not in the image; nothing guessed");
             return;
         };
-        let budget = &std::sync::Mutex::new(MAX_BYTES);
+        let budget = &Mutex::new(MAX_BYTES);
         let mut seen: HashSet<u32> = HashSet::from([program]);
         let mut level = vec![program];
-        // A shell's `-c` script (docker's shell form of CMD): the programs it runs, in order.
-        for name in shell_script(&self.command.argv).map(programs_of_script).unwrap_or_default() {
+        // A wrapper's program (`tini -- node`, `env python3`, `docker-entrypoint.sh postgres`):
+        // the first word after the command that is a program on `PATH`; a shell's `-c` script
+        // (docker's shell form of CMD): the programs it runs, in order.
+        let wrapped = argv[1..].iter().find(|a| !a.starts_with('-') && !a.contains('/')).cloned();
+        let scripted = shell_script(argv).map(programs_of_script).unwrap_or_default();
+        for name in wrapped.into_iter().chain(scripted) {
             if let Some(i) = self.find_program(&name).filter(|i| seen.insert(*i)) {
                 level.push(i);
             }
         }
         // Files the command line names (a script given to an interpreter), whole when small.
-        let args: Vec<u32> = self.command.argv[1..]
+        let args: Vec<u32> = argv[1..]
             .iter()
             .filter_map(|a| self.regular(&join(&self.command.workdir, a)))
             .filter(|&i| self.size(i) <= WHOLE_FILE && seen.insert(i))
+            .take(MAX_FILES)
             .collect();
+        level.truncate(MAX_FILES);
+        let mut visited = 0;
         for depth in 0..MAX_DEPTH {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            visited += level.len();
             // One level at a time, its files at once (each costs a few round trips).
             let found: Vec<Vec<u32>> = std::thread::scope(|s| {
                 let handles: Vec<_> = level.iter().map(|&i| s.spawn(move || self.visit(f, i, fetch, budget))).collect();
@@ -244,16 +264,16 @@ impl StartupGuess for EntryGuess {
             });
             if depth == 0 {
                 for &a in &args {
-                    fetch(&self.chunks_to(a, self.size(a)));
+                    self.take(a, self.size(a), fetch, budget);
                 }
             }
             level = found.into_iter().flatten().filter(|i| seen.insert(*i)).collect();
-            level.truncate(MAX_FILES.saturating_sub(seen.len() - level.len()));
+            level.truncate(MAX_FILES.saturating_sub(visited));
             if level.is_empty() {
                 break;
             }
         }
-        tracing::debug!(files = seen.len(), "start-up set guessed from the command");
+        tracing::debug!(files = visited + args.len(), "start-up set guessed from the command");
     }
 }
 
@@ -331,5 +351,71 @@ mod tests {
         assert_eq!((d.path.len(), d.workdir.as_str()), (6, "/"), "docker's PATH and folder when the image sets none");
         assert_eq!(Command::of_config(r#"{"config":{}}"#), None);
         assert_eq!(Command::of_config("not json"), None);
+    }
+}
+
+#[cfg(test)]
+mod tree_tests {
+    use super::*;
+    use hb_core::tree::{NewEntry, TreeBuilder};
+    use hb_core::{ChunkRef, ChunkerParams, Digest};
+
+    fn guess(command: Command) -> EntryGuess {
+        let mut b = TreeBuilder::new(ChunkerParams::default());
+        let file = |n: u8| NewEntry::File { chunks: vec![ChunkRef { id: ChunkId::of(&[n]), len: 1 }] };
+        let (x, r) = (Meta { mode: 0o755, ..Meta::default() }, Meta { mode: 0o644, ..Meta::default() });
+        b.add(b"usr/bin/python3.11", x.clone(), file(1)).unwrap();
+        b.add(b"usr/bin/python3", x.clone(), NewEntry::Symlink { target: b"python3.11".to_vec() }).unwrap();
+        b.add(b"usr/bin/env", x.clone(), file(2)).unwrap();
+        b.add(b"usr/bin/notes", r.clone(), file(3)).unwrap();
+        b.add(b"bin", x.clone(), NewEntry::Symlink { target: b"usr/bin".to_vec() }).unwrap();
+        b.add(b"usr/lib/x86_64-linux-gnu/libc.so.6", r.clone(), file(4)).unwrap();
+        b.add(b"lib/libc.musl-x86_64.so.1", r.clone(), file(5)).unwrap();
+        b.add(b"opt/tool/bin/tool", x.clone(), file(6)).unwrap();
+        b.add(b"opt/tool/lib/libtool.so", r.clone(), file(7)).unwrap();
+        b.add(b"opt/extra/libextra.so", r.clone(), file(8)).unwrap();
+        b.add(b"srv/run.sh", x.clone(), file(9)).unwrap();
+        EntryGuess::new(Arc::new(b.finish(Digest::of(b""))), command)
+    }
+
+    fn at(g: &EntryGuess, path: &str) -> Option<u32> {
+        g.tree.lookup(path.as_bytes())
+    }
+
+    /// An x86-64 ELF header with no program headers.
+    fn x86_64() -> ElfHeaders {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        (h[4], h[5]) = (2, 1);
+        h[18..20].copy_from_slice(&62u16.to_le_bytes());
+        ElfHeaders::parse(&h, 64).unwrap()
+    }
+
+    #[test]
+    fn programs_scripts_and_libraries_are_found_as_exec_and_the_loader_find_them() {
+        let c = Command::of_config(
+            r#"{"config":{"Cmd":["python3"],"Env":["PATH=/nowhere","PATH=/usr/local/bin:/bin","LD_LIBRARY_PATH=/opt/extra"],"WorkingDir":"/srv"}}"#,
+        )
+        .unwrap();
+        let g = guess(c);
+        // On PATH (the last PATH set wins), through links; only executables.
+        assert_eq!(g.find_program("python3"), at(&g, "usr/bin/python3.11"));
+        assert_eq!(g.find_program("notes"), None, "not executable");
+        assert_eq!(g.find_program("missing"), None);
+        // A path with a slash, relative to the working folder.
+        assert_eq!(g.find_program("./run.sh"), at(&g, "srv/run.sh"));
+        // `#!/usr/bin/env NAME`: env, and NAME on PATH.
+        let s = g.interpreter_of_script(b"/usr/bin/env -S python3 -u\nprint(1)\n");
+        assert_eq!(s, [at(&g, "usr/bin/env").unwrap(), at(&g, "usr/bin/python3.11").unwrap()]);
+        // Libraries: the multiarch folder; musl's /lib; $ORIGIN; LD_LIBRARY_PATH.
+        let (h, py, tool) = (x86_64(), at(&g, "usr/bin/python3.11").unwrap(), at(&g, "opt/tool/bin/tool").unwrap());
+        assert_eq!(g.find_library(b"libc.so.6", &[], py, &h), at(&g, "usr/lib/x86_64-linux-gnu/libc.so.6"));
+        assert_eq!(g.find_library(b"libc.musl-x86_64.so.1", &[], py, &h), at(&g, "lib/libc.musl-x86_64.so.1"));
+        assert_eq!(
+            g.find_library(b"libtool.so", &[b"$ORIGIN/../lib".to_vec()], tool, &h),
+            at(&g, "opt/tool/lib/libtool.so")
+        );
+        assert_eq!(g.find_library(b"libtool.so", &[], tool, &h), None, "not without its search path");
+        assert_eq!(g.find_library(b"libextra.so", &[], py, &h), at(&g, "opt/extra/libextra.so"));
     }
 }

@@ -240,8 +240,10 @@ pub fn mount_image(
         fetcher.start_recording();
     }
     // Without a recorded order, the image's command's program, loader and libraries come first.
+    // Not for the lower layers alone (a containerd snapshot chain's part): nothing runs on them.
+    let whole = args.layers.is_none_or(|n| n == rec.layers.len());
     let guess = crate::guess::Command::of_config(&rec.config)
-        .filter(|_| startup.is_empty() && lazy_layers > 0)
+        .filter(|_| startup.is_empty() && lazy_layers > 0 && whole)
         .map(|c| hb_fuse::Guess(Arc::new(crate::guess::EntryGuess::new(merged.clone(), c))));
     let opts = MountOptions {
         fs: FsOptions { passthrough: args.passthrough, passthrough_min: 1 << 20, image: name.clone() },

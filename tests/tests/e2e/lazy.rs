@@ -583,3 +583,30 @@ fn a_damaged_passthrough_backing_file_never_reaches_a_reader() {
     assert_eq!(gc["backing_removed"], 1, "{gc}");
     assert_eq!(hb.json(&["du"])["backing_files"], 0);
 }
+
+#[test]
+fn a_mount_nobody_reads_guesses_its_programs_files_but_learns_no_order() {
+    // debian-app's command is `python3 /app/main.py`: without an order, a mount fetches python,
+    // its loader and libraries at once. Nothing reads them here: nothing is learned.
+    let reg = open_registry();
+    let image = convert(&format!("{reg}/debian-app:v1"), "unread");
+    let hb = Hb::new();
+    hb.ok(&["pull", "-q", "--lazy", "--plain-http", &image]);
+    let m = Mounted::new(&hb, &image, "mnt", &["--plain-http"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !mount_log(&hb, &m.dir).contains("prefetch finished") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = m.unmount();
+    let fetched: u64 = log
+        .split("prefetch finished: ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no prefetch reported: {log}"));
+    assert!(fetched >= 40, "{fetched} chunks guessed and fetched: {log}");
+    let o = hb.run(&["inspect", &image]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(j["startupOrder"].is_null(), "a guess nobody read became the image's order: {j}");
+    hb.fsck_clean();
+}
