@@ -257,8 +257,11 @@ impl StartupOrder {
         &self,
         layers: impl IntoIterator<Item = &'a crate::LayerIndex>,
     ) -> Result<(), LazyFormatError> {
-        let known: std::collections::HashSet<ChunkId> =
-            layers.into_iter().flat_map(|l| l.chunks.iter().map(|c| c.id)).collect();
+        self.check_known(&layers.into_iter().flat_map(|l| l.chunks.iter().map(|c| c.id)).collect())
+    }
+
+    /// [`StartupOrder::check_within`] against the image's chunk ids, gathered by the caller.
+    pub fn check_known(&self, known: &std::collections::HashSet<ChunkId>) -> Result<(), LazyFormatError> {
         match self.chunks.iter().find(|c| !known.contains(*c)) {
             Some(bad) => Err(invalid(
                 "start-up order",

@@ -1,11 +1,12 @@
 //! `hb pull`: registry -> verified blob streams -> concurrent ingests -> image record.
 //! The only place that wires the registry client to the store.
 
+use std::collections::HashSet;
 use std::io::{self, Read};
 use std::sync::Arc;
 
 use futures_util::{stream, StreamExt, TryStreamExt};
-use hb_core::Digest;
+use hb_core::{ChunkId, Digest};
 use hb_registry::{ImageRef, LayerDesc, Registry, ResolvedImage};
 use hb_store::{ImageLayer, ImageRecord, ImportOptions, Store};
 use indicatif::HumanBytes;
@@ -398,14 +399,16 @@ pub fn pull_lazy(
         .filter(|(a, _)| !store.has_layer(&a.diff_id).unwrap_or(false))
         .collect();
     report.layers_local = cfg.layers.len() - todo.len();
-    let results: Vec<(u64, hb_store::LazyImport)> = rt.block_on(async {
-        stream::iter(todo)
-            .map(|(a, l)| {
-                let (store, registry, r, repository) = (store.clone(), registry.clone(), r.clone(), repository.clone());
-                async move {
-                    let (index, source, bytes) = crate::delta::fetch_layer_form(&registry, &r, &a, repository).await?;
-                    let imported = tokio::task::spawn_blocking(move || {
-                        store.import_lazy_layer(
+    let local: Vec<Digest> =
+        cfg.layers.iter().map(|l| l.diff_id).filter(|d| !todo.iter().any(|(a, _)| a.diff_id == *d)).collect();
+    let layers = stream::iter(todo)
+        .map(|(a, l)| {
+            let (store, registry, r, repository) = (store.clone(), registry.clone(), r.clone(), repository.clone());
+            async move {
+                let (index, source, bytes) = crate::delta::fetch_layer_form(&registry, &r, &a, repository).await?;
+                let imported = tokio::task::spawn_blocking(move || {
+                    store
+                        .import_lazy_layer(
                             &index,
                             &l.digest,
                             crate::delta::blob_compression(&l.media_type),
@@ -413,39 +416,50 @@ pub fn pull_lazy(
                             &source,
                             false,
                         )
-                    })
-                    .await
-                    .map_err(|e| ImagesError::Invalid(format!("the lazy import task panicked: {e}")))??;
-                    Ok::<_, ImagesError>((bytes, imported))
-                }
-            })
-            .buffer_unordered(4)
-            .try_collect()
-            .await
-    })?;
-    for (bytes, li) in &results {
+                        .map(|li| (li, index.chunks.iter().map(|c| c.id).collect::<Vec<ChunkId>>()))
+                })
+                .await
+                .map_err(|e| ImagesError::Invalid(format!("the lazy import task panicked: {e}")))??;
+                Ok::<_, ImagesError>((bytes, imported))
+            }
+        })
+        .buffer_unordered(4)
+        .try_collect::<Vec<_>>();
+    // The published order (if any) comes beside the layers' indexes, not after them.
+    let order = async {
+        match cfg.startup {
+            Some((d, size)) => Some(registry.fetch_bytes(r, &d, size).await),
+            None => None,
+        }
+    };
+    let (results, order) = rt.block_on(futures_util::future::join(layers, order));
+    let results = results?;
+    let mut known: HashSet<ChunkId> = HashSet::new();
+    for (bytes, (li, ids)) in results {
         report.bytes_downloaded += bytes;
         report.remote_bytes += li.remote_bytes;
         if li.remote_chunks > 0 {
             report.layers_lazy += 1;
         }
+        known.extend(ids);
     }
-    if let Some((d, size)) = cfg.startup {
+    if let Some(fetched) = order {
         // An order is advice: one that cannot be fetched, does not decode or names chunks the image
         // lacks is logged and left out, and the image starts without it.
-        let fetched = rt.block_on(registry.fetch_bytes(r, &d, size)).map_err(ImagesError::from).and_then(|raw| {
+        let fetched = fetched.map_err(ImagesError::from).and_then(|raw| {
             let order = hb_core::StartupOrder::decode(&raw).within(|| "the start-up order".to_string())?;
-            let diff_ids: Vec<Digest> = cfg.layers.iter().map(|l| l.diff_id).collect();
-            order
-                .check_within(&crate::layer_indexes(&store, &diff_ids)?)
-                .within(|| "the start-up order".to_string())?;
+            for l in crate::layer_indexes(&store, &local)? {
+                known.extend(l.chunks.iter().map(|c| c.id));
+            }
+            order.check_known(&known).within(|| "the start-up order".to_string())?;
             Ok((raw, order))
         });
         match fetched {
             Ok((raw, order)) => {
                 report.startup_chunks = order.chunks.len();
                 report.bytes_downloaded += raw.len() as u64;
-                store.put_aux(&startup_key(&resolved.manifest_digest), &raw)?;
+                // Durable with the image record below.
+                store.stage_aux(&startup_key(&resolved.manifest_digest), &raw)?;
             }
             Err(e) => {
                 tracing::warn!(image = %name, error = %e, "the published start-up order is not usable; pulling without it")

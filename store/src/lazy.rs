@@ -302,6 +302,15 @@ impl Store {
         Ok(s)
     }
 
+    /// [`Store::put_aux`] without waiting for the disk: atomic, survives a killed process, and
+    /// durable with the store's next synced write (a pull's image record, written after it).
+    pub fn stage_aux(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.writable()?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put(format!("aux/{key}"), value);
+        self.logged_write(batch)
+    }
+
     /// Saves a small auxiliary record (e.g. an image's start-up order) under `key`.
     pub fn put_aux(&self, key: &str, value: &[u8]) -> Result<()> {
         self.writable()?;
