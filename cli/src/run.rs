@@ -39,12 +39,14 @@ pub trait LocalImages {
     /// Lets go of the store before another process (a detached monitor) opens it.
     fn release(&self) {}
     /// Serves `image`'s merged rootfs read-only at `dir` from this process: the image's config
-    /// (JSON) and the mount.
+    /// (JSON) and the mount. `run` says what the container will run (its `--entrypoint` and
+    /// arguments, where not the image's): a first start fetches that program's files first.
     fn mount(
         &self,
         g: &Global,
         image: &str,
         plain_http: bool,
+        run: &hb_runtime::RunOptions,
         dir: &Path,
         out: &Out,
     ) -> anyhow::Result<(String, Box<dyn LocalMount>)>;
@@ -464,7 +466,7 @@ fn monitor_loaded(
             (Some(m), _) => (m.path, m.config),
             (None, Some(local)) => {
                 std::fs::create_dir_all(&own_lower)?;
-                let (config, m) = local.mount(g, &req.image, req.plain_http, &own_lower, out)?;
+                let (config, m) = local.mount(g, &req.image, req.plain_http, &req.opts, &own_lower, out)?;
                 mount = Some(m);
                 (own_lower.clone(), config)
             }

@@ -334,21 +334,6 @@ mod tests {
     }
 
     #[test]
-    fn the_real_shell_of_this_machine_parses() {
-        // A real program as a linker wrote it (this machine's shell; a test, not the crate, reads).
-        let Ok(f) = std::fs::read("/bin/sh") else { return };
-        let h = ElfHeaders::parse(&f[..4096.min(f.len())], f.len() as u64).unwrap();
-        let mut r = reader(&f);
-        let d = h.dynamic(&mut r).unwrap();
-        if d.needed.is_empty() {
-            return; // a static shell: nothing more to check
-        }
-        assert!(d.needed.iter().any(|n| n.starts_with(b"libc.")), "{:?}", d.needed);
-        assert!(h.interpreter(&mut r).unwrap().is_some());
-        assert!(h.loaded_end > 0 && h.loaded_end <= f.len() as u64);
-    }
-
-    #[test]
     fn bad_input_is_an_error_never_a_panic() {
         assert_eq!(ElfHeaders::parse(b"#!/bin/sh\n", 10), Err(ElfError::NotElf));
         let f = program(&["libc.so.6"], None);

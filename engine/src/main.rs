@@ -528,6 +528,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 plain_http,
                 layers,
                 learn: true,
+                command: None,
             };
             let rt = runtime()?;
             let _pid = mount::PidFile::create(store.root(), &args.dir);

@@ -148,6 +148,7 @@ impl hb_cli::run::LocalImages for StoreImages {
         g: &Global,
         image: &str,
         plain_http: bool,
+        run: &hb_runtime::RunOptions,
         dir: &Path,
         out: &Out,
     ) -> anyhow::Result<(String, Box<dyn hb_cli::run::LocalMount>)> {
@@ -164,6 +165,10 @@ impl hb_cli::run::LocalImages for StoreImages {
             plain_http,
             layers: None,
             learn: true,
+            command: Some(hb_images::guess::CommandOverride {
+                entrypoint: run.entrypoint.clone(),
+                cmd: run.cmd.clone(),
+            }),
         };
         let (daemon, keeper) = DaemonSource::roles(g, &store);
         let mount = mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, keeper, None, &Report::new(out))?;

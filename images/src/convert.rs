@@ -266,6 +266,7 @@ pub fn optimize(
         plain_http,
         layers: None,
         learn: false,
+        command: None,
     };
     let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, None, reporter)?;
     // The command runs as in a container, over a writable layer (a build step writes its output;

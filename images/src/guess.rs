@@ -38,13 +38,22 @@ pub struct Command {
     pub workdir: String,
 }
 
+/// A command that replaces the image's, by docker's rules: an entrypoint replaces the image's
+/// and drops its cmd; arguments replace the cmd.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandOverride {
+    pub entrypoint: Option<String>,
+    pub cmd: Vec<String>,
+}
+
 /// The `PATH` docker uses when the image sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 impl Command {
-    /// The command an image config runs by default (`Entrypoint` + `Cmd`), with its `PATH` and
-    /// working folder; `None` when the config says nothing to run or does not parse.
-    pub fn of_config(config: &str) -> Option<Command> {
+    /// The command an image config runs (`Entrypoint` + `Cmd`, or as `over` replaces them), with
+    /// its `PATH` and working folder; `None` when there is nothing to run or the config does not
+    /// parse.
+    pub fn of_config(config: &str, over: Option<&CommandOverride>) -> Option<Command> {
         let v: serde_json::Value = serde_json::from_str(config).ok()?;
         let c = v.get("config")?;
         let strings = |k: &str| -> Vec<String> {
@@ -53,8 +62,16 @@ impl Command {
                 .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
                 .unwrap_or_default()
         };
-        let mut argv = strings("Entrypoint");
-        argv.extend(strings("Cmd"));
+        let (entrypoint, cmd) = match over.and_then(|o| o.entrypoint.as_ref()) {
+            Some(e) if e.is_empty() => (Vec::new(), Vec::new()),
+            Some(e) => (vec![e.clone()], Vec::new()),
+            None => (strings("Entrypoint"), strings("Cmd")),
+        };
+        let cmd = match over.filter(|o| !o.cmd.is_empty()) {
+            Some(o) => o.cmd.clone(),
+            None => cmd,
+        };
+        let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
         let env = strings("Env");
         // The last setting of a variable wins, as in a process's environment.
         let var =
@@ -273,7 +290,8 @@ impl StartupGuess for EntryGuess {
                 break;
             }
         }
-        tracing::debug!(files = visited + args.len(), "start-up set guessed from the command");
+        let program = String::from_utf8_lossy(&self.tree.path(program)).into_owned();
+        tracing::debug!(%program, files = visited + args.len(), "start-up set guessed from the command");
     }
 }
 
@@ -343,14 +361,32 @@ mod tests {
 
     #[test]
     fn the_command_comes_from_the_config_with_its_path() {
-        let c = Command::of_config(r#"{"config":{"Entrypoint":["/init"],"Cmd":["serve"],"Env":["A=1","PATH=/opt/bin:/bin"],"WorkingDir":"/srv"}}"#).unwrap();
+        let c = Command::of_config(r#"{"config":{"Entrypoint":["/init"],"Cmd":["serve"],"Env":["A=1","PATH=/opt/bin:/bin"],"WorkingDir":"/srv"}}"#, None).unwrap();
         assert_eq!(c.argv, ["/init", "serve"]);
         assert_eq!(c.path, ["/opt/bin", "/bin"]);
         assert_eq!(c.workdir, "/srv");
-        let d = Command::of_config(r#"{"config":{"Cmd":["sh"]}}"#).unwrap();
+        let d = Command::of_config(r#"{"config":{"Cmd":["sh"]}}"#, None).unwrap();
         assert_eq!((d.path.len(), d.workdir.as_str()), (6, "/"), "docker's PATH and folder when the image sets none");
-        assert_eq!(Command::of_config(r#"{"config":{}}"#), None);
-        assert_eq!(Command::of_config("not json"), None);
+        assert_eq!(Command::of_config(r#"{"config":{}}"#, None), None);
+        assert_eq!(Command::of_config("not json", None), None);
+        // `hb run`'s command, by docker's rules.
+        let cfg = r#"{"config":{"Entrypoint":["/init"],"Cmd":["serve"]}}"#;
+        let over = |e: Option<&str>, c: &[&str]| CommandOverride {
+            entrypoint: e.map(String::from),
+            cmd: c.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            Command::of_config(cfg, Some(&over(None, &["sh"]))).unwrap().argv,
+            ["/init", "sh"],
+            "arguments replace the cmd"
+        );
+        assert_eq!(
+            Command::of_config(cfg, Some(&over(Some("sh"), &[]))).unwrap().argv,
+            ["sh"],
+            "an entrypoint drops the cmd"
+        );
+        assert_eq!(Command::of_config(cfg, Some(&over(Some("sh"), &["-c", "x"]))).unwrap().argv, ["sh", "-c", "x"]);
+        assert_eq!(Command::of_config(cfg, Some(&over(Some(""), &[]))), None, "an empty entrypoint: nothing");
     }
 }
 
@@ -395,6 +431,7 @@ mod tree_tests {
     fn programs_scripts_and_libraries_are_found_as_exec_and_the_loader_find_them() {
         let c = Command::of_config(
             r#"{"config":{"Cmd":["python3"],"Env":["PATH=/nowhere","PATH=/usr/local/bin:/bin","LD_LIBRARY_PATH=/opt/extra"],"WorkingDir":"/srv"}}"#,
+            None,
         )
         .unwrap();
         let g = guess(c);

@@ -170,5 +170,18 @@ fn a_first_start_fetches_its_programs_files_before_it_reads_them() {
     // opens: `lazy::a_mount_nobody_reads_...` shows a guess alone is not an order).
     let learned = order_chunks(&hb, &image).expect("an order was learned");
     assert!(learned > 10, "learned {learned} chunks");
+    assert!(err.contains("program=usr/bin/python3"), "the image's command was guessed for: {err}");
     hb.fsck_clean();
+
+    // `hb run IMAGE CMD`: the guess is for the command given, by docker's rules.
+    let other = Hb::new();
+    other.ok(&["pull", "-q", "--lazy", "--plain-http", &image]);
+    let o = other
+        .command(&["run", "--rm", &image, "sh", "-c", "echo given"])
+        .env("HB_LOG", "hb_images=debug,info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "given\n", "{err}");
+    assert!(err.contains("program=usr/bin/dash"), "sh (dash) was guessed for: {err}");
 }
