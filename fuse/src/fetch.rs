@@ -131,6 +131,8 @@ pub struct Fetcher {
     /// On-demand reads in progress; background work yields while it is non-zero.
     foreground: AtomicUsize,
     recorder: Mutex<Option<Recorder>>,
+    /// Chunks a start-up guess fetched before they were read (see [`Fetcher::record_guessed`]).
+    guessed: Mutex<HashSet<ChunkId>>,
     timeout: Duration,
     pub stats: Arc<FetchStats>,
 }
@@ -159,6 +161,7 @@ impl Fetcher {
             filler: Mutex::new(None),
             foreground: AtomicUsize::new(0),
             recorder: Mutex::new(None),
+            guessed: Mutex::new(HashSet::new()),
             timeout,
             stats,
         });
@@ -189,14 +192,21 @@ impl Fetcher {
         self.recorder.lock().expect("recorder lock").get_or_insert_with(Recorder::default);
     }
 
-    /// Adds `ids` to the recording as if read now (chunks fetched for a start before it read
-    /// them: a file that is local when opened is served by passthrough, unseen by the recorder).
-    pub fn record(&self, ids: &[ChunkId]) {
-        if let Some(r) = self.recorder.lock().expect("recorder lock").as_mut() {
-            for id in ids {
-                if r.seen.insert(*id) {
-                    r.order.push(*id);
-                }
+    /// Notes chunks a start-up guess fetches before anything reads them.
+    pub fn mark_guessed(&self, ids: &[ChunkId]) {
+        self.guessed.lock().expect("guessed lock").extend(ids.iter().copied());
+    }
+
+    /// Adds those of `ids` a start-up guess fetched to the recording, as if read now: a file
+    /// the guess made local is served by passthrough when opened, its reads unseen by the
+    /// recorder. (Only those: a file local for another reason is not a start's to learn.)
+    pub fn record_guessed(&self, ids: &[ChunkId]) {
+        let mut rec = self.recorder.lock().expect("recorder lock");
+        let Some(r) = rec.as_mut() else { return };
+        let guessed = self.guessed.lock().expect("guessed lock");
+        for id in ids.iter().filter(|id| guessed.contains(*id)) {
+            if r.seen.insert(*id) {
+                r.order.push(*id);
             }
         }
     }
@@ -673,5 +683,20 @@ mod tests {
         let (_d, store, index, _) = setup(false);
         let f = Fetcher::new(store, SourceChain::new(), Duration::from_secs(1));
         assert!(matches!(f.read(&index.chunks[0].id, &[]), Err(FetchError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_recording_takes_opened_files_chunks_only_where_a_guess_fetched_them() {
+        let (_d, store, _, _) = setup(false);
+        let f = Fetcher::new(store, SourceChain::new(), Duration::from_secs(1));
+        let (a, b, c) = (ChunkId::of(b"a"), ChunkId::of(b"b"), ChunkId::of(b"c"));
+        f.mark_guessed(&[a, c]);
+        f.record_guessed(&[a, b]);
+        assert!(f.take_recording().is_empty(), "nothing is recorded unless recording");
+        f.start_recording();
+        f.record_guessed(&[b, a]);
+        f.start_recording(); // (goes on)
+        f.record_guessed(&[c, a, b]);
+        assert_eq!(f.take_recording(), [a, c], "only guessed chunks, each once, in order");
     }
 }

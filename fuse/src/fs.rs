@@ -330,9 +330,9 @@ impl Filesystem for ImageFs {
         match backing {
             // The file's first window starts on its way now, before its first read.
             None => self.windows.around(i, &chunks, &starts, 0),
-            // A start learning its order sees no read of a passthrough file (a file fetched
-            // before it was opened, by a start-up guess): the open stands for them.
-            Some(_) => self.fetcher.record(&chunks.iter().map(|c| c.id).collect::<Vec<_>>()),
+            // A start learning its order sees no read of a passthrough file (a file a start-up
+            // guess fetched before it was opened): the open stands for them.
+            Some(_) => self.fetcher.record_guessed(&chunks.iter().map(|c| c.id).collect::<Vec<_>>()),
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h =

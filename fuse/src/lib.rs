@@ -250,6 +250,7 @@ fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u6
             if stop.load(Ordering::Relaxed) {
                 return;
             }
+            f.mark_guessed(ids);
             match f.claim(ids) {
                 Ok(mine) => {
                     let tx = tx.lock().expect("guess queue lock");

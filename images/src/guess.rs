@@ -253,9 +253,16 @@ impl StartupGuess for EntryGuess {
         // A wrapper's program (`tini -- node`, `env python3`, `docker-entrypoint.sh postgres`):
         // the first word after the command that is a program on `PATH`; a shell's `-c` script
         // (docker's shell form of CMD): the programs it runs, in order.
-        let wrapped = argv[1..].iter().find(|a| !a.starts_with('-') && !a.contains('/')).cloned();
-        let scripted = shell_script(argv).map(programs_of_script).unwrap_or_default();
-        for name in wrapped.into_iter().chain(scripted) {
+        // (Of the first three words that are neither options nor assignments: `env X=1 node`,
+        // `gosu app node`, `tini -- /app/server`.)
+        let wrapped = argv[1..]
+            .iter()
+            .filter(|a| !a.starts_with('-') && !a.contains('='))
+            .take(3)
+            .find_map(|a| self.find_program(a))
+            .filter(|i| seen.insert(*i));
+        level.extend(wrapped);
+        for name in shell_script(argv).map(programs_of_script).unwrap_or_default() {
             if let Some(i) = self.find_program(&name).filter(|i| seen.insert(*i)) {
                 level.push(i);
             }
@@ -265,9 +272,9 @@ impl StartupGuess for EntryGuess {
             .iter()
             .filter_map(|a| self.regular(&join(&self.command.workdir, a)))
             .filter(|&i| self.size(i) <= WHOLE_FILE && seen.insert(i))
-            .take(MAX_FILES)
+            .take(MAX_FILES / 2)
             .collect();
-        level.truncate(MAX_FILES);
+        level.truncate(MAX_FILES - args.len());
         let mut visited = 0;
         for depth in 0..MAX_DEPTH {
             if stop.load(Ordering::Relaxed) {

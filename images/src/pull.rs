@@ -416,7 +416,17 @@ pub fn pull_lazy(
                             &source,
                             false,
                         )
-                        .map(|li| (li, index.chunks.iter().map(|c| c.id).collect::<Vec<ChunkId>>()))
+                        .and_then(|li| {
+                            // A layer the store knew already keeps its own index: its chunks count.
+                            let ids = match li.already_present {
+                                false => index.chunks.iter().map(|c| c.id).collect::<Vec<ChunkId>>(),
+                                true => store
+                                    .layer(&index.diff_id)?
+                                    .map(|l| l.chunks.iter().map(|c| c.id).collect())
+                                    .unwrap_or_default(),
+                            };
+                            Ok((li, ids))
+                        })
                 })
                 .await
                 .map_err(|e| ImagesError::Invalid(format!("the lazy import task panicked: {e}")))??;
@@ -459,7 +469,9 @@ pub fn pull_lazy(
                 report.startup_chunks = order.chunks.len();
                 report.bytes_downloaded += raw.len() as u64;
                 // Durable with the image record below.
-                store.stage_aux(&startup_key(&resolved.manifest_digest), &raw)?;
+                if let Err(e) = store.stage_aux(&startup_key(&resolved.manifest_digest), &raw) {
+                    tracing::warn!(image = %name, error = %e, "could not keep the published start-up order");
+                }
             }
             Err(e) => {
                 tracing::warn!(image = %name, error = %e, "the published start-up order is not usable; pulling without it")
