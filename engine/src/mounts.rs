@@ -166,6 +166,8 @@ impl hb_cli::run::LocalImages for StoreImages {
             layers: None,
             learn: true,
             command: Some(hb_images::guess::CommandOverride {
+                workdir: run.workdir.clone(),
+                env: run.env.clone(),
                 entrypoint: run.entrypoint.clone(),
                 cmd: run.cmd.clone(),
             }),

@@ -44,6 +44,10 @@ pub struct Command {
 pub struct CommandOverride {
     pub entrypoint: Option<String>,
     pub cmd: Vec<String>,
+    /// `-w`: the working folder, instead of the image's.
+    pub workdir: Option<String>,
+    /// `-e KEY=VALUE`, after the image's (`PATH` and `LD_LIBRARY_PATH` change the lookups).
+    pub env: Vec<String>,
 }
 
 /// The `PATH` docker uses when the image sets none.
@@ -72,12 +76,17 @@ impl Command {
             None => cmd,
         };
         let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
-        let env = strings("Env");
+        let mut env = strings("Env");
+        env.extend(over.map(|o| o.env.clone()).unwrap_or_default());
         // The last setting of a variable wins, as in a process's environment.
         let var =
             |name: &str| env.iter().rev().find_map(|e| e.strip_prefix(name)?.strip_prefix('=').map(str::to_string));
         let split = |v: String| v.split(':').filter(|p| !p.is_empty()).map(str::to_string).collect();
-        let workdir = c.get("WorkingDir").and_then(|w| w.as_str()).filter(|w| !w.is_empty()).unwrap_or("/");
+        let workdir = over
+            .and_then(|o| o.workdir.as_deref())
+            .or_else(|| c.get("WorkingDir").and_then(|w| w.as_str()))
+            .filter(|w| !w.is_empty())
+            .unwrap_or("/");
         (!argv.is_empty()).then(|| Command {
             argv,
             path: split(var("PATH").unwrap_or_else(|| DEFAULT_PATH.to_string())),
@@ -381,6 +390,7 @@ mod tests {
         let over = |e: Option<&str>, c: &[&str]| CommandOverride {
             entrypoint: e.map(String::from),
             cmd: c.iter().map(|s| s.to_string()).collect(),
+            ..CommandOverride::default()
         };
         assert_eq!(
             Command::of_config(cfg, Some(&over(None, &["sh"]))).unwrap().argv,
@@ -394,6 +404,11 @@ mod tests {
         );
         assert_eq!(Command::of_config(cfg, Some(&over(Some("sh"), &["-c", "x"]))).unwrap().argv, ["sh", "-c", "x"]);
         assert_eq!(Command::of_config(cfg, Some(&over(Some(""), &[]))), None, "an empty entrypoint: nothing");
+        // `-w` and `-e`: the working folder and a later PATH win.
+        let o = CommandOverride { workdir: Some("/w".into()), env: vec!["PATH=/x".into()], ..over(None, &[]) };
+        let c = Command::of_config(r#"{"config":{"Cmd":["a"],"Env":["PATH=/bin"],"WorkingDir":"/srv"}}"#, Some(&o))
+            .unwrap();
+        assert_eq!((c.path, c.workdir.as_str()), (vec!["/x".to_string()], "/w"));
     }
 }
 
