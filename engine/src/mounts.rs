@@ -165,12 +165,7 @@ impl hb_cli::run::LocalImages for StoreImages {
             plain_http,
             layers: None,
             learn: true,
-            command: Some(hb_images::guess::CommandOverride {
-                workdir: run.workdir.clone(),
-                env: run.env.clone(),
-                entrypoint: run.entrypoint.clone(),
-                cmd: run.cmd.clone(),
-            }),
+            command: Some(run.clone()),
         };
         let (daemon, keeper) = DaemonSource::roles(g, &store);
         let mount = mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, keeper, None, &Report::new(out))?;

@@ -200,13 +200,13 @@ impl Fetcher {
     /// Adds those of `ids` a start-up guess fetched to the recording, as if read now: a file
     /// the guess made local is served by passthrough when opened, its reads unseen by the
     /// recorder. (Only those: a file local for another reason is not a start's to learn.)
-    pub fn record_guessed(&self, ids: &[ChunkId]) {
+    pub fn record_guessed(&self, ids: impl IntoIterator<Item = ChunkId>) {
         let mut rec = self.recorder.lock().expect("recorder lock");
         let Some(r) = rec.as_mut() else { return };
         let guessed = self.guessed.lock().expect("guessed lock");
-        for id in ids.iter().filter(|id| guessed.contains(*id)) {
-            if r.seen.insert(*id) {
-                r.order.push(*id);
+        for id in ids.into_iter().filter(|id| guessed.contains(id)) {
+            if r.seen.insert(id) {
+                r.order.push(id);
             }
         }
     }
@@ -230,8 +230,14 @@ impl Fetcher {
             }
         }
         self.foreground.fetch_add(1, Ordering::Relaxed);
-        let out = self.get(id, ahead);
+        let out = self.get_counted(id, ahead);
         self.foreground.fetch_sub(1, Ordering::Relaxed);
+        out
+    }
+
+    /// [`Fetcher::get`], an error counted.
+    fn get_counted(&self, id: &ChunkId, ahead: &[ChunkId]) -> Result<Chunk, FetchError> {
+        let out = self.get(id, ahead);
         if out.is_err() {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -241,11 +247,7 @@ impl Fetcher {
     /// Reads one chunk for hb itself (a start-up guess reading a program's headers): like
     /// [`Fetcher::read`], but not recorded as the program's read.
     pub fn read_unrecorded(&self, id: &ChunkId) -> Result<Chunk, FetchError> {
-        let out = self.get(id, &[]);
-        if out.is_err() {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        out
+        self.get_counted(id, &[])
     }
 
     fn in_memory(&self, id: &ChunkId) -> Option<Chunk> {
@@ -691,12 +693,12 @@ mod tests {
         let f = Fetcher::new(store, SourceChain::new(), Duration::from_secs(1));
         let (a, b, c) = (ChunkId::of(b"a"), ChunkId::of(b"b"), ChunkId::of(b"c"));
         f.mark_guessed(&[a, c]);
-        f.record_guessed(&[a, b]);
+        f.record_guessed([a, b]);
         assert!(f.take_recording().is_empty(), "nothing is recorded unless recording");
         f.start_recording();
-        f.record_guessed(&[b, a]);
+        f.record_guessed([b, a]);
         f.start_recording(); // (goes on)
-        f.record_guessed(&[c, a, b]);
+        f.record_guessed([c, a, b]);
         assert_eq!(f.take_recording(), [a, c], "only guessed chunks, each once, in order");
     }
 }

@@ -332,7 +332,7 @@ impl Filesystem for ImageFs {
             None => self.windows.around(i, &chunks, &starts, 0),
             // A start learning its order sees no read of a passthrough file (a file a start-up
             // guess fetched before it was opened): the open stands for them.
-            Some(_) => self.fetcher.record_guessed(&chunks.iter().map(|c| c.id).collect::<Vec<_>>()),
+            Some(_) => self.fetcher.record_guessed(chunks.iter().map(|c| c.id)),
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let h =

@@ -204,22 +204,33 @@ fn prefetch_claimed(f: &Fetcher, claimed: &[ChunkId], stop: &AtomicBool) -> (usi
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 let Some(batch) = batches.get(i) else { return };
-                if stop.load(Ordering::Relaxed) {
-                    f.unclaim(batch);
-                    continue;
-                }
-                match f.fetch_claimed(batch) {
-                    Ok((n, b)) => {
-                        chunks.fetch_add(n as u64, Ordering::Relaxed);
-                        bytes.fetch_add(b, Ordering::Relaxed);
-                    }
-                    // Its chunks went back to their readers, who fetch them with their own retries.
-                    Err(e) => tracing::warn!(error = %e, "a start-up prefetch batch failed"),
-                }
+                fetch_batch(f, batch, stop, &chunks, &bytes);
             });
         }
     });
     (chunks.into_inner() as usize, bytes.into_inner())
+}
+
+/// Fetches one claimed batch of the start-up set (gives it back unfetched once `stop` is set),
+/// adding to the counts.
+fn fetch_batch(
+    f: &Fetcher,
+    batch: &[ChunkId],
+    stop: &AtomicBool,
+    chunks: &std::sync::atomic::AtomicU64,
+    bytes: &std::sync::atomic::AtomicU64,
+) {
+    if stop.load(Ordering::Relaxed) {
+        return f.unclaim(batch);
+    }
+    match f.fetch_claimed(batch) {
+        Ok((n, b)) => {
+            chunks.fetch_add(n as u64, Ordering::Relaxed);
+            bytes.fetch_add(b, Ordering::Relaxed);
+        }
+        // Its chunks went back to their readers, who fetch them with their own retries.
+        Err(e) => tracing::warn!(error = %e, "a start-up prefetch batch failed"),
+    }
 }
 
 /// Runs `guess` and fetches what it names as it names it: each set claimed at once, then fetched
@@ -232,17 +243,7 @@ fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u6
         for _ in 0..STARTUP_BATCHES_IN_FLIGHT {
             s.spawn(|| loop {
                 let Ok(batch) = rx.lock().expect("guess queue lock").recv() else { return };
-                if stop.load(Ordering::Relaxed) {
-                    f.unclaim(&batch);
-                    continue;
-                }
-                match f.fetch_claimed(&batch) {
-                    Ok((n, b)) => {
-                        chunks.fetch_add(n as u64, Ordering::Relaxed);
-                        bytes.fetch_add(b, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "a start-up prefetch batch failed"),
-                }
+                fetch_batch(f, &batch, stop, &chunks, &bytes);
             });
         }
         let tx = std::sync::Mutex::new(tx);
@@ -275,9 +276,9 @@ fn prefetch_guessed(f: &Fetcher, guess: &Guess, stop: &AtomicBool) -> (usize, u6
 fn prefetch(f: &Fetcher, o: &MountOptions, claimed: Option<Vec<ChunkId>>, stop: &AtomicBool) {
     let started = Instant::now();
     let (mut chunks, mut bytes) = match (&claimed, &o.guess) {
-        (Some(c), _) if !c.is_empty() || !o.startup.is_empty() => prefetch_claimed(f, c, stop),
-        (Some(_), Some(g)) => prefetch_guessed(f, g, stop),
-        _ => (0, 0),
+        (Some(_), Some(g)) if o.startup.is_empty() => prefetch_guessed(f, g, stop),
+        (Some(c), _) => prefetch_claimed(f, c, stop),
+        (None, _) => (0, 0),
     };
     let mut lists: Vec<&[ChunkId]> = Vec::new();
     if claimed.is_none() && o.prefetch != Prefetch::None {

@@ -15,6 +15,7 @@ use hb_core::elf::{self, ElfHeaders};
 
 use hb_core::{ChunkId, Kind, LayerIndex, Meta};
 use hb_fuse::{Fetcher, StartupGuess};
+use hb_runtime::{ImageConfig, RunOptions};
 
 /// Files up to this size are fetched whole (the size a first touch fetches whole anyway).
 const WHOLE_FILE: u64 = 4 << 20;
@@ -38,60 +39,23 @@ pub struct Command {
     pub workdir: String,
 }
 
-/// A command that replaces the image's, by docker's rules: an entrypoint replaces the image's
-/// and drops its cmd; arguments replace the cmd.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CommandOverride {
-    pub entrypoint: Option<String>,
-    pub cmd: Vec<String>,
-    /// `-w`: the working folder, instead of the image's.
-    pub workdir: Option<String>,
-    /// `-e KEY=VALUE`, after the image's (`PATH` and `LD_LIBRARY_PATH` change the lookups).
-    pub env: Vec<String>,
-}
-
-/// The `PATH` docker uses when the image sets none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 impl Command {
-    /// The command an image config runs (`Entrypoint` + `Cmd`, or as `over` replaces them), with
-    /// its `PATH` and working folder; `None` when there is nothing to run or the config does not
-    /// parse.
-    pub fn of_config(config: &str, over: Option<&CommandOverride>) -> Option<Command> {
-        let v: serde_json::Value = serde_json::from_str(config).ok()?;
-        let c = v.get("config")?;
-        let strings = |k: &str| -> Vec<String> {
-            c.get(k)
-                .and_then(|x| x.as_array())
-                .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
-                .unwrap_or_default()
-        };
-        let (entrypoint, cmd) = match over.and_then(|o| o.entrypoint.as_ref()) {
-            Some(e) if e.is_empty() => (Vec::new(), Vec::new()),
-            Some(e) => (vec![e.clone()], Vec::new()),
-            None => (strings("Entrypoint"), strings("Cmd")),
-        };
-        let cmd = match over.filter(|o| !o.cmd.is_empty()) {
-            Some(o) => o.cmd.clone(),
-            None => cmd,
-        };
-        let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
-        let mut env = strings("Env");
-        env.extend(over.map(|o| o.env.clone()).unwrap_or_default());
-        // The last setting of a variable wins, as in a process's environment.
+    /// What a container of `image` runs with `run`'s options (`--entrypoint`, arguments, `-w`,
+    /// `-e`; none: the image's own command), by the runtime's rules, with its `PATH` and working
+    /// folder; `None` when there is nothing to run.
+    pub fn of_run(image: &ImageConfig, run: &RunOptions) -> Option<Command> {
+        let argv = hb_runtime::process_args(image, run).ok()?;
+        // The image's environment, then `-e`: the last setting of a variable wins.
+        let env: Vec<&String> = image.env.iter().chain(&run.env).collect();
         let var =
             |name: &str| env.iter().rev().find_map(|e| e.strip_prefix(name)?.strip_prefix('=').map(str::to_string));
         let split = |v: String| v.split(':').filter(|p| !p.is_empty()).map(str::to_string).collect();
-        let workdir = over
-            .and_then(|o| o.workdir.as_deref())
-            .or_else(|| c.get("WorkingDir").and_then(|w| w.as_str()))
-            .filter(|w| !w.is_empty())
-            .unwrap_or("/");
-        (!argv.is_empty()).then(|| Command {
+        let workdir = run.workdir.clone().or_else(|| image.working_dir.clone()).filter(|w| !w.is_empty());
+        Some(Command {
             argv,
-            path: split(var("PATH").unwrap_or_else(|| DEFAULT_PATH.to_string())),
+            path: split(var("PATH").unwrap_or_else(|| hb_runtime::DEFAULT_PATH.to_string())),
             library_path: var("LD_LIBRARY_PATH").map(split).unwrap_or_default(),
-            workdir: workdir.to_string(),
+            workdir: workdir.unwrap_or_else(|| "/".into()),
         })
     }
 }
@@ -375,39 +339,39 @@ mod tests {
         assert_eq!(programs_of_script("if true; then echo; fi"), ["true", "echo"]);
     }
 
+    /// The command a container of image config `config` runs with `run`'s options.
+    pub(super) fn of_config(config: &str, run: Option<&RunOptions>) -> Option<Command> {
+        Command::of_run(&ImageConfig::from_json(config.as_bytes()).ok()?, run.unwrap_or(&RunOptions::default()))
+    }
+
     #[test]
     fn the_command_comes_from_the_config_with_its_path() {
-        let c = Command::of_config(r#"{"config":{"Entrypoint":["/init"],"Cmd":["serve"],"Env":["A=1","PATH=/opt/bin:/bin"],"WorkingDir":"/srv"}}"#, None).unwrap();
+        let c = of_config(r#"{"config":{"Entrypoint":["/init"],"Cmd":["serve"],"Env":["A=1","PATH=/opt/bin:/bin"],"WorkingDir":"/srv"}}"#, None).unwrap();
         assert_eq!(c.argv, ["/init", "serve"]);
         assert_eq!(c.path, ["/opt/bin", "/bin"]);
         assert_eq!(c.workdir, "/srv");
-        let d = Command::of_config(r#"{"config":{"Cmd":["sh"]}}"#, None).unwrap();
+        let d = of_config(r#"{"config":{"Cmd":["sh"]}}"#, None).unwrap();
         assert_eq!((d.path.len(), d.workdir.as_str()), (6, "/"), "docker's PATH and folder when the image sets none");
-        assert_eq!(Command::of_config(r#"{"config":{}}"#, None), None);
-        assert_eq!(Command::of_config("not json", None), None);
+        assert_eq!(of_config(r#"{"config":{}}"#, None), None);
+        assert_eq!(of_config("not json", None), None);
         // `hb run`'s command, by docker's rules.
         let cfg = r#"{"config":{"Entrypoint":["/init"],"Cmd":["serve"]}}"#;
-        let over = |e: Option<&str>, c: &[&str]| CommandOverride {
+        let over = |e: Option<&str>, c: &[&str]| RunOptions {
             entrypoint: e.map(String::from),
             cmd: c.iter().map(|s| s.to_string()).collect(),
-            ..CommandOverride::default()
+            ..RunOptions::default()
         };
         assert_eq!(
-            Command::of_config(cfg, Some(&over(None, &["sh"]))).unwrap().argv,
+            of_config(cfg, Some(&over(None, &["sh"]))).unwrap().argv,
             ["/init", "sh"],
             "arguments replace the cmd"
         );
-        assert_eq!(
-            Command::of_config(cfg, Some(&over(Some("sh"), &[]))).unwrap().argv,
-            ["sh"],
-            "an entrypoint drops the cmd"
-        );
-        assert_eq!(Command::of_config(cfg, Some(&over(Some("sh"), &["-c", "x"]))).unwrap().argv, ["sh", "-c", "x"]);
-        assert_eq!(Command::of_config(cfg, Some(&over(Some(""), &[]))), None, "an empty entrypoint: nothing");
+        assert_eq!(of_config(cfg, Some(&over(Some("sh"), &[]))).unwrap().argv, ["sh"], "an entrypoint drops the cmd");
+        assert_eq!(of_config(cfg, Some(&over(Some("sh"), &["-c", "x"]))).unwrap().argv, ["sh", "-c", "x"]);
+        assert_eq!(of_config(cfg, Some(&over(Some(""), &[]))), None, "an empty entrypoint: nothing");
         // `-w` and `-e`: the working folder and a later PATH win.
-        let o = CommandOverride { workdir: Some("/w".into()), env: vec!["PATH=/x".into()], ..over(None, &[]) };
-        let c = Command::of_config(r#"{"config":{"Cmd":["a"],"Env":["PATH=/bin"],"WorkingDir":"/srv"}}"#, Some(&o))
-            .unwrap();
+        let o = RunOptions { workdir: Some("/w".into()), env: vec!["PATH=/x".into()], ..over(None, &[]) };
+        let c = of_config(r#"{"config":{"Cmd":["a"],"Env":["PATH=/bin"],"WorkingDir":"/srv"}}"#, Some(&o)).unwrap();
         assert_eq!((c.path, c.workdir.as_str()), (vec!["/x".to_string()], "/w"));
     }
 }
@@ -451,7 +415,7 @@ mod tree_tests {
 
     #[test]
     fn programs_scripts_and_libraries_are_found_as_exec_and_the_loader_find_them() {
-        let c = Command::of_config(
+        let c = super::tests::of_config(
             r#"{"config":{"Cmd":["python3"],"Env":["PATH=/nowhere","PATH=/usr/local/bin:/bin","LD_LIBRARY_PATH=/opt/extra"],"WorkingDir":"/srv"}}"#,
             None,
         )

@@ -31,9 +31,9 @@ pub struct MountArgs {
     /// Record the order of first reads when the image has none and starts cold, and keep it
     /// ([`Learner`]); `hb optimize` records on its own.
     pub learn: bool,
-    /// What the container will run where not the image's own command (`hb run`'s
-    /// `--entrypoint` and arguments): without an order, that program's files are fetched first.
-    pub command: Option<crate::guess::CommandOverride>,
+    /// `hb run`'s options where they change what the container runs (`--entrypoint`, arguments,
+    /// `-w`, `-e`): without an order, that program's files are fetched first. None: the image's.
+    pub command: Option<hb_runtime::RunOptions>,
 }
 
 /// The tracing target of a cold start's phases (resolve, index fetch, mount, rootfs, runtime,
@@ -245,7 +245,9 @@ pub fn mount_image(
     // Without a recorded order, the image's command's program, loader and libraries come first.
     // Not for the lower layers alone (a containerd snapshot chain's part): nothing runs on them.
     let whole = args.layers.is_none_or(|n| n == rec.layers.len());
-    let guess = crate::guess::Command::of_config(&rec.config, args.command.as_ref())
+    let guess = hb_runtime::ImageConfig::from_json(rec.config.as_bytes())
+        .ok()
+        .and_then(|image| crate::guess::Command::of_run(&image, &args.command.clone().unwrap_or_default()))
         .filter(|_| startup.is_empty() && lazy_layers > 0 && whole)
         .map(|c| hb_fuse::Guess(Arc::new(crate::guess::EntryGuess::new(merged.clone(), c))));
     let opts = MountOptions {

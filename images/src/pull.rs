@@ -399,7 +399,7 @@ pub fn pull_lazy(
         .filter(|(a, _)| !store.has_layer(&a.diff_id).unwrap_or(false))
         .collect();
     report.layers_local = cfg.layers.len() - todo.len();
-    let local: Vec<Digest> =
+    let mut local: Vec<Digest> =
         cfg.layers.iter().map(|l| l.diff_id).filter(|d| !todo.iter().any(|(a, _)| a.diff_id == *d)).collect();
     let layers = stream::iter(todo)
         .map(|(a, l)| {
@@ -416,17 +416,8 @@ pub fn pull_lazy(
                             &source,
                             false,
                         )
-                        .and_then(|li| {
-                            // A layer the store knew already keeps its own index: its chunks count.
-                            let ids = match li.already_present {
-                                false => index.chunks.iter().map(|c| c.id).collect::<Vec<ChunkId>>(),
-                                true => store
-                                    .layer(&index.diff_id)?
-                                    .map(|l| l.chunks.iter().map(|c| c.id).collect())
-                                    .unwrap_or_default(),
-                            };
-                            Ok((li, ids))
-                        })
+                        // The index back, to check a published order against.
+                        .map(|li| (li, index))
                 })
                 .await
                 .map_err(|e| ImagesError::Invalid(format!("the lazy import task panicked: {e}")))??;
@@ -445,13 +436,18 @@ pub fn pull_lazy(
     let (results, order) = rt.block_on(futures_util::future::join(layers, order));
     let results = results?;
     let mut known: HashSet<ChunkId> = HashSet::new();
-    for (bytes, (li, ids)) in results {
+    for (bytes, (li, index)) in results {
         report.bytes_downloaded += bytes;
         report.remote_bytes += li.remote_bytes;
         if li.remote_chunks > 0 {
             report.layers_lazy += 1;
         }
-        known.extend(ids);
+        // A layer the store knew already keeps its own index: that one counts.
+        match li.already_present {
+            true => local.push(index.diff_id),
+            false if order.is_some() => known.extend(index.chunks.iter().map(|c| c.id)),
+            false => {}
+        }
     }
     if let Some(fetched) = order {
         // An order is advice: one that cannot be fetched, does not decode or names chunks the image

@@ -15,5 +15,6 @@ pub use seccomp::default_seccomp;
 
 pub use spec::{
     build_spec, capabilities, default_capabilities, exec_process, parse_cpus, parse_memory, process_args, resolve_user,
-    ExecOptions, ImageConfig, MountArg, Network, RunOptions, SpecError, Tmpfs, UserIds, Volume, INIT_PATH,
+    ExecOptions, ImageConfig, MountArg, Network, RunOptions, SpecError, Tmpfs, UserIds, Volume, DEFAULT_PATH,
+    INIT_PATH,
 };

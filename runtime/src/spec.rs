@@ -181,6 +181,9 @@ pub fn process_args(image: &ImageConfig, opts: &RunOptions) -> Result<Vec<String
 
 /// The environment: the image's, then `-e` (same key: the later wins), PATH if neither set one,
 /// HOSTNAME, and TERM for a terminal.
+/// The `PATH` a container gets when neither the image nor `-e` sets one (docker's).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 fn environment(image: &ImageConfig, opts: &RunOptions, hostname: &str) -> Vec<String> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
@@ -190,7 +193,7 @@ fn environment(image: &ImageConfig, opts: &RunOptions, hostname: &str) -> Vec<St
             order.push(k.to_string());
         }
     };
-    put("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    put(&format!("PATH={DEFAULT_PATH}"));
     put(&format!("HOSTNAME={hostname}"));
     if opts.tty {
         put("TERM=xterm");

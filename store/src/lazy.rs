@@ -307,7 +307,7 @@ impl Store {
     pub fn stage_aux(&self, key: &str, value: &[u8]) -> Result<()> {
         self.writable()?;
         let mut batch = rocksdb::WriteBatch::default();
-        batch.put(format!("aux/{key}"), value);
+        batch.put(aux_key(key), value);
         self.logged_write(batch)
     }
 
@@ -316,11 +316,16 @@ impl Store {
         self.writable()?;
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
-        self.db.put_opt(format!("aux/{key}"), value, &wo)?;
+        self.db.put_opt(aux_key(key), value, &wo)?;
         Ok(())
     }
 
     pub fn aux(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(format!("aux/{key}"))?)
+        Ok(self.db.get(aux_key(key))?)
     }
+}
+
+/// Where auxiliary record `key` is kept.
+fn aux_key(key: &str) -> String {
+    format!("aux/{key}")
 }

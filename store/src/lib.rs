@@ -545,8 +545,9 @@ impl Store {
 
     /// Writes `batch` atomically to the log without waiting for the disk: it survives a killed
     /// process (the log is in the kernel's hands), and a crash of the machine loses it whole or
-    /// not at all; the next [`Store::sync_write`] makes it durable (the log is one file, synced
-    /// up to its end). For records the caller commits with a synced write after them.
+    /// not at all; the next [`Store::sync_write`] makes it durable (a synced write syncs every
+    /// live log file, and recovery keeps the log's order). For records the caller commits with a
+    /// synced write after them.
     fn logged_write(&self, batch: rocksdb::WriteBatch) -> Result<()> {
         self.db.write(batch)?;
         Ok(())

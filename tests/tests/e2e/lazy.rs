@@ -63,6 +63,14 @@ pub(crate) fn convert(image: &str, tag: &str) -> String {
     dst
 }
 
+/// `image` of the loopback registry converted under `tag`, and a fresh store holding it lazily.
+pub(crate) fn lazily_pulled(image: &str, tag: &str) -> (Hb, String) {
+    let image = convert(&format!("{}/{image}", open_registry()), tag);
+    let hb = Hb::new();
+    hb.ok(&["pull", "-q", "--lazy", "--plain-http", &image]);
+    (hb, image)
+}
+
 #[test]
 fn mounts_show_exactly_what_export_writes() {
     let reg = open_registry();
@@ -588,10 +596,7 @@ fn a_damaged_passthrough_backing_file_never_reaches_a_reader() {
 fn a_mount_nobody_reads_guesses_its_programs_files_but_learns_no_order() {
     // debian-app's command is `python3 /app/main.py`: without an order, a mount fetches python,
     // its loader and libraries at once. Nothing reads them here: nothing is learned.
-    let reg = open_registry();
-    let image = convert(&format!("{reg}/debian-app:v1"), "unread");
-    let hb = Hb::new();
-    hb.ok(&["pull", "-q", "--lazy", "--plain-http", &image]);
+    let (hb, image) = lazily_pulled("debian-app:v1", "unread");
     let m = Mounted::new(&hb, &image, "mnt", &["--plain-http"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !mount_log(&hb, &m.dir).contains("prefetch finished") && std::time::Instant::now() < deadline {

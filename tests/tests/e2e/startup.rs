@@ -8,7 +8,7 @@ use std::process::Command;
 use hb_tests::*;
 
 use super::daemon::{socket, wait_for, with_socket, Daemon};
-use super::lazy::convert;
+use super::lazy::{convert, lazily_pulled};
 use super::proxy::{curl, Proxy, Upstream};
 use super::pull::open_registry;
 
@@ -153,10 +153,7 @@ fn logged(text: &str, key: &str) -> Option<u64> {
 #[test]
 fn a_first_start_fetches_its_programs_files_before_it_reads_them() {
     // debian-app runs `python3 /app/main.py`: a dynamic ELF program with its loader and libraries.
-    let reg = open_registry();
-    let image = convert(&format!("{reg}/debian-app:v1"), "guess");
-    let hb = Hb::new();
-    hb.ok(&["pull", "-q", "--lazy", "--plain-http", &image]);
+    let (hb, image) = lazily_pulled("debian-app:v1", "guess");
     let o =
         hb.command(&["run", "--rm", &image]).env("HB_LOG", "hb::phase=debug,hb_images=debug,info").output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
