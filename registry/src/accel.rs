@@ -376,7 +376,7 @@ mod tests {
         assert_eq!(probes.load(Ordering::SeqCst), 1, "eight first requests, one probe of /v2/");
     }
 
-    /// A registry that accepts connections and closes them unanswered, counting them.
+    /// A registry that accepts connections and closes them unanswered after a while, counting them.
     fn dead_registry() -> (String, Arc<AtomicUsize>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -385,7 +385,12 @@ mod tests {
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 counted.fetch_add(1, Ordering::SeqCst);
-                drop(conn);
+                // Held a while, then closed unanswered: a registry that hangs, then fails (closed
+                // at once, the first attempt could fail before the last request asked).
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    drop(conn);
+                });
             }
         });
         (addr, accepted)
