@@ -183,6 +183,9 @@ enum Cmd {
         /// against the same start with peers off on the starting host
         #[arg(long)]
         switched_off: bool,
+        /// Only the pulls: one host alone (peers off, then on) and four hosts at once
+        #[arg(long, conflicts_with = "switched_off")]
+        pulls: bool,
     },
     /// Every benchmark above
     All,
@@ -612,7 +615,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", output.display()))?;
             eprintln!("plot: {} groups into {}", groups.len(), output.display());
         }
-        Cmd::Peers { link, seed, switched_off: false } => peers::run(runs, &link, seed)?,
+        Cmd::Peers { link, seed, switched_off: false, pulls } => peers::run(runs, &link, seed, pulls)?,
         Cmd::Peers { link, switched_off: true, .. } => peers::switched_off(runs, &link)?,
         Cmd::All => {
             chunking(runs, &layer(None))?;

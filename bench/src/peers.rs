@@ -246,7 +246,8 @@ fn pull_at_once(hosts: &[&Host], image: &str) -> anyhow::Result<(Duration, u64)>
     Ok((wall, bytes))
 }
 
-pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Result<()> {
+/// `pulls`: only the pulls (one host alone, peers off and on; four at once).
+pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> anyhow::Result<()> {
     let hb = hb_binary()?;
     timed_command(Command::new(repo_root().join("scripts/peers-net.sh")).args(["up", "4", rate]))?;
     let keys = tempfile::tempdir()?;
@@ -268,66 +269,70 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
         for (i, image) in IMAGES.iter().enumerate() {
             let reference = format!("{REGISTRY}/bench/{image}:hb");
             let f = &mut figures[i];
-            let mut hosts: Vec<Host> = Vec::new();
-            // The holder first; the others' discovery of it is timed from their start.
-            hosts.push(Host::start(&hb, 1, &psk, &[])?);
-            hosts[0].ok(&["-q", "pull", "--plain-http", &reference]).with_context(|| format!("pulling {reference}"))?;
-            let held = hosts[0].report()?["chunks_held"].as_u64().unwrap_or(0);
-            let holder = hosts[0].report()?["peer_id"].as_str().unwrap_or_default().to_string();
-            for h in 2..=4 {
-                let started = Instant::now();
-                let host = Host::start(&hb, h, &psk, &[])?;
-                host.wait_for_holder(&holder, held)?;
-                f.discovery.push(started.elapsed());
-                hosts.push(host);
-            }
-            // Modes of hosts 2-4: on/off alternating, in a random order.
-            let mut modes = if round % 2 == 0 { vec![true, false, true] } else { vec![false, true, false] };
-            for k in (1..modes.len()).rev() {
-                let j = (next() % (k as u64 + 1)) as usize;
-                modes.swap(k, j);
-            }
-            for (k, on) in modes.iter().enumerate() {
-                let host = &hosts[k + 1];
-                if !on {
-                    host.ok(&["peers", "off"])?;
+            if !pulls {
+                let mut hosts: Vec<Host> = Vec::new();
+                // The holder first; the others' discovery of it is timed from their start.
+                hosts.push(Host::start(&hb, 1, &psk, &[])?);
+                hosts[0]
+                    .ok(&["-q", "pull", "--plain-http", &reference])
+                    .with_context(|| format!("pulling {reference}"))?;
+                let held = hosts[0].report()?["chunks_held"].as_u64().unwrap_or(0);
+                let holder = hosts[0].report()?["peer_id"].as_str().unwrap_or_default().to_string();
+                for h in 2..=4 {
+                    let started = Instant::now();
+                    let host = Host::start(&hb, h, &psk, &[])?;
+                    host.wait_for_holder(&holder, held)?;
+                    f.discovery.push(started.elapsed());
+                    hosts.push(host);
                 }
+                // Modes of hosts 2-4: on/off alternating, in a random order.
+                let mut modes = if round % 2 == 0 { vec![true, false, true] } else { vec![false, true, false] };
+                for k in (1..modes.len()).rev() {
+                    let j = (next() % (k as u64 + 1)) as usize;
+                    modes.swap(k, j);
+                }
+                for (k, on) in modes.iter().enumerate() {
+                    let host = &hosts[k + 1];
+                    if !on {
+                        host.ok(&["peers", "off"])?;
+                    }
+                    crate::lazy::drop_caches();
+                    let (t, ranged, _) = host.cold_start(&reference)?;
+                    eprintln!(
+                        "peers: {image} round {round} host {} peers {}: {:.2} s, {} B ranged",
+                        host.ip,
+                        if *on { "on" } else { "off" },
+                        t.as_secs_f64(),
+                        ranged
+                    );
+                    if *on {
+                        f.on.push(t);
+                        f.on_ranged.push(ranged);
+                        f.lookup_p99_us.push(host.report()?["stats"]["lookup_p99_us"].as_u64().unwrap_or(0));
+                    } else {
+                        f.off.push(t);
+                        f.off_ranged.push(ranged);
+                    }
+                }
+                for h in &mut hosts[1..] {
+                    h.stop();
+                }
+                hosts.truncate(1);
+                // A lying holder beside the honest one: a fresh host starts with peers on.
+                let liar = Host::start(&hb, 2, &psk, &[("HB_P2P_FAULT", "corrupt-serving")])?;
+                liar.ok(&["-q", "pull", "--plain-http", &reference])?;
+                let liar_id = liar.report()?["peer_id"].as_str().unwrap_or_default().to_string();
+                let starter = Host::start(&hb, 3, &psk, &[])?;
+                starter.wait_for_holder(&holder, held)?;
+                starter.wait_for_holder(&liar_id, held)?;
                 crate::lazy::drop_caches();
-                let (t, ranged, _) = host.cold_start(&reference)?;
-                eprintln!(
-                    "peers: {image} round {round} host {} peers {}: {:.2} s, {} B ranged",
-                    host.ip,
-                    if *on { "on" } else { "off" },
-                    t.as_secs_f64(),
-                    ranged
-                );
-                if *on {
-                    f.on.push(t);
-                    f.on_ranged.push(ranged);
-                    f.lookup_p99_us.push(host.report()?["stats"]["lookup_p99_us"].as_u64().unwrap_or(0));
-                } else {
-                    f.off.push(t);
-                    f.off_ranged.push(ranged);
-                }
+                let (t, ranged, _) = starter.cold_start(&reference)?;
+                eprintln!("peers: {image} round {round} with a liar: {:.2} s, {} B ranged", t.as_secs_f64(), ranged);
+                f.liar.push(t);
+                f.liar_ranged.push(ranged);
+                f.bans += starter.report()?["stats"]["bans"].as_u64().unwrap_or(0);
+                drop((liar, starter, hosts));
             }
-            for h in &mut hosts[1..] {
-                h.stop();
-            }
-            hosts.truncate(1);
-            // A lying holder beside the honest one: a fresh host starts with peers on.
-            let liar = Host::start(&hb, 2, &psk, &[("HB_P2P_FAULT", "corrupt-serving")])?;
-            liar.ok(&["-q", "pull", "--plain-http", &reference])?;
-            let liar_id = liar.report()?["peer_id"].as_str().unwrap_or_default().to_string();
-            let starter = Host::start(&hb, 3, &psk, &[])?;
-            starter.wait_for_holder(&holder, held)?;
-            starter.wait_for_holder(&liar_id, held)?;
-            crate::lazy::drop_caches();
-            let (t, ranged, _) = starter.cold_start(&reference)?;
-            eprintln!("peers: {image} round {round} with a liar: {:.2} s, {} B ranged", t.as_secs_f64(), ranged);
-            f.liar.push(t);
-            f.liar_ranged.push(ranged);
-            f.bans += starter.report()?["stats"]["bans"].as_u64().unwrap_or(0);
-            drop((liar, starter, hosts));
             // Pulls: one host alone with peers off (hb without peers), one alone with peers on,
             // four at once (fresh hosts each time), in a random order.
             let mut modes = [0, 1, 2];
@@ -363,17 +368,18 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
         "LAN peers: 4 hosts in network namespaces on one bridge, registry behind a {rate} uplink \
          (scripts/peers-net.sh); {rounds} rounds, modes alternated in a random order (seed {seed0}); medians."
     );
-    println!();
-    println!("| image (`hb run --rm`, image's own command) | peers on: first output | peers off | on vs off | layer data from the registry, on / off | with a lying holder too | liar vs on | discovery of a holder (start to its summary) | lookup p99 |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for (i, image) in IMAGES.iter().enumerate() {
-        let f = &figures[i];
-        let (on, off, liar) = (median(f.on.clone()), median(f.off.clone()), median(f.liar.clone()));
-        let mid = |mut v: Vec<u64>| {
-            v.sort_unstable();
-            v.get(v.len() / 2).copied().unwrap_or(0)
-        };
-        println!(
+    if !pulls {
+        println!();
+        println!("| image (`hb run --rm`, image's own command) | peers on: first output | peers off | on vs off | layer data from the registry, on / off | with a lying holder too | liar vs on | discovery of a holder (start to its summary) | lookup p99 |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for (i, image) in IMAGES.iter().enumerate() {
+            let f = &figures[i];
+            let (on, off, liar) = (median(f.on.clone()), median(f.off.clone()), median(f.liar.clone()));
+            let mid = |mut v: Vec<u64>| {
+                v.sort_unstable();
+                v.get(v.len() / 2).copied().unwrap_or(0)
+            };
+            println!(
             "| bench/{image}:hb | {:.2} s | {:.2} s | **{:.2}x** | {:.1} MB / {:.1} MB | {:.2} s ({} bans) | {:.2}x | {:.2} s | {} us |",
             on.as_secs_f64(),
             off.as_secs_f64(),
@@ -386,6 +392,7 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>) -> anyhow::Resul
             median(f.discovery.clone()).as_secs_f64(),
             f.lookup_p99_us.iter().max().copied().unwrap_or(0),
         );
+        }
     }
     println!();
     println!("| image | one host pulls alone, peers off (layer blobs) | alone, peers on (chunks) | four hosts pull at once, peers on (last done) | wall, four vs one alone (off / on) | registry bytes: alone off / alone on / four | bytes, four vs one alone (off / on) |");

@@ -29,6 +29,9 @@ pub const MAX_SHARE: f64 = 0.9;
 pub const PEER_SHARE: f64 = 1.5;
 /// Chunks asked of the source chain at once (the ranges of one batch go in parallel).
 const BATCH: usize = 512;
+/// Batches being fetched at once: the next batch's ranges are on the wire while the slowest range
+/// of the one before still comes, and while this thread stores what came.
+const BATCHES_IN_FLIGHT: usize = 2;
 /// Indexes and tables fetched at once.
 const CONCURRENT_META: usize = 4;
 
@@ -348,38 +351,66 @@ pub fn fetch_chunks(
     let planned: u64 =
         chunked.iter().map(|l| if let Via::Chunks { chunk_bytes, .. } = l.via { chunk_bytes } else { 0 }).sum();
     let bar = reporter.transfer("chunks", planned);
+    // Every missing chunk once, under the first layer that needs it; batches in layer order.
+    let mut distinct = HashSet::new();
+    let mut batches: Vec<(usize, Vec<ChunkId>)> = Vec::new();
+    for (i, l) in chunked.iter().enumerate() {
+        let missing = store.missing_chunks(&l.desc.diff_id)?;
+        let ids: Vec<ChunkId> = missing.iter().map(|c| c.id).filter(|id| distinct.insert(*id)).collect();
+        batches.extend(ids.chunks(BATCH).map(|b| (i, b.to_vec())));
+    }
+    // A layer's first failure; its later batches are not asked.
+    let failures: Vec<std::sync::OnceLock<String>> = chunked.iter().map(|_| std::sync::OnceLock::new()).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut wire_seen = 0;
-    for l in chunked {
-        let diff_id = l.desc.diff_id;
-        let failed: Option<String> = (|| {
-            let missing = store.missing_chunks(&diff_id)?;
-            let mut distinct = HashSet::new();
-            let ids: Vec<ChunkId> = missing.iter().map(|c| c.id).filter(|id| distinct.insert(*id)).collect();
-            for batch in ids.chunks(BATCH) {
-                // Another layer of this pull may have brought some already.
-                let batch: Vec<ChunkId> =
-                    batch.iter().copied().filter(|id| !store.has_chunk(id).unwrap_or(false)).collect();
-                if batch.is_empty() {
-                    continue;
+    std::thread::scope(|s| -> Result<()> {
+        // Fetchers hand each batch over as it comes (a rendezvous: at most one batch waits while
+        // this thread stores the last), so the network never waits for the store, nor a batch for
+        // the slowest range of the one before.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(ChunkId, Vec<u8>)>)>(0);
+        for _ in 0..BATCHES_IN_FLIGHT {
+            let (tx, batches, failures, next, chain) = (tx.clone(), &batches, &failures, &next, &sources.chain);
+            s.spawn(move || {
+                while let Some((layer, ids)) = batches.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                    if failures[*layer].get().is_some() {
+                        continue;
+                    }
+                    match chain.fetch_many(ids) {
+                        Ok(got) => {
+                            if tx.send((*layer, got)).is_err() {
+                                return; // the store failed: nothing more is kept
+                            }
+                        }
+                        Err(e) => {
+                            let _ = failures[*layer].set(e.to_string());
+                        }
+                    }
                 }
-                let got = match sources.chain.fetch_many(&batch) {
-                    Ok(got) => got,
-                    Err(e) => return Ok::<_, ImagesError>(Some(e.to_string())),
-                };
-                let filled = store.fill_chunks(&got).within(|| format!("storing chunks of layer {diff_id}"))?;
-                out.chunks += filled.filled as u64;
-                out.raw_bytes += got.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-                let (wire, _) = crate::sources::wire(&sources.ranges);
-                bar.advance(wire.saturating_sub(wire_seen));
-                wire_seen = wire;
-            }
-            if store.complete_lazy_layer(&diff_id)? {
-                Ok(None)
-            } else {
-                let left = store.missing_chunks(&diff_id)?.len();
-                Ok(Some(format!("{left} of its chunks were in no source")))
-            }
-        })()?;
+            });
+        }
+        drop(tx);
+        for (layer, got) in rx {
+            let diff_id = chunked[layer].desc.diff_id;
+            let filled = store.fill_chunks(&got).within(|| format!("storing chunks of layer {diff_id}"))?;
+            out.chunks += filled.filled as u64;
+            out.raw_bytes += got.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+            let (wire, _) = crate::sources::wire(&sources.ranges);
+            bar.advance(wire.saturating_sub(wire_seen));
+            wire_seen = wire;
+        }
+        Ok(())
+    })?;
+    let first_failure = failures.iter().find_map(|f| f.get().cloned());
+    for (l, failure) in chunked.into_iter().zip(failures) {
+        let failed = match failure.into_inner() {
+            Some(why) => Some(why),
+            None if store.complete_lazy_layer(&l.desc.diff_id)? => None,
+            // Its chunks were left to a layer whose fetch failed, or were in no source.
+            None => Some(first_failure.clone().unwrap_or(format!(
+                "{} of its chunks were in no source",
+                store.missing_chunks(&l.desc.diff_id)?.len()
+            ))),
+        };
         match failed {
             None => out.layers += 1,
             Some(why) => {
