@@ -112,8 +112,10 @@ fn open_store_as(g: &Global, read_only_ok: bool, long_lived: bool, out: &Out) ->
                     root.display()
                 )),
             }
-            Store::open_read_only(&root, StoreOptions::default())
-                .with_context(|| format!("opening store {} read-only", root.display()))
+            let view = Store::open_read_only(&root, StoreOptions::default())
+                .with_context(|| format!("opening store {} read-only", root.display()))?;
+            tracing::debug!(target: hb_images::mount::PHASE, "store view opened");
+            Ok(view)
         }
         Err(e)
             if read_only_ok

@@ -214,6 +214,7 @@ pub fn mount_image(
         None
     };
     let (name, digest, rec) = require_image(&store, &args.image)?;
+    tracing::debug!(target: PHASE, "image found");
     let mut layers: Vec<Digest> = rec.layers.iter().map(|l| l.diff_id).collect();
     if let Some(n) = args.layers {
         if n == 0 || n > layers.len() {
@@ -225,8 +226,20 @@ pub fn mount_image(
         layers.truncate(n);
     }
     let indexes = crate::layer_indexes(&store, &layers)?;
-    let merged = Arc::new(hb_core::merge_layers(store.chunker(), indexes.iter()));
-    let sources = sources(registries, rt, &store, &layers, known, args.plain_http, daemon)?;
+    tracing::debug!(target: PHASE, layers = indexes.len(), "indexes read");
+    // The merge and the sources (each ~10 ms on py-app's 12,798 entries) are independent: side by
+    // side, on the path of every mount server's start.
+    let (merged, sources) = std::thread::scope(|s| {
+        let merging = s.spawn(|| {
+            let merged = Arc::new(hb_core::merge_layers(store.chunker(), indexes.iter()));
+            tracing::debug!(target: PHASE, entries = merged.entries.len(), "layers merged");
+            merged
+        });
+        let sources = sources(registries, rt, &store, &layers, known, args.plain_http, daemon);
+        tracing::debug!(target: PHASE, "sources ready");
+        (merging.join().expect("the merge does not panic"), sources)
+    });
+    let sources = sources?;
     let startup = usable_order(store.aux(&crate::pull::startup_key(&digest))?.as_deref(), &indexes, &name);
     let learn = args.learn && startup.is_empty() && sources.lazy_layers > 0;
     let all = sources.all_chunks();
