@@ -359,50 +359,21 @@ pub fn fetch_chunks(
         let ids: Vec<ChunkId> = missing.iter().map(|c| c.id).filter(|id| distinct.insert(*id)).collect();
         batches.extend(ids.chunks(BATCH).map(|b| (i, b.to_vec())));
     }
-    // A layer's first failure; its later batches are not asked.
-    let failures: Vec<std::sync::OnceLock<String>> = chunked.iter().map(|_| std::sync::OnceLock::new()).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut wire_seen = 0;
-    std::thread::scope(|s| -> Result<()> {
-        // Fetchers hand each batch over as it comes (a rendezvous: at most one batch waits while
-        // this thread stores the last), so the network never waits for the store, nor a batch for
-        // the slowest range of the one before.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(ChunkId, Vec<u8>)>)>(0);
-        for _ in 0..BATCHES_IN_FLIGHT {
-            let (tx, batches, failures, next, chain) = (tx.clone(), &batches, &failures, &next, &sources.chain);
-            s.spawn(move || {
-                while let Some((layer, ids)) = batches.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
-                    if failures[*layer].get().is_some() {
-                        continue;
-                    }
-                    match chain.fetch_many(ids) {
-                        Ok(got) => {
-                            if tx.send((*layer, got)).is_err() {
-                                return; // the store failed: nothing more is kept
-                            }
-                        }
-                        Err(e) => {
-                            let _ = failures[*layer].set(e.to_string());
-                        }
-                    }
-                }
-            });
-        }
-        drop(tx);
-        for (layer, got) in rx {
-            let diff_id = chunked[layer].desc.diff_id;
-            let filled = store.fill_chunks(&got).within(|| format!("storing chunks of layer {diff_id}"))?;
-            out.chunks += filled.filled as u64;
-            out.raw_bytes += got.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
-            let (wire, _) = crate::sources::wire(&sources.ranges);
-            bar.advance(wire.saturating_sub(wire_seen));
-            wire_seen = wire;
-        }
-        Ok(())
+    let fetch = |ids: &[ChunkId]| sources.chain.fetch_many(ids).map_err(|e| e.to_string());
+    let failures = fetch_pipelined(chunked.len(), &batches, &fetch, |layer, got| {
+        let diff_id = chunked[layer].desc.diff_id;
+        let filled = store.fill_chunks(&got).within(|| format!("storing chunks of layer {diff_id}"))?;
+        out.chunks += filled.filled as u64;
+        out.raw_bytes += got.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        let (wire, _) = crate::sources::wire(&sources.ranges);
+        bar.advance(wire.saturating_sub(wire_seen));
+        wire_seen = wire;
+        Ok::<_, ImagesError>(())
     })?;
-    let first_failure = failures.iter().find_map(|f| f.get().cloned());
+    let first_failure = failures.iter().flatten().next().cloned();
     for (l, failure) in chunked.into_iter().zip(failures) {
-        let failed = match failure.into_inner() {
+        let failed = match failure {
             Some(why) => Some(why),
             None if store.complete_lazy_layer(&l.desc.diff_id)? => None,
             // Its chunks were left to a layer whose fetch failed, or were in no source.
@@ -429,6 +400,55 @@ pub fn fetch_chunks(
     Ok(out)
 }
 
+/// A batch fetch: the chunks it got, or why it failed.
+type BatchFetch<'a> = dyn Fn(&[ChunkId]) -> std::result::Result<Vec<(ChunkId, Vec<u8>)>, String> + Sync + 'a;
+
+/// Fetches `batches` (each the index of its layer, of `layers`, and chunk ids) through `fetch`,
+/// [`BATCHES_IN_FLIGHT`] at once, and hands each batch's chunks to `keep` on this thread as they
+/// come. A rendezvous: at most one fetched batch waits while `keep` stores the last, so the
+/// network never waits for the store, nor a batch for the slowest range of the one before.
+/// Returns each layer's first fetch failure (its later batches are not asked); an error of
+/// `keep` stops the fetches and is returned.
+fn fetch_pipelined<E>(
+    layers: usize,
+    batches: &[(usize, Vec<ChunkId>)],
+    fetch: &BatchFetch<'_>,
+    mut keep: impl FnMut(usize, Vec<(ChunkId, Vec<u8>)>) -> std::result::Result<(), E>,
+) -> std::result::Result<Vec<Option<String>>, E> {
+    let failures: Vec<std::sync::OnceLock<String>> = (0..layers).map(|_| std::sync::OnceLock::new()).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| -> std::result::Result<(), E> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(ChunkId, Vec<u8>)>)>(0);
+        for _ in 0..BATCHES_IN_FLIGHT {
+            let (tx, failures, next) = (tx.clone(), &failures, &next);
+            s.spawn(move || {
+                while let Some((layer, ids)) = batches.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                    if failures[*layer].get().is_some() {
+                        continue;
+                    }
+                    match fetch(ids) {
+                        // A failed send: `keep` failed, nothing more is kept.
+                        Ok(got) => {
+                            if tx.send((*layer, got)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = failures[*layer].set(e);
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for (layer, got) in rx {
+            keep(layer, got)?;
+        }
+        Ok(())
+    })?;
+    Ok(failures.into_iter().map(std::sync::OnceLock::into_inner).collect())
+}
+
 /// How a layer blob of `media_type` is compressed.
 pub(crate) fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
     if media_type.contains("gzip") {
@@ -437,5 +457,90 @@ pub(crate) fn blob_compression(media_type: &str) -> hb_store::BlobCompression {
         hb_store::BlobCompression::Zstd
     } else {
         hb_store::BlobCompression::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Condvar, Mutex};
+
+    fn id(n: u8) -> ChunkId {
+        ChunkId::of(&[n])
+    }
+
+    fn batches(spec: &[(usize, &[u8])]) -> Vec<(usize, Vec<ChunkId>)> {
+        spec.iter().map(|(l, ids)| (*l, ids.iter().map(|n| id(*n)).collect())).collect()
+    }
+
+    #[test]
+    fn every_batch_is_kept_and_a_failed_batch_skips_only_its_own_layers_rest() {
+        let b = batches(&[(0, &[1, 2]), (0, &[3]), (1, &[4]), (0, &[5]), (1, &[6])]);
+        let asked = Mutex::new(Vec::new());
+        let fetch = |ids: &[ChunkId]| {
+            asked.lock().unwrap().push(ids.to_vec());
+            if ids.contains(&id(3)) {
+                return Err("range 3 refused".to_string());
+            }
+            Ok(ids.iter().map(|i| (*i, i.as_bytes().to_vec())).collect())
+        };
+        let mut kept: Vec<(usize, ChunkId)> = Vec::new();
+        let failures = fetch_pipelined(2, &b, &fetch, |layer, got| {
+            kept.extend(got.into_iter().map(|(i, _)| (layer, i)));
+            Ok::<_, String>(())
+        })
+        .unwrap();
+        assert_eq!(failures, vec![Some("range 3 refused".to_string()), None]);
+        kept.sort_by_key(|(l, i)| (*l, *i.as_bytes()));
+        let mut want: Vec<(usize, ChunkId)> = vec![(1, id(4)), (1, id(6)), (0, id(1)), (0, id(2))];
+        want.sort_by_key(|(l, i)| (*l, *i.as_bytes()));
+        assert!(want.iter().all(|w| kept.contains(w)), "kept {kept:?}");
+        assert!(kept.iter().all(|(_, i)| *i != id(3)), "a failed batch was kept");
+        // Layer 1 was asked in full; chunk 5 only if a fetcher took its batch before the failure.
+        let asked = asked.into_inner().unwrap();
+        assert!(asked.iter().any(|a| a.contains(&id(4))) && asked.iter().any(|a| a.contains(&id(6))));
+    }
+
+    #[test]
+    fn a_store_error_stops_the_fetches_and_is_returned() {
+        let b = batches(&[(0, &[1]), (0, &[2]), (0, &[3]), (0, &[4]), (0, &[5]), (0, &[6])]);
+        let fetched = std::sync::atomic::AtomicUsize::new(0);
+        let fetch = |ids: &[ChunkId]| {
+            fetched.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(ids.iter().map(|i| (*i, Vec::new())).collect())
+        };
+        let err = fetch_pipelined(1, &b, &fetch, |_, _| Err("disk full")).unwrap_err();
+        assert_eq!(err, "disk full");
+        // The one stored, one waiting at the rendezvous, one per fetcher at most: not all six.
+        assert!(fetched.into_inner() < 6);
+    }
+
+    #[test]
+    fn two_batches_are_fetched_at_once() {
+        let b = batches(&[(0, &[1]), (0, &[2]), (0, &[3])]);
+        // Each fetch waits (up to 10 s, a deadlock guard, not a timing) until another is under way
+        // too: one at a time, the most ever in flight stays 1.
+        let state = (Mutex::new((0usize, 0usize)), Condvar::new());
+        let fetch = |ids: &[ChunkId]| {
+            let (lock, cv) = &state;
+            let mut g = lock.lock().unwrap();
+            g.0 += 1;
+            g.1 = g.1.max(g.0);
+            cv.notify_all();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while g.1 < 2 && std::time::Instant::now() < deadline {
+                g = cv.wait_timeout(g, std::time::Duration::from_millis(50)).unwrap().0;
+            }
+            g.0 -= 1;
+            Ok(ids.iter().map(|i| (*i, Vec::new())).collect())
+        };
+        let mut kept = 0;
+        fetch_pipelined(1, &b, &fetch, |_, got| {
+            kept += got.len();
+            Ok::<_, String>(())
+        })
+        .unwrap();
+        assert_eq!(kept, 3);
+        assert_eq!(state.0.into_inner().unwrap().1, 2, "the batches were fetched one at a time");
     }
 }
