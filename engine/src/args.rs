@@ -68,6 +68,10 @@ pub enum Cmd {
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<String>,
     },
+    /// A mount process the daemon starts ahead of need: reads the arguments of the `hb mount` it
+    /// is to be as one JSON line on stdin (a list of strings), then is that mount
+    #[command(hide = true)]
+    MountStandby,
     #[command(flatten)]
     Container(ContainerCmd),
     /// Own the store and serve the API on a Unix socket (docs/api.md); image mounts it starts

@@ -58,6 +58,17 @@ fn main() -> ExitCode {
         notify::adopt();
     }
     trust_store_bundle();
+    let cli = match cli.cmd {
+        Cmd::MountStandby => match standby_cli() {
+            Ok(Some(c)) => c,
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hb: error: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
+        _ => cli,
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -65,6 +76,21 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A standby mount process (the daemon's, started ahead of need) becomes the `hb mount` its
+/// daemon asks for on stdin, parsed as if it had been started as one; None when the daemon went
+/// away first.
+fn standby_cli() -> anyhow::Result<Option<Cli>> {
+    // The trust roots load while it waits.
+    std::thread::spawn(hb_registry::preload_trust_roots);
+    let Some(args) = mount::standby_job(std::io::stdin().lock())? else { return Ok(None) };
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().take_while(|a| a != "mount-standby").collect();
+    argv.push("mount".into());
+    argv.extend(args.into_iter().map(Into::into));
+    let cli = Cli::try_parse_from(argv)?;
+    anyhow::ensure!(matches!(cli.cmd, Cmd::Mount { background: false, .. }), "a standby mount is asked for a mount");
+    Ok(Some(cli))
 }
 
 /// TLS roots come from the system store. Without SSL_CERT_FILE/SSL_CERT_DIR, rustls-native-certs

@@ -497,16 +497,26 @@ pub fn start_server(
 ) -> Result<(std::process::Child, PathBuf)> {
     use std::os::unix::process::CommandExt;
     let log = run_file(root, dir, "log");
-    let folder = log.parent().expect("has a parent");
-    std::fs::create_dir_all(folder).map_err(ImagesError::io(format!("creating {}", folder.display())))?;
-    let log_file = std::fs::File::create(&log).map_err(ImagesError::io(format!("creating {}", log.display())))?;
-    let mut child = cmd
+    let log_file = create_log(&log)?;
+    let child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log_file)
         .process_group(0)
         .spawn()
         .map_err(ImagesError::io("starting the mount process"))?;
+    wait_mounted(child, log, dir)
+}
+
+fn create_log(log: &Path) -> Result<std::fs::File> {
+    let folder = log.parent().expect("has a parent");
+    std::fs::create_dir_all(folder).map_err(ImagesError::io(format!("creating {}", folder.display())))?;
+    std::fs::File::create(log).map_err(ImagesError::io(format!("creating {}", log.display())))
+}
+
+/// Waits for `child` (logging to `log`) to mount `dir`: the reason (its log) when it ends first
+/// or does not mount within 300 s.
+fn wait_mounted(mut child: std::process::Child, log: PathBuf, dir: &Path) -> Result<(std::process::Child, PathBuf)> {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().map_err(ImagesError::io("waiting for the mount process"))? {
@@ -530,6 +540,75 @@ pub fn start_server(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// A mount server started ahead of need (`hb-engine mount-standby`): running, its libraries
+/// loaded, waiting on its stdin for the arguments of the `hb mount` it is to be. What a start
+/// costs before a mount server does anything of its own (exec, the loader, its settings: ~25-30
+/// ms from a cold page cache) is then paid before the start that needs it.
+pub struct Standby {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    log: PathBuf,
+}
+
+impl Standby {
+    /// Starts `cmd` (an `hb-engine mount-standby`) as [`start_server`] starts a server, its
+    /// stderr in `<root>/run/standby.log` until it is given its mount (one standby per store).
+    pub fn start(cmd: &mut std::process::Command, root: &Path) -> Result<Standby> {
+        use std::os::unix::process::CommandExt;
+        let log = root.join("run").join("standby.log");
+        let log_file = create_log(&log)?;
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .process_group(0)
+            .spawn()
+            .map_err(ImagesError::io("starting a standby mount process"))?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        Ok(Standby { child, stdin, log })
+    }
+
+    /// Makes it `hb mount ARGS` serving `dir` (its log becomes the mount's) and returns it once
+    /// `dir` is mounted, as [`start_server`] does; None when it had ended before it was asked
+    /// (nothing was asked of it: start a server the usual way).
+    pub fn serve(mut self, root: &Path, dir: &Path, args: &[String]) -> Result<Option<(std::process::Child, PathBuf)>> {
+        use std::io::Write;
+        let gone = |mut child: std::process::Child, log: &Path| {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(log);
+            Ok(None)
+        };
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return gone(self.child, &self.log);
+        }
+        let log = run_file(root, dir, "log");
+        if let Err(e) = std::fs::rename(&self.log, &log) {
+            tracing::warn!(error = %e, log = %log.display(), "cannot move a standby mount process's log; starting another");
+            return gone(self.child, &self.log);
+        }
+        let line = serde_json::to_string(args).expect("strings serialize") + "\n";
+        if self.stdin.write_all(line.as_bytes()).is_err() {
+            return gone(self.child, &log);
+        }
+        drop(self.stdin);
+        wait_mounted(self.child, log, dir).map(Some)
+    }
+}
+
+/// A standby mount process's job, read from `input`: the arguments of the `hb mount` it is to
+/// be (one JSON line, an array of strings); None when its daemon went away first.
+pub fn standby_job(mut input: impl std::io::BufRead) -> Result<Option<Vec<String>>> {
+    let mut line = String::new();
+    let n = input.read_line(&mut line).map_err(ImagesError::io("reading a standby mount's arguments"))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    serde_json::from_str(&line)
+        .map(Some)
+        .map_err(|e| ImagesError::Invalid(format!("a standby mount's arguments are not a JSON list of strings: {e}")))
 }
 
 /// Unmounts `dir` and waits for the process that served it to store what it fetched and exit.

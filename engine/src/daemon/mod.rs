@@ -82,6 +82,10 @@ struct Daemon {
     peers: std::sync::OnceLock<hb_p2p::Node>,
     /// Fetches made for peers as the owner of chunks nobody holds.
     through: hb_images::sources::LazyFetch,
+    /// The next image mount's server, started ahead of need (`Daemon::start_mount_server`).
+    standby: Mutex<Option<hb_images::mount::Standby>>,
+    /// This daemon, for work it hands to threads of its own.
+    this: std::sync::Weak<Daemon>,
 }
 
 /// `daemon.gc_above`: a gc when the store passes the size, once per change (a store that stays
@@ -234,11 +238,13 @@ impl Daemon {
         idle: Duration,
     ) -> anyhow::Result<(Arc<Daemon>, std::sync::mpsc::Receiver<Refill>)> {
         let (refill, refills) = std::sync::mpsc::channel::<Refill>();
-        let d = Arc::new(Daemon {
+        let work = crate::runtime()?;
+        let exits = ExitWatcher::start().context("starting the container exit watcher")?;
+        let d = Arc::new_cyclic(|this| Daemon {
             g: g.clone(),
             root,
             store,
-            work: crate::runtime()?,
+            work,
             started: Instant::now(),
             mounts: Mutex::new(HashMap::new()),
             preparing: Mutex::new(()),
@@ -247,7 +253,7 @@ impl Daemon {
             metrics: Metrics::default(),
             dirty: std::sync::atomic::AtomicBool::new(false),
             for_containerd: Mutex::new(std::collections::HashSet::new()),
-            exits: ExitWatcher::start().context("starting the container exit watcher")?,
+            exits,
             spares: Mutex::new(HashMap::new()),
             refilling: Mutex::new(std::collections::HashSet::new()),
             handed: Mutex::new(Vec::new()),
@@ -257,6 +263,8 @@ impl Daemon {
             stopping: Mutex::new(false),
             peers: std::sync::OnceLock::new(),
             through: Default::default(),
+            standby: Mutex::new(None),
+            this: this.clone(),
         });
         Ok((d, refills))
     }
@@ -364,6 +372,7 @@ pub fn run(
         }
     })?;
     d.adopt()?;
+    d.start_standby();
     d.adopt_handed_over();
     d.sweep_spares();
     if let Some(parent) = socket.parent() {

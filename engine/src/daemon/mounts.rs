@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// How long after a standby mount process is used the next one starts.
+const STANDBY_AFTER: Duration = Duration::from_secs(2);
+
 impl Daemon {
     /// The image's mount, started (and the image pulled) if needed.
     /// The live mount `req` asks for, if there is one (no pull, no mount: cheap enough to answer
@@ -148,21 +151,60 @@ impl Daemon {
         plain_http: bool,
         layers: Option<usize>,
     ) -> anyhow::Result<u32> {
-        let mut cmd = std::process::Command::new(crate::self_exe());
-        crate::pass_globals(&mut cmd, &self.g, &self.root);
-        cmd.arg("mount").arg(image).arg(dir);
+        let mut args = vec![image.to_string(), dir.display().to_string()];
         if plain_http {
-            cmd.arg("--plain-http");
+            args.push("--plain-http".into());
         }
         if let Some(n) = layers {
-            cmd.arg("--layers").arg(n.to_string());
+            args.extend(["--layers".to_string(), n.to_string()]);
         }
-        let (mut child, _) = crate::mount::start_server(&mut cmd, &self.root, dir)
-            .with_context(|| format!("starting the mount server for {image}"))?;
+        let standby = self.standby.lock().expect("standby lock").take();
+        let served = match standby {
+            Some(s) => {
+                // The next one starts off the path of this start (two cores: not beside it).
+                let d = self.this.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(STANDBY_AFTER);
+                    if let Some(d) = d.upgrade() {
+                        d.start_standby();
+                    }
+                });
+                s.serve(&self.root, dir, &args)
+            }
+            None => Ok(None),
+        };
+        let (mut child, _) = match served {
+            Ok(Some(started)) => Ok(started),
+            // No standby (or it had ended): a server started now.
+            Ok(None) => {
+                let mut cmd = std::process::Command::new(crate::self_exe());
+                crate::pass_globals(&mut cmd, &self.g, &self.root);
+                cmd.arg("mount").args(&args);
+                crate::mount::start_server(&mut cmd, &self.root, dir)
+            }
+            Err(e) => Err(e),
+        }
+        .with_context(|| format!("starting the mount server for {image}"))?;
         // Reaped by a thread of ours when it ends (it normally outlives us).
         let pid = child.id();
         std::thread::spawn(move || child.wait());
         Ok(pid)
+    }
+
+    /// Starts the next image mount's server ahead of need, unless one waits already or the
+    /// daemon is stopping. Best effort: without one, a mount starts its server itself.
+    pub(super) fn start_standby(&self) {
+        let mut standby = self.standby.lock().expect("standby lock");
+        if standby.is_some() || *self.stopping.lock().expect("stopping lock") {
+            return;
+        }
+        let mut cmd = std::process::Command::new(crate::self_exe());
+        crate::pass_globals(&mut cmd, &self.g, &self.root);
+        cmd.arg("mount-standby");
+        match crate::mount::Standby::start(&mut cmd, &self.root) {
+            Ok(s) => *standby = Some(s),
+            Err(e) => tracing::warn!(error = %e, "starting a standby mount process failed; mounts start their own"),
+        }
     }
 
     /// Current image mounts with their users counted.
