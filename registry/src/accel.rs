@@ -376,6 +376,22 @@ mod tests {
         assert_eq!(probes.load(Ordering::SeqCst), 1, "eight first requests, one probe of /v2/");
     }
 
+    /// A loopback registry tried over HTTPS first answers over plain HTTP: the client says so once
+    /// connected (the daemon then tells its mount servers, which skip the HTTPS try).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_says_when_it_connected_over_plain_http() {
+        let (addr, _) = counting_registry();
+        let r = ImageRef::parse(&format!("{addr}/app:v1")).unwrap();
+        let opts = crate::RegistryOptions { scheme: crate::Scheme::Auto, attempts: 1, ..Default::default() };
+        let reg = Registry::new(&r, opts).unwrap();
+        assert!(!reg.plain_http(), "not connected yet");
+        reg.ensure_connected(&r).await.unwrap();
+        assert!(reg.plain_http());
+        let tls = crate::RegistryOptions { scheme: crate::Scheme::Https, attempts: 1, ..Default::default() };
+        let reg = Registry::new(&r, tls).unwrap();
+        assert!(reg.ensure_connected(&r).await.is_err() && !reg.plain_http());
+    }
+
     /// A registry that accepts connections and closes them unanswered after a while, counting them.
     fn dead_registry() -> (String, Arc<AtomicUsize>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -111,6 +111,12 @@ impl Registry {
         })
     }
 
+    /// Whether the protocol it connected with is plain HTTP (false before it connected).
+    pub fn plain_http(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::Acquire)
+            && self.schemes[self.chosen.load(std::sync::atomic::Ordering::Relaxed)] == "http"
+    }
+
     pub(crate) fn client(&self) -> &Client {
         &self.clients[self.chosen.load(std::sync::atomic::Ordering::Relaxed)]
     }

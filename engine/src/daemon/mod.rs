@@ -86,6 +86,8 @@ struct Daemon {
     standby: Mutex<Option<hb_images::mount::Standby>>,
     /// This daemon, for work it hands to threads of its own.
     this: std::sync::Weak<Daemon>,
+    /// Registries known to speak plain HTTP (`Daemon::known_plain`).
+    plain: Mutex<std::collections::HashSet<String>>,
 }
 
 /// `daemon.gc_above`: a gc when the store passes the size, once per change (a store that stays
@@ -265,6 +267,7 @@ impl Daemon {
             through: Default::default(),
             standby: Mutex::new(None),
             this: this.clone(),
+            plain: Mutex::new(std::collections::HashSet::new()),
         });
         Ok((d, refills))
     }

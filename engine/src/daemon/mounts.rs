@@ -83,7 +83,8 @@ impl Daemon {
         let path = images_dir(&self.root).join(dir_name);
         let _ = hb_fuse::clean_stale(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        let pid = self.start_mount_server(&req.image, &path, req.plain_http, layers)?;
+        let plain_http = req.plain_http || self.known_plain(&req.image);
+        let pid = self.start_mount_server(&req.image, &path, plain_http, layers)?;
         let m = ImageMount {
             image: name,
             digest: digest.to_string(),
@@ -122,6 +123,8 @@ impl Daemon {
             let creds = crate::config::docker_credentials(r.registry())?;
             let eps = self.hosts().endpoints(&r, false, creds, hb_registry::Platform::default())?;
             let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
+            // (Through a mirror, the mirror's protocol says nothing of the registry's.)
+            self.note_plain(&image, registry.plain_http() && resolved.reference.registry() == r.registry());
             if resolved.accelerated.is_none() {
                 tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
                 return Ok(None);

@@ -151,7 +151,15 @@ impl Daemon {
     pub(super) fn note_plain(&self, image: &str, plain_http: bool) {
         if let (true, Ok(r)) = (plain_http, hb_registry::ImageRef::parse(image)) {
             self.through.plain_registry(r.registry());
+            self.plain.lock().expect("plain lock").insert(r.registry().to_string());
         }
+    }
+
+    /// Whether `image`'s registry is known to speak plain HTTP: asked with `plain_http`, or
+    /// reached over it (a loopback registry tried over HTTPS first). A mount server told so skips
+    /// that try.
+    pub(super) fn known_plain(&self, image: &str) -> bool {
+        hb_registry::ImageRef::parse(image).is_ok_and(|r| self.plain.lock().expect("plain lock").contains(r.registry()))
     }
 
     /// Fetches `ids` (chunks this host owns for its peers) from the registries of the store's
