@@ -361,7 +361,7 @@ pub fn fetch_chunks(
     }
     let mut wire_seen = 0;
     let fetch = |ids: &[ChunkId]| sources.chain.fetch_many(ids).map_err(|e| e.to_string());
-    let failures = fetch_pipelined(chunked.len(), &batches, &fetch, |layer, got| {
+    let mut keep = |layer: usize, got: Vec<(ChunkId, Vec<u8>)>| {
         let diff_id = chunked[layer].desc.diff_id;
         let filled = store.fill_chunks(&got).within(|| format!("storing chunks of layer {diff_id}"))?;
         out.chunks += filled.filled as u64;
@@ -370,17 +370,34 @@ pub fn fetch_chunks(
         bar.advance(wire.saturating_sub(wire_seen));
         wire_seen = wire;
         Ok::<_, ImagesError>(())
-    })?;
-    let first_failure = failures.iter().flatten().next().cloned();
-    for (l, failure) in chunked.into_iter().zip(failures) {
+    };
+    let mut failures = fetch_pipelined(chunked.len(), &batches, &fetch, &mut keep)?;
+    // A layer whose chunks were left to a layer whose fetch failed asks for them itself, once.
+    let mut complete = vec![false; chunked.len()];
+    let mut again: Vec<(usize, Vec<ChunkId>)> = Vec::new();
+    for (i, l) in chunked.iter().enumerate() {
+        if failures[i].is_some() {
+            continue;
+        }
+        complete[i] = store.complete_lazy_layer(&l.desc.diff_id)?;
+        if !complete[i] {
+            let ids: Vec<ChunkId> = store.missing_chunks(&l.desc.diff_id)?.iter().map(|c| c.id).collect();
+            again.extend(ids.chunks(BATCH).map(|b| (i, b.to_vec())));
+        }
+    }
+    if !again.is_empty() {
+        let retried = fetch_pipelined(chunked.len(), &again, &fetch, &mut keep)?;
+        for (i, f) in retried.into_iter().enumerate() {
+            if f.is_some() {
+                failures[i] = f;
+            }
+        }
+    }
+    for (i, (l, failure)) in chunked.into_iter().zip(failures).enumerate() {
         let failed = match failure {
             Some(why) => Some(why),
-            None if store.complete_lazy_layer(&l.desc.diff_id)? => None,
-            // Its chunks were left to a layer whose fetch failed, or were in no source.
-            None => Some(first_failure.clone().unwrap_or(format!(
-                "{} of its chunks were in no source",
-                store.missing_chunks(&l.desc.diff_id)?.len()
-            ))),
+            None if complete[i] || store.complete_lazy_layer(&l.desc.diff_id)? => None,
+            None => Some(format!("{} of its chunks were in no source", store.missing_chunks(&l.desc.diff_id)?.len())),
         };
         match failed {
             None => out.layers += 1,
@@ -417,12 +434,17 @@ fn fetch_pipelined<E>(
 ) -> std::result::Result<Vec<Option<String>>, E> {
     let failures: Vec<std::sync::OnceLock<String>> = (0..layers).map(|_| std::sync::OnceLock::new()).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
+    // Set when `keep` failed: no batch is asked after that.
+    let stopped = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| -> std::result::Result<(), E> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<(ChunkId, Vec<u8>)>)>(0);
         for _ in 0..BATCHES_IN_FLIGHT {
-            let (tx, failures, next) = (tx.clone(), &failures, &next);
+            let (tx, failures, next, stopped) = (tx.clone(), &failures, &next, &stopped);
             s.spawn(move || {
                 while let Some((layer, ids)) = batches.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
                     if failures[*layer].get().is_some() {
                         continue;
                     }
@@ -442,7 +464,10 @@ fn fetch_pipelined<E>(
         }
         drop(tx);
         for (layer, got) in rx {
-            keep(layer, got)?;
+            if let Err(e) = keep(layer, got) {
+                stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
+            }
         }
         Ok(())
     })?;

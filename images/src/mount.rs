@@ -581,8 +581,13 @@ impl Standby {
             let _ = std::fs::remove_file(log);
             Ok(None)
         };
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return gone(self.child, &self.log);
+        match self.child.try_wait() {
+            Ok(None) => {}
+            ended => {
+                let said = std::fs::read_to_string(&self.log).unwrap_or_default();
+                tracing::warn!(status = ?ended, log = %said.trim_end(), "the standby mount process had ended; starting a server instead");
+                return gone(self.child, &self.log);
+            }
         }
         let log = run_file(root, dir, "log");
         if let Err(e) = std::fs::rename(&self.log, &log) {

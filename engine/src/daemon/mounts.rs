@@ -124,7 +124,9 @@ impl Daemon {
             let eps = self.hosts().endpoints(&r, false, creds, hb_registry::Platform::default())?;
             let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
             // (Through a mirror, the mirror's protocol says nothing of the registry's.)
-            self.note_plain(&image, registry.plain_http() && resolved.reference.registry() == r.registry());
+            if registry.plain_http() && resolved.reference.mirror().is_none() {
+                self.learned_plain(r.registry());
+            }
             if resolved.accelerated.is_none() {
                 tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
                 return Ok(None);
@@ -154,16 +156,22 @@ impl Daemon {
         plain_http: bool,
         layers: Option<usize>,
     ) -> anyhow::Result<u32> {
-        let mut args = vec![image.to_string(), dir.display().to_string()];
+        let mut flags: Vec<String> = Vec::new();
         if plain_http {
-            args.push("--plain-http".into());
+            flags.push("--plain-http".into());
         }
         if let Some(n) = layers {
-            args.extend(["--layers".to_string(), n.to_string()]);
+            flags.extend(["--layers".to_string(), n.to_string()]);
         }
-        let standby = self.standby.lock().expect("standby lock").take();
+        // The standby takes its arguments as JSON strings: a folder that is not UTF-8 gets a server
+        // started with it as an argument instead.
+        let standby = match dir.to_str() {
+            Some(d) => self.standby.lock().expect("standby lock").take().map(|s| (s, d)),
+            None => None,
+        };
         let served = match standby {
-            Some(s) => {
+            Some((s, d)) => {
+                let args: Vec<String> = [image.to_string(), d.to_string()].into_iter().chain(flags.clone()).collect();
                 // The next one starts off the path of this start (two cores: not beside it).
                 let d = self.this.clone();
                 std::thread::spawn(move || {
@@ -182,7 +190,7 @@ impl Daemon {
             Ok(None) => {
                 let mut cmd = std::process::Command::new(crate::self_exe());
                 crate::pass_globals(&mut cmd, &self.g, &self.root);
-                cmd.arg("mount").args(&args);
+                cmd.arg("mount").arg(image).arg(dir).args(&flags);
                 crate::mount::start_server(&mut cmd, &self.root, dir)
             }
             Err(e) => Err(e),
@@ -197,8 +205,13 @@ impl Daemon {
     /// Starts the next image mount's server ahead of need, unless one waits already or the
     /// daemon is stopping. Best effort: without one, a mount starts its server itself.
     pub(super) fn start_standby(&self) {
+        // Not with the standby lock held: `stopping` is held while a spare is prepared, and a
+        // mount waiting for the standby must not wait for that.
+        if *self.stopping.lock().expect("stopping lock") {
+            return;
+        }
         let mut standby = self.standby.lock().expect("standby lock");
-        if standby.is_some() || *self.stopping.lock().expect("stopping lock") {
+        if standby.is_some() {
             return;
         }
         let mut cmd = std::process::Command::new(crate::self_exe());

@@ -151,13 +151,18 @@ impl Daemon {
     pub(super) fn note_plain(&self, image: &str, plain_http: bool) {
         if let (true, Ok(r)) = (plain_http, hb_registry::ImageRef::parse(image)) {
             self.through.plain_registry(r.registry());
-            self.plain.lock().expect("plain lock").insert(r.registry().to_string());
         }
     }
 
-    /// Whether `image`'s registry is known to speak plain HTTP: asked with `plain_http`, or
-    /// reached over it (a loopback registry tried over HTTPS first). A mount server told so skips
-    /// that try.
+    /// `registry` (itself, not a mirror of it) answered over plain HTTP where HTTPS came first
+    /// (loopback) or was not asked for (hosts.toml): its later mount servers go straight to HTTP.
+    /// Never from a request's flag: one client's `--plain-http` must not downgrade everyone's.
+    pub(super) fn learned_plain(&self, registry: &str) {
+        self.plain.lock().expect("plain lock").insert(registry.to_string());
+    }
+
+    /// Whether `image`'s registry was reached over plain HTTP by the daemon itself
+    /// ([`Daemon::learned_plain`]). A mount server told so skips the HTTPS try.
     pub(super) fn known_plain(&self, image: &str) -> bool {
         hb_registry::ImageRef::parse(image).is_ok_and(|r| self.plain.lock().expect("plain lock").contains(r.registry()))
     }
