@@ -495,23 +495,29 @@ pub fn start_server(
     root: &Path,
     dir: &Path,
 ) -> Result<(std::process::Child, PathBuf)> {
-    use std::os::unix::process::CommandExt;
     let log = run_file(root, dir, "log");
-    let log_file = create_log(&log)?;
-    let child = cmd
-        .stdin(std::process::Stdio::null())
+    let child = spawn_server(cmd, &log, std::process::Stdio::null(), "starting the mount process")?;
+    wait_mounted(child, log, dir)
+}
+
+/// Spawns `cmd` as a mount process of its own: own process group (no terminal's signals), its
+/// stderr in `log` (made, with its folder), stdout nowhere.
+fn spawn_server(
+    cmd: &mut std::process::Command,
+    log: &Path,
+    stdin: std::process::Stdio,
+    what: &str,
+) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let folder = log.parent().expect("has a parent");
+    std::fs::create_dir_all(folder).map_err(ImagesError::io(format!("creating {}", folder.display())))?;
+    let log_file = std::fs::File::create(log).map_err(ImagesError::io(format!("creating {}", log.display())))?;
+    cmd.stdin(stdin)
         .stdout(std::process::Stdio::null())
         .stderr(log_file)
         .process_group(0)
         .spawn()
-        .map_err(ImagesError::io("starting the mount process"))?;
-    wait_mounted(child, log, dir)
-}
-
-fn create_log(log: &Path) -> Result<std::fs::File> {
-    let folder = log.parent().expect("has a parent");
-    std::fs::create_dir_all(folder).map_err(ImagesError::io(format!("creating {}", folder.display())))?;
-    std::fs::File::create(log).map_err(ImagesError::io(format!("creating {}", log.display())))
+        .map_err(ImagesError::io(what.to_string()))
 }
 
 /// Waits for `child` (logging to `log`) to mount `dir`: the reason (its log) when it ends first
@@ -556,16 +562,8 @@ impl Standby {
     /// Starts `cmd` (an `hb-engine mount-standby`) as [`start_server`] starts a server, its
     /// stderr in `<root>/run/standby.log` until it is given its mount (one standby per store).
     pub fn start(cmd: &mut std::process::Command, root: &Path) -> Result<Standby> {
-        use std::os::unix::process::CommandExt;
         let log = root.join("run").join("standby.log");
-        let log_file = create_log(&log)?;
-        let mut child = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file)
-            .process_group(0)
-            .spawn()
-            .map_err(ImagesError::io("starting a standby mount process"))?;
+        let mut child = spawn_server(cmd, &log, std::process::Stdio::piped(), "starting a standby mount process")?;
         let stdin = child.stdin.take().expect("stdin is piped");
         Ok(Standby { child, stdin, log })
     }
