@@ -661,3 +661,18 @@ pub fn umount(root: &Path, dir: &Path, reporter: &dyn Reporter) -> Result<()> {
 
 /// How long `hb umount` waits for the serving process to finish.
 const UMOUNT_WAIT: Duration = Duration::from_secs(120);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_reads_one_json_line_of_arguments_and_nothing_when_its_daemon_is_gone() {
+        let line = b"[\"reg/app:v1\",\"/var/lib/hb/images/ab\",\"--layers\",\"2\"]\n[\"ignored\"]\n";
+        let args = standby_job(&line[..]).unwrap().unwrap();
+        assert_eq!(args, ["reg/app:v1", "/var/lib/hb/images/ab", "--layers", "2"]);
+        assert_eq!(standby_job(&b""[..]).unwrap(), None, "stdin closed: no job");
+        let err = standby_job(&b"{\"image\": 1}\n"[..]).unwrap_err().to_string();
+        assert!(err.contains("not a JSON list of strings"), "{err}");
+    }
+}

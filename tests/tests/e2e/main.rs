@@ -19,4 +19,5 @@ mod roundtrip;
 mod run;
 mod snapshotter;
 mod soak;
+mod standby;
 mod startup;
