@@ -116,6 +116,11 @@ pub enum Cmd {
         plain_http: bool,
         #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
         platform: Option<String>,
+        /// zstd level of the published chunk data (1-22; 0 copies the store's own encoding). Higher
+        /// levels cost the conversion CPU once and save every client bytes: 9 is ~6 % smaller
+        /// than the store's 3 and ~3x slower to write; 19 another ~6 % and ~20x slower
+        #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(i32).range(0..=22))]
+        zstd_level: i32,
     },
     /// Record which chunks an image reads at start-up (running its entrypoint or CMD from a lazy
     /// mount) and store that order in its accelerated form

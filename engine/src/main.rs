@@ -574,7 +574,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             mount::serve(&store, m, &report)?;
         }
-        Cmd::Convert { src, dst, plain_http, platform } => {
+        Cmd::Convert { src, dst, plain_http, platform, zstd_level } => {
             let platform = match platform {
                 Some(p) => p.parse().map_err(anyhow::Error::msg)?,
                 None => hb_registry::Platform::default(),
@@ -588,6 +588,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &dst,
                 plain_http,
                 platform,
+                zstd_level,
                 &Report::new(&out),
             )?;
             if out.json {

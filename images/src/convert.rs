@@ -83,6 +83,7 @@ pub fn convert(
     dst: &str,
     plain_http: bool,
     platform: hb_registry::Platform,
+    zstd_level: i32,
     reporter: &dyn Reporter,
 ) -> Result<ConvertReport> {
     let sref = ImageRef::parse(src)?;
@@ -123,7 +124,8 @@ pub fn convert(
         resolved.manifest.clone(),
     ))?;
 
-    // 2. Per layer: index, chunk table, chunk data (stored bytes copied verbatim from the store).
+    // 2. Per layer: index, chunk table, chunk data (each chunk at `zstd_level`, or its stored bytes
+    // verbatim at 0 or where they are smaller).
     let mut report = ConvertReport {
         src: sref.canonical(),
         dst: dref.canonical(),
@@ -137,8 +139,9 @@ pub fn convert(
     let mut layers = Vec::new();
     for l in &resolved.layers {
         let mut data = Vec::new();
-        let (index, table) =
-            store.layer_data(&l.diff_id, |b| data.extend_from_slice(b)).within(|| format!("layer {}", l.diff_id))?;
+        let (index, table) = store
+            .layer_data(&l.diff_id, zstd_level, |b| data.extend_from_slice(b))
+            .within(|| format!("layer {}", l.diff_id))?;
         let (index_raw, table_raw) = hb_registry::encode_layer_form(&index, &table)
             .map_err(|e| ImagesError::Invalid(format!("layer {}: {e}", l.diff_id)))?;
         let a = AccelLayer {

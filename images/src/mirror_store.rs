@@ -53,7 +53,7 @@ impl MirrorStore for StoreMirror {
         let mut hasher = hb_core::DigestHasher::new();
         let mut size = 0u64;
         let (index, table) = store
-            .layer_data(diff_id, |b| {
+            .layer_data(diff_id, 0, |b| {
                 hasher.update(b);
                 size += b.len() as u64;
             })
@@ -74,7 +74,7 @@ impl MirrorStore for StoreMirror {
         })
     }
     fn stored_chunk(&self, id: &ChunkId) -> io::Result<Vec<u8>> {
-        Ok(self.0.read_chunk_stored_checked(id).map_err(io_err)?.bytes)
+        Ok(self.0.read_chunk_stored_checked(id).map_err(io_err)?.0.bytes)
     }
     fn release_layer(&self, diff_id: &Digest) -> io::Result<()> {
         self.0.unpin_layer(diff_id).map(|_| ()).map_err(io_err)

@@ -249,6 +249,14 @@ impl Store {
     }
 }
 
+/// `raw` (whose stored form is `stored`) encoded with `z`, when that is smaller than `stored`.
+fn smaller(stored: &StoredChunk, raw: &[u8], z: Option<&mut zstd::bulk::Compressor<'static>>) -> StoredChunk {
+    match z.and_then(|z| z.compress(raw).ok()) {
+        Some(c) if c.len() < stored.bytes.len() => StoredChunk { raw_len: stored.raw_len, zstd: true, bytes: c },
+        _ => stored.clone(),
+    }
+}
+
 /// A chunk as the store keeps it: compressed (zstd) or raw, verified through its decoding.
 #[derive(Clone, Debug)]
 pub struct StoredChunk {
@@ -273,22 +281,61 @@ impl Store {
         }
     }
 
-    /// A stored layer's chunks in their stored form, as an accelerated image's data blob holds
-    /// them: each is checked (decoded, hashed) before `sink` gets its bytes, in index order;
-    /// returns the layer's index and the table of those bytes.
-    pub fn layer_data(&self, diff_id: &Digest, mut sink: impl FnMut(&[u8])) -> Result<(LayerIndex, ChunkTable)> {
+    /// A stored layer's chunks as an accelerated image's data blob holds them: each is checked
+    /// (decoded, hashed) before `sink` gets its bytes, in index order; returns the layer's index
+    /// and the table of those bytes.
+    ///
+    /// `level` 0 gives each chunk's stored bytes verbatim (zstd at the store's level, or raw: what
+    /// a mirror serves straight from its store). Above 0, each chunk is encoded again at that zstd
+    /// level, on every core, and the smaller of the two forms kept: a published form is written
+    /// once and read by every client (64 KiB chunks of a Go binary: 6 % fewer bytes at 9 than at
+    /// the store's 3; decoding is as fast).
+    pub fn layer_data(
+        &self,
+        diff_id: &Digest,
+        level: i32,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(LayerIndex, ChunkTable)> {
         let index = self.layer(diff_id)?.ok_or(StoreError::UnknownLayer(diff_id.to_string()))?;
         let mut table = ChunkTable::default();
-        for c in &index.chunks {
-            let s = self.read_chunk_stored_checked(&c.id)?;
-            table.push(c.id, s.bytes.len() as u32, s.raw_len, s.zstd);
+        let mut put = |id: ChunkId, s: &StoredChunk| {
+            table.push(id, s.bytes.len() as u32, s.raw_len, s.zstd);
             sink(&s.bytes);
+        };
+        if level == 0 {
+            for c in &index.chunks {
+                put(c.id, &self.read_chunk_stored_checked(&c.id)?.0);
+            }
+            return Ok((index, table));
+        }
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        // A group at a time (bounded memory), its chunks shared out among the workers.
+        for group in index.chunks.chunks(64 * workers) {
+            let read: Vec<(StoredChunk, Vec<u8>)> =
+                group.iter().map(|c| self.read_chunk_stored_checked(&c.id)).collect::<Result<_>>()?;
+            let per = read.len().div_ceil(workers);
+            let encoded: Vec<StoredChunk> = std::thread::scope(|sc| {
+                let handles: Vec<_> = read
+                    .chunks(per)
+                    .map(|part| {
+                        sc.spawn(move || {
+                            let mut z = zstd::bulk::Compressor::new(level).ok();
+                            part.iter().map(|(stored, raw)| smaller(stored, raw, z.as_mut())).collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().expect("encoding does not panic")).collect()
+            });
+            for (c, s) in group.iter().zip(&encoded) {
+                put(c.id, s);
+            }
         }
         Ok((index, table))
     }
 
-    /// [`Store::read_chunk_stored`], checked: decoded and hashed against `id` first.
-    pub fn read_chunk_stored_checked(&self, id: &ChunkId) -> Result<StoredChunk> {
+    /// [`Store::read_chunk_stored`], checked: decoded and hashed against `id` first. Also returns
+    /// the decoded bytes.
+    pub fn read_chunk_stored_checked(&self, id: &ChunkId) -> Result<(StoredChunk, Vec<u8>)> {
         let s = self.read_chunk_stored(id)?;
         let bad = |reason: String| StoreError::CorruptChunk { id: *id, reason };
         let raw = if s.zstd {
@@ -299,7 +346,7 @@ impl Store {
         if raw.len() != s.raw_len as usize || ChunkId::of(&raw) != *id {
             return Err(bad("its bytes do not hash to its id".into()));
         }
-        Ok(s)
+        Ok((s, raw))
     }
 
     /// [`Store::put_aux`] without waiting for the disk: atomic, survives a killed process, and

@@ -420,3 +420,55 @@ fn gc_removes_the_backing_files_no_stored_layer_needs() {
     assert!(pa.exists() && !pb.exists() && !tmp.exists());
     assert!(store.fsck(&NoProgress).unwrap().is_clean());
 }
+
+/// Text-like bytes (words from a small vocabulary): zstd finds more in them at higher levels.
+fn prose(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 12] =
+        ["layer", "chunk", "image", "store", "mount", "peer", "index", "order", "blob", "zstd", "fsck", "lazy"];
+    let r = pseudo_random(seed, len);
+    let mut out = Vec::with_capacity(len + 8);
+    let mut i = 0;
+    while out.len() < len {
+        out.extend_from_slice(WORDS[(r[i % r.len()] as usize) % WORDS.len()].as_bytes());
+        out.push(if r[(i + 1) % r.len()].is_multiple_of(9) { b'\n' } else { b' ' });
+        i += 2;
+    }
+    out.truncate(len);
+    out
+}
+
+/// A published data blob: level 0 is the store's own bytes; a higher level is never larger,
+/// smaller on compressible data, and every chunk still decodes to its id.
+#[test]
+fn a_data_blob_at_a_higher_level_is_smaller_and_still_decodes_to_every_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let tar = layer(&[("text", &prose(3, 3 << 20)), ("random", &pseudo_random(4, 1 << 20))]);
+    let r = store.import_layer(&tar[..], &NoProgress).unwrap();
+    let blob = |level| {
+        let mut data = Vec::new();
+        let (index, table) = store.layer_data(&r.diff_id, level, |b| data.extend_from_slice(b)).unwrap();
+        (index, table, data)
+    };
+    let (index, stored, stored_data) = blob(0);
+    for (c, e) in index.chunks.iter().zip(&stored.entries) {
+        assert_eq!(store.read_chunk_stored(&c.id).unwrap().bytes.len() as u32, e.stored_len, "level 0 is verbatim");
+    }
+    let (_, strong, strong_data) = blob(19);
+    assert_eq!(stored.entries.len(), strong.entries.len());
+    assert!(
+        strong_data.len() < stored_data.len(),
+        "level 19 saves bytes on text: {} vs {}",
+        strong_data.len(),
+        stored_data.len()
+    );
+    let mut at = 0usize;
+    for (c, (s, e)) in index.chunks.iter().zip(stored.entries.iter().zip(&strong.entries)) {
+        assert!(e.stored_len <= s.stored_len, "never larger than the stored form");
+        let bytes = &strong_data[at..at + e.stored_len as usize];
+        at += e.stored_len as usize;
+        let raw = if e.zstd { zstd::bulk::decompress(bytes, e.raw_len as usize).unwrap() } else { bytes.to_vec() };
+        assert_eq!(hb_core::ChunkId::of(&raw), c.id);
+    }
+    assert_eq!(at, strong_data.len());
+}
