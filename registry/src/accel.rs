@@ -141,6 +141,7 @@ impl Registry {
         loop {
             let url = self.blob_url(r, digest);
             let authorization = self.authorization.lock().expect("authorization lock").clone();
+            let sent = std::time::Instant::now();
             let step: Result<Vec<u8>, RegistryError> = async {
                 let resp = self.blobs.get(&self.registry, &url, authorization.as_deref(), start, Some(start + len - 1)).await?;
                 let (resp, skip) = match resp {
@@ -178,7 +179,10 @@ impl Registry {
             }
             .await;
             match step {
-                Ok(b) => return Ok(b),
+                Ok(b) => {
+                    self.link.request(len, sent.elapsed());
+                    return Ok(b);
+                }
                 Err(RegistryError::Unauthorized { .. }) if !reauthorized => {
                     reauthorized = true;
                     tracing::info!(blob = %digest, "authorization refused; fetching a new token");
@@ -194,6 +198,11 @@ impl Registry {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// How wide a gap between wanted chunks a batch of range reads bridges (see `link.rs`).
+    pub fn bridge_gap(&self) -> u64 {
+        self.link.gap()
     }
 
     /// Downloads a whole small blob into memory, verified by digest and size.
@@ -215,8 +224,10 @@ impl Registry {
             }
             v
         };
+        let sent = std::time::Instant::now();
         let (fetched, bytes) = tokio::join!(self.fetch_blob(r, &desc, tx), collect);
         fetched?;
+        self.link.request(size, sent.elapsed());
         Ok(bytes)
     }
 

@@ -57,6 +57,9 @@ pub struct Registry {
     /// The last failed attempt to connect: when, why, and whether worth retrying. The requests
     /// that waited for it take its answer rather than each trying again in turn.
     pub(crate) connect_failure: std::sync::Mutex<Option<(std::time::Instant, String, bool)>>,
+    /// What a request and a byte cost on the link to this registry (measured from blob reads):
+    /// how wide a gap a batch of range reads bridges.
+    pub(crate) link: crate::link::LinkCost,
 }
 
 impl Registry {
@@ -108,6 +111,7 @@ impl Registry {
             connected: Default::default(),
             connecting: Default::default(),
             connect_failure: Default::default(),
+            link: Default::default(),
         })
     }
 

@@ -14,6 +14,7 @@ mod client;
 mod error;
 pub mod http;
 mod layer_form;
+mod link;
 pub mod manifest;
 mod options;
 mod platform;
