@@ -15,10 +15,13 @@ log() { printf 'shaped-lo: %s\n' "$*" >&2; }
 up() {
   # htb (this kernel has no prio qdisc): everything goes to class 1:10, unlimited in practice,
   # except what the filter sends to 1:20, held to RATE.
-  tc qdisc replace dev lo root handle 1: htb default 10
-  tc class replace dev lo parent 1: classid 1:10 htb rate 100gbit
-  tc class replace dev lo parent 1: classid 1:20 htb rate "$RATE" ceil "$RATE" burst 256kb
-  tc filter replace dev lo parent 1: protocol ip prio 1 u32 match ip sport "$PORT" 0xffff flowid 1:20
+  # Set up afresh each time (`tc filter replace` of a u32 filter already there fails: "Change
+  # operation not supported"), so `up` twice, or with another rate, works.
+  tc qdisc del dev lo root 2>/dev/null || true
+  tc qdisc add dev lo root handle 1: htb default 10
+  tc class add dev lo parent 1: classid 1:10 htb rate 100gbit
+  tc class add dev lo parent 1: classid 1:20 htb rate "$RATE" ceil "$RATE" burst 256kb
+  tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport "$PORT" 0xffff flowid 1:20
   mkdir -p "$DIR/shaped-lo"
   cat > "$DIR/shaped-lo/config.yml" <<CFG
 version: 0.1
