@@ -163,21 +163,31 @@ pub(crate) async fn fetch_layer_form(
         registry.fetch_bytes(r, &a.table, a.table_size),
     )
     .await?;
-    let (index, table) = hb_registry::decode_layer_form(&index_raw, &table_raw)
-        .map_err(|e| ImagesError::Invalid(format!("the accelerated form of layer {}: {e}", a.diff_id)))?;
-    if index.diff_id != a.diff_id {
-        return Err(ImagesError::Invalid(format!("the index of layer {} names layer {}", a.diff_id, index.diff_id)));
-    }
-    if table.data_size() != a.data_size {
-        return Err(ImagesError::Invalid(format!(
-            "the chunk table of layer {} does not describe its data blob ({} bytes, the blob has {})",
-            a.diff_id,
-            table.data_size(),
-            a.data_size
-        )));
-    }
-    let bytes = index_raw.len() as u64 + table_raw.len() as u64;
-    Ok((index, LazySource { repository, data: a.data, table }, bytes))
+    // Decoding (~4 ms for a large layer's index, its checksum and structure checked) runs beside
+    // the other layers' rather than on the thread that drives their fetches.
+    let (a, data) = (a.clone(), a.data);
+    let (index, table, bytes) = tokio::task::spawn_blocking(move || {
+        let (index, table) = hb_registry::decode_layer_form(&index_raw, &table_raw)
+            .map_err(|e| ImagesError::Invalid(format!("the accelerated form of layer {}: {e}", a.diff_id)))?;
+        if index.diff_id != a.diff_id {
+            return Err(ImagesError::Invalid(format!(
+                "the index of layer {} names layer {}",
+                a.diff_id, index.diff_id
+            )));
+        }
+        if table.data_size() != a.data_size {
+            return Err(ImagesError::Invalid(format!(
+                "the chunk table of layer {} does not describe its data blob ({} bytes, the blob has {})",
+                a.diff_id,
+                table.data_size(),
+                a.data_size
+            )));
+        }
+        Ok((index, table, index_raw.len() as u64 + table_raw.len() as u64))
+    })
+    .await
+    .map_err(|e| ImagesError::Invalid(format!("decoding a layer's accelerated form panicked: {e}")))??;
+    Ok((index, LazySource { repository, data, table }, bytes))
 }
 
 /// The decisions, then the exact chunks each chunk layer fetches: none a whole layer brings, none
