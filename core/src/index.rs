@@ -172,9 +172,20 @@ impl LayerIndex {
         chunks: Vec<ChunkRef>,
         entries: Vec<Entry>,
     ) -> Self {
+        let mut idx = Self::from_parts_unhashed(chunker, diff_id, chunks, entries);
+        idx.compute_merkle();
+        idx
+    }
+
+    /// [`LayerIndex::from_parts`] with every directory hash left zero.
+    pub(crate) fn from_parts_unhashed(
+        chunker: ChunkerParams,
+        diff_id: Digest,
+        chunks: Vec<ChunkRef>,
+        entries: Vec<Entry>,
+    ) -> Self {
         let mut idx = LayerIndex { chunker, diff_id, chunks, entries, child_start: Vec::new(), child_list: Vec::new() };
         idx.build_adjacency();
-        idx.compute_merkle();
         idx
     }
 

@@ -27,7 +27,7 @@ pub use lazy::{AccelConfig, AccelLayer, ChunkTable, LazyFormatError, LazySource,
 pub use path::PathError;
 pub use size::{parse_size, SizeError};
 pub use source::{ChunkSource, SourceChain, SourceError, TierStats};
-pub use tree::{merge_layers, BuildError, NewEntry, TreeBuilder};
+pub use tree::{merge_layers, merge_layers_to_serve, BuildError, NewEntry, TreeBuilder};
 
 /// The user name that marks registry credentials' secret as an identity token (an OAuth2
 /// refresh token: docker's `identitytoken`, and what credential helpers answer for one), which

@@ -335,6 +335,12 @@ impl TreeBuilder {
     /// Flattens the tree into a [`LayerIndex`]: pre-order, sorted children, a de-duplicated chunk
     /// table, the first name of each hard-link group as the file and the others as links to it.
     pub fn finish(self, diff_id: Digest) -> LayerIndex {
+        let (chunker, chunks, entries) = self.flatten();
+        LayerIndex::from_parts(chunker, diff_id, chunks, entries)
+    }
+
+    /// The tree in pre-order: its chunk list and entries (directory hashes zero).
+    fn flatten(self) -> (ChunkerParams, Vec<ChunkRef>, Vec<Entry>) {
         let mut entries: Vec<Entry> = Vec::with_capacity(self.nodes.len());
         let mut chunk_pos: HashMap<ChunkId, u32> = HashMap::new();
         let mut chunks: Vec<ChunkRef> = Vec::new();
@@ -382,15 +388,30 @@ impl TreeBuilder {
                 stack.push((c, me));
             }
         }
-        LayerIndex::from_parts(self.chunker, diff_id, chunks, entries)
+        (self.chunker, chunks, entries)
     }
 }
 
 /// Merges layers bottom to top into one rootfs view (no whiteouts or markers left).
 pub fn merge_layers<'a>(chunker: ChunkerParams, layers: impl IntoIterator<Item = &'a LayerIndex>) -> LayerIndex {
+    merged(chunker, layers).finish(Digest([0; 32]))
+}
+
+/// [`merge_layers`] without directory hashes (every one zero): the view a mount serves, which
+/// reads no hash, built without hashing every entry on the path of every start. Never for a
+/// diff, an encoding or the store.
+pub fn merge_layers_to_serve<'a>(
+    chunker: ChunkerParams,
+    layers: impl IntoIterator<Item = &'a LayerIndex>,
+) -> LayerIndex {
+    let (chunker, chunks, entries) = merged(chunker, layers).flatten();
+    LayerIndex::from_parts_unhashed(chunker, Digest([0; 32]), chunks, entries)
+}
+
+fn merged<'a>(chunker: ChunkerParams, layers: impl IntoIterator<Item = &'a LayerIndex>) -> TreeBuilder {
     let mut b = TreeBuilder::new(chunker);
     for (n, layer) in layers.into_iter().enumerate() {
         b.apply_layer(layer, n as u32);
     }
-    b.finish(Digest([0; 32]))
+    b
 }

@@ -144,6 +144,20 @@ fn merge_applies_whiteouts_opaque_dirs_and_replacements() {
     assert_eq!(m.entries[l2 as usize].kind, Kind::Hardlink { target: l1 });
     assert!(m.entries.iter().all(|e| !matches!(e.kind, Kind::Whiteout | Kind::Opaque)));
     assert!(LayerIndex::decode(&m.encode()).unwrap().verify_merkle());
+
+    // The view a mount serves is the same tree, its directory hashes left zero.
+    let served = hb_core::merge_layers_to_serve(ChunkerParams::default(), [&lower, &upper]);
+    assert_eq!(served.chunks, m.chunks);
+    assert_eq!(served.entries.len(), m.entries.len());
+    for (i, (s, e)) in served.entries.iter().zip(&m.entries).enumerate() {
+        assert_eq!((s.parent, &s.name, &s.meta), (e.parent, &e.name, &e.meta));
+        match (&s.kind, &e.kind) {
+            (Kind::Dir { hash }, Kind::Dir { .. }) => assert_eq!(*hash, [0; 32], "entry {i}"),
+            (a, b) => assert_eq!(a, b),
+        }
+        assert_eq!(served.children(i as u32), m.children(i as u32));
+    }
+    assert!(!served.verify_merkle(), "no hashes: never one to store or diff");
 }
 
 #[test]

@@ -231,7 +231,7 @@ pub fn mount_image(
     // side, on the path of every mount server's start.
     let (merged, sources) = std::thread::scope(|s| {
         let merging = s.spawn(|| {
-            let merged = Arc::new(hb_core::merge_layers(store.chunker(), indexes.iter()));
+            let merged = Arc::new(hb_core::merge_layers_to_serve(store.chunker(), indexes.iter()));
             tracing::debug!(target: PHASE, entries = merged.entries.len(), "layers merged");
             merged
         });
