@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A bandwidth-limited registry on loopback, for benchmarks whose clients cannot all move into a
 # network namespace (containerd and its snapshotters pull themselves): a second docker-registry
-# on 127.0.0.1:15010 serving the open registry's storage, and a tbf qdisc on `lo` that shapes
+# on 127.0.0.1:15010 serving the open registry's storage, and an htb qdisc on `lo` that shapes
 # only the traffic from port 15010 (the registry's answers; requests are small). Everything else
 # on loopback keeps its speed.
 #   scripts/shaped-lo.sh up [RATE]   (default 100mbit)   |   scripts/shaped-lo.sh down

@@ -47,6 +47,8 @@ pub struct DiffReport {
 /// Compares `a` (what is there) with `b` (what is wanted). Removed subtrees are reported by their
 /// top path, added subtrees path by path (as `docker diff` does).
 pub fn diff(a: &LayerIndex, b: &LayerIndex) -> DiffReport {
+    // Unchanged subtrees are skipped by their hashes: a view without them would diff as equal.
+    assert!(a.is_hashed() && b.is_hashed(), "a view built to serve a mount has no directory hashes to diff");
     let mut out = DiffReport::default();
     let have: HashSet<ChunkId> = a.chunk_set();
     let mut needed: HashSet<ChunkId> = HashSet::new();

@@ -138,6 +138,9 @@ pub struct LayerIndex {
     /// CSR adjacency: children of entry `i` are `child_list[child_start[i]..child_start[i + 1]]`.
     child_start: Vec<u32>,
     child_list: Vec<u32>,
+    /// False for a view built to serve a mount ([`crate::merge_layers_to_serve`]): its directory
+    /// hashes are zero, so it is never encoded or diffed (both refuse it).
+    hashed: bool,
 }
 
 /// Why an index could not be decoded.
@@ -174,6 +177,7 @@ impl LayerIndex {
     ) -> Self {
         let mut idx = Self::from_parts_unhashed(chunker, diff_id, chunks, entries);
         idx.compute_merkle();
+        idx.hashed = true;
         idx
     }
 
@@ -184,9 +188,22 @@ impl LayerIndex {
         chunks: Vec<ChunkRef>,
         entries: Vec<Entry>,
     ) -> Self {
-        let mut idx = LayerIndex { chunker, diff_id, chunks, entries, child_start: Vec::new(), child_list: Vec::new() };
+        let mut idx = LayerIndex {
+            chunker,
+            diff_id,
+            chunks,
+            entries,
+            child_start: Vec::new(),
+            child_list: Vec::new(),
+            hashed: false,
+        };
         idx.build_adjacency();
         idx
+    }
+
+    /// False for a view built to serve a mount, whose directory hashes are all zero.
+    pub fn is_hashed(&self) -> bool {
+        self.hashed
     }
 
     fn build_adjacency(&mut self) {
@@ -400,6 +417,7 @@ impl LayerIndex {
 
     /// Encodes the index in format version [`FORMAT_VERSION`].
     pub fn encode(&self) -> Vec<u8> {
+        assert!(self.hashed, "a view built to serve a mount has no directory hashes to encode");
         let mut out = Vec::with_capacity(64 + self.chunks.len() * 36 + self.entries.len() * 40);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -605,7 +623,15 @@ impl LayerIndex {
         if r.pos != body.len() {
             return Err(malformed("trailing bytes"));
         }
-        let mut idx = LayerIndex { chunker, diff_id, chunks, entries, child_start: Vec::new(), child_list: Vec::new() };
+        let mut idx = LayerIndex {
+            chunker,
+            diff_id,
+            chunks,
+            entries,
+            child_start: Vec::new(),
+            child_list: Vec::new(),
+            hashed: true,
+        };
         idx.build_adjacency();
         if idx.root_hash() != root_hash {
             return Err(malformed("root hash in header differs from the root entry"));

@@ -158,6 +158,10 @@ fn merge_applies_whiteouts_opaque_dirs_and_replacements() {
         assert_eq!(served.children(i as u32), m.children(i as u32));
     }
     assert!(!served.verify_merkle(), "no hashes: never one to store or diff");
+    assert!(m.is_hashed() && !served.is_hashed());
+    let refused = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
+    assert!(refused(&|| drop(served.encode())), "never encoded");
+    assert!(refused(&|| drop(hb_core::diff(&m, &served))), "never diffed");
 }
 
 #[test]

@@ -186,7 +186,7 @@ pub(crate) async fn fetch_layer_form(
         Ok((index, table, index_raw.len() as u64 + table_raw.len() as u64))
     })
     .await
-    .map_err(|e| ImagesError::Invalid(format!("decoding a layer's accelerated form panicked: {e}")))??;
+    .map_err(|e| ImagesError::Invalid(format!("decoding a layer's accelerated form did not finish: {e}")))??;
     Ok((index, LazySource { repository, data, table }, bytes))
 }
 

@@ -142,11 +142,14 @@ impl Registry {
             let url = self.blob_url(r, digest);
             let authorization = self.authorization.lock().expect("authorization lock").clone();
             let sent = std::time::Instant::now();
+            // A whole blob sent for a range says nothing of what a range costs.
+            let mut ranged = true;
             let step: Result<Vec<u8>, RegistryError> = async {
                 let resp = self.blobs.get(&self.registry, &url, authorization.as_deref(), start, Some(start + len - 1)).await?;
                 let (resp, skip) = match resp {
                     crate::blob::BlobBody::Partial(resp) => (resp, 0u64),
                     crate::blob::BlobBody::Full(resp) => {
+                        ranged = false;
                         tracing::warn!(blob = %digest, "registry ignored the Range header; reading the blob from its start");
                         (resp, start)
                     }
@@ -180,7 +183,9 @@ impl Registry {
             .await;
             match step {
                 Ok(b) => {
-                    self.link.request(len, sent.elapsed());
+                    if ranged {
+                        self.link.request(len, sent.elapsed());
+                    }
                     return Ok(b);
                 }
                 Err(RegistryError::Unauthorized { .. }) if !reauthorized => {

@@ -36,22 +36,21 @@ struct Inner {
 }
 
 impl LinkCost {
-    /// One request of `bytes` that took `took` from sending it to its last byte.
+    /// One request of `bytes` that took `took` from sending it to its last byte. Only small ones
+    /// count (a request's own time); a large one, made beside others, saw part of the link only.
     pub fn request(&self, bytes: u64, took: Duration) {
+        if bytes > SMALL {
+            return;
+        }
         let mut i = self.inner.lock().expect("link lock");
-        if bytes <= SMALL {
-            if i.small.len() == SAMPLES {
-                i.small.pop_front();
-            }
-            i.small.push_back(took);
+        if i.small.len() == SAMPLES {
+            i.small.pop_front();
         }
-        if bytes >= LARGE {
-            i.throughput_sample(bytes, took);
-        }
+        i.small.push_back(took);
     }
 
-    /// Requests made side by side: `bytes` in all arrived in `took` (the link's throughput when
-    /// one request alone would not fill it).
+    /// Requests made side by side, all that was in flight: `bytes` in all arrived in `took` (the
+    /// link's throughput).
     pub fn transfer(&self, bytes: u64, took: Duration) {
         if bytes >= LARGE {
             self.inner.lock().expect("link lock").throughput_sample(bytes, took);
@@ -94,6 +93,8 @@ mod tests {
         assert_eq!(l.gap(), DEFAULT_GAP);
         l.request(4 << 10, ms(3));
         assert_eq!(l.gap(), DEFAULT_GAP, "a request's cost alone says nothing of the bytes");
+        l.request(4 << 20, ms(30));
+        assert_eq!(l.gap(), DEFAULT_GAP, "nor does one large request among others");
     }
 
     #[test]
@@ -101,7 +102,7 @@ mod tests {
         // 100 Mbit/s: 12.5 MB/s, requests of 3 ms: ~37 KB.
         let slow = LinkCost::default();
         slow.request(8 << 10, ms(3));
-        slow.request(2 << 20, Duration::from_secs_f64((2 << 20) as f64 / 12.5e6));
+        slow.transfer(2 << 20, Duration::from_secs_f64((2 << 20) as f64 / 12.5e6));
         let g = slow.gap();
         assert!((30_000..45_000).contains(&g), "{g}");
         // Loopback: 1 GB/s, requests of 2 ms: 2 MB, bounded.
@@ -112,7 +113,7 @@ mod tests {
         // A link that makes any bridging too dear still bridges the least.
         let dear = LinkCost::default();
         dear.request(1 << 10, Duration::from_micros(200));
-        dear.request(1 << 20, Duration::from_secs(1));
+        dear.transfer(1 << 20, Duration::from_secs(1));
         assert_eq!(dear.gap(), MIN_GAP);
     }
 

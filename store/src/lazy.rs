@@ -250,11 +250,12 @@ impl Store {
 }
 
 /// `raw` (whose stored form is `stored`) encoded with `z`, when that is smaller than `stored`.
-fn smaller(stored: &StoredChunk, raw: &[u8], z: Option<&mut zstd::bulk::Compressor<'static>>) -> StoredChunk {
-    match z.and_then(|z| z.compress(raw).ok()) {
-        Some(c) if c.len() < stored.bytes.len() => StoredChunk { raw_len: stored.raw_len, zstd: true, bytes: c },
-        _ => stored.clone(),
-    }
+fn smaller(stored: &StoredChunk, raw: &[u8], z: &mut zstd::bulk::Compressor<'static>) -> Result<StoredChunk> {
+    let c = z.compress(raw).map_err(|e| StoreError::Io { context: "encoding a chunk with zstd".into(), source: e })?;
+    Ok(match c.len() < stored.bytes.len() {
+        true => StoredChunk { raw_len: stored.raw_len, zstd: true, bytes: c },
+        false => stored.clone(),
+    })
 }
 
 /// A chunk as the store keeps it: compressed (zstd) or raw, verified through its decoding.
@@ -285,11 +286,11 @@ impl Store {
     /// (decoded, hashed) before `sink` gets its bytes, in index order; returns the layer's index
     /// and the table of those bytes.
     ///
-    /// `level` 0 gives each chunk's stored bytes verbatim (zstd at the store's level, or raw: what
-    /// a mirror serves straight from its store). Above 0, each chunk is encoded again at that zstd
-    /// level, on every core, and the smaller of the two forms kept: a published form is written
-    /// once and read by every client (64 KiB chunks of a Go binary: 6 % fewer bytes at 9 than at
-    /// the store's 3; decoding is as fast).
+    /// `level` 0 (or below) gives each chunk's stored bytes verbatim (zstd at the store's level, or
+    /// raw: what a mirror serves straight from its store). Above 0, each chunk is encoded again at
+    /// that zstd level, on up to 8 cores, and the smaller of the two forms kept: a published form is
+    /// written once and read by every client (64 KiB chunks of a Go binary: 6 % fewer bytes at 9
+    /// than at the store's 3; decoding is as fast).
     pub fn layer_data(
         &self,
         diff_id: &Digest,
@@ -302,7 +303,7 @@ impl Store {
             table.push(id, s.bytes.len() as u32, s.raw_len, s.zstd);
             sink(&s.bytes);
         };
-        if level == 0 {
+        if level <= 0 {
             for c in &index.chunks {
                 put(c.id, &self.read_chunk_stored_checked(&c.id)?.0);
             }
@@ -319,13 +320,20 @@ impl Store {
                     .chunks(per)
                     .map(|part| {
                         sc.spawn(move || {
-                            let mut z = zstd::bulk::Compressor::new(level).ok();
-                            part.iter().map(|(stored, raw)| smaller(stored, raw, z.as_mut())).collect::<Vec<_>>()
+                            let mut z = zstd::bulk::Compressor::new(level).map_err(|e| StoreError::Io {
+                                context: format!("a zstd encoder at level {level}"),
+                                source: e,
+                            })?;
+                            part.iter().map(|(stored, raw)| smaller(stored, raw, &mut z)).collect::<Result<Vec<_>>>()
                         })
                     })
                     .collect();
-                handles.into_iter().flat_map(|h| h.join().expect("encoding does not panic")).collect()
-            });
+                let mut out = Vec::with_capacity(read.len());
+                for h in handles {
+                    out.extend(h.join().expect("encoding does not panic")?);
+                }
+                Ok::<_, StoreError>(out)
+            })?;
             for (c, s) in group.iter().zip(&encoded) {
                 put(c.id, s);
             }

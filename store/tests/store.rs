@@ -443,7 +443,12 @@ fn prose(seed: u64, len: usize) -> Vec<u8> {
 fn a_data_blob_at_a_higher_level_is_smaller_and_still_decodes_to_every_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    let tar = layer(&[("text", &prose(3, 3 << 20)), ("random", &pseudo_random(4, 1 << 20))]);
+    // Small files too: more chunks than one group of encoders takes (64 a core, 8 cores at most).
+    let small: Vec<(String, Vec<u8>)> = (0..700).map(|i| (format!("etc/f{i}"), prose(100 + i, 1500))).collect();
+    let mut files: Vec<(&str, &[u8])> = small.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    let (text, random) = (prose(3, 3 << 20), pseudo_random(4, 1 << 20));
+    files.extend([("text", text.as_slice()), ("random", random.as_slice())]);
+    let tar = layer(&files);
     let r = store.import_layer(&tar[..], &NoProgress).unwrap();
     let blob = |level| {
         let mut data = Vec::new();
@@ -454,6 +459,7 @@ fn a_data_blob_at_a_higher_level_is_smaller_and_still_decodes_to_every_chunk() {
     for (c, e) in index.chunks.iter().zip(&stored.entries) {
         assert_eq!(store.read_chunk_stored(&c.id).unwrap().bytes.len() as u32, e.stored_len, "level 0 is verbatim");
     }
+    assert!(index.chunks.len() > 512, "{} chunks", index.chunks.len());
     let (_, strong, strong_data) = blob(19);
     assert_eq!(stored.entries.len(), strong.entries.len());
     assert!(
