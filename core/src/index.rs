@@ -623,16 +623,9 @@ impl LayerIndex {
         if r.pos != body.len() {
             return Err(malformed("trailing bytes"));
         }
-        let mut idx = LayerIndex {
-            chunker,
-            diff_id,
-            chunks,
-            entries,
-            child_start: Vec::new(),
-            child_list: Vec::new(),
-            hashed: true,
-        };
-        idx.build_adjacency();
+        // The hashes as stored: checked below, every one.
+        let mut idx = Self::from_parts_unhashed(chunker, diff_id, chunks, entries);
+        idx.hashed = true;
         if idx.root_hash() != root_hash {
             return Err(malformed("root hash in header differs from the root entry"));
         }
