@@ -267,19 +267,10 @@ pub struct StoredChunk {
 }
 
 impl Store {
-    /// Reads a chunk's stored bytes (for copying them verbatim into a registry data blob).
+    /// Reads a chunk's stored bytes (for copying them verbatim into a registry data blob),
+    /// checked as every read is: its record names `id` and its bytes decode to what `id` hashes.
     pub fn read_chunk_stored(&self, id: &ChunkId) -> Result<StoredChunk> {
-        match self.chunk_record(id)? {
-            Some(rec) if !rec.loc.is_absent() => {
-                let (_, bytes) = crate::pack::read_record(&*self.pack_file(rec.loc.pack)?, id, &rec.loc)?;
-                Ok(StoredChunk {
-                    raw_len: rec.loc.raw_len,
-                    zstd: rec.loc.compression == crate::pack::Compression::Zstd,
-                    bytes,
-                })
-            }
-            _ => Err(StoreError::MissingChunk(*id)),
-        }
+        self.read_chunk_stored_checked(id).map(|(s, _)| s)
     }
 
     /// A stored layer's chunks as an accelerated image's data blob holds them: each is checked
@@ -341,20 +332,16 @@ impl Store {
         Ok((index, table))
     }
 
-    /// [`Store::read_chunk_stored`], checked: decoded and hashed against `id` first. Also returns
-    /// the decoded bytes.
+    /// [`Store::read_chunk_stored`] and the chunk's decoded bytes (the check decoded them).
     pub fn read_chunk_stored_checked(&self, id: &ChunkId) -> Result<(StoredChunk, Vec<u8>)> {
-        let s = self.read_chunk_stored(id)?;
-        let bad = |reason: String| StoreError::CorruptChunk { id: *id, reason };
-        let raw = if s.zstd {
-            zstd::bulk::decompress(&s.bytes, s.raw_len as usize).map_err(|e| bad(format!("zstd: {e}")))?
-        } else {
-            s.bytes.clone()
-        };
-        if raw.len() != s.raw_len as usize || ChunkId::of(&raw) != *id {
-            return Err(bad("its bytes do not hash to its id".into()));
+        match self.chunk_record(id)? {
+            Some(rec) if !rec.loc.is_absent() => {
+                let (raw, bytes) = crate::pack::read_record(&*self.pack_file(rec.loc.pack)?, id, &rec.loc)?;
+                let zstd = rec.loc.compression == crate::pack::Compression::Zstd;
+                Ok((StoredChunk { raw_len: rec.loc.raw_len, zstd, bytes }, raw))
+            }
+            _ => Err(StoreError::MissingChunk(*id)),
         }
-        Ok((s, raw))
     }
 
     /// [`Store::put_aux`] without waiting for the disk: atomic, survives a killed process, and
