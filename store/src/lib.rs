@@ -129,6 +129,8 @@ pub struct Store {
     gate: RwLock<()>,
     /// None for a read-only view ([`Store::open_read_only`]).
     _lock: Option<File>,
+    /// Lazy layers this handle has recorded ([`Store::lazy_imports`]).
+    lazy_imports: std::sync::atomic::AtomicU64,
 }
 
 /// A summary of one stored layer.
@@ -308,6 +310,7 @@ impl Store {
             writer: Mutex::new(Writer { idle: Vec::new(), in_use: Default::default(), next_pack: 1 }),
             gate: RwLock::new(()),
             _lock: lock,
+            lazy_imports: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use store_api::Learning;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -48,8 +49,11 @@ struct Daemon {
     started: Instant,
     /// Image mounts by manifest digest.
     mounts: Mutex<HashMap<String, ImageMount>>,
-    /// One image mount (or pull) prepared at a time: concurrent asks for one image make one mount.
+    /// One image mount (or pull) prepared at a time: concurrent asks for one image make one mount
+    /// (`Daemon::prepare`).
     preparing: Mutex<()>,
+    /// The preparation under way, for fetches made for peers (`Daemon::fetch_through`).
+    learning: Mutex<Option<Learning>>,
     /// When each image mount was last seen in use.
     last_used: Mutex<HashMap<String, Instant>>,
     idle: Duration,
@@ -250,6 +254,7 @@ impl Daemon {
             started: Instant::now(),
             mounts: Mutex::new(HashMap::new()),
             preparing: Mutex::new(()),
+            learning: Mutex::new(None),
             last_used: Mutex::new(HashMap::new()),
             idle,
             metrics: Metrics::default(),

@@ -40,7 +40,7 @@ impl Daemon {
 
     pub(super) fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
         self.note_plain(&req.image, req.plain_http);
-        let _one = self.preparing.lock().expect("preparing lock");
+        let _one = self.prepare();
         let platform = req
             .platform
             .as_deref()
@@ -117,7 +117,7 @@ impl Daemon {
             tracing::debug!(?labels, "a remote-snapshot Prepare without image and layer labels");
             return Ok(None);
         };
-        let _one = self.preparing.lock().expect("preparing lock");
+        let _one = self.prepare();
         if crate::find_image(&self.store, &image)?.is_none() {
             let r = hb_registry::ImageRef::parse(&image)?;
             let creds = crate::config::docker_credentials(r.registry())?;

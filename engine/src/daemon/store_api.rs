@@ -6,7 +6,7 @@ use super::*;
 impl Daemon {
     pub(super) fn pull(&self, req: &PullRequest) -> anyhow::Result<PullResponse> {
         self.note_plain(&req.reference, req.plain_http);
-        let _one = self.preparing.lock().expect("preparing lock");
+        let _one = self.prepare();
         let r = hb_registry::ImageRef::parse(&req.reference)?;
         let creds = match &req.credentials {
             Some(c) => Some(c.clone()),
@@ -168,12 +168,87 @@ impl Daemon {
     }
 
     /// Fetches `ids` (chunks this host owns for its peers) from the registries of the store's
-    /// lazy layers and keeps them (`hb_images::sources::LazyFetch`).
+    /// lazy layers and keeps them (`hb_images::sources::LazyFetch`). Chunks no layer names yet
+    /// are asked again once a preparation under way has recorded its layers: hosts that start or
+    /// pull one image at once ask each other as soon as their own index is in, and an owner
+    /// whose index is still on its way would otherwise answer without them (and every asker
+    /// would fetch them itself).
     pub(super) fn fetch_through(&self, ids: &[hb_core::ChunkId]) -> Vec<(hb_core::ChunkId, Vec<u8>)> {
-        let got = self.through.fetch(&Hosts::with_node(&self.g, None), &self.work, &self.store, ids);
+        let hosts = Hosts::with_node(&self.g, None);
+        let mut got = self.through.fetch(&hosts, &self.work, &self.store, ids);
+        if got.len() < ids.len() && self.await_learning() {
+            let have: std::collections::HashSet<hb_core::ChunkId> = got.iter().map(|(id, _)| *id).collect();
+            let rest: Vec<hb_core::ChunkId> = ids.iter().filter(|id| !have.contains(id)).copied().collect();
+            got.extend(self.through.fetch(&hosts, &self.work, &self.store, &rest));
+        }
         if !got.is_empty() {
             self.dirty.store(true, Ordering::SeqCst);
         }
         got
+    }
+}
+
+/// How long after its start a preparation that has recorded no layer is waited for by fetches
+/// made for peers (its index on the way: a few hundred ms over a slow shared link).
+const LEARN_WAIT: Duration = Duration::from_secs(1);
+/// How long the recorded layers must stay unchanged before they are read again (a pull records
+/// its layers one after another).
+const LEARN_SETTLE: Duration = Duration::from_millis(20);
+
+/// A preparation under way: since when, and how many lazy layers the store had recorded then.
+#[derive(Clone, Copy, PartialEq)]
+pub(super) struct Learning {
+    since: Instant,
+    imports: u64,
+}
+
+/// The one preparation at a time (a pull, an image mount, a remote layer); clears
+/// `Daemon::learning` when it ends.
+pub(super) struct Preparing<'a> {
+    _one: std::sync::MutexGuard<'a, ()>,
+    learning: &'a Mutex<Option<Learning>>,
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        *self.learning.lock().expect("learning lock") = None;
+    }
+}
+
+impl Daemon {
+    /// Waits for the preparations before it, then marks this one under way.
+    pub(super) fn prepare(&self) -> Preparing<'_> {
+        let one = self.preparing.lock().expect("preparing lock");
+        *self.learning.lock().expect("learning lock") =
+            Some(Learning { since: Instant::now(), imports: self.store.lazy_imports() });
+        Preparing { _one: one, learning: &self.learning }
+    }
+
+    /// When a preparation under way has recorded no layer yet: waits (up to [`LEARN_WAIT`] from
+    /// its start) until it records some, then until they stay unchanged for [`LEARN_SETTLE`].
+    /// True when it recorded layers meanwhile (what it knows may have grown).
+    pub(super) fn await_learning(&self) -> bool {
+        let current = || *self.learning.lock().expect("learning lock");
+        let Some(l) = current() else { return false };
+        if self.store.lazy_imports() != l.imports {
+            // It recorded its layers before this ask: it knows what it will know.
+            return false;
+        }
+        let deadline = l.since + LEARN_WAIT;
+        while self.store.lazy_imports() == l.imports {
+            if current() != Some(l) || Instant::now() >= deadline {
+                return self.store.lazy_imports() != l.imports;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut seen = self.store.lazy_imports();
+        loop {
+            std::thread::sleep(LEARN_SETTLE);
+            let now = self.store.lazy_imports();
+            if now == seen || Instant::now() >= deadline + LEARN_WAIT {
+                return true;
+            }
+            seen = now;
+        }
     }
 }

@@ -155,3 +155,63 @@ fn a_stopping_daemon_makes_no_spare_and_releases_all() {
     assert!(left.is_empty(), "a spare was made after the stop: {left:?}");
     assert!(d.refilling.lock().unwrap().is_empty());
 }
+
+/// A lazy layer of one file, one chunk, recorded in `d`'s store.
+fn record_lazy_layer(d: &Daemon, tag: &str) {
+    use hb_core::*;
+    let bytes = format!("the bytes of {tag}");
+    let id = ChunkId::of(bytes.as_bytes());
+    let mut b = TreeBuilder::new(ChunkerParams::default());
+    let meta = Meta { mode: 0o644, uid: 0, gid: 0, mtime: 1, mtime_nsec: 0, xattrs: vec![] };
+    let chunks = vec![ChunkRef { id, len: bytes.len() as u32 }];
+    b.add(b"f", meta, NewEntry::File { chunks }).unwrap();
+    let index = b.finish(Digest::of(tag.as_bytes()));
+    let mut table = ChunkTable::default();
+    table.push(id, bytes.len() as u32, bytes.len() as u32, false);
+    let source = LazySource { repository: "127.0.0.1:1/x".into(), data: Digest::of(b"data"), table };
+    let blob = Digest::of(format!("blob {tag}").as_bytes());
+    d.store.import_lazy_layer(&index, &blob, hb_store::BlobCompression::None, 1, &source, false).unwrap();
+}
+
+/// Regression (hosts pulling one image at once, big-binary in `hb-bench peers --pulls`: 1.7-1.9x
+/// the registry bytes of one copy): a host asked for chunks as their owner while its own pull's
+/// index was still on the way answered without them, and every asker fetched them itself. A
+/// fetch for peers now waits for a preparation that has recorded no layer yet, and only for it.
+#[test]
+fn fetches_for_peers_wait_for_a_preparation_to_record_its_layers_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _refills, _) = daemon(dir.path());
+    // No preparation under way: nothing to wait for.
+    let t = Instant::now();
+    assert!(!d.await_learning());
+    assert!(t.elapsed() < Duration::from_millis(500), "waited {:?} with nothing under way", t.elapsed());
+
+    // A preparation that records its layers while the fetch waits: the fetch looks again.
+    std::thread::scope(|s| {
+        let prep = d.prepare();
+        let waiter = s.spawn(|| d.await_learning());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "the fetch did not wait for the preparation under way");
+        record_lazy_layer(&d, "one");
+        record_lazy_layer(&d, "two");
+        assert!(waiter.join().unwrap(), "the layers the preparation recorded went unseen");
+        // Once it has recorded them, later fetches do not wait: it knows what it will know.
+        let t = Instant::now();
+        assert!(!d.await_learning());
+        assert!(t.elapsed() < Duration::from_millis(500), "waited {:?} after the layers were in", t.elapsed());
+        drop(prep);
+    });
+
+    // A preparation that ends without recording anything (its image was present) frees the
+    // waiter at once, as does the bound on one that never records.
+    std::thread::scope(|s| {
+        let prep = d.prepare();
+        let waiter = s.spawn(|| d.await_learning());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished());
+        drop(prep);
+        assert!(!waiter.join().unwrap(), "nothing was recorded");
+    });
+    let _prep = d.prepare();
+    assert!(!d.await_learning(), "a preparation that records nothing is waited for within its bound");
+}
