@@ -28,10 +28,13 @@ pub const MAX_SHARE: f64 = 0.9;
 /// the blob.
 pub const PEER_SHARE: f64 = 1.5;
 /// Chunks asked of the source chain at once (the ranges of one batch go in parallel).
-const BATCH: usize = 512;
-/// Batches being fetched at once: the next batch's ranges are on the wire while the slowest range
-/// of the one before still comes, and while this thread stores what came.
-const BATCHES_IN_FLIGHT: usize = 2;
+const BATCH: usize = 128;
+/// Batches being fetched at once: the next batches' ranges are on the wire while the slowest range
+/// of the one before still comes, and while this thread stores what came. Small batches, many
+/// in flight: what came is stored while the link still carries the rest (hosts pulling one
+/// image at once on few cores: with 512-chunk batches a 17 MB image came in one or two batches,
+/// all stored at the end).
+const BATCHES_IN_FLIGHT: usize = 6;
 /// Indexes and tables fetched at once.
 const CONCURRENT_META: usize = 4;
 
