@@ -19,6 +19,8 @@ use crate::state::*;
 
 /// Ids asked of one peer in one request.
 pub(crate) const BATCH: usize = 128;
+/// Ids asked of a peer alone before it has answered one request right ([`Node::ask_holder`]).
+pub(crate) const FIRST_BATCH: usize = 16;
 /// How long a peer may take to answer before it is given up for this fetch and set aside:
 /// ten times its usual answer time, within these bounds, plus 10 ms a chunk (`Node::deadline`).
 pub(crate) const DEADLINE_MIN: Duration = Duration::from_millis(250);
@@ -80,16 +82,14 @@ impl Node {
                 break;
             }
             owner_asked.extend(plan.owners.iter().flat_map(|(_, ids)| ids.iter().copied()));
-            let asks = plan
-                .holders
-                .into_iter()
-                .flat_map(|(peer, alt, ids)| ids.chunks(BATCH).map(|b| (peer, alt, b.to_vec())).collect::<Vec<_>>());
-            let holders = futures::future::join_all(asks.map(|(peer, alt, batch)| {
-                for id in &batch {
-                    asked.entry(*id).or_default().push(peer);
+            for (peer, _, ids) in &plan.holders {
+                for id in ids {
+                    asked.entry(*id).or_default().push(*peer);
                 }
-                self.ask_hedged(peer, alt, batch)
-            }));
+            }
+            let holders = futures::future::join_all(
+                plan.holders.into_iter().map(|(peer, alt, ids)| self.ask_holder(peer, alt, ids)),
+            );
             let owned = plan
                 .owners
                 .into_iter()
@@ -190,6 +190,36 @@ impl Node {
             holders: by_peer.into_iter().map(|((p, alt), ids)| (p, alt, ids)).collect(),
             owners: by_owner.into_iter().collect(),
         }
+    }
+
+    /// Asks holder `peer` for `ids` in batches side by side (hedged to `alt`). A peer that has
+    /// not yet answered one request right is first asked for [`FIRST_BATCH`] of them alone: a
+    /// lying peer is found out (and banned) after one small answer, not after megabytes of wrong
+    /// chunks (an answer is checked once it has all come); the rest then goes to `alt`.
+    pub(crate) async fn ask_holder(
+        &self,
+        peer: PeerId,
+        alt: Option<PeerId>,
+        ids: Vec<ChunkId>,
+    ) -> Vec<(ChunkId, Vec<u8>)> {
+        let mut out = Vec::new();
+        let (mut peer, mut alt, mut rest) = (peer, alt, &ids[..]);
+        if self.rtt(&peer).is_none() && ids.len() > FIRST_BATCH {
+            let (head, tail) = ids.split_at(FIRST_BATCH);
+            out = self.ask_hedged(peer, alt, head.to_vec()).await;
+            rest = tail;
+            if self.rtt(&peer).is_none() {
+                // The head failed (a lie, a timeout, a lost connection): the rest to the next
+                // holder, if there is one.
+                match alt.take() {
+                    Some(a) => peer = a,
+                    None => return out,
+                }
+            }
+        }
+        let asks = rest.chunks(BATCH).map(|b| self.ask_hedged(peer, alt, b.to_vec()));
+        out.extend(futures::future::join_all(asks).await.into_iter().flatten());
+        out
     }
 
     pub(crate) fn rtt(&self, peer: &PeerId) -> Option<Duration> {
