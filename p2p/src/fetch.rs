@@ -96,7 +96,14 @@ impl Node {
                 .flat_map(|(owner, ids)| ids.chunks(BATCH).map(|b| (owner, b.to_vec())).collect::<Vec<_>>());
             let owners = futures::future::join_all(owned.map(|(owner, batch)| self.through(owner, batch)));
             let (held, owned) = futures::join!(holders, owners);
-            for got in held.into_iter().chain(owned) {
+            for (got, moved) in held {
+                // The rest of a batch its holder's first answer failed went to the next holder.
+                if let Some((alt, ids)) = moved {
+                    ids.iter().for_each(|id| asked.entry(*id).or_default().push(alt));
+                }
+                out.extend(got);
+            }
+            for got in owned {
                 out.extend(got);
             }
             let have: std::collections::HashSet<ChunkId> = out.iter().map(|(i, _)| *i).collect();
@@ -195,15 +202,16 @@ impl Node {
     /// Asks holder `peer` for `ids` in batches side by side (hedged to `alt`). A peer that has
     /// not yet answered one request right is first asked for [`FIRST_BATCH`] of them alone: a
     /// lying peer is found out (and banned) after one small answer, not after megabytes of wrong
-    /// chunks (an answer is checked once it has all come); the rest then goes to `alt`.
+    /// chunks (an answer is checked once it has all come); the rest then goes to `alt`, which is
+    /// returned with the ids it was asked.
     pub(crate) async fn ask_holder(
         &self,
         peer: PeerId,
         alt: Option<PeerId>,
         ids: Vec<ChunkId>,
-    ) -> Vec<(ChunkId, Vec<u8>)> {
+    ) -> (Vec<(ChunkId, Vec<u8>)>, Option<(PeerId, Vec<ChunkId>)>) {
         let mut out = Vec::new();
-        let (mut peer, mut alt, mut rest) = (peer, alt, &ids[..]);
+        let (mut peer, mut alt, mut rest, mut moved) = (peer, alt, &ids[..], None);
         if self.rtt(&peer).is_none() && ids.len() > FIRST_BATCH {
             let (head, tail) = ids.split_at(FIRST_BATCH);
             out = self.ask_hedged(peer, alt, head.to_vec()).await;
@@ -212,14 +220,17 @@ impl Node {
                 // The head failed (a lie, a timeout, a lost connection): the rest to the next
                 // holder, if there is one.
                 match alt.take() {
-                    Some(a) => peer = a,
-                    None => return out,
+                    Some(a) => {
+                        peer = a;
+                        moved = Some((a, tail.to_vec()));
+                    }
+                    None => return (out, None),
                 }
             }
         }
         let asks = rest.chunks(BATCH).map(|b| self.ask_hedged(peer, alt, b.to_vec()));
         out.extend(futures::future::join_all(asks).await.into_iter().flatten());
-        out
+        (out, moved)
     }
 
     pub(crate) fn rtt(&self, peer: &PeerId) -> Option<Duration> {

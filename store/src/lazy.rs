@@ -109,12 +109,14 @@ impl Store {
         let mut bloom = self.bloom.write().expect("bloom lock");
         new_ids.iter().for_each(|id| bloom.insert(id));
         drop(bloom);
-        self.lazy_imports.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !report.already_present {
+            self.lazy_imports.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(report)
     }
 
-    /// How many lazy layers this handle has recorded ([`Store::import_lazy_layer`]) since it was
-    /// opened: a process that waits for a pull to learn an image's chunks watches it change.
+    /// How many new lazy layers this handle has recorded ([`Store::import_lazy_layer`]) since it
+    /// was opened: a process that waits for a pull to learn an image's chunks watches it change.
     pub fn lazy_imports(&self) -> u64 {
         self.lazy_imports.load(std::sync::atomic::Ordering::SeqCst)
     }

@@ -54,6 +54,8 @@ struct Daemon {
     preparing: Mutex<()>,
     /// The preparation under way, for fetches made for peers (`Daemon::fetch_through`).
     learning: Mutex<Option<Learning>>,
+    /// Fetches for peers waiting for it (`Daemon::await_learning`).
+    learn_waiters: std::sync::atomic::AtomicUsize,
     /// When each image mount was last seen in use.
     last_used: Mutex<HashMap<String, Instant>>,
     idle: Duration,
@@ -255,6 +257,7 @@ impl Daemon {
             mounts: Mutex::new(HashMap::new()),
             preparing: Mutex::new(()),
             learning: Mutex::new(None),
+            learn_waiters: Default::default(),
             last_used: Mutex::new(HashMap::new()),
             idle,
             metrics: Metrics::default(),

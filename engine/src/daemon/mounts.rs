@@ -40,14 +40,16 @@ impl Daemon {
 
     pub(super) fn image_mount(&self, req: &MountRequest) -> anyhow::Result<ImageMount> {
         self.note_plain(&req.image, req.plain_http);
-        let _one = self.prepare();
+        let one = self.prepare();
         let platform = req
             .platform
             .as_deref()
             .map(|p| p.parse::<hb_registry::Platform>().map_err(|e| anyhow::Error::new(BadRequest(e))))
             .transpose()?;
         let present = !crate::mount::needs_pull(&self.store, &req.image, platform.as_ref())?;
-        if req.pull.pull_now(&req.image, present)? {
+        if !req.pull.pull_now(&req.image, present)? {
+            one.nothing_to_learn();
+        } else {
             crate::mount::pull_for_mount(
                 &self.hosts(),
                 &self.work,
@@ -117,8 +119,10 @@ impl Daemon {
             tracing::debug!(?labels, "a remote-snapshot Prepare without image and layer labels");
             return Ok(None);
         };
-        let _one = self.prepare();
-        if crate::find_image(&self.store, &image)?.is_none() {
+        let one = self.prepare();
+        if crate::find_image(&self.store, &image)?.is_some() {
+            one.nothing_to_learn();
+        } else {
             let r = hb_registry::ImageRef::parse(&image)?;
             let creds = crate::config::docker_credentials(r.registry())?;
             let eps = self.hosts().endpoints(&r, false, creds, hb_registry::Platform::default())?;
@@ -128,6 +132,7 @@ impl Daemon {
                 self.learned_plain(r.registry());
             }
             if resolved.accelerated.is_none() {
+                one.nothing_to_learn();
                 tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
                 return Ok(None);
             }

@@ -6,7 +6,7 @@ use super::*;
 impl Daemon {
     pub(super) fn pull(&self, req: &PullRequest) -> anyhow::Result<PullResponse> {
         self.note_plain(&req.reference, req.plain_http);
-        let _one = self.prepare();
+        let one = self.prepare();
         let r = hb_registry::ImageRef::parse(&req.reference)?;
         let creds = match &req.credentials {
             Some(c) => Some(c.clone()),
@@ -18,6 +18,10 @@ impl Daemon {
         };
         let eps = self.hosts().endpoints(&r, req.plain_http, creds, platform)?;
         let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
+        if resolved.accelerated.is_none() {
+            // Whole layer blobs: no lazy layer is recorded.
+            one.nothing_to_learn();
+        }
         self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::SeqCst);
         if req.lazy && resolved.accelerated.is_some() {
@@ -175,8 +179,11 @@ impl Daemon {
     /// would fetch them itself).
     pub(super) fn fetch_through(&self, ids: &[hb_core::ChunkId]) -> Vec<(hb_core::ChunkId, Vec<u8>)> {
         let hosts = Hosts::with_node(&self.g, None);
+        let before = self.store.lazy_imports();
         let mut got = self.through.fetch(&hosts, &self.work, &self.store, ids);
-        if got.len() < ids.len() && self.await_learning() {
+        // Layers recorded while that fetch ran (its sources were those known when it began), or
+        // by the preparation it waited for: a second look.
+        if got.len() < ids.len() && (self.store.lazy_imports() != before || self.await_learning()) {
             let have: std::collections::HashSet<hb_core::ChunkId> = got.iter().map(|(id, _)| *id).collect();
             let rest: Vec<hb_core::ChunkId> = ids.iter().filter(|id| !have.contains(id)).copied().collect();
             got.extend(self.through.fetch(&hosts, &self.work, &self.store, &rest));
@@ -191,6 +198,9 @@ impl Daemon {
 /// How long after its start a preparation that has recorded no layer is waited for by fetches
 /// made for peers (its index on the way: a few hundred ms over a slow shared link).
 const LEARN_WAIT: Duration = Duration::from_secs(1);
+/// Fetches for peers waiting at once; others do not wait. Each holds one of the node's serving
+/// turns while it waits: the rest stay for Gets of chunks this host holds.
+const LEARN_WAITERS: usize = 8;
 /// How long the recorded layers must stay unchanged before they are read again (a pull records
 /// its layers one after another).
 const LEARN_SETTLE: Duration = Duration::from_millis(20);
@@ -207,6 +217,14 @@ pub(super) struct Learning {
 pub(super) struct Preparing<'a> {
     _one: std::sync::MutexGuard<'a, ()>,
     learning: &'a Mutex<Option<Learning>>,
+}
+
+impl Preparing<'_> {
+    /// This preparation records no layer (its image is present, or comes without an accelerated
+    /// form): fetches for peers need not wait for it.
+    pub(super) fn nothing_to_learn(&self) {
+        *self.learning.lock().expect("learning lock") = None;
+    }
 }
 
 impl Drop for Preparing<'_> {
@@ -228,15 +246,26 @@ impl Daemon {
     /// its start) until it records some, then until they stay unchanged for [`LEARN_SETTLE`].
     /// True when it recorded layers meanwhile (what it knows may have grown).
     pub(super) fn await_learning(&self) -> bool {
-        let current = || *self.learning.lock().expect("learning lock");
-        let Some(l) = current() else { return false };
+        let Some(l) = *self.learning.lock().expect("learning lock") else { return false };
         if self.store.lazy_imports() != l.imports {
             // It recorded its layers before this ask: it knows what it will know.
             return false;
         }
+        if self.learn_waiters.fetch_add(1, Ordering::SeqCst) >= LEARN_WAITERS {
+            self.learn_waiters.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        let learned = self.wait_for(l);
+        self.learn_waiters.fetch_sub(1, Ordering::SeqCst);
+        learned
+    }
+
+    /// [`Daemon::await_learning`]'s wait for preparation `l`.
+    fn wait_for(&self, l: Learning) -> bool {
         let deadline = l.since + LEARN_WAIT;
         while self.store.lazy_imports() == l.imports {
-            if current() != Some(l) || Instant::now() >= deadline {
+            let current = *self.learning.lock().expect("learning lock");
+            if current != Some(l) || Instant::now() >= deadline {
                 return self.store.lazy_imports() != l.imports;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -245,7 +274,7 @@ impl Daemon {
         loop {
             std::thread::sleep(LEARN_SETTLE);
             let now = self.store.lazy_imports();
-            if now == seen || Instant::now() >= deadline + LEARN_WAIT {
+            if now == seen || Instant::now() >= deadline {
                 return true;
             }
             seen = now;

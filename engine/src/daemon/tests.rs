@@ -212,6 +212,15 @@ fn fetches_for_peers_wait_for_a_preparation_to_record_its_layers_and_only_then()
         drop(prep);
         assert!(!waiter.join().unwrap(), "nothing was recorded");
     });
-    let _prep = d.prepare();
+    let prep = d.prepare();
     assert!(!d.await_learning(), "a preparation that records nothing is waited for within its bound");
+    // One known to record nothing (its image is present) is not waited for at all.
+    prep.nothing_to_learn();
+    let t = Instant::now();
+    assert!(!d.await_learning());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "waited {:?} for a preparation with nothing to learn",
+        t.elapsed()
+    );
 }
