@@ -206,7 +206,7 @@ fn the_mirror_on_a_full_disk_keeps_serving_what_it_has_and_recovers() {
         "[proxy]\n[[proxy.upstream]]\nhost = \"{}\"\n[[proxy.upstream]]\nhost = \"{}\"\n",
         small.addr, big.addr
     );
-    let proxy = Proxy::start_with(&toml, |hb| {
+    let mut proxy = Proxy::start_with(&toml, |hb| {
         let fs = SmallFs::new(&hb.path("small"), 48);
         hb.root = fs.0.join("store");
         *fs_dir.lock().unwrap() = Some(fs);
@@ -226,8 +226,14 @@ fn the_mirror_on_a_full_disk_keeps_serving_what_it_has_and_recovers() {
     let (code, body) = curl(&[&url(&big)]);
     assert_eq!((code, sha256(&body)), (200, big.digest.clone()), "recovered once there is space");
     assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
-    drop(proxy);
+    // The proxy stopped, then its small filesystem, then its folder. (Regression: the folder went
+    // first, while the filesystem was still mounted in it: its removal stopped there, and every run
+    // left a folder behind in /dev/shm.)
+    let dir = proxy.hb.dir.path().to_path_buf();
+    proxy.kill9();
     drop(fs);
+    drop(proxy);
+    assert!(!dir.exists(), "{} was left behind", dir.display());
 }
 
 /// The daemon's path (issue 16's leftover): a pull the daemon runs on a full store fails with the
