@@ -18,7 +18,7 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::codec::{Codec, Request, Response, SummaryBody, MAX_RESPONSE, PROTOCOL};
+use crate::codec::{Codec, Request, Response, MAX_RESPONSE, PROTOCOL};
 use crate::fetch::*;
 use crate::state::*;
 use crate::summary::Remote;
@@ -354,32 +354,16 @@ pub(crate) fn handle_event(
 }
 
 pub(crate) fn take_summary(node: &Node, peer: PeerId, response: Response) {
-    let Response::Summary { epoch, generation, serving, body } = response else {
-        if let Some(p) = node.inner.peers.lock().expect("peers lock").get_mut(&peer) {
-            p.summary_pending = false;
-        }
-        node.ban(&peer, "answered a summary request with chunks");
-        return;
-    };
-    // A whole filter (up to 16 MiB) is decoded and checked before the lock is taken: lookups
-    // hold it, and must not wait for that. A delta is applied to the copy in place (a few bits
-    // per chunk).
-    let whole = match body {
-        SummaryBody::Full(bytes) => Ok(Remote::apply(None, epoch, generation, SummaryBody::Full(bytes))),
-        other => Err(other),
-    };
     let mut peers = node.inner.peers.lock().expect("peers lock");
     let Some(p) = peers.get_mut(&peer) else { return };
     p.summary_pending = false;
-    p.serves = serving;
-    // The copy before is dropped either way (a refused answer leaves none: the next ask is for
-    // the whole filter).
-    let before = p.summary.take();
-    let applied = match whole {
-        Ok(decoded) => decoded,
-        Err(body) => Remote::apply(before, epoch, generation, body),
+    let Response::Summary { epoch, generation, serving, body } = response else {
+        drop(peers);
+        node.ban(&peer, "answered a summary request with chunks");
+        return;
     };
-    match applied {
+    p.serves = serving;
+    match Remote::apply(p.summary.take(), epoch, generation, body) {
         Ok(s) => p.summary = Some(s),
         Err(e) => tracing::warn!(%peer, error = %e, "a peer's summary was refused; asking for the whole of it"),
     }
