@@ -128,7 +128,7 @@ mod tests {
         // 4 ms x ~10.5 MB/s, not the requests that waited behind others.
         let g = l.gap();
         assert!((40_000..45_000).contains(&g), "{g}");
-        // Old samples leave: sixteen slower ones later, the 4 ms one is gone.
+        // Old samples leave: a window of slower ones later, the 4 ms one is gone.
         for _ in 0..SAMPLES {
             l.request(16 << 10, ms(20));
         }

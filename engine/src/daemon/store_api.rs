@@ -181,9 +181,7 @@ impl Daemon {
         let hosts = Hosts::with_node(&self.g, None);
         let before = self.store.lazy_imports();
         let mut got = self.through.fetch(&hosts, &self.work, &self.store, ids);
-        // Layers recorded while that fetch ran (its sources were those known when it began), or
-        // by the preparation it waited for: a second look.
-        if got.len() < ids.len() && (self.store.lazy_imports() != before || self.await_learning()) {
+        if got.len() < ids.len() && self.look_again(before) {
             let have: std::collections::HashSet<hb_core::ChunkId> = got.iter().map(|(id, _)| *id).collect();
             let rest: Vec<hb_core::ChunkId> = ids.iter().filter(|id| !have.contains(id)).copied().collect();
             got.extend(self.through.fetch(&hosts, &self.work, &self.store, &rest));
@@ -200,7 +198,7 @@ impl Daemon {
 const LEARN_WAIT: Duration = Duration::from_secs(1);
 /// Fetches for peers waiting at once; others do not wait. Each holds one of the node's serving
 /// turns while it waits: the rest stay for Gets of chunks this host holds.
-const LEARN_WAITERS: usize = 8;
+pub(super) const LEARN_WAITERS: usize = 8;
 /// How long the recorded layers must stay unchanged before they are read again (a pull records
 /// its layers one after another).
 const LEARN_SETTLE: Duration = Duration::from_millis(20);
@@ -229,7 +227,7 @@ impl Preparing<'_> {
 
 impl Drop for Preparing<'_> {
     fn drop(&mut self) {
-        *self.learning.lock().expect("learning lock") = None;
+        self.nothing_to_learn();
     }
 }
 
@@ -240,6 +238,13 @@ impl Daemon {
         *self.learning.lock().expect("learning lock") =
             Some(Learning { since: Instant::now(), imports: self.store.lazy_imports() });
         Preparing { _one: one, learning: &self.learning }
+    }
+
+    /// Whether a fetch for peers that began when the store had recorded `before` lazy layers,
+    /// and missed chunks, should look again: layers were recorded while it ran (its sources were
+    /// those known when it began), or by the preparation it then waited for.
+    pub(super) fn look_again(&self, before: u64) -> bool {
+        self.store.lazy_imports() != before || self.await_learning()
     }
 
     /// When a preparation under way has recorded no layer yet: waits (up to [`LEARN_WAIT`] from

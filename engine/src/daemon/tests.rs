@@ -224,3 +224,33 @@ fn fetches_for_peers_wait_for_a_preparation_to_record_its_layers_and_only_then()
         t.elapsed()
     );
 }
+
+/// A fetch for peers looks again when layers were recorded while it ran, even with no
+/// preparation under way to wait for (its sources were those known when it began); and at most
+/// `LEARN_WAITERS` fetches wait for a preparation at once (each holds a serving turn).
+#[test]
+fn a_fetch_looks_again_after_layers_recorded_meanwhile_and_few_wait_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _refills, _) = daemon(dir.path());
+    let before = d.store.lazy_imports();
+    assert!(!d.look_again(before), "nothing recorded, nothing under way");
+    record_lazy_layer(&d, "meanwhile");
+    assert!(d.look_again(before), "a layer recorded while the fetch ran went unseen");
+
+    let prep = d.prepare();
+    std::thread::scope(|s| {
+        let waiters: Vec<_> = (0..store_api::LEARN_WAITERS).map(|_| s.spawn(|| d.await_learning())).collect();
+        let t = Instant::now();
+        while d.learn_waiters.load(Ordering::SeqCst) < store_api::LEARN_WAITERS {
+            assert!(t.elapsed() < Duration::from_secs(5), "the waiters never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = Instant::now();
+        assert!(!d.await_learning(), "one more than the cap waited");
+        assert!(t.elapsed() < Duration::from_millis(500), "one more than the cap waited {:?}", t.elapsed());
+        record_lazy_layer(&d, "learned");
+        assert!(waiters.into_iter().all(|w| w.join().unwrap()), "a waiter missed the layers recorded");
+    });
+    drop(prep);
+    assert_eq!(d.learn_waiters.load(Ordering::SeqCst), 0);
+}
