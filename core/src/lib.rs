@@ -26,7 +26,7 @@ pub use index::{ChunkRef, Entry, IndexError, Kind, LayerIndex, Meta};
 pub use lazy::{AccelConfig, AccelLayer, ChunkTable, LazyFormatError, LazySource, StartupOrder, TableEntry};
 pub use path::PathError;
 pub use size::{parse_size, SizeError};
-pub use source::{ChunkSource, SourceChain, SourceError, TierStats};
+pub use source::{blob_key, BlobSource, ChunkSource, SourceChain, SourceError, TierStats};
 pub use tree::{merge_layers, merge_layers_to_serve, BuildError, NewEntry, TreeBuilder};
 
 /// The user name that marks registry credentials' secret as an identity token (an OAuth2

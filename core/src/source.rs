@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::digest::ChunkId;
+use crate::digest::{ChunkId, Digest};
 
 /// Why a source could not answer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +49,31 @@ pub trait ChunkSource: Send + Sync {
         let _ = chunks;
         Ok(0)
     }
+}
+
+/// A tier before the registry for small blobs named by their SHA-256: an accelerated form's layer
+/// indexes and chunk tables, which LAN peers that fetched them keep (a cold start with a holder on
+/// the LAN then needs nothing of the image's layers from the registry).
+///
+/// Contract: `Some(bytes)` only when `bytes` are `size` long and their SHA-256 is `digest`; `None`
+/// sends the caller to the registry. Blocking (as [`ChunkSource`]): call it off async threads.
+pub trait BlobSource: Send + Sync {
+    fn blob(&self, digest: &Digest, size: u64) -> Option<Vec<u8>>;
+
+    /// The caller kept these blobs (checked, and where a tier like this one can find them): a
+    /// tier that tells others what this host holds says so.
+    fn kept(&self, digests: &[Digest]) {
+        let _ = digests;
+    }
+}
+
+/// The id under which a node's summary of what it holds lists a blob: the BLAKE3 of a
+/// domain-separated name of it. (Were some chunk's bytes exactly that name, a lookup would find a
+/// likely holder of the other, as a summary's false positives do: the answer is checked.)
+pub fn blob_key(digest: &Digest) -> ChunkId {
+    let mut name = b"hb blob key v1\0".to_vec();
+    name.extend_from_slice(digest.as_bytes());
+    ChunkId::of(&name)
 }
 
 /// Counters of one tier of a [`SourceChain`] (a snapshot).

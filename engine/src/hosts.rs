@@ -48,6 +48,13 @@ impl Registries for Hosts {
         }
     }
 
+    fn blob_peers(&self) -> Option<Arc<dyn hb_core::BlobSource>> {
+        match &self.peers {
+            Peers::Here(Some(n)) => Some(Arc::new(n.clone())),
+            _ => None,
+        }
+    }
+
     fn peers_connected(&self) -> bool {
         matches!(&self.peers, Peers::Here(Some(n)) if n.enabled() && n.connected_peers() > 0)
     }

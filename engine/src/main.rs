@@ -655,7 +655,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ));
                 }
             } else if lazy && resolved.accelerated.is_some() {
-                let report = pull::pull_lazy(&rt, store.clone(), std::sync::Arc::new(registry), resolved)?;
+                // No node in this process: with peers on, a daemon owns the store and pulls itself.
+                let report = pull::pull_lazy(&rt, store.clone(), std::sync::Arc::new(registry), resolved, None)?;
                 if out.json {
                     out.json_value(&report)?;
                 } else {

@@ -42,9 +42,21 @@ impl hb_p2p::LocalChunks for StoreChunks {
     }
 
     fn held(&self) -> Vec<ChunkId> {
-        self.store.held_chunks().unwrap_or_else(|e| {
+        let mut held = self.store.held_chunks().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "listing the store's chunks for peers failed");
             Vec::new()
+        });
+        match self.store.form_blobs() {
+            Ok(forms) => held.extend(forms.iter().map(|(d, _)| hb_core::blob_key(d))),
+            Err(e) => tracing::warn!(error = %e, "listing the store's layer-form blobs for peers failed"),
+        }
+        held
+    }
+
+    fn blob(&self, digest: &hb_core::Digest) -> Option<Vec<u8>> {
+        self.store.form_blob(digest).unwrap_or_else(|e| {
+            tracing::warn!(blob = %digest, error = %e, "a layer-form blob a peer asked for could not be read");
+            None
         })
     }
 }
@@ -163,10 +175,12 @@ pub fn show(report: &hb_p2p::NodeReport, out: &Out) {
     );
     let s = &report.stats;
     println!(
-        "received {} chunks ({}), sent {} ({}); {} hedges, {} timeouts, {} bans, {} corrupt chunks; lookup p99 {} us",
+        "received {} chunks and {} index blobs ({}), sent {} and {} ({}); {} hedges, {} timeouts, {} bans, {} corrupt chunks; lookup p99 {} us",
         s.chunks_received,
+        s.blobs_received,
         indicatif::HumanBytes(s.bytes_received),
         s.chunks_sent,
+        s.blobs_sent,
         indicatif::HumanBytes(s.bytes_sent),
         s.hedges,
         s.timeouts,

@@ -245,7 +245,7 @@ pub fn optimize(
         return Err(ImagesError::Invalid(format!("{reference} has no accelerated form; run `hb convert` first")));
     };
     let mut cfg = rt.block_on(reg.fetch_accel_config(&r, &accel, &resolved.manifest_digest))?;
-    crate::pull::pull_lazy(rt, store.clone(), reg.clone(), resolved.clone())?;
+    crate::pull::pull_lazy(rt, store.clone(), reg.clone(), resolved.clone(), registries.blob_peers())?;
     let (image_cmd, env, wd) = image_command(&resolved.config)?;
     let cmd = if command.is_empty() { image_cmd } else { command.to_vec() };
     if cmd.is_empty() {

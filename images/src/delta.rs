@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures_util::{stream, StreamExt, TryStreamExt};
-use hb_core::{AccelLayer, ChunkId, ChunkSource, Digest, LayerIndex, LazySource, TableEntry};
+use hb_core::{AccelLayer, BlobSource, ChunkId, ChunkSource, Digest, LayerIndex, LazySource, TableEntry};
 use hb_registry::{LayerDesc, Registry, ResolvedImage};
 use hb_store::Store;
 
@@ -90,13 +90,16 @@ enum Known {
 /// Decides, layer by layer, how a pull of `resolved` fetches what the store lacks; reads the
 /// accelerated form's index and chunk table of each such layer (small). A form that does not
 /// describe the image is refused (nothing is stored).
+///
+/// `forms` says where those come from (and whether they are kept for LAN peers).
 pub fn prepare(
     rt: &tokio::runtime::Runtime,
     store: &Store,
-    registry: &Registry,
+    forms: &Forms<'_>,
     resolved: &ResolvedImage,
     max_share: f64,
 ) -> Result<Vec<Layer>> {
+    let registry = forms.registry;
     let r = &resolved.reference;
     let name = crate::image_name(r);
     // Each distinct layer once (an image may list a blob twice).
@@ -138,7 +141,7 @@ pub fn prepare(
                 .map(|(i, a)| {
                     let repository = repository.clone();
                     async move {
-                        let (index, source, bytes) = fetch_layer_form(registry, r, &a, repository).await?;
+                        let (index, source, bytes) = forms.fetch(r, &a, repository).await?;
                         Ok::<_, ImagesError>((i, index, source, bytes))
                     }
                 })
@@ -153,44 +156,79 @@ pub fn prepare(
     decide(store, layers, known, max_share)
 }
 
-/// Reads and checks one layer's index and chunk table from its accelerated form.
-pub(crate) async fn fetch_layer_form(
-    registry: &Registry,
-    r: &hb_registry::ImageRef,
-    a: &AccelLayer,
-    repository: String,
-) -> Result<(LayerIndex, LazySource, u64)> {
-    // Both at once: one round trip per layer instead of two (the image's layers go in parallel).
-    let (index_raw, table_raw) = futures_util::future::try_join(
-        registry.fetch_bytes(r, &a.index, a.index_size),
-        registry.fetch_bytes(r, &a.table, a.table_size),
-    )
-    .await?;
-    // Decoding (~4 ms for a large layer's index, its checksum and structure checked) runs beside
-    // the other layers' rather than on the thread that drives their fetches.
-    let (a, data) = (a.clone(), a.data);
-    let (index, table, bytes) = tokio::task::spawn_blocking(move || {
-        let (index, table) = hb_registry::decode_layer_form(&index_raw, &table_raw)
-            .map_err(|e| ImagesError::Invalid(format!("the accelerated form of layer {}: {e}", a.diff_id)))?;
-        if index.diff_id != a.diff_id {
-            return Err(ImagesError::Invalid(format!(
-                "the index of layer {} names layer {}",
-                a.diff_id, index.diff_id
-            )));
+/// Where layers' accelerated forms (index and chunk table) are read from: LAN peers that keep them
+/// (when peers are on), else the registry; what is read is kept in `keep_in` for peers.
+pub struct Forms<'a> {
+    pub registry: &'a Registry,
+    pub peers: Option<Arc<dyn BlobSource>>,
+    pub keep_in: Option<&'a Store>,
+}
+
+impl Forms<'_> {
+    /// Reads and checks one layer's index and chunk table; also returns the bytes that came from
+    /// the registry (none when peers had both).
+    pub(crate) async fn fetch(
+        &self,
+        r: &hb_registry::ImageRef,
+        a: &AccelLayer,
+        repository: String,
+    ) -> Result<(LayerIndex, LazySource, u64)> {
+        // Both at once: one round trip per layer instead of two (the image's layers go in parallel).
+        let ((index_raw, index_remote), (table_raw, table_remote)) =
+            futures_util::future::try_join(self.blob(r, &a.index, a.index_size), self.blob(r, &a.table, a.table_size))
+                .await?;
+        // Decoding (~4 ms for a large layer's index, its checksum and structure checked) runs beside
+        // the other layers' rather than on the thread that drives their fetches.
+        let (a, data, digests) = (a.clone(), a.data, (a.index, a.table));
+        let (index, table, index_raw, table_raw) = tokio::task::spawn_blocking(move || {
+            let (index, table) = hb_registry::decode_layer_form(&index_raw, &table_raw)
+                .map_err(|e| ImagesError::Invalid(format!("the accelerated form of layer {}: {e}", a.diff_id)))?;
+            if index.diff_id != a.diff_id {
+                return Err(ImagesError::Invalid(format!(
+                    "the index of layer {} names layer {}",
+                    a.diff_id, index.diff_id
+                )));
+            }
+            if table.data_size() != a.data_size {
+                return Err(ImagesError::Invalid(format!(
+                    "the chunk table of layer {} does not describe its data blob ({} bytes, the blob has {})",
+                    a.diff_id,
+                    table.data_size(),
+                    a.data_size
+                )));
+            }
+            Ok((index, table, index_raw, table_raw))
+        })
+        .await
+        .map_err(|e| ImagesError::Invalid(format!("decoding a layer's accelerated form did not finish: {e}")))??;
+        self.keep(&index.diff_id, &[(digests.0, &index_raw), (digests.1, &table_raw)]);
+        Ok((index, LazySource { repository, data, table }, index_remote + table_remote))
+    }
+
+    /// Blob `digest`: from a peer when one has it, else from the registry (its bytes counted).
+    async fn blob(&self, r: &hb_registry::ImageRef, digest: &Digest, size: u64) -> Result<(Vec<u8>, u64)> {
+        if let Some(peers) = self.peers.clone() {
+            let d = *digest;
+            if let Ok(Some(b)) = tokio::task::spawn_blocking(move || peers.blob(&d, size)).await {
+                return Ok((b, 0));
+            }
         }
-        if table.data_size() != a.data_size {
-            return Err(ImagesError::Invalid(format!(
-                "the chunk table of layer {} does not describe its data blob ({} bytes, the blob has {})",
-                a.diff_id,
-                table.data_size(),
-                a.data_size
-            )));
+        Ok((self.registry.fetch_bytes(r, digest, size).await?, size))
+    }
+
+    /// Keeps a layer's checked form blobs for peers (a failure costs only that: it is logged).
+    fn keep(&self, diff_id: &Digest, blobs: &[(Digest, &Vec<u8>)]) {
+        let Some(store) = self.keep_in.filter(|s| s.is_writable()) else { return };
+        for (d, b) in blobs {
+            if let Err(e) = store.keep_form_blob(d, diff_id, b) {
+                tracing::warn!(layer = %diff_id, blob = %d, error = %e, "could not keep a layer's accelerated form for peers");
+                return;
+            }
         }
-        Ok((index, table, index_raw.len() as u64 + table_raw.len() as u64))
-    })
-    .await
-    .map_err(|e| ImagesError::Invalid(format!("decoding a layer's accelerated form did not finish: {e}")))??;
-    Ok((index, LazySource { repository, data, table }, bytes))
+        if let Some(peers) = &self.peers {
+            peers.kept(&blobs.iter().map(|(d, _)| *d).collect::<Vec<_>>());
+        }
+    }
 }
 
 /// The decisions, then the exact chunks each chunk layer fetches: none a whole layer brings, none

@@ -115,6 +115,12 @@ pub trait Registries: Send + Sync {
         None
     }
 
+    /// LAN peers as a tier for accelerated forms' index and table blobs (before the registry),
+    /// when this process runs the node.
+    fn blob_peers(&self) -> Option<std::sync::Arc<dyn hb_core::BlobSource>> {
+        None
+    }
+
     /// Some LAN peer is connected now (pulls then prefer chunks: `delta::PEER_SHARE`).
     fn peers_connected(&self) -> bool {
         false

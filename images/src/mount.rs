@@ -168,7 +168,7 @@ pub fn pull_for_mount(
     if resolved.accelerated.is_some() {
         let registry = Arc::new(registry);
         let key = format!("{}/{}", resolved.reference.host(), resolved.reference.repository());
-        let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved)?;
+        let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved, registries.blob_peers())?;
         tracing::debug!(target: PHASE, layers = report.layers_lazy, bytes = report.bytes_downloaded, "indexes fetched");
         reporter.note(&crate::pull::lazy_summary(&report));
         return Ok(Some((key, registry)));

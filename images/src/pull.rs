@@ -117,7 +117,9 @@ pub fn plan(
     registry: &Registry,
     resolved: &ResolvedImage,
 ) -> Result<PullPlan> {
-    let layers = crate::delta::prepare(rt, store, registry, resolved, crate::delta::MAX_SHARE)?;
+    // A dry run: nothing kept, the registry's bytes counted.
+    let forms = crate::delta::Forms { registry, peers: None, keep_in: None };
+    let layers = crate::delta::prepare(rt, store, &forms, resolved, crate::delta::MAX_SHARE)?;
     Ok(plan_of(resolved, &layers))
 }
 
@@ -188,7 +190,12 @@ pub fn pull(
 ) -> Result<PullReport> {
     let name = image_name(&resolved.reference);
     let share = if origin.registries.peers_connected() { crate::delta::PEER_SHARE } else { crate::delta::MAX_SHARE };
-    let layers = crate::delta::prepare(rt, &store, &origin.registry, &resolved, share)?;
+    let forms = crate::delta::Forms {
+        registry: &origin.registry,
+        peers: origin.registries.blob_peers(),
+        keep_in: Some(&store),
+    };
+    let layers = crate::delta::prepare(rt, &store, &forms, &resolved, share)?;
     let planned = plan_of(&resolved, &layers);
     let mut report = PullReport {
         name: name.clone(),
@@ -362,13 +369,15 @@ pub struct LazyPullReport {
     pub startup_chunks: usize,
 }
 
-/// Pulls an image's indexes from its accelerated form: every layer becomes a lazy layer (unless
-/// already stored) whose chunks `hb mount` reads by range on first use.
+/// Pulls an image's indexes from its accelerated form (from LAN `peers` that keep them, when
+/// given, else the registry; kept in the store for peers): every layer becomes a lazy layer
+/// (unless already stored) whose chunks `hb mount` reads by range on first use.
 pub fn pull_lazy(
     rt: &tokio::runtime::Runtime,
     store: Arc<Store>,
     registry: Arc<Registry>,
     resolved: ResolvedImage,
+    peers: Option<Arc<dyn hb_core::BlobSource>>,
 ) -> Result<LazyPullReport> {
     let accel = resolved.accelerated.ok_or_else(|| ImagesError::Invalid("the image has no accelerated form".into()))?;
     let r = &resolved.reference;
@@ -401,11 +410,13 @@ pub fn pull_lazy(
     report.layers_local = cfg.layers.len() - todo.len();
     let mut local: Vec<Digest> =
         cfg.layers.iter().map(|l| l.diff_id).filter(|d| !todo.iter().any(|(a, _)| a.diff_id == *d)).collect();
+    let forms = crate::delta::Forms { registry: &registry, peers, keep_in: Some(&store) };
+    let forms = &forms;
     let layers = stream::iter(todo)
         .map(|(a, l)| {
-            let (store, registry, r, repository) = (store.clone(), registry.clone(), r.clone(), repository.clone());
+            let (store, r, repository) = (store.clone(), r.clone(), repository.clone());
             async move {
-                let (index, source, bytes) = crate::delta::fetch_layer_form(&registry, &r, &a, repository).await?;
+                let (index, source, bytes) = forms.fetch(&r, &a, repository).await?;
                 let imported = tokio::task::spawn_blocking(move || {
                     store
                         .import_lazy_layer(

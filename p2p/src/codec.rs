@@ -7,9 +7,13 @@
 //!           | 0x02 u64:epoch u64:generation           Summary: what you hold, since this
 //!           | 0x03 u32:n (id[32]){n}                  Fetch: these chunks, fetched from your own
 //!                                                     sources if you lack them (you own them)
+//!           | 0x04 sha256[32]                         Blob: this layer-form blob (an accelerated
+//!                                                     form's index or chunk table), if you keep it
 //! response := 0x01 u32:n (id[32] u32:len bytes){n}    Chunks (those held, any order)
 //!           | 0x02 u64:epoch u64:generation u8:serving summary
 //!                                                     Summary (serving 0: switched off)
+//!           | 0x03 u8:0                               Blob: not kept here
+//!           | 0x03 u8:1 u32:len bytes                 Blob: its bytes (at most 16 MiB)
 //! summary  := 0x00                                    unchanged since the asked generation
 //!           | 0x01 u32:len bloom-bytes                a whole Bloom filter (bloomfilter 3 bytes)
 //!           | 0x02 u32:n (id[32]){n}                   ids added since the asked generation
@@ -19,7 +23,7 @@
 use std::io;
 
 use futures::prelude::*;
-use hb_core::ChunkId;
+use hb_core::{ChunkId, Digest};
 
 /// The protocol name negotiated on each substream.
 pub const PROTOCOL: &str = "/hb/chunks/1";
@@ -40,12 +44,14 @@ pub enum Request {
     Get(Vec<ChunkId>),
     Fetch(Vec<ChunkId>),
     Summary { epoch: u64, generation: u64 },
+    Blob(Digest),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     Chunks(Vec<(ChunkId, Vec<u8>)>),
     Summary { epoch: u64, generation: u64, serving: bool, body: SummaryBody },
+    Blob(Option<Vec<u8>>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +126,10 @@ impl Request {
                 out.extend_from_slice(&epoch.to_le_bytes());
                 out.extend_from_slice(&generation.to_le_bytes());
             }
+            Request::Blob(digest) => {
+                out.push(4);
+                out.extend_from_slice(digest.as_bytes());
+            }
         }
         out
     }
@@ -130,6 +140,7 @@ impl Request {
             1 => Request::Get(r.ids(MAX_IDS)?),
             2 => Request::Summary { epoch: r.u64()?, generation: r.u64()? },
             3 => Request::Fetch(r.ids(MAX_IDS)?),
+            4 => Request::Blob(Digest(r.take(32)?.try_into().expect("32 bytes"))),
             t => return Err(bad(format!("unknown request type {t}"))),
         };
         r.end()?;
@@ -165,6 +176,17 @@ impl Response {
                     SummaryBody::Delta(ids) => {
                         out.push(2);
                         put_ids(&mut out, ids);
+                    }
+                }
+            }
+            Response::Blob(blob) => {
+                out.push(3);
+                match blob {
+                    None => out.push(0),
+                    Some(b) => {
+                        out.push(1);
+                        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                        out.extend_from_slice(b);
                     }
                 }
             }
@@ -213,6 +235,17 @@ impl Response {
                 };
                 Response::Summary { epoch, generation, serving, body }
             }
+            3 => match r.u8()? {
+                0 => Response::Blob(None),
+                1 => {
+                    let len = r.u32()?;
+                    if len > MAX_RESPONSE {
+                        return Err(bad(format!("blob of {len} bytes (at most {MAX_RESPONSE})")));
+                    }
+                    Response::Blob(Some(r.take(len)?.to_vec()))
+                }
+                f => return Err(bad(format!("blob flag {f}"))),
+            },
             t => return Err(bad(format!("unknown response type {t}"))),
         };
         r.end()?;
@@ -285,9 +318,12 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        for req in
-            [Request::Get(vec![id(1), id(2)]), Request::Get(vec![]), Request::Summary { epoch: 7, generation: 9 }]
-        {
+        for req in [
+            Request::Get(vec![id(1), id(2)]),
+            Request::Get(vec![]),
+            Request::Summary { epoch: 7, generation: 9 },
+            Request::Blob(Digest::of(b"blob")),
+        ] {
             assert_eq!(Request::decode(&req.encode()).unwrap(), req);
         }
         for res in [
@@ -300,6 +336,8 @@ mod tests {
                 body: SummaryBody::Full(vec![9u8; 100].into()),
             },
             Response::Summary { epoch: 1, generation: 2, serving: true, body: SummaryBody::Delta(vec![id(3)]) },
+            Response::Blob(None),
+            Response::Blob(Some(vec![7; 1000])),
         ] {
             assert_eq!(Response::decode(&res.encode()).unwrap(), res);
         }
@@ -325,6 +363,12 @@ mod tests {
         long.push(0);
         assert!(Response::decode(&long).unwrap_err().to_string().contains("after the end"));
         assert!(Request::decode(&[9]).is_err());
+        // A blob: a digest cut short, a length past the limit, a flag that is neither.
+        assert!(Request::decode(&[4, 1, 2, 3]).unwrap_err().to_string().contains("truncated"));
+        let mut b = vec![3u8, 1];
+        b.extend_from_slice(&(MAX_RESPONSE as u32 + 1).to_le_bytes());
+        assert!(Response::decode(&b).unwrap_err().to_string().contains("at most"));
+        assert!(Response::decode(&[3, 2]).unwrap_err().to_string().contains("blob flag"));
         assert!(Response::decode(&[]).is_err());
     }
 }

@@ -10,11 +10,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use hb_core::ChunkId;
+use hb_core::{blob_key, ChunkId, Digest};
 use libp2p::PeerId;
 use tokio::sync::oneshot;
 
-use crate::codec::{Request, Response};
+use crate::codec::{Request, Response, MAX_RESPONSE};
 use crate::state::*;
 
 /// Ids asked of one peer in one request.
@@ -43,6 +43,9 @@ pub(crate) struct Plan {
     pub(crate) holders: Vec<(PeerId, Option<PeerId>, Vec<ChunkId>)>,
     pub(crate) owners: Vec<(Option<PeerId>, Vec<ChunkId>)>,
 }
+
+/// Peers asked in turn for a layer-form blob before the registry is.
+pub(crate) const BLOB_HOLDERS: usize = 2;
 
 /// Longest run of chunks one owner is given (see `plan`).
 pub(crate) const MAX_RUN: usize = 64;
@@ -375,32 +378,15 @@ impl Node {
         ids: Vec<ChunkId>,
         through: bool,
     ) -> Option<Vec<(ChunkId, Vec<u8>)>> {
-        let (reply, rx) = oneshot::channel();
         let started = Instant::now();
         self.inner.counters.asked.fetch_add(ids.len() as u64, Ordering::Relaxed);
         let req = if through { Request::Fetch(ids.clone()) } else { Request::Get(ids.clone()) };
-        self.inner.cmds.send(Cmd::Ask { peer, req, reply }).ok()?;
         let deadline = if through {
             THROUGH_DEADLINE + Duration::from_millis(20) * ids.len() as u32
         } else {
             self.deadline(&peer, ids.len())
         };
-        let answer = match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(Ok(r))) => r,
-            Ok(Ok(Err(f))) => {
-                if f.gone {
-                    self.set_down(&peer, &f.reason, DOWN_FOR);
-                }
-                return None;
-            }
-            Ok(Err(_)) => return None,
-            Err(_) => {
-                self.inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                self.set_down(&peer, "no answer in time", SLOW_FOR);
-                return None;
-            }
-        };
-        let Response::Chunks(chunks) = answer else {
+        let Response::Chunks(chunks) = self.exchange(peer, req, deadline).await? else {
             self.ban(&peer, "answered a chunk request with a summary");
             return None;
         };
@@ -429,5 +415,76 @@ impl Node {
             }
         }
         Some(chunks)
+    }
+    /// Sends `req` to `peer` and waits up to `deadline` for the answer: None when the request
+    /// failed (a lost connection sets the peer aside) or took too long (set aside for a while).
+    async fn exchange(&self, peer: PeerId, req: Request, deadline: Duration) -> Option<Response> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.cmds.send(Cmd::Ask { peer, req, reply }).ok()?;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(Ok(r))) => Some(r),
+            Ok(Ok(Err(f))) => {
+                if f.gone {
+                    self.set_down(&peer, &f.reason, DOWN_FOR);
+                }
+                None
+            }
+            Ok(Err(_)) => None,
+            Err(_) => {
+                self.inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.set_down(&peer, "no answer in time", SLOW_FOR);
+                None
+            }
+        }
+    }
+
+    /// Layer-form blob `digest` of `size` bytes from a peer that keeps it: the likely holders
+    /// (their summaries list it under [`blob_key`]; at most [`BLOB_HOLDERS`], best rendezvous
+    /// score first) asked in turn, each answer checked against the digest (a wrong one bans its
+    /// sender). None (no holder, or none answered right): the caller asks the registry.
+    pub async fn fetch_blob(&self, digest: &Digest, size: u64) -> Option<Vec<u8>> {
+        if !self.enabled() || size > MAX_RESPONSE as u64 {
+            return None;
+        }
+        let key = blob_key(digest);
+        let holders: Vec<PeerId> = {
+            let now = Instant::now();
+            let peers = self.inner.peers.lock().expect("peers lock");
+            let mut likely: Vec<(u64, PeerId)> = peers
+                .iter()
+                .filter(|(_, p)| p.usable(now) && p.serves && p.summary.as_ref().is_some_and(|s| s.may_hold(&key)))
+                .map(|(id, p)| (score(&key, p.weight), *id))
+                .collect();
+            likely.sort_unstable_by_key(|(s, _)| std::cmp::Reverse(*s));
+            likely.into_iter().take(BLOB_HOLDERS).map(|(_, id)| id).collect()
+        };
+        for peer in holders {
+            let started = Instant::now();
+            let deadline = self.deadline(&peer, (size as usize).div_ceil(64 << 10));
+            let answer = self.exchange(peer, Request::Blob(*digest), deadline).await;
+            match answer {
+                Some(Response::Blob(Some(b))) if Digest::of(&b) != *digest => {
+                    self.inner.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+                    self.ban(&peer, &format!("sent wrong bytes for blob {digest}"));
+                }
+                // The blob itself, but not of the size the caller was told: its manifest is wrong,
+                // not the peer (the registry will say so).
+                Some(Response::Blob(Some(b))) if b.len() as u64 != size => return None,
+                Some(Response::Blob(Some(b))) => {
+                    let c = &self.inner.counters;
+                    c.blobs_in.fetch_add(1, Ordering::Relaxed);
+                    c.bytes_in.fetch_add(size, Ordering::Relaxed);
+                    if let Some(p) = self.inner.peers.lock().expect("peers lock").get_mut(&peer) {
+                        p.bytes_in += size;
+                    }
+                    tracing::debug!(%peer, %digest, size, took = ?started.elapsed(), "a layer-form blob from a peer");
+                    return Some(b);
+                }
+                // Not kept there after all (a summary's false positive), or no answer in time.
+                Some(Response::Blob(None)) | None => {}
+                Some(_) => self.ban(&peer, "answered a blob request with something else"),
+            }
+        }
+        None
     }
 }

@@ -27,6 +27,15 @@ pub trait LocalChunks: Send + Sync + 'static {
     /// Every chunk id the store holds (for the node's summary; called at start and now and then).
     fn held(&self) -> Vec<hb_core::ChunkId>;
 
+    /// Layer-form blob `digest` (an accelerated form's index or chunk table, listed in [`held`]
+    /// under [`hb_core::blob_key`]) when the store keeps it for a layer it holds, else None.
+    ///
+    /// [`held`]: LocalChunks::held
+    fn blob(&self, digest: &hb_core::Digest) -> Option<Vec<u8>> {
+        let _ = digest;
+        None
+    }
+
     /// Fetches what it can of `ids` (chunks the store lacks) from this host's own sources (the registries of the images
     /// it is reading), keeps it, and returns it, each chunk verified. Called when this host owns
     /// chunks nobody holds yet (see docs/p2p.md): the team fetches each such chunk once. A host
@@ -149,6 +158,12 @@ pub struct NodeStats {
     pub bytes_received: u64,
     pub chunks_sent: u64,
     pub bytes_sent: u64,
+    /// Layer-form blobs (accelerated forms' indexes and chunk tables) received from peers and
+    /// sent to them; their bytes count in `bytes_received` and `bytes_sent`.
+    #[serde(default)]
+    pub blobs_received: u64,
+    #[serde(default)]
+    pub blobs_sent: u64,
     pub hedges: u64,
     /// Chunks nobody held that this node fetched from its own sources as their owner (for
     /// itself or for a peer).

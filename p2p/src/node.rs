@@ -74,3 +74,13 @@ impl hb_core::ChunkSource for Node {
         Ok(self.fetch_blocking(ids))
     }
 }
+
+impl hb_core::BlobSource for Node {
+    fn blob(&self, digest: &hb_core::Digest, size: u64) -> Option<Vec<u8>> {
+        self.inner.handle.block_on(self.fetch_blob(digest, size))
+    }
+
+    fn kept(&self, digests: &[hb_core::Digest]) {
+        self.announce(&digests.iter().map(hb_core::blob_key).collect::<Vec<_>>());
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hb_core::ChunkId;
+use hb_core::{ChunkId, Digest};
 use libp2p::core::transport::upgrade::Version;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
@@ -313,12 +313,20 @@ pub(crate) fn handle_event(
                         drop(s);
                         let _ = swarm.behaviour_mut().chunks.send_response(channel, res);
                     }
-                    Request::Get(_) | Request::Fetch(_) if !node.may_serve(&peer) => {
+                    Request::Blob(_) if !node.may_serve(&peer) => {
                         // At the serving limits: an empty answer (the asker goes elsewhere).
+                        let _ = swarm.behaviour_mut().chunks.send_response(channel, Response::Blob(None));
+                    }
+                    Request::Get(_) | Request::Fetch(_) if !node.may_serve(&peer) => {
                         let _ = swarm.behaviour_mut().chunks.send_response(channel, Response::Chunks(Vec::new()));
                     }
-                    Request::Get(ids) => node.serve_in_turn(peer, ids, false, channel),
-                    Request::Fetch(ids) => node.serve_in_turn(peer, ids, true, channel),
+                    Request::Get(ids) => node
+                        .serve_in_turn(peer, channel, Response::Chunks(Vec::new()), move |n| n.serve(peer, ids, false)),
+                    Request::Fetch(ids) => node
+                        .serve_in_turn(peer, channel, Response::Chunks(Vec::new()), move |n| n.serve(peer, ids, true)),
+                    Request::Blob(digest) => {
+                        node.serve_in_turn(peer, channel, Response::Blob(None), move |n| n.serve_blob(peer, &digest))
+                    }
                 },
                 request_response::Message::Response { request_id, response } => {
                     if let Some(reply) = pending.remove(&request_id) {
@@ -359,7 +367,7 @@ pub(crate) fn take_summary(node: &Node, peer: PeerId, response: Response) {
     p.summary_pending = false;
     let Response::Summary { epoch, generation, serving, body } = response else {
         drop(peers);
-        node.ban(&peer, "answered a summary request with chunks");
+        node.ban(&peer, "answered a summary request with something else");
         return;
     };
     p.serves = serving;
@@ -397,24 +405,22 @@ impl Node {
         *free = free.checked_sub(Duration::from_secs_f64(bytes as f64 / rate as f64)).unwrap_or(*free);
     }
 
-    /// Answers a Get (or a Fetch, `through`) of `peer` when its turn comes: at most
+    /// Answers a request of `peer` (`answer`, `empty` should it fail) when its turn comes: at most
     /// [`MAX_SERVING`] answers are made at once (each may hold 16 MiB); the others wait without
     /// buffers.
     fn serve_in_turn(
         &self,
         peer: PeerId,
-        ids: Vec<ChunkId>,
-        through: bool,
         channel: request_response::ResponseChannel<Response>,
+        empty: Response,
+        answer: impl FnOnce(&Node) -> Response + Send + 'static,
     ) {
         let n = self.clone();
         let turns = self.inner.serve_turns.clone();
         self.inner.handle.spawn(async move {
             let turn = turns.acquire_owned().await;
             let m = n.clone();
-            let res = tokio::task::spawn_blocking(move || m.serve(peer, ids, through))
-                .await
-                .unwrap_or(Response::Chunks(Vec::new()));
+            let res = tokio::task::spawn_blocking(move || answer(&m)).await.unwrap_or(empty);
             drop(turn);
             n.served(&peer);
             let _ = n.inner.cmds.send(Cmd::Respond { channel, res });
@@ -458,22 +464,50 @@ impl Node {
             out.push((id, b));
         }
         let bytes: u64 = out.iter().map(|(_, b)| b.len() as u64).sum();
-        let c = &self.inner.counters;
-        c.chunks_out.fetch_add(out.len() as u64, Ordering::Relaxed);
-        c.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        self.inner.counters.chunks_out.fetch_add(out.len() as u64, Ordering::Relaxed);
         if let Some(p) = self.inner.peers.lock().expect("peers lock").get_mut(&peer) {
-            p.bytes_out += bytes;
             p.chunks_out += out.len() as u64;
+        }
+        match self.paced(&peer, bytes, size) {
+            true => Response::Chunks(out),
+            false => Response::Chunks(Vec::new()),
+        }
+    }
+
+    /// Reads layer-form blob `digest` for `peer` (on a blocking thread), if the store keeps it.
+    pub(crate) fn serve_blob(&self, peer: PeerId, digest: &Digest) -> Response {
+        if !self.enabled() {
+            return Response::Blob(None);
+        }
+        let Some(mut b) = self.inner.local.blob(digest).filter(|b| b.len() <= MAX_RESPONSE) else {
+            return Response::Blob(None);
+        };
+        if self.inner.cfg.fault_corrupt_serving && !b.is_empty() {
+            b[0] ^= 0xff;
+        }
+        self.inner.counters.blobs_out.fetch_add(1, Ordering::Relaxed);
+        match self.paced(&peer, b.len() as u64, b.len() + 8) {
+            true => Response::Blob(Some(b)),
+            false => Response::Blob(None),
+        }
+    }
+
+    /// Counts `bytes` sent to `peer` and waits for the serving cap to let `size` bytes (with
+    /// headers) go; false when that would take longer than an asker waits: nothing is sent then,
+    /// rather than too late.
+    fn paced(&self, peer: &PeerId, bytes: u64, size: usize) -> bool {
+        self.inner.counters.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(p) = self.inner.peers.lock().expect("peers lock").get_mut(peer) {
+            p.bytes_out += bytes;
         }
         let wait = self.serve_wait(size);
         if wait > MAX_SERVE_WAIT {
-            // Over the cap for longer than an asker waits: nothing, rather than too late.
             self.unbook(size);
-            return Response::Chunks(Vec::new());
+            return false;
         }
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
-        Response::Chunks(out)
+        true
     }
 }

@@ -1,15 +1,16 @@
-//! Real nodes on loopback (TCP, pre-shared key, noise, yamux): chunks cross, a node without the
-//! key stays out, a peer that sends wrong bytes is banned and nothing it sent is returned.
+//! Real nodes on loopback (TCP, pre-shared key, noise, yamux): chunks and layer-form blobs cross,
+//! a node without the key stays out, a peer that sends wrong bytes is banned and nothing it sent
+//! is returned.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hb_core::ChunkId;
+use hb_core::{BlobSource, ChunkId, Digest};
 use hb_p2p::{Config, LocalChunks, Node};
 
 #[derive(Default)]
-struct Mem(Mutex<HashMap<ChunkId, Vec<u8>>>, Option<Arc<Upstream>>);
+struct Mem(Mutex<HashMap<ChunkId, Vec<u8>>>, Option<Arc<Upstream>>, Mutex<HashMap<Digest, Vec<u8>>>);
 
 /// A registry every node can reach: counts what each chunk cost it.
 #[derive(Default)]
@@ -23,7 +24,12 @@ impl LocalChunks for Mem {
         self.0.lock().unwrap().get(id).cloned()
     }
     fn held(&self) -> Vec<ChunkId> {
-        self.0.lock().unwrap().keys().copied().collect()
+        let mut ids: Vec<ChunkId> = self.0.lock().unwrap().keys().copied().collect();
+        ids.extend(self.2.lock().unwrap().keys().map(hb_core::blob_key));
+        ids
+    }
+    fn blob(&self, digest: &Digest) -> Option<Vec<u8>> {
+        self.2.lock().unwrap().get(digest).cloned()
     }
     fn fetch_through(&self, ids: &[ChunkId]) -> Vec<(ChunkId, Vec<u8>)> {
         let Some(up) = &self.1 else { return Vec::new() };
@@ -198,7 +204,8 @@ fn chunks_nobody_holds_are_fetched_once_for_the_team_by_their_owner() {
         })
         .collect();
     let up = Arc::new(Upstream { chunks: data.iter().cloned().collect(), ..Default::default() });
-    let stores: Vec<Arc<Mem>> = (0..3).map(|_| Arc::new(Mem(Default::default(), Some(up.clone())))).collect();
+    let stores: Vec<Arc<Mem>> =
+        (0..3).map(|_| Arc::new(Mem(Default::default(), Some(up.clone()), Default::default()))).collect();
     let a = start(&rt, 7, &[], stores[0].clone(), false);
     let b = start(&rt, 7, &[a.port], stores[1].clone(), false);
     let c = start(&rt, 7, &[a.port, b.port], stores[2].clone(), false);
@@ -221,4 +228,53 @@ fn chunks_nobody_holds_are_fetched_once_for_the_team_by_their_owner() {
     assert_eq!(total, ids.len(), "each chunk fetched from upstream once for all three: {fetched:?}");
     let owned: Vec<u64> = [&a, &b, &c].iter().map(|n| n.node.report().stats.fetched_through).collect();
     assert!(owned.iter().all(|n| *n > 30), "ownership spreads over the nodes: {owned:?}");
+}
+
+/// Layer-form blobs (an accelerated form's index and table) cross like chunks: found through the
+/// holder's summary, checked against their digest; a liar's is refused and the liar banned; a
+/// blob nobody keeps costs no request.
+#[test]
+fn layer_form_blobs_cross_checked_and_a_liar_is_banned() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = Digest::of(&blob);
+    let size = blob.len() as u64;
+    let holder_store = Arc::new(Mem::default());
+    holder_store.2.lock().unwrap().insert(digest, blob.clone());
+    let holder = start(&rt, 1, &[], holder_store.clone(), false);
+    let asker = start(&rt, 1, &[holder.port], Arc::new(Mem::default()), false);
+    wait_for_peers(&asker.node, 1);
+    assert_eq!(asker.node.blob(&digest, size), Some(blob.clone()));
+    // The wrong size asked: refused, although the holder sent the blob (not a lie: no ban).
+    assert_eq!(asker.node.blob(&digest, size + 1), None);
+    // Nobody lists it: no request at all.
+    let before = holder.node.report().stats.blobs_sent;
+    assert_eq!(asker.node.blob(&Digest::of(b"nobody keeps this"), 17), None);
+    assert_eq!(holder.node.report().stats.blobs_sent, before);
+    let a = asker.node.report();
+    assert_eq!((a.stats.blobs_received, a.stats.bans), (1, 0), "{:?}", a.stats);
+    assert_eq!(holder.node.report().stats.blobs_sent, 2);
+
+    // A blob kept later is announced: a peer finds it at its next summary refresh.
+    let later: Vec<u8> = b"kept later".repeat(1000);
+    let later_digest = Digest::of(&later);
+    holder_store.2.lock().unwrap().insert(later_digest, later.clone());
+    holder.node.kept(&[later_digest]);
+    let t = Instant::now();
+    while asker.node.blob(&later_digest, later.len() as u64).is_none() {
+        assert!(t.elapsed() < Duration::from_secs(10), "a kept blob was never found");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A liar keeping the same blob, and a fresh asker that knows only the liar.
+    let liar_store = Arc::new(Mem::default());
+    liar_store.2.lock().unwrap().insert(digest, blob.clone());
+    let liar = start(&rt, 1, &[], liar_store, true);
+    let victim = start(&rt, 1, &[liar.port], Arc::new(Mem::default()), false);
+    wait_for_peers(&victim.node, 1);
+    assert_eq!(victim.node.blob(&digest, size), None, "nothing from a liar is returned");
+    let v = victim.node.report();
+    assert_eq!((v.stats.bans, v.stats.corrupt_chunks), (1, 1), "{:?}", v.stats);
+    let banned = v.peers.iter().find(|p| p.id == liar.node.peer_id().to_string()).expect("the liar is listed");
+    assert!(banned.ban_reason.as_deref().unwrap().contains("wrong bytes for blob"), "{banned:#?}");
 }

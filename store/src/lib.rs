@@ -19,6 +19,7 @@ mod backing;
 mod bloom;
 mod error;
 mod export;
+mod forms;
 mod images;
 mod ingest;
 mod lazy;

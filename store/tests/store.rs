@@ -478,3 +478,54 @@ fn a_data_blob_at_a_higher_level_is_smaller_and_still_decodes_to_every_chunk() {
     }
     assert_eq!(at, strong_data.len());
 }
+
+/// An accelerated form's index and table blobs, kept for LAN peers: given out only checked and
+/// while their layer is stored; gc drops those of layers it removes and of layers never stored.
+#[test]
+fn layer_form_blobs_are_given_out_checked_while_their_layer_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let unpinned = ImportOptions { expect_digest: None, pin: false };
+    let kept = store.import_blob(&layer(&[("a", &pseudo_random(3, 300_000))])[..], &unpinned, &NoProgress).unwrap();
+    let (index, table, orphan) = (b"an index blob".to_vec(), b"a table blob".to_vec(), b"of no layer".to_vec());
+    let (di, dt, dor) = (Digest::of(&index), Digest::of(&table), Digest::of(&orphan));
+    // Bytes that do not match their digest are refused.
+    let e = store.keep_form_blob(&di, &kept.diff_id, &table).unwrap_err();
+    assert!(matches!(e, StoreError::DigestMismatch { .. }), "{e}");
+    store.keep_form_blob(&di, &kept.diff_id, &index).unwrap();
+    store.keep_form_blob(&dt, &kept.diff_id, &table).unwrap();
+    store.keep_form_blob(&di, &kept.diff_id, &index).unwrap();
+    store.keep_form_blob(&dor, &Digest::of(b"a layer never stored"), &orphan).unwrap();
+    assert_eq!(store.form_blob(&di).unwrap(), Some(index.clone()));
+    assert_eq!(store.form_blob(&dt).unwrap(), Some(table.clone()));
+    assert_eq!(store.form_blob(&dor).unwrap(), None, "its layer is not stored");
+    assert_eq!(store.form_blob(&Digest::of(b"unknown")).unwrap(), None);
+    assert_eq!(store.form_blobs().unwrap().len(), 3);
+
+    // The layer is pinned by a named image: gc keeps its blobs, drops the orphan.
+    use hb_store::{ImageLayer, ImageRecord};
+    let rec = ImageRecord {
+        manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        manifest: "{}".into(),
+        config_digest: Digest::of(b"{}"),
+        config: "{}".into(),
+        layers: vec![ImageLayer {
+            digest: kept.digest,
+            diff_id: kept.diff_id,
+            size: kept.compressed_bytes,
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        }],
+        platform: "linux/amd64".into(),
+    };
+    store.put_image("example.com/app:1", &Digest::of(b"manifest"), &rec).unwrap();
+    store.gc(&NoProgress).unwrap();
+    let left: Vec<Digest> = store.form_blobs().unwrap().into_iter().map(|(d, _)| d).collect();
+    assert!(left.contains(&di) && left.contains(&dt) && !left.contains(&dor), "{left:?}");
+    assert!(store.fsck(&NoProgress).unwrap().is_clean());
+    // Unnamed, the layer goes and its blobs with it.
+    store.remove_image_name("example.com/app:1").unwrap();
+    let gc = store.gc(&NoProgress).unwrap();
+    assert_eq!(gc.layers_removed, 1, "{gc:?}");
+    assert!(store.form_blobs().unwrap().is_empty());
+    assert_eq!(store.form_blob(&di).unwrap(), None);
+}

@@ -25,7 +25,13 @@ impl Daemon {
         self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::SeqCst);
         if req.lazy && resolved.accelerated.is_some() {
-            let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved)?;
+            let report = crate::pull::pull_lazy(
+                &self.work,
+                self.store.clone(),
+                Arc::new(registry),
+                resolved,
+                self.hosts().blob_peers(),
+            )?;
             self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
             Ok(PullResponse {
                 digest: report.digest.to_string(),

@@ -205,8 +205,13 @@ fn a_peer_holding_an_image_serves_three_cold_starts_with_no_layer_data_from_the_
         let r = p.report();
         assert!(r["stats"]["chunks_received"].as_u64().unwrap() > 0, "{r:#}");
         assert_eq!(r["stats"]["corrupt_chunks"], 0);
+        // The layers' indexes and chunk tables came from a peer too (the holder kept those its
+        // pull read).
+        assert!(r["stats"]["blobs_received"].as_u64().unwrap() >= 2, "{r:#}");
     }
-    assert!(peers[0].report()["stats"]["chunks_sent"].as_u64().unwrap() > 0);
+    let h = peers[0].report();
+    assert!(h["stats"]["chunks_sent"].as_u64().unwrap() > 0);
+    assert!(h["stats"]["blobs_sent"].as_u64().unwrap() >= 2, "{h:#}");
     let m = curl_metrics(&peers[1]);
     assert!(m.contains("hb_p2p_bytes_total{direction=\"received\"}"), "{m}");
     for p in &mut peers {
