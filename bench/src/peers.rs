@@ -180,6 +180,9 @@ struct Figures {
     liar: Vec<Duration>,
     on_ranged: Vec<u64>,
     off_ranged: Vec<u64>,
+    /// Every blob byte from the registry (layer data, indexes, tables, configs).
+    on_all: Vec<u64>,
+    off_all: Vec<u64>,
     liar_ranged: Vec<u64>,
     discovery: Vec<Duration>,
     lookup_p99_us: Vec<u64>,
@@ -297,21 +300,24 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
                         host.ok(&["peers", "off"])?;
                     }
                     crate::lazy::drop_caches();
-                    let (t, ranged, _) = host.cold_start(&reference)?;
+                    let (t, ranged, all) = host.cold_start(&reference)?;
                     eprintln!(
-                        "peers: {image} round {round} host {} peers {}: {:.2} s, {} B ranged",
+                        "peers: {image} round {round} host {} peers {}: {:.2} s, {} B ranged, {} B of blobs",
                         host.ip,
                         if *on { "on" } else { "off" },
                         t.as_secs_f64(),
-                        ranged
+                        ranged,
+                        all
                     );
                     if *on {
                         f.on.push(t);
                         f.on_ranged.push(ranged);
+                        f.on_all.push(all);
                         f.lookup_p99_us.push(host.report()?["stats"]["lookup_p99_us"].as_u64().unwrap_or(0));
                     } else {
                         f.off.push(t);
                         f.off_ranged.push(ranged);
+                        f.off_all.push(all);
                     }
                 }
                 for h in &mut hosts[1..] {
@@ -370,8 +376,8 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
     );
     if !pulls {
         println!();
-        println!("| image (`hb run --rm`, image's own command) | peers on: first output | peers off | on vs off | layer data from the registry, on / off | with a lying holder too | liar vs on | discovery of a holder (start to its summary) | lookup p99 |");
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("| image (`hb run --rm`, image's own command) | peers on: first output | peers off | on vs off | layer data from the registry, on / off | all blob bytes from the registry (indexes, configs), on / off | with a lying holder too | liar vs on | discovery of a holder (start to its summary) | lookup p99 |");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for (i, image) in IMAGES.iter().enumerate() {
             let f = &figures[i];
             let (on, off, liar) = (median(f.on.clone()), median(f.off.clone()), median(f.liar.clone()));
@@ -380,12 +386,14 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
                 v.get(v.len() / 2).copied().unwrap_or(0)
             };
             println!(
-            "| bench/{image}:hb | {:.2} s | {:.2} s | **{:.2}x** | {:.1} MB / {:.1} MB | {:.2} s ({} bans) | {:.2}x | {:.2} s | {} us |",
+            "| bench/{image}:hb | {:.2} s | {:.2} s | **{:.2}x** | {:.1} MB / {:.1} MB | {:.2} MB / {:.2} MB | {:.2} s ({} bans) | {:.2}x | {:.2} s | {} us |",
             on.as_secs_f64(),
             off.as_secs_f64(),
             on.as_secs_f64() / off.as_secs_f64(),
             mid(f.on_ranged.clone()) as f64 / 1e6,
             mid(f.off_ranged.clone()) as f64 / 1e6,
+            mid(f.on_all.clone()) as f64 / 1e6,
+            mid(f.off_all.clone()) as f64 / 1e6,
             liar.as_secs_f64(),
             f.bans,
             liar.as_secs_f64() / on.as_secs_f64(),
