@@ -136,15 +136,8 @@ impl Daemon {
                 tracing::info!(%image, "no accelerated form: containerd unpacks its layers");
                 return Ok(None);
             }
-            let report = crate::pull::pull_lazy(
-                &self.work,
-                self.store.clone(),
-                Arc::new(registry),
-                resolved,
-                self.hosts().blob_peers(),
-            )?;
+            let report = self.pull_lazy(registry, resolved)?;
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
-            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
             self.dirty.store(true, Ordering::SeqCst);
             tracing::info!(%image, summary = %crate::pull::lazy_summary(&report), "pulled lazily for containerd");
             self.for_containerd.lock().expect("lock").insert(image.clone());

@@ -25,14 +25,7 @@ impl Daemon {
         self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::SeqCst);
         if req.lazy && resolved.accelerated.is_some() {
-            let report = crate::pull::pull_lazy(
-                &self.work,
-                self.store.clone(),
-                Arc::new(registry),
-                resolved,
-                self.hosts().blob_peers(),
-            )?;
-            self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+            let report = self.pull_lazy(registry, resolved)?;
             Ok(PullResponse {
                 digest: report.digest.to_string(),
                 summary: crate::pull::lazy_summary(&report),
@@ -57,6 +50,19 @@ impl Daemon {
                 report: serde_json::to_value(&report)?,
             })
         }
+    }
+
+    /// A lazy pull by the daemon: its indexes from peers (when on) before the registry, its bytes
+    /// counted.
+    pub(super) fn pull_lazy(
+        &self,
+        registry: hb_registry::Registry,
+        resolved: hb_registry::ResolvedImage,
+    ) -> anyhow::Result<crate::pull::LazyPullReport> {
+        let peers = self.hosts().blob_peers();
+        let report = crate::pull::pull_lazy(&self.work, self.store.clone(), Arc::new(registry), resolved, peers)?;
+        self.metrics.pulled_bytes.fetch_add(report.bytes_downloaded, Ordering::Relaxed);
+        Ok(report)
     }
 
     /// Keeps a start-up order a mount server learned for image `manifest`, unless the image has one
