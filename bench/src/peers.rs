@@ -324,20 +324,29 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
                     h.stop();
                 }
                 hosts.truncate(1);
-                // A lying holder beside the honest one: a fresh host starts with peers on.
+                // A lying holder beside the honest one: a fresh host starts with peers on; then
+                // another (the first gone: each sees the same two holders), for as many samples
+                // as the starts with peers on have.
                 let liar = Host::start(&hb, 2, &psk, &[("HB_P2P_FAULT", "corrupt-serving")])?;
                 liar.ok(&["-q", "pull", "--plain-http", &reference])?;
                 let liar_id = liar.report()?["peer_id"].as_str().unwrap_or_default().to_string();
-                let starter = Host::start(&hb, 3, &psk, &[])?;
-                starter.wait_for_holder(&holder, held)?;
-                starter.wait_for_holder(&liar_id, held)?;
-                crate::lazy::drop_caches();
-                let (t, ranged, _) = starter.cold_start(&reference)?;
-                eprintln!("peers: {image} round {round} with a liar: {:.2} s, {} B ranged", t.as_secs_f64(), ranged);
-                f.liar.push(t);
-                f.liar_ranged.push(ranged);
-                f.bans += starter.report()?["stats"]["bans"].as_u64().unwrap_or(0);
-                drop((liar, starter, hosts));
+                for h in [3, 4] {
+                    let starter = Host::start(&hb, h, &psk, &[])?;
+                    starter.wait_for_holder(&holder, held)?;
+                    starter.wait_for_holder(&liar_id, held)?;
+                    crate::lazy::drop_caches();
+                    let (t, ranged, _) = starter.cold_start(&reference)?;
+                    eprintln!(
+                        "peers: {image} round {round} host {} with a liar: {:.2} s, {} B ranged",
+                        starter.ip,
+                        t.as_secs_f64(),
+                        ranged
+                    );
+                    f.liar.push(t);
+                    f.liar_ranged.push(ranged);
+                    f.bans += starter.report()?["stats"]["bans"].as_u64().unwrap_or(0);
+                }
+                drop((liar, hosts));
             }
             // Pulls: one host alone with peers off (hb without peers), one alone with peers on,
             // four at once (fresh hosts each time), in a random order.
