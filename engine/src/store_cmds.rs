@@ -274,7 +274,10 @@ pub fn run(cmd: Cmd, store: &Arc<Store>, out: &Out) -> anyhow::Result<ExitCode> 
             bar.finish();
             if repair && !r.is_clean() {
                 let done = store.repair(&r)?;
-                out.note(format!("repair: removed {} damaged backing files; checking again", done.backing_removed));
+                out.note(format!(
+                    "repair: removed {} damaged backing files and {} damaged index blobs kept for peers; checking again",
+                    done.backing_removed, done.form_blobs_removed
+                ));
                 let bar = Bar::bytes(out, "verifying", None);
                 r = store.fsck(&bar)?;
                 bar.finish();

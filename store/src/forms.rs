@@ -3,12 +3,14 @@
 //! them instead of the registry. Two records per blob in the default column family: a small key
 //! record (`formkey/<sha256>` -> the layer's diff_id), listed for the peers' summary, and the bytes
 //! (`formblob/<sha256>`). A blob is given out only while its layer is stored (complete or lazy),
-//! its SHA-256 checked on every read; `gc` drops the blobs of layers it removes.
+//! its SHA-256 checked on every read; `gc` drops the blobs of layers it removes; `fsck` checks
+//! every one, and its repair forgets a damaged one (a later pull reads it again).
 
 use hb_core::Digest;
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::error::{Result, StoreError};
+use crate::maint::FsckReport;
 use crate::meta::*;
 use crate::Store;
 
@@ -81,5 +83,57 @@ impl Store {
             }
         }
         Ok(n)
+    }
+    /// fsck's check: every kept blob has its bytes and they hash to its name.
+    pub(crate) fn check_form_blobs(&self, r: &mut FsckReport) -> Result<()> {
+        for (digest, layer) in self.form_blobs()? {
+            r.form_blobs += 1;
+            match self.db.get(key_of(BLOB_PREFIX, &digest))? {
+                None => r.issue("corrupt-form-blob", digest, format!("layer {layer}'s blob: its bytes are missing")),
+                Some(b) if Digest::of(&b) != digest => r.issue(
+                    "corrupt-form-blob",
+                    digest,
+                    format!("layer {layer}'s blob: its {} bytes hash to {}", b.len(), Digest::of(&b)),
+                ),
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets kept blob `digest` (repair of a damaged one): synced, both records in one batch.
+    pub(crate) fn forget_form_blob(&self, digest: &Digest) -> Result<()> {
+        self.writable()?;
+        let mut batch = WriteBatch::default();
+        batch.delete(key_of(KEY_PREFIX, digest));
+        batch.delete(key_of(BLOB_PREFIX, digest));
+        self.sync_write(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fsck_finds_a_damaged_form_blob_and_repair_forgets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::StoreOptions::default()).unwrap();
+        let (good, bad) = (b"an index blob".to_vec(), b"a table blob".to_vec());
+        let (dg, db) = (Digest::of(&good), Digest::of(&bad));
+        let layer = Digest::of(b"a layer");
+        store.keep_form_blob(&dg, &layer, &good).unwrap();
+        store.keep_form_blob(&db, &layer, &bad).unwrap();
+        let r = store.fsck(&crate::NoProgress).unwrap();
+        assert!(r.is_clean() && r.form_blobs == 2, "{r:?}");
+        // One blob's bytes changed on disk (as a damaged record would read).
+        store.db.put(key_of(BLOB_PREFIX, &db), b"something else").unwrap();
+        let r = store.fsck(&crate::NoProgress).unwrap();
+        assert_eq!(r.issues.len(), 1, "{r:?}");
+        assert_eq!((r.issues[0].kind, r.issues[0].subject.as_str()), ("corrupt-form-blob", db.to_string().as_str()));
+        assert_eq!(store.repair(&r).unwrap().form_blobs_removed, 1);
+        let r = store.fsck(&crate::NoProgress).unwrap();
+        assert!(r.is_clean() && r.form_blobs == 1, "{r:?}");
+        assert_eq!(store.form_blobs().unwrap(), vec![(dg, layer)]);
     }
 }

@@ -35,6 +35,8 @@ pub struct FsckReport {
     pub lazy_layers: usize,
     /// Raw objects (blobs kept byte for byte, e.g. by the mirror).
     pub raw_objects: usize,
+    /// Accelerated forms' index and table blobs kept for LAN peers.
+    pub form_blobs: usize,
     /// Uncompressed bytes read back and verified against their ids.
     pub verified_bytes: u64,
     /// Passthrough backing files a stored layer names, checked against their chunk lists.
@@ -48,7 +50,7 @@ impl FsckReport {
     pub fn is_clean(&self) -> bool {
         self.issues.is_empty()
     }
-    fn issue(&mut self, kind: &'static str, subject: impl ToString, detail: impl ToString) {
+    pub(crate) fn issue(&mut self, kind: &'static str, subject: impl ToString, detail: impl ToString) {
         self.issues.push(FsckIssue { kind, subject: subject.to_string(), detail: detail.to_string() });
     }
 }
@@ -73,6 +75,8 @@ pub struct GcReport {
 pub struct RepairReport {
     /// Damaged backing files removed (each is written again from verified chunks on its next use).
     pub backing_removed: usize,
+    /// Damaged layer-form blobs forgotten (a later pull of their image reads them again).
+    pub form_blobs_removed: usize,
 }
 
 /// Logical vs stored size of everything in the store.
@@ -241,6 +245,7 @@ impl Store {
                 }
             }
         }
+        self.check_form_blobs(&mut r)?;
         for (digest, rec) in self.raw_objects()? {
             r.raw_objects += 1;
             let mut counted = HashSet::new();
@@ -361,6 +366,12 @@ impl Store {
                 Ok(()) => done.backing_removed += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StoreError::Io { context: format!("removing {}", path.display()), source: e }),
+            }
+        }
+        for i in report.issues.iter().filter(|i| i.kind == "corrupt-form-blob") {
+            if let Ok(d) = i.subject.parse::<Digest>() {
+                self.forget_form_blob(&d)?;
+                done.form_blobs_removed += 1;
             }
         }
         Ok(done)
