@@ -6,6 +6,8 @@
 //! its SHA-256 checked on every read; `gc` drops the blobs of layers it removes; `fsck` checks
 //! every one, and its repair forgets a damaged one (a later pull reads it again).
 
+use std::collections::HashSet;
+
 use hb_core::Digest;
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
@@ -68,15 +70,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Adds to `batch` the removal of every layer-form blob whose layer is not in `kept` (gc).
-    pub(crate) fn drop_form_blobs(
-        &self,
-        batch: &mut WriteBatch,
-        kept: &dyn Fn(&Digest) -> Result<bool>,
-    ) -> Result<usize> {
+    /// Adds to `batch` (gc's) the removal of every layer-form blob whose layer is in `dropped`
+    /// or not stored (a pull that kept them and then failed).
+    pub(crate) fn drop_form_blobs(&self, batch: &mut WriteBatch, dropped: &HashSet<Digest>) -> Result<usize> {
         let mut n = 0;
         for (digest, layer) in self.form_blobs()? {
-            if !kept(&layer)? {
+            if dropped.contains(&layer) || self.db.get_pinned_cf(self.cf(CF_LAYERS), layer.as_bytes())?.is_none() {
                 batch.delete(key_of(KEY_PREFIX, &digest));
                 batch.delete(key_of(BLOB_PREFIX, &digest));
                 n += 1;

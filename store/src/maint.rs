@@ -460,10 +460,7 @@ impl Store {
                 batch.delete_cf(self.cf(CF_BLOBS), k);
             }
         }
-        // Layer-form blobs of layers gone (now, or before: a pull that kept them and then failed).
-        self.drop_form_blobs(&mut batch, &|l| {
-            Ok(!dropped.contains(l) && self.db.get_pinned_cf(self.cf(CF_LAYERS), l.as_bytes())?.is_some())
-        })?;
+        self.drop_form_blobs(&mut batch, &dropped)?;
         let mut packs = self.pack_records()?;
         for item in self.chunk_records() {
             let (id, rec) = item?;
