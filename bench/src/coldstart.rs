@@ -218,7 +218,8 @@ fn prepare(t: &Tools, reg: &str) -> anyhow::Result<()> {
 struct Phases {
     /// containerd rows: `ctr images pull` / `ctr-remote images rpull` done.
     pulled: Option<Duration>,
-    /// `hb run` rows, from its `hb::phase` debug lines (the mount's own clock, UTC).
+    /// hb's rows, from the `hb::phase` debug lines (`hb run`'s, or the snapshotter's daemon's and
+    /// mount server's; their own clock, UTC).
     resolved: Option<Duration>,
     indexes: Option<Duration>,
     mounted: Option<Duration>,
@@ -253,7 +254,8 @@ fn parse_phases(stderr: &str, t0: std::time::SystemTime) -> Phases {
         let field = |k: &str| rest.iter().find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok());
         match rest.first().copied() {
             Some("resolved") => p.resolved = at,
-            Some("indexes") => p.indexes = at,
+            // (Not a mount's `indexes read` from the store.)
+            Some("indexes") if rest.get(1) == Some(&"fetched") => p.indexes = at,
             Some("mounted") => p.mounted = at,
             Some("runtime") => p.runtime = at,
             Some("reads") => {
@@ -310,7 +312,8 @@ fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) ->
             t.containerd(None, Some(&t.stargz("socket")?))?;
         }
         Variant::HbSnapshotter | Variant::HbSnapshotterOrdered => {
-            let (child, _, snap) = crate::lazy::start_daemon(&t.hb, &store, disk.path())?;
+            let log = disk.path().join("daemon.log");
+            let (child, _, snap) = crate::lazy::start_daemon_logged(&t.hb, &store, disk.path(), Some(&log))?;
             daemon = Some(child);
             t.containerd(Some(&snap), None)?;
         }
@@ -372,8 +375,20 @@ fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) ->
         }
     }
     let (first, exit, bytes, stderr) = timed.with_context(|| format!("{image} by {v:?}"))?;
-    if matches!(v, Variant::HbRun | Variant::HbRunOrdered) {
-        phases = parse_phases(&stderr, wall);
+    match v {
+        Variant::HbRun | Variant::HbRunOrdered => phases = parse_phases(&stderr, wall),
+        // The daemon's lines (resolve, index pull) and its mount server's (mount, reads).
+        Variant::HbSnapshotter | Variant::HbSnapshotterOrdered => {
+            let mut lines = std::fs::read_to_string(disk.path().join("daemon.log")).unwrap_or_default();
+            for e in std::fs::read_dir(store.join("run")).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("mount-") && name.ends_with(".log") {
+                    lines += &std::fs::read_to_string(e.path()).unwrap_or_default();
+                }
+            }
+            phases = Phases { pulled: phases.pulled, ..parse_phases(&lines, wall) };
+        }
+        _ => {}
     }
     Ok(Sample { first, exit, bytes, phases })
 }
@@ -500,7 +515,8 @@ fn measure(
 }
 
 /// Where the time went, per tool (medians of each phase's end, from the start of the pull): the
-/// containerd rows split at the end of the pull; `hb run` by its own phase lines.
+/// containerd rows split at the end of the pull; hb's rows (`hb run`, the snapshotter's daemon
+/// and mount server) also by their own phase lines.
 fn print_phases(samples: &[Vec<Sample>], only: &Only) {
     println!();
     println!("| phases (medians, from pull start) | pull done | resolved | indexes fetched | mounted | runtime started | first output | range requests (whole run) | reads waiting on the network (whole run, summed over threads) |");
@@ -542,6 +558,7 @@ mod tests {
         let stderr = "2026-12-07T02:05:03.436886Z DEBUG resolved\n\
             2026-12-07T02:05:03.533254Z DEBUG indexes fetched layers=3 bytes=776367\n\
             hello, a line without a stamp\n\
+            2026-12-07T02:05:03.580000Z DEBUG indexes read layers=3\n\
             2026-12-07T02:05:03.600000Z DEBUG mounted lazy_layers=3\n\
             2026-12-07T02:05:03.700000Z  INFO runtime started\n\
             2026-12-07T02:05:03.710000Z DEBUG runtime started\n\
@@ -549,7 +566,7 @@ mod tests {
         let p = parse_phases(stderr, t0);
         let ms = |d: Option<Duration>| d.map(|d| d.as_millis());
         assert_eq!(ms(p.resolved), Some(436));
-        assert_eq!(ms(p.indexes), Some(533));
+        assert_eq!(ms(p.indexes), Some(533), "the pull's indexes, not the mount's read of them");
         assert_eq!(ms(p.mounted), Some(600));
         assert_eq!(ms(p.runtime), Some(710), "only DEBUG phase lines count");
         assert_eq!(p.requests, Some(34));
@@ -559,6 +576,19 @@ mod tests {
         let late = std::time::UNIX_EPOCH + Duration::from_secs_f64(20_001.0 * 86_400.0 - 0.1);
         let p = parse_phases("2026-12-08T00:00:00.100000Z DEBUG mounted\n", late);
         assert!(matches!(ms(p.mounted), Some(199..=200)), "{:?}", p.mounted);
+    }
+
+    #[test]
+    fn a_snapshotter_daemons_phase_lines_carry_fields_after_the_phase() {
+        let t0 = std::time::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400 + 7_503);
+        let lines = "2026-12-07T02:05:03.100000Z DEBUG resolved image=127.0.0.1:15000/bench/py-app:hb\n\
+            2026-12-07T02:05:03.150000Z DEBUG indexes fetched image=127.0.0.1:15000/bench/py-app:hb layers=3 bytes=772155\n\
+            2026-12-07T02:05:03.200000Z DEBUG store view opened\n\
+            2026-12-07T02:05:03.250000Z DEBUG mounted lazy_layers=3\n";
+        let p = parse_phases(lines, t0);
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis());
+        assert_eq!((ms(p.resolved), ms(p.indexes), ms(p.mounted)), (Some(100), Some(150), Some(250)));
+        assert!(p.runtime.is_none());
     }
 
     #[test]

@@ -44,22 +44,40 @@ pub(crate) fn start_daemon(
     root: &Path,
     dir: &Path,
 ) -> anyhow::Result<(std::process::Child, PathBuf, PathBuf)> {
+    start_daemon_logged(hb, root, dir, None)
+}
+
+/// [`start_daemon`] with its phase lines (`hb::phase`, and its mount servers' in their own logs
+/// under the store's `run/`) written to `phases`.
+pub(crate) fn start_daemon_logged(
+    hb: &Path,
+    root: &Path,
+    dir: &Path,
+    phases: Option<&Path>,
+) -> anyhow::Result<(std::process::Child, PathBuf, PathBuf)> {
     let (api, snap) = (dir.join("hb.sock"), dir.join("snapshotter.sock"));
-    let child = Command::new(hb)
-        .arg("--root")
+    let mut cmd = Command::new(hb);
+    cmd.arg("--root")
         .arg(root)
         .arg("--socket")
         .arg(&api)
         .args(["-q", "daemon", "--snapshotter-socket"])
         .arg(&snap)
-        .stdout(Stdio::null())
+        .stdout(Stdio::null());
+    match (phases, std::env::var_os("HB_BENCH_DAEMON_LOG")) {
+        (Some(f), _) => {
+            cmd.env("HB_LOG", "hb::phase=debug").stderr(std::fs::File::create(f)?);
+        }
         // For profiling: `HB_BENCH_DAEMON_LOG=FILE` (with `HB_LOG=hb::phase=debug,info`) keeps
         // what the daemons of a run log, appended to FILE.
-        .stderr(match std::env::var_os("HB_BENCH_DAEMON_LOG") {
-            Some(f) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(f)?),
-            None => Stdio::null(),
-        })
-        .spawn()?;
+        (None, Some(f)) => {
+            cmd.stderr(std::fs::OpenOptions::new().create(true).append(true).open(f)?);
+        }
+        (None, None) => {
+            cmd.stderr(Stdio::null());
+        }
+    }
+    let child = cmd.spawn()?;
     let waited = Instant::now();
     while !(api.exists() && snap.exists()) {
         if waited.elapsed() > Duration::from_secs(30) {

@@ -471,7 +471,7 @@ impl Store {
             // The layer was pulled lazily: keep its index and refcounts, fill in every chunk that
             // is still absent, and it becomes an ordinary complete layer.
             let mut filled = 0;
-            for (id, s) in &seen {
+            for (id, s) in in_id_order(&seen, |(id, _)| **id) {
                 let Seen::New = s else { continue };
                 let Some(rec) = self.chunk_record(id)?.filter(|r| r.loc.is_absent()) else { continue };
                 let loc = place(id)?;
@@ -555,7 +555,7 @@ impl Store {
         batch: &mut WriteBatch,
         new_ids: &mut Vec<ChunkId>,
     ) -> Result<()> {
-        for (id, s) in seen {
+        for (id, s) in in_id_order(seen, |(id, _)| **id) {
             let current = match s {
                 Seen::Stored => Some(self.chunk_record(id)?.ok_or(StoreError::MissingChunk(*id))?),
                 Seen::New => self.chunk_record(id)?,

@@ -71,7 +71,7 @@ impl Store {
         report.already_present = self.db.get_pinned_cf(self.cf(CF_LAYERS), index.diff_id.as_bytes())?.is_some();
         if !report.already_present {
             batch.put_cf(self.cf(CF_LAYERS), index.diff_id.as_bytes(), index.encode());
-            for c in &index.chunks {
+            for c in in_id_order(&index.chunks, |c| c.id) {
                 let rec = match self.chunk_record(&c.id)? {
                     Some(rec) => {
                         if rec.loc.is_absent() {
@@ -202,7 +202,7 @@ impl Store {
             let _w = self.writer.lock().expect("writer lock");
             let mut pack_rec = self.pack_records()?.remove(&pack.id).unwrap_or_default();
             let mut batch = WriteBatch::default();
-            for (id, loc) in &locs {
+            for (id, loc) in in_id_order(&locs, |(id, _)| *id) {
                 // Re-read under the lock: a concurrent fill or ingest may have stored it.
                 match self.chunk_record(id)? {
                     Some(rec) if rec.loc.is_absent() => {

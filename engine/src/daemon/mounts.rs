@@ -127,6 +127,7 @@ impl Daemon {
             let creds = crate::config::docker_credentials(r.registry())?;
             let eps = self.hosts().endpoints(&r, false, creds, hb_registry::Platform::default())?;
             let (registry, resolved) = crate::pull::resolve(&self.work, eps)?;
+            tracing::debug!(target: hb_images::mount::PHASE, %image, "resolved");
             // (Through a mirror, the mirror's protocol says nothing of the registry's.)
             if registry.plain_http() && resolved.reference.mirror().is_none() {
                 self.learned_plain(r.registry());
@@ -137,6 +138,7 @@ impl Daemon {
                 return Ok(None);
             }
             let report = self.pull_lazy(registry, resolved)?;
+            tracing::debug!(target: hb_images::mount::PHASE, %image, layers = report.layers_lazy, bytes = report.bytes_downloaded, "indexes fetched");
             self.metrics.pulls.fetch_add(1, Ordering::Relaxed);
             self.dirty.store(true, Ordering::SeqCst);
             tracing::info!(%image, summary = %crate::pull::lazy_summary(&report), "pulled lazily for containerd");
