@@ -57,6 +57,9 @@ pub(crate) fn is_anchor(id: &ChunkId) -> bool {
 
 /// Rendezvous score of chunk `id` at a peer of weight `w`: every node ranks holders alike, and
 /// chunks spread evenly over them.
+/// A who-has lookup slower than this is logged (debug), with how long it waited for the table.
+const SLOW_LOOKUP: Duration = Duration::from_millis(1);
+
 pub(crate) fn score(id: &ChunkId, w: u64) -> u64 {
     let x = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes")) ^ w;
     // splitmix64's finaliser.
@@ -128,8 +131,9 @@ impl Node {
         owner_asked: &std::collections::HashSet<ChunkId>,
     ) -> Plan {
         let started = Instant::now();
-        let now = Instant::now();
         let peers = self.inner.peers.lock().expect("peers lock");
+        let now = Instant::now();
+        let waited = now - started;
         let usable: Vec<(&PeerId, &Peer)> = peers.iter().filter(|(_, p)| p.usable(now)).collect();
         let mut by_peer: HashMap<(PeerId, Option<PeerId>), Vec<ChunkId>> = HashMap::new();
         let mut by_owner: HashMap<Option<PeerId>, Vec<ChunkId>> = HashMap::new();
@@ -191,8 +195,12 @@ impl Node {
         let c = &self.inner.counters;
         c.lookups.fetch_add(ids.len() as u64, Ordering::Relaxed);
         c.lookups_with_holder.fetch_add(with_holder, Ordering::Relaxed);
+        let took = started.elapsed();
+        if took > SLOW_LOOKUP {
+            tracing::debug!(ids = ids.len(), ?waited, ?took, "a slow who-has lookup");
+        }
         let mut samples = self.inner.lookup_us.lock().expect("lookup lock");
-        samples.push_back(started.elapsed().as_micros() as u64);
+        samples.push_back(took.as_micros() as u64);
         if samples.len() > LOOKUP_SAMPLES {
             samples.pop_front();
         }
