@@ -55,11 +55,11 @@ pub(crate) fn is_anchor(id: &ChunkId) -> bool {
     id.as_bytes()[31] & 0x0f == 0
 }
 
-/// Rendezvous score of chunk `id` at a peer of weight `w`: every node ranks holders alike, and
-/// chunks spread evenly over them.
 /// A who-has lookup slower than this is logged (debug), with how long it waited for the table.
 const SLOW_LOOKUP: Duration = Duration::from_millis(1);
 
+/// Rendezvous score of chunk `id` at a peer of weight `w`: every node ranks holders alike, and
+/// chunks spread evenly over them.
 pub(crate) fn score(id: &ChunkId, w: u64) -> u64 {
     let x = u64::from_le_bytes(id.as_bytes()[..8].try_into().expect("8 bytes")) ^ w;
     // splitmix64's finaliser.
