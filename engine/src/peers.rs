@@ -175,7 +175,7 @@ pub fn show(report: &hb_p2p::NodeReport, out: &Out) {
     );
     let s = &report.stats;
     println!(
-        "received {} chunks and {} index blobs ({}), sent {} and {} ({}); {} hedges, {} timeouts, {} bans, {} corrupt chunks; lookup p99 {} us",
+        "received {} chunks and {} index blobs ({}), sent {} and {} ({}); {} hedges, {} timeouts, {} bans, {} corrupt chunks; lookup p99 {} us ({} us on CPU)",
         s.chunks_received,
         s.blobs_received,
         indicatif::HumanBytes(s.bytes_received),
@@ -186,7 +186,8 @@ pub fn show(report: &hb_p2p::NodeReport, out: &Out) {
         s.timeouts,
         s.bans,
         s.corrupt_chunks,
-        s.lookup_p99_us
+        s.lookup_p99_us,
+        s.lookup_cpu_p99_us
     );
     println!(
         "{:<54} {:<10} {:>10} {:>10} {:>10} {:>8}  ADDRESS / NOTE",

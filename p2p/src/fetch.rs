@@ -58,6 +58,12 @@ pub(crate) fn is_anchor(id: &ChunkId) -> bool {
 /// A who-has lookup slower than this is logged (debug), with how long it waited for the table.
 const SLOW_LOOKUP: Duration = Duration::from_millis(1);
 
+/// This thread's CPU time so far.
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 /// Rendezvous score of chunk `id` at a peer of weight `w`: every node ranks holders alike, and
 /// chunks spread evenly over them.
 pub(crate) fn score(id: &ChunkId, w: u64) -> u64 {
@@ -131,6 +137,7 @@ impl Node {
         owner_asked: &std::collections::HashSet<ChunkId>,
     ) -> Plan {
         let started = Instant::now();
+        let cpu_started = thread_cpu();
         let peers = self.inner.peers.lock().expect("peers lock");
         let now = Instant::now();
         let waited = now - started;
@@ -195,12 +202,14 @@ impl Node {
         let c = &self.inner.counters;
         c.lookups.fetch_add(ids.len() as u64, Ordering::Relaxed);
         c.lookups_with_holder.fetch_add(with_holder, Ordering::Relaxed);
+        // (In this order: the CPU interval lies within the wall one.)
+        let on_cpu = thread_cpu().saturating_sub(cpu_started);
         let took = started.elapsed();
         if took > SLOW_LOOKUP {
-            tracing::debug!(ids = ids.len(), ?waited, ?took, "a slow who-has lookup");
+            tracing::debug!(ids = ids.len(), ?waited, ?on_cpu, ?took, "a slow who-has lookup");
         }
         let mut samples = self.inner.lookup_us.lock().expect("lookup lock");
-        samples.push_back(took.as_micros() as u64);
+        samples.push_back((took.as_micros() as u64, on_cpu.as_micros() as u64));
         if samples.len() > LOOKUP_SAMPLES {
             samples.pop_front();
         }

@@ -175,6 +175,10 @@ pub struct NodeStats {
     /// Time to decide whom to ask (summaries only, no network), over the last 2048 fetches.
     pub lookup_p99_us: u64,
     pub lookup_max_us: u64,
+    /// The same lookups' time on their thread's CPU: the wall time less waits (for the peers'
+    /// table) and time descheduled.
+    #[serde(default)]
+    pub lookup_cpu_p99_us: u64,
 }
 
 /// A node's state, as `hb peers` (and `GET /v1/peers`) shows it.

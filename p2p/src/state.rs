@@ -95,7 +95,8 @@ pub(crate) struct Inner {
     pub(crate) summary: Mutex<Local>,
     pub(crate) listening: Mutex<Vec<Multiaddr>>,
     pub(crate) counters: Counters,
-    pub(crate) lookup_us: Mutex<VecDeque<u64>>,
+    /// (wall, on this thread's CPU) microseconds of recent lookups.
+    pub(crate) lookup_us: Mutex<VecDeque<(u64, u64)>>,
     /// When the serving link is next free (the serving bandwidth cap).
     pub(crate) serve_free_at: Mutex<Instant>,
     /// Chunks being fetched from this node's own sources now, and a signal when a fetch ends:
@@ -247,11 +248,15 @@ impl Node {
         peers.sort_by(|a, b| a.id.cmp(&b.id));
         let c = &self.inner.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (p99, max) = {
-            let mut s: Vec<u64> = self.inner.lookup_us.lock().expect("lookup lock").iter().copied().collect();
-            s.sort_unstable();
-            let p99 = s.get((s.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or(0);
-            (p99, s.last().copied().unwrap_or(0))
+        let (p99, max, cpu_p99) = {
+            let samples = self.inner.lookup_us.lock().expect("lookup lock");
+            let p99 = |mut s: Vec<u64>| {
+                s.sort_unstable();
+                let at = (s.len() * 99).div_ceil(100).saturating_sub(1);
+                (s.get(at).copied().unwrap_or(0), s.last().copied().unwrap_or(0))
+            };
+            let (wall, max) = p99(samples.iter().map(|(w, _)| *w).collect());
+            (wall, max, p99(samples.iter().map(|(_, c)| *c).collect()).0)
         };
         let summary = self.inner.summary.lock().expect("summary lock");
         NodeReport {
@@ -278,6 +283,7 @@ impl Node {
                 timeouts: load(&c.timeouts),
                 lookup_p99_us: p99,
                 lookup_max_us: max,
+                lookup_cpu_p99_us: cpu_p99,
             },
         }
     }

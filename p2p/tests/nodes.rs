@@ -113,6 +113,13 @@ fn chunks_cross_between_members_only_and_a_liar_is_banned() {
     let r = asker.node.report();
     assert_eq!(r.stats.chunks_received, 40);
     assert!(r.stats.lookup_p99_us < 2000, "lookup p99 {} us", r.stats.lookup_p99_us);
+    // Each lookup's time on its thread's CPU is within its wall time, so their p99s are too.
+    assert!(
+        r.stats.lookup_cpu_p99_us <= r.stats.lookup_p99_us,
+        "on CPU {} us, wall {} us",
+        r.stats.lookup_cpu_p99_us,
+        r.stats.lookup_p99_us
+    );
     assert!(r.stats.lookups_with_holder >= 40 && r.stats.lookups_with_holder <= 43);
 
     // The stranger never got in, either way.

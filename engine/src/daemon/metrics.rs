@@ -282,6 +282,12 @@ impl Daemon {
                 "p99 time to decide which peer to ask (summaries only).",
                 s.lookup_p99_us as f64 / 1e6,
             );
+            e.single(
+                "hb_p2p_lookup_cpu_p99_seconds",
+                Kind::Gauge,
+                "p99 of the same lookups' time on their thread's CPU (no waits, not descheduled).",
+                s.lookup_cpu_p99_us as f64 / 1e6,
+            );
         }
         let reqs = self
             .metrics
