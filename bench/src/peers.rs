@@ -252,10 +252,30 @@ fn pull_at_once(hosts: &[&Host], image: &str) -> anyhow::Result<(Duration, u64)>
     Ok((wall, bytes))
 }
 
+/// The hosts' namespaces and the registry behind the shaped uplink (`scripts/peers-net.sh`), taken
+/// down when the run ends, however it ends: a registry left serving in its namespace would cost
+/// the next benchmark on this machine CPU it does not see.
+struct PeersNet;
+
+impl PeersNet {
+    fn up(rate: &str) -> anyhow::Result<PeersNet> {
+        timed_command(Command::new(repo_root().join("scripts/peers-net.sh")).args(["up", "4", rate]))?;
+        Ok(PeersNet)
+    }
+}
+
+impl Drop for PeersNet {
+    fn drop(&mut self) {
+        if let Err(e) = timed_command(Command::new(repo_root().join("scripts/peers-net.sh")).arg("down")) {
+            eprintln!("peers: taking the hosts' network down failed: {e:#}");
+        }
+    }
+}
+
 /// `pulls`: only the pulls (one host alone, peers off and on; four at once).
 pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> anyhow::Result<()> {
     let hb = hb_binary()?;
-    timed_command(Command::new(repo_root().join("scripts/peers-net.sh")).args(["up", "4", rate]))?;
+    let _net = PeersNet::up(rate)?;
     let keys = tempfile::tempdir()?;
     let psk = keys.path().join("swarm.key");
     timed_command(Command::new(&hb).args(["peers", "keygen"]).arg(&psk))?;
@@ -471,7 +491,7 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
 /// off on the starting host; alternated per round. What switching off costs a start.
 pub(crate) fn switched_off(rounds: usize, rate: &str) -> anyhow::Result<()> {
     let hb = hb_binary()?;
-    timed_command(Command::new(repo_root().join("scripts/peers-net.sh")).args(["up", "4", rate]))?;
+    let _net = PeersNet::up(rate)?;
     let keys = tempfile::tempdir()?;
     let psk = keys.path().join("swarm.key");
     timed_command(Command::new(&hb).args(["peers", "keygen"]).arg(&psk))?;
