@@ -393,25 +393,6 @@ fn sample(t: &Tools, reg: &str, log: &str, image: &str, v: Variant, n: usize) ->
     Ok(Sample { first, exit, bytes, phases })
 }
 
-/// A small deterministic generator for the run order (its seed is printed).
-struct Shuffle(u64);
-
-impl Shuffle {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 pub(crate) fn run(
     rounds: usize,
     reg: &str,
@@ -463,7 +444,7 @@ fn measure(
     let mut order: Vec<(usize, usize)> = (0..rounds)
         .flat_map(|_| only.images.iter().flat_map(|&i| only.variants.iter().map(move |&v| (i, v))))
         .collect();
-    Shuffle(seed).shuffle(&mut order);
+    crate::Shuffle(seed).shuffle(&mut order);
     let mut samples: Vec<Vec<Vec<Sample>>> =
         (0..IMAGES.len()).map(|_| (0..VARIANTS.len()).map(|_| Vec::new()).collect()).collect();
     for (n, &(i, v)) in order.iter().enumerate() {

@@ -200,6 +200,25 @@ pub(crate) fn scratch() -> anyhow::Result<tempfile::TempDir> {
     Ok(tempfile::Builder::new().prefix("hb-bench-").tempdir_in(base)?)
 }
 
+/// A small deterministic generator for the run order (its seed is printed).
+pub(crate) struct Shuffle(pub(crate) u64);
+
+impl Shuffle {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub(crate) fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
 pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]

@@ -279,17 +279,11 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
     let keys = tempfile::tempdir()?;
     let psk = keys.path().join("swarm.key");
     timed_command(Command::new(&hb).args(["peers", "keygen"]).arg(&psk))?;
-    let mut seed = seed.unwrap_or_else(|| {
+    let seed = seed.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1
     });
     eprintln!("peers: seed {seed}");
-    let seed0 = seed;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut order = crate::Shuffle(seed);
     let mut figures: Vec<Figures> = IMAGES.iter().map(|_| Figures::default()).collect();
     for round in 0..rounds {
         for (i, image) in IMAGES.iter().enumerate() {
@@ -313,10 +307,7 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
                 }
                 // Modes of hosts 2-4: on/off alternating, in a random order.
                 let mut modes = if round % 2 == 0 { vec![true, false, true] } else { vec![false, true, false] };
-                for k in (1..modes.len()).rev() {
-                    let j = (next() % (k as u64 + 1)) as usize;
-                    modes.swap(k, j);
-                }
+                order.shuffle(&mut modes);
                 for (k, on) in modes.iter().enumerate() {
                     let host = &hosts[k + 1];
                     if !on {
@@ -356,10 +347,7 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
                 // way, so only the liar differs; two of each per round, in a random order.
                 let mut modes =
                     if round % 2 == 0 { vec![true, false, false, true] } else { vec![false, true, true, false] };
-                for k in (1..modes.len()).rev() {
-                    let j = (next() % (k as u64 + 1)) as usize;
-                    modes.swap(k, j);
-                }
+                order.shuffle(&mut modes);
                 for (k, lying) in modes.into_iter().enumerate() {
                     let fault: &[(&str, &str)] = if lying { &[("HB_P2P_FAULT", "corrupt-serving")] } else { &[] };
                     let mut second = Host::start(&hb, 2, &psk, fault)?;
@@ -395,10 +383,7 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
             // Pulls: one host alone with peers off (hb without peers), one alone with peers on,
             // four at once (fresh hosts each time), in a random order.
             let mut modes = [0, 1, 2];
-            for k in (1..modes.len()).rev() {
-                let j = (next() % (k as u64 + 1)) as usize;
-                modes.swap(k, j);
-            }
+            order.shuffle(&mut modes);
             for mode in modes {
                 let hosts = four_hosts(&hb, &psk)?;
                 if mode == 0 {
@@ -425,7 +410,7 @@ pub(crate) fn run(rounds: usize, rate: &str, seed: Option<u64>, pulls: bool) -> 
     }
     println!(
         "LAN peers: 4 hosts in network namespaces on one bridge, registry behind a {rate} uplink \
-         (scripts/peers-net.sh); {rounds} rounds, modes alternated in a random order (seed {seed0}); medians."
+         (scripts/peers-net.sh); {rounds} rounds, modes alternated in a random order (seed {seed}); medians."
     );
     if !pulls {
         println!();

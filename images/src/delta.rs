@@ -483,12 +483,6 @@ pub fn fetch_chunks(
 /// A batch fetch: the chunks it got, or why it failed.
 type BatchFetch<'a> = dyn Fn(&[ChunkId]) -> std::result::Result<Vec<(ChunkId, Vec<u8>)>, String> + Sync + 'a;
 
-/// Fetches `batches` (each the index of its layer, of `layers`, and chunk ids) through `fetch`,
-/// [`BATCHES_IN_FLIGHT`] at once, and hands each batch's chunks to `keep` on this thread as they
-/// come. A rendezvous: each fetcher holds at most one fetched batch while `keep` stores another,
-/// so the network never waits for the store, nor a batch for the slowest range of the one before.
-/// Returns each layer's first fetch failure (its later batches are not asked); an error of
-/// `keep` stops the fetches and is returned.
 /// The most bytes one batch of a pull of `total` bytes asks for: see [`MIN_BATCHES`].
 fn batch_bytes(total: u64) -> u64 {
     (total / MIN_BATCHES).clamp(*BATCH_BYTES.start(), *BATCH_BYTES.end())
@@ -514,6 +508,12 @@ fn batches_of(chunks: &[ChunkRef], max_bytes: u64) -> Vec<Vec<ChunkId>> {
     out
 }
 
+/// Fetches `batches` (each the index of its layer, of `layers`, and chunk ids) through `fetch`,
+/// [`BATCHES_IN_FLIGHT`] at once, and hands each batch's chunks to `keep` on this thread as they
+/// come. A rendezvous: each fetcher holds at most one fetched batch while `keep` stores another,
+/// so the network never waits for the store, nor a batch for the slowest range of the one before.
+/// Returns each layer's first fetch failure (its later batches are not asked); an error of
+/// `keep` stops the fetches and is returned.
 fn fetch_pipelined<E>(
     layers: usize,
     batches: &[(usize, Vec<ChunkId>)],

@@ -433,6 +433,7 @@ impl Node {
         }
         Some(chunks)
     }
+
     /// Sends `req` to `peer` and waits up to `deadline` for the answer: None when the request
     /// failed (a lost connection sets the peer aside) or took too long (set aside for a while).
     async fn exchange(&self, peer: PeerId, req: Request, deadline: Duration) -> Option<Response> {

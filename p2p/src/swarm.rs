@@ -485,11 +485,11 @@ impl Node {
         if self.inner.cfg.fault_corrupt_serving && !b.is_empty() {
             b[0] ^= 0xff;
         }
-        self.inner.counters.blobs_out.fetch_add(1, Ordering::Relaxed);
-        match self.paced(&peer, b.len() as u64, b.len() + 8) {
-            true => Response::Blob(Some(b)),
-            false => Response::Blob(None),
+        if !self.paced(&peer, b.len() as u64, b.len() + 8) {
+            return Response::Blob(None);
         }
+        self.inner.counters.blobs_out.fetch_add(1, Ordering::Relaxed);
+        Response::Blob(Some(b))
     }
 
     /// Counts `bytes` sent to `peer` and waits for the serving cap to let `size` bytes (with

@@ -16,15 +16,6 @@ use crate::maint::FsckReport;
 use crate::meta::*;
 use crate::Store;
 
-const KEY_PREFIX: &[u8] = b"formkey/";
-const BLOB_PREFIX: &[u8] = b"formblob/";
-
-fn key_of(prefix: &[u8], digest: &Digest) -> Vec<u8> {
-    let mut k = prefix.to_vec();
-    k.extend_from_slice(digest.as_bytes());
-    k
-}
-
 impl Store {
     /// Keeps blob `digest` of layer `diff_id`'s accelerated form. The bytes must hash to `digest`
     /// (checked here too: nothing unverified is kept). Durable with the store's next synced write
@@ -34,24 +25,24 @@ impl Store {
         if Digest::of(bytes) != *digest {
             return Err(StoreError::DigestMismatch { expected: *digest, actual: Digest::of(bytes) });
         }
-        if self.db.get_pinned(key_of(KEY_PREFIX, digest))?.is_some() {
+        if self.db.get_pinned(form_key(digest))?.is_some() {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
-        batch.put(key_of(BLOB_PREFIX, digest), bytes);
-        batch.put(key_of(KEY_PREFIX, digest), diff_id.as_bytes());
+        batch.put(form_blob_key(digest), bytes);
+        batch.put(form_key(digest), diff_id.as_bytes());
         self.logged_write(batch)
     }
 
     /// Blob `digest` of a layer form, when it is kept and its layer is stored (complete or lazy):
     /// its SHA-256 checked (a blob that fails is reported and treated as absent).
     pub fn form_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
-        let Some(layer) = self.db.get_pinned(key_of(KEY_PREFIX, digest))? else { return Ok(None) };
+        let Some(layer) = self.db.get_pinned(form_key(digest))? else { return Ok(None) };
         let diff_id = digest_from_key(&layer)?;
         if self.db.get_pinned_cf(self.cf(CF_LAYERS), diff_id.as_bytes())?.is_none() {
             return Ok(None);
         }
-        let Some(bytes) = self.db.get(key_of(BLOB_PREFIX, digest))? else { return Ok(None) };
+        let Some(bytes) = self.db.get(form_blob_key(digest))? else { return Ok(None) };
         if Digest::of(&bytes) != *digest {
             tracing::warn!(%digest, layer = %diff_id, "a kept layer-form blob does not match its digest; not given out");
             return Ok(None);
@@ -62,9 +53,9 @@ impl Store {
     /// Every kept layer-form blob, with its layer.
     pub fn form_blobs(&self) -> Result<Vec<(Digest, Digest)>> {
         let mut out = Vec::new();
-        for item in self.db.iterator(IteratorMode::From(KEY_PREFIX, Direction::Forward)) {
+        for item in self.db.iterator(IteratorMode::From(FORM_KEY_PREFIX, Direction::Forward)) {
             let (k, v) = item?;
-            let Some(d) = k.strip_prefix(KEY_PREFIX) else { break };
+            let Some(d) = k.strip_prefix(FORM_KEY_PREFIX) else { break };
             out.push((digest_from_key(d)?, digest_from_key(&v)?));
         }
         Ok(out)
@@ -76,18 +67,19 @@ impl Store {
         let mut n = 0;
         for (digest, layer) in self.form_blobs()? {
             if dropped.contains(&layer) || self.db.get_pinned_cf(self.cf(CF_LAYERS), layer.as_bytes())?.is_none() {
-                batch.delete(key_of(KEY_PREFIX, &digest));
-                batch.delete(key_of(BLOB_PREFIX, &digest));
+                batch.delete(form_key(&digest));
+                batch.delete(form_blob_key(&digest));
                 n += 1;
             }
         }
         Ok(n)
     }
+
     /// fsck's check: every kept blob has its bytes and they hash to its name.
     pub(crate) fn check_form_blobs(&self, r: &mut FsckReport) -> Result<()> {
         for (digest, layer) in self.form_blobs()? {
             r.form_blobs += 1;
-            match self.db.get(key_of(BLOB_PREFIX, &digest))? {
+            match self.db.get(form_blob_key(&digest))? {
                 None => r.issue("corrupt-form-blob", digest, format!("layer {layer}'s blob: its bytes are missing")),
                 Some(b) if Digest::of(&b) != digest => r.issue(
                     "corrupt-form-blob",
@@ -104,8 +96,8 @@ impl Store {
     pub(crate) fn forget_form_blob(&self, digest: &Digest) -> Result<()> {
         self.writable()?;
         let mut batch = WriteBatch::default();
-        batch.delete(key_of(KEY_PREFIX, digest));
-        batch.delete(key_of(BLOB_PREFIX, digest));
+        batch.delete(form_key(digest));
+        batch.delete(form_blob_key(digest));
         self.sync_write(batch)
     }
 }
@@ -126,7 +118,7 @@ mod tests {
         let r = store.fsck(&crate::NoProgress).unwrap();
         assert!(r.is_clean() && r.form_blobs == 2, "{r:?}");
         // One blob's bytes changed on disk (as a damaged record would read).
-        store.db.put(key_of(BLOB_PREFIX, &db), b"something else").unwrap();
+        store.db.put(form_blob_key(&db), b"something else").unwrap();
         let r = store.fsck(&crate::NoProgress).unwrap();
         assert_eq!(r.issues.len(), 1, "{r:?}");
         assert_eq!((r.issues[0].kind, r.issues[0].subject.as_str()), ("corrupt-form-blob", db.to_string().as_str()));

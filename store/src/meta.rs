@@ -2,7 +2,8 @@
 //!
 //! Column families (documented in docs/formats/store.md):
 //! - `default`: `config` (JSON store config), `pack/<u32 BE>` -> [`PackRecord`], `lazy/<diff_id>`
-//!   -> encoded [`hb_core::LazySource`] of a layer whose chunks are fetched on demand
+//!   -> encoded [`hb_core::LazySource`] of a layer whose chunks are fetched on demand,
+//!   `formkey/<sha256>` -> diff_id and `formblob/<sha256>` -> bytes of a kept layer-form blob
 //! - `chunks`: chunk id (32 bytes) -> [`ChunkRecord`]
 //! - `layers`: diff_id (32 bytes) -> encoded layer index
 //! - `blobs`: blob digest (32 bytes) -> [`BlobRecord`]
@@ -238,11 +239,29 @@ pub fn layer_ref(diff_id: &Digest) -> String {
     format!("{LAYER_REF_PREFIX}{diff_id}")
 }
 
+/// `prefix` then the digest's 32 bytes: a key of the default column family.
+fn digest_key(prefix: &[u8], digest: &Digest) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(digest.as_bytes());
+    k
+}
+
 /// Key of a lazy layer's source record in the default column family.
 pub fn lazy_key(diff_id: &Digest) -> Vec<u8> {
-    let mut k = b"lazy/".to_vec();
-    k.extend_from_slice(diff_id.as_bytes());
-    k
+    digest_key(b"lazy/", diff_id)
+}
+
+/// Where the key records of kept layer-form blobs start (`formkey/<sha256>` -> the layer's diff_id).
+pub const FORM_KEY_PREFIX: &[u8] = b"formkey/";
+
+/// Key of a kept layer-form blob's key record.
+pub fn form_key(digest: &Digest) -> Vec<u8> {
+    digest_key(FORM_KEY_PREFIX, digest)
+}
+
+/// Key of a kept layer-form blob's bytes (`formblob/<sha256>`).
+pub fn form_blob_key(digest: &Digest) -> Vec<u8> {
+    digest_key(b"formblob/", digest)
 }
 
 #[cfg(test)]
