@@ -510,9 +510,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         memory::limit_malloc_arenas();
         shutdown = Some(shutdown::Shutdown::install()?);
     }
-    if matches!(cmd, Cmd::Mount { .. } | Cmd::Pull { .. } | Cmd::Convert { .. } | Cmd::Optimize { .. }) {
+    if matches!(
+        cmd,
+        Cmd::Mount { plain_http: false, .. }
+            | Cmd::Pull { plain_http: false, .. }
+            | Cmd::Convert { plain_http: false, .. }
+            | Cmd::Optimize { plain_http: false, .. }
+    ) {
         // The system's trust roots (tens of ms of file reads and parsing) load on the other core
-        // while the store opens (and a mount's indexes decode); these commands' clients need them.
+        // while the store opens (and a mount's indexes decode): these commands' clients check a
+        // certificate soon, unless told the registry speaks plain HTTP (then nothing reads them).
         std::thread::spawn(hb_registry::preload_trust_roots);
     }
     let store = std::sync::Arc::new(open_store_for(g, reads_only, &out)?);
@@ -570,6 +577,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 daemon,
                 keeper,
                 shutdown.as_ref(),
+                None,
                 &report,
             )?;
             mount::serve(&store, m, &report)?;

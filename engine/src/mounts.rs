@@ -100,6 +100,15 @@ impl ChunkSource for DaemonSource {
 #[derive(Default)]
 pub struct StoreImages {
     store: std::sync::Mutex<Option<Arc<Store>>>,
+    /// What [`LocalImages::ensure`]'s pull handed on to the mount of the same image that follows.
+    pulled: std::sync::Mutex<Option<Handover>>,
+}
+
+/// A pull's runtime (its connections live on it) and what it hands on to the image's mount.
+struct Handover {
+    image: String,
+    rt: tokio::runtime::Runtime,
+    pulled: hb_images::mount::Pulled,
 }
 
 impl StoreImages {
@@ -124,22 +133,25 @@ impl hb_cli::run::LocalImages for StoreImages {
         platform: Option<&str>,
         out: &Out,
     ) -> anyhow::Result<()> {
-        // A cold start needs the system's trust roots (tens of ms): they load beside the store's
-        // opening. At the thread's own priority: the start may wait for it (a nice 19 thread
-        // holding that wait could be starved on a busy host).
-        if pull != hb_cli::api::PullPolicy::Never {
+        // A cold start over HTTPS needs the system's trust roots (tens of ms): they load beside
+        // the store's opening. At the thread's own priority: the start may wait for it (a nice 19
+        // thread holding that wait could be starved on a busy host). Plain HTTP never reads them.
+        if pull != hb_cli::api::PullPolicy::Never && !plain_http {
             std::thread::spawn(hb_registry::preload_trust_roots);
         }
         let store = self.store(g, out)?;
         let platform = platform.map(|p| p.parse::<hb_registry::Platform>().map_err(anyhow::Error::msg)).transpose()?;
         if pull.pull_now(image, !hb_images::mount::needs_pull(&store, image, platform.as_ref())?)? {
             let report = Report::new(out);
-            pull_for_mount(&Hosts::of(g), &crate::runtime()?, &store, image, plain_http, platform.as_ref(), &report)?;
+            let rt = crate::runtime()?;
+            let pulled = pull_for_mount(&Hosts::of(g), &rt, &store, image, plain_http, platform.as_ref(), &report)?;
+            *self.pulled.lock().expect("pulled lock") = Some(Handover { image: image.to_string(), rt, pulled });
         }
         Ok(())
     }
 
     fn release(&self) {
+        self.pulled.lock().expect("pulled lock").take();
         self.store.lock().expect("store lock").take();
     }
 
@@ -153,7 +165,13 @@ impl hb_cli::run::LocalImages for StoreImages {
         out: &Out,
     ) -> anyhow::Result<(String, Box<dyn hb_cli::run::LocalMount>)> {
         let store = self.store(g, out)?;
-        let rt = crate::runtime()?;
+        // The pull that just ran for this image: its runtime and client go on serving the mount's
+        // reads (no new connection and authorization), its indexes are not read back.
+        let handover = self.pulled.lock().expect("pulled lock").take().filter(|h| h.image == image);
+        let (rt, pulled) = match handover {
+            Some(h) => (h.rt, Some(h.pulled)),
+            None => (crate::runtime()?, None),
+        };
         let args = MountArgs {
             platform: None,
             image: image.into(),
@@ -168,7 +186,8 @@ impl hb_cli::run::LocalImages for StoreImages {
             command: Some(run.clone()),
         };
         let (daemon, keeper) = DaemonSource::roles(g, &store);
-        let mount = mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, keeper, None, &Report::new(out))?;
+        let mount =
+            mount_image(&Hosts::of(g), &rt, store.clone(), &args, daemon, keeper, None, pulled, &Report::new(out))?;
         let (_, _, rec) = hb_images::require_image(&store, image)?;
         Ok((rec.config, Box::new(OwnMount { mount, _rt: rt, dir: dir.to_path_buf() })))
     }

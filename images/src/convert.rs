@@ -271,7 +271,7 @@ pub fn optimize(
         learn: false,
         command: None,
     };
-    let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, None, reporter)?;
+    let m = crate::mount::mount_image(registries, rt, store.clone(), &args, None, None, None, None, reporter)?;
     // The command runs as in a container, over a writable layer (a build step writes its output;
     // on the read-only mount it failed at once and the order held only the shell's first reads).
     // Declared after the mount: dropped (detached) before it on every path out, errors included.

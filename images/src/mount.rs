@@ -2,6 +2,7 @@
 //! sources ([`crate::sources`]), the process that serves one until it is unmounted,
 //! its pid file and figures, and `hb umount`'s wait for it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,9 +149,18 @@ pub fn needs_pull(store: &Store, image: &str, platform: Option<&hb_registry::Pla
     })
 }
 
+/// What a pull for a mount hands on to that mount in the same process: the registry client (its
+/// connections and authorization, for the lazy layers' reads) and the indexes it imported
+/// (decoded and verified already: the mount need not read them back from the store).
+#[derive(Default)]
+pub struct Pulled {
+    pub known: Known,
+    pub indexes: Vec<hb_core::LayerIndex>,
+}
+
 /// Pulls an image `hb mount` was asked for and the store lacks: lazily when it has an
 /// accelerated form, else whole (as `docker run` pulls what it lacks).
-/// Returns the registry client used, to read chunks with.
+/// Returns the registry client used, to read chunks with, and the indexes a lazy pull imported.
 pub fn pull_for_mount(
     registries: &dyn Registries,
     rt: &tokio::runtime::Runtime,
@@ -159,7 +169,7 @@ pub fn pull_for_mount(
     plain_http: bool,
     platform: Option<&hb_registry::Platform>,
     reporter: &dyn Reporter,
-) -> Result<Known> {
+) -> Result<Pulled> {
     let r = hb_registry::ImageRef::parse(image)?;
     let creds = registries.credentials(r.registry())?;
     let eps = registries.endpoints(&r, plain_http, creds, platform.cloned().unwrap_or_default())?;
@@ -168,17 +178,18 @@ pub fn pull_for_mount(
     if resolved.accelerated.is_some() {
         let registry = Arc::new(registry);
         let key = format!("{}/{}", resolved.reference.host(), resolved.reference.repository());
-        let report = crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved, registries.blob_peers())?;
+        let mut report =
+            crate::pull::pull_lazy(rt, store.clone(), registry.clone(), resolved, registries.blob_peers())?;
         tracing::debug!(target: PHASE, layers = report.layers_lazy, bytes = report.bytes_downloaded, "indexes fetched");
         reporter.note(&crate::pull::lazy_summary(&report));
-        return Ok(Some((key, registry)));
+        return Ok(Pulled { known: Some((key, registry)), indexes: std::mem::take(&mut report.indexes) });
     } else {
         reporter.note(&format!("{image} has no accelerated form (`hb convert` makes one); pulling it whole"));
         let origin = crate::delta::Origin { registries, plain_http, registry: Arc::new(registry) };
         let report = crate::pull::pull(rt, store.clone(), origin, resolved, reporter)?;
         reporter.note(&crate::pull::summary(&report));
     }
-    Ok(None)
+    Ok(Pulled::default())
 }
 
 /// A mounted image and what it reads from.
@@ -196,7 +207,8 @@ pub struct Mount {
 /// Mounts image `args.image` from the store at `args.dir`.
 ///
 /// `daemon` is the daemon as a chunk tier, for a process whose store is a read-only view of a
-/// store the daemon owns: it is asked first and keeps what comes from below it.
+/// store the daemon owns: it is asked first and keeps what comes from below it. `pulled` is what
+/// a pull of the image in this process (on `rt`) handed on, if one just ran.
 #[allow(clippy::too_many_arguments)]
 pub fn mount_image(
     registries: &dyn Registries,
@@ -206,12 +218,13 @@ pub fn mount_image(
     daemon: Option<Arc<dyn ChunkSource>>,
     keeper: Option<Arc<dyn OrderKeeper>>,
     shutdown: Option<&crate::shutdown::Shutdown>,
+    pulled: Option<Pulled>,
     reporter: &dyn Reporter,
 ) -> Result<Mount> {
-    let known = if needs_pull(&store, &args.image, args.platform.as_ref())? {
+    let Pulled { known, indexes: handed } = if needs_pull(&store, &args.image, args.platform.as_ref())? {
         pull_for_mount(registries, rt, &store, &args.image, args.plain_http, args.platform.as_ref(), reporter)?
     } else {
-        None
+        pulled.unwrap_or_default()
     };
     let (name, digest, rec) = require_image(&store, &args.image)?;
     tracing::debug!(target: PHASE, "image found");
@@ -225,7 +238,7 @@ pub fn mount_image(
         }
         layers.truncate(n);
     }
-    let indexes = crate::layer_indexes(&store, &layers)?;
+    let indexes = indexes_of(&store, &layers, handed)?;
     tracing::debug!(target: PHASE, layers = indexes.len(), "indexes read");
     // The merge and the sources (each ~10 ms on py-app's 12,798 entries) are independent: side by
     // side, on the path of every mount server's start.
@@ -289,6 +302,25 @@ pub fn mount_image(
     let learner =
         learn.then(|| Learner::start(mounted.fetcher().clone(), store.clone(), digest, keeper, ranges.clone()));
     Ok(Mount { name, mounted, ranges, lazy_layers, layers, learner })
+}
+
+/// The indexes of `layers`, in order: those a pull just `handed` on (for the layers it imported),
+/// the others read from the store.
+fn indexes_of(store: &Store, layers: &[Digest], handed: Vec<hb_core::LayerIndex>) -> Result<Vec<hb_core::LayerIndex>> {
+    let mut handed: HashMap<Digest, hb_core::LayerIndex> = handed.into_iter().map(|i| (i.diff_id, i)).collect();
+    let missing: Vec<Digest> = layers.iter().filter(|d| !handed.contains_key(d)).copied().collect();
+    let mut read = crate::layer_indexes(store, &missing)?.into_iter();
+    let mut out = Vec::with_capacity(layers.len());
+    for (i, d) in layers.iter().enumerate() {
+        let index = match handed.get(d) {
+            // A layer an image holds twice: a copy for all but its last place.
+            Some(_) if layers[i + 1..].contains(d) => handed[d].clone(),
+            Some(_) => handed.remove(d).expect("present"),
+            None => read.next().ok_or_else(|| ImagesError::Invalid(format!("layer {d} is missing")))?,
+        };
+        out.push(index);
+    }
+    Ok(out)
 }
 
 /// The start-up order kept for an image, as far as it can be used: an order that does not decode,
@@ -665,6 +697,39 @@ const UMOUNT_WAIT: Duration = Duration::from_secs(120);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pull's indexes are taken as handed on (a layer held twice gets a copy for each place),
+    /// the others read from the store, in the image's layer order; one found nowhere is an error.
+    #[test]
+    fn a_mount_takes_the_indexes_a_pull_handed_on_and_reads_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Default::default()).unwrap();
+        let layer = |name: &str, body: &[u8]| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, name, body).unwrap();
+            let tar = b.into_inner().unwrap();
+            store.import_layer(&tar[..], &hb_store::NoProgress).unwrap().diff_id
+        };
+        let (a, b) = (layer("a", b"one"), layer("b", b"two"));
+        let stored = |d: Digest| crate::layer_indexes(&store, &[d]).unwrap().remove(0);
+        // Told apart from the stored one: the handed index lost its chunk list.
+        let mut handed = stored(a);
+        handed.chunks.clear();
+        assert_ne!(handed, stored(a));
+        let got = indexes_of(&store, &[a, b, a], vec![handed.clone()]).unwrap();
+        assert_eq!(got, vec![handed.clone(), stored(b), handed]);
+        assert_eq!(indexes_of(&store, &[b, a], Vec::new()).unwrap(), vec![stored(b), stored(a)]);
+        let absent = Digest::of(b"no such layer");
+        let err = indexes_of(&store, &[a, absent], Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+    }
 
     #[test]
     fn a_standby_reads_one_json_line_of_arguments_and_nothing_when_its_daemon_is_gone() {

@@ -367,6 +367,10 @@ pub struct LazyPullReport {
     /// Uncompressed bytes the lazy layers will fetch on first read (less what other layers share).
     pub remote_bytes: u64,
     pub startup_chunks: usize,
+    /// The indexes this pull imported (decoded and verified), for a mount in this process to
+    /// take instead of reading them back from the store.
+    #[serde(skip)]
+    pub indexes: Vec<hb_core::LayerIndex>,
 }
 
 /// Pulls an image's indexes from its accelerated form (from LAN `peers` that keep them, when
@@ -399,6 +403,7 @@ pub fn pull_lazy(
         bytes_downloaded: 0,
         remote_bytes: 0,
         startup_chunks: 0,
+        indexes: Vec::new(),
     };
     let todo: Vec<(hb_core::AccelLayer, LayerDesc)> = cfg
         .layers
@@ -456,8 +461,12 @@ pub fn pull_lazy(
         // A layer the store knew already keeps its own index: that one counts.
         match li.already_present {
             true => local.push(index.diff_id),
-            false if order.is_some() => known.extend(index.chunks.iter().map(|c| c.id)),
-            false => {}
+            false => {
+                if order.is_some() {
+                    known.extend(index.chunks.iter().map(|c| c.id));
+                }
+                report.indexes.push(index);
+            }
         }
     }
     if let Some(fetched) = order {

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use crate::error::RegistryError;
-use crate::options::RegistryOptions;
 
 pub(crate) struct BlobHttp {
     pub(crate) http: reqwest::Client,
@@ -19,15 +18,6 @@ pub(crate) enum BlobBody {
 }
 
 impl BlobHttp {
-    pub fn new(registry: &str, opts: &RegistryOptions) -> Result<Self, RegistryError> {
-        let http = crate::http::http_client(&crate::http::HttpSettings {
-            ca_pem: &opts.ca_pem,
-            skip_verify: opts.skip_verify,
-            ..crate::http::HttpSettings::new(registry)
-        })?;
-        Ok(BlobHttp { http })
-    }
-
     /// GETs `url` from byte `offset` on, translating the status once.
     pub async fn get(
         &self,

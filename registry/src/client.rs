@@ -1,8 +1,6 @@
 //! Talking to one registry: resolving a reference to a manifest for a platform, and fetching
 //! blobs as streams that resume after a dropped connection.
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 use hb_core::{Digest, DigestHasher};
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -11,7 +9,6 @@ use oci_client::{Client, RegistryOperation};
 use tokio::sync::mpsc;
 
 use crate::error::RegistryError;
-use crate::http::{install_crypto_provider, system_roots};
 pub use crate::manifest::{LayerDesc, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 pub use crate::options::{RegistryOptions, Scheme};
 use crate::reference::ImageRef;
@@ -65,26 +62,17 @@ pub struct Registry {
 impl Registry {
     /// A client for `r`'s registry, speaking what `opts.scheme` says: HTTPS (with the system's
     /// roots plus `opts.ca_pem`), plain HTTP, or for loopback registries HTTPS falling back to HTTP.
+    /// One HTTP client (one connection pool, the trust roots read only if a certificate is ever
+    /// checked) serves the manifest requests of every scheme and the blob reads.
     /// Fails only when a configured CA is not valid PEM.
     pub fn new(r: &ImageRef, opts: RegistryOptions) -> Result<Self, RegistryError> {
-        install_crypto_provider();
+        let shared = crate::http::http_client(&crate::http::HttpSettings {
+            ca_pem: &opts.ca_pem,
+            skip_verify: opts.skip_verify,
+            ..crate::http::HttpSettings::new(r.host())
+        })?;
         let make = |protocol: ClientProtocol| {
-            Client::new(ClientConfig {
-                protocol,
-                accept_invalid_certificates: opts.skip_verify,
-                extra_root_certificates: opts
-                    .ca_pem
-                    .iter()
-                    .map(|pem| oci_client::client::Certificate {
-                        encoding: oci_client::client::CertificateEncoding::Pem,
-                        data: pem.clone(),
-                    })
-                    .collect(),
-                tls_certs_only: system_roots().to_vec(),
-                connect_timeout: Some(Duration::from_secs(15)),
-                read_timeout: Some(Duration::from_secs(60)),
-                ..ClientConfig::default()
-            })
+            Client::new(ClientConfig { protocol, http_client: Some(shared.clone()), ..ClientConfig::default() })
         };
         let http = || make(ClientProtocol::HttpsExcept(vec![r.host().to_string()]));
         let (clients, schemes) = match opts.scheme {
@@ -97,7 +85,7 @@ impl Registry {
             Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
             None => RegistryAuth::Anonymous,
         };
-        let blobs = crate::blob::BlobHttp::new(r.host(), &opts)?;
+        let blobs = crate::blob::BlobHttp { http: shared };
         Ok(Registry {
             clients,
             schemes,

@@ -328,7 +328,18 @@ pub trait ClientConfigSource {
 impl TryFrom<ClientConfig> for Client {
     type Error = OciDistributionError;
 
-    fn try_from(config: ClientConfig) -> std::result::Result<Self, Self::Error> {
+    fn try_from(mut config: ClientConfig) -> std::result::Result<Self, Self::Error> {
+        // hb patch (see PATCHED.md): a client built by the caller is used as it is.
+        if let Some(client) = config.http_client.take() {
+            let default_token_expiration_secs = config.default_token_expiration_secs;
+            return Ok(Self {
+                config: Arc::new(config),
+                auth_store: Arc::default(),
+                tokens: TokenCache::new(default_token_expiration_secs),
+                client,
+                push_chunk_size: PUSH_CHUNK_MAX_SIZE,
+            });
+        }
         #[allow(unused_mut)]
         let mut client_builder = reqwest::Client::builder();
         #[cfg(not(target_arch = "wasm32"))]
@@ -2567,6 +2578,10 @@ pub struct ClientConfig {
     ///
     /// This defaults to `None`.
     pub no_proxy: Option<String>,
+
+    /// hb patch (see PATCHED.md): an HTTP client to use as it is (its TLS settings, timeouts,
+    /// user agent, connection pool); the fields above that configure one are then unused.
+    pub http_client: Option<reqwest::Client>,
 }
 
 impl Default for ClientConfig {
@@ -2589,6 +2604,7 @@ impl Default for ClientConfig {
             https_proxy: None,
             http_proxy: None,
             no_proxy: None,
+            http_client: None,
         }
     }
 }
