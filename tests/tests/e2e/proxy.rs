@@ -195,10 +195,22 @@ impl Upstream {
 
     /// Completed requests from clients whose User-Agent starts with `agent` (`hb/` for hb's
     /// own reads, `hb-mirror/` for an `hb proxy`'s), from its log.
-    fn requests_from(&self, agent: &str) -> usize {
+    pub(crate) fn requests_from(&self, agent: &str) -> usize {
         let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
         let field = format!(r#""http.request.useragent":"{agent}"#);
         log.lines().filter(|l| l.contains("response completed") && l.contains(&field)).count()
+    }
+
+    /// Completed `GET /v2/` (the version check a client makes to learn how to authorize) from
+    /// clients whose User-Agent starts with `agent`.
+    pub(crate) fn version_checks_from(&self, agent: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap();
+        let field = format!(r#""http.request.useragent":"{agent}"#);
+        log.lines()
+            .filter(|l| {
+                l.contains("response completed") && l.contains(&field) && l.contains(r#""http.request.uri":"/v2/""#)
+            })
+            .count()
     }
 
     /// Completed GETs of `digest`'s blob the registry answered, from its log.

@@ -479,6 +479,19 @@ fn server_errors_are_retried_with_backoff_then_reported() {
     assert!(err.contains("503") || err.to_lowercase().contains("unavailable"), "{err}");
 }
 
+/// A registry that asks for no authorization is asked how to authorize once per pull (`GET
+/// /v2/`, a round trip), not again before each manifest: on a link with latency each costs.
+#[test]
+fn an_open_registry_is_asked_how_to_authorize_once_per_pull() {
+    let up = crate::proxy::Upstream::start();
+    up.seed("busybox:latest");
+    let hb = Hb::new();
+    hb.ok(&["pull", &format!("{}/busybox:latest", up.addr)]);
+    // The index, the platform's manifest and the config came from it.
+    assert!(up.requests_from("hb/") >= 3, "the pull read from the registry");
+    assert_eq!(up.version_checks_from("hb/"), 1, "one version check for the whole pull");
+}
+
 /// A registry with a certificate from a private CA: refused with a clear error until its CA is
 /// trusted through containerd's hosts.toml (`ca`, relative to the file, or `skip_verify`).
 #[test]

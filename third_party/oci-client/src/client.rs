@@ -303,6 +303,8 @@ pub struct Client {
     pub tokens: TokenCache,
     client: reqwest::Client,
     push_chunk_size: usize,
+    /// hb patch (see PATCHED.md): registries whose `/v2/` asked for no authorization, and when.
+    no_challenge: Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 impl Default for Client {
@@ -313,6 +315,7 @@ impl Default for Client {
             tokens: TokenCache::new(DEFAULT_TOKEN_EXPIRATION_SECS),
             client: reqwest::Client::default(),
             push_chunk_size: PUSH_CHUNK_MAX_SIZE,
+            no_challenge: Arc::default(),
         }
     }
 }
@@ -338,6 +341,7 @@ impl TryFrom<ClientConfig> for Client {
                 tokens: TokenCache::new(default_token_expiration_secs),
                 client,
                 push_chunk_size: PUSH_CHUNK_MAX_SIZE,
+                no_challenge: Arc::default(),
             });
         }
         #[allow(unused_mut)]
@@ -399,6 +403,7 @@ impl TryFrom<ClientConfig> for Client {
             tokens: TokenCache::new(default_token_expiration_secs),
             client: client_builder.build()?,
             push_chunk_size: PUSH_CHUNK_MAX_SIZE,
+            no_challenge: Arc::default(),
         })
     }
 }
@@ -458,12 +463,34 @@ impl Client {
         let auth = self.auth_store.read().await.get(registry)?.clone();
         match self.tokens.get(reference, op).await {
             Some(token) => Some(token),
-            None => {
-                let token = self._auth(reference, &auth, op).await.ok()??;
-                self.tokens.insert(reference, op, token.clone()).await;
-                Some(token)
-            }
+            // hb patch (see PATCHED.md): a registry that asked for no authorization a moment ago
+            // is not asked again before every request (a round trip each).
+            None if self.asked_for_none_lately(registry) => None,
+            None => match self._auth(reference, &auth, op).await.ok()? {
+                Some(token) => {
+                    self.tokens.insert(reference, op, token.clone()).await;
+                    Some(token)
+                }
+                None => {
+                    self.note_asked_for_none(registry);
+                    None
+                }
+            },
         }
+    }
+
+    /// hb patch: notes that `registry`'s `/v2/` asked for no authorization.
+    fn note_asked_for_none(&self, registry: &str) {
+        let mut m = self.no_challenge.lock().expect("no_challenge lock");
+        m.insert(registry.to_string(), std::time::Instant::now());
+    }
+
+    /// hb patch: whether `registry`'s `/v2/` asked for no authorization within the token
+    /// lifetime the client assumes (`default_token_expiration_secs`).
+    fn asked_for_none_lately(&self, registry: &str) -> bool {
+        let lifetime = std::time::Duration::from_secs(self.config.default_token_expiration_secs as u64);
+        let m = self.no_challenge.lock().expect("no_challenge lock");
+        m.get(registry).is_some_and(|at| at.elapsed() < lifetime)
     }
 
     /// Fetches the available Tags for the given Reference
@@ -840,7 +867,11 @@ impl Client {
                     .await;
                 Ok(None)
             }
-            Ok(None) => Ok(None),
+            Ok(None) => {
+                // hb patch (see PATCHED.md).
+                self.note_asked_for_none(image.resolve_registry());
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
