@@ -49,6 +49,15 @@ pub trait ChunkSource: Send + Sync {
         let _ = chunks;
         Ok(0)
     }
+
+    /// The zstd frame chunk `id`'s bytes were just decoded from by this source, if it fetched
+    /// them so and was asked to hold frames (taken: a second call returns None). The bytes it
+    /// returned for `id` were checked against `id` after decoding this very frame, so a store can
+    /// keep the frame as it came instead of compressing the bytes again.
+    fn take_frame(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let _ = id;
+        None
+    }
 }
 
 /// A tier before the registry for small blobs named by their SHA-256: an accelerated form's layer
@@ -212,6 +221,10 @@ impl SourceChain {
 }
 
 impl ChunkSource for SourceChain {
+    fn take_frame(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.tiers.iter().find_map(|t| t.source.take_frame(id))
+    }
+
     fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, SourceError> {
         Ok(self.fetch_many(std::slice::from_ref(id))?.into_iter().find(|(c, _)| c == id).map(|(_, b)| b))
     }

@@ -104,8 +104,9 @@ struct Pending {
 const BACKGROUND_WAIT: Duration = Duration::from_secs(2);
 
 type Chunk = Arc<Vec<u8>>;
-/// A batch of fetched chunks on its way to the store.
-type FillBatch = Vec<(ChunkId, Chunk)>;
+/// A batch of fetched chunks on its way to the store, with the zstd frames their bytes were
+/// decoded from where the remote held them (kept as they came).
+type FillBatch = (Vec<(ChunkId, Chunk)>, HashMap<ChunkId, Vec<u8>>);
 
 /// Decoded chunks kept in memory, and the ones not yet written to the store.
 struct Memory {
@@ -381,8 +382,15 @@ impl Fetcher {
             }
         }
         if keep {
+            // Frames only for this process's own store (a read-only view hands chunks to a
+            // tier that keeps them, which takes bytes); taken either way, so none piles up.
+            let frames: HashMap<ChunkId, Vec<u8>> = batch
+                .iter()
+                .filter_map(|(cid, _)| self.remote.take_frame(cid).map(|f| (*cid, f)))
+                .filter(|_| self.store.is_writable())
+                .collect();
             if let Some(tx) = self.fill_tx.lock().expect("fill lock").as_ref() {
-                let _ = tx.send(batch);
+                let _ = tx.send((batch, frames));
             }
         }
         Ok(map)
@@ -473,14 +481,15 @@ impl Drop for Fetcher {
 
 /// Writes fetched chunks to the store in batches (one fsync each).
 fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
-    while let Ok(first) = rx.recv() {
+    while let Ok((first, mut frames)) = rx.recv() {
         let mut batch = first;
         let mut bytes: usize = batch.iter().map(|(_, c)| c.len()).sum();
         while bytes < FILL_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(more) => {
+                Ok((more, more_frames)) => {
                     bytes += more.iter().map(|(_, c)| c.len()).sum::<usize>();
                     batch.extend(more);
+                    frames.extend(more_frames);
                 }
                 Err(_) => break,
             }
@@ -491,7 +500,7 @@ fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
         // first output 0.505 s at nice 19, 0.540 s without).
         let kept = hb_store::in_background(|| {
             if f.store.is_writable() {
-                f.store.fill_chunks(&owned).map(|r| r.filled).map_err(|e| e.to_string())
+                f.store.fill_chunks_framed(&owned, &frames).map(|r| r.filled).map_err(|e| e.to_string())
             } else {
                 f.remote.keep(&owned).map_err(|e| e.to_string())
             }
@@ -516,14 +525,20 @@ mod tests {
     use hb_core::{ChunkTable, LayerIndex, LazySource, Meta, NewEntry, TreeBuilder};
     use std::sync::atomic::AtomicUsize;
 
-    /// A remote that serves `chunks`, counts calls and can lie.
+    /// A remote that serves `chunks`, counts calls and can lie; with `frames`, it hands out each
+    /// chunk's zstd frame once it has served the chunk (as a registry's range source does).
     struct FakeRemote {
         chunks: HashMap<ChunkId, Vec<u8>>,
         calls: AtomicUsize,
         corrupt: bool,
+        frames: Option<Mutex<HashMap<ChunkId, Vec<u8>>>>,
     }
 
     impl ChunkSource for FakeRemote {
+        fn take_frame(&self, id: &ChunkId) -> Option<Vec<u8>> {
+            self.frames.as_ref()?.lock().unwrap().remove(id)
+        }
+
         fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, SourceError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(50));
@@ -537,11 +552,19 @@ mod tests {
         }
     }
 
-    /// A store holding one lazy layer of two chunks, and the remote that has them.
+    /// A store holding one lazy layer of three chunks, and the remote that has them.
     fn setup(corrupt: bool) -> (tempfile::TempDir, Arc<Store>, LayerIndex, Arc<FakeRemote>) {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        setup_with(corrupt, data, false)
+    }
+
+    fn setup_with(
+        corrupt: bool,
+        data: Vec<u8>,
+        frames: bool,
+    ) -> (tempfile::TempDir, Arc<Store>, LayerIndex, Arc<FakeRemote>) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path(), Default::default()).unwrap());
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         let params = store.chunker();
         let cuts: Vec<Vec<u8>> = data.chunks(100_000).map(|c| c.to_vec()).collect();
         let mut b = TreeBuilder::new(params);
@@ -554,12 +577,36 @@ mod tests {
         store
             .import_lazy_layer(&index, &hb_core::Digest::of(b"blob"), hb_store::BlobCompression::None, 1, &source, true)
             .unwrap();
+        let frames = frames
+            .then(|| Mutex::new(cuts.iter().map(|c| (ChunkId::of(c), zstd::bulk::compress(c, 19).unwrap())).collect()));
         let remote = Arc::new(FakeRemote {
             chunks: cuts.into_iter().map(|c| (ChunkId::of(&c), c)).collect(),
             calls: AtomicUsize::new(0),
             corrupt,
+            frames,
         });
         (dir, store, index, remote)
+    }
+
+    /// What came as a zstd frame is stored as that frame (no second compression); what came
+    /// without one is compressed by the store as before.
+    #[test]
+    fn a_fetched_chunks_frame_is_stored_as_it_came() {
+        let text: Vec<u8> = (0..300_000u32).map(|i| b"some text, "[(i % 11) as usize]).collect();
+        let (_d, store, index, remote) = setup_with(false, text, true);
+        let (with, without) = (index.chunks[0].id, index.chunks[1].id);
+        let frame = remote.frames.as_ref().unwrap().lock().unwrap()[&with].clone();
+        remote.frames.as_ref().unwrap().lock().unwrap().remove(&without);
+        let f =
+            Fetcher::new(store.clone(), SourceChain::new().with("registry", remote.clone()), Duration::from_secs(30));
+        f.read(&with, &[]).unwrap();
+        f.read(&without, &[]).unwrap();
+        f.shutdown();
+        assert_eq!(store.read_chunk_stored(&with).unwrap().bytes, frame, "kept as it came");
+        let other = store.read_chunk_stored(&without).unwrap();
+        assert!(other.zstd && ChunkId::of(&store.read_chunk(&without).unwrap()) == without);
+        assert!(remote.frames.as_ref().unwrap().lock().unwrap().get(&with).is_none(), "taken");
+        assert!(store.fsck(&hb_store::NoProgress).unwrap().is_clean());
     }
 
     #[test]

@@ -105,6 +105,10 @@ pub fn sources(
                 hb_registry::Registry::new(&reference, ep.opts).map(|reg| (Arc::new(reg), reference))
             })?;
             let src = Arc::new(src);
+            if store.is_writable() {
+                // What it fetches is stored as it came (see `Store::fill_chunks_framed`).
+                src.keep_frames();
+            }
             chain.push(name, src.clone());
             ranges.push(src);
         }

@@ -45,6 +45,50 @@ pub struct RangeSource {
     /// The widest gap bridged between wanted chunks in large batches (the link's measure
     /// decides below it; [`RangeSource::exact`] sets 0).
     gap: AtomicU64,
+    /// Frames of chunks just fetched, for [`ChunkSource::take_frame`] (when
+    /// [`RangeSource::keep_frames`] asked for them).
+    frames: std::sync::Mutex<Option<Frames>>,
+}
+
+/// The zstd frames of chunks fetched and not yet taken, oldest first out past [`Frames::CAP`].
+#[derive(Default)]
+struct Frames {
+    by_id: HashMap<ChunkId, Vec<u8>>,
+    order: std::collections::VecDeque<ChunkId>,
+    bytes: usize,
+}
+
+impl Frames {
+    /// Frames held at most: a taker normally takes each as soon as its fetch returns.
+    const CAP: usize = 64 << 20;
+
+    fn put(&mut self, id: ChunkId, frame: &[u8]) {
+        if let Some(old) = self.by_id.insert(id, frame.to_vec()) {
+            self.bytes -= old.len();
+        } else {
+            self.order.push_back(id);
+        }
+        self.bytes += frame.len();
+        // Ids whose frames were taken stay in `order` until they reach its front: drop them in
+        // bulk before they outnumber the frames held.
+        if self.order.len() > 2 * self.by_id.len() + 1024 {
+            let by_id = &self.by_id;
+            self.order.retain(|id| by_id.contains_key(id));
+        }
+        while self.bytes > Self::CAP {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(f) = self.by_id.remove(&old) {
+                self.bytes -= f.len();
+            }
+        }
+    }
+
+    fn take(&mut self, id: &ChunkId) -> Option<Vec<u8>> {
+        let f = self.by_id.remove(id)?;
+        self.bytes -= f.len();
+        // (Its place in `order` goes when it reaches the front, or in `put`'s sweep.)
+        Some(f)
+    }
 }
 
 impl RangeSource {
@@ -86,7 +130,14 @@ impl RangeSource {
             requests: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             gap: AtomicU64::new(u64::MAX),
+            frames: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Holds the zstd frame of each chunk it fetches until [`ChunkSource::take_frame`] takes it
+    /// (a mount that keeps what it fetches in a store stores the frames as they came).
+    pub fn keep_frames(&self) {
+        self.frames.lock().expect("frames lock").get_or_insert_with(Frames::default);
     }
 
     /// Fetches exactly the chunks asked for, never the ones between them (a pull that said
@@ -157,7 +208,7 @@ impl RangeSource {
             registry.fetch_range(r, &b.digest, start, end - start).await.map_err(|e| unavailable(e.to_string()))?;
         self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut out = Vec::with_capacity(run.len());
-        for e in run {
+        for e in &run {
             let at = (e.offset - start) as usize;
             let stored = &data[at..at + e.stored_len as usize];
             let raw = if e.zstd {
@@ -178,6 +229,13 @@ impl RangeSource {
             }
             out.push((e.id, raw));
         }
+        // The frames whose bytes were just checked, for a store to keep as they are.
+        if let Some(frames) = self.frames.lock().expect("frames lock").as_mut() {
+            for e in run.iter().filter(|e| e.zstd) {
+                let at = (e.offset - start) as usize;
+                frames.put(e.id, &data[at..at + e.stored_len as usize]);
+            }
+        }
         Ok(out)
     }
 }
@@ -188,6 +246,10 @@ fn zstd_decode(data: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
 }
 
 impl ChunkSource for RangeSource {
+    fn take_frame(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        self.frames.lock().expect("frames lock").as_mut()?.take(id)
+    }
+
     fn fetch(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, SourceError> {
         Ok(self.fetch_many(std::slice::from_ref(id))?.into_iter().find(|(c, _)| c == id).map(|(_, b)| b))
     }
@@ -260,6 +322,28 @@ impl ChunkSource for RangeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_are_taken_once_and_held_within_their_bound() {
+        let id = |n: u32| ChunkId::of(&n.to_le_bytes());
+        let mut f = Frames::default();
+        f.put(id(1), b"one");
+        assert_eq!(f.take(&id(1)).as_deref(), Some(&b"one"[..]));
+        assert_eq!(f.take(&id(1)), None, "taken once");
+        // Frames taken as they come leave nothing behind.
+        for n in 0..10_000 {
+            f.put(id(n), b"x");
+            f.take(&id(n));
+        }
+        assert!(f.order.len() <= 1025 && f.by_id.is_empty() && f.bytes == 0, "{}", f.order.len());
+        // Frames nobody takes: the oldest go first past the bound.
+        let big = vec![0u8; Frames::CAP / 2 + 1];
+        f.put(id(1), &big);
+        f.put(id(2), &big);
+        assert!(f.bytes <= Frames::CAP);
+        assert_eq!(f.take(&id(1)), None);
+        assert_eq!(f.take(&id(2)).map(|b| b.len()), Some(big.len()));
+    }
 
     #[test]
     fn what_is_fetched_at_once_goes_in_the_order_its_bytes_lie() {

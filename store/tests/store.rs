@@ -242,6 +242,49 @@ fn lazy_layers_fill_on_demand_and_complete() {
     assert_eq!((fsck.absent_chunks, fsck.lazy_layers), (0, 0));
 }
 
+/// A fill keeps the zstd frame a chunk was fetched as, byte for byte (no second compression);
+/// a frame that does not say it holds the chunk's length is not used, the bytes are compressed
+/// as before. Either way the chunk reads back and fsck is clean.
+#[test]
+fn fills_keep_the_frame_a_chunk_came_in() {
+    use hb_core::{ChunkId, ChunkTable, LazySource};
+    use hb_store::BlobCompression;
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Store::open(src_dir.path(), StoreOptions::default()).unwrap();
+    let text: Vec<u8> =
+        (0..200_000u32).flat_map(|i| format!("line {} of a text file\n", i % 977).into_bytes()).collect();
+    let tar = layer(&[("t", &text)]);
+    let r = src.import_layer(&tar[..], &NoProgress).unwrap();
+    let index = src.layer(&r.diff_id).unwrap().unwrap();
+    let mut table = ChunkTable::default();
+    index.chunks.iter().for_each(|c| table.push(c.id, c.len, c.len, false));
+    let source = LazySource { repository: "127.0.0.1:1/x".into(), data: Digest::of(b"data"), table };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    store.import_lazy_layer(&index, &r.digest, BlobCompression::None, tar.len() as u64, &source, true).unwrap();
+    let missing = store.missing_chunks(&r.diff_id).unwrap();
+    assert!(missing.len() >= 2, "{}", missing.len());
+    let raw = |c: &hb_core::ChunkRef| src.read_chunk(&c.id).unwrap();
+    // At a level the store does not write at: its bytes differ from what a fill would make.
+    let (a, b) = (raw(&missing[0]), raw(&missing[1]));
+    let frame = zstd::bulk::compress(&a, 19).unwrap();
+    assert_ne!(frame, zstd::bulk::compress(&a, 3).unwrap());
+    // A frame of other bytes (one short) for the second chunk.
+    let wrong = zstd::bulk::compress(&b[..b.len() - 1], 19).unwrap();
+    let frames: std::collections::HashMap<ChunkId, Vec<u8>> =
+        [(missing[0].id, frame.clone()), (missing[1].id, wrong.clone())].into_iter().collect();
+    let filled = store.fill_chunks_framed(&[(missing[0].id, a.clone()), (missing[1].id, b.clone())], &frames).unwrap();
+    assert_eq!(filled.filled, 2);
+    let kept = store.read_chunk_stored(&missing[0].id).unwrap();
+    assert!(kept.zstd && kept.bytes == frame, "the frame kept as it came");
+    assert_eq!(store.read_chunk(&missing[0].id).unwrap(), a);
+    let other = store.read_chunk_stored(&missing[1].id).unwrap();
+    assert_ne!(other.bytes, wrong, "a frame of other bytes is not kept");
+    assert_eq!(store.read_chunk(&missing[1].id).unwrap(), b);
+    let fsck = store.fsck(&NoProgress).unwrap();
+    assert!(fsck.is_clean(), "{:?}", fsck.issues);
+}
+
 /// Unpinning a lazy layer lets gc drop its source record and its never-fetched chunks.
 #[test]
 fn gc_drops_unused_lazy_layers() {
