@@ -486,6 +486,38 @@ pub fn decode_chunks(mut b: &[u8]) -> anyhow::Result<Vec<(hb_core::ChunkId, Vec<
     Ok(out)
 }
 
+/// Chunks as zstd frames, as `POST /v1/chunks/fill-frames` takes them: for each, its 32-byte id,
+/// its length (u32, little endian), the frame's length (u32), the frame.
+pub fn encode_frames<'a>(frames: impl Iterator<Item = (&'a hb_core::ChunkId, u32, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (id, len, frame) in frames {
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        out.extend_from_slice(frame);
+    }
+    out
+}
+
+/// The inverse of [`encode_frames`]: (id, chunk length, frame); a truncated entry is an error.
+pub fn decode_frames(mut b: &[u8]) -> anyhow::Result<Vec<(hb_core::ChunkId, u32, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 40 {
+            bail!("truncated chunk frame entry ({} bytes left)", b.len());
+        }
+        let id = hb_core::ChunkId(b[..32].try_into().expect("32 bytes"));
+        let len = u32::from_le_bytes(b[32..36].try_into().expect("4 bytes"));
+        let n = u32::from_le_bytes(b[36..40].try_into().expect("4 bytes")) as usize;
+        if b.len() < 40 + n {
+            bail!("chunk {id}'s frame says {n} bytes, {} remain", b.len() - 40);
+        }
+        out.push((id, len, b[40..40 + n].to_vec()));
+        b = &b[40 + n..];
+    }
+    Ok(out)
+}
+
 /// Chunk ids as `POST /v1/chunks/get` takes them: 32 bytes each.
 pub fn decode_ids(b: &[u8]) -> anyhow::Result<Vec<hb_core::ChunkId>> {
     if !b.len().is_multiple_of(32) {
@@ -613,10 +645,15 @@ mod tests {
         let a = (hb_core::ChunkId::of(b"a"), b"a".to_vec());
         let b = (hb_core::ChunkId::of(b""), Vec::new());
         let enc = encode_chunks([&a, &b].into_iter().map(|(i, d)| (i, d.as_slice())));
-        assert_eq!(decode_chunks(&enc).unwrap(), vec![a.clone(), b]);
+        assert_eq!(decode_chunks(&enc).unwrap(), vec![a.clone(), b.clone()]);
         assert!(decode_chunks(&enc[..enc.len() - 37]).is_err());
         assert!(decode_chunks(&enc[..10]).is_err());
         assert_eq!(decode_ids(a.0.as_bytes()).unwrap(), vec![a.0]);
         assert!(decode_ids(&[0; 33]).is_err());
+        let frames = [(a.0, 7u32, b"zstd".to_vec()), (b.0, 0, Vec::new())];
+        let enc = encode_frames(frames.iter().map(|(i, n, f)| (i, *n, f.as_slice())));
+        assert_eq!(decode_frames(&enc).unwrap(), frames.to_vec());
+        assert!(decode_frames(&enc[..enc.len() - 41]).is_err(), "one byte of the first frame missing");
+        assert!(decode_frames(&enc[..39]).is_err());
     }
 }

@@ -1,7 +1,7 @@
 //! Where chunk bytes come from: the [`ChunkSource`] trait, and the [`SourceChain`] that puts
 //! sources in order (the daemon, peers, a mirror, the registry) so a miss goes down one tier.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -48,6 +48,18 @@ pub trait ChunkSource: Send + Sync {
     fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
         let _ = chunks;
         Ok(0)
+    }
+
+    /// [`ChunkSource::keep`], with the zstd frames some of the chunks came in (see
+    /// [`ChunkSource::take_frame`]) for a tier that can keep them as they are. The default keeps
+    /// the bytes.
+    fn keep_framed(
+        &self,
+        chunks: &[(ChunkId, Vec<u8>)],
+        frames: &HashMap<ChunkId, Vec<u8>>,
+    ) -> Result<usize, SourceError> {
+        let _ = frames;
+        self.keep(chunks)
     }
 
     /// The zstd frame chunk `id`'s bytes were just decoded from by this source, if it fetched
@@ -200,8 +212,17 @@ impl SourceChain {
     /// Offers verified chunks to the first tier that keeps them; returns how many were new there
     /// (0 when no tier keeps).
     pub fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
+        self.keep_framed(chunks, &HashMap::new())
+    }
+
+    /// [`SourceChain::keep`] with the frames some chunks came in.
+    pub fn keep_framed(
+        &self,
+        chunks: &[(ChunkId, Vec<u8>)],
+        frames: &HashMap<ChunkId, Vec<u8>>,
+    ) -> Result<usize, SourceError> {
         match self.tiers.iter().find(|t| t.source.keeps()) {
-            Some(t) => t.source.keep(chunks),
+            Some(t) => t.source.keep_framed(chunks, frames),
             None => Ok(0),
         }
     }
@@ -299,6 +320,14 @@ impl ChunkSource for SourceChain {
 
     fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
         SourceChain::keep(self, chunks)
+    }
+
+    fn keep_framed(
+        &self,
+        chunks: &[(ChunkId, Vec<u8>)],
+        frames: &HashMap<ChunkId, Vec<u8>>,
+    ) -> Result<usize, SourceError> {
+        SourceChain::keep_framed(self, chunks, frames)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The engine's side of image mounts: the daemon as a chunk tier (its API client), `hb run`'s
 //! images without a daemon (this process's store and mount), and `hb mount --background`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,21 +72,55 @@ impl ChunkSource for DaemonSource {
     }
 
     fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, hb_core::SourceError> {
+        self.fill_in_bodies(
+            "/v1/chunks/fill",
+            chunks,
+            |(_, b)| b.len() + 36,
+            |part| crate::api::encode_chunks(part.iter().map(|(i, b)| (i, b.as_slice()))),
+        )
+    }
+
+    /// Chunks that came as zstd frames go to the daemon as those frames (smaller, and kept as
+    /// they are: the daemon does not compress them again); the others as bytes.
+    fn keep_framed(
+        &self,
+        chunks: &[(ChunkId, Vec<u8>)],
+        frames: &HashMap<ChunkId, Vec<u8>>,
+    ) -> Result<usize, hb_core::SourceError> {
+        let (framed, plain): (Vec<_>, Vec<_>) = chunks.iter().partition(|(id, _)| frames.contains_key(id));
+        let framed: Vec<(ChunkId, u32, &[u8])> =
+            framed.into_iter().map(|(id, b)| (*id, b.len() as u32, frames[id].as_slice())).collect();
+        let plain: Vec<(ChunkId, Vec<u8>)> = plain.into_iter().cloned().collect();
+        let kept = self.fill_in_bodies(
+            "/v1/chunks/fill-frames",
+            &framed,
+            |(_, _, f)| f.len() + 40,
+            |part| crate::api::encode_frames(part.iter().map(|(i, n, f)| (i, *n, *f))),
+        )?;
+        Ok(kept + self.keep(&plain)?)
+    }
+}
+
+impl DaemonSource {
+    /// Posts `items` to `path` in bodies under the daemon's limit; the chunks it filled.
+    fn fill_in_bodies<T>(
+        &self,
+        path: &str,
+        items: &[T],
+        size: impl Fn(&T) -> usize,
+        encode: impl Fn(&[T]) -> Vec<u8>,
+    ) -> Result<usize, hb_core::SourceError> {
         let mut kept = 0;
-        // Bodies under the daemon's limit.
         let mut start = 0;
-        while start < chunks.len() {
-            let mut end = start;
-            let mut size = 0;
-            while end < chunks.len() && (end == start || size + chunks[end].1.len() + 36 <= crate::api::MAX_CHUNK_BODY)
-            {
-                size += chunks[end].1.len() + 36;
+        while start < items.len() {
+            let (mut end, mut bytes) = (start, 0);
+            while end < items.len() && (end == start || bytes + size(&items[end]) <= crate::api::MAX_CHUNK_BODY) {
+                bytes += size(&items[end]);
                 end += 1;
             }
-            let body = crate::api::encode_chunks(chunks[start..end].iter().map(|(i, b)| (i, b.as_slice())));
             let r: crate::api::FillResponse = self
                 .client
-                .call_raw("POST", "/v1/chunks/fill", &body)
+                .call_raw("POST", path, &encode(&items[start..end]))
                 .and_then(|b| Ok(serde_json::from_slice(&b)?))
                 .map_err(Self::unavailable)?;
             kept += r.filled;

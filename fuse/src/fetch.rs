@@ -382,13 +382,9 @@ impl Fetcher {
             }
         }
         if keep {
-            // Frames only for this process's own store (a read-only view hands chunks to a
-            // tier that keeps them, which takes bytes); taken either way, so none piles up.
-            let frames: HashMap<ChunkId, Vec<u8>> = batch
-                .iter()
-                .filter_map(|(cid, _)| self.remote.take_frame(cid).map(|f| (*cid, f)))
-                .filter(|_| self.store.is_writable())
-                .collect();
+            // The frames they came in, for this process's store or the tier that keeps them.
+            let frames: HashMap<ChunkId, Vec<u8>> =
+                batch.iter().filter_map(|(cid, _)| self.remote.take_frame(cid).map(|f| (*cid, f))).collect();
             if let Some(tx) = self.fill_tx.lock().expect("fill lock").as_ref() {
                 let _ = tx.send((batch, frames));
             }
@@ -502,7 +498,7 @@ fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
             if f.store.is_writable() {
                 f.store.fill_chunks_framed(&owned, &frames).map(|r| r.filled).map_err(|e| e.to_string())
             } else {
-                f.remote.keep(&owned).map_err(|e| e.to_string())
+                f.remote.keep_framed(&owned, &frames).map_err(|e| e.to_string())
             }
         });
         match kept {

@@ -105,8 +105,9 @@ pub fn sources(
                 hb_registry::Registry::new(&reference, ep.opts).map(|reg| (Arc::new(reg), reference))
             })?;
             let src = Arc::new(src);
-            if store.is_writable() {
-                // What it fetches is stored as it came (see `Store::fill_chunks_framed`).
+            if store.is_writable() || chain.keeps() {
+                // What it fetches is stored as it came, here or by the daemon (see
+                // `Store::fill_chunks_framed`).
                 src.keep_frames();
             }
             chain.push(name, src.clone());

@@ -172,6 +172,21 @@ impl Store {
         self.fill_chunks_framed(chunks, &HashMap::new())
     }
 
+    /// [`Store::fill_chunks`] for chunks given as zstd frames (id, length, frame), each decoded
+    /// (to at most its length) and checked against its id, then kept as it came. A frame that
+    /// does not decode is refused as a wrong chunk would be (nothing of the batch is stored).
+    pub fn fill_frames(&self, frames: Vec<(ChunkId, u32, Vec<u8>)>) -> Result<FillReport> {
+        let mut chunks = Vec::with_capacity(frames.len());
+        let mut by_id = HashMap::with_capacity(frames.len());
+        for (id, len, frame) in frames {
+            let raw = crate::pack::decompress(&frame, len as usize)
+                .map_err(|e| StoreError::CorruptChunk { id, reason: format!("its zstd frame does not decode: {e}") })?;
+            chunks.push((id, raw));
+            by_id.insert(id, frame);
+        }
+        self.fill_chunks_framed(&chunks, &by_id)
+    }
+
     /// [`Store::fill_chunks`], keeping as it is the zstd frame `frames` holds for a chunk (the one
     /// its bytes were decoded from: an accelerated form's, compressed once by its publisher)
     /// instead of compressing the bytes again, ~3x the CPU of the rest of a fill, on the path

@@ -131,7 +131,7 @@ thread_local! {
 }
 
 /// Decodes one zstd frame of at most `capacity` bytes with this thread's context.
-fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+pub(crate) fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {

@@ -227,6 +227,10 @@ pub(super) async fn handle(
             Ok(b) => blocking(&d, "store_fill", move |d| d.chunks_fill(&b)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, &e),
         },
+        (&Method::POST, "/v1/chunks/fill-frames") => match raw_body(req).await {
+            Ok(b) => blocking(&d, "store_fill", move |d| d.chunks_fill_frames(&b)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, &e),
+        },
         (&Method::POST, "/v1/containers/cleanup") => match body_json::<crate::api::CleanupRequest>(req).await {
             Ok(c) => match d.start_cleanup(&c) {
                 Ok(()) => json(StatusCode::ACCEPTED, &serde_json::json!({})),

@@ -25,7 +25,7 @@ impl Metrics {
 /// The `path` label of a request: one of the API's routes, or `other` (a label copied from
 /// whatever path a client sent would grow the series without bound).
 pub(super) fn metric_path(path: &str) -> &'static str {
-    const ROUTES: [&str; 14] = [
+    const ROUTES: [&str; 15] = [
         "/metrics",
         "/status",
         "/v1/peers",
@@ -34,6 +34,7 @@ pub(super) fn metric_path(path: &str) -> &'static str {
         "/v1/health",
         "/v1/mounts",
         "/v1/chunks/fill",
+        "/v1/chunks/fill-frames",
         "/v1/chunks/get",
         "/v1/containers/cleanup",
         "/v1/gc",

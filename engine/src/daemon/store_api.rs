@@ -130,12 +130,24 @@ impl Daemon {
     /// Keeps chunks a mount server fetched (the store verifies each against its id).
     pub(super) fn chunks_fill(&self, body: &[u8]) -> anyhow::Result<api::FillResponse> {
         let chunks = api::decode_chunks(body)?;
+        let ids: Vec<hb_core::ChunkId> = chunks.iter().map(|(id, _)| *id).collect();
         // A mount server hands over what it fetched while its container starts: keep it at
         // the lowest priority (as a mount that owns its store does).
-        let r = hb_store::in_background(|| self.store.fill_chunks(&chunks))?;
+        self.filled(&ids, hb_store::in_background(|| self.store.fill_chunks(&chunks))?)
+    }
+
+    /// [`Daemon::chunks_fill`] for chunks handed over as the zstd frames they came in (kept as
+    /// they are, not compressed again).
+    pub(super) fn chunks_fill_frames(&self, body: &[u8]) -> anyhow::Result<api::FillResponse> {
+        let frames = api::decode_frames(body)?;
+        let ids: Vec<hb_core::ChunkId> = frames.iter().map(|(id, _, _)| *id).collect();
+        self.filled(&ids, hb_store::in_background(|| self.store.fill_frames(frames))?)
+    }
+
+    fn filled(&self, ids: &[hb_core::ChunkId], r: hb_store::FillReport) -> anyhow::Result<api::FillResponse> {
         self.dirty.store(true, Ordering::SeqCst);
         if let Some(node) = self.peers.get() {
-            node.announce(&chunks.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+            node.announce(ids);
         }
         Ok(api::FillResponse { filled: r.filled, skipped: r.skipped })
     }

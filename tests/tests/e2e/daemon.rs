@@ -656,9 +656,10 @@ fn a_lazy_image_through_the_daemon_keeps_what_its_mount_fetched() {
     // A new mount of the image (the old one removed) finds them in the store.
     let mounts: serde_json::Value = serde_json::from_str(&d.get("/v1/mounts").unwrap()).unwrap();
     let digest = mounts[0]["digest"].as_str().unwrap().to_string();
+    // Handed over as the zstd frames they came in (kept as they are, not compressed again).
     wait_for("the fills to reach the daemon", || {
         let m = d.get("/metrics").unwrap();
-        m.lines().filter(|l| l.starts_with("hb_api_requests_total{path=\"/v1/chunks/fill\"")).count() > 0
+        m.lines().filter(|l| l.starts_with("hb_api_requests_total{path=\"/v1/chunks/fill-frames\"")).count() > 0
     });
     assert!(curl(&hb, "DELETE", &format!("/v1/mounts/{digest}")).is_some());
     assert_eq!(ok(&hb, &["run", "--rm", &lazy, "python3", "-c", "print(6*7)"]), "42\n");
