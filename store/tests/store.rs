@@ -44,6 +44,31 @@ fn layer(files: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
+/// A store whose one layer, `tar`, is lazy (its chunks absent, as a lazy pull leaves them), and
+/// `src`, a store holding it whole (what a fill would fetch). Bind `_dirs`: the folders go with it.
+struct LazyCopy {
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    src: Store,
+    store: Store,
+    report: hb_store::ImportReport,
+    index: hb_core::LayerIndex,
+}
+
+fn lazy_copy(tar: &[u8]) -> LazyCopy {
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = Store::open(src_dir.path(), StoreOptions::default()).unwrap();
+    let report = src.import_layer(tar, &NoProgress).unwrap();
+    let index = src.layer(&report.diff_id).unwrap().unwrap();
+    let mut table = hb_core::ChunkTable::default();
+    index.chunks.iter().for_each(|c| table.push(c.id, c.len, c.len, false));
+    let source = hb_core::LazySource { repository: "h/x".into(), data: Digest::of(b"d"), table };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let compression = hb_store::BlobCompression::None;
+    store.import_lazy_layer(&index, &report.digest, compression, tar.len() as u64, &source, true).unwrap();
+    LazyCopy { _dirs: (src_dir, dir), src, store, report, index }
+}
+
 #[test]
 fn concurrent_imports_of_overlapping_layers_count_every_chunk_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -247,21 +272,10 @@ fn lazy_layers_fill_on_demand_and_complete() {
 /// as before. Either way the chunk reads back and fsck is clean.
 #[test]
 fn fills_keep_the_frame_a_chunk_came_in() {
-    use hb_core::{ChunkId, ChunkTable, LazySource};
-    use hb_store::BlobCompression;
-    let src_dir = tempfile::tempdir().unwrap();
-    let src = Store::open(src_dir.path(), StoreOptions::default()).unwrap();
+    use hb_core::ChunkId;
     let text: Vec<u8> =
         (0..200_000u32).flat_map(|i| format!("line {} of a text file\n", i % 977).into_bytes()).collect();
-    let tar = layer(&[("t", &text)]);
-    let r = src.import_layer(&tar[..], &NoProgress).unwrap();
-    let index = src.layer(&r.diff_id).unwrap().unwrap();
-    let mut table = ChunkTable::default();
-    index.chunks.iter().for_each(|c| table.push(c.id, c.len, c.len, false));
-    let source = LazySource { repository: "127.0.0.1:1/x".into(), data: Digest::of(b"data"), table };
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    store.import_lazy_layer(&index, &r.digest, BlobCompression::None, tar.len() as u64, &source, true).unwrap();
+    let LazyCopy { _dirs, src, store, report: r, .. } = lazy_copy(&layer(&[("t", &text)]));
     let missing = store.missing_chunks(&r.diff_id).unwrap();
     assert!(missing.len() >= 3, "{}", missing.len());
     let raw = |c: &hb_core::ChunkRef| src.read_chunk(&c.id).unwrap();
@@ -301,19 +315,7 @@ fn fills_keep_the_frame_a_chunk_came_in() {
 /// Unpinning a lazy layer lets gc drop its source record and its never-fetched chunks.
 #[test]
 fn gc_drops_unused_lazy_layers() {
-    use hb_core::{ChunkTable, LazySource};
-    use hb_store::BlobCompression;
-    let src_dir = tempfile::tempdir().unwrap();
-    let src = Store::open(src_dir.path(), StoreOptions::default()).unwrap();
-    let tar = layer(&[("a", &pseudo_random(9, 1 << 20))]);
-    let r = src.import_layer(&tar[..], &NoProgress).unwrap();
-    let index = src.layer(&r.diff_id).unwrap().unwrap();
-    let mut table = ChunkTable::default();
-    index.chunks.iter().for_each(|c| table.push(c.id, c.len, c.len, false));
-    let source = LazySource { repository: "h/x".into(), data: Digest::of(b"d"), table };
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-    store.import_lazy_layer(&index, &r.digest, BlobCompression::None, 1, &source, true).unwrap();
+    let LazyCopy { _dirs, store, report: r, index, .. } = lazy_copy(&layer(&[("a", &pseudo_random(9, 1 << 20))]));
     assert!(store.unpin_layer(&r.diff_id).unwrap());
     let gc = store.gc(&NoProgress).unwrap();
     assert_eq!((gc.layers_removed, gc.chunks_removed), (1, index.chunks.len()));
