@@ -43,23 +43,12 @@ pub trait ChunkSource: Send + Sync {
         false
     }
 
-    /// Keeps verified chunks a lower tier returned; returns how many were new here. Only called
-    /// when [`ChunkSource::keeps`] says so.
-    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
-        let _ = chunks;
+    /// Keeps verified chunks a lower tier returned; returns how many were new here. `frames`
+    /// holds the zstd frames some of them came in ([`ChunkSource::take_frame`]), for a tier that
+    /// can keep those as they are. Only called when [`ChunkSource::keeps`] says so.
+    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)], frames: &HashMap<ChunkId, Vec<u8>>) -> Result<usize, SourceError> {
+        let _ = (chunks, frames);
         Ok(0)
-    }
-
-    /// [`ChunkSource::keep`], with the zstd frames some of the chunks came in (see
-    /// [`ChunkSource::take_frame`]) for a tier that can keep them as they are. The default keeps
-    /// the bytes.
-    fn keep_framed(
-        &self,
-        chunks: &[(ChunkId, Vec<u8>)],
-        frames: &HashMap<ChunkId, Vec<u8>>,
-    ) -> Result<usize, SourceError> {
-        let _ = frames;
-        self.keep(chunks)
     }
 
     /// The zstd frame chunk `id`'s bytes were just decoded from by this source, if it fetched
@@ -209,20 +198,15 @@ impl SourceChain {
         self.tiers.iter().any(|t| t.source.keeps())
     }
 
-    /// Offers verified chunks to the first tier that keeps them; returns how many were new there
-    /// (0 when no tier keeps).
-    pub fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
-        self.keep_framed(chunks, &HashMap::new())
-    }
-
-    /// [`SourceChain::keep`] with the frames some chunks came in.
-    pub fn keep_framed(
+    /// Offers verified chunks (and the frames some came in) to the first tier that keeps them;
+    /// returns how many were new there (0 when no tier keeps).
+    pub fn keep(
         &self,
         chunks: &[(ChunkId, Vec<u8>)],
         frames: &HashMap<ChunkId, Vec<u8>>,
     ) -> Result<usize, SourceError> {
         match self.tiers.iter().find(|t| t.source.keeps()) {
-            Some(t) => t.source.keep_framed(chunks, frames),
+            Some(t) => t.source.keep(chunks, frames),
             None => Ok(0),
         }
     }
@@ -318,16 +302,8 @@ impl ChunkSource for SourceChain {
         SourceChain::keeps(self)
     }
 
-    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
-        SourceChain::keep(self, chunks)
-    }
-
-    fn keep_framed(
-        &self,
-        chunks: &[(ChunkId, Vec<u8>)],
-        frames: &HashMap<ChunkId, Vec<u8>>,
-    ) -> Result<usize, SourceError> {
-        SourceChain::keep_framed(self, chunks, frames)
+    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)], frames: &HashMap<ChunkId, Vec<u8>>) -> Result<usize, SourceError> {
+        SourceChain::keep(self, chunks, frames)
     }
 }
 
@@ -370,7 +346,7 @@ mod tests {
             self.keeps
         }
 
-        fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
+        fn keep(&self, chunks: &[(ChunkId, Vec<u8>)], _: &HashMap<ChunkId, Vec<u8>>) -> Result<usize, SourceError> {
             self.kept.lock().unwrap().extend(chunks.iter().map(|(id, _)| *id));
             Ok(chunks.len())
         }
@@ -448,7 +424,7 @@ mod tests {
         let daemon = Arc::new(Fake { keeps: true, ..Fake::default() });
         let chain = SourceChain::new().with("mirror", Fake::with(&[])).with("daemon", daemon.clone());
         assert!(chain.keeps());
-        assert_eq!(chain.keep(&[(id(b"k"), b"k".to_vec())]).unwrap(), 1);
+        assert_eq!(chain.keep(&[(id(b"k"), b"k".to_vec())], &HashMap::new()).unwrap(), 1);
         assert_eq!(daemon.kept.lock().unwrap().as_slice(), &[id(b"k")]);
         assert!(!SourceChain::new().with("registry", Fake::with(&[])).keeps());
     }

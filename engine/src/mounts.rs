@@ -71,18 +71,9 @@ impl ChunkSource for DaemonSource {
         true
     }
 
-    fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, hb_core::SourceError> {
-        self.fill_in_bodies(
-            "/v1/chunks/fill",
-            chunks,
-            |(_, b)| b.len() + 36,
-            |part| crate::api::encode_chunks(part.iter().map(|(i, b)| (i, b.as_slice()))),
-        )
-    }
-
     /// Chunks that came as zstd frames go to the daemon as those frames (smaller, and kept as
     /// they are: the daemon does not compress them again); the others as bytes.
-    fn keep_framed(
+    fn keep(
         &self,
         chunks: &[(ChunkId, Vec<u8>)],
         frames: &HashMap<ChunkId, Vec<u8>>,
@@ -90,14 +81,19 @@ impl ChunkSource for DaemonSource {
         let (framed, plain): (Vec<_>, Vec<_>) = chunks.iter().partition(|(id, _)| frames.contains_key(id));
         let framed: Vec<(ChunkId, u32, &[u8])> =
             framed.into_iter().map(|(id, b)| (*id, b.len() as u32, frames[id].as_slice())).collect();
-        let plain: Vec<(ChunkId, Vec<u8>)> = plain.into_iter().cloned().collect();
         let kept = self.fill_in_bodies(
             "/v1/chunks/fill-frames",
             &framed,
             |(_, _, f)| f.len() + 40,
             |part| crate::api::encode_frames(part.iter().map(|(i, n, f)| (i, *n, *f))),
         )?;
-        Ok(kept + self.keep(&plain)?)
+        let plain = self.fill_in_bodies(
+            "/v1/chunks/fill",
+            &plain,
+            |(_, b)| b.len() + 36,
+            |part| crate::api::encode_chunks(part.iter().map(|(i, b)| (i, b.as_slice()))),
+        )?;
+        Ok(kept + plain)
     }
 }
 

@@ -498,7 +498,7 @@ fn fill_loop(fetcher: std::sync::Weak<Fetcher>, rx: Receiver<FillBatch>) {
             if f.store.is_writable() {
                 f.store.fill_chunks_framed(&owned, &frames).map(|r| r.filled).map_err(|e| e.to_string())
             } else {
-                f.remote.keep_framed(&owned, &frames).map_err(|e| e.to_string())
+                f.remote.keep(&owned, &frames).map_err(|e| e.to_string())
             }
         });
         match kept {
@@ -694,7 +694,7 @@ mod tests {
             true
         }
 
-        fn keep(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<usize, SourceError> {
+        fn keep(&self, chunks: &[(ChunkId, Vec<u8>)], _: &HashMap<ChunkId, Vec<u8>>) -> Result<usize, SourceError> {
             let mut k = self.kept.lock().unwrap();
             chunks.iter().for_each(|(id, b)| drop(k.insert(*id, b.clone())));
             Ok(chunks.len())
