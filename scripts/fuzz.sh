@@ -29,6 +29,14 @@ export CARGO_TARGET_DIR=$target_dir
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing"
+# A separate workspace does not inherit the main one's [patch.crates-io]: fuzz/Cargo.toml must
+# name every patched crate too, or cargo resolves the unpatched one from crates.io.
+patched() { sed -n '/^\[patch.crates-io\]/,/^\[/{/^[A-Za-z0-9_-]* *=/s/ *=.*//p}' "$1" | sort; }
+if [ "$(patched Cargo.toml)" != "$(patched fuzz/Cargo.toml)" ]; then
+  echo "fuzz: fuzz/Cargo.toml's [patch.crates-io] must name the crates Cargo.toml patches:" >&2
+  echo "  Cargo.toml: $(patched Cargo.toml | tr '\n' ' ')  fuzz/Cargo.toml: $(patched fuzz/Cargo.toml | tr '\n' ' ')" >&2
+  exit 1
+fi
 build_start=$(date +%s)
 # hb's crates at exactly the versions the workspace locks; cargo adds libfuzzer-sys to the copy.
 cp Cargo.lock fuzz/Cargo.lock
