@@ -23,6 +23,9 @@ pub struct ChunkFilter {
     /// Answers "maybe" for every chunk: a read-only view's, which asks RocksDB each time rather
     /// than reading every chunk key of the store when it opens.
     pass_through: bool,
+    /// The database sequence number of the `bloom.bin` this filter is, unchanged: saving it
+    /// again at that number would write the same bytes.
+    on_disk_at: Option<u64>,
 }
 
 impl ChunkFilter {
@@ -49,7 +52,7 @@ impl ChunkFilter {
         // fresh store's first lazy pull, ~190 samples at 20 kHz: a 1.2 MB filter is 300 pages).
         // Written first, each page is faulted in once, cheaply.
         bloom.clear();
-        ChunkFilter { bloom, capacity, items: 0, pass_through: false }
+        ChunkFilter { bloom, capacity, items: 0, pass_through: false, on_disk_at: None }
     }
 
     /// A filter that filters nothing: every lookup goes to the database.
@@ -58,6 +61,7 @@ impl ChunkFilter {
     }
 
     pub fn insert(&mut self, id: &ChunkId) {
+        self.on_disk_at = None;
         self.bloom.set(id.as_bytes());
         self.items += 1;
     }
@@ -79,6 +83,12 @@ impl ChunkFilter {
     /// Size of the bit array in bytes.
     pub fn bitmap_bytes(&self) -> u64 {
         self.bloom.len() / 8
+    }
+
+    /// True when the file this filter was loaded from already holds it at sequence number
+    /// `seq` (nothing inserted since, no write to the database): saving would rewrite it as is.
+    pub fn saved_at(&self, seq: u64) -> bool {
+        self.on_disk_at == Some(seq)
     }
 
     pub fn save(&self, path: &Path, seq: u64) -> std::io::Result<()> {
@@ -104,7 +114,7 @@ impl ChunkFilter {
             return None;
         }
         let bloom = Bloom::from_bytes(b[32..].to_vec()).ok()?;
-        Some(ChunkFilter { bloom, capacity: u64_at(16), items: u64_at(24), pass_through: false })
+        Some(ChunkFilter { bloom, capacity: u64_at(16), items: u64_at(24), pass_through: false, on_disk_at: Some(seq) })
     }
 }
 

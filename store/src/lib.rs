@@ -576,7 +576,13 @@ impl Drop for Store {
             return;
         }
         let seq = self.db.latest_sequence_number();
-        if let Err(e) = self.bloom.read().expect("bloom lock").save(&self.bloom_path(), seq) {
+        let bloom = self.bloom.read().expect("bloom lock");
+        // A store only read from (`hb images`, `hb ps`, a pull of what it holds) leaves its
+        // filter file as it found it, rather than writing the same 1.2 MB again at every exit.
+        if bloom.saved_at(seq) {
+            return;
+        }
+        if let Err(e) = bloom.save(&self.bloom_path(), seq) {
             tracing::warn!(error = %e, "could not save the Bloom filter; it will be rebuilt");
         }
     }

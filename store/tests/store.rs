@@ -587,3 +587,41 @@ fn layer_form_blobs_are_given_out_checked_while_their_layer_is_stored() {
     assert!(store.form_blobs().unwrap().is_empty());
     assert_eq!(store.form_blob(&di).unwrap(), None);
 }
+
+#[test]
+fn a_store_only_read_from_leaves_its_bloom_filter_file_as_it_was() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bloom = dir.path().join("bloom.bin");
+    let stamp = || {
+        let m = std::fs::metadata(&bloom).unwrap();
+        (m.ino(), m.mtime_nsec(), m.len())
+    };
+    let tar = layer(&[("a", &pseudo_random(1, 200_000))]);
+    let diff_id = {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        store.import_layer(&tar[..], &NoProgress).unwrap().diff_id
+    };
+    let saved = stamp();
+    // Read only: opened, a layer and its chunks looked up, closed. The file is the one written.
+    {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let chunks = chunks_of(&store, &diff_id, "a");
+        assert!(!chunks.is_empty());
+        assert!(chunks.iter().all(|c| store.has_chunk(&c.id).unwrap()));
+    }
+    assert_eq!(stamp(), saved, "nothing was written: the filter file is left as it was");
+    // Written to: the filter is saved again (a new file, renamed over the old one), and the next
+    // open loads it (it matches the database) rather than rebuilding it.
+    {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        store.import_layer(&layer(&[("b", &pseudo_random(2, 200_000))])[..], &NoProgress).unwrap();
+    }
+    let rewritten = stamp();
+    assert_ne!(rewritten, saved, "a written store saves its filter");
+    {
+        let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert!(chunks_of(&store, &diff_id, "a").iter().all(|c| store.has_chunk(&c.id).unwrap()));
+    }
+    assert_eq!(stamp(), rewritten);
+}
