@@ -15,7 +15,7 @@ use std::time::Duration;
 pub const DEFAULT_GAP: u64 = 256 << 10;
 /// The most ever bridged: wider gaps fetch more bytes than the requests they save cost, even on
 /// loopback. Measured there (cold `hb run`s of build-step after `hb optimize`, six rounds each,
-/// every batch bridging one fixed gap): 256 KiB 470-496 ms to first output, 512 KiB 464 ms,
+/// every batch bridging one fixed gap, set by a temporary build not kept in the tree): 256 KiB 470-496 ms to first output, 512 KiB 464 ms,
 /// 1 MiB 435-455 ms, 2 MiB 501 ms, 4 MiB 484 ms. A docker-registry spends milliseconds of CPU on
 /// each request, and on a small machine that CPU is the container's.
 pub const MAX_GAP: u64 = 1 << 20;

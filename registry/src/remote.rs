@@ -298,7 +298,9 @@ impl ChunkSource for RangeSource {
         );
         // The link's throughput: the batch's bytes over the time until the last of them arrived
         // (decoding and checking them is this machine's work, not the link's; counting it made a
-        // fast link look slow, and the gaps bridged over it narrow).
+        // fast link look slow, and the gaps bridged over it narrow). The runs are polled in this
+        // one task, so a run decoded meanwhile can still delay another's arrival being seen:
+        // the measure is nearer the link's, not exact.
         let arrived = results.iter().map(|r| r.as_ref().map(|(_, at)| *at)).collect::<Result<Vec<_>, _>>();
         if let Ok(Some(last)) = arrived.map(|a| a.into_iter().max()) {
             let took = last.saturating_duration_since(sent);
